@@ -1,0 +1,142 @@
+//! The control plane's configuration: defaults, then a YAML file, then environment and flags
+//! (the CLI layers the last two). Validated at start-up; errors name the setting.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Where the gRPC API listens by default.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+/// Where `/metrics` and `/healthz` listen by default.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7071";
+/// The etcd endpoint used when none is configured.
+pub const DEFAULT_ETCD: &str = "http://127.0.0.1:2379";
+/// The etcd key prefix.
+pub const DEFAULT_PREFIX: &str = "/berth";
+/// The directory host volumes must lie under.
+pub const DEFAULT_VOLUME_ROOT: &str = "/var/lib/berth/volumes";
+
+/// Every setting of `berth control-plane`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// etcd endpoints.
+    pub etcd: Vec<String>,
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// HTTP admin listen address (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_listen: SocketAddr,
+    /// File of admin tokens, one per line.
+    pub token_file: Option<PathBuf>,
+    /// File of node join tokens, one per line.
+    pub join_token_file: Option<PathBuf>,
+    /// etcd key prefix.
+    pub prefix: String,
+    /// Host volume paths in specs must lie under this directory.
+    pub volume_root: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            etcd: vec![DEFAULT_ETCD.into()],
+            listen: DEFAULT_LISTEN.parse().expect("valid constant"),
+            admin_listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid constant"),
+            token_file: None,
+            join_token_file: None,
+            prefix: DEFAULT_PREFIX.into(),
+            volume_root: DEFAULT_VOLUME_ROOT.into(),
+        }
+    }
+}
+
+/// A setting that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file cannot be read.
+    #[error("config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The config file is not valid YAML for this config.
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: String,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    /// A setting has a bad value.
+    #[error("setting {setting}: {reason}")]
+    Invalid { setting: &'static str, reason: String },
+}
+
+impl Config {
+    /// Defaults overlaid with the YAML file at `path`.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// Checks every setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |setting, reason: &str| {
+            Err(ConfigError::Invalid {
+                setting,
+                reason: reason.into(),
+            })
+        };
+        if self.etcd.is_empty() {
+            return invalid("etcd", "at least one endpoint is needed, e.g. http://127.0.0.1:2379");
+        }
+        for endpoint in &self.etcd {
+            if endpoint.trim().is_empty() || endpoint.contains(char::is_whitespace) {
+                return invalid("etcd", &format!("{endpoint:?} is not an endpoint like http://host:2379"));
+            }
+        }
+        if self.token_file.is_none() {
+            return invalid("token_file", "is required: a file with one admin token per line");
+        }
+        if !self.prefix.starts_with('/') || self.prefix.len() < 2 {
+            return invalid("prefix", "must start with '/' and name a directory, e.g. /berth");
+        }
+        if !self.volume_root.is_absolute() {
+            return invalid("volume_root", "must be an absolute path");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overlays_defaults_and_unknown_settings_are_named() {
+        let dir = std::env::temp_dir().join(format!("berth-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("cp.yaml");
+        std::fs::write(&file, "listen: 0.0.0.0:9000\ntoken_file: /etc/berth/tokens\n").unwrap();
+        let config = Config::from_file(&file).unwrap();
+        assert_eq!(config.listen, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(config.etcd, vec![DEFAULT_ETCD.to_string()]);
+        config.validate().unwrap();
+        std::fs::write(&file, "lisen: 0.0.0.0:9000\n").unwrap();
+        let err = Config::from_file(&file).unwrap_err().to_string();
+        assert!(err.contains("lisen"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn missing_token_file_is_named() {
+        let err = Config::default().validate().unwrap_err().to_string();
+        assert!(err.contains("token_file"), "{err}");
+    }
+}

@@ -1,0 +1,116 @@
+//! Starts the control plane: the gRPC API (with reflection and health) and the admin endpoint,
+//! and stops both on the shutdown signal.
+
+use crate::admin;
+use crate::api::AgentApi;
+use crate::auth::{AuthLayer, TokenFileError, TokenSet, Tokens};
+use crate::config::{Config, ConfigError};
+use crate::metrics::{Metrics, MetricsLayer};
+use crate::store::{Store, StoreError};
+use crate::validate::Limits;
+use berth_proto::v1::agent_service_server::AgentServiceServer;
+use std::future::Future;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+/// Why the control plane could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A setting is wrong.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A token file is wrong.
+    #[error(transparent)]
+    Tokens(#[from] TokenFileError),
+    /// etcd could not be reached at start.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    /// The reflection service could not be built.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The admin server failed.
+    #[error("admin server: {0}")]
+    Admin(#[source] std::io::Error),
+}
+
+/// Runs the control plane until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+    config.validate()?;
+    let tokens = Tokens {
+        admin: TokenSet::from_file(config.token_file.as_deref().expect("validated"))?,
+        join: match &config.join_token_file {
+            Some(path) => TokenSet::from_file(path)?,
+            None => TokenSet::default(),
+        },
+    };
+    let store = Store::connect(&config.etcd, &config.prefix).await?;
+    if let Err(e) = store.ping().await {
+        // Not fatal: the API answers UNAVAILABLE until etcd is back.
+        tracing::warn!(error = %e, "etcd does not answer yet");
+    }
+    let metrics = Metrics::new();
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<AgentServiceServer<AgentApi>>().await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(berth_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(berth_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    let limits = Limits {
+        volume_root: config.volume_root.clone(),
+    };
+    let agents = AgentServiceServer::new(AgentApi::new(store.clone(), limits));
+
+    let grpc_listener = bind(config.listen).await?;
+    let admin_listener = bind(config.admin_listen).await?;
+    tracing::info!(listen = %config.listen, admin = %config.admin_listen, etcd = %config.etcd.join(","), "control plane serving");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut admin_stop = stop_rx.clone();
+    let admin = axum::serve(admin_listener, admin::router(metrics.clone(), store))
+        .with_graceful_shutdown(async move {
+            let _ = admin_stop.wait_for(|stop| *stop).await;
+        });
+    let admin = tokio::spawn(async move { admin.await.map_err(ServerError::Admin) });
+
+    let mut grpc_stop = stop_rx;
+    let grpc = tonic::transport::Server::builder()
+        // Metrics sit outside auth so that refused calls are counted too.
+        .layer(MetricsLayer(metrics))
+        .layer(AuthLayer::new(tokens))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(agents)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
+            let _ = grpc_stop.wait_for(|stop| *stop).await;
+        });
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    grpc.await?;
+    admin.await.expect("admin task does not panic")?;
+    Ok(())
+}
+
+async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}

@@ -1,0 +1,211 @@
+//! Agents in etcd: the spec and metadata at `agents/{name}`, status apart at `status/{name}`.
+
+use super::{decode, Store, StoreError};
+use crate::time::now;
+use berth_proto::v1::{Agent, AgentStatus, Event};
+use etcd_client::{Compare, CompareOp, GetOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse};
+use prost::Message;
+use std::collections::HashMap;
+
+/// Read-modify-write attempts of an unconditional update before it gives up with a conflict.
+const MAX_CAS_ATTEMPTS: usize = 5;
+const KIND: &str = "agent";
+
+impl Store {
+    /// Creates `agent` (generation 1) and records `event` in the same transaction.
+    pub async fn create_agent(&self, mut agent: Agent, event: Event) -> Result<Agent, StoreError> {
+        let name = spec_name(&agent);
+        let key = self.keys.agent(&name);
+        let meta = agent.meta.get_or_insert_with(Default::default);
+        meta.generation = 1;
+        meta.create_time = Some(now());
+        meta.update_time = meta.create_time;
+        meta.resource_version.clear();
+        agent.status = None;
+        let txn = |event_op: TxnOp| {
+            Txn::new()
+                .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(key.as_str(), agent.encode_to_vec(), None), event_op])
+        };
+        let resp = self.commit_with_event(&event, txn).await?;
+        if !resp.succeeded() {
+            return Err(StoreError::AlreadyExists { kind: KIND, name });
+        }
+        agent.meta.as_mut().expect("set above").resource_version = resp
+            .header()
+            .map(|h| h.revision().to_string())
+            .unwrap_or_default();
+        agent.status = Some(AgentStatus::default());
+        Ok(agent)
+    }
+
+    /// Reads one agent with its status.
+    pub async fn get_agent(&self, name: &str) -> Result<Agent, StoreError> {
+        let txn = Txn::new().and_then([
+            TxnOp::get(self.keys.agent(name), None),
+            TxnOp::get(self.keys.status(name), None),
+        ]);
+        let resp = self.client().txn(txn).await.map_err(|e| self.unavailable(e))?;
+        let mut ranges = resp.op_responses().into_iter().filter_map(|op| match op {
+            TxnOpResponse::Get(get) => Some(get),
+            _ => None,
+        });
+        let (Some(agents), Some(statuses)) = (ranges.next(), ranges.next()) else {
+            unreachable!("a transaction of two gets answers two gets")
+        };
+        let kv = agents.kvs().first().ok_or_else(|| StoreError::NotFound {
+            kind: KIND,
+            name: name.to_string(),
+        })?;
+        let mut agent = stored_agent(kv)?;
+        agent.status = Some(match statuses.kvs().first() {
+            Some(kv) => decode(kv.key(), kv.value())?,
+            None => AgentStatus::default(),
+        });
+        Ok(agent)
+    }
+
+    /// Lists every agent with its status, sorted by name, and the store revision of the list.
+    pub async fn list_agents(&self) -> Result<(Vec<Agent>, i64), StoreError> {
+        let by_key = || GetOptions::new().with_prefix().with_sort(SortTarget::Key, SortOrder::Ascend);
+        let txn = Txn::new().and_then([
+            TxnOp::get(self.keys.agents(), Some(by_key())),
+            TxnOp::get(self.keys.statuses(), Some(by_key())),
+        ]);
+        let resp = self.client().txn(txn).await.map_err(|e| self.unavailable(e))?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+        let mut ranges = resp.op_responses().into_iter().filter_map(|op| match op {
+            TxnOpResponse::Get(get) => Some(get),
+            _ => None,
+        });
+        let (Some(agents), Some(statuses)) = (ranges.next(), ranges.next()) else {
+            unreachable!("a transaction of two gets answers two gets")
+        };
+        let mut statuses: HashMap<String, AgentStatus> = statuses
+            .kvs()
+            .iter()
+            .map(|kv| Ok((super::Keys::last_segment(kv.key()), decode(kv.key(), kv.value())?)))
+            .collect::<Result<_, StoreError>>()?;
+        let agents = agents
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let mut agent = stored_agent(kv)?;
+                agent.status = Some(statuses.remove(&spec_name(&agent)).unwrap_or_default());
+                Ok(agent)
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        Ok((agents, revision))
+    }
+
+    /// Read-modify-write of an agent. `change` edits the agent and returns the event to record,
+    /// `None` when nothing changed (then nothing is written), or an error that aborts the
+    /// update. A change bumps `generation`.
+    ///
+    /// With `expected` set, the write applies only at that resource version (one attempt);
+    /// without it, a lost compare-and-swap is retried on the fresh value.
+    pub async fn update_agent<F, E>(
+        &self,
+        name: &str,
+        expected: Option<&str>,
+        mut change: F,
+    ) -> Result<Agent, E>
+    where
+        F: FnMut(&mut Agent) -> Result<Option<Event>, E>,
+        E: From<StoreError>,
+    {
+        let key = self.keys.agent(name);
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let current = self.get_agent(name).await?;
+            let current_version = resource_version(&current).to_string();
+            if let Some(expected) = expected {
+                if expected != current_version {
+                    return Err(conflict(name, current_version).into());
+                }
+            }
+            let mut agent = current.clone();
+            let Some(event) = change(&mut agent)? else {
+                return Ok(current);
+            };
+            let status = agent.status.take();
+            let meta = agent.meta.get_or_insert_with(Default::default);
+            meta.generation += 1;
+            meta.update_time = Some(now());
+            meta.resource_version.clear();
+            let mod_revision: i64 = current_version.parse().unwrap_or_default();
+            let txn = |event_op: TxnOp| {
+                Txn::new()
+                    .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, mod_revision)])
+                    .and_then([TxnOp::put(key.as_str(), agent.encode_to_vec(), None), event_op])
+            };
+            let resp = self.commit_with_event(&event, txn).await?;
+            if resp.succeeded() {
+                agent.status = status;
+                agent.meta.as_mut().expect("set above").resource_version = resp
+                    .header()
+                    .map(|h| h.revision().to_string())
+                    .unwrap_or_default();
+                return Ok(agent);
+            }
+            if expected.is_some() {
+                return Err(conflict(name, "newer".into()).into());
+            }
+        }
+        Err(conflict(name, "newer".into()).into())
+    }
+
+    /// Deletes an agent and its status, recording `event`, optionally only at `expected` version.
+    pub async fn delete_agent(
+        &self,
+        name: &str,
+        expected: Option<&str>,
+        event: Event,
+    ) -> Result<(), StoreError> {
+        let key = self.keys.agent(name);
+        let compare = match expected {
+            Some(version) => {
+                let revision = version.parse().map_err(|_| conflict(name, "unknown".into()))?;
+                Compare::mod_revision(key.as_str(), CompareOp::Equal, revision)
+            }
+            None => Compare::create_revision(key.as_str(), CompareOp::Greater, 0),
+        };
+        let status_key = self.keys.status(name);
+        let txn = |event_op: TxnOp| {
+            Txn::new().when([compare.clone()]).and_then([
+                TxnOp::delete(key.as_str(), None),
+                TxnOp::delete(status_key.as_str(), None),
+                event_op,
+            ])
+        };
+        let resp = self.commit_with_event(&event, txn).await?;
+        if resp.succeeded() {
+            return Ok(());
+        }
+        match self.get_agent(name).await {
+            Ok(current) => Err(conflict(name, resource_version(&current).to_string())),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn stored_agent(kv: &etcd_client::KeyValue) -> Result<Agent, StoreError> {
+    let mut agent: Agent = decode(kv.key(), kv.value())?;
+    agent.meta.get_or_insert_with(Default::default).resource_version = kv.mod_revision().to_string();
+    Ok(agent)
+}
+
+fn spec_name(agent: &Agent) -> String {
+    agent.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default()
+}
+
+fn resource_version(agent: &Agent) -> &str {
+    agent.meta.as_ref().map(|m| m.resource_version.as_str()).unwrap_or_default()
+}
+
+fn conflict(name: &str, current: String) -> StoreError {
+    StoreError::Conflict {
+        kind: KIND,
+        name: name.to_string(),
+        current,
+    }
+}

@@ -1,0 +1,191 @@
+//! Events at `events/{id}`, written in the same transaction as the change they record and
+//! expired by etcd leases, one lease per time bucket so that a busy cluster holds few leases.
+
+use super::watch::{watch_prefix, WatchMessage};
+use super::{decode, Store, StoreError};
+use crate::time::now;
+use berth_proto::v1::Event;
+use etcd_client::{GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnResponse};
+use prost::Message;
+use rand::Rng;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// How long events are kept. Each lease is used for half of this, so events live between
+/// half of it and all of it.
+pub const EVENT_RETENTION: Duration = Duration::from_secs(3600);
+/// Events buffered for a slow watcher before the stream applies backpressure.
+const WATCH_BUFFER: usize = 256;
+
+/// The lease that events written now are attached to.
+pub(super) struct BucketLease {
+    id: i64,
+    granted: Instant,
+}
+
+/// Which events a reader wants.
+#[derive(Clone, Debug, Default)]
+pub struct EventFilter {
+    /// Only events of this agent, when set.
+    pub agent: Option<String>,
+}
+
+impl EventFilter {
+    fn matches(&self, event: &Event) -> bool {
+        self.agent.as_deref().is_none_or(|agent| event.agent == agent)
+    }
+}
+
+impl Store {
+    /// Runs the transaction that `build` makes from the event's put operation. If the cached
+    /// event lease has vanished (etcd lost it), a new one is granted and the write tried again.
+    pub(super) async fn commit_with_event(
+        &self,
+        event: &Event,
+        build: impl Fn(TxnOp) -> Txn,
+    ) -> Result<TxnResponse, StoreError> {
+        let mut event = event.clone();
+        if event.time.is_none() {
+            event.time = Some(now());
+        }
+        let key = self.keys.event(&event_id());
+        for attempt in 0..2 {
+            let lease = self.event_lease(attempt > 0).await?;
+            let op = TxnOp::put(
+                key.as_str(),
+                event.encode_to_vec(),
+                Some(PutOptions::new().with_lease(lease)),
+            );
+            match self.client().txn(build(op)).await {
+                Ok(resp) => return Ok(resp),
+                Err(e) if attempt == 0 && e.to_string().contains("lease not found") => continue,
+                Err(e) => return Err(self.unavailable(e)),
+            }
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+
+    /// Records an event on its own.
+    pub async fn record_event(&self, event: Event) -> Result<(), StoreError> {
+        self.commit_with_event(&event, |op| Txn::new().and_then([op]))
+            .await
+            .map(drop)
+    }
+
+    /// Retained events recorded after `since` (a store revision), oldest first, and the
+    /// revision the list was read at.
+    pub async fn list_events(
+        &self,
+        filter: &EventFilter,
+        since: i64,
+    ) -> Result<(Vec<Event>, i64), StoreError> {
+        let options = GetOptions::new()
+            .with_prefix()
+            .with_min_mod_revision(since + 1)
+            .with_sort(SortTarget::Mod, SortOrder::Ascend);
+        let resp = self
+            .client()
+            .get(self.keys.events(), Some(options))
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+        let mut events = Vec::new();
+        for kv in resp.kvs() {
+            let mut event: Event = decode(kv.key(), kv.value())?;
+            event.revision = kv.mod_revision();
+            if filter.matches(&event) {
+                events.push(event);
+            }
+        }
+        Ok((events, revision))
+    }
+
+    /// Streams events after `since`: first the retained ones, then, with `follow`, new ones as
+    /// they are recorded. Survives etcd outages (resuming from the last revision seen) and
+    /// compaction (re-listing). Ends when the receiver is dropped.
+    pub fn watch_events(
+        &self,
+        filter: EventFilter,
+        since: i64,
+        follow: bool,
+    ) -> mpsc::Receiver<Result<Event, StoreError>> {
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut last = since;
+            loop {
+                let (events, revision) = match store.list_events(&filter, last).await {
+                    Ok(listed) => listed,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                for event in events {
+                    last = event.revision;
+                    if tx.send(Ok(event)).await.is_err() {
+                        return;
+                    }
+                }
+                if !follow {
+                    return;
+                }
+                last = last.max(revision);
+                let mut changes = watch_prefix(&store, store.keys.events(), last + 1);
+                loop {
+                    tokio::select! {
+                        _ = tx.closed() => return,
+                        message = changes.recv() => match message {
+                            Some(WatchMessage::Put(kv)) => {
+                                let mut event: Event = match decode(kv.key(), kv.value()) {
+                                    Ok(event) => event,
+                                    Err(e) => {
+                                        let _ = tx.send(Err(e)).await;
+                                        return;
+                                    }
+                                };
+                                event.revision = kv.mod_revision();
+                                last = event.revision;
+                                if filter.matches(&event) && tx.send(Ok(event)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Some(WatchMessage::Delete(_)) => {}
+                            // Compacted past `last`: re-list what is retained after it.
+                            Some(WatchMessage::Compacted) | None => break,
+                        }
+                    }
+                }
+            }
+        });
+        rx
+    }
+
+    async fn event_lease(&self, renew: bool) -> Result<i64, StoreError> {
+        let mut cached = self.event_lease.lock().await;
+        if let Some(lease) = cached.as_ref() {
+            if !renew && lease.granted.elapsed() < EVENT_RETENTION / 2 {
+                return Ok(lease.id);
+            }
+        }
+        let granted = self
+            .client()
+            .lease_grant(EVENT_RETENTION.as_secs() as i64, None)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        *cached = Some(BucketLease {
+            id: granted.id(),
+            granted: Instant::now(),
+        });
+        Ok(granted.id())
+    }
+}
+
+/// A key that sorts by time and does not collide between control-plane replicas.
+fn event_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("{nanos:020}-{:08x}", rand::rng().random::<u32>())
+}
