@@ -1,1 +1,180 @@
-fn main(){}
+//! `berth`: the client commands, and Berth's servers as subcommands.
+#![forbid(unsafe_code)]
+
+mod client;
+mod commands;
+mod manifest;
+mod output;
+mod quantity;
+mod servers;
+
+use clap::{Parser, Subcommand};
+use client::Client;
+use commands::agents::{self, Verb};
+use commands::deploy::DeployArgs;
+use output::Format;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// The control plane's address when BERTH_ADDR is not set.
+const DEFAULT_ADDR: &str = "http://127.0.0.1:7070";
+
+/// Berth runs AI agents in containers across hosts, keeps them alive, and loses no request.
+#[derive(Parser, Debug)]
+#[command(name = "berth", version, about)]
+struct Cli {
+    /// The control plane's gRPC address.
+    #[arg(long, global = true, env = "BERTH_ADDR", default_value = DEFAULT_ADDR)]
+    addr: String,
+    /// The API token (an admin token from the control plane's token file).
+    #[arg(long, global = true, env = "BERTH_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create an agent from flags.
+    Deploy(Box<DeployArgs>),
+    /// Create or update the agents in a YAML manifest (`-` reads standard input).
+    Apply {
+        /// The manifest file.
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// List agents.
+    #[command(alias = "list")]
+    Ls,
+    /// Show an agent: spec, replicas and conditions.
+    Get {
+        /// The agent's name.
+        name: String,
+    },
+    /// Delete agents.
+    #[command(alias = "delete")]
+    Rm {
+        /// The agents' names.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Start stopped agents.
+    Start {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Stop agents (SIGTERM, then SIGKILL after the stop grace).
+    Stop {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Pause agents (freeze their processes).
+    Pause {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Resume paused agents.
+    Resume {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Restart every replica of agents.
+    Restart {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Set an agent's number of replicas.
+    Scale {
+        /// The agent's name.
+        name: String,
+        /// The new number of replicas.
+        replicas: u32,
+    },
+    /// Show events, oldest first.
+    Events {
+        /// Only this agent's events.
+        name: Option<String>,
+        /// Keep printing new events.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Only events after this revision (from a previous event).
+        #[arg(long, default_value_t = 0)]
+        since: i64,
+    },
+    /// Run the control plane.
+    ControlPlane(Box<servers::ControlPlaneArgs>),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let format = cli.output;
+    let command = match cli.command {
+        Command::ControlPlane(args) => return servers::control_plane(*args).await,
+        command => command,
+    };
+    // Parse local input before connecting, so that a bad flag or manifest fails fast.
+    let specs = match &command {
+        Command::Deploy(args) => {
+            let spec = args
+                .to_manifest()
+                .into_spec()
+                .map_err(|e| anyhow::anyhow!("invalid {}: {}", e.field, e.reason))?;
+            Some(vec![spec])
+        }
+        Command::Apply { file } => Some(read_manifest(file)?),
+        _ => None,
+    };
+    let token = cli.api_token.as_deref().filter(|t| !t.is_empty());
+    let client = Client::connect(&cli.addr, token).await?;
+    match command {
+        Command::Deploy(_) => {
+            let spec = specs.and_then(|mut s| s.pop()).expect("parsed above");
+            agents::create(&client, spec, format).await
+        }
+        Command::Apply { .. } => agents::apply(&client, specs.expect("parsed above"), format).await,
+        Command::Ls => agents::list(&client, format).await,
+        Command::Get { name } => agents::get(&client, name, format).await,
+        Command::Rm { names } => agents::remove(&client, names).await,
+        Command::Start { names } => agents::lifecycle(&client, Verb::Start, names, format).await,
+        Command::Stop { names } => agents::lifecycle(&client, Verb::Stop, names, format).await,
+        Command::Pause { names } => agents::lifecycle(&client, Verb::Pause, names, format).await,
+        Command::Resume { names } => agents::lifecycle(&client, Verb::Resume, names, format).await,
+        Command::Restart { names } => {
+            agents::lifecycle(&client, Verb::Restart, names, format).await
+        }
+        Command::Scale { name, replicas } => agents::scale(&client, name, replicas, format).await,
+        Command::Events {
+            name,
+            follow,
+            since,
+        } => commands::events::watch(&client, name, since, follow, format).await,
+        Command::ControlPlane(_) => unreachable!("handled above"),
+    }
+}
+
+fn read_manifest(file: &PathBuf) -> anyhow::Result<Vec<berth_proto::v1::AgentSpec>> {
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(file)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?
+    };
+    manifest::parse_all(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
+}

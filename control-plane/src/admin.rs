@@ -27,7 +27,10 @@ pub fn router(metrics: Arc<Metrics>, store: Store) -> Router {
 
 async fn metrics_text(State(state): State<AdminState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.encode(),
     )
 }

@@ -68,7 +68,9 @@ impl TokenSet {
         let candidate = hash(token);
         self.0
             .iter()
-            .fold(subtle::Choice::from(0), |found, h| found | h.ct_eq(&candidate))
+            .fold(subtle::Choice::from(0), |found, h| {
+                found | h.ct_eq(&candidate)
+            })
             .into()
     }
 }
@@ -159,7 +161,10 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        match self.tokens.authorize(request.uri().path(), request.headers()) {
+        match self
+            .tokens
+            .authorize(request.uri().path(), request.headers())
+        {
             Ok(()) => Box::pin(self.inner.call(request)),
             Err(status) => {
                 tracing::debug!(path = request.uri().path(), "unauthenticated call refused");
@@ -191,13 +196,25 @@ mod tests {
         };
         let agent = "/berth.v1.AgentService/GetAgent";
         let node = "/berth.v1.NodeAgentService/Connect";
-        assert!(tokens.authorize(agent, &headers("Bearer admin-token-0123456789")).is_ok());
-        assert!(tokens.authorize(agent, &headers("Bearer join-token-0123456789")).is_err());
-        assert!(tokens.authorize(node, &headers("Bearer join-token-0123456789")).is_ok());
-        assert!(tokens.authorize(node, &headers("Bearer admin-token-0123456789")).is_err());
+        assert!(tokens
+            .authorize(agent, &headers("Bearer admin-token-0123456789"))
+            .is_ok());
+        assert!(tokens
+            .authorize(agent, &headers("Bearer join-token-0123456789"))
+            .is_err());
+        assert!(tokens
+            .authorize(node, &headers("Bearer join-token-0123456789"))
+            .is_ok());
+        assert!(tokens
+            .authorize(node, &headers("Bearer admin-token-0123456789"))
+            .is_err());
         assert!(tokens.authorize(agent, &http::HeaderMap::new()).is_err());
-        assert!(tokens.authorize(agent, &headers("Basic admin-token-0123456789")).is_err());
-        assert!(tokens.authorize("/grpc.health.v1.Health/Check", &http::HeaderMap::new()).is_ok());
+        assert!(tokens
+            .authorize(agent, &headers("Basic admin-token-0123456789"))
+            .is_err());
+        assert!(tokens
+            .authorize("/grpc.health.v1.Health/Check", &http::HeaderMap::new())
+            .is_ok());
     }
 
     #[test]
@@ -205,17 +222,27 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("berth-auth-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let good = dir.join("good");
-        std::fs::write(&good, "# admins\n\nfirst-token-0123456789\n  second-token-0123456789  \n").unwrap();
+        std::fs::write(
+            &good,
+            "# admins\n\nfirst-token-0123456789\n  second-token-0123456789  \n",
+        )
+        .unwrap();
         let set = TokenSet::from_file(&good).unwrap();
         assert!(set.contains("first-token-0123456789"));
         assert!(set.contains("second-token-0123456789"));
         assert!(!set.contains("third-token-0123456789"));
         let short = dir.join("short");
         std::fs::write(&short, "ok-token-0123456789\nshort\n").unwrap();
-        assert!(matches!(TokenSet::from_file(&short), Err(TokenFileError::TooShort { line: 2, .. })));
+        assert!(matches!(
+            TokenSet::from_file(&short),
+            Err(TokenFileError::TooShort { line: 2, .. })
+        ));
         let empty = dir.join("empty");
         std::fs::write(&empty, "# nothing\n").unwrap();
-        assert!(matches!(TokenSet::from_file(&empty), Err(TokenFileError::Empty { .. })));
+        assert!(matches!(
+            TokenSet::from_file(&empty),
+            Err(TokenFileError::Empty { .. })
+        ));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

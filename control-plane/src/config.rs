@@ -69,7 +69,10 @@ pub enum ConfigError {
     },
     /// A setting has a bad value.
     #[error("setting {setting}: {reason}")]
-    Invalid { setting: &'static str, reason: String },
+    Invalid {
+        setting: &'static str,
+        reason: String,
+    },
 }
 
 impl Config {
@@ -94,18 +97,30 @@ impl Config {
             })
         };
         if self.etcd.is_empty() {
-            return invalid("etcd", "at least one endpoint is needed, e.g. http://127.0.0.1:2379");
+            return invalid(
+                "etcd",
+                "at least one endpoint is needed, e.g. http://127.0.0.1:2379",
+            );
         }
         for endpoint in &self.etcd {
             if endpoint.trim().is_empty() || endpoint.contains(char::is_whitespace) {
-                return invalid("etcd", &format!("{endpoint:?} is not an endpoint like http://host:2379"));
+                return invalid(
+                    "etcd",
+                    &format!("{endpoint:?} is not an endpoint like http://host:2379"),
+                );
             }
         }
         if self.token_file.is_none() {
-            return invalid("token_file", "is required: a file with one admin token per line");
+            return invalid(
+                "token_file",
+                "is required: a file with one admin token per line",
+            );
         }
         if !self.prefix.starts_with('/') || self.prefix.len() < 2 {
-            return invalid("prefix", "must start with '/' and name a directory, e.g. /berth");
+            return invalid(
+                "prefix",
+                "must start with '/' and name a directory, e.g. /berth",
+            );
         }
         if !self.volume_root.is_absolute() {
             return invalid("volume_root", "must be an absolute path");
@@ -123,7 +138,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("berth-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("cp.yaml");
-        std::fs::write(&file, "listen: 0.0.0.0:9000\ntoken_file: /etc/berth/tokens\n").unwrap();
+        std::fs::write(
+            &file,
+            "listen: 0.0.0.0:9000\ntoken_file: /etc/berth/tokens\n",
+        )
+        .unwrap();
         let config = Config::from_file(&file).unwrap();
         assert_eq!(config.listen, "0.0.0.0:9000".parse().unwrap());
         assert_eq!(config.etcd, vec![DEFAULT_ETCD.to_string()]);

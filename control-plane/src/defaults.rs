@@ -3,7 +3,8 @@
 
 use crate::time::pb_duration;
 use berth_proto::v1::{
-    AgentSpec, BreakerSettings, HealthCheck, ReplaySettings, Resources, RestartPolicy, RestartSettings,
+    AgentSpec, BreakerSettings, HealthCheck, ReplaySettings, Resources, RestartPolicy,
+    RestartSettings,
 };
 use std::time::Duration;
 
@@ -60,9 +61,12 @@ pub fn apply(spec: &mut AgentSpec) {
     if restart.policy == RestartPolicy::Unspecified as i32 {
         restart.policy = RestartPolicy::Always as i32;
     }
-    restart.max_backoff.get_or_insert(pb_duration(RESTART_MAX_BACKOFF));
+    restart
+        .max_backoff
+        .get_or_insert(pb_duration(RESTART_MAX_BACKOFF));
     spec.stop_grace.get_or_insert(pb_duration(STOP_GRACE));
-    spec.request_timeout.get_or_insert(pb_duration(REQUEST_TIMEOUT));
+    spec.request_timeout
+        .get_or_insert(pb_duration(REQUEST_TIMEOUT));
     fill_replay(spec.replay.get_or_insert_with(ReplaySettings::default));
     fill_breaker(spec.breaker.get_or_insert_with(BreakerSettings::default));
 }
@@ -73,7 +77,9 @@ fn fill_health(health: &mut HealthCheck) {
     if health.retries == 0 {
         health.retries = HEALTH_RETRIES;
     }
-    health.start_period.get_or_insert(pb_duration(HEALTH_START_PERIOD));
+    health
+        .start_period
+        .get_or_insert(pb_duration(HEALTH_START_PERIOD));
 }
 
 fn fill_replay(replay: &mut ReplaySettings) {
@@ -86,10 +92,19 @@ fn fill_replay(replay: &mut ReplaySettings) {
 }
 
 fn fill_breaker(breaker: &mut BreakerSettings) {
-    set_if_zero(&mut breaker.consecutive_failures, BREAKER_CONSECUTIVE_FAILURES);
-    breaker.base_penalty.get_or_insert(pb_duration(BREAKER_BASE_PENALTY));
-    breaker.max_penalty.get_or_insert(pb_duration(BREAKER_MAX_PENALTY));
-    breaker.probe_timeout.get_or_insert(pb_duration(BREAKER_PROBE_TIMEOUT));
+    set_if_zero(
+        &mut breaker.consecutive_failures,
+        BREAKER_CONSECUTIVE_FAILURES,
+    );
+    breaker
+        .base_penalty
+        .get_or_insert(pb_duration(BREAKER_BASE_PENALTY));
+    breaker
+        .max_penalty
+        .get_or_insert(pb_duration(BREAKER_MAX_PENALTY));
+    breaker
+        .probe_timeout
+        .get_or_insert(pb_duration(BREAKER_PROBE_TIMEOUT));
 }
 
 fn set_if_zero<T: Default + PartialEq>(field: &mut T, default: T) {

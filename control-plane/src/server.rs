@@ -44,7 +44,10 @@ pub enum ServerError {
 }
 
 /// Runs the control plane until `shutdown` completes.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServerError> {
     config.validate()?;
     let tokens = Tokens {
         admin: TokenSet::from_file(config.token_file.as_deref().expect("validated"))?,
@@ -61,7 +64,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     let metrics = Metrics::new();
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<AgentServiceServer<AgentApi>>().await;
+    health_reporter
+        .set_serving::<AgentServiceServer<AgentApi>>()
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(berth_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)

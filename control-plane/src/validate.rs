@@ -93,35 +93,66 @@ pub fn dns_label(field: &str, name: &str) -> Result<(), FieldError> {
 pub fn spec(spec: &AgentSpec, limits: &Limits) -> Result<(), FieldError> {
     let size = spec.encoded_len();
     if size > MAX_SPEC_BYTES {
-        return refuse("spec", format!("is {size} bytes; the limit is {MAX_SPEC_BYTES}"));
+        return refuse(
+            "spec",
+            format!("is {size} bytes; the limit is {MAX_SPEC_BYTES}"),
+        );
     }
     dns_label("spec.name", &spec.name)?;
     image(&spec.image)?;
     for (i, arg) in spec.command.iter().chain(&spec.args).enumerate() {
         if arg.contains('\0') {
-            let field = if i < spec.command.len() { "spec.command" } else { "spec.args" };
+            let field = if i < spec.command.len() {
+                "spec.command"
+            } else {
+                "spec.args"
+            };
             return refuse(field, "must not contain NUL bytes");
         }
     }
     env(&spec.env)?;
     if spec.port == 0 || spec.port > 65535 {
-        return refuse("spec.port", format!("{} is not a TCP port (1-65535)", spec.port));
+        return refuse(
+            "spec.port",
+            format!("{} is not a TCP port (1-65535)", spec.port),
+        );
     }
     volumes(spec, limits)?;
     resources(spec)?;
     let replicas = spec.replicas.unwrap_or_default();
     if replicas > MAX_REPLICAS {
-        return refuse("spec.replicas", format!("{replicas} is more than the limit of {MAX_REPLICAS}"));
+        return refuse(
+            "spec.replicas",
+            format!("{replicas} is more than the limit of {MAX_REPLICAS}"),
+        );
     }
     health(spec)?;
     if let Some(restart) = &spec.restart {
         if RestartPolicy::try_from(restart.policy).is_err() {
-            return refuse("spec.restart.policy", format!("unknown policy {}", restart.policy));
+            return refuse(
+                "spec.restart.policy",
+                format!("unknown policy {}", restart.policy),
+            );
         }
-        duration("spec.restart.max_backoff", restart.max_backoff.as_ref(), Duration::from_secs(1), MAX_TIMING)?;
+        duration(
+            "spec.restart.max_backoff",
+            restart.max_backoff.as_ref(),
+            Duration::from_secs(1),
+            MAX_TIMING,
+        )?;
     }
-    duration("spec.stop_grace", spec.stop_grace.as_ref(), Duration::ZERO, MAX_TIMING)?;
-    duration("spec.request_timeout", spec.request_timeout.as_ref(), Duration::from_millis(1), MAX_TIMING)?;
+    duration(
+        "spec.stop_grace",
+        spec.stop_grace.as_ref(),
+        Duration::ZERO,
+        MAX_TIMING,
+    )?;
+    duration(
+        "spec.request_timeout",
+        spec.request_timeout.as_ref(),
+        Duration::from_millis(1),
+        MAX_TIMING,
+    )?;
     replay(spec)?;
     breaker(spec)?;
     labels("spec.labels", &spec.labels)?;
@@ -145,7 +176,10 @@ fn image(image: &str) -> Result<(), FieldError> {
 
 fn env(env: &HashMap<String, String>) -> Result<(), FieldError> {
     if env.len() > MAX_MAP_ENTRIES {
-        return refuse("spec.env", format!("has {} entries; the limit is {MAX_MAP_ENTRIES}", env.len()));
+        return refuse(
+            "spec.env",
+            format!("has {} entries; the limit is {MAX_MAP_ENTRIES}", env.len()),
+        );
     }
     for (key, value) in env {
         if !ENV_KEY.is_match(key) {
@@ -155,7 +189,10 @@ fn env(env: &HashMap<String, String>) -> Result<(), FieldError> {
             );
         }
         if value.contains('\0') {
-            return refuse(format!("spec.env[{key:?}]"), "values must not contain NUL bytes");
+            return refuse(
+                format!("spec.env[{key:?}]"),
+                "values must not contain NUL bytes",
+            );
         }
     }
     Ok(())
@@ -166,7 +203,11 @@ fn volumes(spec: &AgentSpec, limits: &Limits) -> Result<(), FieldError> {
     for (i, volume) in spec.volumes.iter().enumerate() {
         let field = format!("spec.volumes[{i}]");
         if volume.source.starts_with('/') {
-            host_path(&format!("{field}.source"), &volume.source, &limits.volume_root)?;
+            host_path(
+                &format!("{field}.source"),
+                &volume.source,
+                &limits.volume_root,
+            )?;
         } else if !VOLUME_NAME.is_match(&volume.source) {
             return refuse(
                 format!("{field}.source"),
@@ -181,7 +222,10 @@ fn volumes(spec: &AgentSpec, limits: &Limits) -> Result<(), FieldError> {
             );
         }
         if !targets.insert(normalize(target)) {
-            return refuse(format!("{field}.target"), format!("{:?} is mounted twice", volume.target));
+            return refuse(
+                format!("{field}.target"),
+                format!("{:?} is mounted twice", volume.target),
+            );
         }
     }
     Ok(())
@@ -192,14 +236,23 @@ fn host_path(field: &str, source: &str, root: &Path) -> Result<(), FieldError> {
     if has_dot_dot(path) {
         return refuse(field, format!("{source:?} must not contain '..'"));
     }
-    if path.file_name().is_some_and(|name| name.to_string_lossy().contains("docker.sock")) {
-        return refuse(field, "mounting the Docker socket would give the agent control of the host");
+    if path
+        .file_name()
+        .is_some_and(|name| name.to_string_lossy().contains("docker.sock"))
+    {
+        return refuse(
+            field,
+            "mounting the Docker socket would give the agent control of the host",
+        );
     }
     if normalize(path) == Path::new("/") {
         return refuse(field, "mounting the host's root directory is not allowed");
     }
     if !normalize(path).starts_with(root) {
-        return refuse(field, format!("{source:?} is outside the volume root {}", root.display()));
+        return refuse(
+            field,
+            format!("{source:?} is outside the volume root {}", root.display()),
+        );
     }
     Ok(())
 }
@@ -209,15 +262,22 @@ fn has_dot_dot(path: &Path) -> bool {
 }
 
 fn normalize(path: &Path) -> PathBuf {
-    path.components().filter(|c| *c != Component::CurDir).collect()
+    path.components()
+        .filter(|c| *c != Component::CurDir)
+        .collect()
 }
 
 fn resources(spec: &AgentSpec) -> Result<(), FieldError> {
-    let Some(resources) = &spec.resources else { return Ok(()) };
+    let Some(resources) = &spec.resources else {
+        return Ok(());
+    };
     if resources.cpu_millis > MAX_CPU_MILLIS {
         return refuse(
             "spec.resources.cpu_millis",
-            format!("{} is more than the limit of {MAX_CPU_MILLIS} (256 cores)", resources.cpu_millis),
+            format!(
+                "{} is more than the limit of {MAX_CPU_MILLIS} (256 cores)",
+                resources.cpu_millis
+            ),
         );
     }
     let memory = resources.memory_bytes;
@@ -231,68 +291,147 @@ fn resources(spec: &AgentSpec) -> Result<(), FieldError> {
 }
 
 fn health(spec: &AgentSpec) -> Result<(), FieldError> {
-    let Some(health) = &spec.health else { return Ok(()) };
-    if !health.path.starts_with('/') || health.path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return refuse("spec.health.path", format!("{:?} must be a URL path starting with '/'", health.path));
+    let Some(health) = &spec.health else {
+        return Ok(());
+    };
+    if !health.path.starts_with('/')
+        || health
+            .path
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return refuse(
+            "spec.health.path",
+            format!("{:?} must be a URL path starting with '/'", health.path),
+        );
     }
-    let interval = duration("spec.health.interval", health.interval.as_ref(), Duration::from_millis(100), MAX_TIMING)?;
-    let timeout = duration("spec.health.timeout", health.timeout.as_ref(), Duration::from_millis(1), MAX_TIMING)?;
+    let interval = duration(
+        "spec.health.interval",
+        health.interval.as_ref(),
+        Duration::from_millis(100),
+        MAX_TIMING,
+    )?;
+    let timeout = duration(
+        "spec.health.timeout",
+        health.timeout.as_ref(),
+        Duration::from_millis(1),
+        MAX_TIMING,
+    )?;
     if timeout > interval {
-        return refuse("spec.health.timeout", "must not be longer than spec.health.interval");
+        return refuse(
+            "spec.health.timeout",
+            "must not be longer than spec.health.interval",
+        );
     }
     if !(1..=100).contains(&health.retries) {
-        return refuse("spec.health.retries", format!("{} is outside 1..=100", health.retries));
+        return refuse(
+            "spec.health.retries",
+            format!("{} is outside 1..=100", health.retries),
+        );
     }
-    duration("spec.health.start_period", health.start_period.as_ref(), Duration::ZERO, MAX_TIMING)?;
+    duration(
+        "spec.health.start_period",
+        health.start_period.as_ref(),
+        Duration::ZERO,
+        MAX_TIMING,
+    )?;
     Ok(())
 }
 
 fn replay(spec: &AgentSpec) -> Result<(), FieldError> {
-    let Some(replay) = &spec.replay else { return Ok(()) };
+    let Some(replay) = &spec.replay else {
+        return Ok(());
+    };
     if replay.max_body_bytes > MAX_REPLAY_BODY_BYTES {
         return refuse(
             "spec.replay.max_body_bytes",
-            format!("{} is more than the limit of {MAX_REPLAY_BODY_BYTES}", replay.max_body_bytes),
+            format!(
+                "{} is more than the limit of {MAX_REPLAY_BODY_BYTES}",
+                replay.max_body_bytes
+            ),
         );
     }
-    duration("spec.replay.ttl", replay.ttl.as_ref(), Duration::from_secs(1), MAX_REPLAY_TTL)?;
+    duration(
+        "spec.replay.ttl",
+        replay.ttl.as_ref(),
+        Duration::from_secs(1),
+        MAX_REPLAY_TTL,
+    )?;
     if !(1..=1000).contains(&replay.max_attempts) {
-        return refuse("spec.replay.max_attempts", format!("{} is outside 1..=1000", replay.max_attempts));
+        return refuse(
+            "spec.replay.max_attempts",
+            format!("{} is outside 1..=1000", replay.max_attempts),
+        );
     }
     if !(1..=64).contains(&replay.concurrency) {
-        return refuse("spec.replay.concurrency", format!("{} is outside 1..=64", replay.concurrency));
+        return refuse(
+            "spec.replay.concurrency",
+            format!("{} is outside 1..=64", replay.concurrency),
+        );
     }
     Ok(())
 }
 
 fn breaker(spec: &AgentSpec) -> Result<(), FieldError> {
-    let Some(breaker) = &spec.breaker else { return Ok(()) };
+    let Some(breaker) = &spec.breaker else {
+        return Ok(());
+    };
     if !(1..=1000).contains(&breaker.consecutive_failures) {
         return refuse(
             "spec.breaker.consecutive_failures",
             format!("{} is outside 1..=1000", breaker.consecutive_failures),
         );
     }
-    let base = duration("spec.breaker.base_penalty", breaker.base_penalty.as_ref(), Duration::from_millis(1), MAX_TIMING)?;
-    let max = duration("spec.breaker.max_penalty", breaker.max_penalty.as_ref(), Duration::from_millis(1), MAX_TIMING)?;
+    let base = duration(
+        "spec.breaker.base_penalty",
+        breaker.base_penalty.as_ref(),
+        Duration::from_millis(1),
+        MAX_TIMING,
+    )?;
+    let max = duration(
+        "spec.breaker.max_penalty",
+        breaker.max_penalty.as_ref(),
+        Duration::from_millis(1),
+        MAX_TIMING,
+    )?;
     if base > max {
-        return refuse("spec.breaker.base_penalty", "must not be longer than spec.breaker.max_penalty");
+        return refuse(
+            "spec.breaker.base_penalty",
+            "must not be longer than spec.breaker.max_penalty",
+        );
     }
-    duration("spec.breaker.probe_timeout", breaker.probe_timeout.as_ref(), Duration::from_millis(1), MAX_TIMING)?;
+    duration(
+        "spec.breaker.probe_timeout",
+        breaker.probe_timeout.as_ref(),
+        Duration::from_millis(1),
+        MAX_TIMING,
+    )?;
     Ok(())
 }
 
 fn labels(field: &str, labels: &HashMap<String, String>) -> Result<(), FieldError> {
     if labels.len() > MAX_MAP_ENTRIES {
-        return refuse(field, format!("has {} entries; the limit is {MAX_MAP_ENTRIES}", labels.len()));
+        return refuse(
+            field,
+            format!(
+                "has {} entries; the limit is {MAX_MAP_ENTRIES}",
+                labels.len()
+            ),
+        );
     }
     for (key, value) in labels {
         let name = key.rsplit_once('/').map_or(key.as_str(), |(_, name)| name);
         if key.len() > 253 || !LABEL_PART.is_match(name) {
-            return refuse(format!("{field}[{key:?}]"), "keys are [prefix/]name, name at most 63 of [A-Za-z0-9_.-]");
+            return refuse(
+                format!("{field}[{key:?}]"),
+                "keys are [prefix/]name, name at most 63 of [A-Za-z0-9_.-]",
+            );
         }
         if !value.is_empty() && !LABEL_PART.is_match(value) {
-            return refuse(format!("{field}[{key:?}]"), "values are at most 63 of [A-Za-z0-9_.-], starting and ending alphanumeric");
+            return refuse(
+                format!("{field}[{key:?}]"),
+                "values are at most 63 of [A-Za-z0-9_.-], starting and ending alphanumeric",
+            );
         }
     }
     Ok(())
@@ -303,7 +442,10 @@ fn gateway_token(token: &str) -> Result<(), FieldError> {
         return Ok(());
     }
     if !(16..=256).contains(&token.len()) || !token.chars().all(|c| c.is_ascii_graphic()) {
-        return refuse("spec.gateway_token", "must be 16 to 256 printable ASCII characters without spaces");
+        return refuse(
+            "spec.gateway_token",
+            "must be 16 to 256 printable ASCII characters without spaces",
+        );
     }
     Ok(())
 }
@@ -315,7 +457,9 @@ fn duration(
     min: Duration,
     max: Duration,
 ) -> Result<Duration, FieldError> {
-    let Some(value) = value else { return refuse(field, "is required") };
+    let Some(value) = value else {
+        return refuse(field, "is required");
+    };
     let Some(d) = std_duration(value) else {
         return refuse(field, "must be a non-negative duration");
     };

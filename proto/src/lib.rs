@@ -10,6 +10,7 @@ pub mod v1 {
 }
 
 /// The encoded `FileDescriptorSet` of every `berth.v1` file, for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/berth_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/berth_descriptor.bin"));
 
 pub use pbjson_types;

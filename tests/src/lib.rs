@@ -1,1 +1,276 @@
-//! placeholder
+//! The shared test harness: a real etcd and real `berth` processes on free loopback ports,
+//! each with its own temporary directory, all killed and removed when dropped, pass or fail.
+#![forbid(unsafe_code)]
+
+pub mod process;
+
+use anyhow::{bail, Context};
+use berth_proto::v1::agent_service_client::AgentServiceClient;
+use process::Child;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+/// How long a server may take to become ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// Time between readiness polls.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// The admin token every test control plane accepts.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
+/// The `berth` binary under test: `BERTH_BIN`, or `berth` beside the test binary's directory.
+pub fn berth_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("BERTH_BIN") {
+        return bin.into();
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let bin = dir.join("berth");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (cargo build -p berth-cli) or set BERTH_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout` with `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// A real etcd with a temporary data directory.
+pub struct Etcd {
+    child: Option<Child>,
+    dir: TempDir,
+    client_port: u16,
+    peer_port: u16,
+}
+
+impl Etcd {
+    /// Starts etcd (the `etcd` binary from PATH) and waits until it answers.
+    pub async fn start() -> anyhow::Result<Self> {
+        let mut etcd = Self {
+            child: None,
+            dir: tempfile::Builder::new().prefix("berth-etcd-").tempdir()?,
+            client_port: free_port(),
+            peer_port: free_port(),
+        };
+        etcd.resume().await?;
+        Ok(etcd)
+    }
+
+    /// The client URL.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Kills etcd (SIGKILL), keeping its data.
+    pub fn stop(&mut self) {
+        self.child.take();
+    }
+
+    /// Starts etcd again on the same ports and data, and waits until it answers.
+    pub async fn resume(&mut self) -> anyhow::Result<()> {
+        let url = self.url();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut command = Command::new("etcd");
+        command
+            .arg("--name=test")
+            .arg(format!(
+                "--data-dir={}",
+                self.dir.path().join("data").display()
+            ))
+            .arg(format!("--listen-client-urls={url}"))
+            .arg(format!("--advertise-client-urls={url}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=test={peer}"));
+        let child = Child::spawn(command, &self.dir.path().join("etcd.log"))
+            .context("start etcd (install Debian's etcd-server package)")?;
+        self.child = Some(child);
+        let endpoint = url.clone();
+        eventually(READY_TIMEOUT, "etcd to answer", || {
+            let endpoint = endpoint.clone();
+            async move {
+                let mut client = etcd_client::Client::connect([endpoint], None).await.ok()?;
+                client.status().await.ok()
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// A client of this etcd.
+    pub async fn client(&self) -> anyhow::Result<etcd_client::Client> {
+        Ok(etcd_client::Client::connect([self.url()], None).await?)
+    }
+}
+
+/// A gRPC client of the agent service that sends a token.
+pub type AgentClient = AgentServiceClient<InterceptedService<Channel, TokenInterceptor>>;
+
+/// Adds `authorization: Bearer <token>` when a token is set.
+#[derive(Clone)]
+pub struct TokenInterceptor(Option<String>);
+
+impl tonic::service::Interceptor for TokenInterceptor {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(token) = &self.0 {
+            let value: MetadataValue<_> = format!("Bearer {token}").parse().expect("ascii token");
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+/// A real `berth control-plane` process.
+pub struct ControlPlane {
+    child: Option<Child>,
+    dir: TempDir,
+    etcd_url: String,
+    /// gRPC address, `127.0.0.1:PORT`.
+    pub addr: String,
+    /// Admin HTTP address, `127.0.0.1:PORT`.
+    pub admin_addr: String,
+}
+
+impl ControlPlane {
+    /// Starts a control plane over `etcd_url` and waits until its health check serves.
+    pub async fn start(etcd_url: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("berth-cp-").tempdir()?;
+        std::fs::write(
+            dir.path().join("tokens"),
+            format!("# admin\n{ADMIN_TOKEN}\n"),
+        )?;
+        let mut cp = Self {
+            child: None,
+            dir,
+            etcd_url: etcd_url.to_string(),
+            addr: format!("127.0.0.1:{}", free_port()),
+            admin_addr: format!("127.0.0.1:{}", free_port()),
+        };
+        cp.resume().await?;
+        Ok(cp)
+    }
+
+    /// Kills the process (SIGKILL).
+    pub fn kill(&mut self) {
+        self.child.take();
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(Child::is_running)
+    }
+
+    /// Starts the process again on the same addresses and waits until it serves.
+    pub async fn resume(&mut self) -> anyhow::Result<()> {
+        let mut command = Command::new(berth_bin());
+        command
+            .arg("control-plane")
+            .arg("--etcd")
+            .arg(&self.etcd_url)
+            .arg("--listen")
+            .arg(&self.addr)
+            .arg("--admin-listen")
+            .arg(&self.admin_addr)
+            .arg("--token-file")
+            .arg(self.dir.path().join("tokens"))
+            .env("RUST_LOG", "info");
+        self.child = Some(Child::spawn(
+            command,
+            &self.dir.path().join("control-plane.log"),
+        )?);
+        let url = self.url();
+        eventually(READY_TIMEOUT, "the control plane to serve", || {
+            let url = url.clone();
+            async move {
+                let channel = Channel::from_shared(url).ok()?.connect().await.ok()?;
+                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+                let request = tonic_health::pb::HealthCheckRequest::default();
+                health.check(request).await.ok()
+            }
+        })
+        .await
+        .with_context(|| self.log())?;
+        Ok(())
+    }
+
+    /// `http://` URL of the gRPC API.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// An agent client with the admin token.
+    pub async fn agents(&self) -> anyhow::Result<AgentClient> {
+        self.agents_with(Some(ADMIN_TOKEN)).await
+    }
+
+    /// An agent client with `token` (or none).
+    pub async fn agents_with(&self, token: Option<&str>) -> anyhow::Result<AgentClient> {
+        let channel = Channel::from_shared(self.url())?.connect().await?;
+        Ok(AgentServiceClient::with_interceptor(
+            channel,
+            TokenInterceptor(token.map(str::to_string)),
+        ))
+    }
+
+    /// Runs the `berth` CLI against this control plane with the admin token.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(berth_bin())
+            .args(args)
+            .env("BERTH_ADDR", self.url())
+            .env("BERTH_TOKEN", ADMIN_TOKEN)
+            .output()
+            .expect("run berth")
+    }
+
+    /// The process's log so far, for failure messages.
+    pub fn log(&self) -> String {
+        let log =
+            std::fs::read_to_string(self.dir.path().join("control-plane.log")).unwrap_or_default();
+        format!("control-plane log:\n{log}")
+    }
+}
+
+/// A unique agent name for this test run, so tests can share a cluster.
+pub fn unique_name(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    format!("{prefix}-{}-{nanos:x}", std::process::id())
+}

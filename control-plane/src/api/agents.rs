@@ -74,10 +74,17 @@ impl AgentApi {
         self.store
             .update_agent(name, None, |agent| {
                 let meta = agent.meta.get_or_insert_with(AgentMeta::default);
-                let current = DesiredState::try_from(meta.desired_state).unwrap_or(DesiredState::Running);
-                let Some(state) = next(current)? else { return Ok(None) };
+                let current =
+                    DesiredState::try_from(meta.desired_state).unwrap_or(DesiredState::Running);
+                let Some(state) = next(current)? else {
+                    return Ok(None);
+                };
                 meta.desired_state = state as i32;
-                Ok(Some(event(name, reason, format!("desired state set to {}", state_word(state)))))
+                Ok(Some(event(
+                    name,
+                    reason,
+                    format!("desired state set to {}", state_word(state)),
+                )))
             })
             .await
     }
@@ -94,7 +101,11 @@ impl AgentService for AgentApi {
             Err(_) => return Err(invalid("desired_state", "unknown state")),
         };
         let name = spec.name.clone();
-        let message = format!("agent created from image {} with {} replica(s)", spec.image, spec.replicas());
+        let message = format!(
+            "agent created from image {} with {} replica(s)",
+            spec.image,
+            spec.replicas()
+        );
         let agent = Agent {
             spec: Some(spec),
             meta: Some(AgentMeta {
@@ -115,13 +126,24 @@ impl AgentService for AgentApi {
     async fn get_agent(&self, request: Request<GetAgentRequest>) -> ApiResult<Agent> {
         let name = request.into_inner().name;
         validate::dns_label("name", &name).map_err(|e| to_status(e.into()))?;
-        let agent = self.store.get_agent(&name).await.map_err(|e| to_status(e.into()))?;
+        let agent = self
+            .store
+            .get_agent(&name)
+            .await
+            .map_err(|e| to_status(e.into()))?;
         Ok(Response::new(agent))
     }
 
-    async fn list_agents(&self, request: Request<ListAgentsRequest>) -> ApiResult<ListAgentsResponse> {
+    async fn list_agents(
+        &self,
+        request: Request<ListAgentsRequest>,
+    ) -> ApiResult<ListAgentsResponse> {
         let selector = request.into_inner().label_selector;
-        let (mut agents, revision) = self.store.list_agents().await.map_err(|e| to_status(e.into()))?;
+        let (mut agents, revision) = self
+            .store
+            .list_agents()
+            .await
+            .map_err(|e| to_status(e.into()))?;
         agents.retain(|agent| {
             let labels = agent.spec.as_ref().map(|s| &s.labels);
             selector
@@ -133,7 +155,11 @@ impl AgentService for AgentApi {
 
     async fn update_agent(&self, request: Request<UpdateAgentRequest>) -> ApiResult<Agent> {
         let request = request.into_inner();
-        let name = request.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+        let name = request
+            .spec
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
         validate::dns_label("spec.name", &name).map_err(|e| to_status(e.into()))?;
         let expected = Some(request.resource_version.as_str()).filter(|v| !v.is_empty());
         let spec = request.spec;
@@ -146,7 +172,11 @@ impl AgentService for AgentApi {
                 if new == current {
                     return Ok(None);
                 }
-                let message = format!("spec updated: image {}, {} replica(s)", new.image, new.replicas());
+                let message = format!(
+                    "spec updated: image {}, {} replica(s)",
+                    new.image,
+                    new.replicas()
+                );
                 agent.spec = Some(new);
                 Ok(Some(event(&name, "AgentUpdated", message)))
             })
@@ -155,12 +185,19 @@ impl AgentService for AgentApi {
         Ok(Response::new(updated))
     }
 
-    async fn delete_agent(&self, request: Request<DeleteAgentRequest>) -> ApiResult<DeleteAgentResponse> {
+    async fn delete_agent(
+        &self,
+        request: Request<DeleteAgentRequest>,
+    ) -> ApiResult<DeleteAgentResponse> {
         let request = request.into_inner();
         validate::dns_label("name", &request.name).map_err(|e| to_status(e.into()))?;
         let expected = Some(request.resource_version.as_str()).filter(|v| !v.is_empty());
         self.store
-            .delete_agent(&request.name, expected, event(&request.name, "AgentDeleted", "agent deleted".into()))
+            .delete_agent(
+                &request.name,
+                expected,
+                event(&request.name, "AgentDeleted", "agent deleted".into()),
+            )
             .await
             .map_err(|e| to_status(e.into()))?;
         tracing::info!(agent = %request.name, "agent deleted");
@@ -220,8 +257,15 @@ impl AgentService for AgentApi {
         validate::dns_label("name", &name).map_err(|e| to_status(e.into()))?;
         self.store
             .update_agent(&name, None, |agent| {
-                agent.meta.get_or_insert_with(AgentMeta::default).restart_time = Some(now());
-                Ok::<_, ApiError>(Some(event(&name, "AgentRestartRequested", "restart of every replica requested".into())))
+                agent
+                    .meta
+                    .get_or_insert_with(AgentMeta::default)
+                    .restart_time = Some(now());
+                Ok::<_, ApiError>(Some(event(
+                    &name,
+                    "AgentRestartRequested",
+                    "restart of every replica requested".into(),
+                )))
             })
             .await
             .map(Response::new)
@@ -234,7 +278,10 @@ impl AgentService for AgentApi {
         if replicas > validate::MAX_REPLICAS {
             return Err(invalid(
                 "replicas",
-                &format!("{replicas} is more than the limit of {}", validate::MAX_REPLICAS),
+                &format!(
+                    "{replicas} is more than the limit of {}",
+                    validate::MAX_REPLICAS
+                ),
             ));
         }
         self.store
@@ -245,7 +292,11 @@ impl AgentService for AgentApi {
                     return Ok::<_, ApiError>(None);
                 }
                 spec.replicas = Some(replicas);
-                Ok(Some(event(&name, "AgentScaled", format!("scaled from {before} to {replicas} replica(s)"))))
+                Ok(Some(event(
+                    &name,
+                    "AgentScaled",
+                    format!("scaled from {before} to {replicas} replica(s)"),
+                )))
             })
             .await
             .map(Response::new)
@@ -254,7 +305,10 @@ impl AgentService for AgentApi {
 
     type WatchEventsStream = BoxStream<Event>;
 
-    async fn watch_events(&self, request: Request<WatchEventsRequest>) -> ApiResult<Self::WatchEventsStream> {
+    async fn watch_events(
+        &self,
+        request: Request<WatchEventsRequest>,
+    ) -> ApiResult<Self::WatchEventsStream> {
         let request = request.into_inner();
         let agent = Some(request.agent).filter(|a| !a.is_empty());
         if let Some(agent) = &agent {
@@ -263,19 +317,27 @@ impl AgentService for AgentApi {
         if request.since_revision < 0 {
             return Err(invalid("since_revision", "must not be negative"));
         }
-        let events = self
-            .store
-            .watch_events(EventFilter { agent }, request.since_revision, request.follow);
+        let events = self.store.watch_events(
+            EventFilter { agent },
+            request.since_revision,
+            request.follow,
+        );
         let stream = ReceiverStream::new(events).map(|item| item.map_err(|e| to_status(e.into())));
         Ok(Response::new(Box::pin(stream)))
     }
 
     type StreamLogsStream = BoxStream<LogChunk>;
 
-    async fn stream_logs(&self, request: Request<StreamLogsRequest>) -> ApiResult<Self::StreamLogsStream> {
+    async fn stream_logs(
+        &self,
+        request: Request<StreamLogsRequest>,
+    ) -> ApiResult<Self::StreamLogsStream> {
         let name = request.into_inner().name;
         validate::dns_label("name", &name).map_err(|e| to_status(e.into()))?;
-        self.store.get_agent(&name).await.map_err(|e| to_status(e.into()))?;
+        self.store
+            .get_agent(&name)
+            .await
+            .map_err(|e| to_status(e.into()))?;
         // Logs are read from Docker by node agents over their stream; until a node runs a
         // replica there is no output to stream.
         Err(Status::failed_precondition(format!(
@@ -314,5 +376,8 @@ fn state_word(state: DesiredState) -> &'static str {
 }
 
 fn hex_sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

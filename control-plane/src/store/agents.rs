@@ -3,7 +3,9 @@
 use super::{decode, Store, StoreError};
 use crate::time::now;
 use berth_proto::v1::{Agent, AgentStatus, Event};
-use etcd_client::{Compare, CompareOp, GetOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{
+    Compare, CompareOp, GetOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
+};
 use prost::Message;
 use std::collections::HashMap;
 
@@ -25,7 +27,10 @@ impl Store {
         let txn = |event_op: TxnOp| {
             Txn::new()
                 .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(key.as_str(), agent.encode_to_vec(), None), event_op])
+                .and_then([
+                    TxnOp::put(key.as_str(), agent.encode_to_vec(), None),
+                    event_op,
+                ])
         };
         let resp = self.commit_with_event(&event, txn).await?;
         if !resp.succeeded() {
@@ -45,7 +50,11 @@ impl Store {
             TxnOp::get(self.keys.agent(name), None),
             TxnOp::get(self.keys.status(name), None),
         ]);
-        let resp = self.client().txn(txn).await.map_err(|e| self.unavailable(e))?;
+        let resp = self
+            .client()
+            .txn(txn)
+            .await
+            .map_err(|e| self.unavailable(e))?;
         let mut ranges = resp.op_responses().into_iter().filter_map(|op| match op {
             TxnOpResponse::Get(get) => Some(get),
             _ => None,
@@ -67,12 +76,20 @@ impl Store {
 
     /// Lists every agent with its status, sorted by name, and the store revision of the list.
     pub async fn list_agents(&self) -> Result<(Vec<Agent>, i64), StoreError> {
-        let by_key = || GetOptions::new().with_prefix().with_sort(SortTarget::Key, SortOrder::Ascend);
+        let by_key = || {
+            GetOptions::new()
+                .with_prefix()
+                .with_sort(SortTarget::Key, SortOrder::Ascend)
+        };
         let txn = Txn::new().and_then([
             TxnOp::get(self.keys.agents(), Some(by_key())),
             TxnOp::get(self.keys.statuses(), Some(by_key())),
         ]);
-        let resp = self.client().txn(txn).await.map_err(|e| self.unavailable(e))?;
+        let resp = self
+            .client()
+            .txn(txn)
+            .await
+            .map_err(|e| self.unavailable(e))?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
         let mut ranges = resp.op_responses().into_iter().filter_map(|op| match op {
             TxnOpResponse::Get(get) => Some(get),
@@ -84,7 +101,12 @@ impl Store {
         let mut statuses: HashMap<String, AgentStatus> = statuses
             .kvs()
             .iter()
-            .map(|kv| Ok((super::Keys::last_segment(kv.key()), decode(kv.key(), kv.value())?)))
+            .map(|kv| {
+                Ok((
+                    super::Keys::last_segment(kv.key()),
+                    decode(kv.key(), kv.value())?,
+                ))
+            })
             .collect::<Result<_, StoreError>>()?;
         let agents = agents
             .kvs()
@@ -135,8 +157,15 @@ impl Store {
             let mod_revision: i64 = current_version.parse().unwrap_or_default();
             let txn = |event_op: TxnOp| {
                 Txn::new()
-                    .when([Compare::mod_revision(key.as_str(), CompareOp::Equal, mod_revision)])
-                    .and_then([TxnOp::put(key.as_str(), agent.encode_to_vec(), None), event_op])
+                    .when([Compare::mod_revision(
+                        key.as_str(),
+                        CompareOp::Equal,
+                        mod_revision,
+                    )])
+                    .and_then([
+                        TxnOp::put(key.as_str(), agent.encode_to_vec(), None),
+                        event_op,
+                    ])
             };
             let resp = self.commit_with_event(&event, txn).await?;
             if resp.succeeded() {
@@ -164,7 +193,9 @@ impl Store {
         let key = self.keys.agent(name);
         let compare = match expected {
             Some(version) => {
-                let revision = version.parse().map_err(|_| conflict(name, "unknown".into()))?;
+                let revision = version
+                    .parse()
+                    .map_err(|_| conflict(name, "unknown".into()))?;
                 Compare::mod_revision(key.as_str(), CompareOp::Equal, revision)
             }
             None => Compare::create_revision(key.as_str(), CompareOp::Greater, 0),
@@ -190,16 +221,27 @@ impl Store {
 
 fn stored_agent(kv: &etcd_client::KeyValue) -> Result<Agent, StoreError> {
     let mut agent: Agent = decode(kv.key(), kv.value())?;
-    agent.meta.get_or_insert_with(Default::default).resource_version = kv.mod_revision().to_string();
+    agent
+        .meta
+        .get_or_insert_with(Default::default)
+        .resource_version = kv.mod_revision().to_string();
     Ok(agent)
 }
 
 fn spec_name(agent: &Agent) -> String {
-    agent.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default()
+    agent
+        .spec
+        .as_ref()
+        .map(|s| s.name.clone())
+        .unwrap_or_default()
 }
 
 fn resource_version(agent: &Agent) -> &str {
-    agent.meta.as_ref().map(|m| m.resource_version.as_str()).unwrap_or_default()
+    agent
+        .meta
+        .as_ref()
+        .map(|m| m.resource_version.as_str())
+        .unwrap_or_default()
 }
 
 fn conflict(name: &str, current: String) -> StoreError {

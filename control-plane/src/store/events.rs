@@ -32,7 +32,9 @@ pub struct EventFilter {
 
 impl EventFilter {
     fn matches(&self, event: &Event) -> bool {
-        self.agent.as_deref().is_none_or(|agent| event.agent == agent)
+        self.agent
+            .as_deref()
+            .is_none_or(|agent| event.agent == agent)
     }
 }
 

@@ -26,7 +26,11 @@ pub enum WatchMessage {
 
 /// Watches every key under `prefix` from `start_revision` on a background task. Ends after
 /// `Compacted`, or when the receiver is dropped.
-pub fn watch_prefix(store: &Store, prefix: String, start_revision: i64) -> mpsc::Receiver<WatchMessage> {
+pub fn watch_prefix(
+    store: &Store,
+    prefix: String,
+    start_revision: i64,
+) -> mpsc::Receiver<WatchMessage> {
     let (tx, rx) = mpsc::channel(64);
     let mut client = store.client();
     tokio::spawn(async move {

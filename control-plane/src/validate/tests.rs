@@ -60,7 +60,16 @@ fn names_must_be_dns_labels() {
 
 #[test]
 fn images_must_be_references() {
-    for bad in ["", "Echo", "acme/Echo", "a b", "echo:", "echo@sha256:xyz", ":tag", "-echo"] {
+    for bad in [
+        "",
+        "Echo",
+        "acme/Echo",
+        "a b",
+        "echo:",
+        "echo@sha256:xyz",
+        ":tag",
+        "-echo",
+    ] {
         assert_eq!(field_of(|s| s.image = bad.into()), "spec.image", "{bad:?}");
     }
     for good in [
@@ -75,29 +84,60 @@ fn images_must_be_references() {
 
 #[test]
 fn env_keys_are_identifiers() {
-    assert_eq!(field_of(|s| { s.env.insert("1A".into(), "x".into()); }), "spec.env[\"1A\"]");
-    assert_eq!(field_of(|s| { s.env.insert("A=B".into(), "x".into()); }), "spec.env[\"A=B\"]");
-    assert_eq!(field_of(|s| { s.env.insert("A_1".into(), "x".into()); }), "ok");
+    assert_eq!(
+        field_of(|s| {
+            s.env.insert("1A".into(), "x".into());
+        }),
+        "spec.env[\"1A\"]"
+    );
+    assert_eq!(
+        field_of(|s| {
+            s.env.insert("A=B".into(), "x".into());
+        }),
+        "spec.env[\"A=B\"]"
+    );
+    assert_eq!(
+        field_of(|s| {
+            s.env.insert("A_1".into(), "x".into());
+        }),
+        "ok"
+    );
 }
 
 #[test]
 fn host_volumes_stay_under_the_root() {
     let cases = [
-        ("/var/lib/berth/volumes/../../../etc", "spec.volumes[0].source"),
+        (
+            "/var/lib/berth/volumes/../../../etc",
+            "spec.volumes[0].source",
+        ),
         ("/etc", "spec.volumes[0].source"),
         ("/", "spec.volumes[0].source"),
         ("/var/run/docker.sock", "spec.volumes[0].source"),
-        ("/var/lib/berth/volumes/docker.sock", "spec.volumes[0].source"),
+        (
+            "/var/lib/berth/volumes/docker.sock",
+            "spec.volumes[0].source",
+        ),
         ("/var/lib/berth/volumesX/a", "spec.volumes[0].source"),
         ("../x", "spec.volumes[0].source"),
         ("/var/lib/berth/volumes/hello", "ok"),
         ("named-volume", "ok"),
     ];
     for (source, want) in cases {
-        assert_eq!(field_of(|s| s.volumes = vec![volume(source, "/data")]), want, "{source:?}");
+        assert_eq!(
+            field_of(|s| s.volumes = vec![volume(source, "/data")]),
+            want,
+            "{source:?}"
+        );
     }
-    assert_eq!(field_of(|s| s.volumes = vec![volume("v", "relative")]), "spec.volumes[0].target");
-    assert_eq!(field_of(|s| s.volumes = vec![volume("v", "/")]), "spec.volumes[0].target");
+    assert_eq!(
+        field_of(|s| s.volumes = vec![volume("v", "relative")]),
+        "spec.volumes[0].target"
+    );
+    assert_eq!(
+        field_of(|s| s.volumes = vec![volume("v", "/")]),
+        "spec.volumes[0].target"
+    );
     assert_eq!(
         field_of(|s| s.volumes = vec![volume("v", "/data"), volume("w", "/data/")]),
         "spec.volumes[1].target"
@@ -106,19 +146,39 @@ fn host_volumes_stay_under_the_root() {
 
 #[test]
 fn resources_are_bounded() {
-    let res = |cpu_millis, memory_bytes| Some(Resources { cpu_millis, memory_bytes });
-    assert_eq!(field_of(|s| s.resources = res(MAX_CPU_MILLIS + 1, 0)), "spec.resources.cpu_millis");
-    assert_eq!(field_of(|s| s.resources = res(500, 1024)), "spec.resources.memory_bytes");
-    assert_eq!(field_of(|s| s.resources = res(500, MAX_MEMORY_BYTES + 1)), "spec.resources.memory_bytes");
+    let res = |cpu_millis, memory_bytes| {
+        Some(Resources {
+            cpu_millis,
+            memory_bytes,
+        })
+    };
+    assert_eq!(
+        field_of(|s| s.resources = res(MAX_CPU_MILLIS + 1, 0)),
+        "spec.resources.cpu_millis"
+    );
+    assert_eq!(
+        field_of(|s| s.resources = res(500, 1024)),
+        "spec.resources.memory_bytes"
+    );
+    assert_eq!(
+        field_of(|s| s.resources = res(500, MAX_MEMORY_BYTES + 1)),
+        "spec.resources.memory_bytes"
+    );
     assert_eq!(field_of(|s| s.resources = res(500, 512 << 20)), "ok");
 }
 
 #[test]
 fn ports_replicas_and_durations_are_checked() {
     assert_eq!(field_of(|s| s.port = 70000), "spec.port");
-    assert_eq!(field_of(|s| s.replicas = Some(MAX_REPLICAS + 1)), "spec.replicas");
     assert_eq!(
-        field_of(|s| s.stop_grace = Some(pbjson_types::Duration { seconds: -1, nanos: 0 })),
+        field_of(|s| s.replicas = Some(MAX_REPLICAS + 1)),
+        "spec.replicas"
+    );
+    assert_eq!(
+        field_of(|s| s.stop_grace = Some(pbjson_types::Duration {
+            seconds: -1,
+            nanos: 0
+        })),
         "spec.stop_grace"
     );
     assert_eq!(
@@ -131,7 +191,10 @@ fn ports_replicas_and_durations_are_checked() {
 fn health_checks_are_checked() {
     let health = |path: &str, timeout: u64| {
         let mut spec = valid();
-        spec.health = Some(HealthCheck { path: path.into(), ..Default::default() });
+        spec.health = Some(HealthCheck {
+            path: path.into(),
+            ..Default::default()
+        });
         defaults::apply(&mut spec);
         spec.health.as_mut().unwrap().timeout = Some(pb_duration(Duration::from_secs(timeout)));
         spec::validate_ok_or_field(&spec)
@@ -143,13 +206,32 @@ fn health_checks_are_checked() {
 
 #[test]
 fn labels_and_tokens_are_checked() {
-    assert_eq!(field_of(|s| { s.labels.insert("bad key".into(), "v".into()); }), "spec.labels[\"bad key\"]");
-    assert_eq!(field_of(|s| { s.node_selector.insert("gpu".into(), "a b".into()); }), "spec.node_selector[\"gpu\"]");
-    assert_eq!(field_of(|s| s.gateway_token = "short".into()), "spec.gateway_token");
-    assert_eq!(field_of(|s| s.gateway_token = "a-long-enough-secret".into()), "ok");
+    assert_eq!(
+        field_of(|s| {
+            s.labels.insert("bad key".into(), "v".into());
+        }),
+        "spec.labels[\"bad key\"]"
+    );
+    assert_eq!(
+        field_of(|s| {
+            s.node_selector.insert("gpu".into(), "a b".into());
+        }),
+        "spec.node_selector[\"gpu\"]"
+    );
+    assert_eq!(
+        field_of(|s| s.gateway_token = "short".into()),
+        "spec.gateway_token"
+    );
+    assert_eq!(
+        field_of(|s| s.gateway_token = "a-long-enough-secret".into()),
+        "ok"
+    );
 }
 
 #[test]
 fn oversized_specs_are_refused() {
-    assert_eq!(field_of(|s| s.args = vec!["x".repeat(MAX_SPEC_BYTES)]), "spec");
+    assert_eq!(
+        field_of(|s| s.args = vec!["x".repeat(MAX_SPEC_BYTES)]),
+        "spec"
+    );
 }

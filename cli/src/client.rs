@@ -1,0 +1,109 @@
+//! The connection to the control plane, and the one place gRPC errors become messages that
+//! say what happened and what to do.
+
+use anyhow::anyhow;
+use berth_proto::v1::agent_service_client::AgentServiceClient;
+use std::time::Duration;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+/// How long connecting to the control plane may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct BearerToken(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A client of the control plane at one address.
+pub struct Client {
+    /// The address, for messages.
+    pub addr: String,
+    channel: Channel,
+    token: BearerToken,
+}
+
+impl Client {
+    /// Connects to `addr` (e.g. `http://127.0.0.1:7070`).
+    pub async fn connect(addr: &str, token: Option<&str>) -> anyhow::Result<Self> {
+        let url = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        let endpoint = Endpoint::from_shared(url)
+            .map_err(|e| {
+                anyhow!("BERTH_ADDR {addr:?} is not a URL like http://127.0.0.1:7070: {e}")
+            })?
+            .connect_timeout(CONNECT_TIMEOUT);
+        let channel = endpoint.connect().await.map_err(|e| {
+            anyhow!(
+                "cannot reach the control plane at {addr}: {}.\n\
+                 Is `berth control-plane` running there? Set BERTH_ADDR or --addr to its address.",
+                source_chain(&e)
+            )
+        })?;
+        let token = token
+            .map(|t| {
+                format!("Bearer {t}").parse().map_err(|_| {
+                    anyhow!("the API token holds characters that cannot be sent in a header")
+                })
+            })
+            .transpose()?;
+        Ok(Self {
+            addr: addr.to_string(),
+            channel,
+            token: BearerToken(token),
+        })
+    }
+
+    /// The agent service.
+    pub fn agents(&self) -> AgentServiceClient<InterceptedService<Channel, BearerToken>> {
+        AgentServiceClient::with_interceptor(self.channel.clone(), self.token.clone())
+    }
+
+    /// Turns a gRPC error into a message for the user.
+    pub fn explain(&self, status: Status) -> anyhow::Error {
+        let message = status.message();
+        let addr = &self.addr;
+        match status.code() {
+            Code::Unauthenticated => anyhow!(
+                "the control plane at {addr} refused the credentials: {message}.\n\
+                 Set BERTH_TOKEN or --api-token to an admin token from the control plane's token file."
+            ),
+            Code::Unavailable => anyhow!("the control plane at {addr} is unavailable: {message}"),
+            Code::NotFound => anyhow!("{message} (berth ls lists the agents)"),
+            Code::AlreadyExists => anyhow!(
+                "{message}: use `berth apply -f FILE` to change it, or `berth rm NAME` first"
+            ),
+            Code::Aborted => anyhow!("conflict: {message}"),
+            Code::InvalidArgument => anyhow!("{message}"),
+            Code::FailedPrecondition => anyhow!("{message}"),
+            Code::DeadlineExceeded => anyhow!("the control plane at {addr} did not answer in time: {message}"),
+            code => anyhow!("the control plane at {addr} answered {code:?}: {message}"),
+        }
+    }
+}
+
+fn source_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}

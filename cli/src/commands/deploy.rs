@@ -1,0 +1,129 @@
+//! `berth deploy`: the flags users of docker and Agentainer know, turned into a manifest.
+
+use crate::manifest::{parse_restart, parse_volume, Health, Manifest, Volume};
+use clap::Args;
+use std::collections::HashMap;
+
+/// Flags of `berth deploy`.
+#[derive(Args, Clone, Debug)]
+pub struct DeployArgs {
+    /// The agent's name (a DNS label).
+    #[arg(short = 'n', long)]
+    pub name: String,
+    /// The container image.
+    #[arg(short = 'i', long)]
+    pub image: String,
+    /// Environment variable K=V (repeatable).
+    #[arg(short = 'e', long = "env", value_name = "K=V", value_parser = parse_key_value)]
+    pub env: Vec<(String, String)>,
+    /// Volume SRC:DST[:ro]; SRC is a host path under the volume root or a volume name (repeatable).
+    #[arg(short = 'v', long = "volume", value_name = "SRC:DST[:ro]", value_parser = check_volume)]
+    pub volumes: Vec<String>,
+    /// Memory limit, e.g. 512M or 2G.
+    #[arg(short = 'm', long)]
+    pub memory: Option<String>,
+    /// CPU limit, e.g. 0.5, 2 or 500m.
+    #[arg(short = 'c', long)]
+    pub cpu: Option<String>,
+    /// Port the agent listens on in the container (default 8080).
+    #[arg(long)]
+    pub port: Option<u32>,
+    /// Number of replicas (default 1).
+    #[arg(long)]
+    pub replicas: Option<u32>,
+    /// Path of the HTTP health check, e.g. /health.
+    #[arg(long)]
+    pub health_endpoint: Option<String>,
+    /// Time between health checks (default 10s).
+    #[arg(long, requires = "health_endpoint")]
+    pub health_interval: Option<String>,
+    /// Time a health check may take (default 2s).
+    #[arg(long, requires = "health_endpoint")]
+    pub health_timeout: Option<String>,
+    /// Failed checks in a row that restart a replica (default 3).
+    #[arg(long, requires = "health_endpoint")]
+    pub health_retries: Option<u32>,
+    /// Grace period after start before failed checks count (default 0s).
+    #[arg(long, requires = "health_endpoint")]
+    pub health_start_period: Option<String>,
+    /// Restart on every exit (the same as --restart always, the default).
+    #[arg(long, conflicts_with = "restart")]
+    pub auto_restart: bool,
+    /// Restart policy: always, on-failure or never.
+    #[arg(long, value_parser = check_restart)]
+    pub restart: Option<String>,
+    /// Require this key at the gateway (`Authorization: Bearer <token>`).
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Label K=V (repeatable).
+    #[arg(short = 'l', long = "label", value_name = "K=V", value_parser = parse_key_value)]
+    pub labels: Vec<(String, String)>,
+    /// Place only on nodes with label K=V (repeatable).
+    #[arg(long = "node-selector", value_name = "K=V", value_parser = parse_key_value)]
+    pub node_selector: Vec<(String, String)>,
+    /// Time between SIGTERM and SIGKILL on stop (default 10s).
+    #[arg(long)]
+    pub stop_grace: Option<String>,
+    /// Time the gateway waits for a response (default 30s).
+    #[arg(long)]
+    pub request_timeout: Option<String>,
+    /// Override the image's entrypoint (repeatable, one word each).
+    #[arg(long = "command")]
+    pub command: Vec<String>,
+    /// Arguments for the entrypoint (after --).
+    #[arg(last = true)]
+    pub args: Vec<String>,
+}
+
+impl DeployArgs {
+    /// The manifest these flags describe.
+    pub fn to_manifest(&self) -> Manifest {
+        let this = self.clone();
+        let restart = if this.auto_restart {
+            Some("always".to_string())
+        } else {
+            this.restart
+        };
+        let health = this.health_endpoint.map(|path| Health {
+            path,
+            interval: this.health_interval,
+            timeout: this.health_timeout,
+            retries: this.health_retries,
+            start_period: this.health_start_period,
+        });
+        Manifest {
+            name: this.name,
+            image: this.image,
+            command: this.command,
+            args: this.args,
+            env: this.env.into_iter().collect(),
+            port: this.port,
+            volumes: this.volumes.into_iter().map(Volume::Short).collect(),
+            memory: this.memory,
+            cpu: this.cpu,
+            replicas: this.replicas,
+            health,
+            restart,
+            stop_grace: this.stop_grace,
+            request_timeout: this.request_timeout,
+            labels: this.labels.into_iter().collect::<HashMap<_, _>>(),
+            node_selector: this.node_selector.into_iter().collect(),
+            token: this.token,
+            ..Default::default()
+        }
+    }
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{text:?} is not K=V"))
+}
+
+fn check_volume(text: &str) -> Result<String, String> {
+    parse_volume(text).map(|_| text.to_string())
+}
+
+fn check_restart(text: &str) -> Result<String, String> {
+    parse_restart(text).map(|_| text.to_string())
+}

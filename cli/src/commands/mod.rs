@@ -1,0 +1,5 @@
+//! The client commands.
+
+pub mod agents;
+pub mod deploy;
+pub mod events;

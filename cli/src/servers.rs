@@ -1,0 +1,116 @@
+//! Berth's servers as subcommands of the one binary: flags and environment layered over a
+//! config file, logging set up, and a shutdown on Ctrl-C or SIGTERM.
+
+use berth_control_plane::Config;
+use clap::{Args, ValueEnum};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Flags of `berth control-plane`. Each can also be set in the environment or the config file.
+#[derive(Args, Debug)]
+pub struct ControlPlaneArgs {
+    /// YAML config file; flags and environment override it.
+    #[arg(long, env = "BERTH_CONFIG")]
+    config: Option<PathBuf>,
+    /// etcd endpoints, comma-separated.
+    #[arg(long, env = "BERTH_ETCD", value_delimiter = ',')]
+    etcd: Option<Vec<String>>,
+    /// gRPC listen address (default 127.0.0.1:7070).
+    #[arg(long, env = "BERTH_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// HTTP admin address for /metrics, /healthz, /readyz (default 127.0.0.1:7071).
+    #[arg(long, env = "BERTH_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// File of admin tokens, one per line.
+    #[arg(long, env = "BERTH_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// File of node-agent join tokens, one per line.
+    #[arg(long, env = "BERTH_JOIN_TOKEN_FILE")]
+    join_token_file: Option<PathBuf>,
+    /// etcd key prefix (default /berth).
+    #[arg(long, env = "BERTH_PREFIX")]
+    prefix: Option<String>,
+    /// Host volume paths must lie under this directory (default /var/lib/berth/volumes).
+    #[arg(long, env = "BERTH_VOLUME_ROOT")]
+    volume_root: Option<PathBuf>,
+    /// Log format; the level comes from RUST_LOG (default info).
+    #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+impl ControlPlaneArgs {
+    fn into_config(self) -> anyhow::Result<(Config, LogFormat)> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if let Some(etcd) = self.etcd {
+            config.etcd = etcd;
+        }
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(admin) = self.admin_listen {
+            config.admin_listen = admin;
+        }
+        if self.token_file.is_some() {
+            config.token_file = self.token_file;
+        }
+        if self.join_token_file.is_some() {
+            config.join_token_file = self.join_token_file;
+        }
+        if let Some(prefix) = self.prefix {
+            config.prefix = prefix;
+        }
+        if let Some(root) = self.volume_root {
+            config.volume_root = root;
+        }
+        Ok((config, self.log_format))
+    }
+}
+
+/// Runs `berth control-plane` until Ctrl-C or SIGTERM.
+pub async fn control_plane(args: ControlPlaneArgs) -> anyhow::Result<()> {
+    let (config, log_format) = args.into_config()?;
+    init_logging(log_format);
+    berth_control_plane::run(config, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
