@@ -43,6 +43,6 @@ pub fn print_stream_item<T: Serialize>(format: Format, value: &T) -> anyhow::Res
 pub fn table(header: &[&str]) -> Table {
     let mut table = Table::new();
     table.load_preset(NOTHING);
-    table.set_header(header.iter().map(|h| Cell::new(h)));
+    table.set_header(header.iter().map(Cell::new));
     table
 }
