@@ -16,25 +16,53 @@ async fn cli_deploys_gets_and_applies() {
     let etcd = Etcd::start().await.unwrap();
     let cp = ControlPlane::start(&etcd.url()).await.unwrap();
 
-    let out = cp.cli(&["deploy", "-n", "hello", "-i", "example/echo:1", "--replicas", "2", "-e", "A=1", "-m", "512M", "-c", "500m"]);
+    let out = cp.cli(&[
+        "deploy",
+        "-n",
+        "hello",
+        "-i",
+        "example/echo:1",
+        "--replicas",
+        "2",
+        "-e",
+        "A=1",
+        "-m",
+        "512M",
+        "-c",
+        "500m",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stdout(&out).contains("agent/hello created"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("agent/hello created"),
+        "{}",
+        stdout(&out)
+    );
 
     let out = cp.cli(&["get", "hello", "-o", "json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let agent: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(agent["meta"]["generation"], "1", "int64 is a string in canonical JSON");
+    assert_eq!(
+        agent["meta"]["generation"], "1",
+        "int64 is a string in canonical JSON"
+    );
     assert_eq!(agent["meta"]["desiredState"], "DESIRED_STATE_RUNNING");
     assert_eq!(agent["spec"]["replicas"], 2);
     assert_eq!(agent["spec"]["env"]["A"], "1");
-    assert_eq!(agent["spec"]["resources"]["memoryBytes"], (512u64 << 20).to_string());
+    assert_eq!(
+        agent["spec"]["resources"]["memoryBytes"],
+        (512u64 << 20).to_string()
+    );
     assert_eq!(agent["spec"]["resources"]["cpuMillis"], 500);
     assert_eq!(agent["spec"]["stopGrace"], "10s");
 
     let out = cp.cli(&["get", "hello", "-o", "yaml"]);
     assert!(stdout(&out).contains("generation: '1'"), "{}", stdout(&out));
     let out = cp.cli(&["ls"]);
-    assert!(stdout(&out).contains("hello") && stdout(&out).contains("0/2"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("hello") && stdout(&out).contains("0/2"),
+        "{}",
+        stdout(&out)
+    );
 
     let out = cp.cli(&["deploy", "-n", "Bad_Name", "-i", "example/echo:1"]);
     assert!(!out.status.success());
@@ -42,9 +70,21 @@ async fn cli_deploys_gets_and_applies() {
 
     let out = cp.cli(&["deploy", "-n", "hello", "-i", "example/echo:1"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("already exists") && stderr(&out).contains("berth apply"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("already exists") && stderr(&out).contains("berth apply"),
+        "{}",
+        stderr(&out)
+    );
 
-    let out = cp.cli(&["deploy", "-n", "x", "-i", "example/echo:1", "--memory", "lots"]);
+    let out = cp.cli(&[
+        "deploy",
+        "-n",
+        "x",
+        "-i",
+        "example/echo:1",
+        "--memory",
+        "lots",
+    ]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("memory"), "{}", stderr(&out));
 
@@ -55,21 +95,44 @@ async fn cli_deploys_gets_and_applies() {
     let path = manifest.to_str().unwrap();
     let out = cp.cli(&["apply", "-f", path]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(stdout(&out), "agent/one created (generation 1)\nagent/two created (generation 1)\n");
+    assert_eq!(
+        stdout(&out),
+        "agent/one created (generation 1)\nagent/two created (generation 1)\n"
+    );
     let out = cp.cli(&["apply", "-f", path]);
-    assert_eq!(stdout(&out), "agent/one unchanged (generation 1)\nagent/two unchanged (generation 1)\n");
+    assert_eq!(
+        stdout(&out),
+        "agent/one unchanged (generation 1)\nagent/two unchanged (generation 1)\n"
+    );
     std::fs::write(&manifest, two.replace("replicas: 3", "replicas: 4")).unwrap();
     let out = cp.cli(&["apply", "-f", path]);
-    assert_eq!(stdout(&out), "agent/one unchanged (generation 1)\nagent/two configured (generation 2)\n");
+    assert_eq!(
+        stdout(&out),
+        "agent/one unchanged (generation 1)\nagent/two configured (generation 2)\n"
+    );
 
-    std::fs::write(&manifest, "name: three\nimage: example/echo:1\nhealth: {path: /h, interval: soon}\n").unwrap();
+    std::fs::write(
+        &manifest,
+        "name: three\nimage: example/echo:1\nhealth: {path: /h, interval: soon}\n",
+    )
+    .unwrap();
     let out = cp.cli(&["apply", "-f", path]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("health.interval"), "{}", stderr(&out));
     let out = cp.cli(&["get", "three"]);
-    assert!(!out.status.success() && stderr(&out).contains("not found"), "{}", stderr(&out));
+    assert!(
+        !out.status.success() && stderr(&out).contains("not found"),
+        "{}",
+        stderr(&out)
+    );
 
-    for (verb, word) in [("stop", "stopped"), ("start", "started"), ("pause", "paused"), ("resume", "resumed"), ("restart", "restarting")] {
+    for (verb, word) in [
+        ("stop", "stopped"),
+        ("start", "started"),
+        ("pause", "paused"),
+        ("resume", "resumed"),
+        ("restart", "restarting"),
+    ] {
         let out = cp.cli(&[verb, "hello"]);
         assert!(out.status.success(), "{verb}: {}", stderr(&out));
         assert!(stdout(&out).contains(word), "{verb}: {}", stdout(&out));
@@ -79,11 +142,24 @@ async fn cli_deploys_gets_and_applies() {
     let out = cp.cli(&["events", "hello", "-o", "json"]);
     let reasons: Vec<String> = stdout(&out)
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["reason"].as_str().unwrap().to_string())
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["reason"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     assert_eq!(
         reasons,
-        ["AgentCreated", "AgentStopped", "AgentStarted", "AgentPaused", "AgentResumed", "AgentRestartRequested", "AgentScaled"]
+        [
+            "AgentCreated",
+            "AgentStopped",
+            "AgentStarted",
+            "AgentPaused",
+            "AgentResumed",
+            "AgentRestartRequested",
+            "AgentScaled"
+        ]
     );
     let out = cp.cli(&["rm", "hello"]);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -97,35 +173,75 @@ async fn cli_errors_say_what_to_do() {
     let cp = ControlPlane::start(&etcd.url()).await.unwrap();
     let bin = berth_tests::berth_bin();
 
-    let out = Command::new(&bin).args(["ls"]).env("BERTH_ADDR", cp.url()).env_remove("BERTH_TOKEN").output().unwrap();
+    let out = Command::new(&bin)
+        .args(["ls"])
+        .env("BERTH_ADDR", cp.url())
+        .env_remove("BERTH_TOKEN")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(stderr(&out).contains("BERTH_TOKEN"), "{}", stderr(&out));
 
     let closed = format!("http://127.0.0.1:{}", berth_tests::free_port());
-    let out = Command::new(&bin).args(["ls"]).env("BERTH_ADDR", &closed).env("BERTH_TOKEN", "x").output().unwrap();
+    let out = Command::new(&bin)
+        .args(["ls"])
+        .env("BERTH_ADDR", &closed)
+        .env("BERTH_TOKEN", "x")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
-    assert!(stderr(&out).contains(&format!("cannot reach the control plane at {closed}")), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("cannot reach the control plane at {closed}")),
+        "{}",
+        stderr(&out)
+    );
 
     let out = cp.cli(&["get", "nobody"]);
-    assert!(stderr(&out).contains("agent nobody not found"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("agent nobody not found"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[tokio::test]
 async fn python_client_and_reflection() {
     let etcd = Etcd::start().await.unwrap();
     let cp = ControlPlane::start(&etcd.url()).await.unwrap();
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap();
     let python = std::env::var("BERTH_PYTHON").unwrap_or_else(|_| {
         let venv = root.join(".venv/bin/python");
-        if venv.exists() { venv.display().to_string() } else { "python3".into() }
+        if venv.exists() {
+            venv.display().to_string()
+        } else {
+            "python3".into()
+        }
     });
     let out = Command::new(&python)
         .arg(root.join("tests/python/check_clients.py"))
-        .args(["--addr", &cp.addr, "--token", berth_tests::ADMIN_TOKEN, "--name", &unique_name("py")])
+        .args([
+            "--addr",
+            &cp.addr,
+            "--token",
+            berth_tests::ADMIN_TOKEN,
+            "--name",
+            &unique_name("py"),
+        ])
         .arg("--proto-dir")
         .arg(root.join("proto"))
         .output()
         .expect("run python (set BERTH_PYTHON, or run ./scripts/test which makes .venv)");
-    assert!(out.status.success(), "stdout:\n{}\nstderr:\n{}", stdout(&out), stderr(&out));
-    assert!(stdout(&out).contains("reflection: berth.v1.NodeAgentService"), "{}", stdout(&out));
+    assert!(
+        out.status.success(),
+        "stdout:\n{}\nstderr:\n{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        stdout(&out).contains("reflection: berth.v1.NodeAgentService"),
+        "{}",
+        stdout(&out)
+    );
 }
