@@ -1,0 +1,182 @@
+//! The example agent: a small HTTP service that behaves like an AI agent would for Berth's
+//! purposes, with switches to misbehave on demand.
+//!
+//! - `GET /health`: 200, or 500 after `POST /health/fail` (until the process restarts)
+//! - `ANY /echo`: the request back as JSON (method, path, query, headers, body)
+//! - `POST /crash`: answers, then exits with code 1
+//! - `GET /slow?ms=N`: answers after N milliseconds
+//! - `GET /stream?n=N&ms=M`: N server-sent events, one every M milliseconds
+//! - `GET|POST /state`: a counter, kept in `/data/counter` when `/data` exists; POST adds one
+//! - `GET /requests`: how many times each `X-Berth-Request-Id` was seen
+//!
+//! It listens on `$PORT` (default 8080) and stops gracefully on SIGTERM.
+#![forbid(unsafe_code)]
+
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::Router;
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Clone, Default)]
+struct Agent {
+    unhealthy: Arc<AtomicBool>,
+    seen: Arc<Mutex<HashMap<String, u64>>>,
+    /// The counter when no `/data` volume is mounted.
+    state: Arc<tokio::sync::Mutex<u64>>,
+}
+
+#[tokio::main]
+async fn main() {
+    let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8080);
+    let agent = Agent::default();
+    let app = Router::new()
+        .route("/health", get(health))
+        .route("/health/fail", post(fail_health))
+        .route("/echo", any(echo))
+        .route("/echo/{*rest}", any(echo))
+        .route("/crash", post(crash))
+        .route("/slow", get(slow))
+        .route("/stream", get(stream))
+        .route("/state", get(state).post(state))
+        .route("/requests", get(requests))
+        .layer(axum::middleware::from_fn_with_state(agent.clone(), count_request_ids))
+        .with_state(agent);
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.expect("bind the port");
+    eprintln!("echo-agent listening on port {port}");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("SIGTERM handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            eprintln!("echo-agent: SIGTERM, finishing in-flight requests");
+        })
+        .await
+        .expect("serve");
+    eprintln!("echo-agent: stopped");
+}
+
+async fn count_request_ids(
+    State(agent): State<Agent>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(id) = request.headers().get("x-berth-request-id").and_then(|v| v.to_str().ok()) {
+        *agent.seen.lock().expect("not poisoned").entry(id.to_string()).or_default() += 1;
+    }
+    next.run(request).await
+}
+
+async fn health(State(agent): State<Agent>) -> (StatusCode, &'static str) {
+    if agent.unhealthy.load(Ordering::Relaxed) {
+        (StatusCode::INTERNAL_SERVER_ERROR, "unhealthy\n")
+    } else {
+        (StatusCode::OK, "ok\n")
+    }
+}
+
+async fn fail_health(State(agent): State<Agent>) -> &'static str {
+    agent.unhealthy.store(true, Ordering::Relaxed);
+    eprintln!("echo-agent: health now fails");
+    "health now fails\n"
+}
+
+async fn echo(method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let headers: Vec<_> = headers
+        .iter()
+        .map(|(k, v)| json!([k.as_str(), String::from_utf8_lossy(v.as_bytes())]))
+        .collect();
+    let hex: String = body.iter().map(|b| format!("{b:02x}")).collect();
+    let reply = json!({
+        "method": method.as_str(),
+        "path": uri.path(),
+        "query": uri.query().unwrap_or_default(),
+        "headers": headers,
+        "body": String::from_utf8_lossy(&body),
+        "body_hex": hex,
+    });
+    ([("content-type", "application/json")], reply.to_string()).into_response()
+}
+
+async fn crash() -> &'static str {
+    eprintln!("echo-agent: crashing on request");
+    tokio::spawn(async {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::process::exit(1);
+    });
+    "crashing\n"
+}
+
+fn query_number(uri: &Uri, key: &str, default: u64) -> u64 {
+    uri.query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(default)
+}
+
+async fn slow(uri: Uri) -> String {
+    let ms = query_number(&uri, "ms", 1000);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    format!("slept {ms} ms\n")
+}
+
+async fn stream(uri: Uri) -> Response {
+    let n = query_number(&uri, "n", 10);
+    let ms = query_number(&uri, "ms", 100);
+    let events = futures::stream::unfold(0, move |i| async move {
+        if i >= n {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        Some((Ok::<_, std::convert::Infallible>(format!("id: {i}\ndata: event {i}\n\n")), i + 1))
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(Body::from_stream(events))
+        .expect("valid response")
+}
+
+async fn state(State(agent): State<Agent>, method: Method) -> Response {
+    let mut memory = agent.state.lock().await;
+    let dir = PathBuf::from("/data");
+    let file = dir.join("counter");
+    let persisted = dir.is_dir();
+    let mut counter: u64 = if persisted {
+        std::fs::read_to_string(&file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+    } else {
+        *memory
+    };
+    if method == Method::POST {
+        counter += 1;
+        *memory = counter;
+        if persisted {
+            if let Err(e) = std::fs::write(&file, counter.to_string()) {
+                return (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot write {}: {e}\n", file.display()))
+                    .into_response();
+            }
+        }
+    }
+    ([("content-type", "application/json")], json!({"counter": counter, "persisted": persisted}).to_string())
+        .into_response()
+}
+
+async fn requests(State(agent): State<Agent>) -> Response {
+    let seen = agent.seen.lock().expect("not poisoned").clone();
+    ([("content-type", "application/json")], json!(seen).to_string()).into_response()
+}
