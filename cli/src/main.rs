@@ -106,6 +106,8 @@ enum Command {
     },
     /// Run the control plane.
     ControlPlane(Box<servers::ControlPlaneArgs>),
+    /// Run a node agent: drives this host's Docker engine for the control plane.
+    NodeAgent(Box<servers::NodeAgentArgs>),
 }
 
 fn main() -> ExitCode {
@@ -127,6 +129,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let format = cli.output;
     let command = match cli.command {
         Command::ControlPlane(args) => return servers::control_plane(*args).await,
+        Command::NodeAgent(args) => return servers::node_agent(*args).await,
         command => command,
     };
     // Parse local input before connecting, so that a bad flag or manifest fails fast.
@@ -165,7 +168,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             follow,
             since,
         } => commands::events::watch(&client, name, since, follow, format).await,
-        Command::ControlPlane(_) => unreachable!("handled above"),
+        Command::ControlPlane(_) | Command::NodeAgent(_) => unreachable!("handled above"),
     }
 }
 

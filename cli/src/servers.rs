@@ -114,3 +114,84 @@ pub async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
 }
+
+/// Flags of `berth node-agent`.
+#[derive(Args, Debug)]
+pub struct NodeAgentArgs {
+    /// Control-plane gRPC addresses, comma-separated; tried in turn.
+    #[arg(
+        long,
+        env = "BERTH_CONTROL_PLANE",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:7070"
+    )]
+    control_plane: Vec<String>,
+    /// This node's name (a DNS label).
+    #[arg(long, env = "BERTH_NODE_NAME")]
+    name: String,
+    /// File holding the join token (its first token is used).
+    #[arg(long, env = "BERTH_JOIN_TOKEN_FILE")]
+    join_token_file: PathBuf,
+    /// Docker endpoint.
+    #[arg(
+        long,
+        env = "BERTH_DOCKER",
+        default_value = "unix:///var/run/docker.sock"
+    )]
+    docker: String,
+    /// Host volume paths must lie under this directory.
+    #[arg(
+        long,
+        env = "BERTH_VOLUME_ROOT",
+        default_value = "/var/lib/berth/volumes"
+    )]
+    volume_root: PathBuf,
+    /// Docker network the agents' containers join (created if missing).
+    #[arg(long, env = "BERTH_NETWORK", default_value = "berth")]
+    network: String,
+    /// Node label K=V for node selectors (repeatable).
+    #[arg(long = "label", value_parser = key_value)]
+    labels: Vec<(String, String)>,
+    /// Extra label K=V on every container this node starts (repeatable).
+    #[arg(long = "container-label", value_parser = key_value)]
+    container_labels: Vec<(String, String)>,
+    /// Log format; the level comes from RUST_LOG (default info).
+    #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+fn key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{text:?} is not K=V"))
+}
+
+/// Runs `berth node-agent` until Ctrl-C or SIGTERM.
+pub async fn node_agent(args: NodeAgentArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let text = std::fs::read_to_string(&args.join_token_file)
+        .map_err(|e| anyhow::anyhow!("join token file {}: {e}", args.join_token_file.display()))?;
+    let join_token = text
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with('#'))
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "join token file {} holds no token",
+                args.join_token_file.display()
+            )
+        })?
+        .to_string();
+    let config = berth_node_agent::Config {
+        control_planes: args.control_plane,
+        name: args.name,
+        join_token,
+        docker: args.docker,
+        volume_root: args.volume_root,
+        network: args.network,
+        labels: args.labels.into_iter().collect(),
+        container_labels: args.container_labels.into_iter().collect(),
+    };
+    berth_node_agent::run(config, shutdown_signal()).await?;
+    Ok(())
+}

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod defaults;
 pub mod metrics;
+pub mod nodes;
 pub mod server;
 pub mod store;
 pub mod time;

@@ -6,9 +6,11 @@ use crate::api::AgentApi;
 use crate::auth::{AuthLayer, TokenFileError, TokenSet, Tokens};
 use crate::config::{Config, ConfigError};
 use crate::metrics::{Metrics, MetricsLayer};
+use crate::nodes::{placement, NodeAgentApi};
 use crate::store::{Store, StoreError};
 use crate::validate::Limits;
 use berth_proto::v1::agent_service_server::AgentServiceServer;
+use berth_proto::v1::node_agent_service_server::NodeAgentServiceServer;
 use std::future::Future;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -79,6 +81,9 @@ pub async fn run(
         volume_root: config.volume_root.clone(),
     };
     let agents = AgentServiceServer::new(AgentApi::new(store.clone(), limits));
+    let node_agents = NodeAgentServiceServer::new(NodeAgentApi::new(store.clone()));
+    // One placement loop per control plane; leader election arrives with the fleet issue.
+    let placer = tokio::spawn(placement::run(store.clone()));
 
     let grpc_listener = bind(config.listen).await?;
     let admin_listener = bind(config.admin_listen).await?;
@@ -101,6 +106,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(agents)
+        .add_service(node_agents)
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
             let _ = grpc_stop.wait_for(|stop| *stop).await;
         });
@@ -110,6 +116,7 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     grpc.await?;
+    placer.abort();
     admin.await.expect("admin task does not panic")?;
     Ok(())
 }

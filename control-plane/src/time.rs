@@ -1,7 +1,7 @@
 //! Conversions between std time and protobuf's well-known types.
 
 use pbjson_types::{Duration as PbDuration, Timestamp};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 /// The current wall-clock time as a protobuf timestamp.
 pub fn now() -> Timestamp {
@@ -10,11 +10,7 @@ pub fn now() -> Timestamp {
 
 /// A protobuf timestamp of `time`.
 pub fn timestamp(time: SystemTime) -> Timestamp {
-    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
-    Timestamp {
-        seconds: since.as_secs() as i64,
-        nanos: since.subsec_nanos() as i32,
-    }
+    berth_proto::timestamp(time)
 }
 
 /// A protobuf duration of `d`.

@@ -1,3 +1,85 @@
-//! Berth's node agent. The Docker-driving agent arrives with the node-agent issue; this crate
-//! holds its place in the workspace.
+//! Berth's node agent: one stream to the control plane, the local Docker engine driven through
+//! bollard, health probes, and restarts that do not wait for the control plane.
 #![forbid(unsafe_code)]
+
+pub mod docker;
+pub mod probe;
+pub mod reports;
+pub mod session;
+pub mod supervisor;
+
+use berth_proto::v1::Resources;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Every setting of `berth node-agent`.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Control-plane gRPC addresses, tried in turn.
+    pub control_planes: Vec<String>,
+    /// This node's name (a DNS label).
+    pub name: String,
+    /// The join token.
+    pub join_token: String,
+    /// Docker endpoint, e.g. `unix:///var/run/docker.sock`.
+    pub docker: String,
+    /// Host volume root.
+    pub volume_root: PathBuf,
+    /// Docker network the agents' containers join.
+    pub network: String,
+    /// Node labels, for node selectors.
+    pub labels: HashMap<String, String>,
+    /// Extra labels on every container (e.g. a test run's id).
+    pub container_labels: HashMap<String, String>,
+}
+
+/// Why the node agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeAgentError {
+    /// Docker is unreachable or refused.
+    #[error("{0} (is Docker running, and may this user use its socket?)")]
+    Docker(#[from] docker::DockerError),
+}
+
+/// Runs the node agent until `shutdown` completes. Containers keep running after it stops.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeAgentError> {
+    let runtime = docker::Runtime::connect(
+        &config.docker,
+        &config.name,
+        &config.network,
+        config.container_labels.clone(),
+    )?;
+    runtime.ensure_network().await?;
+    let (cpu_millis, memory_bytes) = runtime.capacity().await?;
+    let reports = Arc::new(reports::Reports::default());
+    let mut supervisor = supervisor::Supervisor::new(runtime, &config.name, reports.clone());
+    supervisor.adopt().await?;
+    supervisor.publish_all();
+    let (assignments_tx, assignments_rx) = tokio::sync::watch::channel(None);
+    let identity = session::Identity {
+        node: config.name.clone(),
+        capacity: Resources {
+            cpu_millis,
+            memory_bytes,
+        },
+        labels: config.labels.clone(),
+        join_token: config.join_token.clone(),
+    };
+    tracing::info!(node = %config.name, network = %config.network, "node agent running");
+    let session = tokio::spawn(session::run(
+        config.control_planes.clone(),
+        identity,
+        reports,
+        assignments_tx,
+    ));
+    let supervise = tokio::spawn(supervisor.run(assignments_rx));
+    shutdown.await;
+    session.abort();
+    supervise.abort();
+    tracing::info!("node agent stopped; containers keep running");
+    Ok(())
+}

@@ -14,3 +14,14 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/berth_descriptor.bin"));
 
 pub use pbjson_types;
+
+/// A protobuf timestamp of `time` (the epoch for times before it).
+pub fn timestamp(time: std::time::SystemTime) -> pbjson_types::Timestamp {
+    let since = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    pbjson_types::Timestamp {
+        seconds: since.as_secs() as i64,
+        nanos: since.subsec_nanos() as i32,
+    }
+}

@@ -44,6 +44,31 @@ impl Keys {
         format!("{}/events/", self.prefix)
     }
 
+    /// `{prefix}/nodes/{node}`: a node record, attached to the node's session lease.
+    pub fn node(&self, node: &str) -> String {
+        format!("{}/nodes/{node}", self.prefix)
+    }
+
+    /// `{prefix}/nodes/`: every live node.
+    pub fn nodes(&self) -> String {
+        format!("{}/nodes/", self.prefix)
+    }
+
+    /// `{prefix}/assignments/{node}/{agent}/{replica}`: one placement.
+    pub fn assignment(&self, node: &str, agent: &str, replica: &str) -> String {
+        format!("{}/assignments/{node}/{agent}/{replica}", self.prefix)
+    }
+
+    /// `{prefix}/assignments/{node}/`: what one node should run.
+    pub fn node_assignments(&self, node: &str) -> String {
+        format!("{}/assignments/{node}/", self.prefix)
+    }
+
+    /// `{prefix}/assignments/`: every placement.
+    pub fn assignments(&self) -> String {
+        format!("{}/assignments/", self.prefix)
+    }
+
     /// The name at the end of a key under one of the prefixes above.
     pub fn last_segment(key: &[u8]) -> String {
         let key = String::from_utf8_lossy(key);

@@ -3,10 +3,12 @@
 mod agents;
 mod events;
 pub mod keys;
+mod nodes;
 pub mod watch;
 
 pub use events::EventFilter;
 pub use keys::Keys;
+pub use nodes::Placement;
 
 use etcd_client::{Client, ConnectOptions};
 use std::sync::Arc;

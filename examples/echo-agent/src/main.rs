@@ -35,7 +35,10 @@ struct Agent {
 
 #[tokio::main]
 async fn main() {
-    let port: u16 = std::env::var("PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(8080);
+    let port: u16 = std::env::var("PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8080);
     let agent = Agent::default();
     let app = Router::new()
         .route("/health", get(health))
@@ -47,14 +50,20 @@ async fn main() {
         .route("/stream", get(stream))
         .route("/state", get(state).post(state))
         .route("/requests", get(requests))
-        .layer(axum::middleware::from_fn_with_state(agent.clone(), count_request_ids))
+        .layer(axum::middleware::from_fn_with_state(
+            agent.clone(),
+            count_request_ids,
+        ))
         .with_state(agent);
-    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port)).await.expect("bind the port");
+    let listener = tokio::net::TcpListener::bind(("0.0.0.0", port))
+        .await
+        .expect("bind the port");
     eprintln!("echo-agent listening on port {port}");
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
@@ -71,8 +80,17 @@ async fn count_request_ids(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if let Some(id) = request.headers().get("x-berth-request-id").and_then(|v| v.to_str().ok()) {
-        *agent.seen.lock().expect("not poisoned").entry(id.to_string()).or_default() += 1;
+    if let Some(id) = request
+        .headers()
+        .get("x-berth-request-id")
+        .and_then(|v| v.to_str().ok())
+    {
+        *agent
+            .seen
+            .lock()
+            .expect("not poisoned")
+            .entry(id.to_string())
+            .or_default() += 1;
     }
     next.run(request).await
 }
@@ -143,7 +161,10 @@ async fn stream(uri: Uri) -> Response {
         if i > 0 {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
-        Some((Ok::<_, std::convert::Infallible>(format!("id: {i}\ndata: event {i}\n\n")), i + 1))
+        Some((
+            Ok::<_, std::convert::Infallible>(format!("id: {i}\ndata: event {i}\n\n")),
+            i + 1,
+        ))
     });
     Response::builder()
         .header("content-type", "text/event-stream")
@@ -158,7 +179,10 @@ async fn state(State(agent): State<Agent>, method: Method) -> Response {
     let file = dir.join("counter");
     let persisted = dir.is_dir();
     let mut counter: u64 = if persisted {
-        std::fs::read_to_string(&file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+        std::fs::read_to_string(&file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
     } else {
         *memory
     };
@@ -167,16 +191,26 @@ async fn state(State(agent): State<Agent>, method: Method) -> Response {
         *memory = counter;
         if persisted {
             if let Err(e) = std::fs::write(&file, counter.to_string()) {
-                return (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot write {}: {e}\n", file.display()))
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("cannot write {}: {e}\n", file.display()),
+                )
                     .into_response();
             }
         }
     }
-    ([("content-type", "application/json")], json!({"counter": counter, "persisted": persisted}).to_string())
+    (
+        [("content-type", "application/json")],
+        json!({"counter": counter, "persisted": persisted}).to_string(),
+    )
         .into_response()
 }
 
 async fn requests(State(agent): State<Agent>) -> Response {
     let seen = agent.seen.lock().expect("not poisoned").clone();
-    ([("content-type", "application/json")], json!(seen).to_string()).into_response()
+    (
+        [("content-type", "application/json")],
+        json!(seen).to_string(),
+    )
+        .into_response()
 }

@@ -1,0 +1,158 @@
+//! Node sessions: the `NodeAgentService.Connect` stream of each node agent, first placement,
+//! and observed status built from node reports.
+
+pub mod placement;
+mod status;
+
+use crate::api::{to_status, ApiError};
+use crate::store::watch::{watch_prefix, WatchMessage};
+use crate::store::Store;
+use crate::time::now;
+use crate::validate;
+use berth_proto::v1::node_agent_service_server::NodeAgentService;
+use berth_proto::v1::{
+    control_message, node_message, Assignments, ControlMessage, Hello, Node, NodeMessage,
+    NodeStatus,
+};
+use futures::Stream;
+use std::pin::Pin;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// Lifetime of a node's record without heartbeats: a silent node leaves after this.
+pub const NODE_LEASE_TTL: Duration = Duration::from_secs(10);
+
+/// Serves `NodeAgentService`.
+#[derive(Clone)]
+pub struct NodeAgentApi {
+    store: Store,
+}
+
+impl NodeAgentApi {
+    /// Sessions over `store`.
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+}
+
+type ControlStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl NodeAgentService for NodeAgentApi {
+    type ConnectStream = ControlStream;
+
+    async fn connect(
+        &self,
+        request: Request<Streaming<NodeMessage>>,
+    ) -> Result<Response<ControlStream>, Status> {
+        let mut inbound = request.into_inner();
+        let hello = match inbound.message().await? {
+            Some(NodeMessage {
+                kind: Some(node_message::Kind::Hello(hello)),
+            }) => hello,
+            _ => return Err(Status::invalid_argument("the first message must be hello")),
+        };
+        validate::dns_label("hello.node", &hello.node).map_err(|e| to_status(e.into()))?;
+        let node = hello.node.clone();
+        let lease = self
+            .store
+            .grant_lease(NODE_LEASE_TTL.as_secs() as i64)
+            .await
+            .map_err(|e| to_status(ApiError::Store(e)))?;
+        self.store
+            .put_node(&node_record(&hello), lease)
+            .await
+            .map_err(|e| to_status(ApiError::Store(e)))?;
+        for report in &hello.replicas {
+            status::apply_report(&self.store, &node, report).await;
+        }
+        tracing::info!(node = %node, replicas = hello.replicas.len(), "node connected");
+
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(push_assignments(self.store.clone(), node.clone(), tx));
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let mut record = node_record(&hello);
+            loop {
+                let message = match inbound.message().await {
+                    Ok(Some(message)) => message,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::info!(node = %node, error = %e, "node stream broke");
+                        break;
+                    }
+                };
+                match message.kind {
+                    Some(node_message::Kind::Heartbeat(_)) => {
+                        record.last_seen = Some(now());
+                        let renewed = async {
+                            store.keep_alive(lease).await?;
+                            store.put_node(&record, lease).await
+                        };
+                        if let Err(e) = renewed.await {
+                            tracing::warn!(node = %node, error = %e, "cannot renew node lease");
+                        }
+                    }
+                    Some(node_message::Kind::Report(report)) => {
+                        status::apply_report(&store, &node, &report).await;
+                    }
+                    Some(node_message::Kind::Log(_))
+                    | Some(node_message::Kind::Hello(_))
+                    | None => {}
+                }
+            }
+            tracing::info!(node = %node, "node disconnected");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn node_record(hello: &Hello) -> Node {
+    Node {
+        name: hello.node.clone(),
+        status: NodeStatus::Ready as i32,
+        capacity: hello.capacity,
+        labels: hello.labels.clone(),
+        last_seen: Some(now()),
+        version: hello.version.clone(),
+        ..Default::default()
+    }
+}
+
+/// Sends the node its full set of assignments now and after every change, until it goes away.
+async fn push_assignments(
+    store: Store,
+    node: String,
+    tx: mpsc::Sender<Result<ControlMessage, Status>>,
+) {
+    loop {
+        let (placements, revision) = match store.list_placements(Some(&node)).await {
+            Ok(listed) => listed,
+            Err(e) => {
+                tracing::warn!(node = %node, error = %e, "cannot read assignments");
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        let message = ControlMessage {
+            kind: Some(control_message::Kind::Assignments(Assignments {
+                version: revision as u64,
+                replicas: placements.into_iter().map(|p| p.assignment).collect(),
+            })),
+        };
+        if tx.send(Ok(message)).await.is_err() {
+            return;
+        }
+        let mut changes = watch_prefix(&store, store.keys().node_assignments(&node), revision + 1);
+        tokio::select! {
+            _ = tx.closed() => return,
+            change = changes.recv() => match change {
+                Some(WatchMessage::Put(_) | WatchMessage::Delete(_) | WatchMessage::Compacted) | None => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Nodes and placements: node records tied to a session lease, assignments per node, and the
+//! observed status that node reports feed.
+
+use super::{decode, Store, StoreError};
+use berth_proto::v1::{AgentStatus, Assignment, Node};
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use prost::Message;
+
+/// Compare-and-swap attempts of a status update before it gives up.
+const MAX_STATUS_ATTEMPTS: usize = 10;
+
+/// One stored placement.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Placement {
+    /// The node it is placed on.
+    pub node: String,
+    /// What the node should run.
+    pub assignment: Assignment,
+}
+
+impl Store {
+    /// Grants a lease of `ttl` seconds for a node session.
+    pub async fn grant_lease(&self, ttl: i64) -> Result<i64, StoreError> {
+        let lease = self
+            .client()
+            .lease_grant(ttl, None)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(lease.id())
+    }
+
+    /// Renews a lease once.
+    pub async fn keep_alive(&self, lease: i64) -> Result<(), StoreError> {
+        let (mut keeper, mut responses) = self
+            .client()
+            .lease_keep_alive(lease)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        keeper.keep_alive().await.map_err(|e| self.unavailable(e))?;
+        responses.message().await.map_err(|e| self.unavailable(e))?;
+        Ok(())
+    }
+
+    /// Writes a node record attached to `lease`.
+    pub async fn put_node(&self, node: &Node, lease: i64) -> Result<(), StoreError> {
+        self.client()
+            .put(
+                self.keys.node(&node.name),
+                node.encode_to_vec(),
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(())
+    }
+
+    /// Every live node, sorted by name.
+    pub async fn list_nodes(&self) -> Result<Vec<Node>, StoreError> {
+        let resp = self
+            .client()
+            .get(self.keys.nodes(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        resp.kvs()
+            .iter()
+            .map(|kv| decode(kv.key(), kv.value()))
+            .collect()
+    }
+
+    /// Every placement, or only one node's, with the revision they were read at.
+    pub async fn list_placements(
+        &self,
+        node: Option<&str>,
+    ) -> Result<(Vec<Placement>, i64), StoreError> {
+        let prefix = match node {
+            Some(node) => self.keys.node_assignments(node),
+            None => self.keys.assignments(),
+        };
+        let resp = self
+            .client()
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
+        let base = self.keys.assignments();
+        let placements = resp
+            .kvs()
+            .iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(kv.key());
+                let node = key
+                    .strip_prefix(&base)
+                    .and_then(|rest| rest.split('/').next())
+                    .unwrap_or_default();
+                Ok(Placement {
+                    node: node.to_string(),
+                    assignment: decode(kv.key(), kv.value())?,
+                })
+            })
+            .collect::<Result<_, StoreError>>()?;
+        Ok((placements, revision))
+    }
+
+    /// Writes a placement.
+    pub async fn put_placement(&self, placement: &Placement) -> Result<(), StoreError> {
+        let a = &placement.assignment;
+        let agent = a.spec.as_ref().map(|s| s.name.as_str()).unwrap_or_default();
+        let key = self.keys.assignment(&placement.node, agent, &a.replica);
+        self.client()
+            .put(key, a.encode_to_vec(), None)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(())
+    }
+
+    /// Removes a placement.
+    pub async fn delete_placement(
+        &self,
+        node: &str,
+        agent: &str,
+        replica: &str,
+    ) -> Result<(), StoreError> {
+        self.client()
+            .delete(self.keys.assignment(node, agent, replica), None)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(())
+    }
+
+    /// Read-modify-write of an agent's observed status; a no-op when the agent is gone.
+    /// `change` returns whether it changed anything.
+    pub async fn update_status(
+        &self,
+        agent: &str,
+        mut change: impl FnMut(&mut AgentStatus) -> bool,
+    ) -> Result<(), StoreError> {
+        let agent_key = self.keys.agent(agent);
+        let key = self.keys.status(agent);
+        for _ in 0..MAX_STATUS_ATTEMPTS {
+            let resp = self
+                .client()
+                .get(key.as_str(), None)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            let (mut status, revision) = match resp.kvs().first() {
+                Some(kv) => (
+                    decode::<AgentStatus>(kv.key(), kv.value())?,
+                    kv.mod_revision(),
+                ),
+                None => (AgentStatus::default(), 0),
+            };
+            if !change(&mut status) {
+                return Ok(());
+            }
+            let txn = Txn::new()
+                .when([
+                    Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
+                    Compare::create_revision(agent_key.as_str(), CompareOp::Greater, 0),
+                ])
+                .and_then([TxnOp::put(key.as_str(), status.encode_to_vec(), None)]);
+            let resp = self
+                .client()
+                .txn(txn)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            if resp.succeeded() {
+                return Ok(());
+            }
+            let exists = self
+                .client()
+                .get(agent_key.as_str(), None)
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            if exists.kvs().is_empty() {
+                return Ok(());
+            }
+        }
+        Err(StoreError::Conflict {
+            kind: "status",
+            name: agent.to_string(),
+            current: "newer".into(),
+        })
+    }
+}

@@ -1,0 +1,570 @@
+//! Keeps this node's containers as the control plane last said: creates, starts, stops,
+//! pauses and removes them; restarts crashed or unhealthy ones with backoff, on its own, even
+//! while the control plane is unreachable. Level-based: every wake-up reconciles everything.
+
+use crate::docker::{DockerError, Runtime};
+use crate::probe::{self, ProbeResult, ProbeSpec};
+use crate::reports::Reports;
+use berth_proto::v1::{
+    Assignment, Assignments, DesiredState, HealthState, ReplicaReport, ReplicaState, ReplicaStatus,
+    RestartPolicy,
+};
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+/// First wait before restarting a crashed container.
+pub const RESTART_BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// A container running this long without a crash resets its backoff.
+pub const RESTART_BACKOFF_RESET: Duration = Duration::from_secs(600);
+/// Time between checks for an image that was missing.
+pub const IMAGE_RETRY: Duration = Duration::from_secs(10);
+/// Time between reconciles when nothing happens.
+pub const TICK: Duration = Duration::from_millis(500);
+
+#[derive(Default)]
+struct Replica {
+    agent: String,
+    container: Option<String>,
+    generation: i64,
+    status: ReplicaStatus,
+    restart_at: Option<Instant>,
+    backoff: Duration,
+    running_since: Option<Instant>,
+    started_wall: Option<SystemTime>,
+    probe: Option<JoinHandle<()>>,
+    failures: u32,
+}
+
+impl Replica {
+    fn stop_probe(&mut self) {
+        if let Some(p) = self.probe.take() {
+            p.abort();
+        }
+    }
+}
+
+/// The supervisor of one node.
+pub struct Supervisor {
+    runtime: Runtime,
+    node: String,
+    replicas: HashMap<String, Replica>,
+    desired: Option<Assignments>,
+    reports: Arc<Reports>,
+    probe_tx: mpsc::Sender<ProbeResult>,
+    probe_rx: mpsc::Receiver<ProbeResult>,
+}
+
+impl Supervisor {
+    /// A supervisor that publishes replica states to `reports`.
+    pub fn new(runtime: Runtime, node: &str, reports: Arc<Reports>) -> Self {
+        let (probe_tx, probe_rx) = mpsc::channel(64);
+        Self {
+            runtime,
+            node: node.to_string(),
+            replicas: HashMap::new(),
+            desired: None,
+            reports,
+            probe_tx,
+            probe_rx,
+        }
+    }
+
+    /// Adopts this node's existing containers, restarting none of them.
+    pub async fn adopt(&mut self) -> Result<(), DockerError> {
+        for c in self.runtime.list().await? {
+            let mut r = Replica {
+                agent: c.agent.clone(),
+                container: Some(c.id.clone()),
+                generation: c.generation,
+                backoff: RESTART_BACKOFF_MIN,
+                ..Default::default()
+            };
+            r.status = ReplicaStatus {
+                replica: c.replica.clone(),
+                node: self.node.clone(),
+                container_id: c.id.clone(),
+                generation: c.generation,
+                last_exit_code: c.exit_code.filter(|_| !c.running),
+                state: if c.paused {
+                    ReplicaState::Paused
+                } else if c.running {
+                    ReplicaState::Running
+                } else {
+                    ReplicaState::Stopped
+                } as i32,
+                ..Default::default()
+            };
+            if c.running {
+                r.running_since = Some(Instant::now());
+            }
+            tracing::info!(replica = %c.replica, container = %c.id, running = c.running, "adopted container");
+            self.replicas.insert(c.replica.clone(), r);
+        }
+        Ok(())
+    }
+
+    /// Current reports of every replica, for the hello.
+    pub fn publish_all(&self) {
+        for r in self.replicas.values() {
+            self.publish(r);
+        }
+    }
+
+    fn publish(&self, r: &Replica) {
+        self.reports.set(ReplicaReport {
+            agent: r.agent.clone(),
+            status: Some(r.status.clone()),
+        });
+    }
+
+    /// Runs until the assignments channel closes.
+    pub async fn run(mut self, mut assignments: watch::Receiver<Option<Assignments>>) {
+        let mut deaths = self.runtime.deaths().boxed();
+        let mut tick = tokio::time::interval(TICK);
+        self.publish_all();
+        loop {
+            tokio::select! {
+                changed = assignments.changed() => {
+                    if changed.is_err() { return; }
+                    let latest = assignments.borrow_and_update().clone();
+                    if let Some(latest) = latest {
+                        if self.desired.as_ref().is_none_or(|d| latest.version >= d.version) {
+                            self.desired = Some(latest);
+                        }
+                    }
+                }
+                death = deaths.next() => match death {
+                    Some(Ok(id)) => self.on_death(&id).await,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "docker events interrupted; resubscribing");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        deaths = self.runtime.deaths().boxed();
+                    }
+                    None => deaths = self.runtime.deaths().boxed(),
+                },
+                Some(result) = self.probe_rx.recv() => self.on_probe(result).await,
+                _ = tick.tick() => {}
+            }
+            self.reconcile().await;
+        }
+    }
+
+    async fn reconcile(&mut self) {
+        let Some(desired) = self.desired.clone() else {
+            // Nothing heard from the control plane yet: keep what runs, restart what crashed.
+            let ids: Vec<String> = self.replicas.keys().cloned().collect();
+            for id in ids {
+                self.restart_if_due(&id).await;
+            }
+            return;
+        };
+        let wanted: HashMap<&str, &Assignment> = desired
+            .replicas
+            .iter()
+            .map(|a| (a.replica.as_str(), a))
+            .collect();
+        let gone: Vec<String> = self
+            .replicas
+            .keys()
+            .filter(|id| !wanted.contains_key(id.as_str()))
+            .cloned()
+            .collect();
+        for id in gone {
+            if let Some(mut r) = self.replicas.remove(&id) {
+                r.stop_probe();
+                if let Some(c) = &r.container {
+                    let grace = Duration::from_secs(10);
+                    let _ = self.runtime.stop(c, grace).await;
+                    if let Err(e) = self.runtime.remove(c).await {
+                        tracing::warn!(replica = %id, error = %e, "cannot remove container");
+                    }
+                }
+                self.reports.remove(&id);
+                tracing::info!(replica = %id, "removed unassigned replica");
+            }
+        }
+        for a in desired.replicas {
+            self.ensure(&a).await;
+        }
+    }
+
+    async fn ensure(&mut self, a: &Assignment) {
+        let spec = a.spec.clone().unwrap_or_default();
+        let r = self
+            .replicas
+            .entry(a.replica.clone())
+            .or_insert_with(|| Replica {
+                agent: spec.name.clone(),
+                backoff: RESTART_BACKOFF_MIN,
+                status: ReplicaStatus {
+                    replica: a.replica.clone(),
+                    state: ReplicaState::Pending as i32,
+                    ..Default::default()
+                },
+                ..Default::default()
+            });
+        r.status.node = self.node.clone();
+        if r.container.is_some() && r.generation != a.generation {
+            // The spec changed: replace the container (rolling updates come with the fleet issue).
+            r.stop_probe();
+            let id = r.container.take().expect("checked");
+            let grace = grace_of(a);
+            let _ = self.runtime.stop(&id, grace).await;
+            let _ = self.runtime.remove(&id).await;
+            r.status.state = ReplicaState::Pending as i32;
+            r.status.ready = false;
+        }
+        r.generation = a.generation;
+        r.status.generation = a.generation;
+        let desired = DesiredState::try_from(a.desired_state).unwrap_or(DesiredState::Running);
+        let state = ReplicaState::try_from(r.status.state).unwrap_or(ReplicaState::Pending);
+        let id = a.replica.clone();
+        match desired {
+            DesiredState::Stopped => {
+                if matches!(
+                    state,
+                    ReplicaState::Running | ReplicaState::Paused | ReplicaState::Restarting
+                ) {
+                    let r = self.replicas.get_mut(&id).expect("inserted");
+                    r.stop_probe();
+                    r.restart_at = None;
+                    if let Some(c) = r.container.clone() {
+                        if state == ReplicaState::Paused {
+                            let _ = self.runtime.unpause(&c).await;
+                        }
+                        self.set_state(&id, ReplicaState::Stopped, "");
+                        if let Err(e) = self.runtime.stop(&c, grace_of(a)).await {
+                            tracing::warn!(replica = %id, error = %e, "stop failed");
+                        }
+                    } else {
+                        self.set_state(&id, ReplicaState::Stopped, "");
+                    }
+                }
+            }
+            DesiredState::Paused => {
+                if state == ReplicaState::Running {
+                    let r = self.replicas.get_mut(&id).expect("inserted");
+                    r.stop_probe();
+                    if let Some(c) = r.container.clone() {
+                        match self.runtime.pause(&c).await {
+                            Ok(()) => self.set_state(&id, ReplicaState::Paused, ""),
+                            Err(e) => tracing::warn!(replica = %id, error = %e, "pause failed"),
+                        }
+                    }
+                }
+            }
+            DesiredState::Running | DesiredState::Unspecified => {
+                let r = self.replicas.get_mut(&id).expect("inserted");
+                let restart_requested = match (&a.restart_time, r.started_wall) {
+                    (Some(t), Some(started)) => {
+                        SystemTime::UNIX_EPOCH
+                            + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32)
+                            > started
+                    }
+                    _ => false,
+                };
+                match state {
+                    ReplicaState::Paused => {
+                        if let Some(c) = r.container.clone() {
+                            if self.runtime.unpause(&c).await.is_ok() {
+                                self.set_state(&id, ReplicaState::Running, "");
+                                self.start_probe(&id, a);
+                            }
+                        }
+                    }
+                    ReplicaState::Running if restart_requested => {
+                        let c = r.container.clone().expect("running has a container");
+                        r.stop_probe();
+                        let _ = self.runtime.stop(&c, grace_of(a)).await;
+                        self.start_container(&id, a).await;
+                    }
+                    ReplicaState::Running => {
+                        if r.probe.is_none() {
+                            // Adopted after a node-agent restart: resume probing, no restart.
+                            self.refresh_address(&id, a).await;
+                            self.start_probe(&id, a);
+                        }
+                    }
+                    ReplicaState::Restarting => self.restart_if_due(&id).await,
+                    ReplicaState::Failed if r.restart_at.is_some_and(|t| t <= Instant::now()) => {
+                        self.start_container(&id, a).await
+                    }
+                    ReplicaState::Pending | ReplicaState::Stopped | ReplicaState::Unspecified => {
+                        self.start_container(&id, a).await
+                    }
+                    ReplicaState::Failed => {}
+                }
+            }
+        }
+        let r = &self.replicas[&id];
+        self.publish(r);
+    }
+
+    async fn restart_if_due(&mut self, id: &str) {
+        let Some(r) = self.replicas.get(id) else {
+            return;
+        };
+        if r.status.state != ReplicaState::Restarting as i32
+            || r.restart_at.is_none_or(|t| t > Instant::now())
+        {
+            return;
+        }
+        let assignment = self.assignment_of(id);
+        match (assignment, r.container.clone()) {
+            (Some(a), _) => {
+                self.replicas.get_mut(id).expect("present").status.restarts += 1;
+                self.start_container(id, &a).await;
+            }
+            (None, Some(c)) => {
+                // Not told anything yet (control plane unreachable since start): restart as is.
+                let r = self.replicas.get_mut(id).expect("present");
+                r.status.restarts += 1;
+                r.restart_at = None;
+                match self.runtime.start(&c).await {
+                    Ok(()) => {
+                        r.running_since = Some(Instant::now());
+                        r.started_wall = Some(SystemTime::now());
+                        r.status.state = ReplicaState::Running as i32;
+                        tracing::info!(replica = %id, "restarted without control plane");
+                    }
+                    Err(e) => tracing::warn!(replica = %id, error = %e, "restart failed"),
+                }
+                let r = &self.replicas[id];
+                self.publish(r);
+            }
+            (None, None) => {}
+        }
+    }
+
+    fn assignment_of(&self, id: &str) -> Option<Assignment> {
+        self.desired
+            .as_ref()?
+            .replicas
+            .iter()
+            .find(|a| a.replica == id)
+            .cloned()
+    }
+
+    /// Starts the replica's container, creating it first if needed.
+    async fn start_container(&mut self, id: &str, a: &Assignment) {
+        let r = self.replicas.get_mut(id).expect("present");
+        r.restart_at = None;
+        let container = match r.container.clone() {
+            Some(c) => c,
+            None => match self.runtime.create(a).await {
+                Ok(c) => {
+                    let r = self.replicas.get_mut(id).expect("present");
+                    r.container = Some(c.clone());
+                    r.status.container_id = c.clone();
+                    c
+                }
+                Err(e) => {
+                    let r = self.replicas.get_mut(id).expect("present");
+                    r.restart_at = Some(Instant::now() + IMAGE_RETRY);
+                    tracing::warn!(replica = %id, error = %e, "cannot create container");
+                    self.set_state(id, ReplicaState::Failed, &e.to_string());
+                    return;
+                }
+            },
+        };
+        if let Err(e) = self.runtime.start(&container).await {
+            let r = self.replicas.get_mut(id).expect("present");
+            r.restart_at = Some(Instant::now() + r.backoff);
+            tracing::warn!(replica = %id, error = %e, "cannot start container");
+            self.set_state(id, ReplicaState::Restarting, &e.to_string());
+            return;
+        }
+        let r = self.replicas.get_mut(id).expect("present");
+        r.running_since = Some(Instant::now());
+        r.started_wall = Some(SystemTime::now());
+        r.failures = 0;
+        r.status.started_at = Some(berth_proto::timestamp(SystemTime::now()));
+        self.set_state(id, ReplicaState::Running, "");
+        self.refresh_address(id, a).await;
+        self.start_probe(id, a);
+        tracing::info!(replica = %id, container = %container, "container started");
+    }
+
+    async fn refresh_address(&mut self, id: &str, a: &Assignment) {
+        let Some(c) = self.replicas[id].container.clone() else {
+            return;
+        };
+        let port = a.spec.as_ref().map(|s| s.port).unwrap_or(8080);
+        if let Ok(info) = self.runtime.inspect(&c).await {
+            let r = self.replicas.get_mut(id).expect("present");
+            r.status.address = if info.ip.is_empty() {
+                String::new()
+            } else {
+                format!("{}:{port}", info.ip)
+            };
+        }
+    }
+
+    fn start_probe(&mut self, id: &str, a: &Assignment) {
+        let r = self.replicas.get_mut(id).expect("present");
+        r.stop_probe();
+        let spec = a.spec.clone().unwrap_or_default();
+        let Some(health) = spec.health.filter(|h| !h.path.is_empty()) else {
+            r.status.health = HealthState::None as i32;
+            r.status.ready = r.status.state == ReplicaState::Running as i32;
+            return;
+        };
+        r.status.health = HealthState::Starting as i32;
+        r.status.ready = false;
+        let d = |p: Option<pbjson_types::Duration>, default: u64| {
+            p.map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+                .unwrap_or(Duration::from_secs(default))
+        };
+        let probe_spec = ProbeSpec {
+            address: r.status.address.clone(),
+            path: health.path.clone(),
+            interval: d(health.interval, 10),
+            timeout: d(health.timeout, 2),
+            start_period: d(health.start_period, 0),
+        };
+        let container = r.container.clone().unwrap_or_default();
+        r.probe = Some(tokio::spawn(probe::run(
+            probe_spec,
+            id.to_string(),
+            container,
+            self.probe_tx.clone(),
+        )));
+    }
+
+    async fn on_probe(&mut self, result: ProbeResult) {
+        let Some(r) = self.replicas.get_mut(&result.replica) else {
+            return;
+        };
+        if r.container.as_deref() != Some(result.container.as_str())
+            || r.status.state != ReplicaState::Running as i32
+        {
+            return;
+        }
+        if result.ok {
+            r.failures = 0;
+            r.status.health = HealthState::Healthy as i32;
+            r.status.ready = true;
+            r.status.message.clear();
+        } else {
+            r.failures += 1;
+            let retries = self
+                .assignment_of(&result.replica)
+                .and_then(|a| a.spec?.health)
+                .map(|h| h.retries)
+                .unwrap_or(3);
+            let r = self.replicas.get_mut(&result.replica).expect("present");
+            if r.failures >= retries.max(1) {
+                r.status.health = HealthState::Unhealthy as i32;
+                r.status.ready = false;
+                r.status.message = format!(
+                    "health check failed {} times in a row; restarting",
+                    r.failures
+                );
+                r.status.restarts += 1;
+                r.stop_probe();
+                tracing::warn!(replica = %result.replica, failures = r.failures, "unhealthy; restarting");
+                let c = result.container.clone();
+                if let Some(a) = self.assignment_of(&result.replica) {
+                    let _ = self.runtime.stop(&c, grace_of(&a)).await;
+                    self.start_container(&result.replica, &a).await;
+                }
+            }
+        }
+        let r = &self.replicas[&result.replica];
+        self.publish(r);
+    }
+
+    async fn on_death(&mut self, container: &str) {
+        let Some((id, r)) = self
+            .replicas
+            .iter_mut()
+            .find(|(_, r)| r.container.as_deref() == Some(container))
+        else {
+            return;
+        };
+        let id = id.clone();
+        // Deaths Berth caused (stop, pause paths, restarts) are not crashes.
+        if r.status.state != ReplicaState::Running as i32 {
+            return;
+        }
+        let info = match self.runtime.inspect(container).await {
+            Ok(info) if !info.running => info,
+            _ => return, // already running again (a restart we made)
+        };
+        let r = self.replicas.get_mut(&id).expect("present");
+        r.stop_probe();
+        r.status.ready = false;
+        r.status.last_exit_code = info.exit_code;
+        let policy = self
+            .desired
+            .as_ref()
+            .and_then(|d| d.replicas.iter().find(|a| a.replica == id))
+            .and_then(|a| a.spec.as_ref()?.restart)
+            .map(|r| {
+                (
+                    RestartPolicy::try_from(r.policy).unwrap_or(RestartPolicy::Always),
+                    r.max_backoff,
+                )
+            })
+            .unwrap_or((RestartPolicy::Always, None));
+        let max_backoff = policy
+            .1
+            .map(|d| Duration::from_secs(d.seconds.max(1) as u64))
+            .unwrap_or(Duration::from_secs(60));
+        let exit = info.exit_code.unwrap_or(-1);
+        let restart = match policy.0 {
+            RestartPolicy::Never => false,
+            RestartPolicy::OnFailure => exit != 0 || info.oom_killed,
+            _ => true,
+        };
+        let why = if info.oom_killed {
+            "killed: out of memory".to_string()
+        } else {
+            format!("exited with code {exit}")
+        };
+        if r.running_since
+            .is_some_and(|s| s.elapsed() >= RESTART_BACKOFF_RESET)
+        {
+            r.backoff = RESTART_BACKOFF_MIN;
+        }
+        if restart {
+            let wait = r.backoff;
+            r.restart_at = Some(Instant::now() + wait);
+            r.backoff = (r.backoff * 2).min(max_backoff);
+            tracing::warn!(replica = %id, exit, ?wait, "container died; restarting");
+            self.set_state(
+                &id,
+                ReplicaState::Restarting,
+                &format!("{why}; restarting in {}s", wait.as_secs()),
+            );
+        } else {
+            tracing::warn!(replica = %id, exit, "container died; restart policy says no");
+            self.set_state(&id, ReplicaState::Failed, &why);
+        }
+        let r = &self.replicas[&id];
+        self.publish(r);
+    }
+
+    fn set_state(&mut self, id: &str, state: ReplicaState, message: &str) {
+        let r = self.replicas.get_mut(id).expect("present");
+        r.status.state = state as i32;
+        if state != ReplicaState::Running {
+            r.status.ready = false;
+        }
+        r.status.message = message.to_string();
+        let r = &self.replicas[id];
+        self.publish(r);
+    }
+}
+
+fn grace_of(a: &Assignment) -> Duration {
+    a.spec
+        .as_ref()
+        .and_then(|s| s.stop_grace)
+        .map(|d| Duration::from_secs(d.seconds.max(0) as u64))
+        .unwrap_or(Duration::from_secs(10))
+}
