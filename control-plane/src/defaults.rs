@@ -72,8 +72,12 @@ pub fn apply(spec: &mut AgentSpec) {
 }
 
 fn fill_health(health: &mut HealthCheck) {
-    health.interval.get_or_insert(pb_duration(HEALTH_INTERVAL));
-    health.timeout.get_or_insert(pb_duration(HEALTH_TIMEOUT));
+    let interval = *health.interval.get_or_insert(pb_duration(HEALTH_INTERVAL));
+    // A probe may not outlast its interval, so a short interval shortens the default timeout.
+    let interval_std = crate::time::std_duration(&interval).unwrap_or(HEALTH_INTERVAL);
+    health
+        .timeout
+        .get_or_insert(pb_duration(HEALTH_TIMEOUT.min(interval_std)));
     if health.retries == 0 {
         health.retries = HEALTH_RETRIES;
     }

@@ -2,6 +2,7 @@
 //! each with its own temporary directory, all killed and removed when dropped, pass or fail.
 #![forbid(unsafe_code)]
 
+pub mod docker;
 pub mod process;
 
 use anyhow::{bail, Context};
@@ -22,6 +23,8 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// The admin token every test control plane accepts.
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+/// The join token every test control plane accepts.
+pub const JOIN_TOKEN: &str = "test-join-token-0123456789";
 
 /// The `berth` binary under test: `BERTH_BIN`, or `berth` beside the test binary's directory.
 pub fn berth_bin() -> PathBuf {
@@ -175,6 +178,7 @@ impl ControlPlane {
             dir.path().join("tokens"),
             format!("# admin\n{ADMIN_TOKEN}\n"),
         )?;
+        std::fs::write(dir.path().join("join"), format!("{JOIN_TOKEN}\n"))?;
         let mut cp = Self {
             child: None,
             dir,
@@ -209,6 +213,8 @@ impl ControlPlane {
             .arg(&self.admin_addr)
             .arg("--token-file")
             .arg(self.dir.path().join("tokens"))
+            .arg("--join-token-file")
+            .arg(self.dir.path().join("join"))
             .env("RUST_LOG", "info");
         self.child = Some(Child::spawn(
             command,

@@ -1,0 +1,194 @@
+//! Docker for end-to-end tests: node agents as real processes, and a guard that removes every
+//! container and network a test run made, pass or fail.
+
+use crate::process::Child;
+use crate::{berth_bin, eventually, free_port, JOIN_TOKEN, READY_TIMEOUT};
+use std::process::Command;
+use std::time::Duration;
+use tempfile::TempDir;
+
+/// The example agent's image, built by `deploy/build-images.sh`.
+pub const ECHO_IMAGE: &str = "berth/echo-agent:local";
+
+/// A test run's Docker resources: a unique label and network, removed on drop.
+pub struct DockerRun {
+    /// Value of the `berth.test` label on every container of this run.
+    pub id: String,
+    /// The Docker network of this run.
+    pub network: String,
+}
+
+impl DockerRun {
+    /// A new run; fails clearly when Docker or the example image is missing.
+    pub fn new() -> anyhow::Result<Self> {
+        let image = Command::new("docker")
+            .args(["image", "inspect", ECHO_IMAGE])
+            .output()?;
+        anyhow::ensure!(
+            image.status.success(),
+            "image {ECHO_IMAGE} is missing: run deploy/build-images.sh (is Docker running?)"
+        );
+        let id = format!("t{}-{}", std::process::id(), free_port());
+        Ok(Self {
+            network: format!("berth-test-{id}"),
+            id,
+        })
+    }
+
+    /// Ids of this run's containers, running or not, sorted.
+    pub fn containers(&self) -> Vec<String> {
+        let out = Command::new("docker")
+            .args([
+                "ps",
+                "-aq",
+                "--no-trunc",
+                "--filter",
+                &format!("label=berth.test={}", self.id),
+            ])
+            .output()
+            .expect("docker ps");
+        let mut ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// `docker inspect -f FORMAT ID`.
+    pub fn inspect(&self, id: &str, format: &str) -> String {
+        let out = Command::new("docker")
+            .args(["inspect", "-f", format, id])
+            .output()
+            .expect("docker inspect");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for DockerRun {
+    fn drop(&mut self) {
+        let ids = self.containers();
+        if !ids.is_empty() {
+            let _ = Command::new("docker")
+                .args(["rm", "-f"])
+                .args(&ids)
+                .output();
+        }
+        let _ = Command::new("docker")
+            .args(["network", "rm", &self.network])
+            .output();
+    }
+}
+
+/// A real `berth node-agent` process.
+pub struct NodeAgent {
+    child: Option<Child>,
+    dir: TempDir,
+    control_plane: String,
+    /// The node's name.
+    pub name: String,
+    network: String,
+    run_id: String,
+}
+
+impl NodeAgent {
+    /// Starts a node agent for `run` against the control plane at `control_plane`.
+    pub fn start(control_plane: &str, name: &str, run: &DockerRun) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("berth-node-").tempdir()?;
+        std::fs::write(dir.path().join("join"), format!("{JOIN_TOKEN}\n"))?;
+        let mut agent = Self {
+            child: None,
+            dir,
+            control_plane: control_plane.to_string(),
+            name: name.to_string(),
+            network: run.network.clone(),
+            run_id: run.id.clone(),
+        };
+        agent.resume()?;
+        Ok(agent)
+    }
+
+    /// Kills the process (SIGKILL); its containers keep running.
+    pub fn kill(&mut self) {
+        self.child.take();
+    }
+
+    /// Starts the process again.
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        let mut command = Command::new(berth_bin());
+        command
+            .arg("node-agent")
+            .args([
+                "--control-plane",
+                &self.control_plane,
+                "--name",
+                &self.name,
+                "--network",
+                &self.network,
+            ])
+            .arg("--join-token-file")
+            .arg(self.dir.path().join("join"))
+            .arg("--container-label")
+            .arg(format!("berth.test={}", self.run_id))
+            .env("RUST_LOG", "info");
+        self.child = Some(Child::spawn(
+            command,
+            &self.dir.path().join("node-agent.log"),
+        )?);
+        Ok(())
+    }
+
+    /// The process's log so far.
+    pub fn log(&self) -> String {
+        let log =
+            std::fs::read_to_string(self.dir.path().join("node-agent.log")).unwrap_or_default();
+        format!("node-agent {} log:\n{log}", self.name)
+    }
+}
+
+/// `GET path` (or `POST` with `post`) to `address`; the status code and body.
+pub async fn http(address: &str, method: &str, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+        let request = format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let code = text.get(9..12)?.parse().ok()?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Some((code, body))
+    };
+    tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Polls until `check` holds for the agent, within the ready timeout.
+pub async fn wait_agent<F>(
+    api: &crate::AgentClient,
+    name: &str,
+    what: &str,
+    check: F,
+) -> anyhow::Result<berth_proto::v1::Agent>
+where
+    F: Fn(&berth_proto::v1::Agent) -> bool,
+{
+    eventually(READY_TIMEOUT, what, || {
+        let mut api = api.clone();
+        let request = berth_proto::v1::GetAgentRequest {
+            name: name.to_string(),
+        };
+        let check = &check;
+        async move {
+            let agent = api.get_agent(request).await.ok()?.into_inner();
+            check(&agent).then_some(agent)
+        }
+    })
+    .await
+}
