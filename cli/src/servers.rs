@@ -150,20 +150,14 @@ pub struct NodeAgentArgs {
     #[arg(long, env = "BERTH_NETWORK", default_value = "berth")]
     network: String,
     /// Node label K=V for node selectors (repeatable).
-    #[arg(long = "label", value_parser = key_value)]
+    #[arg(long = "label", value_parser = crate::commands::deploy::parse_key_value)]
     labels: Vec<(String, String)>,
     /// Extra label K=V on every container this node starts (repeatable).
-    #[arg(long = "container-label", value_parser = key_value)]
+    #[arg(long = "container-label", value_parser = crate::commands::deploy::parse_key_value)]
     container_labels: Vec<(String, String)>,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
-}
-
-fn key_value(text: &str) -> Result<(String, String), String> {
-    text.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("{text:?} is not K=V"))
 }
 
 /// Runs `berth node-agent` until Ctrl-C or SIGTERM.

@@ -114,7 +114,8 @@ impl DeployArgs {
     }
 }
 
-fn parse_key_value(text: &str) -> Result<(String, String), String> {
+/// Parses `K=V`.
+pub fn parse_key_value(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("{text:?} is not K=V"))
