@@ -106,16 +106,21 @@ pub fn plan(
 
 /// Runs placement until the task is dropped.
 pub async fn run(store: Store) {
+    // Any change to agents or nodes wakes the loop; otherwise it requeues. The watches stay
+    // open across passes and are reopened only when one ends (after compaction).
+    let mut agents = watch_prefix(&store, store.keys().agents(), 0);
+    let mut nodes = watch_prefix(&store, store.keys().nodes(), 0);
     loop {
         if let Err(e) = reconcile(&store).await {
             tracing::warn!(error = %e, "placement failed; retrying");
         }
-        // Any change to agents or nodes wakes the loop; otherwise it requeues.
-        let mut agents = watch_prefix(&store, store.keys().agents(), 0);
-        let mut nodes = watch_prefix(&store, store.keys().nodes(), 0);
         tokio::select! {
-            _ = agents.recv() => {}
-            _ = nodes.recv() => {}
+            change = agents.recv() => if change.is_none() {
+                agents = watch_prefix(&store, store.keys().agents(), 0);
+            },
+            change = nodes.recv() => if change.is_none() {
+                nodes = watch_prefix(&store, store.keys().nodes(), 0);
+            },
             _ = tokio::time::sleep(REQUEUE) => {}
         }
     }
