@@ -104,6 +104,20 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         since: i64,
     },
+    /// Print an agent's container output (stdout and stderr).
+    Logs {
+        /// The agent's name.
+        name: String,
+        /// Keep printing new output.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Start with the last N lines of each replica (0: all).
+        #[arg(long, default_value_t = 0)]
+        tail: u32,
+        /// Only this replica, e.g. `hello-1`.
+        #[arg(long)]
+        replica: Option<String>,
+    },
     /// Run the control plane.
     ControlPlane(Box<servers::ControlPlaneArgs>),
     /// Run a node agent: drives this host's Docker engine for the control plane.
@@ -168,6 +182,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             follow,
             since,
         } => commands::events::watch(&client, name, since, follow, format).await,
+        Command::Logs {
+            name,
+            follow,
+            tail,
+            replica,
+        } => commands::logs::stream(&client, name, replica, follow, tail, format).await,
         Command::ControlPlane(_) | Command::NodeAgent(_) => unreachable!("handled above"),
     }
 }

@@ -6,7 +6,7 @@ use crate::api::AgentApi;
 use crate::auth::{AuthLayer, TokenFileError, TokenSet, Tokens};
 use crate::config::{Config, ConfigError};
 use crate::metrics::{Metrics, MetricsLayer};
-use crate::nodes::{placement, NodeAgentApi};
+use crate::nodes::{placement, NodeAgentApi, Sessions};
 use crate::store::{Store, StoreError};
 use crate::validate::Limits;
 use berth_proto::v1::agent_service_server::AgentServiceServer;
@@ -80,8 +80,9 @@ pub async fn run(
     let limits = Limits {
         volume_root: config.volume_root.clone(),
     };
-    let agents = AgentServiceServer::new(AgentApi::new(store.clone(), limits));
-    let node_agents = NodeAgentServiceServer::new(NodeAgentApi::new(store.clone()));
+    let sessions = Sessions::default();
+    let agents = AgentServiceServer::new(AgentApi::new(store.clone(), limits, sessions.clone()));
+    let node_agents = NodeAgentServiceServer::new(NodeAgentApi::new(store.clone(), sessions));
     // One placement loop per control plane; leader election arrives with the fleet issue.
     let placer = tokio::spawn(placement::run(store.clone()));
 

@@ -1,14 +1,18 @@
 //! The local Docker engine, through bollard: Berth's containers, found and changed by label.
 
-use berth_proto::v1::Assignment;
+use berth_proto::v1::{AgentSpec, Assignment, LogStream};
+use bollard::container::LogOutput;
 use bollard::models::{ContainerCreateBody, HostConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
-    CreateContainerOptions, EventsOptions, InspectContainerOptions, ListContainersOptions,
-    RemoveContainerOptions, StartContainerOptions, StopContainerOptions,
+    CreateContainerOptions, CreateImageOptions, EventsOptions, InspectContainerOptions,
+    ListContainersOptions, LogsOptions, RemoveContainerOptions, StartContainerOptions,
+    StopContainerOptions,
 };
 use bollard::Docker;
 use futures::Stream;
 use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Labels Berth puts on its containers.
@@ -21,13 +25,50 @@ pub const LABEL_NODE: &str = "berth.node";
 pub const LABEL_REPLICA: &str = "berth.replica";
 /// The agent generation it was created from.
 pub const LABEL_GENERATION: &str = "berth.generation";
+/// [`container_digest`] of the spec it was created from.
+pub const LABEL_DIGEST: &str = "berth.digest";
+
+/// A digest of the parts of a spec a container is made from (image, command, environment,
+/// volumes, limits, port, labels, stop grace). A new generation that changes only the run
+/// state, replicas or the health check keeps the container; one that changes the digest
+/// replaces it.
+pub fn container_digest(spec: &AgentSpec) -> String {
+    use sha2::{Digest, Sha256};
+    let sorted = |m: &HashMap<String, String>| {
+        let mut pairs: Vec<(String, String)> = m.clone().into_iter().collect();
+        pairs.sort();
+        pairs
+    };
+    let canonical = format!(
+        "{:?}",
+        (
+            &spec.image,
+            &spec.command,
+            &spec.args,
+            sorted(&spec.env),
+            sorted(&spec.labels),
+            &spec.volumes,
+            &spec.resources,
+            spec.port,
+            &spec.stop_grace,
+        )
+    );
+    let digest = Sha256::digest(canonical.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// A Docker call that failed.
 #[derive(Debug, thiserror::Error)]
 pub enum DockerError {
     /// The image is not on this host and could not be pulled.
-    #[error("image {image} not found on this node")]
-    ImageMissing { image: String },
+    #[error("image {image} not found on this node and not pulled: {reason}")]
+    ImageMissing { image: String, reason: String },
+    /// The image is being pulled; try again later.
+    #[error("pulling image {image}")]
+    ImagePulling { image: String },
+    /// The assignment asks for something this node does not allow.
+    #[error("{0}")]
+    Refused(String),
     /// Anything else Docker said.
     #[error("docker: {0}")]
     Api(#[from] bollard::errors::Error),
@@ -44,6 +85,8 @@ pub struct ContainerInfo {
     pub agent: String,
     /// The generation label.
     pub generation: i64,
+    /// The digest label.
+    pub digest: String,
     /// The process runs.
     pub running: bool,
     /// Frozen.
@@ -62,15 +105,26 @@ pub struct Runtime {
     docker: Docker,
     node: String,
     network: String,
+    volume_root: PathBuf,
     extra_labels: HashMap<String, String>,
+    /// Image pulls in flight or failed, by image; a failure is reported once, then retried.
+    pulls: Arc<Mutex<HashMap<String, Pull>>>,
+}
+
+#[derive(Clone, Debug)]
+enum Pull {
+    Running,
+    Failed(String),
 }
 
 impl Runtime {
     /// Connects to `url` (`unix:///var/run/docker.sock`) for `node`, with containers on `network`.
+    /// Host paths of volumes must lie under `volume_root`.
     pub fn connect(
         url: &str,
         node: &str,
         network: &str,
+        volume_root: &Path,
         extra_labels: HashMap<String, String>,
     ) -> Result<Self, DockerError> {
         let docker = match url.strip_prefix("unix://") {
@@ -81,7 +135,9 @@ impl Runtime {
             docker,
             node: node.to_string(),
             network: network.to_string(),
+            volume_root: volume_root.to_path_buf(),
             extra_labels,
+            pulls: Arc::default(),
         })
     }
 
@@ -173,6 +229,7 @@ impl Runtime {
                 .get(LABEL_GENERATION)
                 .and_then(|g| g.parse().ok())
                 .unwrap_or_default(),
+            digest: labels.get(LABEL_DIGEST).cloned().unwrap_or_default(),
             running: state.running.unwrap_or(false),
             paused: state.paused.unwrap_or(false),
             exit_code: state.exit_code.map(|c| c as i32),
@@ -185,7 +242,17 @@ impl Runtime {
     pub async fn create(&self, a: &Assignment) -> Result<String, DockerError> {
         let spec = a.spec.clone().unwrap_or_default();
         if self.docker.inspect_image(&spec.image).await.is_err() {
-            return Err(DockerError::ImageMissing { image: spec.image });
+            return Err(self.pull(&spec.image));
+        }
+        for v in &spec.volumes {
+            // The control plane checks this too; the node is where a host path is opened.
+            if v.source.starts_with('/') && !under(&self.volume_root, Path::new(&v.source)) {
+                return Err(DockerError::Refused(format!(
+                    "volume {} is outside this node's volume root {}",
+                    v.source,
+                    self.volume_root.display()
+                )));
+            }
         }
         let mut labels = self.extra_labels.clone();
         labels.extend([
@@ -194,6 +261,7 @@ impl Runtime {
             (LABEL_NODE.to_string(), self.node.clone()),
             (LABEL_REPLICA.to_string(), a.replica.clone()),
             (LABEL_GENERATION.to_string(), a.generation.to_string()),
+            (LABEL_DIGEST.to_string(), container_digest(&spec)),
         ]);
         for (k, v) in &spec.labels {
             labels.insert(format!("berth.label.{k}"), v.clone());
@@ -233,7 +301,7 @@ impl Runtime {
             stop_timeout: Some(stop_timeout),
             ..Default::default()
         };
-        let name = format!("berth-{}-{}", self.node, a.replica);
+        let name = self.container_name(&a.replica);
         // A leftover container of the same name (a crash between create and record) goes first.
         let _ = self.remove(&name).await;
         let options = CreateContainerOptions {
@@ -241,6 +309,95 @@ impl Runtime {
             ..Default::default()
         };
         Ok(self.docker.create_container(Some(options), body).await?.id)
+    }
+
+    /// Starts pulling a missing image in the background (a slow registry must not hold up the
+    /// other replicas), and tells where the pull stands.
+    fn pull(&self, image: &str) -> DockerError {
+        let mut pulls = self.pulls.lock().expect("pulls lock");
+        match pulls.get(image).cloned() {
+            Some(Pull::Running) => DockerError::ImagePulling {
+                image: image.to_string(),
+            },
+            Some(Pull::Failed(reason)) => {
+                // Reported once; the next attempt pulls again.
+                pulls.remove(image);
+                DockerError::ImageMissing {
+                    image: image.to_string(),
+                    reason,
+                }
+            }
+            None => {
+                pulls.insert(image.to_string(), Pull::Running);
+                let (docker, pulls, pulled_image) =
+                    (self.docker.clone(), self.pulls.clone(), image.to_string());
+                tokio::spawn(async move {
+                    let image = pulled_image;
+                    use futures::TryStreamExt;
+                    let options = CreateImageOptions {
+                        from_image: Some(image.clone()),
+                        ..Default::default()
+                    };
+                    let pulled = docker
+                        .create_image(Some(options), None, None)
+                        .try_collect::<Vec<_>>()
+                        .await;
+                    let mut pulls = pulls.lock().expect("pulls lock");
+                    match pulled {
+                        Ok(_) => {
+                            tracing::info!(image = %image, "image pulled");
+                            pulls.remove(&image);
+                        }
+                        Err(e) => {
+                            tracing::warn!(image = %image, error = %e, "image pull failed");
+                            pulls.insert(image, Pull::Failed(e.to_string()));
+                        }
+                    }
+                });
+                DockerError::ImagePulling {
+                    image: image.to_string(),
+                }
+            }
+        }
+    }
+
+    /// The name of a replica's container on this node.
+    pub fn container_name(&self, replica: &str) -> String {
+        format!("berth-{}-{}", self.node, replica)
+    }
+
+    /// A replica's output: the last `tail` lines (all when 0), then, with `follow`, what it
+    /// writes next. A replica that has no container yet ends the stream with an error.
+    pub fn logs(
+        &self,
+        replica: &str,
+        follow: bool,
+        tail: u32,
+    ) -> impl Stream<Item = Result<(LogStream, bytes::Bytes), DockerError>> + use<> {
+        let options = LogsOptions {
+            follow,
+            stdout: true,
+            stderr: true,
+            tail: if tail == 0 {
+                "all".to_string()
+            } else {
+                tail.to_string()
+            },
+            ..Default::default()
+        };
+        use futures::StreamExt;
+        self.docker
+            .logs(&self.container_name(replica), Some(options))
+            .filter_map(|item| async move {
+                match item {
+                    Ok(LogOutput::StdOut { message } | LogOutput::Console { message }) => {
+                        Some(Ok((LogStream::Stdout, message)))
+                    }
+                    Ok(LogOutput::StdErr { message }) => Some(Ok((LogStream::Stderr, message))),
+                    Ok(LogOutput::StdIn { .. }) => None,
+                    Err(e) => Some(Err(e.into())),
+                }
+            })
     }
 
     /// Starts a container.
@@ -306,5 +463,50 @@ impl Runtime {
             e.map(|m| m.actor.and_then(|a| a.id).unwrap_or_default())
                 .map_err(DockerError::from)
         })
+    }
+}
+
+/// Whether `path` lies under `root`, with no `..` to climb out.
+fn under(root: &Path, path: &Path) -> bool {
+    path.starts_with(root) && !path.components().any(|c| c == Component::ParentDir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{container_digest, under};
+    use berth_proto::v1::AgentSpec;
+    use std::path::Path;
+
+    #[test]
+    fn the_digest_follows_the_container_not_the_run_state() {
+        let spec = AgentSpec {
+            name: "a".into(),
+            image: "x:1".into(),
+            env: [("A", "1"), ("B", "2"), ("C", "3")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        let same = AgentSpec {
+            replicas: Some(5),
+            health: Some(Default::default()),
+            ..spec.clone()
+        };
+        assert_eq!(container_digest(&spec), container_digest(&same));
+        let other = AgentSpec {
+            image: "x:2".into(),
+            ..spec.clone()
+        };
+        assert_ne!(container_digest(&spec), container_digest(&other));
+    }
+
+    #[test]
+    fn volume_paths_must_stay_under_the_root() {
+        let root = Path::new("/var/lib/berth/volumes");
+        assert!(under(root, Path::new("/var/lib/berth/volumes/a/data")));
+        assert!(!under(root, Path::new("/var/lib/berth/volumes/../../etc")));
+        assert!(!under(root, Path::new("/var/lib/berth/volumes-other")));
+        assert!(!under(root, Path::new("/etc")));
     }
 }

@@ -51,12 +51,14 @@ pub async fn run(
         &config.docker,
         &config.name,
         &config.network,
+        &config.volume_root,
         config.container_labels.clone(),
     )?;
     runtime.ensure_network().await?;
     let (cpu_millis, memory_bytes) = runtime.capacity().await?;
     let reports = Arc::new(reports::Reports::default());
-    let mut supervisor = supervisor::Supervisor::new(runtime, &config.name, reports.clone());
+    let mut supervisor =
+        supervisor::Supervisor::new(runtime.clone(), &config.name, reports.clone());
     supervisor.adopt().await?;
     supervisor.publish_all();
     let (assignments_tx, assignments_rx) = tokio::sync::watch::channel(None);
@@ -75,6 +77,7 @@ pub async fn run(
         identity,
         reports,
         assignments_tx,
+        runtime,
     ));
     let supervise = tokio::spawn(supervisor.run(assignments_rx));
     shutdown.await;

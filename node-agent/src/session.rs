@@ -1,15 +1,19 @@
 //! The one stream to the control plane: hello, heartbeats and reports out; the full set of
 //! assignments in. Reconnects with jittered backoff, trying each control-plane address in turn.
 
+use crate::docker::{DockerError, Runtime};
 use crate::reports::Reports;
 use berth_proto::v1::node_agent_service_client::NodeAgentServiceClient;
 use berth_proto::v1::{
-    control_message, node_message, Assignments, Heartbeat, Hello, NodeMessage, Resources,
+    control_message, node_message, Assignments, Heartbeat, Hello, LogChunk, LogData, LogRequest,
+    NodeMessage, Resources,
 };
+use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
+use tokio::task::{AbortHandle, JoinSet};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Endpoint;
@@ -38,13 +42,14 @@ pub async fn run(
     identity: Identity,
     reports: Arc<Reports>,
     assignments: watch::Sender<Option<Assignments>>,
+    runtime: Runtime,
 ) {
     let mut backoff = new_backoff();
     let mut next = 0;
     loop {
         let addr = &control_planes[next % control_planes.len()];
         next += 1;
-        match session(addr, &identity, &reports, &assignments).await {
+        match session(addr, &identity, &reports, &assignments, &runtime).await {
             Ok(()) => tracing::info!(control_plane = %addr, "session ended; reconnecting"),
             Err(e) => {
                 tracing::warn!(control_plane = %addr, error = %e, "session failed; reconnecting")
@@ -62,6 +67,7 @@ async fn session(
     identity: &Identity,
     reports: &Reports,
     assignments: &watch::Sender<Option<Assignments>>,
+    runtime: &Runtime,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let url = if addr.contains("://") {
         addr.to_string()
@@ -94,17 +100,31 @@ async fn session(
     let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
     tracing::info!(control_plane = %addr, node = %identity.node, "connected");
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
+    // Log streams in flight, by stream id; dropping the set (session over) aborts them all.
+    let mut log_tasks = JoinSet::new();
+    let mut log_handles: HashMap<u64, AbortHandle> = HashMap::new();
     loop {
         tokio::select! {
-            message = inbound.message() => match message? {
-                Some(m) => {
-                    if let Some(control_message::Kind::Assignments(a)) = m.kind {
-                        tracing::debug!(version = a.version, replicas = a.replicas.len(), "assignments");
-                        assignments.send_replace(Some(a));
+            message = inbound.message() => match message?.and_then(|m| m.kind) {
+                Some(control_message::Kind::Assignments(a)) => {
+                    tracing::debug!(version = a.version, replicas = a.replicas.len(), "assignments");
+                    assignments.send_replace(Some(a));
+                }
+                Some(control_message::Kind::Logs(request)) => {
+                    let id = request.stream_id;
+                    let task = send_logs(runtime.clone(), identity.node.clone(), request, tx.clone());
+                    log_handles.insert(id, log_tasks.spawn(task));
+                }
+                Some(control_message::Kind::CancelLogs(cancel)) => {
+                    if let Some(task) = log_handles.remove(&cancel.stream_id) {
+                        task.abort();
                     }
                 }
                 None => return Ok(()),
             },
+            Some(Ok(id)) = log_tasks.join_next(), if !log_tasks.is_empty() => {
+                log_handles.remove(&id);
+            }
             _ = heartbeat.tick() => {
                 let applied = assignments.borrow().as_ref().map(|a| a.version).unwrap_or_default();
                 let beat = Heartbeat { time: Some(berth_proto::timestamp(std::time::SystemTime::now())), applied_version: applied };
@@ -119,6 +139,68 @@ async fn session(
             }
         }
     }
+}
+
+/// Streams one replica's output as `LogData`, ending with a last message that says whether it
+/// ended normally. Returns the stream id.
+async fn send_logs(
+    runtime: Runtime,
+    node: String,
+    request: LogRequest,
+    tx: mpsc::Sender<NodeMessage>,
+) -> u64 {
+    let id = request.stream_id;
+    let message = |data: LogData| NodeMessage {
+        kind: Some(node_message::Kind::Log(data)),
+    };
+    let output = runtime.logs(&request.replica, request.follow, request.tail);
+    let mut output = std::pin::pin!(output);
+    let mut error = String::new();
+    while let Some(item) = output.next().await {
+        match item {
+            Ok((stream, data)) => {
+                let chunk = LogChunk {
+                    replica: request.replica.clone(),
+                    node: node.clone(),
+                    stream: stream as i32,
+                    data: data.to_vec(),
+                };
+                let data = LogData {
+                    stream_id: id,
+                    chunk: Some(chunk),
+                    ..Default::default()
+                };
+                if tx.send(message(data)).await.is_err() {
+                    return id;
+                }
+            }
+            Err(DockerError::Api(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404,
+                ..
+            })) => {
+                error = format!(
+                    "replica {} has no container on node {node} yet",
+                    request.replica
+                );
+                break;
+            }
+            Err(e) => {
+                error = format!(
+                    "reading the logs of {} on node {node}: {e}",
+                    request.replica
+                );
+                break;
+            }
+        }
+    }
+    let last = LogData {
+        stream_id: id,
+        end: error.is_empty(),
+        error,
+        chunk: None,
+    };
+    let _ = tx.send(message(last)).await;
+    id
 }
 
 fn new_backoff() -> ExponentialBackoff {

@@ -2,7 +2,7 @@
 //! pauses and removes them; restarts crashed or unhealthy ones with backoff, on its own, even
 //! while the control plane is unreachable. Level-based: every wake-up reconciles everything.
 
-use crate::docker::{DockerError, Runtime};
+use crate::docker::{container_digest, DockerError, Runtime};
 use crate::probe::{self, ProbeResult, ProbeSpec};
 use crate::reports::Reports;
 use berth_proto::v1::{
@@ -22,6 +22,8 @@ pub const RESTART_BACKOFF_MIN: Duration = Duration::from_secs(1);
 pub const RESTART_BACKOFF_RESET: Duration = Duration::from_secs(600);
 /// Time between checks for an image that was missing.
 pub const IMAGE_RETRY: Duration = Duration::from_secs(10);
+/// How often a replica waiting for its image checks whether the pull finished.
+pub const PULL_POLL: Duration = Duration::from_secs(1);
 /// Time between reconciles when nothing happens.
 pub const TICK: Duration = Duration::from_millis(500);
 
@@ -30,6 +32,8 @@ struct Replica {
     agent: String,
     container: Option<String>,
     generation: i64,
+    /// [`container_digest`] of the spec the container was made from.
+    digest: String,
     status: ReplicaStatus,
     restart_at: Option<Instant>,
     backoff: Duration,
@@ -80,6 +84,7 @@ impl Supervisor {
                 agent: c.agent.clone(),
                 container: Some(c.id.clone()),
                 generation: c.generation,
+                digest: c.digest.clone(),
                 backoff: RESTART_BACKOFF_MIN,
                 ..Default::default()
             };
@@ -208,8 +213,10 @@ impl Supervisor {
                 ..Default::default()
             });
         r.status.node = self.node.clone();
-        if r.container.is_some() && r.generation != a.generation {
-            // The spec changed: replace the container (rolling updates come with the fleet issue).
+        let digest = container_digest(&spec);
+        if r.container.is_some() && r.digest != digest {
+            // What the container is made of changed: replace it (rolling updates come with
+            // the fleet issue). Run-state changes keep it.
             r.stop_probe();
             let id = r.container.take().expect("checked");
             let grace = grace_of(a);
@@ -219,6 +226,7 @@ impl Supervisor {
             r.status.ready = false;
         }
         r.generation = a.generation;
+        r.digest = digest;
         r.status.generation = a.generation;
         let desired = DesiredState::try_from(a.desired_state).unwrap_or(DesiredState::Running);
         let state = ReplicaState::try_from(r.status.state).unwrap_or(ReplicaState::Pending);
@@ -236,10 +244,10 @@ impl Supervisor {
                         if state == ReplicaState::Paused {
                             let _ = self.runtime.unpause(&c).await;
                         }
-                        self.set_state(&id, ReplicaState::Stopped, "");
                         if let Err(e) = self.runtime.stop(&c, grace_of(a)).await {
                             tracing::warn!(replica = %id, error = %e, "stop failed");
                         }
+                        self.set_state(&id, ReplicaState::Stopped, "");
                     } else {
                         self.set_state(&id, ReplicaState::Stopped, "");
                     }
@@ -361,6 +369,12 @@ impl Supervisor {
                     r.container = Some(c.clone());
                     r.status.container_id = c.clone();
                     c
+                }
+                Err(e @ DockerError::ImagePulling { .. }) => {
+                    let r = self.replicas.get_mut(id).expect("present");
+                    r.restart_at = Some(Instant::now() + PULL_POLL);
+                    self.set_state(id, ReplicaState::Pending, &e.to_string());
+                    return;
                 }
                 Err(e) => {
                     let r = self.replicas.get_mut(id).expect("present");

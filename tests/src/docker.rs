@@ -2,7 +2,7 @@
 //! container and network a test run made, pass or fail.
 
 use crate::process::Child;
-use crate::{berth_bin, eventually, free_port, JOIN_TOKEN, READY_TIMEOUT};
+use crate::{berth_bin, eventually, free_port, volume_root, JOIN_TOKEN, READY_TIMEOUT};
 use std::process::Command;
 use std::time::Duration;
 use tempfile::TempDir;
@@ -128,6 +128,8 @@ impl NodeAgent {
             ])
             .arg("--join-token-file")
             .arg(self.dir.path().join("join"))
+            .arg("--volume-root")
+            .arg(volume_root())
             .arg("--container-label")
             .arg(format!("berth.test={}", self.run_id))
             .env("RUST_LOG", "info");
@@ -146,12 +148,25 @@ impl NodeAgent {
     }
 }
 
-/// `GET path` (or `POST` with `post`) to `address`; the status code and body.
+/// `METHOD path` to `address` with no body; the status code and body.
 pub async fn http(address: &str, method: &str, path: &str) -> Option<(u16, String)> {
+    http_body(address, method, path, "").await
+}
+
+/// `METHOD path` to `address` with `body`; the status code and body.
+pub async fn http_body(
+    address: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let attempt = async {
         let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
-        let request = format!("{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
         stream.write_all(request.as_bytes()).await.ok()?;
         let mut response = Vec::new();
         stream.read_to_end(&mut response).await.ok()?;

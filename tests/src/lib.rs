@@ -26,6 +26,14 @@ pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 /// The join token every test control plane accepts.
 pub const JOIN_TOKEN: &str = "test-join-token-0123456789";
 
+/// The host volume root of test control planes and node agents: a directory under the
+/// system's temporary directory, in which tests make their own temporary directories.
+pub fn volume_root() -> PathBuf {
+    let root = std::env::temp_dir().join("berth-test-volumes");
+    std::fs::create_dir_all(&root).expect("create the test volume root");
+    root
+}
+
 /// The `berth` binary under test: `BERTH_BIN`, or `berth` beside the test binary's directory.
 pub fn berth_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("BERTH_BIN") {
@@ -215,6 +223,8 @@ impl ControlPlane {
             .arg(self.dir.path().join("tokens"))
             .arg("--join-token-file")
             .arg(self.dir.path().join("join"))
+            .arg("--volume-root")
+            .arg(volume_root())
             .env("RUST_LOG", "info");
         self.child = Some(Child::spawn(
             command,
@@ -256,12 +266,17 @@ impl ControlPlane {
 
     /// Runs the `berth` CLI against this control plane with the admin token.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(berth_bin())
+        self.cli_command(args).output().expect("run berth")
+    }
+
+    /// The `berth` CLI command against this control plane with the admin token, not started.
+    pub fn cli_command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(berth_bin());
+        command
             .args(args)
             .env("BERTH_ADDR", self.url())
-            .env("BERTH_TOKEN", ADMIN_TOKEN)
-            .output()
-            .expect("run berth")
+            .env("BERTH_TOKEN", ADMIN_TOKEN);
+        command
     }
 
     /// The process's log so far, for failure messages.

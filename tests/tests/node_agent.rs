@@ -1,13 +1,15 @@
 //! The node agent against the real Docker engine: deploy to ready, crash and restart, a failing
-//! health check, kill -9 of the node agent (adoption), and removal.
+//! health check, kill -9 of the node agent (adoption), removal; stop, start, pause and resume;
+//! logs; host volumes; crashes restarted while the control plane is down.
 
 use berth_proto::v1::{
     Agent, AgentSpec, CreateAgentRequest, DeleteAgentRequest, DesiredState, HealthCheck,
-    ReplicaStatus,
+    ReplicaState, ReplicaStatus,
 };
-use berth_tests::docker::{http, wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
-use berth_tests::{unique_name, ControlPlane, Etcd};
+use berth_tests::docker::{http, http_body, wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
+use berth_tests::{unique_name, volume_root, ControlPlane, Etcd};
 use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 fn replica<'a>(agent: &'a Agent, id: &str) -> Option<&'a ReplicaStatus> {
     agent
@@ -31,7 +33,9 @@ async fn agents_run_restart_and_survive_a_node_agent_restart() {
     let run = DockerRun::new().unwrap();
     let etcd = Etcd::start().await.unwrap();
     let cp = ControlPlane::start(&etcd.url()).await.unwrap();
-    let mut node = NodeAgent::start(&cp.url(), "node-1", &run).unwrap();
+    // Node names are unique per test: two node agents of one name on one engine would
+    // adopt each other's containers.
+    let mut node = NodeAgent::start(&cp.url(), &unique_name("node"), &run).unwrap();
     let mut api = cp.agents().await.unwrap();
     let name = unique_name("echo");
     let spec = AgentSpec {
@@ -61,7 +65,7 @@ async fn agents_run_restart_and_survive_a_node_agent_restart() {
         .unwrap_or_else(|e| panic!("{e}\n{}\n{}", cp.log(), node.log()));
     eprintln!("deploy to 2 ready: {:?}", deployed.elapsed());
     let first = replica(&agent, &format!("{name}-0")).unwrap().clone();
-    assert_eq!(first.node, "node-1");
+    assert_eq!(first.node, node.name);
     assert!(!first.container_id.is_empty());
     let (code, body) = http(&first.address, "GET", "/health")
         .await
@@ -139,4 +143,199 @@ async fn agents_run_restart_and_survive_a_node_agent_restart() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", node.log()));
+}
+
+fn state(agent: &Agent, id: &str) -> Option<ReplicaState> {
+    replica(agent, id).and_then(|r| ReplicaState::try_from(r.state).ok())
+}
+
+/// The example agent's counter and whether it is kept on a volume.
+async fn counter(address: &str) -> (u64, bool) {
+    let (_, body) = http(address, "GET", "/state").await.expect("GET /state");
+    let state: serde_json::Value = serde_json::from_str(&body).expect("JSON state");
+    (
+        state["counter"].as_u64().expect("counter"),
+        state["persisted"].as_bool().expect("persisted"),
+    )
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn lifecycle_logs_volumes_and_a_control_plane_outage() {
+    let run = DockerRun::new().unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let mut cp = ControlPlane::start(&etcd.url()).await.unwrap();
+    let node = NodeAgent::start(&cp.url(), &unique_name("node"), &run).unwrap();
+    let api = cp.agents().await.unwrap();
+    let name = unique_name("life");
+    let id = format!("{name}-0");
+    let data = tempfile::tempdir_in(volume_root()).unwrap();
+    let volume = format!("{}:/data", data.path().display());
+    let deploy = [
+        "deploy",
+        "-n",
+        &name,
+        "-i",
+        ECHO_IMAGE,
+        "--health-endpoint",
+        "/health",
+        "--health-interval",
+        "1s",
+        "-v",
+        &volume,
+    ];
+    let out = cp.cli(&deploy);
+    assert!(out.status.success(), "{out:?}");
+    let agent = wait_agent(&api, &name, "ready", |a| ready(a) == 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", cp.log(), node.log()));
+    let address = replica(&agent, &id).unwrap().address.clone();
+    for _ in 0..2 {
+        http(&address, "POST", "/state").await.unwrap();
+    }
+    assert_eq!(counter(&address).await, (2, true));
+
+    // Logs: what the container wrote so far, then, following, a line written afterwards.
+    let out = cp.cli(&["logs", &name]);
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("[{id}] echo-agent listening on port 8080")),
+        "the container's stderr, prefixed by replica: {out:?}"
+    );
+    let mut follow = tokio::process::Command::from(cp.cli_command(&[
+        "logs",
+        &name,
+        "-f",
+        "--tail",
+        "1",
+        "--replica",
+        &id,
+    ]));
+    let mut follow = follow
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
+    let marker = format!("marker-{}", unique_name("line"));
+    // The follower may attach after the first write; write until it shows the marker.
+    let seen = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            http_body(&address, "POST", "/log", &marker).await.unwrap();
+            match tokio::time::timeout(Duration::from_millis(500), lines.next_line()).await {
+                Ok(Ok(Some(line))) if line == marker => return true,
+                Ok(Ok(Some(_))) | Err(_) => continue,
+                Ok(_) => return false,
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        seen,
+        Ok(true),
+        "`berth logs -f` shows new output\n{}",
+        node.log()
+    );
+    follow.kill().await.unwrap();
+    let out = cp.cli(&["logs", &name, "--replica", &format!("{name}-7")]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("has no replica {name}-7")),
+        "{out:?}"
+    );
+
+    // Stop: the process ends (SIGTERM), the container stays; start runs it again.
+    let container = run.containers().pop().unwrap();
+    assert!(cp.cli(&["stop", &name]).status.success());
+    wait_agent(&api, &name, "stopped", |a| {
+        state(a, &id) == Some(ReplicaState::Stopped)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", cp.log(), node.log()));
+    assert_eq!(run.inspect(&container, "{{.State.Running}}"), "false");
+    assert_eq!(
+        run.inspect(&container, "{{.State.ExitCode}}"),
+        "0",
+        "graceful stop"
+    );
+    assert!(cp.cli(&["start", &name]).status.success());
+    let agent = wait_agent(&api, &name, "started and ready", |a| ready(a) == 1)
+        .await
+        .unwrap();
+    assert_eq!(run.inspect(&container, "{{.State.Running}}"), "true");
+    let address = replica(&agent, &id).unwrap().address.clone();
+
+    // Pause freezes the process; resume thaws it.
+    assert!(cp.cli(&["pause", &name]).status.success());
+    wait_agent(&api, &name, "paused", |a| {
+        state(a, &id) == Some(ReplicaState::Paused)
+    })
+    .await
+    .unwrap();
+    assert_eq!(run.inspect(&container, "{{.State.Paused}}"), "true");
+    assert!(cp.cli(&["resume", &name]).status.success());
+    wait_agent(&api, &name, "resumed", |a| {
+        state(a, &id) == Some(ReplicaState::Running) && ready(a) == 1
+    })
+    .await
+    .unwrap();
+    assert_eq!(run.inspect(&container, "{{.State.Paused}}"), "false");
+
+    // With the control plane down, a crash is still restarted by the node agent, and the
+    // status catches up when the control plane is back.
+    let started = run.inspect(&container, "{{.State.StartedAt}}");
+    cp.kill();
+    http(&address, "POST", "/crash").await.unwrap();
+    berth_tests::eventually(
+        Duration::from_secs(20),
+        "the node agent restarts the crash alone",
+        || {
+            let again = run.inspect(&container, "{{.State.StartedAt}}") != started
+                && run.inspect(&container, "{{.State.Running}}") == "true";
+            async move { again.then_some(()) }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.log()));
+    cp.resume().await.unwrap();
+    let api = cp.agents().await.unwrap();
+    wait_agent(&api, &name, "the restart reported after the outage", |a| {
+        replica(a, &id).is_some_and(|r| r.restarts == 1 && r.ready && r.last_exit_code == Some(1))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", cp.log(), node.log()));
+
+    // The host volume outlives the agent: remove it, deploy it again, the counter is kept.
+    assert!(cp.cli(&["rm", &name]).status.success());
+    berth_tests::eventually(Duration::from_secs(30), "container removed", || {
+        let gone = run.containers().is_empty();
+        async move { gone.then_some(()) }
+    })
+    .await
+    .unwrap();
+    let out = cp.cli(&deploy);
+    assert!(out.status.success(), "{out:?}");
+    let agent = wait_agent(&api, &name, "ready again", |a| ready(a) == 1)
+        .await
+        .unwrap();
+    let address = replica(&agent, &id).unwrap().address.clone();
+    assert_eq!(
+        counter(&address).await,
+        (2, true),
+        "state kept in the host volume"
+    );
+    assert_eq!(
+        stdout(&cp.cli(&["rm", &name])).trim(),
+        format!("agent/{name} deleted")
+    );
+    berth_tests::eventually(Duration::from_secs(30), "container removed", || {
+        let gone = run.containers().is_empty();
+        async move { gone.then_some(()) }
+    })
+    .await
+    .unwrap();
 }

@@ -3,3 +3,4 @@
 pub mod agents;
 pub mod deploy;
 pub mod events;
+pub mod logs;

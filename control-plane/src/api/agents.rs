@@ -2,6 +2,7 @@
 
 use super::{to_status, ApiError};
 use crate::defaults;
+use crate::nodes::sessions::{LogTarget, Sessions};
 use crate::store::{EventFilter, Store};
 use crate::time::now;
 use crate::validate::{self, FieldError, Limits};
@@ -27,12 +28,18 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 pub struct AgentApi {
     store: Store,
     limits: Limits,
+    sessions: Sessions,
 }
 
 impl AgentApi {
-    /// An API over `store`, validating specs against `limits`.
-    pub fn new(store: Store, limits: Limits) -> Self {
-        Self { store, limits }
+    /// An API over `store`, validating specs against `limits`, reaching nodes for logs through
+    /// `sessions`.
+    pub fn new(store: Store, limits: Limits, sessions: Sessions) -> Self {
+        Self {
+            store,
+            limits,
+            sessions,
+        }
     }
 
     /// Applies defaults, checks the spec and replaces a gateway token by its hash.
@@ -332,17 +339,57 @@ impl AgentService for AgentApi {
         &self,
         request: Request<StreamLogsRequest>,
     ) -> ApiResult<Self::StreamLogsStream> {
-        let name = request.into_inner().name;
+        let request = request.into_inner();
+        let name = request.name;
         validate::dns_label("name", &name).map_err(|e| to_status(e.into()))?;
+        if !request.replica.is_empty() {
+            validate::dns_label("replica", &request.replica).map_err(|e| to_status(e.into()))?;
+        }
         self.store
             .get_agent(&name)
             .await
             .map_err(|e| to_status(e.into()))?;
-        // Logs are read from Docker by node agents over their stream; until a node runs a
-        // replica there is no output to stream.
-        Err(Status::failed_precondition(format!(
-            "agent {name} has no replica running on a node, so there are no logs yet"
-        )))
+        let (placements, _) = self
+            .store
+            .list_placements(None)
+            .await
+            .map_err(|e| to_status(e.into()))?;
+        let mut targets: Vec<LogTarget> = placements
+            .into_iter()
+            .filter(|p| p.assignment.spec.as_ref().is_some_and(|s| s.name == name))
+            .filter(|p| request.replica.is_empty() || p.assignment.replica == request.replica)
+            .map(|p| LogTarget {
+                node: p.node,
+                replica: p.assignment.replica,
+            })
+            .collect();
+        targets.sort_by(|a, b| a.replica.cmp(&b.replica));
+        if targets.is_empty() {
+            return Err(to_status(ApiError::FailedPrecondition(
+                if request.replica.is_empty() {
+                    format!("agent {name} has no replica placed on a node, so there are no logs")
+                } else {
+                    format!("agent {name} has no replica {}", request.replica)
+                },
+            )));
+        }
+        let (reachable, unreachable): (Vec<_>, Vec<_>) = targets
+            .into_iter()
+            .partition(|t| self.sessions.connected(&t.node));
+        if reachable.is_empty() {
+            let nodes: Vec<_> = unreachable.iter().map(|t| t.node.as_str()).collect();
+            return Err(Status::unavailable(format!(
+                "the node(s) running agent {name} ({}) are not connected to this control plane",
+                nodes.join(", ")
+            )));
+        }
+        for t in &unreachable {
+            tracing::info!(agent = %name, replica = %t.replica, node = %t.node, "no logs: node not connected");
+        }
+        let logs = self
+            .sessions
+            .open_logs(&reachable, request.follow, request.tail);
+        Ok(Response::new(Box::pin(logs)))
     }
 }
 

@@ -2,7 +2,10 @@
 //! and observed status built from node reports.
 
 pub mod placement;
+pub mod sessions;
 mod status;
+
+pub use sessions::Sessions;
 
 use crate::api::{to_status, ApiError};
 use crate::store::watch::{watch_prefix, WatchMessage};
@@ -28,12 +31,13 @@ pub const NODE_LEASE_TTL: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 pub struct NodeAgentApi {
     store: Store,
+    sessions: Sessions,
 }
 
 impl NodeAgentApi {
-    /// Sessions over `store`.
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    /// Node sessions over `store`, registered in `sessions` so that log requests reach them.
+    pub fn new(store: Store, sessions: Sessions) -> Self {
+        Self { store, sessions }
     }
 }
 
@@ -70,11 +74,14 @@ impl NodeAgentService for NodeAgentApi {
         }
         tracing::info!(node = %node, replicas = hello.replicas.len(), "node connected");
 
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = mpsc::channel(64);
+        let session = self.sessions.join(&node, tx.clone());
         tokio::spawn(push_assignments(self.store.clone(), node.clone(), tx));
         let store = self.store.clone();
+        let sessions = self.sessions.clone();
         tokio::spawn(async move {
             let mut record = node_record(&hello);
+            let mut renewer = store.lease_renewer(lease);
             loop {
                 let message = match inbound.message().await {
                     Ok(Some(message)) => message,
@@ -87,26 +94,40 @@ impl NodeAgentService for NodeAgentApi {
                 match message.kind {
                     Some(node_message::Kind::Heartbeat(_)) => {
                         record.last_seen = Some(now());
-                        let renewed = async {
-                            store.keep_alive(lease).await?;
-                            store.put_node(&record, lease).await
-                        };
-                        if let Err(e) = renewed.await {
+                        if let Err(e) = heartbeat(&store, &mut renewer, &record).await {
                             tracing::warn!(node = %node, error = %e, "cannot renew node lease");
                         }
                     }
                     Some(node_message::Kind::Report(report)) => {
                         status::apply_report(&store, &node, &report).await;
                     }
-                    Some(node_message::Kind::Log(_))
-                    | Some(node_message::Kind::Hello(_))
-                    | None => {}
+                    Some(node_message::Kind::Log(data)) => sessions.deliver(data).await,
+                    Some(node_message::Kind::Hello(_)) | None => {}
                 }
             }
+            sessions.leave(&node, session);
             tracing::info!(node = %node, "node disconnected");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+}
+
+/// Renews the node's lease and record; a lease that expired (etcd was out of reach for longer
+/// than its TTL) is replaced so that the node reappears.
+async fn heartbeat(
+    store: &Store,
+    renewer: &mut crate::store::LeaseRenewer,
+    record: &Node,
+) -> Result<(), crate::store::StoreError> {
+    match renewer.renew().await {
+        Ok(()) => {}
+        Err(crate::store::StoreError::NotFound { .. }) => {
+            let lease = store.grant_lease(NODE_LEASE_TTL.as_secs() as i64).await?;
+            *renewer = store.lease_renewer(lease);
+        }
+        Err(e) => return Err(e),
+    }
+    store.put_node(record, renewer.lease()).await
 }
 
 fn node_record(hello: &Hello) -> Node {

@@ -8,7 +8,7 @@ pub mod watch;
 
 pub use events::EventFilter;
 pub use keys::Keys;
-pub use nodes::Placement;
+pub use nodes::{LeaseRenewer, Placement};
 
 use etcd_client::{Client, ConnectOptions};
 use std::sync::Arc;

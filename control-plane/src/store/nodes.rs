@@ -3,7 +3,9 @@
 
 use super::{decode, Store, StoreError};
 use berth_proto::v1::{AgentStatus, Assignment, Node};
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp};
+use etcd_client::{
+    Compare, CompareOp, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
+};
 use prost::Message;
 
 /// Compare-and-swap attempts of a status update before it gives up.
@@ -18,6 +20,62 @@ pub struct Placement {
     pub assignment: Assignment,
 }
 
+/// Renews one lease over a single keep-alive stream, reopened only when it breaks.
+pub struct LeaseRenewer {
+    store: Store,
+    lease: i64,
+    stream: Option<(LeaseKeeper, LeaseKeepAliveStream)>,
+}
+
+impl LeaseRenewer {
+    /// The lease renewed.
+    pub fn lease(&self) -> i64 {
+        self.lease
+    }
+
+    /// Renews the lease once. [`StoreError::NotFound`] means it has already expired.
+    pub async fn renew(&mut self) -> Result<(), StoreError> {
+        let result = self.try_renew().await;
+        if result.is_err() {
+            self.stream = None;
+        }
+        result
+    }
+
+    async fn try_renew(&mut self) -> Result<(), StoreError> {
+        if self.stream.is_none() {
+            let opened = self
+                .store
+                .client()
+                .lease_keep_alive(self.lease)
+                .await
+                .map_err(|e| self.store.unavailable(e))?;
+            self.stream = Some(opened);
+        }
+        let (keeper, responses) = self.stream.as_mut().expect("opened above");
+        keeper
+            .keep_alive()
+            .await
+            .map_err(|e| self.store.unavailable(e))?;
+        let response = responses
+            .message()
+            .await
+            .map_err(|e| self.store.unavailable(e))?;
+        match response {
+            Some(r) if r.ttl() > 0 => Ok(()),
+            Some(_) => Err(StoreError::NotFound {
+                kind: "lease",
+                name: format!("{:x}", self.lease),
+            }),
+            None => Err(self
+                .store
+                .unavailable(etcd_client::Error::LeaseKeepAliveError(
+                    "the keep-alive stream closed".into(),
+                ))),
+        }
+    }
+}
+
 impl Store {
     /// Grants a lease of `ttl` seconds for a node session.
     pub async fn grant_lease(&self, ttl: i64) -> Result<i64, StoreError> {
@@ -29,16 +87,13 @@ impl Store {
         Ok(lease.id())
     }
 
-    /// Renews a lease once.
-    pub async fn keep_alive(&self, lease: i64) -> Result<(), StoreError> {
-        let (mut keeper, mut responses) = self
-            .client()
-            .lease_keep_alive(lease)
-            .await
-            .map_err(|e| self.unavailable(e))?;
-        keeper.keep_alive().await.map_err(|e| self.unavailable(e))?;
-        responses.message().await.map_err(|e| self.unavailable(e))?;
-        Ok(())
+    /// A renewer of `lease` that keeps one keep-alive stream open across renewals.
+    pub fn lease_renewer(&self, lease: i64) -> LeaseRenewer {
+        LeaseRenewer {
+            store: self.clone(),
+            lease,
+            stream: None,
+        }
     }
 
     /// Writes a node record attached to `lease`.

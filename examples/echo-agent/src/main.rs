@@ -7,6 +7,7 @@
 //! - `GET /slow?ms=N`: answers after N milliseconds
 //! - `GET /stream?n=N&ms=M`: N server-sent events, one every M milliseconds
 //! - `GET|POST /state`: a counter, kept in `/data/counter` when `/data` exists; POST adds one
+//! - `POST /log`: writes the request body to standard output, as one line
 //! - `GET /requests`: how many times each `X-Berth-Request-Id` was seen
 //!
 //! It listens on `$PORT` (default 8080) and stops gracefully on SIGTERM.
@@ -49,6 +50,7 @@ async fn main() {
         .route("/slow", get(slow))
         .route("/stream", get(stream))
         .route("/state", get(state).post(state))
+        .route("/log", post(log))
         .route("/requests", get(requests))
         .layer(axum::middleware::from_fn_with_state(
             agent.clone(),
@@ -124,6 +126,11 @@ async fn echo(method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Resp
         "body_hex": hex,
     });
     ([("content-type", "application/json")], reply.to_string()).into_response()
+}
+
+async fn log(body: Bytes) -> &'static str {
+    println!("{}", String::from_utf8_lossy(&body).trim_end());
+    "logged\n"
 }
 
 async fn crash() -> &'static str {
