@@ -146,6 +146,13 @@ pub struct NodeAgentArgs {
         default_value = "/var/lib/berth/volumes"
     )]
     volume_root: PathBuf,
+    /// Where the node agent keeps what must outlive it (restart counts).
+    #[arg(
+        long,
+        env = "BERTH_STATE_DIR",
+        default_value = "/var/lib/berth/node-agent"
+    )]
+    state_dir: PathBuf,
     /// Docker network the agents' containers join (created if missing).
     #[arg(long, env = "BERTH_NETWORK", default_value = "berth")]
     network: String,
@@ -182,6 +189,7 @@ pub async fn node_agent(args: NodeAgentArgs) -> anyhow::Result<()> {
         join_token,
         docker: args.docker,
         volume_root: args.volume_root,
+        state_dir: args.state_dir,
         network: args.network,
         labels: args.labels.into_iter().collect(),
         container_labels: args.container_labels.into_iter().collect(),

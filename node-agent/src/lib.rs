@@ -5,6 +5,7 @@
 pub mod docker;
 pub mod probe;
 pub mod reports;
+pub mod restarts;
 pub mod session;
 pub mod supervisor;
 
@@ -26,6 +27,8 @@ pub struct Config {
     pub docker: String,
     /// Host volume root.
     pub volume_root: PathBuf,
+    /// Where the node agent keeps what must outlive it (restart counts).
+    pub state_dir: PathBuf,
     /// Docker network the agents' containers join.
     pub network: String,
     /// Node labels, for node selectors.
@@ -40,6 +43,13 @@ pub enum NodeAgentError {
     /// Docker is unreachable or refused.
     #[error("{0} (is Docker running, and may this user use its socket?)")]
     Docker(#[from] docker::DockerError),
+    /// The state directory cannot be used.
+    #[error("state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Runs the node agent until `shutdown` completes. Containers keep running after it stops.
@@ -57,8 +67,14 @@ pub async fn run(
     runtime.ensure_network().await?;
     let (cpu_millis, memory_bytes) = runtime.capacity().await?;
     let reports = Arc::new(reports::Reports::default());
+    let restarts = restarts::RestartCounts::open(&config.state_dir).map_err(|source| {
+        NodeAgentError::StateDir {
+            path: config.state_dir.clone(),
+            source,
+        }
+    })?;
     let mut supervisor =
-        supervisor::Supervisor::new(runtime.clone(), &config.name, reports.clone());
+        supervisor::Supervisor::new(runtime.clone(), &config.name, reports.clone(), restarts);
     supervisor.adopt().await?;
     supervisor.publish_all();
     let (assignments_tx, assignments_rx) = tokio::sync::watch::channel(None);

@@ -5,6 +5,7 @@
 use crate::docker::{container_digest, DockerError, Runtime};
 use crate::probe::{self, ProbeResult, ProbeSpec};
 use crate::reports::Reports;
+use crate::restarts::RestartCounts;
 use berth_proto::v1::{
     Assignment, Assignments, DesiredState, HealthState, ReplicaReport, ReplicaState, ReplicaStatus,
     RestartPolicy,
@@ -58,13 +59,20 @@ pub struct Supervisor {
     replicas: HashMap<String, Replica>,
     desired: Option<Assignments>,
     reports: Arc<Reports>,
+    restarts: RestartCounts,
     probe_tx: mpsc::Sender<ProbeResult>,
     probe_rx: mpsc::Receiver<ProbeResult>,
 }
 
 impl Supervisor {
     /// A supervisor that publishes replica states to `reports`.
-    pub fn new(runtime: Runtime, node: &str, reports: Arc<Reports>) -> Self {
+    /// Restart counts carry over from `restarts`.
+    pub fn new(
+        runtime: Runtime,
+        node: &str,
+        reports: Arc<Reports>,
+        restarts: RestartCounts,
+    ) -> Self {
         let (probe_tx, probe_rx) = mpsc::channel(64);
         Self {
             runtime,
@@ -72,6 +80,7 @@ impl Supervisor {
             replicas: HashMap::new(),
             desired: None,
             reports,
+            restarts,
             probe_tx,
             probe_rx,
         }
@@ -79,7 +88,10 @@ impl Supervisor {
 
     /// Adopts this node's existing containers, restarting none of them.
     pub async fn adopt(&mut self) -> Result<(), DockerError> {
-        for c in self.runtime.list().await? {
+        let containers = self.runtime.list().await?;
+        let live: Vec<&str> = containers.iter().map(|c| c.id.as_str()).collect();
+        self.restarts.retain(&live);
+        for c in containers {
             let mut r = Replica {
                 agent: c.agent.clone(),
                 container: Some(c.id.clone()),
@@ -93,6 +105,7 @@ impl Supervisor {
                 node: self.node.clone(),
                 container_id: c.id.clone(),
                 generation: c.generation,
+                restarts: self.restarts.get(&c.id),
                 last_exit_code: c.exit_code.filter(|_| !c.running),
                 state: if c.paused {
                     ReplicaState::Paused
@@ -324,13 +337,13 @@ impl Supervisor {
         let assignment = self.assignment_of(id);
         match (assignment, r.container.clone()) {
             (Some(a), _) => {
-                self.replicas.get_mut(id).expect("present").status.restarts += 1;
+                self.count_restart(id);
                 self.start_container(id, &a).await;
             }
             (None, Some(c)) => {
                 // Not told anything yet (control plane unreachable since start): restart as is.
+                self.count_restart(id);
                 let r = self.replicas.get_mut(id).expect("present");
-                r.status.restarts += 1;
                 r.restart_at = None;
                 match self.runtime.start(&c).await {
                     Ok(()) => {
@@ -345,6 +358,15 @@ impl Supervisor {
                 self.publish(r);
             }
             (None, None) => {}
+        }
+    }
+
+    /// Adds one to a replica's restart count and keeps it on disk.
+    fn count_restart(&mut self, id: &str) {
+        let r = self.replicas.get_mut(id).expect("present");
+        r.status.restarts += 1;
+        if let Some(c) = &r.container {
+            self.restarts.set(c, r.status.restarts);
         }
     }
 
@@ -478,9 +500,9 @@ impl Supervisor {
                     "health check failed {} times in a row; restarting",
                     r.failures
                 );
-                r.status.restarts += 1;
                 r.stop_probe();
                 tracing::warn!(replica = %result.replica, failures = r.failures, "unhealthy; restarting");
+                self.count_restart(&result.replica);
                 let c = result.container.clone();
                 if let Some(a) = self.assignment_of(&result.replica) {
                     let _ = self.runtime.stop(&c, grace_of(&a)).await;

@@ -130,6 +130,8 @@ impl NodeAgent {
             .arg(self.dir.path().join("join"))
             .arg("--volume-root")
             .arg(volume_root())
+            .arg("--state-dir")
+            .arg(self.dir.path().join("state"))
             .arg("--container-label")
             .arg(format!("berth.test={}", self.run_id))
             .env("RUST_LOG", "info");

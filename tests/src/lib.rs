@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use berth_proto::v1::agent_service_client::AgentServiceClient;
 use process::Child;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
@@ -39,18 +39,20 @@ pub fn berth_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("BERTH_BIN") {
         return bin.into();
     }
+    // Tests run from target/<profile>/deps, benchmark binaries from target/<profile>.
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps");
-    let bin = dir.join("berth");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (cargo build -p berth-cli) or set BERTH_BIN",
-        bin.display()
-    );
-    bin
+    let bin = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join("berth"))
+        .find(|bin| bin.exists());
+    bin.unwrap_or_else(|| {
+        panic!(
+            "berth is missing beside {}: build it first (cargo build -p berth-cli) or set BERTH_BIN",
+            exe.display()
+        )
+    })
 }
 
 /// A port that was free a moment ago.

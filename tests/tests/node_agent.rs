@@ -109,7 +109,7 @@ async fn agents_run_restart_and_survive_a_node_agent_restart() {
         .collect();
     node.kill();
     node.resume().unwrap();
-    wait_agent(
+    let agent = wait_agent(
         &api,
         &name,
         "both replicas ready after the node agent restart",
@@ -117,6 +117,13 @@ async fn agents_run_restart_and_survive_a_node_agent_restart() {
     )
     .await
     .unwrap();
+    for r in [&first, &second] {
+        assert_eq!(
+            replica(&agent, &r.replica).unwrap().restarts,
+            1,
+            "restart counts outlive the node agent"
+        );
+    }
     tokio::time::sleep(Duration::from_secs(2)).await; // let a wrongful restart show, if any
     assert_eq!(
         run.containers(),
