@@ -122,6 +122,8 @@ enum Command {
     ControlPlane(Box<servers::ControlPlaneArgs>),
     /// Run a node agent: drives this host's Docker engine for the control plane.
     NodeAgent(Box<servers::NodeAgentArgs>),
+    /// Run a gateway: HTTP at /agents/{name}/... to ready replicas.
+    Gateway(Box<servers::GatewayArgs>),
 }
 
 fn main() -> ExitCode {
@@ -144,6 +146,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let command = match cli.command {
         Command::ControlPlane(args) => return servers::control_plane(*args).await,
         Command::NodeAgent(args) => return servers::node_agent(*args).await,
+        Command::Gateway(args) => return servers::gateway(*args).await,
         command => command,
     };
     // Parse local input before connecting, so that a bad flag or manifest fails fast.
@@ -188,7 +191,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tail,
             replica,
         } => commands::logs::stream(&client, name, replica, follow, tail, format).await,
-        Command::ControlPlane(_) | Command::NodeAgent(_) => unreachable!("handled above"),
+        Command::ControlPlane(_) | Command::NodeAgent(_) | Command::Gateway(_) => {
+            unreachable!("handled above")
+        }
     }
 }
 

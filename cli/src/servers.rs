@@ -197,3 +197,59 @@ pub async fn node_agent(args: NodeAgentArgs) -> anyhow::Result<()> {
     berth_node_agent::run(config, shutdown_signal()).await?;
     Ok(())
 }
+
+/// Flags of `berth gateway`.
+#[derive(Args, Debug)]
+pub struct GatewayArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(
+        long,
+        env = "BERTH_ETCD",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    etcd: Vec<String>,
+    /// etcd key prefix.
+    #[arg(long, env = "BERTH_PREFIX", default_value = "/berth")]
+    prefix: String,
+    /// HTTP address clients reach agents at (`/agents/{name}/...`).
+    #[arg(long, env = "BERTH_GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// HTTP admin address for /metrics, /healthz, /readyz.
+    #[arg(
+        long,
+        env = "BERTH_GATEWAY_ADMIN_LISTEN",
+        default_value = "127.0.0.1:8081"
+    )]
+    admin_listen: SocketAddr,
+    /// Requests in flight per agent; beyond it requests are refused at once with 503.
+    #[arg(long, env = "BERTH_GATEWAY_MAX_CONCURRENCY", default_value_t = berth_control_plane::gateway::MAX_CONCURRENCY)]
+    max_concurrency: usize,
+    /// This gateway's name in the breaker states it publishes (default: host name and pid).
+    #[arg(long, env = "BERTH_GATEWAY_NAME")]
+    name: Option<String>,
+    /// Log format; the level comes from RUST_LOG (default info).
+    #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+/// Runs `berth gateway` until Ctrl-C or SIGTERM.
+pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let name = args.name.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "gateway".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let config = berth_control_plane::gateway::GatewayConfig {
+        etcd: args.etcd,
+        prefix: args.prefix,
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+        max_concurrency: args.max_concurrency,
+        name,
+    };
+    berth_control_plane::gateway::run(config, shutdown_signal()).await?;
+    Ok(())
+}

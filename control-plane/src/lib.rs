@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod defaults;
+pub mod gateway;
 pub mod metrics;
 pub mod nodes;
 pub mod server;

@@ -3,9 +3,9 @@
 use crate::client::Client;
 use crate::output::{print_object, table, Format};
 use berth_proto::v1::{
-    Agent, AgentActionRequest, AgentSpec, ConditionStatus, CreateAgentRequest, DeleteAgentRequest,
-    DesiredState, GetAgentRequest, ListAgentsRequest, ReplicaState, ScaleAgentRequest,
-    UpdateAgentRequest,
+    Agent, AgentActionRequest, AgentSpec, BreakerState, ConditionStatus, CreateAgentRequest,
+    DeleteAgentRequest, DesiredState, GetAgentRequest, ListAgentsRequest, ReplicaState,
+    ScaleAgentRequest, UpdateAgentRequest,
 };
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tonic::Code;
@@ -155,6 +155,7 @@ pub async fn get(client: &Client, name: String, format: Format) -> anyhow::Resul
             "RESTARTS",
             "LAST EXIT",
             "ADDRESS",
+            "BREAKER",
         ]);
         for r in &status.replicas {
             replicas.add_row(vec![
@@ -166,6 +167,7 @@ pub async fn get(client: &Client, name: String, format: Format) -> anyhow::Resul
                 r.restarts.to_string(),
                 r.last_exit_code.map(|c| c.to_string()).unwrap_or_default(),
                 r.address.clone(),
+                breaker_word(r.breaker).to_string(),
             ]);
         }
         println!("\n{replicas}");
@@ -323,5 +325,15 @@ pub fn age(time: Option<&pbjson_types::Timestamp>) -> String {
         60..3600 => format!("{}m", secs / 60),
         3600..86400 => format!("{}h", secs / 3600),
         _ => format!("{}d", secs / 86400),
+    }
+}
+
+/// A breaker state as `berth get` shows it; `-` until a gateway has sent to the replica.
+fn breaker_word(state: i32) -> &'static str {
+    match BreakerState::try_from(state) {
+        Ok(BreakerState::Closed) => "closed",
+        Ok(BreakerState::Open) => "open",
+        Ok(BreakerState::HalfOpen) => "half-open",
+        _ => "-",
     }
 }

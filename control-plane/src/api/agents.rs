@@ -42,6 +42,26 @@ impl AgentApi {
         }
     }
 
+    /// Fills each replica's breaker state from what gateways published. Best effort: the
+    /// agent is worth showing without them.
+    async fn add_breaker_states(&self, agent: &mut Agent) {
+        let Some(name) = agent.spec.as_ref().map(|s| s.name.clone()) else {
+            return;
+        };
+        let states = match self.store.breaker_states(&name).await {
+            Ok(states) => states,
+            Err(e) => {
+                tracing::warn!(agent = %name, error = %e, "cannot read breaker states");
+                return;
+            }
+        };
+        for replica in agent.status.iter_mut().flat_map(|s| s.replicas.iter_mut()) {
+            if let Some(state) = states.get(&replica.replica) {
+                replica.breaker = *state as i32;
+            }
+        }
+    }
+
     /// Applies defaults, checks the spec and replaces a gateway token by its hash.
     /// `current_token_hash` is the stored hash on update (a spec read back may carry it).
     fn prepare_spec(
@@ -133,11 +153,12 @@ impl AgentService for AgentApi {
     async fn get_agent(&self, request: Request<GetAgentRequest>) -> ApiResult<Agent> {
         let name = request.into_inner().name;
         validate::dns_label("name", &name).map_err(|e| to_status(e.into()))?;
-        let agent = self
+        let mut agent = self
             .store
             .get_agent(&name)
             .await
             .map_err(|e| to_status(e.into()))?;
+        self.add_breaker_states(&mut agent).await;
         Ok(Response::new(agent))
     }
 

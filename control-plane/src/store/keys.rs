@@ -69,6 +69,17 @@ impl Keys {
         format!("{}/assignments/", self.prefix)
     }
 
+    /// `{prefix}/breakers/{agent}/{replica}/{gateway}`: one gateway's breaker state for a
+    /// replica, attached to that gateway's lease.
+    pub fn breaker(&self, agent: &str, replica: &str, gateway: &str) -> String {
+        format!("{}/breakers/{agent}/{replica}/{gateway}", self.prefix)
+    }
+
+    /// `{prefix}/breakers/{agent}/`: every gateway's breaker states for an agent.
+    pub fn agent_breakers(&self, agent: &str) -> String {
+        format!("{}/breakers/{agent}/", self.prefix)
+    }
+
     /// The name at the end of a key under one of the prefixes above.
     pub fn last_segment(key: &[u8]) -> String {
         let key = String::from_utf8_lossy(key);

@@ -1,6 +1,7 @@
 //! Desired and observed state in etcd. Every write is a compare-and-swap on `mod_revision`.
 
 mod agents;
+mod breakers;
 mod events;
 pub mod keys;
 mod nodes;

@@ -1,0 +1,96 @@
+//! What a gateway request can fail with, and the one function that turns it into the JSON
+//! error response clients see: `{"error": {"code": "...", "message": "..."}}`.
+
+use axum::body::Body;
+use axum::response::Response;
+use http::{header, HeaderValue, StatusCode};
+use std::time::Duration;
+
+/// Seconds a shed or unavailable request is told to wait.
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Why the gateway answered instead of a replica.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// No agent of that name.
+    #[error("no agent named {agent}")]
+    UnknownAgent { agent: String },
+    /// The agent requires a gateway token and the request's is missing or wrong.
+    #[error("agent {agent} requires its gateway token: Authorization: Bearer <token>")]
+    Unauthorized { agent: String },
+    /// No replica is ready, or every ready replica's breaker is open.
+    #[error("agent {agent} has no replica that can take the request ({reason})")]
+    NoReplica { agent: String, reason: &'static str },
+    /// The agent's concurrency limit is reached.
+    #[error("agent {agent} is at its concurrency limit; retry later")]
+    Overloaded { agent: String },
+    /// The replica did not start answering within the agent's request timeout.
+    #[error("agent {agent}: replica {replica} did not answer within {timeout:?}")]
+    Timeout {
+        agent: String,
+        replica: String,
+        timeout: Duration,
+    },
+    /// The replica could not be reached or broke the connection.
+    #[error("agent {agent}: replica {replica}: {source}")]
+    Upstream {
+        agent: String,
+        replica: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The request itself is not acceptable (body too large to read, bad path).
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+impl GatewayError {
+    /// The replica the failure happened at, if one was tried.
+    pub fn replica(&self) -> Option<&str> {
+        match self {
+            Self::Timeout { replica, .. } | Self::Upstream { replica, .. } => Some(replica),
+            _ => None,
+        }
+    }
+
+    /// Whether the failure may have happened before the replica saw the request at all
+    /// (a connection that could not be made), which makes any request safe to retry.
+    pub fn before_request(&self) -> bool {
+        matches!(self, Self::Upstream { source, .. } if source.is_connect())
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::UnknownAgent { .. } => (StatusCode::NOT_FOUND, "agent_not_found"),
+            Self::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::NoReplica { .. } => (StatusCode::SERVICE_UNAVAILABLE, "no_ready_replica"),
+            Self::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            Self::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
+            Self::Upstream { .. } => (StatusCode::BAD_GATEWAY, "upstream_failed"),
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+        }
+    }
+}
+
+/// The HTTP response for `err`.
+pub fn to_response(err: &GatewayError) -> Response {
+    let (status, code) = err.status_and_code();
+    let body = serde_json::json!({"error": {"code": code, "message": err.to_string()}});
+    let mut response = Response::new(Body::from(body.to_string()));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(RETRY_AFTER.as_secs()),
+        );
+    }
+    if status == StatusCode::UNAUTHORIZED {
+        headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    response
+}

@@ -1,0 +1,237 @@
+//! Forwarding one request to one replica over HTTP/1.1: the request as the gateway holds it,
+//! hop-by-hop headers handled as RFC 9110 §7.6.1 asks of a proxy, and the upstream client.
+
+use super::error::GatewayError;
+use axum::body::Body;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// The request id header, added when the client did not send one.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-berth-request-id");
+/// The client address header.
+pub const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// Marks a request safe to retry whatever its method.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// Idle upstream connections kept per replica.
+pub const POOL_IDLE_PER_HOST: usize = 64;
+/// How long an idle upstream connection is kept.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Headers that concern one connection only, never forwarded (RFC 9110 §7.6.1), besides those
+/// the `Connection` header names.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// The body of a request on its way to a replica.
+pub enum ForwardBody {
+    /// Read in full (small enough): it can be sent again, so the request can be retried.
+    Buffered(Bytes),
+    /// Streamed through as it arrives: it can be sent once only.
+    Streaming(Body),
+}
+
+/// A request on its way to a replica of `agent`.
+pub struct Forward {
+    /// The agent.
+    pub agent: String,
+    /// Method, as received.
+    pub method: Method,
+    /// Path and query for the replica (the `/agents/{name}` prefix removed).
+    pub path_and_query: String,
+    /// Headers to send: the client's, less hop-by-hop, plus the gateway's.
+    pub headers: HeaderMap,
+    /// The body.
+    pub body: ForwardBody,
+    /// Replicas already tried for this request; a retry goes elsewhere.
+    pub tried: Vec<String>,
+}
+
+impl Forward {
+    /// Whether sending the request twice is harmless: an idempotent method (RFC 9110 §9.2.2)
+    /// or an `Idempotency-Key`.
+    pub fn is_safe(&self) -> bool {
+        self.method.is_idempotent() || self.headers.contains_key(IDEMPOTENCY_KEY)
+    }
+
+    /// A copy for another attempt, if the body allows one.
+    pub fn try_clone(&self) -> Option<Self> {
+        let ForwardBody::Buffered(bytes) = &self.body else {
+            return None;
+        };
+        Some(Self {
+            agent: self.agent.clone(),
+            method: self.method.clone(),
+            path_and_query: self.path_and_query.clone(),
+            headers: self.headers.clone(),
+            body: ForwardBody::Buffered(bytes.clone()),
+            tried: self.tried.clone(),
+        })
+    }
+}
+
+/// Removes hop-by-hop headers, and those the `Connection` header lists, in place.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// The client's headers made ready for a replica: hop-by-hop ones removed, the client's
+/// address appended to `X-Forwarded-For`, and a request id unless the client sent one.
+pub fn upstream_headers(mut headers: HeaderMap, client: Option<IpAddr>) -> HeaderMap {
+    strip_hop_by_hop(&mut headers);
+    if let Some(ip) = client {
+        let value = match headers.get(FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prior) => format!("{prior}, {ip}"),
+            None => ip.to_string(),
+        };
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.insert(FORWARDED_FOR, value);
+        }
+    }
+    if !headers.contains_key(REQUEST_ID) {
+        let id = new_request_id();
+        headers.insert(
+            REQUEST_ID,
+            HeaderValue::from_str(&id).expect("hex is a valid header value"),
+        );
+    }
+    headers
+}
+
+/// A random 128-bit id in hex.
+pub fn new_request_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// The HTTP/1.1 client to replicas, with a pool of kept-alive connections per replica.
+#[derive(Clone)]
+pub struct Upstream {
+    client: Client<HttpConnector, Body>,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(POOL_IDLE_PER_HOST)
+            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+            .build(connector);
+        Self { client }
+    }
+}
+
+impl Upstream {
+    /// Sends `request` to `address` (`ip:port`) as replica `replica`; the response streams.
+    pub async fn send(
+        &self,
+        replica: &str,
+        address: &str,
+        request: Forward,
+    ) -> Result<Response<Body>, GatewayError> {
+        let uri = format!("http://{address}{}", request.path_and_query);
+        let body = match request.body {
+            ForwardBody::Buffered(bytes) => Body::from(bytes),
+            ForwardBody::Streaming(body) => body,
+        };
+        let mut upstream = Request::new(body);
+        *upstream.method_mut() = request.method;
+        *upstream.uri_mut() = uri
+            .parse()
+            .map_err(|e| GatewayError::BadRequest(format!("bad path: {e}")))?;
+        *upstream.headers_mut() = request.headers;
+        let response =
+            self.client
+                .request(upstream)
+                .await
+                .map_err(|source| GatewayError::Upstream {
+                    agent: request.agent.clone(),
+                    replica: replica.to_string(),
+                    source,
+                })?;
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, Body::new(body)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_the_rest_stay_with_every_value() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, "keep-alive, x-private".parse().unwrap());
+        headers.insert("keep-alive", "timeout=5".parse().unwrap());
+        headers.insert("x-private", "1".parse().unwrap());
+        headers.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        headers.append("x-multi", "a".parse().unwrap());
+        headers.append("x-multi", "b".parse().unwrap());
+        headers.insert(FORWARDED_FOR, "10.0.0.9".parse().unwrap());
+        let out = upstream_headers(headers, Some("192.0.2.1".parse().unwrap()));
+        for gone in ["connection", "keep-alive", "x-private", "transfer-encoding"] {
+            assert!(!out.contains_key(gone), "{gone} is hop-by-hop");
+        }
+        let multi: Vec<_> = out.get_all("x-multi").iter().collect();
+        assert_eq!(multi, ["a", "b"]);
+        assert_eq!(out[FORWARDED_FOR], "10.0.0.9, 192.0.2.1");
+        assert_eq!(out[REQUEST_ID].len(), 32);
+    }
+
+    #[test]
+    fn a_client_request_id_is_kept() {
+        let mut headers = HeaderMap::new();
+        headers.insert(REQUEST_ID, "abc".parse().unwrap());
+        assert_eq!(upstream_headers(headers, None)[REQUEST_ID], "abc");
+    }
+
+    #[test]
+    fn safe_means_idempotent_or_keyed() {
+        let request = |method: Method, key: bool| {
+            let mut headers = HeaderMap::new();
+            if key {
+                headers.insert(IDEMPOTENCY_KEY, "k1".parse().unwrap());
+            }
+            Forward {
+                agent: "a".into(),
+                method,
+                path_and_query: "/".into(),
+                headers,
+                body: ForwardBody::Buffered(Bytes::new()),
+                tried: vec![],
+            }
+        };
+        assert!(request(Method::GET, false).is_safe());
+        assert!(request(Method::PUT, false).is_safe());
+        assert!(!request(Method::POST, false).is_safe());
+        assert!(request(Method::POST, true).is_safe());
+        let streaming = Forward {
+            body: ForwardBody::Streaming(Body::empty()),
+            ..request(Method::GET, false)
+        };
+        assert!(streaming.try_clone().is_none());
+    }
+}

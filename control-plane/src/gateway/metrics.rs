@@ -1,0 +1,105 @@
+//! Prometheus metrics of the gateway.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+/// Labels of a finished request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The agent (empty for paths outside `/agents/`).
+    pub agent: String,
+    /// HTTP status code sent to the client.
+    pub code: u16,
+}
+
+/// Labels of a per-agent counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentLabels {
+    /// The agent.
+    pub agent: String,
+}
+
+/// Labels of a breaker transition.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BreakerLabels {
+    /// The agent.
+    pub agent: String,
+    /// The replica.
+    pub replica: String,
+    /// The state entered: closed, open or half_open.
+    pub to: String,
+}
+
+/// The gateway's metrics and their registry.
+pub struct GatewayMetrics {
+    registry: Registry,
+    /// Requests by agent and status code.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Time to response headers by agent and status code.
+    pub latency: Family<RequestLabels, Histogram>,
+    /// Breaker state changes.
+    pub breaker_transitions: Family<BreakerLabels, Counter>,
+    /// Retries sent to another replica.
+    pub retries: Family<AgentLabels, Counter>,
+    /// Requests refused at the concurrency limit.
+    pub shed: Family<AgentLabels, Counter>,
+}
+
+impl GatewayMetrics {
+    /// Registers every metric.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("berth_gateway");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by agent and the status code sent",
+            requests.clone(),
+        );
+        let latency = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0002, 2.0, 18))
+        });
+        registry.register(
+            "request_duration_seconds",
+            "Time until the response headers, by agent and status code",
+            latency.clone(),
+        );
+        let breaker_transitions = Family::<BreakerLabels, Counter>::default();
+        registry.register(
+            "breaker_transitions",
+            "Circuit breaker state changes by replica and the state entered",
+            breaker_transitions.clone(),
+        );
+        let retries = Family::<AgentLabels, Counter>::default();
+        registry.register(
+            "retries",
+            "Requests retried on another replica",
+            retries.clone(),
+        );
+        let shed = Family::<AgentLabels, Counter>::default();
+        registry.register(
+            "shed",
+            "Requests refused with 503 at the agent's concurrency limit",
+            shed.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            requests,
+            latency,
+            breaker_transitions,
+            retries,
+            shed,
+        })
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}

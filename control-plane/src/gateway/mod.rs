@@ -1,0 +1,425 @@
+//! The gateway: `ANY /agents/{name}/{path...}` to a ready replica of the agent, through a tower
+//! stack of load shedding, a concurrency limit, budgeted retries and per-replica circuit
+//! breakers with timeouts. It learns routes from an etcd watch and runs as its own process
+//! (`berth gateway`), so that several can serve side by side.
+
+pub mod balance;
+pub mod breaker;
+mod breakers;
+pub mod error;
+pub mod forward;
+pub mod metrics;
+pub mod retry;
+pub mod routes;
+
+use crate::store::{Store, StoreError};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use balance::{Balancer, BreakerChange, Pool};
+use bytes::Bytes;
+use error::{to_response, GatewayError};
+use forward::{Forward, ForwardBody, Upstream};
+use http::{header, HeaderMap, StatusCode};
+use http_body_util::BodyExt;
+use metrics::{AgentLabels, GatewayMetrics, RequestLabels};
+use retry::RetryPolicy;
+use routes::{Route, Routes};
+use std::collections::HashMap;
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::sync::{mpsc, watch};
+use tower::util::BoxCloneService;
+use tower::{BoxError, ServiceBuilder, ServiceExt};
+
+/// Requests in flight per agent before more are shed with 503.
+pub const MAX_CONCURRENCY: usize = 1024;
+/// Largest request body buffered so that the request can be retried (DESIGN.md's
+/// `max_replay_body`); larger bodies stream through once.
+pub const MAX_BUFFERED_BODY: u64 = crate::defaults::REPLAY_MAX_BODY_BYTES;
+
+/// Every setting of `berth gateway`.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    /// etcd endpoints.
+    pub etcd: Vec<String>,
+    /// Key prefix in etcd.
+    pub prefix: String,
+    /// HTTP address of the gateway.
+    pub listen: SocketAddr,
+    /// HTTP address of `/metrics`, `/healthz` and `/readyz`.
+    pub admin_listen: SocketAddr,
+    /// Requests in flight per agent before shedding.
+    pub max_concurrency: usize,
+    /// This gateway's name in the breaker states it publishes.
+    pub name: String,
+}
+
+/// Why the gateway could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayStartError {
+    /// etcd could not be reached.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A server failed.
+    #[error("gateway server: {0}")]
+    Serve(#[source] std::io::Error),
+    /// A setting is wrong.
+    #[error("invalid {setting}: {reason}")]
+    Config {
+        setting: &'static str,
+        reason: String,
+    },
+}
+
+/// One agent's stack and the pool it balances over.
+struct AgentStack {
+    pool: Arc<Pool>,
+    /// A clone serves each request; the lock is held only to clone (the stack is not `Sync`).
+    service: Mutex<BoxCloneService<Forward, Response<Body>, GatewayError>>,
+}
+
+/// Shared state of the request handlers.
+pub struct Gateway {
+    routes: watch::Receiver<Arc<Routes>>,
+    stacks: Mutex<HashMap<String, Arc<AgentStack>>>,
+    upstream: Upstream,
+    metrics: Arc<GatewayMetrics>,
+    changes: mpsc::UnboundedSender<BreakerChange>,
+    max_concurrency: usize,
+}
+
+impl Gateway {
+    /// The stack of `route`'s agent, made on first use; the pool follows the route.
+    fn stack(&self, route: &Arc<Route>) -> Arc<AgentStack> {
+        let mut stacks = self.stacks.lock().expect("stacks lock");
+        let stack = stacks.entry(route.agent.clone()).or_insert_with(|| {
+            let pool = Arc::new(Pool::new(route.clone(), self.changes.clone()));
+            let service = build_stack(
+                &route.agent,
+                pool.clone(),
+                self.upstream.clone(),
+                self.metrics.clone(),
+                self.max_concurrency,
+            );
+            Arc::new(AgentStack {
+                pool,
+                service: Mutex::new(service),
+            })
+        });
+        stack.pool.update(route.clone());
+        stack.clone()
+    }
+
+    /// The breaker state of every replica this gateway has sent to, by agent and replica.
+    pub fn breaker_states(&self) -> Vec<(String, String, berth_proto::v1::BreakerState)> {
+        let stacks = self.stacks.lock().expect("stacks lock");
+        stacks
+            .iter()
+            .flat_map(|(agent, stack)| {
+                stack
+                    .pool
+                    .replicas()
+                    .iter()
+                    .map(|r| (agent.clone(), r.endpoint.replica.clone(), r.breaker.state()))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+/// The request path of one agent, outermost layer first. Built here and nowhere else.
+fn build_stack(
+    agent: &str,
+    pool: Arc<Pool>,
+    upstream: Upstream,
+    metrics: Arc<GatewayMetrics>,
+    max_concurrency: usize,
+) -> BoxCloneService<Forward, Response<Body>, GatewayError> {
+    let name = agent.to_string();
+    let service = ServiceBuilder::new()
+        // Outermost: whatever a layer below refused with becomes a GatewayError, which the
+        // handler turns into the JSON answer.
+        .map_err(move |e: BoxError| match e.downcast::<GatewayError>() {
+            Ok(e) => *e,
+            Err(_) => GatewayError::Overloaded {
+                agent: name.clone(),
+            },
+        })
+        // Directly above the limit: when the limit has no permit left, the request is refused
+        // at once (503 + Retry-After) instead of waiting, so that overload does not become
+        // latency for everyone.
+        .load_shed()
+        // Above the retries: a request holds one permit however many attempts it takes, so
+        // retries cannot multiply the load the limit admits.
+        .concurrency_limit(max_concurrency)
+        // Above the balancer: each attempt picks a replica again, skipping those tried, and
+        // goes through that replica's breaker and timeout (inside the balancer), so that a
+        // retry both lands elsewhere and counts against the replica that failed.
+        .retry(RetryPolicy::new(agent, metrics))
+        // Innermost: power of two choices over the replicas whose breaker admits, the agent's
+        // timeout per attempt, and the breaker told of every outcome.
+        .service(Balancer::new(pool, upstream));
+    BoxCloneService::new(service)
+}
+
+/// Runs the gateway until `shutdown` completes.
+pub async fn run(
+    config: GatewayConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), GatewayStartError> {
+    if config.max_concurrency == 0 {
+        return Err(GatewayStartError::Config {
+            setting: "max_concurrency",
+            reason: "must be at least 1".into(),
+        });
+    }
+    let store = Store::connect(&config.etcd, &config.prefix).await?;
+    let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::new()));
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let follow = tokio::spawn(routes::follow(store.clone(), routes_tx, ready_tx));
+    let metrics = GatewayMetrics::new();
+    let (changes_tx, changes_rx) = mpsc::unbounded_channel();
+    let publish = tokio::spawn(breakers::publish(
+        store.clone(),
+        config.name.clone(),
+        changes_rx,
+        metrics.clone(),
+    ));
+    let gateway = Arc::new(Gateway {
+        routes: routes_rx,
+        stacks: Mutex::default(),
+        upstream: Upstream::default(),
+        metrics: metrics.clone(),
+        changes: changes_tx,
+        max_concurrency: config.max_concurrency,
+    });
+    let app = Router::new()
+        .route("/agents/{name}", any(proxy))
+        .route("/agents/{name}/", any(proxy))
+        .route("/agents/{name}/{*rest}", any(proxy))
+        .fallback(not_found)
+        .with_state(gateway);
+    let admin = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = *ready_rx.borrow();
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ok\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "routes not listed yet\n")
+                    }
+                }
+            }),
+        );
+    let listener = bind(config.listen).await?;
+    let admin_listener = bind(config.admin_listen).await?;
+    tracing::info!(listen = %config.listen, admin = %config.admin_listen, etcd = %config.etcd.join(","), "gateway serving");
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let admin = tokio::spawn(
+        axum::serve(admin_listener, admin)
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
+            .into_future(),
+    );
+    let server = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stopped(stop_rx));
+    let server = tokio::spawn(server.into_future());
+    shutdown.await;
+    tracing::info!("gateway stopping");
+    let _ = stop_tx.send(true);
+    let served = server.await.expect("server task");
+    let _ = admin.await;
+    follow.abort();
+    publish.abort();
+    served.map_err(GatewayStartError::Serve)
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, GatewayStartError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| GatewayStartError::Bind { addr, source })
+}
+
+async fn not_found() -> Response {
+    let body = serde_json::json!({"error": {"code": "not_found", "message": "the gateway serves /agents/{name}/..."}});
+    (
+        StatusCode::NOT_FOUND,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// `ANY /agents/{name}/{path...}`.
+async fn proxy(
+    State(gateway): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
+    let started = Instant::now();
+    let path = request.uri().path();
+    let rest = path.strip_prefix("/agents/").unwrap_or_default();
+    let (agent, _) = rest.split_once('/').unwrap_or((rest, ""));
+    let agent = agent.to_string();
+    let response = match forward(&gateway, &agent, peer, request).await {
+        Ok(response) => response,
+        Err(e) => {
+            if matches!(e, GatewayError::Overloaded { .. }) {
+                gateway
+                    .metrics
+                    .shed
+                    .get_or_create(&AgentLabels {
+                        agent: agent.clone(),
+                    })
+                    .inc();
+            }
+            tracing::debug!(agent = %agent, error = %e, "answered by the gateway");
+            to_response(&e)
+        }
+    };
+    let labels = RequestLabels {
+        agent,
+        code: response.status().as_u16(),
+    };
+    gateway.metrics.requests.get_or_create(&labels).inc();
+    gateway
+        .metrics
+        .latency
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+async fn forward(
+    gateway: &Gateway,
+    agent: &str,
+    peer: SocketAddr,
+    request: Request,
+) -> Result<Response, GatewayError> {
+    let route = gateway.routes.borrow().get(agent).cloned();
+    let Some(route) = route else {
+        return Err(GatewayError::UnknownAgent {
+            agent: agent.to_string(),
+        });
+    };
+    if !route.token_sha256.is_empty() && !token_matches(request.headers(), &route.token_sha256) {
+        return Err(GatewayError::Unauthorized {
+            agent: agent.to_string(),
+        });
+    }
+    let stack = gateway.stack(&route);
+    let (parts, body) = request.into_parts();
+    let prefix_len = "/agents/".len() + agent.len();
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or("/");
+    let mut rest = path_and_query[prefix_len.min(path_and_query.len())..].to_string();
+    if !rest.starts_with('/') {
+        rest.insert(0, '/');
+    }
+    let body = read_body(&parts.headers, body).await?;
+    let forward = Forward {
+        agent: agent.to_string(),
+        method: parts.method,
+        path_and_query: rest,
+        headers: forward::upstream_headers(parts.headers, Some(peer.ip())),
+        body,
+        tried: Vec::new(),
+    };
+    let service = stack.service.lock().expect("stack lock").clone();
+    service.oneshot(forward).await
+}
+
+/// Buffers a body of known, small length so that the request can be retried; a large or
+/// chunked one streams through.
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<ForwardBody, GatewayError> {
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let chunked = headers.contains_key(header::TRANSFER_ENCODING);
+    match length {
+        Some(n) if n <= MAX_BUFFERED_BODY && !chunked => {
+            let bytes = body
+                .collect()
+                .await
+                .map_err(|e| GatewayError::BadRequest(format!("reading the request body: {e}")))?
+                .to_bytes();
+            Ok(ForwardBody::Buffered(bytes))
+        }
+        None if !chunked => Ok(ForwardBody::Buffered(Bytes::new())),
+        _ => Ok(ForwardBody::Streaming(body)),
+    }
+}
+
+/// Whether the request carries the agent's gateway token (`Authorization: Bearer <token>`),
+/// compared by SHA-256 in constant time.
+fn token_matches(headers: &HeaderMap, sha256_hex: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    let Some(token) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let digest = Sha256::digest(token.trim().as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    hex.as_bytes().ct_eq(sha256_hex.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_checked_by_hash() {
+        let hash = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"; // "test"
+        let mut headers = HeaderMap::new();
+        assert!(!token_matches(&headers, hash));
+        headers.insert(header::AUTHORIZATION, "Bearer test".parse().unwrap());
+        assert!(token_matches(&headers, hash));
+        headers.insert(header::AUTHORIZATION, "Bearer nope".parse().unwrap());
+        assert!(!token_matches(&headers, hash));
+        headers.insert(header::AUTHORIZATION, "Basic test".parse().unwrap());
+        assert!(!token_matches(&headers, hash));
+    }
+}

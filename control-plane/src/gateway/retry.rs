@@ -1,0 +1,211 @@
+//! When a failed request is tried again: only if sending it twice is harmless (an idempotent
+//! method or an `Idempotency-Key`, or a connection that never opened), only on another replica,
+//! after an exponential backoff with jitter, and only while the agent's retry budget (20% of
+//! its requests) allows. tower's `Retry` drives it; budget and backoff are tower's too.
+
+use super::balance::ServedBy;
+use super::error::GatewayError;
+use super::forward::Forward;
+use super::metrics::{AgentLabels, GatewayMetrics};
+use axum::body::Body;
+use http::{Response, StatusCode};
+use std::sync::Arc;
+use std::time::Duration;
+use tower::retry::backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::util::rng::HasherRng;
+
+/// Share of requests that may be retries, over `BUDGET_WINDOW`.
+pub const RETRY_RATIO: f32 = 0.2;
+/// Retries always allowed per second, so that a quiet agent can still retry.
+pub const RETRY_MIN_PER_SEC: u32 = 10;
+/// How long a request's deposit counts toward the budget.
+pub const BUDGET_WINDOW: Duration = Duration::from_secs(10);
+/// Most attempts of one request, the first included.
+pub const MAX_ATTEMPTS: u32 = 3;
+/// First backoff before a retry.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(5);
+/// Longest backoff before a retry.
+pub const BACKOFF_MAX: Duration = Duration::from_millis(250);
+
+/// The retry policy of one request; [`RetryPolicy::new`] makes the agent's template.
+#[derive(Clone)]
+pub struct RetryPolicy {
+    budget: Arc<TpsBudget>,
+    backoff: ExponentialBackoff,
+    metrics: Arc<GatewayMetrics>,
+    agent: String,
+    attempts: u32,
+    deposited: bool,
+}
+
+impl RetryPolicy {
+    /// The policy of `agent`, with a budget shared by all its requests.
+    pub fn new(agent: &str, metrics: Arc<GatewayMetrics>) -> Self {
+        let backoff =
+            ExponentialBackoffMaker::new(BACKOFF_MIN, BACKOFF_MAX, 1.0, HasherRng::default())
+                .expect("constant backoff bounds are valid")
+                .make_backoff();
+        Self {
+            budget: Arc::new(TpsBudget::new(
+                BUDGET_WINDOW,
+                RETRY_MIN_PER_SEC,
+                RETRY_RATIO,
+            )),
+            backoff,
+            metrics,
+            agent: agent.to_string(),
+            attempts: 1,
+            deposited: false,
+        }
+    }
+
+    /// Whether the outcome of an attempt of `request` calls for another attempt, and where
+    /// the attempt went.
+    fn retryable<'a>(
+        request: &Forward,
+        result: &'a Result<Response<Body>, GatewayError>,
+    ) -> Option<&'a str> {
+        match result {
+            Ok(response) => {
+                let status = response.status();
+                let failed = status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED;
+                let replica = response.extensions().get::<ServedBy>()?;
+                (failed && request.is_safe()).then_some(replica.0.as_str())
+            }
+            Err(e) => {
+                let replica = e.replica()?;
+                (request.is_safe() || e.before_request()).then_some(replica)
+            }
+        }
+    }
+}
+
+impl tower::retry::Policy<Forward, Response<Body>, GatewayError> for RetryPolicy {
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        request: &mut Forward,
+        result: &mut Result<Response<Body>, GatewayError>,
+    ) -> Option<Self::Future> {
+        let replica = Self::retryable(request, result)?;
+        if self.attempts >= MAX_ATTEMPTS || !self.budget.withdraw() {
+            return None;
+        }
+        request.tried.push(replica.to_string());
+        self.attempts += 1;
+        self.metrics
+            .retries
+            .get_or_create(&AgentLabels {
+                agent: self.agent.clone(),
+            })
+            .inc();
+        Some(self.backoff.next_backoff())
+    }
+
+    fn clone_request(&mut self, request: &Forward) -> Option<Forward> {
+        if !self.deposited {
+            // Each original request earns the budget its share of retries.
+            self.budget.deposit();
+            self.deposited = true;
+        }
+        request.try_clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::forward::ForwardBody;
+    use bytes::Bytes;
+    use http::{HeaderMap, Method};
+    use tower::retry::Policy;
+
+    fn request(method: Method) -> Forward {
+        Forward {
+            agent: "a".into(),
+            method,
+            path_and_query: "/".into(),
+            headers: HeaderMap::new(),
+            body: ForwardBody::Buffered(Bytes::new()),
+            tried: vec![],
+        }
+    }
+
+    fn answered(status: u16, replica: &str) -> Result<Response<Body>, GatewayError> {
+        let mut response = Response::new(Body::empty());
+        *response.status_mut() = StatusCode::from_u16(status).unwrap();
+        response.extensions_mut().insert(ServedBy(replica.into()));
+        Ok(response)
+    }
+
+    fn timed_out(replica: &str) -> Result<Response<Body>, GatewayError> {
+        Err(GatewayError::Timeout {
+            agent: "a".into(),
+            replica: replica.into(),
+            timeout: Duration::from_secs(1),
+        })
+    }
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy::new("a", GatewayMetrics::new())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn safe_failures_retry_elsewhere_unsafe_ones_do_not() {
+        let mut p = policy();
+        let mut get = request(Method::GET);
+        p.clone_request(&get);
+        assert!(p.retry(&mut get, &mut answered(503, "a-0")).is_some());
+        assert_eq!(get.tried, ["a-0"]);
+        let mut post = request(Method::POST);
+        assert!(p.retry(&mut post, &mut timed_out("a-0")).is_none());
+        assert!(p.retry(&mut post, &mut answered(503, "a-0")).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_that_are_not_failures_are_final() {
+        let mut p = policy();
+        let mut get = request(Method::GET);
+        for status in [200, 404, 429, 501] {
+            assert!(p.retry(&mut get, &mut answered(status, "a-0")).is_none());
+        }
+        assert!(get.tried.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn attempts_are_bounded() {
+        let mut p = policy();
+        let mut get = request(Method::GET);
+        p.clone_request(&get);
+        let mut retried = 0;
+        while p.retry(&mut get, &mut timed_out("a-0")).is_some() {
+            retried += 1;
+        }
+        assert_eq!(retried, MAX_ATTEMPTS - 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_caps_retries_at_a_fifth_of_requests() {
+        let template = policy();
+        let mut granted = 0;
+        let requests = 1000;
+        for _ in 0..requests {
+            let mut p = template.clone();
+            let mut get = request(Method::GET);
+            p.clone_request(&get);
+            if p.retry(&mut get, &mut timed_out("a-0")).is_some() {
+                granted += 1;
+            }
+        }
+        // The floor (RETRY_MIN_PER_SEC over the window) plus 20% of the requests.
+        let ceiling = RETRY_MIN_PER_SEC as usize * BUDGET_WINDOW.as_secs() as usize
+            + (requests as f32 * RETRY_RATIO) as usize;
+        assert!(granted <= ceiling, "{granted} retries > {ceiling}");
+        assert!(
+            granted >= (requests as f32 * RETRY_RATIO) as usize,
+            "{granted}"
+        );
+    }
+}
