@@ -297,3 +297,52 @@ pub fn unique_name(prefix: &str) -> String {
         .subsec_nanos();
     format!("{prefix}-{}-{nanos:x}", std::process::id())
 }
+
+/// A real `berth gateway` process.
+pub struct Gateway {
+    _child: Child,
+    dir: TempDir,
+    /// HTTP address, `127.0.0.1:PORT`.
+    pub addr: String,
+    /// Admin address, `127.0.0.1:PORT`.
+    pub admin_addr: String,
+}
+
+impl Gateway {
+    /// Starts a gateway over `etcd_url` and waits until it has listed its routes.
+    pub async fn start(etcd_url: &str) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("berth-gw-").tempdir()?;
+        let addr = format!("127.0.0.1:{}", free_port());
+        let admin_addr = format!("127.0.0.1:{}", free_port());
+        let mut command = Command::new(berth_bin());
+        command
+            .arg("gateway")
+            .args(["--etcd", etcd_url, "--listen", &addr])
+            .args(["--admin-listen", &admin_addr, "--name", "test-gateway"])
+            .env("RUST_LOG", "info");
+        let child = Child::spawn(command, &dir.path().join("gateway.log"))?;
+        let gateway = Self {
+            _child: child,
+            dir,
+            addr,
+            admin_addr,
+        };
+        let ready = gateway.admin_addr.clone();
+        eventually(READY_TIMEOUT, "the gateway to be ready", || {
+            let ready = ready.clone();
+            async move {
+                let (code, _) = docker::http(&ready, "GET", "/readyz").await?;
+                (code == 200).then_some(())
+            }
+        })
+        .await
+        .with_context(|| gateway.log())?;
+        Ok(gateway)
+    }
+
+    /// The process's log so far.
+    pub fn log(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default();
+        format!("gateway log:\n{log}")
+    }
+}

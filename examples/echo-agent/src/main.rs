@@ -7,6 +7,7 @@
 //! - `GET /slow?ms=N`: answers after N milliseconds
 //! - `GET /stream?n=N&ms=M`: N server-sent events, one every M milliseconds
 //! - `GET|POST /state`: a counter, kept in `/data/counter` when `/data` exists; POST adds one
+//! - `POST /errors/on`, `POST /errors/off`: while on, every other route but `/health` answers 500
 //! - `POST /log`: writes the request body to standard output, as one line
 //! - `GET /requests`: how many times each `X-Berth-Request-Id` was seen
 //!
@@ -29,6 +30,8 @@ use std::time::Duration;
 #[derive(Clone, Default)]
 struct Agent {
     unhealthy: Arc<AtomicBool>,
+    /// Every route but `/health` and `/errors/*` answers 500 while set.
+    erroring: Arc<AtomicBool>,
     seen: Arc<Mutex<HashMap<String, u64>>>,
     /// The counter when no `/data` volume is mounted.
     state: Arc<tokio::sync::Mutex<u64>>,
@@ -51,6 +54,8 @@ async fn main() {
         .route("/stream", get(stream))
         .route("/state", get(state).post(state))
         .route("/log", post(log))
+        .route("/errors/on", post(errors_on))
+        .route("/errors/off", post(errors_off))
         .route("/requests", get(requests))
         .layer(axum::middleware::from_fn_with_state(
             agent.clone(),
@@ -94,7 +99,24 @@ async fn count_request_ids(
             .entry(id.to_string())
             .or_default() += 1;
     }
+    let path = request.uri().path();
+    if agent.erroring.load(Ordering::Relaxed) && path != "/health" && !path.starts_with("/errors/")
+    {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "failing on purpose\n").into_response();
+    }
     next.run(request).await
+}
+
+async fn errors_on(State(agent): State<Agent>) -> &'static str {
+    agent.erroring.store(true, Ordering::Relaxed);
+    eprintln!("echo-agent: answering 500");
+    "errors on\n"
+}
+
+async fn errors_off(State(agent): State<Agent>) -> &'static str {
+    agent.erroring.store(false, Ordering::Relaxed);
+    eprintln!("echo-agent: answering normally");
+    "errors off\n"
 }
 
 async fn health(State(agent): State<Agent>) -> (StatusCode, &'static str) {
