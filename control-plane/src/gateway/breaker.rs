@@ -123,7 +123,7 @@ pub struct Breaker {
 impl Breaker {
     /// A closed breaker.
     pub fn new(config: BreakerConfig) -> Self {
-        Self::with_random(config, || rand::random::<f64>())
+        Self::with_random(config, rand::random::<f64>)
     }
 
     /// A closed breaker whose jitter draws from `random` (`[0, 1)`).
