@@ -132,6 +132,8 @@ async fn the_gateway_forwards_faithfully_hides_failures_and_cuts_off_bad_replica
         ECHO_IMAGE,
         "--token",
         "s3cret-gateway-key-0123",
+        "--request-timeout",
+        "1s",
     ];
     deploy.extend(health);
     let out = cp.cli(&deploy);
@@ -239,11 +241,30 @@ async fn the_gateway_forwards_faithfully_hides_failures_and_cuts_off_bad_replica
     assert_eq!(wrong.status, 401);
     let allowed = send(
         &gw.addr,
-        &format!("GET /agents/{secured}/echo HTTP/1.1\r\nAuthorization: Bearer s3cret-gateway-key-0123"),
+        &format!(
+            "GET /agents/{secured}/echo HTTP/1.1\r\nAuthorization: Bearer s3cret-gateway-key-0123"
+        ),
         b"",
     )
     .await;
     assert_eq!(allowed.status, 200);
+    // A replica slower than the agent's request timeout: 504.
+    let started = Instant::now();
+    let slow = send(
+        &gw.addr,
+        &format!(
+            "GET /agents/{secured}/slow?ms=5000 HTTP/1.1\r\nAuthorization: Bearer s3cret-gateway-key-0123"
+        ),
+        b"",
+    )
+    .await;
+    assert_eq!(slow.status, 504, "{}", String::from_utf8_lossy(&slow.body));
+    assert_eq!(slow.json()["error"]["code"], "upstream_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
 
     // A replica crashes under GET traffic: no client sees an error.
     let replicas = agent.status.clone().unwrap().replicas;

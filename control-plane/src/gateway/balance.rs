@@ -39,6 +39,13 @@ pub struct Replica {
     outstanding: AtomicUsize,
 }
 
+impl Replica {
+    /// Requests in flight at the replica now.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+}
+
 /// The current replicas and settings of one agent, shared by every request to it.
 pub struct Pool {
     agent: String,
@@ -114,6 +121,16 @@ impl Pool {
                 transition,
             });
         }
+    }
+
+    /// Whether a replica other than `tried` and `failed` could take a retry now.
+    pub fn has_other(&self, tried: &[String], failed: &str) -> bool {
+        let (_, replicas) = self.snapshot();
+        replicas.iter().any(|r| {
+            r.endpoint.replica != failed
+                && !tried.contains(&r.endpoint.replica)
+                && r.breaker.available()
+        })
     }
 
     /// Picks a replica not in `tried` and gets it admitted by its breaker: two at random among
@@ -279,6 +296,10 @@ mod tests {
         Pool::new(route(replicas), mpsc::unbounded_channel().0)
     }
 
+    fn pool_with_two() -> Pool {
+        pool(&["a-0", "a-1"])
+    }
+
     #[test]
     fn the_less_loaded_of_two_wins() {
         let pool = pool(&["a-0", "a-1"]);
@@ -316,6 +337,9 @@ mod tests {
             pool.pick(&["a-0".into(), "a-1".into()]).unwrap_err(),
             "every ready replica was tried"
         );
+        assert!(!pool.has_other(&[], "a-0"), "a-1 is open");
+        assert!(pool_with_two().has_other(&[], "a-0"));
+        assert!(!pool_with_two().has_other(&["a-1".into()], "a-0"));
     }
 
     #[test]

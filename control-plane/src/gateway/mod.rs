@@ -167,7 +167,7 @@ fn build_stack(
         // Above the balancer: each attempt picks a replica again, skipping those tried, and
         // goes through that replica's breaker and timeout (inside the balancer), so that a
         // retry both lands elsewhere and counts against the replica that failed.
-        .retry(RetryPolicy::new(agent, metrics))
+        .retry(RetryPolicy::new(agent, pool.clone(), metrics))
         // Innermost: power of two choices over the replicas whose breaker admits, the agent's
         // timeout per attempt, and the breaker told of every outcome.
         .service(Balancer::new(pool, upstream));
@@ -409,6 +409,67 @@ fn token_matches(headers: &HeaderMap, sha256_hex: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use routes::Endpoint;
+    use std::time::Duration;
+
+    fn forward_get(path: &str) -> Forward {
+        Forward {
+            agent: "a".into(),
+            method: http::Method::GET,
+            path_and_query: path.into(),
+            headers: HeaderMap::new(),
+            body: ForwardBody::Buffered(Bytes::new()),
+            tried: vec![],
+        }
+    }
+
+    /// The stack over a real HTTP replica on loopback: with one request in flight and a limit
+    /// of one, the next is shed at once; the one in flight ends at the agent's timeout.
+    #[tokio::test]
+    async fn a_full_agent_sheds_at_once_and_a_hung_replica_times_out() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let replica = Router::new()
+            .route("/hang", get(std::future::pending::<&'static str>))
+            .route("/ok", get(|| async { "ok" }));
+        let server = tokio::spawn(axum::serve(listener, replica).into_future());
+        let route = Arc::new(Route {
+            agent: "a".into(),
+            token_sha256: String::new(),
+            timeout: Duration::from_millis(300),
+            breaker: breaker::BreakerConfig::default(),
+            replicas: vec![Endpoint {
+                replica: "a-0".into(),
+                address,
+            }],
+        });
+        let pool = Arc::new(Pool::new(route, mpsc::unbounded_channel().0));
+        let metrics = GatewayMetrics::new();
+        let stack = build_stack("a", pool.clone(), Upstream::default(), metrics, 1);
+        let hung = tokio::spawn(stack.clone().oneshot(forward_get("/hang")));
+        let a0 = pool.replicas()[0].clone();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while a0.outstanding() == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the first request never reached the replica"
+            );
+            tokio::task::yield_now().await;
+        }
+        let shed = stack.clone().oneshot(forward_get("/ok")).await;
+        assert!(
+            matches!(shed, Err(GatewayError::Overloaded { .. })),
+            "{shed:?}"
+        );
+        let timed_out = hung.await.unwrap();
+        assert!(
+            matches!(timed_out, Err(GatewayError::Timeout { .. })),
+            "{timed_out:?}"
+        );
+        let ok = stack.oneshot(forward_get("/ok")).await.unwrap();
+        assert_eq!(ok.status(), StatusCode::OK);
+        server.abort();
+    }
 
     #[test]
     fn tokens_are_checked_by_hash() {

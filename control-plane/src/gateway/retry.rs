@@ -1,9 +1,10 @@
 //! When a failed request is tried again: only if sending it twice is harmless (an idempotent
-//! method or an `Idempotency-Key`, or a connection that never opened), only on another replica,
+//! method or an `Idempotency-Key`, or a connection that never opened), only when another
+//! replica can take it (otherwise the client gets the real failure, not "no replica"),
 //! after an exponential backoff with jitter, and only while the agent's retry budget (20% of
 //! its requests) allows. tower's `Retry` drives it; budget and backoff are tower's too.
 
-use super::balance::ServedBy;
+use super::balance::{Pool, ServedBy};
 use super::error::GatewayError;
 use super::forward::Forward;
 use super::metrics::{AgentLabels, GatewayMetrics};
@@ -31,6 +32,7 @@ pub const BACKOFF_MAX: Duration = Duration::from_millis(250);
 /// The retry policy of one request; [`RetryPolicy::new`] makes the agent's template.
 #[derive(Clone)]
 pub struct RetryPolicy {
+    pool: Arc<Pool>,
     budget: Arc<TpsBudget>,
     backoff: ExponentialBackoff,
     metrics: Arc<GatewayMetrics>,
@@ -40,13 +42,14 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The policy of `agent`, with a budget shared by all its requests.
-    pub fn new(agent: &str, metrics: Arc<GatewayMetrics>) -> Self {
+    /// The policy of `agent` over `pool`, with a budget shared by all its requests.
+    pub fn new(agent: &str, pool: Arc<Pool>, metrics: Arc<GatewayMetrics>) -> Self {
         let backoff =
             ExponentialBackoffMaker::new(BACKOFF_MIN, BACKOFF_MAX, 1.0, HasherRng::default())
                 .expect("constant backoff bounds are valid")
                 .make_backoff();
         Self {
+            pool,
             budget: Arc::new(TpsBudget::new(
                 BUDGET_WINDOW,
                 RETRY_MIN_PER_SEC,
@@ -90,7 +93,10 @@ impl tower::retry::Policy<Forward, Response<Body>, GatewayError> for RetryPolicy
         result: &mut Result<Response<Body>, GatewayError>,
     ) -> Option<Self::Future> {
         let replica = Self::retryable(request, result)?;
-        if self.attempts >= MAX_ATTEMPTS || !self.budget.withdraw() {
+        if self.attempts >= MAX_ATTEMPTS
+            || !self.pool.has_other(&request.tried, replica)
+            || !self.budget.withdraw()
+        {
             return None;
         }
         request.tried.push(replica.to_string());
@@ -117,7 +123,9 @@ impl tower::retry::Policy<Forward, Response<Body>, GatewayError> for RetryPolicy
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::gateway::breaker::BreakerConfig;
     use crate::gateway::forward::ForwardBody;
+    use crate::gateway::routes::{Endpoint, Route};
     use bytes::Bytes;
     use http::{HeaderMap, Method};
     use tower::retry::Policy;
@@ -149,7 +157,36 @@ mod tests {
     }
 
     fn policy() -> RetryPolicy {
-        RetryPolicy::new("a", GatewayMetrics::new())
+        policy_over(&["a-0", "a-1", "a-2", "a-3"])
+    }
+
+    fn policy_over(replicas: &[&str]) -> RetryPolicy {
+        let route = Route {
+            agent: "a".into(),
+            token_sha256: String::new(),
+            timeout: Duration::from_secs(1),
+            breaker: BreakerConfig::default(),
+            replicas: replicas
+                .iter()
+                .map(|r| Endpoint {
+                    replica: r.to_string(),
+                    address: format!("{r}:80"),
+                })
+                .collect(),
+        };
+        let pool = Pool::new(Arc::new(route), tokio::sync::mpsc::unbounded_channel().0);
+        RetryPolicy::new("a", Arc::new(pool), GatewayMetrics::new())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_retry_without_another_replica() {
+        let mut p = policy_over(&["a-0"]);
+        let mut get = request(Method::GET);
+        p.clone_request(&get);
+        assert!(p.retry(&mut get, &mut timed_out("a-0")).is_none());
+        let mut p = policy_over(&["a-0", "a-1"]);
+        assert!(p.retry(&mut get, &mut timed_out("a-0")).is_some());
+        assert!(p.retry(&mut get, &mut timed_out("a-1")).is_none());
     }
 
     #[tokio::test(start_paused = true)]
