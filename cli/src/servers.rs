@@ -228,6 +228,9 @@ pub struct GatewayArgs {
     /// This gateway's name in the breaker states it publishes (default: host name and pid).
     #[arg(long, env = "BERTH_GATEWAY_NAME")]
     name: Option<String>,
+    /// Serving threads, each with its own event loop and upstream connections (0: one per CPU).
+    #[arg(long, env = "BERTH_GATEWAY_WORKERS", default_value_t = 0)]
+    workers: usize,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -249,6 +252,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         admin_listen: args.admin_listen,
         max_concurrency: args.max_concurrency,
         name,
+        workers: args.workers,
     };
     berth_control_plane::gateway::run(config, shutdown_signal()).await?;
     Ok(())

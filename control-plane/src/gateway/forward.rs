@@ -125,22 +125,23 @@ pub fn new_request_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
-/// The HTTP/1.1 client to replicas, with a pool of kept-alive connections per replica.
-#[derive(Clone)]
-pub struct Upstream {
-    client: Client<HttpConnector, Body>,
+/// The HTTP/1.1 client to replicas, with a pool of kept-alive connections per replica. Each
+/// thread has its own client and pool, so that a connection's task runs on the thread that
+/// uses it (the serving threads are single-threaded runtimes; see `gateway::run`).
+#[derive(Clone, Default)]
+pub struct Upstream;
+
+thread_local! {
+    static CLIENT: Client<HttpConnector, Body> = new_client();
 }
 
-impl Default for Upstream {
-    fn default() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_max_idle_per_host(POOL_IDLE_PER_HOST)
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .build(connector);
-        Self { client }
-    }
+fn new_client() -> Client<HttpConnector, Body> {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_max_idle_per_host(POOL_IDLE_PER_HOST)
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .build(connector)
 }
 
 impl Upstream {
@@ -162,15 +163,15 @@ impl Upstream {
             .parse()
             .map_err(|e| GatewayError::BadRequest(format!("bad path: {e}")))?;
         *upstream.headers_mut() = request.headers;
-        let response =
-            self.client
-                .request(upstream)
-                .await
-                .map_err(|source| GatewayError::Upstream {
-                    agent: request.agent.clone(),
-                    replica: replica.to_string(),
-                    source,
-                })?;
+        let client = CLIENT.with(Client::clone);
+        let response = client
+            .request(upstream)
+            .await
+            .map_err(|source| GatewayError::Upstream {
+                agent: request.agent.clone(),
+                replica: replica.to_string(),
+                source,
+            })?;
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         Ok(Response::from_parts(parts, Body::new(body)))

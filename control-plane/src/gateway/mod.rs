@@ -57,6 +57,8 @@ pub struct GatewayConfig {
     pub max_concurrency: usize,
     /// This gateway's name in the breaker states it publishes.
     pub name: String,
+    /// Serving threads (0: one per CPU).
+    pub workers: usize,
 }
 
 /// Why the gateway could not start or stopped with an error.
@@ -200,7 +202,7 @@ pub async fn run(
     let gateway = Arc::new(Gateway {
         routes: routes_rx,
         stacks: Mutex::default(),
-        upstream: Upstream::default(),
+        upstream: Upstream,
         metrics: metrics.clone(),
         changes: changes_tx,
         max_concurrency: config.max_concurrency,
@@ -241,32 +243,90 @@ pub async fn run(
                 }
             }),
         );
-    let listener = bind(config.listen).await?;
-    let admin_listener = bind(config.admin_listen).await?;
-    tracing::info!(listen = %config.listen, admin = %config.admin_listen, etcd = %config.etcd.join(","), "gateway serving");
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
+    let workers = match config.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
     };
+    let listeners = (0..workers)
+        .map(|_| bind_shared(config.listen))
+        .collect::<Result<Vec<_>, _>>()?;
+    let admin_listener = bind(config.admin_listen).await?;
+    tracing::info!(listen = %config.listen, admin = %config.admin_listen, workers, etcd = %config.etcd.join(","), "gateway serving");
+    let (stop_tx, stop_rx) = watch::channel(false);
     let admin = tokio::spawn(
         axum::serve(admin_listener, admin)
             .with_graceful_shutdown(stopped(stop_rx.clone()))
             .into_future(),
     );
-    let server = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(stopped(stop_rx));
-    let server = tokio::spawn(server.into_future());
+    let threads: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(i, listener)| {
+            let (app, stop) = (app.clone(), stop_rx.clone());
+            std::thread::Builder::new()
+                .name(format!("gateway-{i}"))
+                .spawn(move || serve_on_this_thread(listener, app, stop))
+                .map_err(GatewayStartError::Serve)
+        })
+        .collect::<Result<_, _>>()?;
     shutdown.await;
     tracing::info!("gateway stopping");
     let _ = stop_tx.send(true);
-    let served = server.await.expect("server task");
+    let served = tokio::task::spawn_blocking(move || {
+        threads
+            .into_iter()
+            .map(|t| t.join().expect("serving thread"))
+            .collect::<std::io::Result<Vec<()>>>()
+    })
+    .await
+    .expect("joining the serving threads");
     let _ = admin.await;
     follow.abort();
     publish.abort();
-    served.map_err(GatewayStartError::Serve)
+    served.map(|_| ()).map_err(GatewayStartError::Serve)
+}
+
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
+}
+
+/// A listening socket on `addr` that other threads may also listen on (`SO_REUSEPORT`): the
+/// kernel spreads connections over them.
+fn bind_shared(addr: SocketAddr) -> Result<std::net::TcpListener, GatewayStartError> {
+    let bound = (|| {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.set_nodelay(true)?;
+        socket.bind(addr)?;
+        socket.listen(1024)?.into_std()
+    })();
+    bound.map_err(|source| GatewayStartError::Bind { addr, source })
+}
+
+/// One serving thread: a single-threaded runtime with its own accept loop, like an nginx
+/// worker, so that a request and its upstream call never hop between threads.
+fn serve_on_this_thread(
+    listener: std::net::TcpListener,
+    app: Router,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stopped(stop))
+        .await
+    })
 }
 
 async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, GatewayStartError> {

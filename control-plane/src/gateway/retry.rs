@@ -84,6 +84,13 @@ impl RetryPolicy {
     }
 }
 
+/// Exponential from `BACKOFF_MIN` to `BACKOFF_MAX`, each wait plus up to 100% at random.
+fn new_backoff() -> ExponentialBackoff {
+    ExponentialBackoffMaker::new(BACKOFF_MIN, BACKOFF_MAX, 1.0, HasherRng::default())
+        .expect("constant backoff bounds are valid")
+        .make_backoff()
+}
+
 impl tower::retry::Policy<Forward, Response<Body>, GatewayError> for RetryPolicy {
     type Future = tokio::time::Sleep;
 
@@ -112,9 +119,11 @@ impl tower::retry::Policy<Forward, Response<Body>, GatewayError> for RetryPolicy
 
     fn clone_request(&mut self, request: &Forward) -> Option<Forward> {
         if !self.deposited {
-            // Each original request earns the budget its share of retries.
+            // Each original request earns the budget its share of retries, and draws its
+            // own jitter (a cloned backoff would repeat the template's sequence).
             self.budget.deposit();
             self.deposited = true;
+            self.backoff = new_backoff();
         }
         request.try_clone()
     }
