@@ -505,7 +505,7 @@ mod tests {
         });
         let pool = Arc::new(Pool::new(route, mpsc::unbounded_channel().0));
         let metrics = GatewayMetrics::new();
-        let stack = build_stack("a", pool.clone(), Upstream::default(), metrics, 1);
+        let stack = build_stack("a", pool.clone(), Upstream, metrics, 1);
         let hung = tokio::spawn(stack.clone().oneshot(forward_get("/hang")));
         let a0 = pool.replicas()[0].clone();
         let deadline = Instant::now() + Duration::from_secs(5);
