@@ -74,6 +74,18 @@ impl Client {
         AgentServiceClient::with_interceptor(self.channel.clone(), self.token.clone())
     }
 
+    /// The request (replay queue) service.
+    pub fn requests(
+        &self,
+    ) -> berth_proto::v1::request_service_client::RequestServiceClient<
+        InterceptedService<Channel, BearerToken>,
+    > {
+        berth_proto::v1::request_service_client::RequestServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.token.clone(),
+        )
+    }
+
     /// Turns a gRPC error into a message for the user.
     pub fn explain(&self, status: Status) -> anyhow::Error {
         let message = status.message();

@@ -123,6 +123,17 @@ enum Command {
         #[arg(long)]
         replica: Option<String>,
     },
+    /// The replay queue: `berth requests [NAME] [--state S]`, or `show|retry|drop ID`.
+    #[command(args_conflicts_with_subcommands = true)]
+    Requests {
+        #[command(subcommand)]
+        action: Option<commands::requests::RequestAction>,
+        /// Only this agent's requests.
+        name: Option<String>,
+        /// Only requests in this state.
+        #[arg(long, value_enum)]
+        state: Option<commands::requests::StateArg>,
+    },
     /// Run the control plane.
     ControlPlane(Box<servers::ControlPlaneArgs>),
     /// Run a node agent: drives this host's Docker engine for the control plane.
@@ -190,6 +201,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             follow,
             since,
         } => commands::events::watch(&client, name, since, follow, format).await,
+        Command::Requests {
+            action: Some(action),
+            ..
+        } => commands::requests::act(&client, action, format).await,
+        Command::Requests {
+            action: None,
+            name,
+            state,
+        } => commands::requests::list(&client, name, state, format).await,
         Command::Logs {
             name,
             follow,

@@ -2,7 +2,7 @@
 //! and stops both on the shutdown signal.
 
 use crate::admin;
-use crate::api::AgentApi;
+use crate::api::{AgentApi, RequestApi};
 use crate::auth::{AuthLayer, TokenFileError, TokenSet, Tokens};
 use crate::config::{Config, ConfigError};
 use crate::metrics::{Metrics, MetricsLayer};
@@ -11,6 +11,7 @@ use crate::store::{Store, StoreError};
 use crate::validate::Limits;
 use berth_proto::v1::agent_service_server::AgentServiceServer;
 use berth_proto::v1::node_agent_service_server::NodeAgentServiceServer;
+use berth_proto::v1::request_service_server::RequestServiceServer;
 use std::future::Future;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -81,6 +82,7 @@ pub async fn run(
         volume_root: config.volume_root.clone(),
     };
     let sessions = Sessions::default();
+    let store_for_requests = store.clone();
     let agents = AgentServiceServer::new(AgentApi::new(store.clone(), limits, sessions.clone()));
     let node_agents = NodeAgentServiceServer::new(NodeAgentApi::new(store.clone(), sessions));
     // One placement loop per control plane; leader election arrives with the fleet issue.
@@ -108,6 +110,9 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(agents)
         .add_service(node_agents)
+        .add_service(RequestServiceServer::new(RequestApi::new(
+            store_for_requests,
+        )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
             let _ = grpc_stop.wait_for(|stop| *stop).await;
         });

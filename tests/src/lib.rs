@@ -4,6 +4,7 @@
 
 pub mod docker;
 pub mod process;
+pub mod wire;
 
 use anyhow::{bail, Context};
 use berth_proto::v1::agent_service_client::AgentServiceClient;
@@ -300,8 +301,10 @@ pub fn unique_name(prefix: &str) -> String {
 
 /// A real `berth gateway` process.
 pub struct Gateway {
-    _child: Child,
+    child: Option<Child>,
     dir: TempDir,
+    etcd_url: String,
+    name: String,
     /// HTTP address, `127.0.0.1:PORT`.
     pub addr: String,
     /// Admin address, `127.0.0.1:PORT`.
@@ -311,23 +314,38 @@ pub struct Gateway {
 impl Gateway {
     /// Starts a gateway over `etcd_url` and waits until it has listed its routes.
     pub async fn start(etcd_url: &str) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix("berth-gw-").tempdir()?;
-        let addr = format!("127.0.0.1:{}", free_port());
-        let admin_addr = format!("127.0.0.1:{}", free_port());
+        Self::start_named(etcd_url, "test-gateway").await
+    }
+
+    /// Starts a gateway named `name` (names tell gateways' claims and breakers apart).
+    pub async fn start_named(etcd_url: &str, name: &str) -> anyhow::Result<Self> {
+        let mut gateway = Self {
+            child: None,
+            dir: tempfile::Builder::new().prefix("berth-gw-").tempdir()?,
+            etcd_url: etcd_url.to_string(),
+            name: name.to_string(),
+            addr: format!("127.0.0.1:{}", free_port()),
+            admin_addr: format!("127.0.0.1:{}", free_port()),
+        };
+        gateway.resume().await?;
+        Ok(gateway)
+    }
+
+    /// Kills the process (SIGKILL).
+    pub fn kill(&mut self) {
+        self.child.take();
+    }
+
+    /// Starts the process again on the same addresses and waits until it is ready.
+    pub async fn resume(&mut self) -> anyhow::Result<()> {
         let mut command = Command::new(berth_bin());
         command
             .arg("gateway")
-            .args(["--etcd", etcd_url, "--listen", &addr])
-            .args(["--admin-listen", &admin_addr, "--name", "test-gateway"])
+            .args(["--etcd", &self.etcd_url, "--listen", &self.addr])
+            .args(["--admin-listen", &self.admin_addr, "--name", &self.name])
             .env("RUST_LOG", "info");
-        let child = Child::spawn(command, &dir.path().join("gateway.log"))?;
-        let gateway = Self {
-            _child: child,
-            dir,
-            addr,
-            admin_addr,
-        };
-        let ready = gateway.admin_addr.clone();
+        self.child = Some(Child::spawn(command, &self.dir.path().join("gateway.log"))?);
+        let ready = self.admin_addr.clone();
         eventually(READY_TIMEOUT, "the gateway to be ready", || {
             let ready = ready.clone();
             async move {
@@ -336,13 +354,13 @@ impl Gateway {
             }
         })
         .await
-        .with_context(|| gateway.log())?;
-        Ok(gateway)
+        .with_context(|| self.log())?;
+        Ok(())
     }
 
     /// The process's log so far.
     pub fn log(&self) -> String {
         let log = std::fs::read_to_string(self.dir.path().join("gateway.log")).unwrap_or_default();
-        format!("gateway log:\n{log}")
+        format!("gateway {} log:\n{log}", self.name)
     }
 }

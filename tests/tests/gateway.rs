@@ -5,87 +5,11 @@
 
 use berth_proto::v1::{Agent, BreakerState, GetAgentRequest};
 use berth_tests::docker::{http, wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
+use berth_tests::wire::{get, send};
 use berth_tests::{eventually, unique_name, AgentClient, ControlPlane, Etcd, Gateway};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-/// A response read off the wire.
-struct Raw {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
-}
-
-impl Raw {
-    fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-
-    fn header(&self, name: &str) -> Option<String> {
-        self.head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
-        })
-    }
-}
-
-/// Sends `head` (request line and headers, without the blank line) and `body` on a new
-/// connection, and reads the whole response.
-async fn send(addr: &str, head: &str, body: &[u8]) -> Raw {
-    let mut stream = TcpStream::connect(addr)
-        .await
-        .expect("connect to the gateway");
-    let request = format!(
-        "{head}\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).await.unwrap();
-    stream.write_all(body).await.unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut raw))
-        .await
-        .expect("response within 30s")
-        .unwrap();
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a complete head");
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let mut body = raw[split + 4..].to_vec();
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        body = dechunk(&body);
-    }
-    Raw {
-        status: head[9..12].parse().unwrap(),
-        head,
-        body,
-    }
-}
-
-fn dechunk(mut data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let Some(end) = data.windows(2).position(|w| w == b"\r\n") else {
-            return out;
-        };
-        let size = usize::from_str_radix(std::str::from_utf8(&data[..end]).unwrap().trim(), 16)
-            .unwrap_or(0);
-        if size == 0 {
-            return out;
-        }
-        out.extend_from_slice(&data[end + 2..end + 2 + size]);
-        data = &data[end + 2 + size + 2..];
-    }
-}
-
-async fn get(addr: &str, path: &str) -> Raw {
-    send(addr, &format!("GET {path} HTTP/1.1"), b"").await
-}
 
 fn ready(agent: &Agent) -> u32 {
     agent.status.as_ref().map(|s| s.ready_replicas).unwrap_or(0)

@@ -4,3 +4,4 @@ pub mod agents;
 pub mod deploy;
 pub mod events;
 pub mod logs;
+pub mod requests;

@@ -1,8 +1,10 @@
 //! The gRPC API. Errors become `tonic::Status` in exactly one place: [`to_status`].
 
 mod agents;
+mod requests;
 
 pub use agents::AgentApi;
+pub use requests::RequestApi;
 
 use crate::store::StoreError;
 use crate::validate::FieldError;

@@ -282,6 +282,7 @@ mod tests {
             token_sha256: String::new(),
             timeout: Duration::from_secs(1),
             breaker: BreakerConfig::default(),
+            replay: Default::default(),
             replicas: replicas
                 .iter()
                 .map(|r| Endpoint {

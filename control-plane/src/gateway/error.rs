@@ -42,6 +42,22 @@ pub enum GatewayError {
     /// The request itself is not acceptable (body too large to read, bad path).
     #[error("{0}")]
     BadRequest(String),
+    /// The request would have to be queued, but its body is over the agent's replay limit.
+    #[error("agent {agent} cannot take the request now, and its body is over the {limit}-byte limit for queueing it (replay.maxBodyBytes)")]
+    TooLarge { agent: String, limit: u64 },
+    /// The agent's queue is at its bound.
+    #[error("agent {agent} cannot take the request now and its replay queue is full; retry later")]
+    QueueFull { agent: String },
+    /// The request could not be stored for replay (etcd unreachable): nothing was promised.
+    #[error("agent {agent} cannot take the request now, and it could not be stored for replay: {source}")]
+    NotPersisted {
+        agent: String,
+        #[source]
+        source: crate::store::StoreError,
+    },
+    /// No stored request has that id (or the caller may not read it).
+    #[error("no request {id}")]
+    UnknownRequest { id: String },
 }
 
 impl GatewayError {
@@ -68,6 +84,10 @@ impl GatewayError {
             Self::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout"),
             Self::Upstream { .. } => (StatusCode::BAD_GATEWAY, "upstream_failed"),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            Self::QueueFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
+            Self::NotPersisted { .. } => (StatusCode::SERVICE_UNAVAILABLE, "queue_unavailable"),
+            Self::UnknownRequest { .. } => (StatusCode::NOT_FOUND, "request_not_found"),
         }
     }
 }

@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
@@ -21,6 +22,15 @@ pub struct RequestLabels {
 pub struct AgentLabels {
     /// The agent.
     pub agent: String,
+}
+
+/// Labels of a replay outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReplayLabels {
+    /// The agent.
+    pub agent: String,
+    /// delivered, failed (will be tried again) or dead.
+    pub outcome: String,
 }
 
 /// Labels of a breaker transition.
@@ -47,6 +57,12 @@ pub struct GatewayMetrics {
     pub retries: Family<AgentLabels, Counter>,
     /// Requests refused at the concurrency limit.
     pub shed: Family<AgentLabels, Counter>,
+    /// Requests queued for replay.
+    pub queued: Family<AgentLabels, Counter>,
+    /// Replayed deliveries by outcome.
+    pub replays: Family<ReplayLabels, Counter>,
+    /// Requests waiting in each agent's queue, as this gateway sees it.
+    pub queue_depth: Family<AgentLabels, Gauge>,
 }
 
 impl GatewayMetrics {
@@ -85,8 +101,29 @@ impl GatewayMetrics {
             "Requests refused with 503 at the agent's concurrency limit",
             shed.clone(),
         );
+        let queued = Family::<AgentLabels, Counter>::default();
+        registry.register(
+            "queued",
+            "Requests stored for replay because the agent could not take them",
+            queued.clone(),
+        );
+        let replays = Family::<ReplayLabels, Counter>::default();
+        registry.register(
+            "replays",
+            "Replayed deliveries by outcome (delivered, failed, dead)",
+            replays.clone(),
+        );
+        let queue_depth = Family::<AgentLabels, Gauge>::default();
+        registry.register(
+            "queue_depth",
+            "Requests waiting for replay per agent",
+            queue_depth.clone(),
+        );
         Arc::new(Self {
             registry,
+            queued,
+            replays,
+            queue_depth,
             requests,
             latency,
             breaker_transitions,

@@ -9,6 +9,7 @@ mod breakers;
 pub mod error;
 pub mod forward;
 pub mod metrics;
+pub mod replay;
 pub mod retry;
 pub mod routes;
 
@@ -38,9 +39,6 @@ use tower::{BoxError, ServiceBuilder, ServiceExt};
 
 /// Requests in flight per agent before more are shed with 503.
 pub const MAX_CONCURRENCY: usize = 1024;
-/// Largest request body buffered so that the request can be retried (DESIGN.md's
-/// `max_replay_body`); larger bodies stream through once.
-pub const MAX_BUFFERED_BODY: u64 = crate::defaults::REPLAY_MAX_BODY_BYTES;
 
 /// Every setting of `berth gateway`.
 #[derive(Clone, Debug)]
@@ -95,6 +93,8 @@ struct AgentStack {
 /// Shared state of the request handlers.
 pub struct Gateway {
     routes: watch::Receiver<Arc<Routes>>,
+    store: Store,
+    stats: Arc<replay::QueueStats>,
     stacks: Mutex<HashMap<String, Arc<AgentStack>>>,
     upstream: Upstream,
     metrics: Arc<GatewayMetrics>,
@@ -201,13 +201,17 @@ pub async fn run(
     ));
     let gateway = Arc::new(Gateway {
         routes: routes_rx,
+        store: store.clone(),
+        stats: Arc::default(),
         stacks: Mutex::default(),
         upstream: Upstream,
         metrics: metrics.clone(),
         changes: changes_tx,
         max_concurrency: config.max_concurrency,
     });
+    let replayer = tokio::spawn(replay::replayer::run(gateway.clone(), config.name.clone()));
     let app = Router::new()
+        .route("/requests/{id}", get(replay::results::get_request))
         .route("/agents/{name}", any(proxy))
         .route("/agents/{name}/", any(proxy))
         .route("/agents/{name}/{*rest}", any(proxy))
@@ -283,6 +287,7 @@ pub async fn run(
     let _ = admin.await;
     follow.abort();
     publish.abort();
+    replayer.abort();
     served.map(|_| ()).map_err(GatewayStartError::Serve)
 }
 
@@ -414,7 +419,8 @@ async fn forward(
     if !rest.starts_with('/') {
         rest.insert(0, '/');
     }
-    let body = read_body(&parts.headers, body).await?;
+    let opted_out = replay::opted_out(&parts.headers) || route.replay.disabled;
+    let body = read_body(&parts.headers, body, route.replay.max_body_bytes).await?;
     let forward = Forward {
         agent: agent.to_string(),
         method: parts.method,
@@ -423,20 +429,59 @@ async fn forward(
         body,
         tried: Vec::new(),
     };
+    let safe = forward.is_safe();
+    // A copy for the queue, in case the agent cannot take it (bodies are reference-counted).
+    let kept = if opted_out {
+        None
+    } else {
+        Some(forward.try_clone().unwrap_or_else(|| Forward {
+            body: ForwardBody::Streaming(Body::empty()),
+            tried: Vec::new(),
+            agent: forward.agent.clone(),
+            method: forward.method.clone(),
+            path_and_query: forward.path_and_query.clone(),
+            headers: forward.headers.clone(),
+        }))
+    };
     let service = stack.service.lock().expect("stack lock").clone();
-    service.oneshot(forward).await
+    let result = service.oneshot(forward).await;
+    let ending = match &result {
+        Ok(response) => replay::decide::ending_of_status(response.status()),
+        Err(e) => replay::decide::ending_of_error(e),
+    };
+    match (replay::decide::decide(ending, safe, opted_out), kept) {
+        (replay::decide::Decision::Queue, Some(kept)) => {
+            let queued =
+                replay::enqueue(&gateway.store, &gateway.stats, &route, kept, ending).await;
+            if queued.is_ok() {
+                gateway
+                    .metrics
+                    .queued
+                    .get_or_create(&AgentLabels {
+                        agent: agent.to_string(),
+                    })
+                    .inc();
+            }
+            queued
+        }
+        _ => result,
+    }
 }
 
 /// Buffers a body of known, small length so that the request can be retried; a large or
 /// chunked one streams through.
-async fn read_body(headers: &HeaderMap, body: Body) -> Result<ForwardBody, GatewayError> {
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: u64,
+) -> Result<ForwardBody, GatewayError> {
     let length = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     let chunked = headers.contains_key(header::TRANSFER_ENCODING);
     match length {
-        Some(n) if n <= MAX_BUFFERED_BODY && !chunked => {
+        Some(n) if n <= limit && !chunked => {
             let bytes = body
                 .collect()
                 .await
@@ -451,7 +496,7 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<ForwardBody, Gatew
 
 /// Whether the request carries the agent's gateway token (`Authorization: Bearer <token>`),
 /// compared by SHA-256 in constant time.
-fn token_matches(headers: &HeaderMap, sha256_hex: &str) -> bool {
+pub(crate) fn token_matches(headers: &HeaderMap, sha256_hex: &str) -> bool {
     use sha2::{Digest, Sha256};
     use subtle::ConstantTimeEq;
     let Some(token) = headers
@@ -498,6 +543,7 @@ mod tests {
             token_sha256: String::new(),
             timeout: Duration::from_millis(300),
             breaker: breaker::BreakerConfig::default(),
+            replay: Default::default(),
             replicas: vec![Endpoint {
                 replica: "a-0".into(),
                 address,

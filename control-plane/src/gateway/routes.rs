@@ -26,6 +26,8 @@ pub struct Route {
     pub timeout: Duration,
     /// The per-replica breakers' settings.
     pub breaker: BreakerConfig,
+    /// The replay queue's settings.
+    pub replay: ReplayConfig,
     /// The replicas ready for traffic, by replica id.
     pub replicas: Vec<Endpoint>,
 }
@@ -37,6 +39,49 @@ pub struct Endpoint {
     pub replica: String,
     /// `ip:port`.
     pub address: String,
+}
+
+/// An agent's replay settings, defaults where unset.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ReplayConfig {
+    /// Requests the agent cannot take fail at once instead of queueing.
+    pub disabled: bool,
+    /// Largest body buffered (and so replayable).
+    pub max_body_bytes: u64,
+    /// Most requests queued.
+    pub max_queued: u32,
+    /// Most bytes queued.
+    pub max_queued_bytes: u64,
+    /// Deliveries tried before dead-lettering.
+    pub max_attempts: u32,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        Self {
+            disabled: false,
+            max_body_bytes: defaults::REPLAY_MAX_BODY_BYTES,
+            max_queued: defaults::REPLAY_MAX_QUEUED,
+            max_queued_bytes: defaults::REPLAY_MAX_QUEUED_BYTES,
+            max_attempts: defaults::REPLAY_MAX_ATTEMPTS,
+        }
+    }
+}
+
+impl ReplayConfig {
+    /// The spec's settings.
+    pub fn from_spec(settings: Option<&berth_proto::v1::ReplaySettings>) -> Self {
+        let d = Self::default();
+        let Some(s) = settings else { return d };
+        let or = |v: u64, default: u64| if v == 0 { default } else { v };
+        Self {
+            disabled: s.disabled,
+            max_body_bytes: or(s.max_body_bytes, d.max_body_bytes),
+            max_queued: or(s.max_queued.into(), d.max_queued.into()) as u32,
+            max_queued_bytes: or(s.max_queued_bytes, d.max_queued_bytes),
+            max_attempts: or(s.max_attempts.into(), d.max_attempts.into()) as u32,
+        }
+    }
 }
 
 /// Every agent's route.
@@ -67,6 +112,7 @@ impl Route {
             token_sha256: spec.gateway_token_sha256.clone(),
             timeout,
             breaker: BreakerConfig::from_spec(spec.breaker.as_ref()),
+            replay: ReplayConfig::from_spec(spec.replay.as_ref()),
             replicas,
         })
     }

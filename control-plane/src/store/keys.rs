@@ -80,6 +80,37 @@ impl Keys {
         format!("{}/breakers/{agent}/", self.prefix)
     }
 
+    /// `{prefix}/requests/{agent}/{seq}`: a queued (or finished) request; `seq` is 20 digits,
+    /// so keys sort in arrival order.
+    pub fn request(&self, agent: &str, seq: u64) -> String {
+        format!("{}/requests/{agent}/{seq:020}", self.prefix)
+    }
+
+    /// `{prefix}/requests/`: every agent's queue.
+    pub fn requests(&self) -> String {
+        format!("{}/requests/", self.prefix)
+    }
+
+    /// `{prefix}/requests/{agent}/`: one agent's queue.
+    pub fn agent_requests(&self, agent: &str) -> String {
+        format!("{}/requests/{agent}/", self.prefix)
+    }
+
+    /// `{prefix}/request-ids/{id}`: the request key of a request id.
+    pub fn request_id(&self, id: &str) -> String {
+        format!("{}/request-ids/{id}", self.prefix)
+    }
+
+    /// `{prefix}/claims/{agent}/{seq}`: the gateway delivering a request, under its lease.
+    pub fn claim(&self, agent: &str, seq: u64) -> String {
+        format!("{}/claims/{agent}/{seq:020}", self.prefix)
+    }
+
+    /// `{prefix}/claims/`: every claim.
+    pub fn claims(&self) -> String {
+        format!("{}/claims/", self.prefix)
+    }
+
     /// The name at the end of a key under one of the prefixes above.
     pub fn last_segment(key: &[u8]) -> String {
         let key = String::from_utf8_lossy(key);

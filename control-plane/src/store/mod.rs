@@ -5,11 +5,13 @@ mod breakers;
 mod events;
 pub mod keys;
 mod nodes;
+mod requests;
 pub mod watch;
 
 pub use events::EventFilter;
 pub use keys::Keys;
 pub use nodes::{LeaseRenewer, Placement};
+pub use requests::{StoredRequest, REQUEST_TTL};
 
 use etcd_client::{Client, ConnectOptions};
 use std::sync::Arc;
@@ -60,6 +62,7 @@ pub struct Store {
     keys: Keys,
     endpoints: Arc<str>,
     event_lease: Arc<Mutex<Option<events::BucketLease>>>,
+    request_lease: Arc<Mutex<Option<requests::RequestLease>>>,
 }
 
 impl Store {
@@ -82,6 +85,7 @@ impl Store {
             keys: Keys::new(prefix),
             endpoints: joined,
             event_lease: Arc::default(),
+            request_lease: Arc::default(),
         })
     }
 

@@ -9,7 +9,8 @@
 //! - `GET|POST /state`: a counter, kept in `/data/counter` when `/data` exists; POST adds one
 //! - `POST /errors/on`, `POST /errors/off`: while on, every other route but `/health` answers 500
 //! - `POST /log`: writes the request body to standard output, as one line
-//! - `GET /requests`: how many times each `X-Berth-Request-Id` was seen
+//! - `GET /requests`: how many times each `X-Berth-Request-Id` was seen, and their order; with
+//!   a `/data` volume each id is also appended to `/data/requests.log`
 //!
 //! It listens on `$PORT` (default 8080) and stops gracefully on SIGTERM.
 #![forbid(unsafe_code)]
@@ -33,6 +34,8 @@ struct Agent {
     /// Every route but `/health` and `/errors/*` answers 500 while set.
     erroring: Arc<AtomicBool>,
     seen: Arc<Mutex<HashMap<String, u64>>>,
+    /// Request ids in arrival order.
+    order: Arc<Mutex<Vec<String>>>,
     /// The counter when no `/data` volume is mounted.
     state: Arc<tokio::sync::Mutex<u64>>,
 }
@@ -92,12 +95,24 @@ async fn count_request_ids(
         .get("x-berth-request-id")
         .and_then(|v| v.to_str().ok())
     {
-        *agent
-            .seen
+        let mut seen = agent.seen.lock().expect("not poisoned");
+        *seen.entry(id.to_string()).or_default() += 1;
+        agent
+            .order
             .lock()
             .expect("not poisoned")
-            .entry(id.to_string())
-            .or_default() += 1;
+            .push(id.to_string());
+        // With a volume, the log outlives the container: tests read it from the host.
+        if std::path::Path::new("/data").is_dir() {
+            use std::io::Write;
+            if let Ok(mut log) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open("/data/requests.log")
+            {
+                let _ = writeln!(log, "{id}");
+            }
+        }
     }
     let path = request.uri().path();
     if agent.erroring.load(Ordering::Relaxed) && path != "/health" && !path.starts_with("/errors/")
@@ -237,9 +252,10 @@ async fn state(State(agent): State<Agent>, method: Method) -> Response {
 
 async fn requests(State(agent): State<Agent>) -> Response {
     let seen = agent.seen.lock().expect("not poisoned").clone();
+    let order = agent.order.lock().expect("not poisoned").clone();
     (
         [("content-type", "application/json")],
-        json!(seen).to_string(),
+        json!({"counts": seen, "order": order}).to_string(),
     )
         .into_response()
 }

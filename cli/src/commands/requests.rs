@@ -1,0 +1,159 @@
+//! `berth requests`: the replay queue — list an agent's requests, show one, retry a
+//! dead-lettered one, drop one.
+
+use crate::client::Client;
+use crate::output::{print_object, table, Format};
+use berth_proto::v1::{
+    DropRequestRequest, GetRequestRequest, ListRequestsRequest, Request, RequestState,
+    RetryRequestRequest,
+};
+use clap::{Subcommand, ValueEnum};
+
+/// A request state, as typed on the command line.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum StateArg {
+    /// Waiting for a ready replica.
+    Queued,
+    /// Being sent now.
+    Delivering,
+    /// Answered; the response is kept.
+    Delivered,
+    /// Given up on; `berth requests retry ID` puts it back.
+    Dead,
+}
+
+impl From<StateArg> for RequestState {
+    fn from(s: StateArg) -> Self {
+        match s {
+            StateArg::Queued => RequestState::Queued,
+            StateArg::Delivering => RequestState::Delivering,
+            StateArg::Delivered => RequestState::Delivered,
+            StateArg::Dead => RequestState::Dead,
+        }
+    }
+}
+
+/// What to do with one request.
+#[derive(Debug, Subcommand)]
+pub enum RequestAction {
+    /// Show a request with its stored response.
+    Show {
+        /// The request id.
+        id: String,
+    },
+    /// Put a dead-lettered request back in its agent's queue.
+    Retry {
+        /// The request id.
+        id: String,
+    },
+    /// Remove a request from the queue; it will not be delivered.
+    Drop {
+        /// The request id.
+        id: String,
+    },
+}
+
+/// Lists the requests of `agent` (all agents when `None`), oldest first.
+pub async fn list(
+    client: &Client,
+    agent: Option<String>,
+    state: Option<StateArg>,
+    format: Format,
+) -> anyhow::Result<()> {
+    let request = ListRequestsRequest {
+        agent: agent.unwrap_or_default(),
+        state: state.map(|s| RequestState::from(s) as i32).unwrap_or(0),
+        limit: 10_000,
+    };
+    let listed = client
+        .requests()
+        .list_requests(request)
+        .await
+        .map_err(|s| client.explain(s))?
+        .into_inner();
+    if format != Format::Table {
+        return print_object(format, &listed);
+    }
+    let mut out = table(&[
+        "ID", "AGENT", "STATE", "METHOD", "PATH", "ATTEMPTS", "RESULT",
+    ]);
+    for r in &listed.requests {
+        out.add_row(row(r));
+    }
+    println!("{out}");
+    Ok(())
+}
+
+fn state_word(state: i32) -> &'static str {
+    match RequestState::try_from(state) {
+        Ok(RequestState::Queued) => "queued",
+        Ok(RequestState::Delivering) => "delivering",
+        Ok(RequestState::Delivered) => "delivered",
+        Ok(RequestState::Dead) => "dead",
+        _ => "-",
+    }
+}
+
+fn row(r: &Request) -> Vec<String> {
+    let result = match &r.response {
+        Some(response) => response.status.to_string(),
+        None => r.last_error.clone(),
+    };
+    let mut path = r.path.clone();
+    if !r.query.is_empty() {
+        path = format!("{path}?{}", r.query);
+    }
+    vec![
+        r.id.clone(),
+        r.agent.clone(),
+        state_word(r.state).into(),
+        r.method.clone(),
+        path,
+        r.attempts.to_string(),
+        result,
+    ]
+}
+
+/// Runs one action on one request.
+pub async fn act(client: &Client, action: RequestAction, format: Format) -> anyhow::Result<()> {
+    let mut service = client.requests();
+    match action {
+        RequestAction::Show { id } => {
+            let r = service
+                .get_request(GetRequestRequest { id })
+                .await
+                .map_err(|s| client.explain(s))?
+                .into_inner();
+            if format != Format::Table {
+                return print_object(format, &r);
+            }
+            let mut out = table(&[
+                "ID", "AGENT", "STATE", "METHOD", "PATH", "ATTEMPTS", "RESULT",
+            ]);
+            out.add_row(row(&r));
+            println!("{out}");
+            if let Some(response) = &r.response {
+                println!("\nresponse {}:", response.status);
+                for h in &response.headers {
+                    println!("{}: {}", h.name, String::from_utf8_lossy(&h.value));
+                }
+                println!("\n{}", String::from_utf8_lossy(&response.body));
+            }
+        }
+        RequestAction::Retry { id } => {
+            service
+                .retry_request(RetryRequestRequest { id: id.clone() })
+                .await
+                .map_err(|s| client.explain(s))?;
+            println!("request/{id} queued again");
+        }
+        RequestAction::Drop { id } => {
+            service
+                .drop_request(DropRequestRequest { id: id.clone() })
+                .await
+                .map_err(|s| client.explain(s))?;
+            println!("request/{id} dropped");
+        }
+    }
+    Ok(())
+}

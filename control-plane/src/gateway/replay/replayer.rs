@@ -1,0 +1,406 @@
+//! The replayer: every gateway runs one. It keeps an index of waiting requests and of claims
+//! from etcd watches (list, then watch; re-list on compaction), and for each agent with a ready
+//! replica delivers the oldest waiting request that nobody has claimed: one at a time per
+//! agent, so that order holds. A claim is a key under this gateway's short lease: two gateways
+//! never deliver the same request at once, and a crashed gateway's claims expire so that
+//! another delivers them.
+
+use super::super::error::GatewayError;
+use super::super::forward::{Forward, ForwardBody};
+use super::super::metrics::AgentLabels;
+use super::super::Gateway;
+use super::{QueueStats, REPLAY_ATTEMPT};
+use crate::store::watch::{watch_prefix, WatchMessage};
+use crate::store::StoreError;
+use berth_proto::v1::{Header, Request, RequestState, StoredResponse};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use http_body_util::BodyExt;
+use prost::Message;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tower::ServiceExt;
+
+/// Lifetime of this gateway's claims without renewal.
+pub const CLAIM_TTL: Duration = Duration::from_secs(10);
+/// Time between renewals of the claim lease.
+pub const CLAIM_RENEW: Duration = Duration::from_secs(3);
+/// Time between passes when nothing changes (a backstop; changes wake the loop at once).
+pub const TICK: Duration = Duration::from_millis(500);
+/// First wait after a failed delivery; it doubles per attempt.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
+/// Longest wait after a failed delivery.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Largest response body stored for a delivered request.
+pub const MAX_STORED_RESPONSE: usize = 1024 * 1024;
+
+/// A waiting request, as the index knows it.
+#[derive(Clone, Debug)]
+struct Waiting {
+    size: u64,
+}
+
+/// Runs until the task is dropped.
+pub async fn run(gateway: Arc<Gateway>, name: String) {
+    loop {
+        if let Err(e) = replay(&gateway, &name).await {
+            tracing::warn!(error = %e, "replayer failed; starting over");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+/// One life of the replayer: a claim lease, a fresh index, and the loop. Returns to start
+/// over after compaction or a lost lease.
+async fn replay(gateway: &Arc<Gateway>, name: &str) -> Result<(), StoreError> {
+    let store = &gateway.store;
+    let lease = store.grant_claim_lease(CLAIM_TTL.as_secs() as i64).await?;
+    let mut renewer = store.lease_renewer(lease);
+    let (listed, revision) = store.list_requests(None).await?;
+    let mut index: BTreeMap<(String, u64), Waiting> = BTreeMap::new();
+    gateway.stats.clear();
+    for stored in listed {
+        track(&mut index, &gateway.stats, &stored.request);
+    }
+    let claims_prefix = store.keys().claims();
+    let mut claims: HashSet<(String, u64)> = HashSet::new();
+    for key in store.list_keys(&claims_prefix).await? {
+        if let Some(at) = position(&key) {
+            claims.insert(at);
+        }
+    }
+    let mut requests = watch_prefix(store, store.keys().requests(), revision + 1);
+    let mut claim_changes = watch_prefix(store, claims_prefix, revision + 1);
+    let mut routes = gateway.routes.clone();
+    let mut deliveries: JoinSet<(String, Option<Duration>)> = JoinSet::new();
+    let mut busy: HashSet<String> = HashSet::new();
+    let mut not_before: HashMap<String, Instant> = HashMap::new();
+    let mut renew = tokio::time::interval(CLAIM_RENEW);
+    loop {
+        start_deliveries(
+            gateway,
+            name,
+            lease,
+            &index,
+            &claims,
+            &mut busy,
+            &not_before,
+            &mut deliveries,
+        );
+        tokio::select! {
+            change = requests.recv() => match change {
+                Some(WatchMessage::Put(kv)) => {
+                    let Ok(request) = Request::decode(kv.value()) else { continue };
+                    track(&mut index, &gateway.stats, &request);
+                }
+                Some(WatchMessage::Delete(kv)) => {
+                    if let Some(at) = position(&String::from_utf8_lossy(kv.key())) {
+                        if let Some(gone) = index.remove(&at) {
+                            gateway.stats.add(&at.0, gone.size, -1);
+                        }
+                    }
+                }
+                Some(WatchMessage::Compacted) | None => return Ok(()),
+            },
+            change = claim_changes.recv() => match change {
+                Some(WatchMessage::Put(kv)) => {
+                    if let Some(at) = position(&String::from_utf8_lossy(kv.key())) {
+                        claims.insert(at);
+                    }
+                }
+                Some(WatchMessage::Delete(kv)) => {
+                    if let Some(at) = position(&String::from_utf8_lossy(kv.key())) {
+                        claims.remove(&at);
+                    }
+                }
+                Some(WatchMessage::Compacted) | None => return Ok(()),
+            },
+            changed = routes.changed() => {
+                if changed.is_err() {
+                    return Ok(());
+                }
+                // A replica became ready (or left): deliver at once, whatever backoff was due.
+                not_before.clear();
+            }
+            Some(done) = deliveries.join_next(), if !deliveries.is_empty() => {
+                if let Ok((agent, backoff)) = done {
+                    busy.remove(&agent);
+                    match backoff {
+                        Some(wait) => not_before.insert(agent, Instant::now() + wait),
+                        None => not_before.remove(&agent),
+                    };
+                }
+            }
+            _ = renew.tick() => renewer.renew().await?,
+            _ = tokio::time::sleep(TICK) => {}
+        }
+        for (agent, depth) in gateway.stats.snapshot() {
+            gateway
+                .metrics
+                .queue_depth
+                .get_or_create(&AgentLabels { agent })
+                .set(depth as i64);
+        }
+    }
+}
+
+/// Keeps `index` in step with a stored request: waiting ones in, finished ones out.
+fn track(index: &mut BTreeMap<(String, u64), Waiting>, stats: &QueueStats, request: &Request) {
+    let at = (request.agent.clone(), request.seq);
+    let waiting = matches!(
+        RequestState::try_from(request.state),
+        Ok(RequestState::Queued | RequestState::Delivering)
+    );
+    let size = request.body.len() as u64;
+    match (waiting, index.contains_key(&at)) {
+        (true, false) => {
+            index.insert(at, Waiting { size });
+            stats.add(&request.agent, size, 1);
+        }
+        (false, true) => {
+            index.remove(&at);
+            stats.add(&request.agent, size, -1);
+        }
+        _ => {}
+    }
+}
+
+/// `(agent, seq)` of a request or claim key (`.../{agent}/{seq}`).
+fn position(key: &str) -> Option<(String, u64)> {
+    let mut parts = key.rsplit('/');
+    let seq = parts.next()?.parse().ok()?;
+    let agent = parts.next()?.to_string();
+    Some((agent, seq))
+}
+
+/// For each agent that is free, has a ready replica and is not backing off: deliver the
+/// oldest waiting request, unless another gateway holds it (then wait: order first).
+#[allow(clippy::too_many_arguments)]
+fn start_deliveries(
+    gateway: &Arc<Gateway>,
+    name: &str,
+    lease: i64,
+    index: &BTreeMap<(String, u64), Waiting>,
+    claims: &HashSet<(String, u64)>,
+    busy: &mut HashSet<String>,
+    not_before: &HashMap<String, Instant>,
+    deliveries: &mut JoinSet<(String, Option<Duration>)>,
+) {
+    let now = Instant::now();
+    let routes = gateway.routes.borrow().clone();
+    let mut seen: HashSet<&str> = HashSet::new();
+    for (agent, seq) in index.keys() {
+        if !seen.insert(agent.as_str()) {
+            continue; // only the head of each agent's queue
+        }
+        if busy.contains(agent)
+            || not_before.get(agent).is_some_and(|t| *t > now)
+            || claims.contains(&(agent.clone(), *seq))
+        {
+            continue;
+        }
+        let Some(route) = routes.get(agent) else {
+            continue;
+        };
+        if route.replicas.is_empty() {
+            continue;
+        }
+        busy.insert(agent.clone());
+        let key = gateway.store.keys().request(agent, *seq);
+        let (gateway, name, agent) = (gateway.clone(), name.to_string(), agent.clone());
+        deliveries.spawn(async move {
+            let backoff = match deliver(&gateway, &name, lease, &key).await {
+                Ok(backoff) => backoff,
+                Err(e) => {
+                    tracing::warn!(agent = %agent, error = %e, "replay failed");
+                    Some(BACKOFF_MIN)
+                }
+            };
+            (agent, backoff)
+        });
+    }
+}
+
+/// Claims and delivers the request at `key`; the wait before the agent's next delivery when
+/// this one failed.
+async fn deliver(
+    gateway: &Gateway,
+    name: &str,
+    lease: i64,
+    key: &str,
+) -> Result<Option<Duration>, StoreError> {
+    let store = &gateway.store;
+    let Some(stored) = store.get_request_at(key.as_bytes()).await? else {
+        return Ok(None);
+    };
+    if !matches!(
+        RequestState::try_from(stored.request.state),
+        Ok(RequestState::Queued | RequestState::Delivering)
+    ) {
+        return Ok(None); // finished already; the index has not heard yet
+    }
+    let Some(mut claimed) = store.claim_request(&stored, name, lease).await? else {
+        return Ok(None); // another gateway has it, or it changed: the watch will tell
+    };
+    let request = claimed.request.clone();
+    let agent = request.agent.clone();
+    let route = gateway.routes.borrow().get(&agent).cloned();
+    let Some(route) = route else {
+        // The agent is gone; keep the request for inspection.
+        claimed.request.state = RequestState::Dead as i32;
+        claimed.request.last_error = "the agent was deleted".into();
+        store.finish_request(&claimed).await?;
+        return Ok(None);
+    };
+    let forward = to_forward(&request);
+    let safe = forward.is_safe();
+    let stack = gateway.stack(&route);
+    let service = stack.service.lock().expect("stack lock").clone();
+    let result = service.oneshot(forward).await;
+    let failure = match &result {
+        Ok(r) if matches!(r.status().as_u16(), 502..=504) => {
+            Some(format!("agent answered {}", r.status()))
+        }
+        Ok(_) => None,
+        Err(e @ (GatewayError::NoReplica { .. } | GatewayError::Overloaded { .. })) => {
+            Some(e.to_string())
+        }
+        Err(e) if e.before_request() || safe => Some(e.to_string()),
+        // The agent may have seen it and a second delivery could do harm: stop here.
+        Err(e) => {
+            claimed.request.state = RequestState::Dead as i32;
+            claimed.request.last_error = format!("{e} (not safe to deliver again)");
+            store.finish_request(&claimed).await?;
+            count(gateway, &agent, "dead");
+            return Ok(None);
+        }
+    };
+    let r = &mut claimed.request;
+    let backoff = match (failure, result) {
+        (None, Ok(response)) => {
+            r.state = RequestState::Delivered as i32;
+            r.last_error.clear();
+            r.response = Some(store_response(response).await);
+            count(gateway, &agent, "delivered");
+            tracing::info!(agent = %agent, request_id = %r.id, attempts = r.attempts, "replayed");
+            None
+        }
+        (Some(error), _) if r.attempts >= route.replay.max_attempts => {
+            r.state = RequestState::Dead as i32;
+            r.last_error = error;
+            count(gateway, &agent, "dead");
+            tracing::warn!(agent = %agent, request_id = %r.id, attempts = r.attempts, "dead-lettered");
+            None
+        }
+        (Some(error), _) => {
+            r.state = RequestState::Queued as i32;
+            r.last_error = error;
+            count(gateway, &agent, "failed");
+            let doublings = r.attempts.saturating_sub(1).min(16);
+            Some((BACKOFF_MIN * 2u32.pow(doublings)).min(BACKOFF_MAX))
+        }
+        (None, Err(_)) => unreachable!("no failure means an answer"),
+    };
+    store.finish_request(&claimed).await?;
+    Ok(backoff)
+}
+
+fn count(gateway: &Gateway, agent: &str, outcome: &str) {
+    gateway
+        .metrics
+        .replays
+        .get_or_create(&super::super::metrics::ReplayLabels {
+            agent: agent.to_string(),
+            outcome: outcome.to_string(),
+        })
+        .inc();
+}
+
+/// The stored request as it goes to the agent again: the same headers (the request id among
+/// them) and the replay attempt.
+fn to_forward(request: &Request) -> Forward {
+    let mut headers = HeaderMap::new();
+    for h in &request.headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::try_from(h.name.as_str()),
+            HeaderValue::from_bytes(&h.value),
+        ) {
+            headers.append(name, value);
+        }
+    }
+    headers.insert(REPLAY_ATTEMPT, HeaderValue::from(request.attempts));
+    let mut path_and_query = request.path.clone();
+    if !request.query.is_empty() {
+        path_and_query.push('?');
+        path_and_query.push_str(&request.query);
+    }
+    Forward {
+        agent: request.agent.clone(),
+        method: Method::from_bytes(request.method.as_bytes()).unwrap_or(Method::POST),
+        path_and_query,
+        headers,
+        body: ForwardBody::Buffered(Bytes::from(request.body.clone())),
+        tried: Vec::new(),
+    }
+}
+
+/// The agent's answer in storable form (the body cut at `MAX_STORED_RESPONSE`).
+async fn store_response(response: http::Response<axum::body::Body>) -> StoredResponse {
+    let (parts, body) = response.into_parts();
+    let limited = http_body_util::Limited::new(body, MAX_STORED_RESPONSE);
+    let body = match limited.collect().await {
+        Ok(collected) => collected.to_bytes().to_vec(),
+        Err(_) => Vec::new(),
+    };
+    StoredResponse {
+        status: parts.status.as_u16() as u32,
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| Header {
+                name: k.as_str().to_string(),
+                value: v.as_bytes().to_vec(),
+            })
+            .collect(),
+        body,
+        complete_time: Some(berth_proto::timestamp(SystemTime::now())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_come_from_keys() {
+        assert_eq!(
+            position("/berth/requests/hello/00001764100000000123"),
+            Some(("hello".to_string(), 1764100000000123))
+        );
+        assert_eq!(position("/berth/requests/hello/x"), None);
+    }
+
+    #[test]
+    fn the_index_holds_waiting_requests_only() {
+        let stats = QueueStats::default();
+        let mut index = BTreeMap::new();
+        let mut r = Request {
+            agent: "a".into(),
+            seq: 1,
+            state: RequestState::Queued as i32,
+            body: vec![0; 10],
+            ..Default::default()
+        };
+        track(&mut index, &stats, &r);
+        r.state = RequestState::Delivering as i32;
+        track(&mut index, &stats, &r);
+        assert_eq!(stats.of("a"), (1, 10));
+        r.state = RequestState::Delivered as i32;
+        track(&mut index, &stats, &r);
+        assert!(index.is_empty());
+        assert_eq!(stats.of("a"), (0, 0));
+    }
+}

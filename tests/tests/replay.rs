@@ -1,0 +1,327 @@
+//! Durable replay end to end: real etcd, control plane, node agent, gateway and example-agent
+//! containers. The agent appends every `X-Berth-Request-Id` it receives to a log on a host
+//! volume, which survives its crashes: that log tells what reached it, in what order, and how
+//! often.
+
+use berth_proto::v1::Agent;
+use berth_tests::docker::{wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
+use berth_tests::wire::{get, send, Raw};
+use berth_tests::{eventually, unique_name, volume_root, ControlPlane, Etcd, Gateway};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+fn ready(agent: &Agent) -> u32 {
+    agent.status.as_ref().map(|s| s.ready_replicas).unwrap_or(0)
+}
+
+/// The request ids that reached the agent, in arrival order.
+fn arrivals(data: &Path) -> Vec<String> {
+    std::fs::read_to_string(data.join("requests.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+async fn post(gw: &Gateway, path: &str, body: &str, extra: &str) -> Raw {
+    let head = format!("POST {path} HTTP/1.1{extra}");
+    send(&gw.addr, &head, body.as_bytes()).await
+}
+
+/// A cluster with one example agent whose request log is on a host volume.
+struct Setup {
+    _run: DockerRun,
+    _etcd: Etcd,
+    cp: ControlPlane,
+    node: NodeAgent,
+    gw: Gateway,
+    name: String,
+    data: TempDir,
+}
+
+async fn setup(prefix: &str) -> Setup {
+    let run = DockerRun::new().unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
+    let node = NodeAgent::start(&cp.url(), &unique_name("node"), &run).unwrap();
+    let gw = Gateway::start(&etcd.url()).await.unwrap();
+    let name = unique_name(prefix);
+    let data = tempfile::tempdir_in(volume_root()).unwrap();
+    let volume = format!("{}:/data", data.path().display());
+    let out = cp.cli(&[
+        "deploy",
+        "-n",
+        &name,
+        "-i",
+        ECHO_IMAGE,
+        "--health-endpoint",
+        "/health",
+        "--health-interval",
+        "1s",
+        "-v",
+        &volume,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let api = cp.agents().await.unwrap();
+    wait_agent(&api, &name, "ready", |a| ready(a) == 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", cp.log(), node.log()));
+    let path = format!("/agents/{name}/health");
+    eventually(
+        Duration::from_secs(20),
+        "the gateway routes to the agent",
+        || {
+            let (addr, path) = (gw.addr.clone(), path.clone());
+            async move { (get(&addr, &path).await.status == 200).then_some(()) }
+        },
+    )
+    .await
+    .unwrap();
+    Setup {
+        _run: run,
+        _etcd: etcd,
+        cp,
+        node,
+        gw,
+        name,
+        data,
+    }
+}
+
+/// Polls `GET /requests/{id}` until every id is delivered.
+async fn wait_delivered(gw: &Gateway, ids: &[String], within: Duration) -> anyhow::Result<()> {
+    eventually(within, "every queued request delivered", || async {
+        for id in ids {
+            let r = get(&gw.addr, &format!("/requests/{id}")).await;
+            if r.status != 200 || r.json()["status"] != "delivered" {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_stopped_agent_gets_its_requests_in_order_once_started() {
+    let s = setup("fifo").await;
+    let api = s.cp.agents().await.unwrap();
+    let base = format!("/agents/{}", s.name);
+    assert!(s.cp.cli(&["stop", &s.name]).status.success());
+    wait_agent(&api, &s.name, "stopped", |a| ready(a) == 0)
+        .await
+        .unwrap();
+    // Opting out shows when the gateway knows the agent is down: 503, nothing queued.
+    eventually(
+        Duration::from_secs(20),
+        "the gateway sees no ready replica",
+        || async {
+            let r = post(
+                &s.gw,
+                &format!("{base}/echo"),
+                "x",
+                "\r\nX-Berth-Replay: off",
+            )
+            .await;
+            (r.status == 503).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let r = post(
+            &s.gw,
+            &format!("{base}/echo?n={i}"),
+            &format!("body-{i}"),
+            "",
+        )
+        .await;
+        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+        let id = r.json()["request_id"].as_str().unwrap().to_string();
+        assert_eq!(r.header("location"), Some(format!("/requests/{id}")));
+        assert_eq!(r.json()["status"], "queued");
+        ids.push(id);
+    }
+    let state = get(&s.gw.addr, &format!("/requests/{}", ids[0])).await;
+    assert_eq!(state.json()["status"], "queued");
+    // Too large to keep: 413 naming the limit.
+    let big = "x".repeat(1024 * 1024 + 1);
+    let r = post(&s.gw, &format!("{base}/echo"), &big, "").await;
+    assert_eq!(r.status, 413);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("1048576-byte limit"));
+
+    // The operator's view: in order.
+    let out = s.cp.cli(&["requests", &s.name, "-o", "json"]);
+    assert!(out.status.success(), "{out:?}");
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed: Vec<&str> = listed["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ids.iter().map(String::as_str).collect::<Vec<_>>());
+    let table = String::from_utf8_lossy(&s.cp.cli(&["requests", &s.name]).stdout).into_owned();
+    assert!(
+        table.contains("queued") && table.contains(&ids[0]),
+        "{table}"
+    );
+
+    // Prefer: wait holds the connection until the agent's real answer arrives.
+    let waiting = {
+        let (addr, path) = (s.gw.addr.clone(), format!("{base}/echo?waited=1"));
+        tokio::spawn(async move {
+            send(
+                &addr,
+                &format!("POST {path} HTTP/1.1\r\nPrefer: wait=30"),
+                b"w",
+            )
+            .await
+        })
+    };
+    let started = Instant::now();
+    assert!(s.cp.cli(&["start", &s.name]).status.success());
+    wait_delivered(&s.gw, &ids, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", s.gw.log(), s.node.log()));
+    eprintln!(
+        "start → 20 queued requests delivered: {:?}",
+        started.elapsed()
+    );
+    let waited = waiting.await.unwrap();
+    assert_eq!(
+        waited.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&waited.body)
+    );
+    assert_eq!(waited.header("x-berth-replayed").as_deref(), Some("1"));
+    assert_eq!(waited.json()["query"], "waited=1");
+
+    // FIFO at the agent, each once, with the stored answer readable.
+    let arrived: Vec<String> = arrivals(s.data.path())
+        .into_iter()
+        .filter(|id| ids.contains(id))
+        .collect();
+    assert_eq!(arrived, ids, "delivered once each, in order");
+    let done = get(&s.gw.addr, &format!("/requests/{}", ids[3]))
+        .await
+        .json();
+    assert_eq!(done["status"], "delivered");
+    assert_eq!(done["response"]["status"], 200);
+    let echoed: serde_json::Value =
+        serde_json::from_str(done["response"]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(echoed["body"], "body-3");
+    assert_eq!(echoed["query"], "n=3");
+    let replay_header = echoed["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h[0] == "x-berth-replay-attempt")
+        .map(|h| h[1].clone());
+    assert_eq!(replay_header, Some(serde_json::json!("1")));
+}
+
+#[tokio::test]
+async fn no_request_is_lost_while_the_agent_is_killed_three_times() {
+    let s = setup("kill").await;
+    let base = format!("/agents/{}", s.name);
+    let total = 2000;
+    let rate = 200.0; // requests per second
+    let sender = {
+        let (addr, path) = (s.gw.addr.clone(), format!("{base}/echo"));
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let mut tasks = Vec::new();
+            for i in 0..total {
+                let due = start + Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+                let (addr, path) = (addr.clone(), path.clone());
+                tasks.push(tokio::spawn(async move {
+                    let id = format!("kill-{i:05}-{}", unique_name("r"));
+                    let head = format!("POST {path} HTTP/1.1\r\nX-Berth-Request-Id: {id}");
+                    (id, send(&addr, &head, b"payload").await)
+                }));
+            }
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out
+        })
+    };
+    // Kill the container three times while the load runs; the node agent restarts it.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let ids = s._run.containers();
+        let out = std::process::Command::new("docker")
+            .args(["kill"])
+            .args(&ids)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let answers = sender.await.unwrap();
+    let mut direct = Vec::new();
+    let mut queued = Vec::new();
+    let mut errors = Vec::new();
+    for (id, r) in &answers {
+        match r.status {
+            200 => direct.push(id.clone()),
+            202 => queued.push(r.json()["request_id"].as_str().unwrap().to_string()),
+            _ => errors.push((
+                id.clone(),
+                r.status,
+                String::from_utf8_lossy(&r.body).into_owned(),
+            )),
+        }
+    }
+    if let Err(e) = wait_delivered(&s.gw, &queued, Duration::from_secs(90)).await {
+        let listed = s.cp.cli(&["requests", &s.name]);
+        let pending: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+            .lines()
+            .filter(|l| !l.contains("delivered"))
+            .map(str::to_string)
+            .collect();
+        panic!("{e}\nnot delivered:\n{}\n{}", pending.join("\n"), s.gw.log());
+    }
+    let arrived = arrivals(s.data.path());
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for id in &arrived {
+        *seen.entry(id.as_str()).or_default() += 1;
+    }
+    let duplicates = seen.values().filter(|n| **n > 1).count();
+    let replayed = queued
+        .iter()
+        .filter(|id| seen.contains_key(id.as_str()))
+        .count();
+    let lost = direct
+        .iter()
+        .chain(&queued)
+        .filter(|id| !seen.contains_key(id.as_str()))
+        .count();
+    eprintln!(
+        "sent {} / direct {} / queued {} / replayed {} / errors {} / lost {} / duplicates {}",
+        answers.len(),
+        direct.len(),
+        queued.len(),
+        replayed,
+        errors.len(),
+        lost,
+        duplicates
+    );
+    assert_eq!(answers.len(), total);
+    assert_eq!(lost, 0, "answered 200 or 202 but never reached the agent");
+    assert!(!queued.is_empty(), "the kills made the gateway queue");
+    assert!(
+        errors.iter().all(|(_, status, _)| *status == 502),
+        "only requests cut off mid-way may fail (POST is not safe to resend): {errors:?}"
+    );
+}
