@@ -290,7 +290,11 @@ async fn no_request_is_lost_while_the_agent_is_killed_three_times() {
             .filter(|l| !l.contains("delivered"))
             .map(str::to_string)
             .collect();
-        panic!("{e}\nnot delivered:\n{}\n{}", pending.join("\n"), s.gw.log());
+        panic!(
+            "{e}\nnot delivered:\n{}\n{}",
+            pending.join("\n"),
+            s.gw.log()
+        );
     }
     let arrived = arrivals(s.data.path());
     let mut seen: HashMap<&str, usize> = HashMap::new();
@@ -324,4 +328,156 @@ async fn no_request_is_lost_while_the_agent_is_killed_three_times() {
         errors.iter().all(|(_, status, _)| *status == 502),
         "only requests cut off mid-way may fail (POST is not safe to resend): {errors:?}"
     );
+}
+
+/// Waits until `gw` sees the agent down: an opted-out request gets 503.
+async fn wait_down(gw: &Gateway, base: &str) {
+    eventually(
+        Duration::from_secs(20),
+        "the gateway sees no ready replica",
+        || async {
+            let r = post(gw, &format!("{base}/echo"), "x", "\r\nX-Berth-Replay: off").await;
+            (r.status == 503).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// How often each id reached the agent.
+fn counts(data: &Path) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for id in arrivals(data) {
+        *seen.entry(id).or_default() += 1;
+    }
+    seen
+}
+
+#[tokio::test]
+async fn two_gateways_share_the_queue_and_survive_kill_9() {
+    let mut s = setup("gws").await;
+    let mut gw2 = Gateway::start_named(&s._etcd.url(), "gateway-two")
+        .await
+        .unwrap();
+    let api = s.cp.agents().await.unwrap();
+    let base = format!("/agents/{}", s.name);
+
+    // Two gateways replay one agent's queue: each request is delivered once.
+    assert!(s.cp.cli(&["stop", &s.name]).status.success());
+    wait_agent(&api, &s.name, "stopped", |a| ready(a) == 0)
+        .await
+        .unwrap();
+    wait_down(&s.gw, &base).await;
+    wait_down(&gw2, &base).await;
+    let mut shared = Vec::new();
+    for i in 0..100 {
+        let gw = if i % 2 == 0 { &s.gw } else { &gw2 };
+        let r = post(gw, &format!("{base}/echo"), &format!("shared-{i}"), "").await;
+        assert_eq!(r.status, 202);
+        shared.push(r.json()["request_id"].as_str().unwrap().to_string());
+    }
+    assert!(s.cp.cli(&["start", &s.name]).status.success());
+    wait_delivered(&gw2, &shared, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", s.gw.log(), gw2.log()));
+    let seen = counts(s.data.path());
+    let twice = shared.iter().filter(|id| seen.get(*id) != Some(&1)).count();
+    eprintln!(
+        "two gateways: queued {} / delivered once {} / duplicates or missing {twice}",
+        shared.len(),
+        shared.len() - twice
+    );
+    assert_eq!(twice, 0, "each request reached the agent exactly once");
+
+    // kill -9 of the gateways while requests are queued, and again while replay runs.
+    assert!(s.cp.cli(&["stop", &s.name]).status.success());
+    wait_agent(&api, &s.name, "stopped", |a| ready(a) == 0)
+        .await
+        .unwrap();
+    wait_down(&s.gw, &base).await;
+    let mut queued = Vec::new();
+    for i in 0..200 {
+        let key = format!("\r\nIdempotency-Key: {}", unique_name("k"));
+        let r = post(&s.gw, &format!("{base}/echo"), &format!("crash-{i}"), &key).await;
+        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+        queued.push(r.json()["request_id"].as_str().unwrap().to_string());
+    }
+    s.gw.kill();
+    gw2.kill();
+    s.gw.resume().await.unwrap();
+    gw2.resume().await.unwrap();
+    assert!(s.cp.cli(&["start", &s.name]).status.success());
+    let before = arrivals(s.data.path()).len();
+    eventually(Duration::from_secs(30), "replay under way", || {
+        let n = arrivals(s.data.path()).len();
+        async move { (n >= before + 20).then_some(()) }
+    })
+    .await
+    .unwrap();
+    s.gw.kill();
+    gw2.kill();
+    s.gw.resume().await.unwrap();
+    gw2.resume().await.unwrap();
+    wait_delivered(&s.gw, &queued, Duration::from_secs(90))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", s.gw.log(), gw2.log()));
+    let seen = counts(s.data.path());
+    let lost = queued.iter().filter(|id| !seen.contains_key(*id)).count();
+    let duplicates = queued
+        .iter()
+        .filter(|id| seen.get(*id).is_some_and(|n| *n > 1))
+        .count();
+    eprintln!(
+        "kill -9 of both gateways twice: queued {} / delivered {} / lost {lost} / duplicates {duplicates}",
+        queued.len(),
+        queued.len() - lost
+    );
+    assert_eq!(lost, 0);
+}
+
+#[tokio::test]
+async fn without_etcd_nothing_is_promised_and_live_agents_still_answer() {
+    let mut s = setup("etcd").await;
+    let api = s.cp.agents().await.unwrap();
+    let live = unique_name("live");
+    let out = s.cp.cli(&["deploy", "-n", &live, "-i", ECHO_IMAGE]);
+    assert!(out.status.success(), "{out:?}");
+    wait_agent(&api, &live, "ready", |a| ready(a) == 1)
+        .await
+        .unwrap();
+    let live_path = format!("/agents/{live}/echo");
+    eventually(
+        Duration::from_secs(20),
+        "the gateway routes to the live agent",
+        || async { (get(&s.gw.addr, &live_path).await.status == 200).then_some(()) },
+    )
+    .await
+    .unwrap();
+    let base = format!("/agents/{}", s.name);
+    assert!(s.cp.cli(&["stop", &s.name]).status.success());
+    wait_agent(&api, &s.name, "stopped", |a| ready(a) == 0)
+        .await
+        .unwrap();
+    wait_down(&s.gw, &base).await;
+
+    s._etcd.stop();
+    let r = post(&s.gw, &format!("{base}/echo"), "cannot keep", "").await;
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["error"]["code"], "queue_unavailable");
+    for _ in 0..20 {
+        let r = post(&s.gw, &live_path, "still forwarded", "").await;
+        assert_eq!(r.status, 200, "a ready agent does not need etcd");
+    }
+
+    s._etcd.resume().await.unwrap();
+    let queued = eventually(Duration::from_secs(30), "queueing again", || async {
+        let r = post(&s.gw, &format!("{base}/echo"), "kept", "").await;
+        (r.status == 202).then(|| r.json()["request_id"].as_str().unwrap().to_string())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.gw.log()));
+    assert!(s.cp.cli(&["start", &s.name]).status.success());
+    wait_delivered(&s.gw, &[queued], Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.gw.log()));
 }

@@ -242,6 +242,9 @@ async fn deliver(
     ) {
         return Ok(None); // finished already; the index has not heard yet
     }
+    // Still marked delivering, with no claim: a gateway stopped mid-delivery, so the agent may
+    // have seen it. Only a request that is safe to send twice goes again.
+    let interrupted = stored.request.state == RequestState::Delivering as i32;
     let Some(mut claimed) = store.claim_request(&stored, name, lease).await? else {
         return Ok(None); // another gateway has it, or it changed: the watch will tell
     };
@@ -257,6 +260,15 @@ async fn deliver(
     };
     let forward = to_forward(&request);
     let safe = forward.is_safe();
+    if interrupted && !safe {
+        claimed.request.state = RequestState::Dead as i32;
+        claimed.request.last_error = "a delivery was interrupted (its gateway stopped) and the \
+            agent may have seen it; not safe to send again (berth requests retry ID resends it)"
+            .into();
+        store.finish_request(&claimed).await?;
+        count(gateway, &agent, "dead");
+        return Ok(None);
+    }
     let stack = gateway.stack(&route);
     let service = stack.service.lock().expect("stack lock").clone();
     let result = service.oneshot(forward).await;
