@@ -481,3 +481,98 @@ async fn without_etcd_nothing_is_promised_and_live_agents_still_answer() {
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", s.gw.log()));
 }
+
+#[tokio::test]
+async fn an_idempotency_key_gets_one_result() {
+    let s = setup("idem").await;
+    let api = s.cp.agents().await.unwrap();
+    let base = format!("/agents/{}", s.name);
+    let key = |k: &str| format!("\r\nIdempotency-Key: {k}");
+
+    // Answered directly: a repeat gets the stored answer, and the agent sees it once.
+    let first = post(&s.gw, &format!("{base}/echo"), "pay", &key("k-direct")).await;
+    assert_eq!(first.status, 200);
+    let again = post(&s.gw, &format!("{base}/echo"), "pay", &key("k-direct")).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.header("x-berth-replayed").as_deref(), Some("1"));
+    assert_eq!(again.body, first.body);
+    let other = post(
+        &s.gw,
+        &format!("{base}/echo"),
+        "different",
+        &key("k-direct"),
+    )
+    .await;
+    assert_eq!(other.status, 422);
+    assert_eq!(other.json()["error"]["code"], "idempotency_key_reused");
+
+    // While the first is in flight (it has reached the agent, which takes 2 s): 409.
+    let slow_id = unique_name("slow");
+    let slow = {
+        let (addr, path) = (s.gw.addr.clone(), format!("{base}/slow?ms=2000"));
+        let head = format!(
+            "GET {path} HTTP/1.1\r\nIdempotency-Key: k-slow\r\nX-Berth-Request-Id: {slow_id}"
+        );
+        tokio::spawn(async move { send(&addr, &head, b"").await })
+    };
+    eventually(
+        Duration::from_secs(5),
+        "the slow request at the agent",
+        || {
+            let arrived = arrivals(s.data.path()).contains(&slow_id);
+            async move { arrived.then_some(()) }
+        },
+    )
+    .await
+    .unwrap();
+    let conflict = send(
+        &s.gw.addr,
+        &format!("GET {base}/slow?ms=2000 HTTP/1.1\r\nIdempotency-Key: k-slow"),
+        b"",
+    )
+    .await;
+    assert_eq!(conflict.status, 409);
+    assert_eq!(
+        conflict.json()["error"]["code"],
+        "idempotency_key_in_flight"
+    );
+    assert_eq!(slow.await.unwrap().status, 200);
+
+    // Queued: a repeat points at the same request; once delivered, it gets the answer.
+    assert!(s.cp.cli(&["stop", &s.name]).status.success());
+    wait_agent(&api, &s.name, "stopped", |a| ready(a) == 0)
+        .await
+        .unwrap();
+    wait_down(&s.gw, &base).await;
+    let queued = post(&s.gw, &format!("{base}/echo"), "later", &key("k-queued")).await;
+    assert_eq!(queued.status, 202);
+    let id = queued.json()["request_id"].as_str().unwrap().to_string();
+    let repeat = post(&s.gw, &format!("{base}/echo"), "later", &key("k-queued")).await;
+    assert_eq!(repeat.status, 202);
+    assert_eq!(repeat.json()["request_id"], id.as_str());
+    assert!(s.cp.cli(&["start", &s.name]).status.success());
+    wait_delivered(&s.gw, std::slice::from_ref(&id), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let answered = post(&s.gw, &format!("{base}/echo"), "later", &key("k-queued")).await;
+    assert_eq!(answered.status, 200);
+    assert_eq!(answered.json()["body"], "later");
+    let seen = counts(s.data.path());
+    assert_eq!(
+        seen.get(&id),
+        Some(&1),
+        "the queued request reached the agent once"
+    );
+    let direct_id = first.json()["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h[0] == "x-berth-request-id")
+        .map(|h| h[1].as_str().unwrap().to_string())
+        .unwrap();
+    assert_eq!(
+        seen.get(&direct_id),
+        Some(&1),
+        "the direct one reached it once"
+    );
+}

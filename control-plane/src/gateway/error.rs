@@ -55,6 +55,12 @@ pub enum GatewayError {
         #[source]
         source: crate::store::StoreError,
     },
+    /// The `Idempotency-Key` was used before with a different request.
+    #[error("agent {agent}: this Idempotency-Key was used with a different request")]
+    KeyReused { agent: String },
+    /// The first request with this `Idempotency-Key` is still being answered.
+    #[error("agent {agent}: the first request with this Idempotency-Key is still in flight")]
+    KeyInFlight { agent: String },
     /// No stored request has that id (or the caller may not read it).
     #[error("no request {id}")]
     UnknownRequest { id: String },
@@ -88,6 +94,8 @@ impl GatewayError {
             Self::QueueFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
             Self::NotPersisted { .. } => (StatusCode::SERVICE_UNAVAILABLE, "queue_unavailable"),
             Self::UnknownRequest { .. } => (StatusCode::NOT_FOUND, "request_not_found"),
+            Self::KeyReused { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
+            Self::KeyInFlight { .. } => (StatusCode::CONFLICT, "idempotency_key_in_flight"),
         }
     }
 }

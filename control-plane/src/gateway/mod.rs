@@ -430,8 +430,9 @@ async fn forward(
         tried: Vec::new(),
     };
     let safe = forward.is_safe();
-    // A copy for the queue, in case the agent cannot take it (bodies are reference-counted).
-    let kept = if opted_out {
+    let keyed = replay::idempotency::keyed(&forward);
+    // A copy for the queue (or for keeping a keyed answer): bodies are reference-counted.
+    let kept = if opted_out && keyed.is_none() {
         None
     } else {
         Some(forward.try_clone().unwrap_or_else(|| Forward {
@@ -443,26 +444,49 @@ async fn forward(
             headers: forward.headers.clone(),
         }))
     };
+    if let Some(keyed) = &keyed {
+        let id = forward
+            .headers
+            .get(forward::REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        if let replay::idempotency::Begin::Answer(answer) =
+            replay::idempotency::begin(&gateway.store, agent, keyed, &id).await?
+        {
+            return Ok(answer);
+        }
+    }
     let service = stack.service.lock().expect("stack lock").clone();
     let result = service.oneshot(forward).await;
     let ending = match &result {
         Ok(response) => replay::decide::ending_of_status(response.status()),
         Err(e) => replay::decide::ending_of_error(e),
     };
-    match (replay::decide::decide(ending, safe, opted_out), kept) {
-        (replay::decide::Decision::Queue, Some(kept)) => {
+    let decision = replay::decide::decide(ending, safe, opted_out);
+    match (decision, kept, keyed) {
+        (replay::decide::Decision::Queue, Some(kept), keyed) => {
             let queued =
                 replay::enqueue(&gateway.store, &gateway.stats, &route, kept, ending).await;
-            if queued.is_ok() {
-                gateway
-                    .metrics
-                    .queued
-                    .get_or_create(&AgentLabels {
-                        agent: agent.to_string(),
-                    })
-                    .inc();
+            match (&queued, &keyed) {
+                (Ok(_), _) => {
+                    gateway
+                        .metrics
+                        .queued
+                        .get_or_create(&AgentLabels {
+                            agent: agent.to_string(),
+                        })
+                        .inc();
+                }
+                (Err(_), Some(keyed)) => {
+                    replay::idempotency::release(&gateway.store, agent, keyed).await
+                }
+                (Err(_), None) => {}
             }
             queued
+        }
+        (_, Some(kept), Some(keyed)) => {
+            replay::idempotency::finish(&gateway.store, kept, &keyed, result).await
         }
         _ => result,
     }

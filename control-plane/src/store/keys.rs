@@ -111,6 +111,11 @@ impl Keys {
         format!("{}/claims/", self.prefix)
     }
 
+    /// `{prefix}/idempotency/{agent}/{key_sha256}`: the request an `Idempotency-Key` belongs to.
+    pub fn idempotency(&self, agent: &str, key_sha256: &str) -> String {
+        format!("{}/idempotency/{agent}/{key_sha256}", self.prefix)
+    }
+
     /// The name at the end of a key under one of the prefixes above.
     pub fn last_segment(key: &[u8]) -> String {
         let key = String::from_utf8_lossy(key);

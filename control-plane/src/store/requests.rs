@@ -54,8 +54,9 @@ impl Store {
         Ok(granted.id())
     }
 
-    /// Stores a new request at the tail of its agent's queue; `seq` and `expire_time` are
-    /// set here. Returns only once etcd has committed it.
+    /// Stores a new request (queued at the tail of its agent's queue, or already delivered
+    /// when it records a direct answer to a request with an `Idempotency-Key`); `seq` and
+    /// `expire_time` are set here. Returns only once etcd has committed it.
     pub async fn enqueue_request(&self, request: &mut Request) -> Result<(), StoreError> {
         for attempt in 0..3 {
             let lease = self.request_lease(attempt > 0).await?;
@@ -92,6 +93,66 @@ impl Store {
             kind: "request",
             name: request.id.clone(),
         })
+    }
+
+    /// Takes `Idempotency-Key` `key_sha256` of `agent` for request `id` with payload digest
+    /// `payload`, unless it is taken: then the holder's `(request id, payload digest)`.
+    pub async fn take_idempotency_key(
+        &self,
+        agent: &str,
+        key_sha256: &str,
+        id: &str,
+        payload: &str,
+    ) -> Result<Option<(String, String)>, StoreError> {
+        let key = self.keys.idempotency(agent, key_sha256);
+        for attempt in 0..2 {
+            let lease = self.request_lease(attempt > 0).await?;
+            let txn = Txn::new()
+                .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+                .and_then([TxnOp::put(
+                    key.as_str(),
+                    format!("{id}\n{payload}"),
+                    Some(PutOptions::new().with_lease(lease)),
+                )])
+                .or_else([TxnOp::get(key.as_str(), None)]);
+            let resp = match self.client().txn(txn).await {
+                Ok(resp) => resp,
+                Err(e) if e.to_string().contains("lease not found") => continue,
+                Err(e) => return Err(self.unavailable(e)),
+            };
+            if resp.succeeded() {
+                return Ok(None);
+            }
+            let held = resp.op_responses().into_iter().find_map(|op| match op {
+                etcd_client::TxnOpResponse::Get(get) => get
+                    .kvs()
+                    .first()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+                _ => None,
+            });
+            // Gone between the compare and the get: try to take it again.
+            let Some(held) = held else { continue };
+            let (id, payload) = held.split_once('\n').unwrap_or((held.as_str(), ""));
+            return Ok(Some((id.to_string(), payload.to_string())));
+        }
+        Err(StoreError::Conflict {
+            kind: "idempotency key",
+            name: key_sha256.to_string(),
+            current: "changing".into(),
+        })
+    }
+
+    /// Lets an `Idempotency-Key` go (its request failed without a result worth keeping).
+    pub async fn release_idempotency_key(
+        &self,
+        agent: &str,
+        key_sha256: &str,
+    ) -> Result<(), StoreError> {
+        self.client()
+            .delete(self.keys.idempotency(agent, key_sha256), None)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(())
     }
 
     /// The request with id `id`.

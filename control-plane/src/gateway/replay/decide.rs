@@ -76,7 +76,9 @@ pub fn ending_of_error(err: &GatewayError) -> Ending {
         | GatewayError::TooLarge { .. }
         | GatewayError::QueueFull { .. }
         | GatewayError::NotPersisted { .. }
-        | GatewayError::UnknownRequest { .. } => Ending::Refused,
+        | GatewayError::UnknownRequest { .. }
+        | GatewayError::KeyReused { .. }
+        | GatewayError::KeyInFlight { .. } => Ending::Refused,
     }
 }
 

@@ -47,7 +47,7 @@ pub async fn wait_for_response(
 }
 
 /// The agent's stored answer, if the request was delivered.
-fn delivered(request: &Request) -> Option<Response> {
+pub(crate) fn delivered(request: &Request) -> Option<Response> {
     if request.state != RequestState::Delivered as i32 {
         return None;
     }
