@@ -173,6 +173,8 @@ async fn a_stopped_agent_gets_its_requests_in_order_once_started() {
         table.contains("queued") && table.contains(&ids[0]),
         "{table}"
     );
+    let shown = String::from_utf8_lossy(&s.cp.cli(&["get", &s.name]).stdout).into_owned();
+    assert!(shown.contains("20 queued for replay"), "{shown}");
 
     // Prefer: wait holds the connection until the agent's real answer arrives.
     let waiting = {

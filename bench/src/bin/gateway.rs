@@ -8,16 +8,14 @@
 //! Run: `deploy/build-images.sh echo-agent && cargo build --release -p berth-cli -p berth-bench
 //! && target/release/gateway` (nginx from `apt-get install nginx`).
 
+use berth_bench::Conn;
 use berth_tests::docker::{DockerRun, NodeAgent, ECHO_IMAGE};
 use berth_tests::{eventually, free_port, unique_name, ControlPlane, Etcd, Gateway};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::net::TcpStream;
 
 /// Connections of the load generator.
 const CONNECTIONS: usize = 64;
@@ -280,37 +278,6 @@ async fn fixed_rate(target: &Target) -> anyhow::Result<(Vec<Duration>, u64)> {
         all.extend(w.await??);
     }
     Ok((all, errors.load(Ordering::Relaxed)))
-}
-
-/// One kept-alive HTTP/1.1 connection.
-struct Conn {
-    sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
-    host: String,
-}
-
-impl Conn {
-    async fn open(addr: &str) -> anyhow::Result<Self> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        let (sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(connection);
-        Ok(Self {
-            sender,
-            host: addr.to_string(),
-        })
-    }
-
-    async fn get(&mut self, path: &str) -> anyhow::Result<u16> {
-        self.sender.ready().await?;
-        let request = http::Request::get(path)
-            .header(http::header::HOST, &self.host)
-            .body(Empty::new())?;
-        let response = self.sender.send_request(request).await?;
-        let status = response.status().as_u16();
-        response.into_body().collect().await?;
-        Ok(status)
-    }
 }
 
 /// nginx as a reverse proxy to `upstream`, stopped on drop.

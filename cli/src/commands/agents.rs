@@ -126,6 +126,9 @@ pub async fn get(client: &Client, name: String, format: Format) -> anyhow::Resul
         meta.generation, status.observed_generation
     );
     println!("Port:        {}", spec.port);
+    if let Some((queued, dead)) = queue_depth(client, &spec.name).await {
+        println!("Requests:    {queued} queued for replay, {dead} dead-lettered");
+    }
     if let Some(health) = &spec.health {
         println!("Health:      GET {}", health.path);
     }
@@ -336,4 +339,26 @@ fn breaker_word(state: i32) -> &'static str {
         Ok(BreakerState::HalfOpen) => "half-open",
         _ => "-",
     }
+}
+
+/// How many of the agent's requests wait for replay and how many were dead-lettered; `None`
+/// when the control plane cannot tell (an older one without `RequestService`).
+async fn queue_depth(client: &Client, agent: &str) -> Option<(usize, usize)> {
+    let requests = client.requests();
+    let count = |state: berth_proto::v1::RequestState| {
+        let request = berth_proto::v1::ListRequestsRequest {
+            agent: agent.to_string(),
+            state: state as i32,
+            limit: u32::MAX,
+        };
+        let mut requests = requests.clone();
+        async move {
+            let listed = requests.list_requests(request).await.ok()?.into_inner();
+            Some(listed.requests.len())
+        }
+    };
+    let queued = count(berth_proto::v1::RequestState::Queued).await?
+        + count(berth_proto::v1::RequestState::Delivering).await?;
+    let dead = count(berth_proto::v1::RequestState::Dead).await?;
+    Some((queued, dead))
 }

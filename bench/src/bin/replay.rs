@@ -1,0 +1,189 @@
+//! The replay queue's speed beside etcd's own: the rate at which the gateway takes requests
+//! into the queue (each answered 202 only once committed) against the rate of raw etcd puts
+//! of the same size with the same concurrency (kept-alive connections for both), measured in
+//! the same run; then the rate at
+//! which a queue drains once the agent is back. Writes its table into BENCHMARKS.md.
+//!
+//! Run: `deploy/build-images.sh echo-agent && cargo build --release -p berth-cli -p berth-bench
+//! && target/release/replay`.
+
+use berth_bench::Conn;
+use berth_tests::docker::{wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
+use berth_tests::wire::send;
+use berth_tests::{eventually, unique_name, volume_root, ControlPlane, Etcd, Gateway};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Requests (and puts) per measurement.
+const COUNT: usize = 2000;
+/// Requests (and puts) in flight at once.
+const CONCURRENCY: usize = 32;
+/// Body (and value) size.
+const SIZE: usize = 1024;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let run = DockerRun::new()?;
+    let etcd = Etcd::start().await?;
+    let cp = ControlPlane::start(&etcd.url()).await?;
+    let _node = NodeAgent::start(&cp.url(), &unique_name("bench"), &run)?;
+    let gateway = Gateway::start(&etcd.url()).await?;
+    let name = unique_name("replay");
+    let data = tempfile::tempdir_in(volume_root())?;
+    let volume = format!("{}:/data", data.path().display());
+    let out = cp.cli(&[
+        "deploy",
+        "-n",
+        &name,
+        "-i",
+        ECHO_IMAGE,
+        "--health-endpoint",
+        "/health",
+        "--health-interval",
+        "1s",
+        "-v",
+        &volume,
+    ]);
+    anyhow::ensure!(out.status.success(), "deploy: {out:?}");
+    let api = cp.agents().await?;
+    let ready = |n: u32| {
+        move |a: &berth_proto::v1::Agent| a.status.as_ref().is_some_and(|s| s.ready_replicas == n)
+    };
+    wait_agent(&api, &name, "ready", ready(1)).await?;
+    anyhow::ensure!(cp.cli(&["stop", &name]).status.success());
+    wait_agent(&api, &name, "stopped", ready(0)).await?;
+    let path = format!("/agents/{name}/echo");
+    eventually(Duration::from_secs(30), "the gateway to queue", || async {
+        (send(
+            &gateway.addr,
+            &format!("POST {path} HTTP/1.1\r\nX-Berth-Replay: off"),
+            b"x",
+        )
+        .await
+        .status
+            == 503)
+            .then_some(())
+    })
+    .await?;
+
+    // Raw etcd puts: the floor under any durable write.
+    let client = etcd.client().await?;
+    let value = vec![b'v'; SIZE];
+    let raw = timed(move |i| {
+        let (mut client, value) = (client.clone(), value.clone());
+        async move {
+            client
+                .put(format!("/bench/raw/{i}"), value, None)
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+
+    // The gateway taking requests into the queue, over one kept-alive connection per worker.
+    let body = bytes::Bytes::from("b".repeat(SIZE));
+    let mut conns = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let conn = Conn::open(&gateway.addr).await?;
+        conns.push(Arc::new(tokio::sync::Mutex::new(conn)));
+    }
+    let enqueue_path = path.clone();
+    let enqueue = timed(move |i| {
+        let conn = conns[i % CONCURRENCY].clone();
+        let (path, body) = (enqueue_path.clone(), body.clone());
+        async move { matches!(conn.lock().await.post(&path, body).await, Ok(202)) }
+    })
+    .await;
+
+    // Draining once the agent is back.
+    let started = Instant::now();
+    anyhow::ensure!(cp.cli(&["start", &name]).status.success());
+    let log = data.path().join("requests.log");
+    eventually(Duration::from_secs(600), "the queue drained", || {
+        let n = lines(&log);
+        async move { (n >= COUNT).then_some(()) }
+    })
+    .await?;
+    let drain = COUNT as f64 / started.elapsed().as_secs_f64();
+
+    let report = format!(
+        "{COUNT} requests of {SIZE} bytes, {CONCURRENCY} at a time, one example-agent replica \
+         (stopped while queueing); etcd is a single local member ({} cores, all on this machine).\n\n\
+         | measure | per second |\n|---|---:|\n\
+         | raw etcd put (reference) | {:.0} |\n\
+         | requests queued through the gateway (202 after commit) | {:.0} |\n\
+         | queue drained once the agent is back (FIFO, one at a time), from `berth start` | {:.0} |\n\n\
+         Enqueue / raw put: **{:.2}**. Failures: raw {}, enqueue {}.\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        raw.0,
+        enqueue.0,
+        drain,
+        enqueue.0 / raw.0,
+        raw.1,
+        enqueue.1,
+    );
+    println!("{report}");
+    write_report(&report)?;
+    Ok(())
+}
+
+fn lines(path: &Path) -> usize {
+    std::fs::read_to_string(path)
+        .map(|t| t.lines().count())
+        .unwrap_or(0)
+}
+
+/// Runs `op(i)` for i in 0..COUNT, CONCURRENCY at a time: (operations per second, failures).
+async fn timed<F, Fut>(op: F) -> (f64, usize)
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    let op = Arc::new(op);
+    let next = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let workers: Vec<_> = (0..CONCURRENCY)
+        .map(|_| {
+            let (op, next, failures) = (op.clone(), next.clone(), failures.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= COUNT {
+                        break;
+                    }
+                    if !op(i).await {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        let _ = w.await;
+    }
+    (
+        COUNT as f64 / started.elapsed().as_secs_f64(),
+        failures.load(Ordering::Relaxed),
+    )
+}
+
+/// Replaces the replay section of BENCHMARKS.md.
+fn write_report(report: &str) -> anyhow::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
+    let (start, end) = ("<!-- replay:start -->", "<!-- replay:end -->");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let section = format!(
+        "{start}\n_Measured {} with `target/release/replay`._\n\n{report}{end}",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+    );
+    let text = match (text.find(start), text.find(end)) {
+        (Some(a), Some(b)) => format!("{}{section}{}", &text[..a], &text[b + end.len()..]),
+        _ => format!("{text}\n## Replay queue: enqueue and drain\n\n{section}\n"),
+    };
+    std::fs::write(&path, text)?;
+    println!("written to {}", path.display());
+    Ok(())
+}

@@ -1,0 +1,50 @@
+//! What the benchmarks share: a kept-alive HTTP/1.1 client connection.
+#![forbid(unsafe_code)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use tokio::net::TcpStream;
+
+/// One kept-alive HTTP/1.1 connection.
+pub struct Conn {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    host: String,
+}
+
+impl Conn {
+    /// Connects to `addr`.
+    pub async fn open(addr: &str) -> anyhow::Result<Self> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        Ok(Self {
+            sender,
+            host: addr.to_string(),
+        })
+    }
+
+    /// `GET path`; the status, once the body is read.
+    pub async fn get(&mut self, path: &str) -> anyhow::Result<u16> {
+        self.send(http::Method::GET, path, Bytes::new()).await
+    }
+
+    /// `POST path` with `body`; the status, once the response body is read.
+    pub async fn post(&mut self, path: &str, body: Bytes) -> anyhow::Result<u16> {
+        self.send(http::Method::POST, path, body).await
+    }
+
+    async fn send(&mut self, method: http::Method, path: &str, body: Bytes) -> anyhow::Result<u16> {
+        self.sender.ready().await?;
+        let request = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, &self.host)
+            .body(Full::new(body))?;
+        let response = self.sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        response.into_body().collect().await?;
+        Ok(status)
+    }
+}
