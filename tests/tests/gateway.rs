@@ -172,12 +172,12 @@ async fn the_gateway_forwards_faithfully_hides_failures_and_cuts_off_bad_replica
     )
     .await;
     assert_eq!(allowed.status, 200);
-    // A replica slower than the agent's request timeout: 504.
+    // A replica slower than the agent's request timeout: 504 (replay off, else a GET queues).
     let started = Instant::now();
     let slow = send(
         &gw.addr,
         &format!(
-            "GET /agents/{secured}/slow?ms=5000 HTTP/1.1\r\nAuthorization: Bearer s3cret-gateway-key-0123"
+            "GET /agents/{secured}/slow?ms=5000 HTTP/1.1\r\nAuthorization: Bearer s3cret-gateway-key-0123\r\nX-Berth-Replay: off"
         ),
         b"",
     )
@@ -301,14 +301,14 @@ async fn the_gateway_forwards_faithfully_hides_failures_and_cuts_off_bad_replica
         "{table}"
     );
 
-    // No ready replica: 503 with Retry-After.
+    // No ready replica and replay off: 503 with Retry-After.
     assert!(cp.cli(&["stop", &secured]).status.success());
     let unavailable = eventually(Duration::from_secs(30), "503 once stopped", || {
         let (addr, path) = (gw.addr.clone(), format!("/agents/{secured}/echo"));
         async move {
             let r = send(
                 &addr,
-                &format!("GET {path} HTTP/1.1\r\nAuthorization: Bearer s3cret-gateway-key-0123"),
+                &format!("GET {path} HTTP/1.1\r\nAuthorization: Bearer s3cret-gateway-key-0123\r\nX-Berth-Replay: off"),
                 b"",
             )
             .await;
