@@ -231,6 +231,9 @@ pub struct GatewayArgs {
     /// Serving threads, each with its own event loop and upstream connections (0: one per CPU).
     #[arg(long, env = "BERTH_GATEWAY_WORKERS", default_value_t = 0)]
     workers: usize,
+    /// File of admin tokens, one per line: they may read any agent's stored requests.
+    #[arg(long, env = "BERTH_GATEWAY_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -253,6 +256,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         max_concurrency: args.max_concurrency,
         name,
         workers: args.workers,
+        token_file: args.token_file,
     };
     berth_control_plane::gateway::run(config, shutdown_signal()).await?;
     Ok(())

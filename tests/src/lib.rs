@@ -338,9 +338,13 @@ impl Gateway {
 
     /// Starts the process again on the same addresses and waits until it is ready.
     pub async fn resume(&mut self) -> anyhow::Result<()> {
+        let tokens = self.dir.path().join("tokens");
+        std::fs::write(&tokens, format!("{ADMIN_TOKEN}\n"))?;
         let mut command = Command::new(berth_bin());
         command
             .arg("gateway")
+            .arg("--token-file")
+            .arg(&tokens)
             .args(["--etcd", &self.etcd_url, "--listen", &self.addr])
             .args(["--admin-listen", &self.admin_addr, "--name", &self.name])
             .env("RUST_LOG", "info");

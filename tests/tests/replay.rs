@@ -578,3 +578,46 @@ async fn an_idempotency_key_gets_one_result() {
         "the direct one reached it once"
     );
 }
+
+#[tokio::test]
+async fn stored_requests_of_a_token_agent_need_its_token_or_an_admin_one() {
+    let s = setup("tok").await;
+    let api = s.cp.agents().await.unwrap();
+    let guarded = unique_name("guarded");
+    let token = "guarded-agent-token-0123";
+    let out =
+        s.cp.cli(&["deploy", "-n", &guarded, "-i", ECHO_IMAGE, "--token", token]);
+    assert!(out.status.success(), "{out:?}");
+    wait_agent(&api, &guarded, "ready", |a| ready(a) == 1)
+        .await
+        .unwrap();
+    assert!(s.cp.cli(&["stop", &guarded]).status.success());
+    wait_agent(&api, &guarded, "stopped", |a| ready(a) == 0)
+        .await
+        .unwrap();
+    let auth = format!("\r\nAuthorization: Bearer {token}");
+    let queued = eventually(Duration::from_secs(20), "queued", || async {
+        let r = post(&s.gw, &format!("/agents/{guarded}/echo"), "secret", &auth).await;
+        (r.status == 202).then(|| r.json()["request_id"].as_str().unwrap().to_string())
+    })
+    .await
+    .unwrap();
+    let path = format!("/requests/{queued}");
+    assert_eq!(
+        get(&s.gw.addr, &path).await.status,
+        404,
+        "no token: as if unknown"
+    );
+    let with = |t: &str| format!("GET {path} HTTP/1.1\r\nAuthorization: Bearer {t}");
+    assert_eq!(
+        send(&s.gw.addr, &with("wrong-token-0000000000"), b"")
+            .await
+            .status,
+        404
+    );
+    let by_agent = send(&s.gw.addr, &with(token), b"").await;
+    assert_eq!(by_agent.status, 200);
+    assert_eq!(by_agent.json()["status"], "queued");
+    let by_admin = send(&s.gw.addr, &with(berth_tests::ADMIN_TOKEN), b"").await;
+    assert_eq!(by_admin.status, 200);
+}

@@ -57,6 +57,8 @@ pub struct GatewayConfig {
     pub name: String,
     /// Serving threads (0: one per CPU).
     pub workers: usize,
+    /// File of admin tokens (one per line), which may read any agent's stored requests.
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 /// Why the gateway could not start or stopped with an error.
@@ -95,6 +97,7 @@ pub struct Gateway {
     routes: watch::Receiver<Arc<Routes>>,
     store: Store,
     stats: Arc<replay::QueueStats>,
+    admin_tokens: crate::auth::TokenSet,
     stacks: Mutex<HashMap<String, Arc<AgentStack>>>,
     upstream: Upstream,
     metrics: Arc<GatewayMetrics>,
@@ -187,6 +190,15 @@ pub async fn run(
             reason: "must be at least 1".into(),
         });
     }
+    let admin_tokens = match &config.token_file {
+        Some(path) => {
+            crate::auth::TokenSet::from_file(path).map_err(|e| GatewayStartError::Config {
+                setting: "token_file",
+                reason: e.to_string(),
+            })?
+        }
+        None => crate::auth::TokenSet::default(),
+    };
     let store = Store::connect(&config.etcd, &config.prefix).await?;
     let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::new()));
     let (ready_tx, ready_rx) = watch::channel(false);
@@ -203,6 +215,7 @@ pub async fn run(
         routes: routes_rx,
         store: store.clone(),
         stats: Arc::default(),
+        admin_tokens,
         stacks: Mutex::default(),
         upstream: Upstream,
         metrics: metrics.clone(),
@@ -518,19 +531,24 @@ async fn read_body(
     }
 }
 
+/// The bearer token of a request, if any.
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 /// Whether the request carries the agent's gateway token (`Authorization: Bearer <token>`),
 /// compared by SHA-256 in constant time.
 pub(crate) fn token_matches(headers: &HeaderMap, sha256_hex: &str) -> bool {
     use sha2::{Digest, Sha256};
     use subtle::ConstantTimeEq;
-    let Some(token) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
+    let Some(token) = bearer(headers) else {
         return false;
     };
-    let digest = Sha256::digest(token.trim().as_bytes());
+    let digest = Sha256::digest(token.as_bytes());
     let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
     hex.as_bytes().ct_eq(sha256_hex.as_bytes()).into()
 }
