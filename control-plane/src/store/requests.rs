@@ -295,6 +295,15 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes the claim on a request (a claim its own gateway left behind).
+    pub async fn release_claim(&self, agent: &str, seq: u64) -> Result<(), StoreError> {
+        self.client()
+            .delete(self.keys.claim(agent, seq), None)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(())
+    }
+
     /// Replaces a request by `change(request)` with compare-and-swap, retrying on conflict.
     pub async fn update_request(
         &self,
@@ -344,20 +353,22 @@ impl Store {
         Ok(())
     }
 
-    /// Every key under `prefix`.
-    pub async fn list_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+    /// Every key under `prefix` with its value, as text.
+    pub async fn list_values(&self, prefix: &str) -> Result<Vec<(String, String)>, StoreError> {
         let resp = self
             .client()
-            .get(
-                prefix,
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            )
+            .get(prefix, Some(GetOptions::new().with_prefix()))
             .await
             .map_err(|e| self.unavailable(e))?;
         Ok(resp
             .kvs()
             .iter()
-            .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    String::from_utf8_lossy(kv.value()).into_owned(),
+                )
+            })
             .collect())
     }
 

@@ -37,6 +37,10 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Largest response body stored for a delivered request.
 pub const MAX_STORED_RESPONSE: usize = 1024 * 1024;
 
+/// How a delivery task ended: the agent, the request, whether its claim is surely gone, and
+/// the wait before the agent's next delivery.
+type Done = (String, u64, bool, Option<Duration>);
+
 /// A waiting request, as the index knows it.
 #[derive(Clone, Debug)]
 struct Waiting {
@@ -66,16 +70,17 @@ async fn replay(gateway: &Arc<Gateway>, name: &str) -> Result<(), StoreError> {
         track(&mut index, &gateway.stats, &stored.request);
     }
     let claims_prefix = store.keys().claims();
-    let mut claims: HashSet<(String, u64)> = HashSet::new();
-    for key in store.list_keys(&claims_prefix).await? {
+    // Claims by position, with the gateway that holds each.
+    let mut claims: HashMap<(String, u64), String> = HashMap::new();
+    for (key, holder) in store.list_values(&claims_prefix).await? {
         if let Some(at) = position(&key) {
-            claims.insert(at);
+            claims.insert(at, holder);
         }
     }
     let mut requests = watch_prefix(store, store.keys().requests(), revision + 1);
     let mut claim_changes = watch_prefix(store, claims_prefix, revision + 1);
     let mut routes = gateway.routes.clone();
-    let mut deliveries: JoinSet<(String, Option<Duration>)> = JoinSet::new();
+    let mut deliveries: JoinSet<Done> = JoinSet::new();
     let mut busy: HashSet<String> = HashSet::new();
     let mut not_before: HashMap<String, Instant> = HashMap::new();
     let mut renew = tokio::time::interval(CLAIM_RENEW);
@@ -108,7 +113,7 @@ async fn replay(gateway: &Arc<Gateway>, name: &str) -> Result<(), StoreError> {
             change = claim_changes.recv() => match change {
                 Some(WatchMessage::Put(kv)) => {
                     if let Some(at) = position(&String::from_utf8_lossy(kv.key())) {
-                        claims.insert(at);
+                        claims.insert(at, String::from_utf8_lossy(kv.value()).into_owned());
                     }
                 }
                 Some(WatchMessage::Delete(kv)) => {
@@ -126,8 +131,12 @@ async fn replay(gateway: &Arc<Gateway>, name: &str) -> Result<(), StoreError> {
                 not_before.clear();
             }
             Some(done) = deliveries.join_next(), if !deliveries.is_empty() => {
-                if let Ok((agent, backoff)) = done {
+                if let Ok((agent, seq, released, backoff)) = done {
                     busy.remove(&agent);
+                    // Our claim is gone by now; the watch may say so only later.
+                    if released && claims.get(&(agent.clone(), seq)).is_some_and(|h| h == name) {
+                        claims.remove(&(agent.clone(), seq));
+                    }
                     match backoff {
                         Some(wait) => not_before.insert(agent, Instant::now() + wait),
                         None => not_before.remove(&agent),
@@ -184,10 +193,10 @@ fn start_deliveries(
     name: &str,
     lease: i64,
     index: &BTreeMap<(String, u64), Waiting>,
-    claims: &HashSet<(String, u64)>,
+    claims: &HashMap<(String, u64), String>,
     busy: &mut HashSet<String>,
     not_before: &HashMap<String, Instant>,
-    deliveries: &mut JoinSet<(String, Option<Duration>)>,
+    deliveries: &mut JoinSet<Done>,
 ) {
     let now = Instant::now();
     let routes = gateway.routes.borrow().clone();
@@ -196,11 +205,29 @@ fn start_deliveries(
         if !seen.insert(agent.as_str()) {
             continue; // only the head of each agent's queue
         }
-        if busy.contains(agent)
-            || not_before.get(agent).is_some_and(|t| *t > now)
-            || claims.contains(&(agent.clone(), *seq))
-        {
+        if busy.contains(agent) || not_before.get(agent).is_some_and(|t| *t > now) {
             continue;
+        }
+        match claims.get(&(agent.clone(), *seq)) {
+            // Ours, yet nothing of ours is delivering it: a claim a failed write left behind
+            // (our lease keeps it alive, so it would never expire). Let it go.
+            Some(holder) if holder == name => {
+                let (store, agent, seq) = (gateway.store.clone(), agent.clone(), *seq);
+                busy.insert(agent.clone());
+                deliveries.spawn(async move {
+                    match store.release_claim(&agent, seq).await {
+                        Ok(()) => (agent, seq, true, None),
+                        Err(e) => {
+                            tracing::warn!(agent = %agent, error = %e, "cannot release a stale claim");
+                            (agent, seq, false, Some(BACKOFF_MIN))
+                        }
+                    }
+                });
+                continue;
+            }
+            // Another gateway is delivering it: wait (order first).
+            Some(_) => continue,
+            None => {}
         }
         let Some(route) = routes.get(agent) else {
             continue;
@@ -210,16 +237,17 @@ fn start_deliveries(
         }
         busy.insert(agent.clone());
         let key = gateway.store.keys().request(agent, *seq);
+        let seq = *seq;
         let (gateway, name, agent) = (gateway.clone(), name.to_string(), agent.clone());
         deliveries.spawn(async move {
-            let backoff = match deliver(&gateway, &name, lease, &key).await {
-                Ok(backoff) => backoff,
+            match deliver(&gateway, &name, lease, &key).await {
+                Ok(backoff) => (agent, seq, true, backoff),
                 Err(e) => {
+                    // The claim may still stand; the next pass releases it if it is ours.
                     tracing::warn!(agent = %agent, error = %e, "replay failed");
-                    Some(BACKOFF_MIN)
+                    (agent, seq, false, Some(BACKOFF_MIN))
                 }
-            };
-            (agent, backoff)
+            }
         });
     }
 }
