@@ -465,7 +465,7 @@ async fn forward(
             .unwrap_or_default()
             .to_string();
         if let replay::idempotency::Begin::Answer(answer) =
-            replay::idempotency::begin(&gateway.store, agent, keyed, &id).await?
+            replay::idempotency::begin(&gateway.store, &route, keyed, &id).await?
         {
             return Ok(answer);
         }
@@ -499,7 +499,7 @@ async fn forward(
             queued
         }
         (_, Some(kept), Some(keyed)) => {
-            replay::idempotency::finish(&gateway.store, kept, &keyed, result).await
+            replay::idempotency::finish(&gateway.store, &route, kept, &keyed, result).await
         }
         _ => result,
     }

@@ -54,6 +54,10 @@ pub struct ReplayConfig {
     pub max_queued_bytes: u64,
     /// Deliveries tried before dead-lettering.
     pub max_attempts: u32,
+    /// How long queued requests and stored answers are kept.
+    pub ttl: Duration,
+    /// Requests replayed at once; 1 keeps FIFO order.
+    pub concurrency: u32,
 }
 
 impl Default for ReplayConfig {
@@ -64,6 +68,8 @@ impl Default for ReplayConfig {
             max_queued: defaults::REPLAY_MAX_QUEUED,
             max_queued_bytes: defaults::REPLAY_MAX_QUEUED_BYTES,
             max_attempts: defaults::REPLAY_MAX_ATTEMPTS,
+            ttl: defaults::REPLAY_TTL,
+            concurrency: defaults::REPLAY_CONCURRENCY,
         }
     }
 }
@@ -80,6 +86,12 @@ impl ReplayConfig {
             max_queued: or(s.max_queued.into(), d.max_queued.into()) as u32,
             max_queued_bytes: or(s.max_queued_bytes, d.max_queued_bytes),
             max_attempts: or(s.max_attempts.into(), d.max_attempts.into()) as u32,
+            ttl: s
+                .ttl
+                .map(|t| Duration::new(t.seconds.max(0) as u64, 0))
+                .filter(|t| !t.is_zero())
+                .unwrap_or(d.ttl),
+            concurrency: or(s.concurrency.into(), d.concurrency.into()) as u32,
         }
     }
 }

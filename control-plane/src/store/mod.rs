@@ -62,7 +62,7 @@ pub struct Store {
     keys: Keys,
     endpoints: Arc<str>,
     event_lease: Arc<Mutex<Option<events::BucketLease>>>,
-    request_lease: Arc<Mutex<Option<requests::RequestLease>>>,
+    request_leases: Arc<Mutex<std::collections::HashMap<u64, requests::RequestLease>>>,
 }
 
 impl Store {
@@ -85,7 +85,7 @@ impl Store {
             keys: Keys::new(prefix),
             endpoints: joined,
             event_lease: Arc::default(),
-            request_lease: Arc::default(),
+            request_leases: Arc::default(),
         })
     }
 

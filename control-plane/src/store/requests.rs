@@ -9,10 +9,11 @@ use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTar
 use prost::Message;
 use std::time::{Duration, Instant, SystemTime};
 
-/// How long a request and its response are kept.
+/// How long a request and its response are kept unless the agent says otherwise.
 pub const REQUEST_TTL: Duration = crate::defaults::REPLAY_TTL;
-/// A new request lease is granted this often, so requests live between `REQUEST_TTL` and
-/// `REQUEST_TTL + REQUEST_LEASE_BUCKET` (one lease per bucket, not one per request).
+/// A new request lease (per TTL) is granted at most this often, so requests live between
+/// their TTL and TTL + this (one lease per bucket, not one per request); shorter TTLs get
+/// buckets of a tenth of the TTL.
 pub const REQUEST_LEASE_BUCKET: Duration = Duration::from_secs(600);
 
 /// A request as stored, with what a later compare-and-swap needs.
@@ -34,34 +35,43 @@ pub(super) struct RequestLease {
 }
 
 impl Store {
-    async fn request_lease(&self, renew: bool) -> Result<i64, StoreError> {
-        let mut cached = self.request_lease.lock().await;
-        if let Some(lease) = cached.as_ref() {
-            if !renew && lease.granted.elapsed() < REQUEST_LEASE_BUCKET {
+    async fn request_lease(&self, ttl: Duration, renew: bool) -> Result<i64, StoreError> {
+        let bucket = REQUEST_LEASE_BUCKET
+            .min(ttl / 10)
+            .max(Duration::from_secs(1));
+        let mut cached = self.request_leases.lock().await;
+        if let Some(lease) = cached.get(&ttl.as_secs()) {
+            if !renew && lease.granted.elapsed() < bucket {
                 return Ok(lease.id);
             }
         }
-        let ttl = (REQUEST_TTL + REQUEST_LEASE_BUCKET).as_secs() as i64;
         let granted = self
             .client()
-            .lease_grant(ttl, None)
+            .lease_grant((ttl + bucket).as_secs() as i64, None)
             .await
             .map_err(|e| self.unavailable(e))?;
-        *cached = Some(RequestLease {
-            id: granted.id(),
-            granted: Instant::now(),
-        });
+        cached.insert(
+            ttl.as_secs(),
+            RequestLease {
+                id: granted.id(),
+                granted: Instant::now(),
+            },
+        );
         Ok(granted.id())
     }
 
     /// Stores a new request (queued at the tail of its agent's queue, or already delivered
     /// when it records a direct answer to a request with an `Idempotency-Key`); `seq` and
     /// `expire_time` are set here. Returns only once etcd has committed it.
-    pub async fn enqueue_request(&self, request: &mut Request) -> Result<(), StoreError> {
+    pub async fn enqueue_request(
+        &self,
+        request: &mut Request,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
         for attempt in 0..3 {
-            let lease = self.request_lease(attempt > 0).await?;
+            let lease = self.request_lease(ttl, attempt > 0).await?;
             request.seq = new_seq();
-            request.expire_time = Some(berth_proto::timestamp(SystemTime::now() + REQUEST_TTL));
+            request.expire_time = Some(berth_proto::timestamp(SystemTime::now() + ttl));
             let key = self.keys.request(&request.agent, request.seq);
             let index = self.keys.request_id(&request.id);
             let txn = Txn::new()
@@ -103,10 +113,11 @@ impl Store {
         key_sha256: &str,
         id: &str,
         payload: &str,
+        ttl: Duration,
     ) -> Result<Option<(String, String)>, StoreError> {
         let key = self.keys.idempotency(agent, key_sha256);
         for attempt in 0..2 {
-            let lease = self.request_lease(attempt > 0).await?;
+            let lease = self.request_lease(ttl, attempt > 0).await?;
             let txn = Txn::new()
                 .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(

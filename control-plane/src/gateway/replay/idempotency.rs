@@ -6,6 +6,7 @@
 
 use super::super::error::GatewayError;
 use super::super::forward::{Forward, ForwardBody, IDEMPOTENCY_KEY};
+use super::super::routes::Route;
 use super::decide::Ending;
 use super::results::delivered;
 use crate::store::{Store, StoreError};
@@ -60,16 +61,17 @@ pub enum Begin {
 /// Takes the key for request `id`, or answers from the request that holds it.
 pub async fn begin(
     store: &Store,
-    agent: &str,
+    route: &Route,
     keyed: &Keyed,
     id: &str,
 ) -> Result<Begin, GatewayError> {
+    let agent = route.agent.as_str();
     let not_persisted = |source: StoreError| GatewayError::NotPersisted {
         agent: agent.to_string(),
         source,
     };
     let Some((held_by, payload)) = store
-        .take_idempotency_key(agent, &keyed.key, id, &keyed.payload)
+        .take_idempotency_key(agent, &keyed.key, id, &keyed.payload, route.replay.ttl)
         .await
         .map_err(not_persisted)?
     else {
@@ -100,6 +102,7 @@ pub async fn begin(
 /// key instead. Returns the answer to send (rebuilt when its body was read to keep it).
 pub async fn finish(
     store: &Store,
+    route: &Route,
     kept: Forward,
     keyed: &Keyed,
     result: Result<Response, GatewayError>,
@@ -138,7 +141,7 @@ pub async fn finish(
         body: body.to_vec(),
         complete_time: Some(berth_proto::timestamp(SystemTime::now())),
     });
-    if let Err(e) = store.enqueue_request(&mut request).await {
+    if let Err(e) = store.enqueue_request(&mut request, route.replay.ttl).await {
         // The client still gets its answer; the key goes, so a repeat is sent again.
         tracing::warn!(agent = %kept.agent, error = %e, "cannot keep the answer of a keyed request");
         release(store, &kept.agent, keyed).await;

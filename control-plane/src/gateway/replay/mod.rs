@@ -154,7 +154,7 @@ pub async fn enqueue(
     let wait = prefer_wait(&kept.headers);
     let mut request = to_request(&kept, why);
     store
-        .enqueue_request(&mut request)
+        .enqueue_request(&mut request, route.replay.ttl)
         .await
         .map_err(|source| GatewayError::NotPersisted {
             agent: agent.clone(),

@@ -81,7 +81,7 @@ async fn replay(gateway: &Arc<Gateway>, name: &str) -> Result<(), StoreError> {
     let mut claim_changes = watch_prefix(store, claims_prefix, revision + 1);
     let mut routes = gateway.routes.clone();
     let mut deliveries: JoinSet<Done> = JoinSet::new();
-    let mut busy: HashSet<String> = HashSet::new();
+    let mut busy: HashSet<(String, u64)> = HashSet::new();
     let mut not_before: HashMap<String, Instant> = HashMap::new();
     let mut renew = tokio::time::interval(CLAIM_RENEW);
     loop {
@@ -132,7 +132,7 @@ async fn replay(gateway: &Arc<Gateway>, name: &str) -> Result<(), StoreError> {
             }
             Some(done) = deliveries.join_next(), if !deliveries.is_empty() => {
                 if let Ok((agent, seq, released, backoff)) = done {
-                    busy.remove(&agent);
+                    busy.remove(&(agent.clone(), seq));
                     // Our claim is gone by now; the watch may say so only later.
                     if released && claims.get(&(agent.clone(), seq)).is_some_and(|h| h == name) {
                         claims.remove(&(agent.clone(), seq));
@@ -185,8 +185,9 @@ fn position(key: &str) -> Option<(String, u64)> {
     Some((agent, seq))
 }
 
-/// For each agent that is free, has a ready replica and is not backing off: deliver the
-/// oldest waiting request, unless another gateway holds it (then wait: order first).
+/// For each agent with a ready replica that is not backing off: deliver its oldest waiting
+/// requests, as many at once as its replay concurrency allows (1 by default, which keeps
+/// FIFO order: a request another gateway holds is then waited for, not overtaken).
 #[allow(clippy::too_many_arguments)]
 fn start_deliveries(
     gateway: &Arc<Gateway>,
@@ -194,26 +195,35 @@ fn start_deliveries(
     lease: i64,
     index: &BTreeMap<(String, u64), Waiting>,
     claims: &HashMap<(String, u64), String>,
-    busy: &mut HashSet<String>,
+    busy: &mut HashSet<(String, u64)>,
     not_before: &HashMap<String, Instant>,
     deliveries: &mut JoinSet<Done>,
 ) {
     let now = Instant::now();
     let routes = gateway.routes.borrow().clone();
-    let mut seen: HashSet<&str> = HashSet::new();
+    let mut slots: HashMap<&str, usize> = HashMap::new();
     for (agent, seq) in index.keys() {
-        if !seen.insert(agent.as_str()) {
-            continue; // only the head of each agent's queue
-        }
-        if busy.contains(agent) || not_before.get(agent).is_some_and(|t| *t > now) {
+        let free = slots.entry(agent.as_str()).or_insert_with(|| {
+            let Some(route) = routes.get(agent) else {
+                return 0;
+            };
+            if route.replicas.is_empty() || not_before.get(agent).is_some_and(|t| *t > now) {
+                return 0;
+            }
+            let in_flight = busy.iter().filter(|(a, _)| a == agent).count();
+            (route.replay.concurrency.max(1) as usize).saturating_sub(in_flight)
+        });
+        let at = (agent.clone(), *seq);
+        if *free == 0 || busy.contains(&at) {
             continue;
         }
-        match claims.get(&(agent.clone(), *seq)) {
+        match claims.get(&at) {
             // Ours, yet nothing of ours is delivering it: a claim a failed write left behind
             // (our lease keeps it alive, so it would never expire). Let it go.
             Some(holder) if holder == name => {
+                *free -= 1;
+                busy.insert(at);
                 let (store, agent, seq) = (gateway.store.clone(), agent.clone(), *seq);
-                busy.insert(agent.clone());
                 deliveries.spawn(async move {
                     match store.release_claim(&agent, seq).await {
                         Ok(()) => (agent, seq, true, None),
@@ -225,17 +235,18 @@ fn start_deliveries(
                 });
                 continue;
             }
-            // Another gateway is delivering it: wait (order first).
-            Some(_) => continue,
+            // Another gateway is delivering it: with one at a time, wait (order first).
+            Some(_) => {
+                let concurrency = routes.get(agent).map_or(1, |r| r.replay.concurrency);
+                if concurrency <= 1 {
+                    *free = 0;
+                }
+                continue;
+            }
             None => {}
         }
-        let Some(route) = routes.get(agent) else {
-            continue;
-        };
-        if route.replicas.is_empty() {
-            continue;
-        }
-        busy.insert(agent.clone());
+        *free -= 1;
+        busy.insert(at);
         let key = gateway.store.keys().request(agent, *seq);
         let seq = *seq;
         let (gateway, name, agent) = (gateway.clone(), name.to_string(), agent.clone());
