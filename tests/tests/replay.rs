@@ -90,9 +90,10 @@ async fn setup(prefix: &str) -> Setup {
     }
 }
 
-/// Polls `GET /requests/{id}` until every id is delivered.
+/// Polls `GET /requests/{id}` until every id is delivered; on timeout, says where the rest
+/// stand.
 async fn wait_delivered(gw: &Gateway, ids: &[String], within: Duration) -> anyhow::Result<()> {
-    eventually(within, "every queued request delivered", || async {
+    let waited = eventually(within, "every queued request delivered", || async {
         for id in ids {
             let r = get(&gw.addr, &format!("/requests/{id}")).await;
             if r.status != 200 || r.json()["status"] != "delivered" {
@@ -101,7 +102,24 @@ async fn wait_delivered(gw: &Gateway, ids: &[String], within: Duration) -> anyho
         }
         Some(())
     })
-    .await
+    .await;
+    if let Err(e) = waited {
+        let mut stands: HashMap<String, usize> = HashMap::new();
+        let mut examples = Vec::new();
+        for id in ids {
+            let r = get(&gw.addr, &format!("/requests/{id}")).await;
+            let body = String::from_utf8_lossy(&r.body).into_owned();
+            let state = serde_json::from_str::<serde_json::Value>(&body)
+                .map(|v| format!("{} {}", r.status, v["status"]))
+                .unwrap_or_else(|_| format!("{} {body}", r.status));
+            if !state.contains("delivered") && examples.len() < 5 {
+                examples.push(body);
+            }
+            *stands.entry(state).or_default() += 1;
+        }
+        anyhow::bail!("{e}: {stands:?}; e.g. {examples:?}");
+    }
+    Ok(())
 }
 
 #[tokio::test]
