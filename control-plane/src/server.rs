@@ -85,8 +85,19 @@ pub async fn run(
     let store_for_requests = store.clone();
     let agents = AgentServiceServer::new(AgentApi::new(store.clone(), limits, sessions.clone()));
     let node_agents = NodeAgentServiceServer::new(NodeAgentApi::new(store.clone(), sessions));
-    // One placement loop per control plane; leader election arrives with the fleet issue.
-    let placer = tokio::spawn(placement::run(store.clone()));
+    // Placement and the node monitor run in the elected leader only.
+    let identity = format!("{}@{}", hostname(), config.listen);
+    let leading_store = store.clone();
+    let placer = tokio::spawn(crate::leader::run(store.clone(), identity, move || {
+        let store = leading_store.clone();
+        async move {
+            // One task for both, so that losing leadership stops both.
+            tokio::select! {
+                _ = placement::run(store.clone()) => {}
+                _ = crate::nodes::monitor::run(store) => {}
+            }
+        }
+    }));
 
     let grpc_listener = bind(config.listen).await?;
     let admin_listener = bind(config.admin_listen).await?;
@@ -131,4 +142,10 @@ async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ServerError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| ServerError::Bind { addr, source })
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "control-plane".into())
 }

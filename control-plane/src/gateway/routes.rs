@@ -6,8 +6,9 @@ use super::breaker::BreakerConfig;
 use crate::defaults;
 use crate::store::watch::{watch_prefix, WatchMessage};
 use crate::store::{Keys, Store, StoreError};
-use berth_proto::v1::Agent;
-use std::collections::HashMap;
+use berth_proto::v1::{Agent, NodeStatus};
+use prost::Message;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
@@ -100,8 +101,9 @@ impl ReplayConfig {
 pub type Routes = HashMap<String, Arc<Route>>;
 
 impl Route {
-    /// The route of `agent`: its ready replicas that have an address.
-    pub fn of(agent: &Agent) -> Option<Self> {
+    /// The route of `agent`: its ready replicas that have an address and run on a ready node
+    /// (a node silent for 10 s is unknown, and its replicas leave the pool).
+    pub fn of(agent: &Agent, ready_nodes: &HashSet<String>) -> Option<Self> {
         let spec = agent.spec.as_ref()?;
         let timeout = spec
             .request_timeout
@@ -112,7 +114,7 @@ impl Route {
             .status
             .iter()
             .flat_map(|s| &s.replicas)
-            .filter(|r| r.ready && !r.address.is_empty())
+            .filter(|r| r.ready && !r.address.is_empty() && ready_nodes.contains(&r.node))
             .map(|r| Endpoint {
                 replica: r.replica.clone(),
                 address: r.address.clone(),
@@ -130,33 +132,66 @@ impl Route {
     }
 }
 
-/// Keeps `routes` current until the receivers are gone. Lists, then watches specs and statuses
-/// from the list's revision; re-lists after compaction or when a watch ends.
+/// Keeps `routes` current until the receivers are gone. Lists agents and nodes, then watches
+/// specs, statuses and nodes from the list's revision; re-lists after compaction or when a
+/// watch ends.
 pub async fn follow(store: Store, routes: watch::Sender<Arc<Routes>>, ready: watch::Sender<bool>) {
     loop {
-        let (agents, revision) = match store.list_agents().await {
+        let listed = async {
+            let (agents, revision) = store.list_agents().await?;
+            let nodes = store.list_nodes().await?;
+            Ok::<_, StoreError>((agents, nodes, revision))
+        };
+        let (agents, nodes, revision) = match listed.await {
             Ok(listed) => listed,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot list agents; retrying");
+                tracing::warn!(error = %e, "cannot list agents and nodes; retrying");
                 tokio::time::sleep(RELIST_RETRY).await;
                 continue;
             }
         };
-        let table: Routes = agents
-            .iter()
-            .filter_map(Route::of)
-            .map(|r| (r.agent.clone(), Arc::new(r)))
+        let mut ready_nodes: HashSet<String> = nodes
+            .into_iter()
+            .filter(|n| n.status == NodeStatus::Ready as i32)
+            .map(|n| n.name)
             .collect();
-        tracing::info!(agents = table.len(), revision, "routes listed");
-        routes.send_replace(Arc::new(table));
+        let mut known: HashMap<String, Agent> = agents
+            .into_iter()
+            .filter_map(|a| Some((a.spec.as_ref()?.name.clone(), a)))
+            .collect();
+        publish(&routes, &known, &ready_nodes);
+        tracing::info!(
+            agents = known.len(),
+            nodes = ready_nodes.len(),
+            revision,
+            "routes listed"
+        );
         ready.send_replace(true);
         let mut specs = watch_prefix(&store, store.keys().agents(), revision + 1);
         let mut statuses = watch_prefix(&store, store.keys().statuses(), revision + 1);
+        let mut node_changes = watch_prefix(&store, store.keys().nodes(), revision + 1);
         loop {
             let change = tokio::select! {
                 _ = routes.closed() => return,
                 change = specs.recv() => change,
                 change = statuses.recv() => change,
+                change = node_changes.recv() => match change {
+                    Some(WatchMessage::Put(kv)) => {
+                        let name = Keys::last_segment(kv.key());
+                        match berth_proto::v1::Node::decode(kv.value()) {
+                            Ok(node) if node.status == NodeStatus::Ready as i32 => ready_nodes.insert(name),
+                            _ => ready_nodes.remove(&name),
+                        };
+                        publish(&routes, &known, &ready_nodes);
+                        continue;
+                    }
+                    Some(WatchMessage::Delete(kv)) => {
+                        ready_nodes.remove(&Keys::last_segment(kv.key()));
+                        publish(&routes, &known, &ready_nodes);
+                        continue;
+                    }
+                    Some(WatchMessage::Compacted) | None => break,
+                },
             };
             let name = match change {
                 Some(WatchMessage::Put(kv) | WatchMessage::Delete(kv)) => {
@@ -165,39 +200,49 @@ pub async fn follow(store: Store, routes: watch::Sender<Arc<Routes>>, ready: wat
                 // Compacted, or a watch ended: start over from a fresh list.
                 Some(WatchMessage::Compacted) | None => break,
             };
-            if let Err(e) = refresh(&store, &routes, &name).await {
-                tracing::warn!(agent = %name, error = %e, "cannot read agent; re-listing");
-                break;
-            }
+            // Level-based: whatever changed, the agent's current value is what counts.
+            match store.get_agent(&name).await {
+                Ok(agent) => known.insert(name, agent),
+                Err(StoreError::NotFound { .. }) => known.remove(&name),
+                Err(e) => {
+                    tracing::warn!(agent = %name, error = %e, "cannot read agent; re-listing");
+                    break;
+                }
+            };
+            publish(&routes, &known, &ready_nodes);
         }
     }
 }
 
-/// Re-reads one agent (level-based: whatever changed, the current value is what counts).
-async fn refresh(
-    store: &Store,
+/// Sends the routes of `agents` over `ready_nodes`, if they changed.
+fn publish(
     routes: &watch::Sender<Arc<Routes>>,
-    name: &str,
-) -> Result<(), StoreError> {
-    let route = match store.get_agent(name).await {
-        Ok(agent) => Route::of(&agent),
-        Err(StoreError::NotFound { .. }) => None,
-        Err(e) => return Err(e),
-    };
-    routes.send_if_modified(|table| {
-        let current = table.get(name);
-        if current.map(|r| r.as_ref()) == route.as_ref() {
+    agents: &HashMap<String, Agent>,
+    ready_nodes: &HashSet<String>,
+) {
+    let table: Routes = agents
+        .values()
+        .filter_map(|a| Route::of(a, ready_nodes))
+        .map(|r| {
+            // Keep the old Arc when nothing changed, so pools see no change.
+            let current = routes.borrow().get(&r.agent).cloned();
+            match current {
+                Some(old) if *old == r => (r.agent.clone(), old),
+                _ => (r.agent.clone(), Arc::new(r)),
+            }
+        })
+        .collect();
+    routes.send_if_modified(|current| {
+        let same = current.len() == table.len()
+            && table
+                .iter()
+                .all(|(k, v)| current.get(k).is_some_and(|c| Arc::ptr_eq(c, v)));
+        if same {
             return false;
         }
-        let mut next = table.as_ref().clone();
-        match route {
-            Some(route) => next.insert(name.to_string(), Arc::new(route)),
-            None => next.remove(name),
-        };
-        *table = Arc::new(next);
+        *current = Arc::new(table);
         true
     });
-    Ok(())
 }
 
 #[cfg(test)]
@@ -211,6 +256,11 @@ mod tests {
             replica: id.into(),
             ready,
             address: address.into(),
+            node: if id == "a-4" {
+                "n2".into()
+            } else {
+                "n1".into()
+            },
             ..Default::default()
         };
         let agent = Agent {
@@ -225,12 +275,14 @@ mod tests {
                     replica("a-0", true, "10.0.0.1:8080"),
                     replica("a-2", false, "10.0.0.3:8080"),
                     replica("a-3", true, ""),
+                    replica("a-4", true, "10.0.0.5:8080"), // on n2, which is not ready
                 ],
                 ..Default::default()
             }),
             meta: None,
         };
-        let route = Route::of(&agent).unwrap();
+        let ready_nodes: HashSet<String> = ["n1".to_string()].into();
+        let route = Route::of(&agent, &ready_nodes).unwrap();
         let ids: Vec<_> = route.replicas.iter().map(|e| e.replica.as_str()).collect();
         assert_eq!(ids, ["a-0", "a-1"]);
         assert_eq!(route.timeout, defaults::REQUEST_TIMEOUT);

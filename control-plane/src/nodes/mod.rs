@@ -1,6 +1,7 @@
 //! Node sessions: the `NodeAgentService.Connect` stream of each node agent, first placement,
 //! and observed status built from node reports.
 
+pub mod monitor;
 pub mod placement;
 pub mod sessions;
 mod status;
@@ -24,8 +25,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-/// Lifetime of a node's record without heartbeats: a silent node leaves after this.
-pub const NODE_LEASE_TTL: Duration = Duration::from_secs(10);
+/// Lifetime of a node's record without heartbeats: a node silent this long is down (its
+/// record goes) and its replicas are placed elsewhere.
+pub const NODE_LEASE_TTL: Duration = Duration::from_secs(20);
+/// A node silent this long is unknown: its replicas leave the gateways' pools.
+pub const NODE_UNKNOWN_AFTER: Duration = Duration::from_secs(10);
 
 /// Serves `NodeAgentService`.
 #[derive(Clone)]

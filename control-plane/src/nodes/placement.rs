@@ -29,10 +29,22 @@ pub fn assignment_for(agent: &Agent, replica: &str) -> Assignment {
     }
 }
 
-/// What to write so that placements match agents: (puts, deletes).
+/// Whether an agent's replicas must stay on their node (they use host volumes, whose data
+/// lives there).
+fn pinned(agent: &Agent) -> bool {
+    agent
+        .spec
+        .as_ref()
+        .is_some_and(|s| s.volumes.iter().any(|v| v.source.starts_with('/')))
+}
+
+/// What to write so that placements match agents: (puts, deletes). New replicas go to
+/// `nodes` (ready ones); a replica whose node has no record any more (`known`: every node
+/// with a record, ready or unknown) is down and moves, unless pinned by a host volume.
 pub fn plan(
     agents: &[Agent],
     nodes: &[String],
+    known: &[String],
     placements: &[Placement],
 ) -> (Vec<Placement>, Vec<Placement>) {
     let mut load: BTreeMap<&str, usize> = nodes.iter().map(|n| (n.as_str(), 0)).collect();
@@ -65,7 +77,12 @@ pub fn plan(
                 .contains(&p.assignment.replica)
                 .then_some(*agent)
         });
+        let down = !known.contains(&p.node);
         match wanted {
+            Some(agent) if down && !pinned(agent) => {
+                tracing::warn!(node = %p.node, replica = %p.assignment.replica, "node down: moving its replica");
+                deletes.push(p.clone());
+            }
             Some(agent) if placed.insert((agent_name.clone(), p.assignment.replica.clone())) => {
                 let want = assignment_for(agent, &p.assignment.replica);
                 if want != p.assignment {
@@ -128,14 +145,15 @@ pub async fn run(store: Store) {
 
 async fn reconcile(store: &Store) -> Result<(), StoreError> {
     let (agents, _) = store.list_agents().await?;
-    let nodes: Vec<String> = store
-        .list_nodes()
-        .await?
+    let records = store.list_nodes().await?;
+    let known: Vec<String> = records.iter().map(|n| n.name.clone()).collect();
+    let ready: Vec<String> = records
         .into_iter()
+        .filter(|n| n.status == berth_proto::v1::NodeStatus::Ready as i32)
         .map(|n| n.name)
         .collect();
     let (placements, _) = store.list_placements(None).await?;
-    let (puts, deletes) = plan(&agents, &nodes, &placements);
+    let (puts, deletes) = plan(&agents, &ready, &known, &placements);
     for p in &deletes {
         let agent = p
             .assignment
@@ -191,7 +209,7 @@ mod tests {
     #[test]
     fn spreads_new_replicas_evenly() {
         let nodes = vec!["n1".to_string(), "n2".to_string()];
-        let (puts, deletes) = plan(&[agent("a", 3, 1), agent("b", 1, 1)], &nodes, &[]);
+        let (puts, deletes) = plan(&[agent("a", 3, 1), agent("b", 1, 1)], &nodes, &nodes, &[]);
         assert!(deletes.is_empty());
         let on = |n: &str| puts.iter().filter(|p| p.node == n).count();
         assert_eq!((on("n1"), on("n2")), (2, 2));
@@ -212,7 +230,7 @@ mod tests {
                 assignment: assignment_for(&agent("gone", 1, 1), "gone-0"),
             }])
             .collect();
-        let (puts, deletes) = plan(&[agent("a", 1, 2)], &nodes, &placements);
+        let (puts, deletes) = plan(&[agent("a", 1, 2)], &nodes, &nodes, &placements);
         let deleted: Vec<_> = deletes
             .iter()
             .map(|p| p.assignment.replica.as_str())
@@ -230,7 +248,40 @@ mod tests {
 
     #[test]
     fn without_nodes_nothing_is_placed() {
-        let (puts, deletes) = plan(&[agent("a", 2, 1)], &[], &[]);
+        let (puts, deletes) = plan(&[agent("a", 2, 1)], &[], &[], &[]);
         assert!(puts.is_empty() && deletes.is_empty());
+    }
+
+    #[test]
+    fn replicas_of_a_down_node_move_unless_pinned_by_a_host_volume() {
+        let a = agent("a", 1, 1);
+        let mut b = agent("b", 1, 1);
+        b.spec.as_mut().unwrap().volumes = vec![berth_proto::v1::VolumeMount {
+            source: "/var/lib/berth/volumes/b".into(),
+            target: "/data".into(),
+            read_only: false,
+        }];
+        let on_n1 = |x: &Agent, r: &str| Placement {
+            node: "n1".into(),
+            assignment: assignment_for(x, r),
+        };
+        let placements = vec![on_n1(&a, "a-0"), on_n1(&b, "b-0")];
+        let alive = vec!["n2".to_string()];
+        // n1 unknown (record still there): nothing moves.
+        let known = vec!["n1".to_string(), "n2".to_string()];
+        let (puts, deletes) = plan(&[a.clone(), b.clone()], &alive, &known, &placements);
+        assert!(puts.is_empty() && deletes.is_empty());
+        // n1 down (no record): a moves to n2, b stays with its data.
+        let (puts, deletes) = plan(&[a, b], &alive, &alive, &placements);
+        let moved: Vec<_> = deletes
+            .iter()
+            .map(|p| p.assignment.replica.as_str())
+            .collect();
+        assert_eq!(moved, ["a-0"]);
+        assert_eq!(puts.len(), 1);
+        assert_eq!(
+            (puts[0].node.as_str(), puts[0].assignment.replica.as_str()),
+            ("n2", "a-0")
+        );
     }
 }

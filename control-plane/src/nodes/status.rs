@@ -16,6 +16,16 @@ pub async fn apply_report(store: &Store, node: &str, report: &ReplicaReport) {
         return;
     };
     replica.node = node.to_string();
+    // A node back from a partition reports replicas that were moved away while it was down:
+    // the replica's status is the new node's business.
+    match store.is_placed(node, &report.agent, &replica.replica).await {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            tracing::warn!(agent = %report.agent, node, error = %e, "cannot check placement");
+            return;
+        }
+    }
     let mut restarted = None;
     let result = store
         .update_status(&report.agent, |status| {

@@ -116,6 +116,11 @@ impl Keys {
         format!("{}/idempotency/{agent}/{key_sha256}", self.prefix)
     }
 
+    /// `{prefix}/leader`: the control plane that runs the scheduler, under its lease.
+    pub fn leader(&self) -> String {
+        format!("{}/leader", self.prefix)
+    }
+
     /// The name at the end of a key under one of the prefixes above.
     pub fn last_segment(key: &[u8]) -> String {
         let key = String::from_utf8_lossy(key);

@@ -96,6 +96,60 @@ impl Store {
         }
     }
 
+    /// Whether `replica` of `agent` is placed on `node`.
+    pub async fn is_placed(
+        &self,
+        node: &str,
+        agent: &str,
+        replica: &str,
+    ) -> Result<bool, StoreError> {
+        let resp = self
+            .client()
+            .get(
+                self.keys.assignment(node, agent, replica),
+                Some(GetOptions::new().with_count_only()),
+            )
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(resp.count() > 0)
+    }
+
+    /// Takes leadership for `identity` under `lease` if nobody holds it.
+    pub async fn try_lead(&self, identity: &str, lease: i64) -> Result<bool, StoreError> {
+        let key = self.keys.leader();
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                identity,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let resp = self
+            .client()
+            .txn(txn)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(resp.succeeded())
+    }
+
+    /// Who leads now, if anyone.
+    pub async fn leader(&self) -> Result<Option<String>, StoreError> {
+        let resp = self
+            .client()
+            .get(self.keys.leader(), None)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+
+    /// Gives a lease back (best effort: it expires anyway).
+    pub async fn revoke_lease(&self, lease: i64) {
+        let _ = self.client().lease_revoke(lease).await;
+    }
+
     /// Writes a node record attached to `lease`.
     pub async fn put_node(&self, node: &Node, lease: i64) -> Result<(), StoreError> {
         self.client()
@@ -119,6 +173,48 @@ impl Store {
         resp.kvs()
             .iter()
             .map(|kv| decode(kv.key(), kv.value()))
+            .collect()
+    }
+
+    /// Marks `node` unknown (silent too long), unless it wrote since `revision`; its lease stays.
+    pub async fn mark_node_unknown(
+        &self,
+        node: &Node,
+        revision: i64,
+        lease: i64,
+    ) -> Result<bool, StoreError> {
+        let key = self.keys.node(&node.name);
+        let mut marked = node.clone();
+        marked.status = berth_proto::v1::NodeStatus::Unknown as i32;
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                revision,
+            )])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                marked.encode_to_vec(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let resp = self
+            .client()
+            .txn(txn)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(resp.succeeded())
+    }
+
+    /// Every live node with its key's revision and lease.
+    pub async fn list_node_records(&self) -> Result<Vec<(Node, i64, i64)>, StoreError> {
+        let resp = self
+            .client()
+            .get(self.keys.nodes(), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        resp.kvs()
+            .iter()
+            .map(|kv| Ok((decode(kv.key(), kv.value())?, kv.mod_revision(), kv.lease())))
             .collect()
     }
 
