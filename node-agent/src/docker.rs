@@ -5,8 +5,8 @@ use bollard::container::LogOutput;
 use bollard::models::{ContainerCreateBody, HostConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, EventsOptions, InspectContainerOptions,
-    ListContainersOptions, LogsOptions, RemoveContainerOptions, StartContainerOptions,
-    StopContainerOptions,
+    ListContainersOptions, ListNetworksOptions, LogsOptions, RemoveContainerOptions,
+    StartContainerOptions, StopContainerOptions,
 };
 use bollard::Docker;
 use futures::Stream;
@@ -105,6 +105,8 @@ pub struct Runtime {
     docker: Docker,
     node: String,
     network: String,
+    /// The id of the network settled on by `ensure_network`.
+    network_id: String,
     volume_root: PathBuf,
     extra_labels: HashMap<String, String>,
     /// Image pulls in flight or failed, by image; a failure is reported once, then retried.
@@ -135,40 +137,68 @@ impl Runtime {
             docker,
             node: node.to_string(),
             network: network.to_string(),
+            network_id: String::new(),
             volume_root: volume_root.to_path_buf(),
             extra_labels,
             pulls: Arc::default(),
         })
     }
 
-    /// Creates the network if it does not exist.
-    pub async fn ensure_network(&self) -> Result<(), DockerError> {
-        if self
-            .docker
-            .inspect_network(&self.network, None)
-            .await
-            .is_ok()
-        {
-            return Ok(());
-        }
-        let request = NetworkCreateRequest {
-            name: self.network.clone(),
-            ..Default::default()
-        };
-        match self.docker.create_network(request).await {
-            Ok(_) => Ok(()),
-            // Another node agent on this engine made it first.
-            Err(_)
-                if self
-                    .docker
-                    .inspect_network(&self.network, None)
-                    .await
-                    .is_ok() =>
-            {
-                Ok(())
+    /// Creates the network if it does not exist, and settles on one network of that name.
+    /// Docker allows several networks of one name, and node agents that start together on
+    /// one engine may each create one: all of them keep the oldest (a later duplicate can never
+    /// become older, so every agent settles on the same one) and remove the others. Containers
+    /// join it by id.
+    pub async fn ensure_network(&mut self) -> Result<(), DockerError> {
+        if self.named().await?.is_empty() {
+            let request = NetworkCreateRequest {
+                name: self.network.clone(),
+                ..Default::default()
+            };
+            if let Err(e) = self.docker.create_network(request).await {
+                tracing::debug!(error = %e, "creating the network failed; another may have made it");
             }
-            Err(e) => Err(e.into()),
         }
+        let ids = self.named().await?;
+        let Some(chosen) = ids.first().cloned() else {
+            return Err(DockerError::Refused(format!(
+                "network {} could not be created",
+                self.network
+            )));
+        };
+        for other in &ids[1..] {
+            // Another agent's duplicate may be in use by its containers already; only an
+            // unused one goes, and whoever made it removes it in its own pass.
+            let _ = self.docker.remove_network(other).await;
+        }
+        self.network_id = chosen;
+        Ok(())
+    }
+
+    /// Ids of the networks named exactly like ours, oldest first.
+    async fn named(&self) -> Result<Vec<String>, DockerError> {
+        let filters = HashMap::from([("name".to_string(), vec![self.network.clone()])]);
+        let options = ListNetworksOptions {
+            filters: Some(filters),
+        };
+        let mut named: Vec<(std::time::SystemTime, String)> = self
+            .docker
+            .list_networks(Some(options))
+            .await?
+            .into_iter()
+            .filter(|n| n.name.as_deref() == Some(self.network.as_str()))
+            .filter_map(|n| {
+                // Docker's RFC 3339 trims trailing zeros, so compare times, not strings.
+                let created = n
+                    .created
+                    .as_deref()
+                    .and_then(|c| humantime::parse_rfc3339_weak(c).ok())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                Some((created, n.id?))
+            })
+            .collect();
+        named.sort();
+        Ok(named.into_iter().map(|(_, id)| id).collect())
     }
 
     /// CPUs and memory of the host.
@@ -287,7 +317,11 @@ impl Runtime {
             memory: (resources.memory_bytes > 0).then_some(resources.memory_bytes as i64),
             nano_cpus: (resources.cpu_millis > 0)
                 .then_some(resources.cpu_millis as i64 * 1_000_000),
-            network_mode: Some(self.network.clone()),
+            network_mode: Some(if self.network_id.is_empty() {
+                self.network.clone()
+            } else {
+                self.network_id.clone()
+            }),
             ..Default::default()
         };
         let stop_timeout = spec.stop_grace.map(|d| d.seconds).unwrap_or(10);

@@ -57,7 +57,7 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), NodeAgentError> {
-    let runtime = docker::Runtime::connect(
+    let mut runtime = docker::Runtime::connect(
         &config.docker,
         &config.name,
         &config.network,

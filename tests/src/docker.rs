@@ -74,9 +74,16 @@ impl Drop for DockerRun {
                 .args(&ids)
                 .output();
         }
-        let _ = Command::new("docker")
-            .args(["network", "rm", &self.network])
-            .output();
+        // By id: if node agents raced to create it, there may be several of this name.
+        let ids = Command::new("docker")
+            .args(["network", "ls", "-q", "--filter"])
+            .arg(format!("name=^{}$", self.network))
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for id in ids.lines() {
+            let _ = Command::new("docker").args(["network", "rm", id]).output();
+        }
     }
 }
 
@@ -106,6 +113,21 @@ impl NodeAgent {
         };
         agent.resume()?;
         Ok(agent)
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Sends `signal` (e.g. `STOP`, `CONT`) to the process.
+    pub fn signal(&self, signal: &str) {
+        if let Some(pid) = self.pid() {
+            let _ = Command::new("kill")
+                .arg(format!("-{signal}"))
+                .arg(pid.to_string())
+                .output();
+        }
     }
 
     /// Kills the process (SIGKILL); its containers keep running.

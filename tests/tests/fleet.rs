@@ -1,0 +1,195 @@
+//! The fleet on real Docker: three node agents (their own names, one engine), a partition made
+//! by stopping a node agent with SIGSTOP, a short blip, and leader failover between two
+//! control planes.
+
+use berth_proto::v1::{Agent, Node, NodeStatus};
+use berth_tests::docker::{wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
+use berth_tests::{eventually, unique_name, ControlPlane, Etcd};
+use prost::Message;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+fn ready(agent: &Agent) -> u32 {
+    agent.status.as_ref().map(|s| s.ready_replicas).unwrap_or(0)
+}
+
+/// Replica → node, for ready replicas.
+fn nodes_of(agent: &Agent) -> HashMap<String, String> {
+    agent
+        .status
+        .iter()
+        .flat_map(|s| &s.replicas)
+        .filter(|r| r.ready)
+        .map(|r| (r.replica.clone(), r.node.clone()))
+        .collect()
+}
+
+/// The node's record, if it has one.
+async fn node_record(etcd: &Etcd, name: &str) -> Option<Node> {
+    let mut client = etcd.client().await.ok()?;
+    let resp = client
+        .get(format!("/berth/nodes/{name}"), None)
+        .await
+        .ok()?;
+    let kv = resp.kvs().first()?;
+    Node::decode(kv.value()).ok()
+}
+
+/// Containers of one node, by the node label.
+fn containers_of(node: &str) -> Vec<String> {
+    let out = std::process::Command::new("docker")
+        .args(["ps", "-q", "--filter", &format!("label=berth.node={node}")])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_partitioned_node_loses_its_replicas_and_a_blip_restarts_nothing() {
+    let run = DockerRun::new().unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
+    let nodes: Vec<NodeAgent> = (0..3)
+        .map(|i| NodeAgent::start(&cp.url(), &unique_name(&format!("n{i}")), &run).unwrap())
+        .collect();
+    let api = cp.agents().await.unwrap();
+    for node in &nodes {
+        eventually(Duration::from_secs(20), "the node connected", || async {
+            let record = node_record(&etcd, &node.name).await?;
+            (record.status == NodeStatus::Ready as i32).then_some(())
+        })
+        .await
+        .unwrap();
+    }
+    let name = unique_name("spread");
+    let out = cp.cli(&["deploy", "-n", &name, "-i", ECHO_IMAGE, "--replicas", "3"]);
+    assert!(out.status.success(), "{out:?}");
+    let agent = wait_agent(&api, &name, "3 ready", |a| ready(a) == 3)
+        .await
+        .unwrap_or_else(|e| {
+            let logs: Vec<String> = nodes.iter().map(NodeAgent::log).collect();
+            panic!("{e}\n{}\n{}", cp.log(), logs.join("\n"))
+        });
+    let placed = nodes_of(&agent);
+    let mut used: Vec<&String> = placed.values().collect();
+    used.sort();
+    used.dedup();
+    assert_eq!(used.len(), 3, "one replica per node: {placed:?}");
+
+    // A 5 s blip: nothing restarts or moves.
+    let containers = run.containers();
+    let started: Vec<String> = containers
+        .iter()
+        .map(|c| run.inspect(c, "{{.State.StartedAt}}"))
+        .collect();
+    nodes[0].signal("STOP");
+    tokio::time::sleep(Duration::from_secs(5)).await; // the blip itself
+    nodes[0].signal("CONT");
+    tokio::time::sleep(Duration::from_secs(3)).await; // room for a wrongful reaction
+    let agent = wait_agent(&api, &name, "3 ready", |a| ready(a) == 3)
+        .await
+        .unwrap();
+    assert_eq!(nodes_of(&agent), placed, "nothing moved");
+    assert_eq!(run.containers(), containers, "nothing replaced");
+    let after: Vec<String> = containers
+        .iter()
+        .map(|c| run.inspect(c, "{{.State.StartedAt}}"))
+        .collect();
+    assert_eq!(after, started, "nothing restarted");
+
+    // A partition: unknown after 10 s, down after 20 s, its replica ready elsewhere.
+    let lost = &nodes[1];
+    let moved: Vec<String> = placed
+        .iter()
+        .filter(|(_, n)| **n == lost.name)
+        .map(|(r, _)| r.clone())
+        .collect();
+    assert_eq!(moved.len(), 1);
+    let cut = Instant::now();
+    lost.signal("STOP");
+    eventually(Duration::from_secs(20), "the node unknown", || async {
+        let record = node_record(&etcd, &lost.name).await?;
+        (record.status == NodeStatus::Unknown as i32).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cp.log()));
+    let unknown_after = cut.elapsed();
+    let agent = eventually(
+        Duration::from_secs(40),
+        "the replica ready elsewhere",
+        || async {
+            let agent = api
+                .clone()
+                .get_agent(berth_proto::v1::GetAgentRequest { name: name.clone() })
+                .await
+                .ok()?
+                .into_inner();
+            let now = nodes_of(&agent);
+            let elsewhere = now.get(&moved[0]).is_some_and(|n| *n != lost.name);
+            (elsewhere && ready(&agent) == 3).then_some(agent)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cp.log()));
+    let replaced_after = cut.elapsed();
+    assert!(
+        node_record(&etcd, &lost.name).await.is_none(),
+        "down: record gone"
+    );
+    eprintln!(
+        "node loss → unknown {unknown_after:.1?}, → replacement ready {replaced_after:.1?} ({} now on {})",
+        moved[0],
+        nodes_of(&agent)[&moved[0]]
+    );
+
+    // Back from the partition: it stops the replica that now runs elsewhere.
+    lost.signal("CONT");
+    eventually(Duration::from_secs(30), "the stale replica stopped", || {
+        let left = containers_of(&lost.name).len();
+        async move { (left == 0).then_some(()) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", lost.log()));
+    let agent = wait_agent(&api, &name, "3 ready", |a| ready(a) == 3)
+        .await
+        .unwrap();
+    assert!(nodes_of(&agent).values().all(|n| *n != lost.name));
+}
+
+#[tokio::test]
+async fn another_control_plane_leads_when_the_leader_dies() {
+    let run = DockerRun::new().unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let mut first = ControlPlane::start(&etcd.url()).await.unwrap();
+    let second = ControlPlane::start(&etcd.url()).await.unwrap();
+    let both = format!("{},{}", first.url(), second.url());
+    let _node = NodeAgent::start(&both, &unique_name("n"), &run).unwrap();
+    let mut client = etcd.client().await.unwrap();
+    let leader = client.get("/berth/leader", None).await.unwrap();
+    let leader = String::from_utf8_lossy(leader.kvs()[0].value()).into_owned();
+    assert!(
+        leader.ends_with(&first.addr),
+        "the first to start leads: {leader}"
+    );
+
+    first.kill();
+    let killed = Instant::now();
+    let api = second.agents().await.unwrap();
+    let name = unique_name("after");
+    let out = second.cli(&["deploy", "-n", &name, "-i", ECHO_IMAGE]);
+    assert!(out.status.success(), "{out:?}");
+    wait_agent(&api, &name, "placed and ready after failover", |a| {
+        ready(a) == 1
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", second.log()));
+    let took = killed.elapsed();
+    let leader = client.get("/berth/leader", None).await.unwrap();
+    let leader = String::from_utf8_lossy(leader.kvs()[0].value()).into_owned();
+    assert!(leader.ends_with(&second.addr), "{leader}");
+    eprintln!("leader kill -9 → new leader placed a new agent's replica, ready: {took:.1?}");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+}
