@@ -74,6 +74,18 @@ impl Client {
         AgentServiceClient::with_interceptor(self.channel.clone(), self.token.clone())
     }
 
+    /// The node service.
+    pub fn nodes(
+        &self,
+    ) -> berth_proto::v1::node_service_client::NodeServiceClient<
+        InterceptedService<Channel, BearerToken>,
+    > {
+        berth_proto::v1::node_service_client::NodeServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.token.clone(),
+        )
+    }
+
     /// The request (replay queue) service.
     pub fn requests(
         &self,

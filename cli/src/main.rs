@@ -123,6 +123,18 @@ enum Command {
         #[arg(long)]
         replica: Option<String>,
     },
+    /// List the nodes: status, capacity, what is placed on them.
+    Nodes,
+    /// Stop placing new replicas on nodes (what runs there stays).
+    Cordon {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Let new replicas be placed on nodes again.
+    Uncordon {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
     /// The replay queue: `berth requests [NAME] [--state S]`, or `show|retry|drop ID`.
     #[command(args_conflicts_with_subcommands = true)]
     Requests {
@@ -201,6 +213,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             follow,
             since,
         } => commands::events::watch(&client, name, since, follow, format).await,
+        Command::Nodes => commands::nodes::list(&client, format).await,
+        Command::Cordon { names } => commands::nodes::cordon(&client, names, true).await,
+        Command::Uncordon { names } => commands::nodes::cordon(&client, names, false).await,
         Command::Requests {
             action: Some(action),
             ..

@@ -2,7 +2,7 @@
 //! and stops both on the shutdown signal.
 
 use crate::admin;
-use crate::api::{AgentApi, RequestApi};
+use crate::api::{AgentApi, NodeApi, RequestApi};
 use crate::auth::{AuthLayer, TokenFileError, TokenSet, Tokens};
 use crate::config::{Config, ConfigError};
 use crate::metrics::{Metrics, MetricsLayer};
@@ -11,6 +11,7 @@ use crate::store::{Store, StoreError};
 use crate::validate::Limits;
 use berth_proto::v1::agent_service_server::AgentServiceServer;
 use berth_proto::v1::node_agent_service_server::NodeAgentServiceServer;
+use berth_proto::v1::node_service_server::NodeServiceServer;
 use berth_proto::v1::request_service_server::RequestServiceServer;
 use std::future::Future;
 use tokio::net::TcpListener;
@@ -122,8 +123,9 @@ pub async fn run(
         .add_service(agents)
         .add_service(node_agents)
         .add_service(RequestServiceServer::new(RequestApi::new(
-            store_for_requests,
+            store_for_requests.clone(),
         )))
+        .add_service(NodeServiceServer::new(NodeApi::new(store_for_requests)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
             let _ = grpc_stop.wait_for(|stop| *stop).await;
         });

@@ -78,6 +78,46 @@ async fn a_partitioned_node_loses_its_replicas_and_a_blip_restarts_nothing() {
     used.sort();
     used.dedup();
     assert_eq!(used.len(), 3, "one replica per node: {placed:?}");
+    let out = cp.cli(&["nodes", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ours: Vec<&serde_json::Value> = listed["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| nodes.iter().any(|a| n["name"] == a.name.as_str()))
+        .collect();
+    assert_eq!(ours.len(), 3, "{listed}");
+    assert!(ours
+        .iter()
+        .all(|n| n["status"] == "NODE_STATUS_READY" && n["replicas"] == 1));
+
+    // A cordoned node gets nothing new.
+    assert!(cp.cli(&["cordon", &nodes[2].name]).status.success());
+    assert!(cp.cli(&["scale", &name, "4"]).status.success());
+    let agent = wait_agent(&api, &name, "4 ready", |a| ready(a) == 4)
+        .await
+        .unwrap();
+    let fourth = &nodes_of(&agent)[&format!("{name}-3")];
+    assert_ne!(*fourth, nodes[2].name, "not on the cordoned node");
+    assert!(cp.cli(&["scale", &name, "3"]).status.success());
+    assert!(cp.cli(&["uncordon", &nodes[2].name]).status.success());
+    wait_agent(&api, &name, "back to 3", |a| {
+        a.status
+            .as_ref()
+            .is_some_and(|s| s.replicas.len() == 3 && s.ready_replicas == 3)
+    })
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the fourth container removed",
+        || {
+            let n = run.containers().len();
+            async move { (n == 3).then_some(()) }
+        },
+    )
+    .await
+    .unwrap();
 
     // A 5 s blip: nothing restarts or moves.
     let containers = run.containers();

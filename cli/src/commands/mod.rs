@@ -4,4 +4,5 @@ pub mod agents;
 pub mod deploy;
 pub mod events;
 pub mod logs;
+pub mod nodes;
 pub mod requests;

@@ -1,9 +1,11 @@
 //! The gRPC API. Errors become `tonic::Status` in exactly one place: [`to_status`].
 
 mod agents;
+mod nodes;
 mod requests;
 
 pub use agents::AgentApi;
+pub use nodes::NodeApi;
 pub use requests::RequestApi;
 
 use crate::store::StoreError;

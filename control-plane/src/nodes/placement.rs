@@ -127,6 +127,7 @@ pub async fn run(store: Store) {
     // open across passes and are reopened only when one ends (after compaction).
     let mut agents = watch_prefix(&store, store.keys().agents(), 0);
     let mut nodes = watch_prefix(&store, store.keys().nodes(), 0);
+    let mut cordons = watch_prefix(&store, store.keys().cordons(), 0);
     loop {
         if let Err(e) = reconcile(&store).await {
             tracing::warn!(error = %e, "placement failed; retrying");
@@ -138,6 +139,9 @@ pub async fn run(store: Store) {
             change = nodes.recv() => if change.is_none() {
                 nodes = watch_prefix(&store, store.keys().nodes(), 0);
             },
+            change = cordons.recv() => if change.is_none() {
+                cordons = watch_prefix(&store, store.keys().cordons(), 0);
+            },
             _ = tokio::time::sleep(REQUEUE) => {}
         }
     }
@@ -146,11 +150,14 @@ pub async fn run(store: Store) {
 async fn reconcile(store: &Store) -> Result<(), StoreError> {
     let (agents, _) = store.list_agents().await?;
     let records = store.list_nodes().await?;
+    let cordoned = store.cordoned().await?;
     let known: Vec<String> = records.iter().map(|n| n.name.clone()).collect();
+    // New replicas go to ready nodes that are not cordoned.
     let ready: Vec<String> = records
         .into_iter()
         .filter(|n| n.status == berth_proto::v1::NodeStatus::Ready as i32)
         .map(|n| n.name)
+        .filter(|n| !cordoned.contains(n))
         .collect();
     let (placements, _) = store.list_placements(None).await?;
     let (puts, deletes) = plan(&agents, &ready, &known, &placements);

@@ -116,6 +116,17 @@ impl Keys {
         format!("{}/idempotency/{agent}/{key_sha256}", self.prefix)
     }
 
+    /// `{prefix}/cordons/{node}`: present while the node is cordoned (kept apart from the node
+    /// record, which its heartbeats rewrite).
+    pub fn cordon(&self, node: &str) -> String {
+        format!("{}/cordons/{node}", self.prefix)
+    }
+
+    /// `{prefix}/cordons/`: every cordoned node.
+    pub fn cordons(&self) -> String {
+        format!("{}/cordons/", self.prefix)
+    }
+
     /// `{prefix}/leader`: the control plane that runs the scheduler, under its lease.
     pub fn leader(&self) -> String {
         format!("{}/leader", self.prefix)

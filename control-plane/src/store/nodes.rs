@@ -96,6 +96,35 @@ impl Store {
         }
     }
 
+    /// Cordons (or uncordons) `node`.
+    pub async fn set_cordon(&self, node: &str, cordoned: bool) -> Result<(), StoreError> {
+        let key = self.keys.cordon(node);
+        let result = if cordoned {
+            self.client().put(key, "", None).await.map(drop)
+        } else {
+            self.client().delete(key, None).await.map(drop)
+        };
+        result.map_err(|e| self.unavailable(e))
+    }
+
+    /// Names of the cordoned nodes.
+    pub async fn cordoned(&self) -> Result<Vec<String>, StoreError> {
+        let prefix = self.keys.cordons();
+        let resp = self
+            .client()
+            .get(
+                prefix.as_str(),
+                Some(GetOptions::new().with_prefix().with_keys_only()),
+            )
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| super::Keys::last_segment(kv.key()))
+            .collect())
+    }
+
     /// Whether `replica` of `agent` is placed on `node`.
     pub async fn is_placed(
         &self,

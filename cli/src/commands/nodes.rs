@@ -1,0 +1,92 @@
+//! `berth nodes`, `berth cordon`, `berth uncordon`: the fleet.
+
+use crate::client::Client;
+use crate::output::{print_object, table, Format};
+use berth_proto::v1::{ListNodesRequest, Node, NodeActionRequest, NodeStatus};
+
+fn status_word(node: &Node) -> String {
+    let status = match NodeStatus::try_from(node.status) {
+        Ok(NodeStatus::Ready) => "Ready",
+        Ok(NodeStatus::Unknown) => "Unknown",
+        Ok(NodeStatus::Down) => "Down",
+        _ => "-",
+    };
+    if node.cordoned {
+        format!("{status},Cordoned")
+    } else {
+        status.to_string()
+    }
+}
+
+fn cpu(millis: u32) -> String {
+    format!("{:.1}", millis as f64 / 1000.0)
+}
+
+fn memory(bytes: u64) -> String {
+    format!("{:.1}Gi", bytes as f64 / (1u64 << 30) as f64)
+}
+
+/// Lists the nodes.
+pub async fn list(client: &Client, format: Format) -> anyhow::Result<()> {
+    let listed = client
+        .nodes()
+        .list_nodes(ListNodesRequest {})
+        .await
+        .map_err(|s| client.explain(s))?
+        .into_inner();
+    if format != Format::Table {
+        return print_object(format, &listed);
+    }
+    let mut out = table(&[
+        "NAME",
+        "STATUS",
+        "CPU",
+        "MEMORY",
+        "ALLOCATED CPU",
+        "ALLOCATED MEMORY",
+        "REPLICAS",
+        "LAST SEEN",
+    ]);
+    for n in &listed.nodes {
+        let capacity = n.capacity.unwrap_or_default();
+        let allocated = n.allocated.unwrap_or_default();
+        let seen = n
+            .last_seen
+            .as_ref()
+            .map(|t| {
+                let at =
+                    std::time::UNIX_EPOCH + std::time::Duration::new(t.seconds.max(0) as u64, 0);
+                humantime::format_rfc3339_seconds(at).to_string()
+            })
+            .unwrap_or_else(|| "-".into());
+        out.add_row(vec![
+            n.name.clone(),
+            status_word(n),
+            cpu(capacity.cpu_millis),
+            memory(capacity.memory_bytes),
+            cpu(allocated.cpu_millis),
+            memory(allocated.memory_bytes),
+            n.replicas.to_string(),
+            seen,
+        ]);
+    }
+    println!("{out}");
+    Ok(())
+}
+
+/// Cordons or uncordons nodes.
+pub async fn cordon(client: &Client, names: Vec<String>, cordoned: bool) -> anyhow::Result<()> {
+    let mut nodes = client.nodes();
+    for name in names {
+        let request = NodeActionRequest { name: name.clone() };
+        if cordoned {
+            nodes.cordon_node(request).await
+        } else {
+            nodes.uncordon_node(request).await
+        }
+        .map_err(|s| client.explain(s))?;
+        let word = if cordoned { "cordoned" } else { "uncordoned" };
+        println!("node/{name} {word}");
+    }
+    Ok(())
+}

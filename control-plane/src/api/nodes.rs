@@ -1,0 +1,140 @@
+//! `berth.v1.NodeService`: the fleet as operators see it, and cordoning.
+
+use super::to_status;
+use crate::store::{Placement, Store};
+use crate::validate;
+use berth_proto::v1::node_service_server::NodeService;
+use berth_proto::v1::{
+    GetNodeRequest, ListNodesRequest, ListNodesResponse, Node, NodeActionRequest, NodeStatus,
+    Resources,
+};
+use std::collections::BTreeMap;
+use tonic::{Request, Response, Status};
+
+/// Serves `NodeService`.
+#[derive(Clone)]
+pub struct NodeApi {
+    store: Store,
+}
+
+impl NodeApi {
+    /// The service over `store`.
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    /// Every node: those with a record (ready or unknown), and those that still have
+    /// placements but no record (down), with what is placed on each.
+    async fn nodes(&self) -> Result<Vec<Node>, Status> {
+        let records = self
+            .store
+            .list_nodes()
+            .await
+            .map_err(|e| to_status(e.into()))?;
+        let cordoned = self
+            .store
+            .cordoned()
+            .await
+            .map_err(|e| to_status(e.into()))?;
+        let (placements, _) = self
+            .store
+            .list_placements(None)
+            .await
+            .map_err(|e| to_status(e.into()))?;
+        let mut nodes: BTreeMap<String, Node> =
+            records.into_iter().map(|n| (n.name.clone(), n)).collect();
+        for p in &placements {
+            let node = nodes.entry(p.node.clone()).or_insert_with(|| Node {
+                name: p.node.clone(),
+                status: NodeStatus::Down as i32,
+                ..Default::default()
+            });
+            add(node, p);
+        }
+        for name in cordoned {
+            if let Some(node) = nodes.get_mut(&name) {
+                node.cordoned = true;
+            }
+        }
+        Ok(nodes.into_values().collect())
+    }
+
+    async fn one(&self, name: &str) -> Result<Node, Status> {
+        validate::dns_label("name", name).map_err(|e| to_status(e.into()))?;
+        self.nodes()
+            .await?
+            .into_iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| Status::not_found(format!("node {name} not found")))
+    }
+}
+
+/// Counts a placement against its node.
+fn add(node: &mut Node, p: &Placement) {
+    node.replicas += 1;
+    let limits = p
+        .assignment
+        .spec
+        .as_ref()
+        .and_then(|s| s.resources)
+        .unwrap_or_default();
+    let allocated = node.allocated.get_or_insert_with(Resources::default);
+    allocated.cpu_millis += limits.cpu_millis;
+    allocated.memory_bytes += limits.memory_bytes;
+}
+
+#[tonic::async_trait]
+impl NodeService for NodeApi {
+    async fn list_nodes(
+        &self,
+        _: Request<ListNodesRequest>,
+    ) -> Result<Response<ListNodesResponse>, Status> {
+        Ok(Response::new(ListNodesResponse {
+            nodes: self.nodes().await?,
+        }))
+    }
+
+    async fn get_node(&self, request: Request<GetNodeRequest>) -> Result<Response<Node>, Status> {
+        Ok(Response::new(self.one(&request.into_inner().name).await?))
+    }
+
+    async fn cordon_node(
+        &self,
+        request: Request<NodeActionRequest>,
+    ) -> Result<Response<Node>, Status> {
+        let name = request.into_inner().name;
+        let node = self.one(&name).await?;
+        self.store
+            .set_cordon(&name, true)
+            .await
+            .map_err(|e| to_status(e.into()))?;
+        tracing::info!(node = %name, "cordoned");
+        Ok(Response::new(Node {
+            cordoned: true,
+            ..node
+        }))
+    }
+
+    async fn uncordon_node(
+        &self,
+        request: Request<NodeActionRequest>,
+    ) -> Result<Response<Node>, Status> {
+        let name = request.into_inner().name;
+        let node = self.one(&name).await?;
+        self.store
+            .set_cordon(&name, false)
+            .await
+            .map_err(|e| to_status(e.into()))?;
+        tracing::info!(node = %name, "uncordoned");
+        Ok(Response::new(Node {
+            cordoned: false,
+            ..node
+        }))
+    }
+
+    async fn drain_node(&self, _: Request<NodeActionRequest>) -> Result<Response<Node>, Status> {
+        Err(Status::unimplemented(
+            "drain is not built yet: cordon the node, then move its agents by hand",
+        ))
+    }
+}
