@@ -36,25 +36,38 @@ pub struct Client {
 }
 
 impl Client {
-    /// Connects to `addr` (e.g. `http://127.0.0.1:7070`).
-    pub async fn connect(addr: &str, token: Option<&str>) -> anyhow::Result<Self> {
-        let url = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
+    /// Connects to the first control plane of `addrs` that answers (a comma-separated list,
+    /// e.g. `http://10.0.0.1:7070,http://10.0.0.2:7070`: any of them serves the whole API).
+    pub async fn connect(addrs: &str, token: Option<&str>) -> anyhow::Result<Self> {
+        let mut failures = Vec::new();
+        let mut reached = None;
+        for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            let url = if addr.contains("://") {
+                addr.to_string()
+            } else {
+                format!("http://{addr}")
+            };
+            let endpoint = Endpoint::from_shared(url)
+                .map_err(|e| {
+                    anyhow!("BERTH_ADDR {addr:?} is not a URL like http://127.0.0.1:7070: {e}")
+                })?
+                .connect_timeout(CONNECT_TIMEOUT);
+            match endpoint.connect().await {
+                Ok(channel) => {
+                    reached = Some((addr.to_string(), channel));
+                    break;
+                }
+                Err(e) => failures.push(format!("{addr}: {}", source_chain(&e))),
+            }
+        }
+        let Some((addr, channel)) = reached else {
+            return Err(anyhow!(
+                "cannot reach the control plane at {}.\n\
+                 Is `berth control-plane` running there? Set BERTH_ADDR or --addr to its address \
+                 (several, comma-separated, are tried in turn).",
+                failures.join("; ")
+            ));
         };
-        let endpoint = Endpoint::from_shared(url)
-            .map_err(|e| {
-                anyhow!("BERTH_ADDR {addr:?} is not a URL like http://127.0.0.1:7070: {e}")
-            })?
-            .connect_timeout(CONNECT_TIMEOUT);
-        let channel = endpoint.connect().await.map_err(|e| {
-            anyhow!(
-                "cannot reach the control plane at {addr}: {}.\n\
-                 Is `berth control-plane` running there? Set BERTH_ADDR or --addr to its address.",
-                source_chain(&e)
-            )
-        })?;
         let token = token
             .map(|t| {
                 format!("Bearer {t}").parse().map_err(|_| {
@@ -63,7 +76,7 @@ impl Client {
             })
             .transpose()?;
         Ok(Self {
-            addr: addr.to_string(),
+            addr,
             channel,
             token: BearerToken(token),
         })

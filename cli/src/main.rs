@@ -28,7 +28,7 @@ const DEFAULT_ADDR: &str = "http://127.0.0.1:7070";
 #[derive(Parser, Debug)]
 #[command(name = "berth", version, about)]
 struct Cli {
-    /// The control plane's gRPC address.
+    /// The control plane's gRPC address; several, comma-separated, are tried in turn.
     #[arg(long, global = true, env = "BERTH_ADDR", default_value = DEFAULT_ADDR)]
     addr: String,
     /// The API token (an admin token from the control plane's token file).

@@ -219,7 +219,12 @@ async fn another_control_plane_leads_when_the_leader_dies() {
     let killed = Instant::now();
     let api = second.agents().await.unwrap();
     let name = unique_name("after");
-    let out = second.cli(&["deploy", "-n", &name, "-i", ECHO_IMAGE]);
+    // The CLI is given both addresses; the first is dead, so it uses the second.
+    let out = first
+        .cli_command(&["deploy", "-n", &name, "-i", ECHO_IMAGE])
+        .env("BERTH_ADDR", &both)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{out:?}");
     wait_agent(&api, &name, "placed and ready after failover", |a| {
         ready(a) == 1
