@@ -236,5 +236,22 @@ async fn another_control_plane_leads_when_the_leader_dies() {
     let leader = String::from_utf8_lossy(leader.kvs()[0].value()).into_owned();
     assert!(leader.ends_with(&second.addr), "{leader}");
     eprintln!("leader kill -9 → new leader placed a new agent's replica, ready: {took:.1?}");
+
+    // Nothing fits: a condition says why, node by node.
+    let huge = unique_name("huge");
+    let out = second.cli(&["deploy", "-n", &huge, "-i", ECHO_IMAGE, "-m", "1000G"]);
+    assert!(out.status.success(), "{out:?}");
+    let agent = wait_agent(&api, &huge, "an Unschedulable condition", |a| {
+        a.status.as_ref().is_some_and(|s| {
+            s.conditions
+                .iter()
+                .any(|c| c.r#type == "Unschedulable" && c.message.contains("needs 1024000 MiB"))
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", second.log()));
+    let shown = String::from_utf8_lossy(&second.cli(&["get", &huge]).stdout).into_owned();
+    assert!(shown.contains("Unschedulable"), "{shown}");
+    assert_eq!(ready(&agent), 0);
     assert!(took < Duration::from_secs(20), "{took:?}");
 }

@@ -5,7 +5,7 @@
 
 use crate::store::watch::watch_prefix;
 use crate::store::{Placement, Store, StoreError};
-use berth_proto::v1::{Agent, Assignment};
+use berth_proto::v1::{Agent, AgentSpec, Assignment, Node};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
@@ -38,27 +38,83 @@ fn pinned(agent: &Agent) -> bool {
         .is_some_and(|s| s.volumes.iter().any(|v| v.source.starts_with('/')))
 }
 
-/// What to write so that placements match agents: (puts, deletes). New replicas go to
-/// `nodes` (ready ones); a replica whose node has no record any more (`known`: every node
-/// with a record, ready or unknown) is down and moves, unless pinned by a host volume.
-pub fn plan(
-    agents: &[Agent],
-    nodes: &[String],
-    known: &[String],
-    placements: &[Placement],
-) -> (Vec<Placement>, Vec<Placement>) {
-    let mut load: BTreeMap<&str, usize> = nodes.iter().map(|n| (n.as_str(), 0)).collect();
-    for p in placements {
-        if let Some(count) = load.get_mut(p.node.as_str()) {
-            *count += 1;
+/// What placement decided.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Placements to write.
+    pub puts: Vec<Placement>,
+    /// Placements to remove.
+    pub deletes: Vec<Placement>,
+    /// Agents with replicas that fit nowhere, and why, node by node.
+    pub unschedulable: Vec<(String, String)>,
+}
+
+/// What is already on a node.
+#[derive(Default)]
+struct Load {
+    replicas: usize,
+    by_agent: HashMap<String, usize>,
+    cpu_millis: u64,
+    memory_bytes: u64,
+}
+
+impl Load {
+    fn add(&mut self, assignment: &Assignment) {
+        let spec = assignment.spec.clone().unwrap_or_default();
+        let limits = spec.resources.unwrap_or_default();
+        self.replicas += 1;
+        *self.by_agent.entry(spec.name).or_default() += 1;
+        self.cpu_millis += limits.cpu_millis as u64;
+        self.memory_bytes += limits.memory_bytes;
+    }
+}
+
+/// Why `spec` does not fit on `node`, if it does not: a missing label or too little free
+/// CPU or memory (a node that reports no capacity is taken as unbounded).
+fn misfit(spec: &AgentSpec, node: &Node, load: &Load) -> Option<String> {
+    for (k, v) in &spec.node_selector {
+        if node.labels.get(k) != Some(v) {
+            return Some(format!("{}: label {k}={v} missing", node.name));
         }
     }
+    let want = spec.resources.unwrap_or_default();
+    let capacity = node.capacity.unwrap_or_default();
+    let free_cpu = (capacity.cpu_millis as u64).saturating_sub(load.cpu_millis);
+    if capacity.cpu_millis > 0 && want.cpu_millis as u64 > free_cpu {
+        return Some(format!(
+            "{}: {} CPU free, needs {}",
+            node.name,
+            free_cpu as f64 / 1000.0,
+            want.cpu_millis as f64 / 1000.0
+        ));
+    }
+    let free_memory = capacity.memory_bytes.saturating_sub(load.memory_bytes);
+    if capacity.memory_bytes > 0 && want.memory_bytes > free_memory {
+        return Some(format!(
+            "{}: {} MiB free, needs {} MiB",
+            node.name,
+            free_memory >> 20,
+            want.memory_bytes >> 20
+        ));
+    }
+    None
+}
+
+/// What to write so that placements match agents. New replicas go to `nodes` (ready and not
+/// cordoned) where their labels match and their CPU and memory limits fit, spreading each
+/// agent's replicas over nodes first and the total load second. A replica whose node has no
+/// record any more (`known`: every node with a record, ready or unknown) is down and moves,
+/// unless pinned by a host volume.
+pub fn plan(agents: &[Agent], nodes: &[Node], known: &[String], placements: &[Placement]) -> Plan {
+    let mut loads: BTreeMap<&str, Load> = nodes
+        .iter()
+        .map(|n| (n.name.as_str(), Load::default()))
+        .collect();
     let by_agent: HashMap<&str, &Agent> = agents
         .iter()
         .filter_map(|a| a.spec.as_ref().map(|s| (s.name.as_str(), a)))
         .collect();
-    let mut puts = Vec::new();
-    let mut deletes = Vec::new();
+    let mut plan = Plan::default();
     let mut placed: HashSet<(String, String)> = HashSet::new();
     for p in placements {
         let agent_name = p
@@ -81,23 +137,21 @@ pub fn plan(
         match wanted {
             Some(agent) if down && !pinned(agent) => {
                 tracing::warn!(node = %p.node, replica = %p.assignment.replica, "node down: moving its replica");
-                deletes.push(p.clone());
+                plan.deletes.push(p.clone());
             }
             Some(agent) if placed.insert((agent_name.clone(), p.assignment.replica.clone())) => {
                 let want = assignment_for(agent, &p.assignment.replica);
+                if let Some(load) = loads.get_mut(p.node.as_str()) {
+                    load.add(&want);
+                }
                 if want != p.assignment {
-                    puts.push(Placement {
+                    plan.puts.push(Placement {
                         node: p.node.clone(),
                         assignment: want,
                     });
                 }
             }
-            _ => {
-                if let Some(count) = load.get_mut(p.node.as_str()) {
-                    *count = count.saturating_sub(1);
-                }
-                deletes.push(p.clone());
-            }
+            _ => plan.deletes.push(p.clone()),
         }
     }
     for agent in agents {
@@ -106,19 +160,43 @@ pub fn plan(
             if placed.contains(&(spec.name.clone(), replica.clone())) {
                 continue;
             }
-            // Spread: the live node with the fewest placements, ties by name.
-            let Some((&node, count)) = load.iter_mut().min_by_key(|(name, count)| (**count, *name))
-            else {
+            let mut reasons = Vec::new();
+            let chosen = nodes
+                .iter()
+                .filter(
+                    |node| match misfit(spec, node, &loads[node.name.as_str()]) {
+                        Some(why) => {
+                            reasons.push(why);
+                            false
+                        }
+                        None => true,
+                    },
+                )
+                .min_by_key(|node| {
+                    let load = &loads[node.name.as_str()];
+                    let mine = load.by_agent.get(&spec.name).copied().unwrap_or_default();
+                    (mine, load.replicas, node.name.clone())
+                });
+            let Some(node) = chosen else {
+                if nodes.is_empty() {
+                    reasons.push("no ready node".into());
+                }
+                plan.unschedulable
+                    .push((spec.name.clone(), reasons.join("; ")));
                 break;
             };
-            *count += 1;
-            puts.push(Placement {
-                node: node.to_string(),
-                assignment: assignment_for(agent, &replica),
+            let assignment = assignment_for(agent, &replica);
+            loads
+                .get_mut(node.name.as_str())
+                .expect("every node has a load")
+                .add(&assignment);
+            plan.puts.push(Placement {
+                node: node.name.clone(),
+                assignment,
             });
         }
     }
-    (puts, deletes)
+    plan
 }
 
 /// Runs placement until the task is dropped.
@@ -153,14 +231,27 @@ async fn reconcile(store: &Store) -> Result<(), StoreError> {
     let cordoned = store.cordoned().await?;
     let known: Vec<String> = records.iter().map(|n| n.name.clone()).collect();
     // New replicas go to ready nodes that are not cordoned.
-    let ready: Vec<String> = records
+    let ready: Vec<Node> = records
         .into_iter()
         .filter(|n| n.status == berth_proto::v1::NodeStatus::Ready as i32)
-        .map(|n| n.name)
-        .filter(|n| !cordoned.contains(n))
+        .filter(|n| !cordoned.contains(&n.name))
         .collect();
     let (placements, _) = store.list_placements(None).await?;
-    let (puts, deletes) = plan(&agents, &ready, &known, &placements);
+    let Plan {
+        puts,
+        deletes,
+        unschedulable,
+    } = plan(&agents, &ready, &known, &placements);
+    for agent in &agents {
+        let Some(name) = agent.spec.as_ref().map(|s| s.name.as_str()) else {
+            continue;
+        };
+        let why = unschedulable
+            .iter()
+            .find(|(a, _)| a == name)
+            .map(|(_, why)| why.clone());
+        super::status::set_unschedulable(store, name, why).await?;
+    }
     for p in &deletes {
         let agent = p
             .assignment
@@ -196,7 +287,28 @@ async fn reconcile(store: &Store) -> Result<(), StoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_proto::v1::{AgentMeta, AgentSpec};
+    use berth_proto::v1::{AgentMeta, Resources};
+
+    fn node(name: &str) -> Node {
+        Node {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    fn names(nodes: &[Node]) -> Vec<String> {
+        nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    fn run(
+        agents: &[Agent],
+        nodes: &[Node],
+        known: &[String],
+        placements: &[Placement],
+    ) -> (Vec<Placement>, Vec<Placement>) {
+        let p = plan(agents, nodes, known, placements);
+        (p.puts, p.deletes)
+    }
 
     fn agent(name: &str, replicas: u32, generation: i64) -> Agent {
         Agent {
@@ -215,8 +327,13 @@ mod tests {
 
     #[test]
     fn spreads_new_replicas_evenly() {
-        let nodes = vec!["n1".to_string(), "n2".to_string()];
-        let (puts, deletes) = plan(&[agent("a", 3, 1), agent("b", 1, 1)], &nodes, &nodes, &[]);
+        let nodes = vec![node("n1"), node("n2")];
+        let (puts, deletes) = run(
+            &[agent("a", 3, 1), agent("b", 1, 1)],
+            &nodes,
+            &names(&nodes),
+            &[],
+        );
         assert!(deletes.is_empty());
         let on = |n: &str| puts.iter().filter(|p| p.node == n).count();
         assert_eq!((on("n1"), on("n2")), (2, 2));
@@ -224,7 +341,7 @@ mod tests {
 
     #[test]
     fn scales_down_updates_in_place_and_forgets_deleted_agents() {
-        let nodes = vec!["n1".to_string()];
+        let nodes = vec![node("n1")];
         let old = agent("a", 2, 1);
         let placements: Vec<_> = replica_ids("a", 2)
             .iter()
@@ -237,7 +354,7 @@ mod tests {
                 assignment: assignment_for(&agent("gone", 1, 1), "gone-0"),
             }])
             .collect();
-        let (puts, deletes) = plan(&[agent("a", 1, 2)], &nodes, &nodes, &placements);
+        let (puts, deletes) = run(&[agent("a", 1, 2)], &nodes, &names(&nodes), &placements);
         let deleted: Vec<_> = deletes
             .iter()
             .map(|p| p.assignment.replica.as_str())
@@ -255,8 +372,12 @@ mod tests {
 
     #[test]
     fn without_nodes_nothing_is_placed() {
-        let (puts, deletes) = plan(&[agent("a", 2, 1)], &[], &[], &[]);
-        assert!(puts.is_empty() && deletes.is_empty());
+        let p = plan(&[agent("a", 2, 1)], &[], &[], &[]);
+        assert!(p.puts.is_empty() && p.deletes.is_empty());
+        assert_eq!(
+            p.unschedulable,
+            [("a".to_string(), "no ready node".to_string())]
+        );
     }
 
     #[test]
@@ -273,13 +394,13 @@ mod tests {
             assignment: assignment_for(x, r),
         };
         let placements = vec![on_n1(&a, "a-0"), on_n1(&b, "b-0")];
-        let alive = vec!["n2".to_string()];
+        let alive = vec![node("n2")];
         // n1 unknown (record still there): nothing moves.
         let known = vec!["n1".to_string(), "n2".to_string()];
-        let (puts, deletes) = plan(&[a.clone(), b.clone()], &alive, &known, &placements);
+        let (puts, deletes) = run(&[a.clone(), b.clone()], &alive, &known, &placements);
         assert!(puts.is_empty() && deletes.is_empty());
         // n1 down (no record): a moves to n2, b stays with its data.
-        let (puts, deletes) = plan(&[a, b], &alive, &alive, &placements);
+        let (puts, deletes) = run(&[a, b], &alive, &names(&alive), &placements);
         let moved: Vec<_> = deletes
             .iter()
             .map(|p| p.assignment.replica.as_str())
@@ -290,5 +411,73 @@ mod tests {
             (puts[0].node.as_str(), puts[0].assignment.replica.as_str()),
             ("n2", "a-0")
         );
+    }
+
+    #[test]
+    fn replicas_go_where_they_fit_and_say_why_when_nowhere() {
+        let gib = 1u64 << 30;
+        let sized = |name: &str, memory: u64, cpu: u32, labels: &[(&str, &str)]| Node {
+            name: name.into(),
+            capacity: Some(Resources {
+                cpu_millis: cpu,
+                memory_bytes: memory,
+            }),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        };
+        let nodes = vec![
+            sized("small", gib / 2, 4000, &[]),
+            sized("big", 4 * gib, 4000, &[("gpu", "true")]),
+        ];
+        let mut a = agent("a", 2, 1);
+        a.spec.as_mut().unwrap().resources = Some(Resources {
+            cpu_millis: 500,
+            memory_bytes: gib,
+        });
+        let p = plan(&[a.clone()], &nodes, &names(&nodes), &[]);
+        assert!(
+            p.puts.iter().all(|p| p.node == "big"),
+            "only big has 1 GiB free"
+        );
+        assert_eq!(p.puts.len(), 2);
+        // Five replicas: four fit on big (4 GiB), the fifth nowhere, with the reason per node.
+        a.spec.as_mut().unwrap().replicas = Some(5);
+        let p = plan(&[a.clone()], &nodes, &names(&nodes), &[]);
+        assert_eq!(p.puts.len(), 4);
+        assert_eq!(
+            p.unschedulable,
+            [(
+                "a".to_string(),
+                "small: 512 MiB free, needs 1024 MiB; big: 0 MiB free, needs 1024 MiB".to_string()
+            )]
+        );
+        // A node selector narrows the choice.
+        let mut g = agent("g", 1, 1);
+        g.spec.as_mut().unwrap().node_selector = [("gpu".to_string(), "true".to_string())].into();
+        let p = plan(&[g], &nodes, &names(&nodes), &[]);
+        assert_eq!(p.puts[0].node, "big");
+    }
+
+    #[test]
+    fn an_agents_replicas_spread_before_the_load_evens_out() {
+        let nodes = vec![node("n1"), node("n2")];
+        let busy: Vec<Placement> = (0..3)
+            .map(|i| Placement {
+                node: "n1".into(),
+                assignment: assignment_for(&agent("other", 3, 1), &format!("other-{i}")),
+            })
+            .collect();
+        let p = plan(
+            &[agent("other", 3, 1), agent("a", 2, 1)],
+            &nodes,
+            &names(&nodes),
+            &busy,
+        );
+        let mut on: Vec<_> = p.puts.iter().map(|p| p.node.as_str()).collect();
+        on.sort();
+        assert_eq!(on, ["n1", "n2"], "one per node, though n1 is busier");
     }
 }

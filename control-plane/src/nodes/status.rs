@@ -139,6 +139,34 @@ fn refresh(status: &mut AgentStatus) {
         .retain(|c| c.r#type == "Available" || c.status == ConditionStatus::True as i32);
 }
 
+/// Sets (or clears, with `None`) the agent's `Unschedulable` condition: replicas that fit on
+/// no node, and why, node by node. Writes only when it changes.
+pub async fn set_unschedulable(
+    store: &Store,
+    agent: &str,
+    why: Option<String>,
+) -> Result<(), crate::store::StoreError> {
+    store
+        .update_status(agent, |status| {
+            let current = status
+                .conditions
+                .iter()
+                .find(|c| c.r#type == "Unschedulable" && c.status == ConditionStatus::True as i32)
+                .map(|c| c.message.clone());
+            if current == why {
+                return false;
+            }
+            match &why {
+                Some(message) => {
+                    set_condition(status, "Unschedulable", true, "NoNodeFits", message.clone())
+                }
+                None => status.conditions.retain(|c| c.r#type != "Unschedulable"),
+            }
+            true
+        })
+        .await
+}
+
 fn set_condition(status: &mut AgentStatus, kind: &str, holds: bool, reason: &str, message: String) {
     let value = if holds {
         ConditionStatus::True
