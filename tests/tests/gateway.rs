@@ -172,6 +172,11 @@ async fn the_gateway_forwards_faithfully_hides_failures_and_cuts_off_bad_replica
     )
     .await;
     assert_eq!(allowed.status, 200);
+    let seen_headers = allowed.json()["headers"].to_string();
+    assert!(
+        !seen_headers.contains("s3cret-gateway-key"),
+        "the gateway key is not passed to the agent: {seen_headers}"
+    );
     // A replica slower than the agent's request timeout: 504 (replay off, else a GET queues).
     let started = Instant::now();
     let slow = send(

@@ -675,4 +675,13 @@ async fn stored_requests_of_a_token_agent_need_its_token_or_an_admin_one() {
     assert_eq!(by_agent.json()["status"], "queued");
     let by_admin = send(&s.gw.addr, &with(berth_tests::ADMIN_TOKEN), b"").await;
     assert_eq!(by_admin.status, 200);
+    // The gateway key is not stored with the request.
+    let stored = s.cp.cli(&["requests", "show", &queued, "-o", "json"]);
+    assert!(stored.status.success(), "{stored:?}");
+    let stored = String::from_utf8_lossy(&stored.stdout);
+    assert!(
+        stored.contains("secret") || stored.contains("c2VjcmV0"),
+        "the body is kept: {stored}"
+    );
+    assert!(!stored.contains("authorization"), "{stored}");
 }

@@ -421,7 +421,12 @@ async fn forward(
         });
     }
     let stack = gateway.stack(&route);
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    if !route.token_sha256.is_empty() {
+        // The gateway key is the gateway's business: the agent never sees it, and it is not
+        // stored with a queued request.
+        parts.headers.remove(header::AUTHORIZATION);
+    }
     let prefix_len = "/agents/".len() + agent.len();
     let path_and_query = parts
         .uri
