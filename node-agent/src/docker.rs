@@ -1,6 +1,6 @@
 //! The local Docker engine, through bollard: Berth's containers, found and changed by label.
 
-use berth_proto::v1::{AgentSpec, Assignment, LogStream};
+use berth_proto::v1::{Assignment, LogStream};
 use bollard::container::LogOutput;
 use bollard::models::{ContainerCreateBody, HostConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
@@ -28,34 +28,7 @@ pub const LABEL_GENERATION: &str = "berth.generation";
 /// [`container_digest`] of the spec it was created from.
 pub const LABEL_DIGEST: &str = "berth.digest";
 
-/// A digest of the parts of a spec a container is made from (image, command, environment,
-/// volumes, limits, port, labels, stop grace). A new generation that changes only the run
-/// state, replicas or the health check keeps the container; one that changes the digest
-/// replaces it.
-pub fn container_digest(spec: &AgentSpec) -> String {
-    use sha2::{Digest, Sha256};
-    let sorted = |m: &HashMap<String, String>| {
-        let mut pairs: Vec<(String, String)> = m.clone().into_iter().collect();
-        pairs.sort();
-        pairs
-    };
-    let canonical = format!(
-        "{:?}",
-        (
-            &spec.image,
-            &spec.command,
-            &spec.args,
-            sorted(&spec.env),
-            sorted(&spec.labels),
-            &spec.volumes,
-            &spec.resources,
-            spec.port,
-            &spec.stop_grace,
-        )
-    );
-    let digest = Sha256::digest(canonical.as_bytes());
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use berth_proto::container_digest;
 
 /// A Docker call that failed.
 #[derive(Debug, thiserror::Error)]

@@ -25,3 +25,32 @@ pub fn timestamp(time: std::time::SystemTime) -> pbjson_types::Timestamp {
         nanos: since.subsec_nanos() as i32,
     }
 }
+
+/// A digest of the parts of a spec a container is made from (image, command, environment,
+/// volumes, limits, port, labels, stop grace). A new generation that changes only the run
+/// state, replicas or the health check keeps the container; one that changes the digest
+/// replaces it.
+pub fn container_digest(spec: &v1::AgentSpec) -> String {
+    use sha2::{Digest, Sha256};
+    let sorted = |m: &std::collections::HashMap<String, String>| {
+        let mut pairs: Vec<(String, String)> = m.clone().into_iter().collect();
+        pairs.sort();
+        pairs
+    };
+    let canonical = format!(
+        "{:?}",
+        (
+            &spec.image,
+            &spec.command,
+            &spec.args,
+            sorted(&spec.env),
+            sorted(&spec.labels),
+            &spec.volumes,
+            &spec.resources,
+            spec.port,
+            &spec.stop_grace,
+        )
+    );
+    let digest = Sha256::digest(canonical.as_bytes());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}

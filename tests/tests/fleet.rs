@@ -255,3 +255,90 @@ async fn another_control_plane_leads_when_the_leader_dies() {
     assert_eq!(ready(&agent), 0);
     assert!(took < Duration::from_secs(20), "{took:?}");
 }
+
+#[tokio::test]
+async fn a_new_spec_rolls_out_one_replica_at_a_time_and_a_broken_one_halts() {
+    let run = DockerRun::new().unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
+    let node = NodeAgent::start(&cp.url(), &unique_name("n"), &run).unwrap();
+    let api = cp.agents().await.unwrap();
+    let name = unique_name("roll");
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = |extra: &str| {
+        let path = dir.path().join(format!("{}.yaml", unique_name("m")));
+        let text = format!(
+            "name: {name}\nimage: {ECHO_IMAGE}\nreplicas: 2\nhealth: {{path: /health, interval: 1s}}\n{extra}"
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let apply = |path: &std::path::Path| {
+        let out = cp.cli(&["apply", "-f", path.to_str().unwrap()]);
+        assert!(out.status.success(), "{out:?}");
+    };
+    apply(&manifest("env: {VERSION: '1'}\n"));
+    wait_agent(&api, &name, "2 ready", |a| ready(a) == 2)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", node.log()));
+
+    // A new environment: replaced one at a time, never with no replica ready.
+    let started = Instant::now();
+    apply(&manifest("env: {VERSION: '2'}\n"));
+    let mut lowest = 2;
+    let generation = loop {
+        let agent = api
+            .clone()
+            .get_agent(berth_proto::v1::GetAgentRequest { name: name.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        lowest = lowest.min(ready(&agent));
+        let generation = agent.meta.as_ref().unwrap().generation;
+        let done = agent.status.as_ref().is_some_and(|s| {
+            s.replicas.len() == 2
+                && s.replicas
+                    .iter()
+                    .all(|r| r.generation == generation && r.ready)
+        });
+        if done {
+            break generation;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "rollout stuck\n{}",
+            cp.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // sampling, not waiting
+    };
+    eprintln!(
+        "rolling update of 2 replicas: {:.1?}, fewest ready during it: {lowest}",
+        started.elapsed()
+    );
+    assert!(lowest >= 1, "one replica at a time: never none ready");
+
+    // A broken spec: the first new replica fails, the rollout halts, the other keeps serving.
+    apply(&manifest(
+        "env: {VERSION: '3'}\ncommand: [/no/such/binary]\n",
+    ));
+    let agent = wait_agent(&api, &name, "the rollout halted", |a| {
+        a.status
+            .as_ref()
+            .is_some_and(|s| s.conditions.iter().any(|c| c.r#type == "RolloutHalted"))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}\n{}", cp.log(), node.log()));
+    let old: Vec<_> = agent
+        .status
+        .iter()
+        .flat_map(|s| &s.replicas)
+        .filter(|r| r.generation == generation && r.ready)
+        .collect();
+    assert_eq!(
+        old.len(),
+        1,
+        "one replica still on the old spec and serving"
+    );
+    let shown = String::from_utf8_lossy(&cp.cli(&["get", &name]).stdout).into_owned();
+    assert!(shown.contains("RolloutHalted"), "{shown}");
+}

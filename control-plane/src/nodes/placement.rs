@@ -5,7 +5,8 @@
 
 use crate::store::watch::watch_prefix;
 use crate::store::{Placement, Store, StoreError};
-use berth_proto::v1::{Agent, AgentSpec, Assignment, Node};
+use berth_proto::container_digest;
+use berth_proto::v1::{Agent, AgentSpec, Assignment, HealthState, Node, ReplicaState};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
@@ -47,6 +48,44 @@ pub struct Plan {
     pub deletes: Vec<Placement>,
     /// Agents with replicas that fit nowhere, and why, node by node.
     pub unschedulable: Vec<(String, String)>,
+    /// Agents whose rollout is under way (`Progressing`) or halted (`RolloutHalted`), and how.
+    pub rollouts: Vec<(String, Rollout)>,
+}
+
+/// Where an agent's rolling update stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rollout {
+    /// Replacing replicas one at a time.
+    Progressing(String),
+    /// A new replica failed; the others keep the old spec.
+    Halted(String),
+}
+
+/// A replica's observed status, if it reports running `generation` and ready; or why it
+/// fails at that generation.
+fn observed(agent: &Agent, replica: &str, generation: i64) -> (bool, Option<String>) {
+    let Some(r) = agent
+        .status
+        .iter()
+        .flat_map(|s| &s.replicas)
+        .find(|r| r.replica == replica && r.generation == generation)
+    else {
+        return (false, None);
+    };
+    let failing = r.state == ReplicaState::Failed as i32
+        || r.health == HealthState::Unhealthy as i32
+        || (r.state == ReplicaState::Restarting as i32 && r.restarts >= 2);
+    let why = failing.then(|| {
+        format!(
+            "replica {replica} at generation {generation}: {}",
+            if r.message.is_empty() {
+                "not starting"
+            } else {
+                &r.message
+            }
+        )
+    });
+    (r.ready, why)
 }
 
 /// What is already on a node.
@@ -116,6 +155,9 @@ pub fn plan(agents: &[Agent], nodes: &[Node], known: &[String], placements: &[Pl
         .collect();
     let mut plan = Plan::default();
     let mut placed: HashSet<(String, String)> = HashSet::new();
+    // Placements already at their agent's container spec, and those still behind it.
+    let mut kept: Vec<(&Agent, Placement)> = Vec::new();
+    let mut outdated: Vec<(&Agent, Placement, Assignment)> = Vec::new();
     for p in placements {
         let agent_name = p
             .assignment
@@ -144,16 +186,26 @@ pub fn plan(agents: &[Agent], nodes: &[Node], known: &[String], placements: &[Pl
                 if let Some(load) = loads.get_mut(p.node.as_str()) {
                     load.add(&want);
                 }
-                if want != p.assignment {
+                let digest = |a: &Assignment| a.spec.as_ref().map(container_digest);
+                if want == p.assignment {
+                    if digest(&want) == digest(&p.assignment) {
+                        kept.push((agent, p.clone()));
+                    }
+                } else if digest(&want) == digest(&p.assignment) {
+                    // Same container (run state, replicas, health...): at once.
+                    kept.push((agent, p.clone()));
                     plan.puts.push(Placement {
                         node: p.node.clone(),
                         assignment: want,
                     });
+                } else {
+                    outdated.push((agent, p.clone(), want));
                 }
             }
             _ => plan.deletes.push(p.clone()),
         }
     }
+    roll(&mut plan, &kept, outdated);
     for agent in agents {
         let Some(spec) = &agent.spec else { continue };
         for replica in replica_ids(&spec.name, spec.replicas()) {
@@ -199,6 +251,86 @@ pub fn plan(agents: &[Agent], nodes: &[Node], known: &[String], placements: &[Pl
     plan
 }
 
+/// Rolling updates: a replica whose container spec changed is updated (its node replaces the
+/// container) one at a time per agent, the next only once every updated replica reports
+/// ready at its generation; a new replica that fails halts the rollout and the rest keep the
+/// old spec. An agent with a single replica is updated at once.
+fn roll(
+    plan: &mut Plan,
+    kept: &[(&Agent, Placement)],
+    outdated: Vec<(&Agent, Placement, Assignment)>,
+) {
+    let mut by_agent: BTreeMap<String, Vec<(&Agent, Placement, Assignment)>> = BTreeMap::new();
+    for item in outdated {
+        let name = item
+            .0
+            .spec
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        by_agent.entry(name).or_default().push(item);
+    }
+    for (name, mut behind) in by_agent {
+        behind.sort_by(|a, b| a.1.assignment.replica.cmp(&b.1.assignment.replica));
+        let agent = behind[0].0;
+        let replicas = agent
+            .spec
+            .as_ref()
+            .map(|s| s.replicas())
+            .unwrap_or_default();
+        if replicas < 2 {
+            for (_, p, want) in behind {
+                plan.puts.push(Placement {
+                    node: p.node,
+                    assignment: want,
+                });
+            }
+            continue;
+        }
+        let updated: Vec<&Placement> = kept
+            .iter()
+            .filter(|(a, _)| std::ptr::eq(*a, agent))
+            .map(|(_, p)| p)
+            .collect();
+        let mut waiting = None;
+        let mut halted = None;
+        for p in &updated {
+            let (ready, failing) = observed(agent, &p.assignment.replica, p.assignment.generation);
+            if let Some(why) = failing {
+                halted = Some(why);
+            } else if !ready {
+                waiting = Some(p.assignment.replica.clone());
+            }
+        }
+        let total = updated.len() + behind.len();
+        if let Some(why) = halted {
+            plan.rollouts.push((name, Rollout::Halted(why)));
+        } else if let Some(replica) = waiting {
+            plan.rollouts.push((
+                name,
+                Rollout::Progressing(format!(
+                    "waiting for {replica} to be ready ({} of {total} updated)",
+                    updated.len()
+                )),
+            ));
+        } else {
+            let (_, p, want) = behind.remove(0);
+            plan.rollouts.push((
+                name,
+                Rollout::Progressing(format!(
+                    "updating {} ({} of {total} updated)",
+                    p.assignment.replica,
+                    updated.len()
+                )),
+            ));
+            plan.puts.push(Placement {
+                node: p.node,
+                assignment: want,
+            });
+        }
+    }
+}
+
 /// Runs placement until the task is dropped.
 pub async fn run(store: Store) {
     // Any change to agents or nodes wakes the loop; otherwise it requeues. The watches stay
@@ -241,6 +373,7 @@ async fn reconcile(store: &Store) -> Result<(), StoreError> {
         puts,
         deletes,
         unschedulable,
+        rollouts,
     } = plan(&agents, &ready, &known, &placements);
     for agent in &agents {
         let Some(name) = agent.spec.as_ref().map(|s| s.name.as_str()) else {
@@ -250,7 +383,25 @@ async fn reconcile(store: &Store) -> Result<(), StoreError> {
             .iter()
             .find(|(a, _)| a == name)
             .map(|(_, why)| why.clone());
-        super::status::set_unschedulable(store, name, why).await?;
+        let rollout = rollouts.iter().find(|(a, _)| a == name).map(|(_, r)| r);
+        let progressing = match rollout {
+            Some(Rollout::Progressing(m)) => Some(m.clone()),
+            _ => None,
+        };
+        let halted = match rollout {
+            Some(Rollout::Halted(m)) => Some(m.clone()),
+            _ => None,
+        };
+        super::status::set_flag(
+            store,
+            name,
+            &[
+                ("Unschedulable", "NoNodeFits", why),
+                ("Progressing", "RollingUpdate", progressing),
+                ("RolloutHalted", "NewReplicaFailing", halted),
+            ],
+        )
+        .await?;
     }
     for p in &deletes {
         let agent = p
@@ -479,5 +630,71 @@ mod tests {
         let mut on: Vec<_> = p.puts.iter().map(|p| p.node.as_str()).collect();
         on.sort();
         assert_eq!(on, ["n1", "n2"], "one per node, though n1 is busier");
+    }
+
+    #[test]
+    fn a_new_image_rolls_out_one_replica_at_a_time_and_halts_on_failure() {
+        use berth_proto::v1::{AgentStatus, ReplicaStatus};
+        let nodes = vec![node("n1"), node("n2")];
+        let old = agent("a", 2, 1);
+        let placements: Vec<Placement> = ["a-0", "a-1"]
+            .iter()
+            .zip(["n1", "n2"])
+            .map(|(r, n)| Placement {
+                node: n.into(),
+                assignment: assignment_for(&old, r),
+            })
+            .collect();
+        let mut new = agent("a", 2, 2);
+        new.spec.as_mut().unwrap().image = "x:2".into();
+        let status = |replicas: Vec<ReplicaStatus>| AgentStatus {
+            replicas,
+            ..Default::default()
+        };
+        let replica = |id: &str, generation: i64, ready: bool, state: ReplicaState| ReplicaStatus {
+            replica: id.into(),
+            generation,
+            ready,
+            state: state as i32,
+            ..Default::default()
+        };
+        // First pass: only a-0 is updated.
+        let p = plan(&[new.clone()], &nodes, &names(&nodes), &placements);
+        let updated: Vec<_> = p
+            .puts
+            .iter()
+            .map(|p| p.assignment.replica.as_str())
+            .collect();
+        assert_eq!(updated, ["a-0"]);
+        assert!(matches!(p.rollouts[0].1, Rollout::Progressing(_)));
+        let mut placements = placements;
+        placements[0] = p.puts[0].clone();
+        // a-0 not ready at generation 2 yet: wait.
+        new.status = Some(status(vec![
+            replica("a-0", 2, false, ReplicaState::Running),
+            replica("a-1", 1, true, ReplicaState::Running),
+        ]));
+        let p = plan(&[new.clone()], &nodes, &names(&nodes), &placements);
+        assert!(p.puts.is_empty());
+        // a-0 ready: a-1 goes next.
+        new.status = Some(status(vec![
+            replica("a-0", 2, true, ReplicaState::Running),
+            replica("a-1", 1, true, ReplicaState::Running),
+        ]));
+        let p = plan(&[new.clone()], &nodes, &names(&nodes), &placements);
+        let updated: Vec<_> = p
+            .puts
+            .iter()
+            .map(|p| p.assignment.replica.as_str())
+            .collect();
+        assert_eq!(updated, ["a-1"]);
+        // a-0 failing at generation 2: halt, a-1 keeps the old image.
+        new.status = Some(status(vec![
+            replica("a-0", 2, false, ReplicaState::Failed),
+            replica("a-1", 1, true, ReplicaState::Running),
+        ]));
+        let p = plan(&[new], &nodes, &names(&nodes), &placements);
+        assert!(p.puts.is_empty());
+        assert!(matches!(&p.rollouts[0].1, Rollout::Halted(why) if why.contains("a-0")));
     }
 }

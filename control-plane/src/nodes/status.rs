@@ -139,30 +139,32 @@ fn refresh(status: &mut AgentStatus) {
         .retain(|c| c.r#type == "Available" || c.status == ConditionStatus::True as i32);
 }
 
-/// Sets (or clears, with `None`) the agent's `Unschedulable` condition: replicas that fit on
-/// no node, and why, node by node. Writes only when it changes.
-pub async fn set_unschedulable(
+/// Sets (message `Some`) or clears (`None`) conditions the scheduler owns — `Unschedulable`,
+/// `Progressing`, `RolloutHalted` — given as (type, reason, message). Writes only on change.
+pub async fn set_flag(
     store: &Store,
     agent: &str,
-    why: Option<String>,
+    flags: &[(&str, &str, Option<String>)],
 ) -> Result<(), crate::store::StoreError> {
     store
         .update_status(agent, |status| {
-            let current = status
-                .conditions
-                .iter()
-                .find(|c| c.r#type == "Unschedulable" && c.status == ConditionStatus::True as i32)
-                .map(|c| c.message.clone());
-            if current == why {
-                return false;
-            }
-            match &why {
-                Some(message) => {
-                    set_condition(status, "Unschedulable", true, "NoNodeFits", message.clone())
+            let mut changed = false;
+            for (kind, reason, message) in flags {
+                let current = status
+                    .conditions
+                    .iter()
+                    .find(|c| c.r#type == *kind && c.status == ConditionStatus::True as i32)
+                    .map(|c| c.message.clone());
+                if current == *message {
+                    continue;
                 }
-                None => status.conditions.retain(|c| c.r#type != "Unschedulable"),
+                changed = true;
+                match message {
+                    Some(message) => set_condition(status, kind, true, reason, message.clone()),
+                    None => status.conditions.retain(|c| c.r#type != *kind),
+                }
             }
-            true
+            changed
         })
         .await
 }
