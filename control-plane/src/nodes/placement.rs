@@ -3,10 +3,13 @@
 //! writes the difference, and runs again on any change or after `REQUEUE`.
 //! (Resource-aware scheduling, node loss and rolling updates come with the fleet issue.)
 
-use crate::store::watch::watch_prefix;
-use crate::store::{Placement, Store, StoreError};
+use crate::store::watch::{watch_prefix, WatchMessage};
+use crate::store::{Keys, Placement, Store, StoreError};
 use berth_proto::container_digest;
-use berth_proto::v1::{Agent, AgentSpec, Assignment, HealthState, Node, ReplicaState};
+use berth_proto::v1::{
+    Agent, AgentSpec, Assignment, ConditionStatus, HealthState, Node, ReplicaState,
+};
+use prost::Message;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
@@ -333,27 +336,58 @@ fn roll(
 
 /// Runs placement until the task is dropped.
 pub async fn run(store: Store) {
-    // Any change to agents or nodes wakes the loop; otherwise it requeues. The watches stay
-    // open across passes and are reopened only when one ends (after compaction).
-    let mut agents = watch_prefix(&store, store.keys().agents(), 0);
-    let mut nodes = watch_prefix(&store, store.keys().nodes(), 0);
-    let mut cordons = watch_prefix(&store, store.keys().cordons(), 0);
+    // Changes to agents, statuses (rollouts wait on readiness), cordons and node liveness wake
+    // the loop; a heartbeat that changes only `last_seen` does not. Otherwise it requeues. The
+    // watches stay open across passes and are reopened only when one ends (after compaction).
+    let watch = |prefix: String| watch_prefix(&store, prefix, 0);
+    let mut agents = watch(store.keys().agents());
+    let mut statuses = watch(store.keys().statuses());
+    let mut nodes = watch(store.keys().nodes());
+    let mut cordons = watch(store.keys().cordons());
+    let mut liveness: HashMap<String, i32> = HashMap::new();
+    let mut dirty = true;
     loop {
-        if let Err(e) = reconcile(&store).await {
-            tracing::warn!(error = %e, "placement failed; retrying");
+        if dirty {
+            if let Err(e) = reconcile(&store).await {
+                tracing::warn!(error = %e, "placement failed; retrying");
+            }
         }
-        tokio::select! {
-            change = agents.recv() => if change.is_none() {
-                agents = watch_prefix(&store, store.keys().agents(), 0);
+        dirty = tokio::select! {
+            change = agents.recv() => {
+                if change.is_none() {
+                    agents = watch(store.keys().agents());
+                }
+                true
+            }
+            change = statuses.recv() => {
+                if change.is_none() {
+                    statuses = watch(store.keys().statuses());
+                }
+                true
+            }
+            change = cordons.recv() => {
+                if change.is_none() {
+                    cordons = watch(store.keys().cordons());
+                }
+                true
+            }
+            change = nodes.recv() => match change {
+                Some(WatchMessage::Put(kv)) => {
+                    let name = Keys::last_segment(kv.key());
+                    let status = Node::decode(kv.value()).map(|n| n.status).unwrap_or_default();
+                    liveness.insert(name, status) != Some(status)
+                }
+                Some(WatchMessage::Delete(kv)) => {
+                    liveness.remove(&Keys::last_segment(kv.key()));
+                    true
+                }
+                Some(WatchMessage::Compacted) | None => {
+                    nodes = watch(store.keys().nodes());
+                    true
+                }
             },
-            change = nodes.recv() => if change.is_none() {
-                nodes = watch_prefix(&store, store.keys().nodes(), 0);
-            },
-            change = cordons.recv() => if change.is_none() {
-                cordons = watch_prefix(&store, store.keys().cordons(), 0);
-            },
-            _ = tokio::time::sleep(REQUEUE) => {}
-        }
+            _ = tokio::time::sleep(REQUEUE) => true,
+        };
     }
 }
 
@@ -392,16 +426,23 @@ async fn reconcile(store: &Store) -> Result<(), StoreError> {
             Some(Rollout::Halted(m)) => Some(m.clone()),
             _ => None,
         };
-        super::status::set_flag(
-            store,
-            name,
-            &[
-                ("Unschedulable", "NoNodeFits", why),
-                ("Progressing", "RollingUpdate", progressing),
-                ("RolloutHalted", "NewReplicaFailing", halted),
-            ],
-        )
-        .await?;
+        let flags = [
+            ("Unschedulable", "NoNodeFits", why),
+            ("Progressing", "RollingUpdate", progressing),
+            ("RolloutHalted", "NewReplicaFailing", halted),
+        ];
+        // Read-modify-write only when the status just read differs.
+        let current = |kind: &str| {
+            agent
+                .status
+                .iter()
+                .flat_map(|s| &s.conditions)
+                .find(|c| c.r#type == kind && c.status == ConditionStatus::True as i32)
+                .map(|c| c.message.clone())
+        };
+        if flags.iter().any(|(kind, _, want)| current(kind) != *want) {
+            super::status::set_flag(store, name, &flags).await?;
+        }
     }
     for p in &deletes {
         let agent = p
