@@ -1,8 +1,10 @@
-//! What the benchmarks share: a kept-alive HTTP/1.1 client connection.
+//! What the benchmarks share: a kept-alive HTTP/1.1 client connection, and writing a
+//! benchmark's section of BENCHMARKS.md.
 #![forbid(unsafe_code)]
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
+use std::path::Path;
 use tokio::net::TcpStream;
 
 /// One kept-alive HTTP/1.1 connection.
@@ -47,4 +49,27 @@ impl Conn {
         response.into_body().collect().await?;
         Ok(status)
     }
+}
+
+/// Replaces the section `name` of BENCHMARKS.md (between `<!-- name:start -->` and
+/// `<!-- name:end -->`) with `report`, stamped with the time and the binary that measured it;
+/// a missing section is appended under `heading`.
+pub fn write_report(name: &str, heading: &str, report: &str) -> anyhow::Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
+    let (start, end) = (
+        format!("<!-- {name}:start -->"),
+        format!("<!-- {name}:end -->"),
+    );
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let section = format!(
+        "{start}\n_Measured {} with `target/release/{name}`._\n\n{report}{end}",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+    );
+    let text = match (text.find(&start), text.find(&end)) {
+        (Some(a), Some(b)) => format!("{}{section}{}", &text[..a], &text[b + end.len()..]),
+        _ => format!("{text}\n## {heading}\n\n{section}\n"),
+    };
+    std::fs::write(&path, text)?;
+    println!("written to {}", path.display());
+    Ok(())
 }

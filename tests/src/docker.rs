@@ -231,3 +231,31 @@ where
     })
     .await
 }
+
+/// A fresh host directory under the test volume root, and the `-v` value mounting it at the
+/// example agent's `/data` (its state and request log live there).
+pub fn data_volume() -> anyhow::Result<(TempDir, String)> {
+    let dir = tempfile::tempdir_in(volume_root())?;
+    let volume = format!("{}:/data", dir.path().display());
+    Ok((dir, volume))
+}
+
+impl crate::ControlPlane {
+    /// `berth deploy` of the example agent as `name`, health checked every second, with
+    /// `extra` flags.
+    pub fn deploy_echo(&self, name: &str, extra: &[&str]) -> std::process::Output {
+        let mut args = vec![
+            "deploy",
+            "-n",
+            name,
+            "-i",
+            ECHO_IMAGE,
+            "--health-endpoint",
+            "/health",
+            "--health-interval",
+            "1s",
+        ];
+        args.extend_from_slice(extra);
+        self.cli(&args)
+    }
+}

@@ -6,8 +6,10 @@ use berth_proto::v1::{
     Agent, AgentSpec, CreateAgentRequest, DeleteAgentRequest, DesiredState, HealthCheck,
     ReplicaState, ReplicaStatus,
 };
-use berth_tests::docker::{http, http_body, wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
-use berth_tests::{unique_name, volume_root, ControlPlane, Etcd};
+use berth_tests::docker::{
+    data_volume, http, http_body, wait_agent, DockerRun, NodeAgent, ECHO_IMAGE,
+};
+use berth_tests::{unique_name, ControlPlane, Etcd};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
@@ -179,22 +181,8 @@ async fn lifecycle_logs_volumes_and_a_control_plane_outage() {
     let api = cp.agents().await.unwrap();
     let name = unique_name("life");
     let id = format!("{name}-0");
-    let data = tempfile::tempdir_in(volume_root()).unwrap();
-    let volume = format!("{}:/data", data.path().display());
-    let deploy = [
-        "deploy",
-        "-n",
-        &name,
-        "-i",
-        ECHO_IMAGE,
-        "--health-endpoint",
-        "/health",
-        "--health-interval",
-        "1s",
-        "-v",
-        &volume,
-    ];
-    let out = cp.cli(&deploy);
+    let (_data, volume) = data_volume().unwrap(); // kept until the end: the host volume
+    let out = cp.deploy_echo(&name, &["-v", &volume]);
     assert!(out.status.success(), "{out:?}");
     let agent = wait_agent(&api, &name, "ready", |a| ready(a) == 1)
         .await
@@ -324,7 +312,7 @@ async fn lifecycle_logs_volumes_and_a_control_plane_outage() {
     })
     .await
     .unwrap();
-    let out = cp.cli(&deploy);
+    let out = cp.deploy_echo(&name, &["-v", &volume]);
     assert!(out.status.success(), "{out:?}");
     let agent = wait_agent(&api, &name, "ready again", |a| ready(a) == 1)
         .await

@@ -4,9 +4,9 @@
 //! often.
 
 use berth_proto::v1::Agent;
-use berth_tests::docker::{wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
+use berth_tests::docker::{data_volume, wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
 use berth_tests::wire::{get, send, Raw};
-use berth_tests::{eventually, unique_name, volume_root, ControlPlane, Etcd, Gateway};
+use berth_tests::{eventually, unique_name, ControlPlane, Etcd, Gateway};
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -48,21 +48,8 @@ async fn setup(prefix: &str) -> Setup {
     let node = NodeAgent::start(&cp.url(), &unique_name("node"), &run).unwrap();
     let gw = Gateway::start(&etcd.url()).await.unwrap();
     let name = unique_name(prefix);
-    let data = tempfile::tempdir_in(volume_root()).unwrap();
-    let volume = format!("{}:/data", data.path().display());
-    let out = cp.cli(&[
-        "deploy",
-        "-n",
-        &name,
-        "-i",
-        ECHO_IMAGE,
-        "--health-endpoint",
-        "/health",
-        "--health-interval",
-        "1s",
-        "-v",
-        &volume,
-    ]);
+    let (data, volume) = data_volume().unwrap();
+    let out = cp.deploy_echo(&name, &["-v", &volume]);
     assert!(out.status.success(), "{out:?}");
     let api = cp.agents().await.unwrap();
     wait_agent(&api, &name, "ready", |a| ready(a) == 1)

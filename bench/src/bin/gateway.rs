@@ -11,7 +11,7 @@
 use berth_bench::Conn;
 use berth_tests::docker::{DockerRun, NodeAgent, ECHO_IMAGE};
 use berth_tests::{eventually, free_port, unique_name, ControlPlane, Etcd, Gateway};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -117,7 +117,7 @@ async fn main() -> anyhow::Result<()> {
     let results: Vec<Figures> = rounds.into_iter().map(median).collect();
     let report = report(&targets, &results);
     println!("{report}");
-    write_report(&report)?;
+    berth_bench::write_report("gateway", "Gateway: direct, berth gateway, nginx", &report)?;
     Ok(())
 }
 
@@ -174,24 +174,6 @@ fn report(targets: &[Target], results: &[Figures]) -> String {
         ms(nginx.p99) - ms(direct.p99),
     ));
     out
-}
-
-/// Replaces the gateway section of BENCHMARKS.md.
-fn write_report(report: &str) -> anyhow::Result<()> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
-    let (start, end) = ("<!-- gateway:start -->", "<!-- gateway:end -->");
-    let text = std::fs::read_to_string(&path).unwrap_or_default();
-    let section = format!(
-        "{start}\n_Measured {} with `target/release/gateway`._\n\n{report}{end}",
-        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-    );
-    let text = match (text.find(start), text.find(end)) {
-        (Some(a), Some(b)) => format!("{}{section}{}", &text[..a], &text[b + end.len()..]),
-        _ => format!("{text}\n{section}\n"),
-    };
-    std::fs::write(&path, text)?;
-    println!("written to {}", path.display());
-    Ok(())
 }
 
 /// Closed loop: every connection sends its next request as soon as the last one is answered.

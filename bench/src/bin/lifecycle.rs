@@ -41,17 +41,7 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..RUNS {
         let name = unique_name("bench");
         let started = Instant::now();
-        let out = cp.cli(&[
-            "deploy",
-            "-n",
-            &name,
-            "-i",
-            ECHO_IMAGE,
-            "--health-endpoint",
-            "/health",
-            "--health-interval",
-            "1s",
-        ]);
+        let out = cp.deploy_echo(&name, &[]);
         anyhow::ensure!(out.status.success(), "deploy failed: {out:?}");
         let agent = wait(&api, &name, |a| ready(a, 0)).await?;
         deploy.push(started.elapsed());

@@ -8,9 +8,9 @@
 //! && target/release/replay`.
 
 use berth_bench::Conn;
-use berth_tests::docker::{wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
+use berth_tests::docker::{data_volume, wait_agent, DockerRun, NodeAgent};
 use berth_tests::wire::send;
-use berth_tests::{eventually, unique_name, volume_root, ControlPlane, Etcd, Gateway};
+use berth_tests::{eventually, unique_name, ControlPlane, Etcd, Gateway};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -31,21 +31,8 @@ async fn main() -> anyhow::Result<()> {
     let _node = NodeAgent::start(&cp.url(), &unique_name("bench"), &run)?;
     let gateway = Gateway::start(&etcd.url()).await?;
     let name = unique_name("replay");
-    let data = tempfile::tempdir_in(volume_root())?;
-    let volume = format!("{}:/data", data.path().display());
-    let out = cp.cli(&[
-        "deploy",
-        "-n",
-        &name,
-        "-i",
-        ECHO_IMAGE,
-        "--health-endpoint",
-        "/health",
-        "--health-interval",
-        "1s",
-        "-v",
-        &volume,
-    ]);
+    let (data, volume) = data_volume()?;
+    let out = cp.deploy_echo(&name, &["-v", &volume]);
     anyhow::ensure!(out.status.success(), "deploy: {out:?}");
     let api = cp.agents().await?;
     let ready = |n: u32| {
@@ -125,7 +112,7 @@ async fn main() -> anyhow::Result<()> {
         enqueue.1,
     );
     println!("{report}");
-    write_report(&report)?;
+    berth_bench::write_report("replay", "Replay queue: enqueue and drain", &report)?;
     Ok(())
 }
 
@@ -168,22 +155,4 @@ where
         COUNT as f64 / started.elapsed().as_secs_f64(),
         failures.load(Ordering::Relaxed),
     )
-}
-
-/// Replaces the replay section of BENCHMARKS.md.
-fn write_report(report: &str) -> anyhow::Result<()> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
-    let (start, end) = ("<!-- replay:start -->", "<!-- replay:end -->");
-    let text = std::fs::read_to_string(&path).unwrap_or_default();
-    let section = format!(
-        "{start}\n_Measured {} with `target/release/replay`._\n\n{report}{end}",
-        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
-    );
-    let text = match (text.find(start), text.find(end)) {
-        (Some(a), Some(b)) => format!("{}{section}{}", &text[..a], &text[b + end.len()..]),
-        _ => format!("{text}\n## Replay queue: enqueue and drain\n\n{section}\n"),
-    };
-    std::fs::write(&path, text)?;
-    println!("written to {}", path.display());
-    Ok(())
 }

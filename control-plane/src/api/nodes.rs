@@ -59,6 +59,17 @@ impl NodeApi {
         Ok(nodes.into_values().collect())
     }
 
+    /// Cordons or uncordons `name`; the node as it now stands.
+    async fn set_cordon(&self, name: &str, cordoned: bool) -> Result<Response<Node>, Status> {
+        let node = self.one(name).await?;
+        self.store
+            .set_cordon(name, cordoned)
+            .await
+            .map_err(|e| to_status(e.into()))?;
+        tracing::info!(node = %name, cordoned, "cordon changed");
+        Ok(Response::new(Node { cordoned, ..node }))
+    }
+
     async fn one(&self, name: &str) -> Result<Node, Status> {
         validate::dns_label("name", name).map_err(|e| to_status(e.into()))?;
         self.nodes()
@@ -102,34 +113,14 @@ impl NodeService for NodeApi {
         &self,
         request: Request<NodeActionRequest>,
     ) -> Result<Response<Node>, Status> {
-        let name = request.into_inner().name;
-        let node = self.one(&name).await?;
-        self.store
-            .set_cordon(&name, true)
-            .await
-            .map_err(|e| to_status(e.into()))?;
-        tracing::info!(node = %name, "cordoned");
-        Ok(Response::new(Node {
-            cordoned: true,
-            ..node
-        }))
+        self.set_cordon(&request.into_inner().name, true).await
     }
 
     async fn uncordon_node(
         &self,
         request: Request<NodeActionRequest>,
     ) -> Result<Response<Node>, Status> {
-        let name = request.into_inner().name;
-        let node = self.one(&name).await?;
-        self.store
-            .set_cordon(&name, false)
-            .await
-            .map_err(|e| to_status(e.into()))?;
-        tracing::info!(node = %name, "uncordoned");
-        Ok(Response::new(Node {
-            cordoned: false,
-            ..node
-        }))
+        self.set_cordon(&request.into_inner().name, false).await
     }
 
     async fn drain_node(&self, _: Request<NodeActionRequest>) -> Result<Response<Node>, Status> {

@@ -274,23 +274,9 @@ impl tower::Service<Forward> for Balancer {
 mod tests {
     use super::*;
     use crate::gateway::breaker::BreakerConfig;
-    use std::time::Duration;
 
     fn route(replicas: &[&str]) -> Arc<Route> {
-        Arc::new(Route {
-            agent: "a".into(),
-            token_sha256: String::new(),
-            timeout: Duration::from_secs(1),
-            breaker: BreakerConfig::default(),
-            replay: Default::default(),
-            replicas: replicas
-                .iter()
-                .map(|r| Endpoint {
-                    replica: r.to_string(),
-                    address: format!("{r}:80"),
-                })
-                .collect(),
-        })
+        Arc::new(crate::gateway::routes::test_route(replicas))
     }
 
     fn pool(replicas: &[&str]) -> Pool {

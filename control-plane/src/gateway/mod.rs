@@ -561,7 +561,6 @@ pub(crate) fn token_matches(headers: &HeaderMap, sha256_hex: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use routes::Endpoint;
     use std::time::Duration;
 
     fn forward_get(path: &str) -> Forward {
@@ -585,17 +584,10 @@ mod tests {
             .route("/hang", get(std::future::pending::<&'static str>))
             .route("/ok", get(|| async { "ok" }));
         let server = tokio::spawn(axum::serve(listener, replica).into_future());
-        let route = Arc::new(Route {
-            agent: "a".into(),
-            token_sha256: String::new(),
-            timeout: Duration::from_millis(300),
-            breaker: breaker::BreakerConfig::default(),
-            replay: Default::default(),
-            replicas: vec![Endpoint {
-                replica: "a-0".into(),
-                address,
-            }],
-        });
+        let mut route = routes::test_route(&["a-0"]);
+        route.timeout = Duration::from_millis(300);
+        route.replicas[0].address = address;
+        let route = Arc::new(route);
         let pool = Arc::new(Pool::new(route, mpsc::unbounded_channel().0));
         let metrics = GatewayMetrics::new();
         let stack = build_stack("a", pool.clone(), Upstream, metrics, 1);

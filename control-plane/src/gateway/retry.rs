@@ -132,9 +132,7 @@ impl tower::retry::Policy<Forward, Response<Body>, GatewayError> for RetryPolicy
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gateway::breaker::BreakerConfig;
     use crate::gateway::forward::ForwardBody;
-    use crate::gateway::routes::{Endpoint, Route};
     use bytes::Bytes;
     use http::{HeaderMap, Method};
     use tower::retry::Policy;
@@ -170,20 +168,7 @@ mod tests {
     }
 
     fn policy_over(replicas: &[&str]) -> RetryPolicy {
-        let route = Route {
-            agent: "a".into(),
-            token_sha256: String::new(),
-            timeout: Duration::from_secs(1),
-            breaker: BreakerConfig::default(),
-            replay: Default::default(),
-            replicas: replicas
-                .iter()
-                .map(|r| Endpoint {
-                    replica: r.to_string(),
-                    address: format!("{r}:80"),
-                })
-                .collect(),
-        };
+        let route = crate::gateway::routes::test_route(replicas);
         let pool = Pool::new(Arc::new(route), tokio::sync::mpsc::unbounded_channel().0);
         RetryPolicy::new("a", Arc::new(pool), GatewayMetrics::new())
     }

@@ -97,6 +97,26 @@ impl ReplayConfig {
     }
 }
 
+/// A route of agent `a` over `replicas` at `{replica}:80`, with default settings and a 1 s
+/// timeout, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_route(replicas: &[&str]) -> Route {
+    Route {
+        agent: "a".into(),
+        token_sha256: String::new(),
+        timeout: Duration::from_secs(1),
+        breaker: BreakerConfig::default(),
+        replay: ReplayConfig::default(),
+        replicas: replicas
+            .iter()
+            .map(|r| Endpoint {
+                replica: r.to_string(),
+                address: format!("{r}:80"),
+            })
+            .collect(),
+    }
+}
+
 /// Every agent's route.
 pub type Routes = HashMap<String, Arc<Route>>;
 

@@ -194,15 +194,8 @@ impl Store {
 
     /// Every live node, sorted by name.
     pub async fn list_nodes(&self) -> Result<Vec<Node>, StoreError> {
-        let resp = self
-            .client()
-            .get(self.keys.nodes(), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| self.unavailable(e))?;
-        resp.kvs()
-            .iter()
-            .map(|kv| decode(kv.key(), kv.value()))
-            .collect()
+        let records = self.list_node_records().await?;
+        Ok(records.into_iter().map(|(node, _, _)| node).collect())
     }
 
     /// Marks `node` unknown (silent too long), unless it wrote since `revision`; its lease stays.

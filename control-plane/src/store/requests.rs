@@ -27,6 +27,16 @@ pub struct StoredRequest {
     pub lease: i64,
 }
 
+impl StoredRequest {
+    fn from_kv(kv: &etcd_client::KeyValue) -> Result<Self, StoreError> {
+        Ok(Self {
+            request: decode(kv.key(), kv.value())?,
+            revision: kv.mod_revision(),
+            lease: kv.lease(),
+        })
+    }
+}
+
 /// The cached bucket lease of requests.
 #[derive(Debug)]
 pub(super) struct RequestLease {
@@ -188,16 +198,7 @@ impl Store {
             .get(key, None)
             .await
             .map_err(|e| self.unavailable(e))?;
-        resp.kvs()
-            .first()
-            .map(|kv| {
-                Ok(StoredRequest {
-                    request: decode(kv.key(), kv.value())?,
-                    revision: kv.mod_revision(),
-                    lease: kv.lease(),
-                })
-            })
-            .transpose()
+        resp.kvs().first().map(StoredRequest::from_kv).transpose()
     }
 
     /// Requests of `agent` (every agent when `None`), oldest first, and the revision read at.
@@ -221,13 +222,7 @@ impl Store {
         let requests = resp
             .kvs()
             .iter()
-            .map(|kv| {
-                Ok(StoredRequest {
-                    request: decode(kv.key(), kv.value())?,
-                    revision: kv.mod_revision(),
-                    lease: kv.lease(),
-                })
-            })
+            .map(StoredRequest::from_kv)
             .collect::<Result<_, StoreError>>()?;
         Ok((requests, revision))
     }
