@@ -130,7 +130,16 @@ enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
-    /// Let new replicas be placed on nodes again.
+    /// Cordon nodes and move their replicas elsewhere, each replacement ready before the old
+    /// replica stops; waits until they are drained.
+    Drain {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// How long to wait for the replicas to move (e.g. 90s, 5m).
+        #[arg(long, default_value = "5m", value_parser = quantity::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Let new replicas be placed on nodes again (also ends a drain).
     Uncordon {
         #[arg(required = true)]
         names: Vec<String>,
@@ -216,6 +225,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Nodes => commands::nodes::list(&client, format).await,
         Command::Cordon { names } => commands::nodes::cordon(&client, names, true).await,
         Command::Uncordon { names } => commands::nodes::cordon(&client, names, false).await,
+        Command::Drain { names, timeout } => commands::nodes::drain(&client, names, timeout).await,
         Command::Requests {
             action: Some(action),
             ..

@@ -91,16 +91,35 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    /// Starts etcd (the `etcd` binary from PATH) and waits until it answers.
+    /// Starts etcd (the `etcd` binary from PATH) and waits until it answers. A port that was
+    /// free when picked can be taken before etcd binds it (by another test's server, or as the
+    /// local port of an outgoing connection), so a first start that fails is tried again on
+    /// fresh ports.
     pub async fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("berth-etcd-").tempdir()?;
         let mut etcd = Self {
             child: None,
-            dir: tempfile::Builder::new().prefix("berth-etcd-").tempdir()?,
+            dir,
             client_port: free_port(),
             peer_port: free_port(),
         };
-        etcd.resume().await?;
-        Ok(etcd)
+        let mut attempt = 1;
+        loop {
+            match etcd.resume().await {
+                Ok(()) => return Ok(etcd),
+                Err(error) if attempt < 3 => {
+                    eprintln!(
+                        "etcd did not start (attempt {attempt}), trying fresh ports: {error:#}"
+                    );
+                    etcd.stop();
+                    std::fs::remove_dir_all(etcd.dir.path().join("data")).ok();
+                    etcd.client_port = free_port();
+                    etcd.peer_port = free_port();
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     /// The client URL.
@@ -129,19 +148,39 @@ impl Etcd {
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=test={peer}"));
-        let child = Child::spawn(command, &self.dir.path().join("etcd.log"))
+        let log = self.dir.path().join("etcd.log");
+        let child = Child::spawn(command, &log)
             .context("start etcd (install Debian's etcd-server package)")?;
         self.child = Some(child);
-        let endpoint = url.clone();
-        eventually(READY_TIMEOUT, "etcd to answer", || {
-            let endpoint = endpoint.clone();
-            async move {
-                let mut client = etcd_client::Client::connect([endpoint], None).await.ok()?;
-                client.status().await.ok()
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(1))
+            .with_timeout(Duration::from_secs(2));
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Ok(mut client) =
+                etcd_client::Client::connect([url.clone()], Some(options.clone())).await
+            {
+                if client.status().await.is_ok() {
+                    return Ok(());
+                }
             }
-        })
-        .await?;
-        Ok(())
+            let exited = !self.child.as_mut().is_some_and(Child::is_running);
+            if exited || Instant::now() > deadline {
+                let what = if exited {
+                    "exited"
+                } else {
+                    "did not answer in time"
+                };
+                let logged = std::fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = logged.lines().rev().take(5).collect();
+                self.stop();
+                bail!(
+                    "etcd on {url} {what}; the end of its log:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
     }
 
     /// A client of this etcd.

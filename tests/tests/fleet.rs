@@ -1,6 +1,6 @@
 //! The fleet on real Docker: three node agents (their own names, one engine), a partition made
-//! by stopping a node agent with SIGSTOP, a short blip, and leader failover between two
-//! control planes.
+//! by stopping a node agent with SIGSTOP, a short blip, a drain, rolling updates, and leader
+//! failover between two control planes.
 
 use berth_proto::v1::{Agent, Node, NodeStatus};
 use berth_tests::docker::{wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
@@ -257,7 +257,7 @@ async fn another_control_plane_leads_when_the_leader_dies() {
 }
 
 #[tokio::test]
-async fn a_new_spec_rolls_out_one_replica_at_a_time_and_a_broken_one_halts() {
+async fn a_new_spec_rolls_out_with_a_surge_replica_and_a_broken_one_halts() {
     let run = DockerRun::new().unwrap();
     let etcd = Etcd::start().await.unwrap();
     let cp = ControlPlane::start(&etcd.url()).await.unwrap();
@@ -315,9 +315,12 @@ async fn a_new_spec_rolls_out_one_replica_at_a_time_and_a_broken_one_halts() {
         "rolling update of 2 replicas: {:.1?}, fewest ready during it: {lowest}",
         started.elapsed()
     );
-    assert!(lowest >= 1, "one replica at a time: never none ready");
+    assert_eq!(
+        lowest, 2,
+        "surge 1, unavailable 0: never fewer than 2 ready"
+    );
 
-    // A broken spec: the first new replica fails, the rollout halts, the other keeps serving.
+    // A broken spec: the new replica fails, the rollout halts, the old ones keep serving.
     apply(&manifest(
         "env: {VERSION: '3'}\ncommand: [/no/such/binary]\n",
     ));
@@ -334,11 +337,130 @@ async fn a_new_spec_rolls_out_one_replica_at_a_time_and_a_broken_one_halts() {
         .flat_map(|s| &s.replicas)
         .filter(|r| r.generation == generation && r.ready)
         .collect();
-    assert_eq!(
-        old.len(),
-        1,
-        "one replica still on the old spec and serving"
-    );
+    assert_eq!(old.len(), 2, "both old replicas still serving");
     let shown = String::from_utf8_lossy(&cp.cli(&["get", &name]).stdout).into_owned();
     assert!(shown.contains("RolloutHalted"), "{shown}");
+}
+
+#[tokio::test]
+async fn a_drain_moves_replicas_with_each_replacement_ready_before_the_old_one_stops() {
+    let run = DockerRun::new().unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
+    let nodes: Vec<NodeAgent> = (0..3)
+        .map(|i| NodeAgent::start(&cp.url(), &unique_name(&format!("d{i}")), &run).unwrap())
+        .collect();
+    let api = cp.agents().await.unwrap();
+    for node in &nodes {
+        eventually(Duration::from_secs(20), "the node connected", || async {
+            let record = node_record(&etcd, &node.name).await?;
+            (record.status == NodeStatus::Ready as i32).then_some(())
+        })
+        .await
+        .unwrap();
+    }
+    let name = unique_name("drain");
+    let out = cp.cli(&[
+        "deploy",
+        "-n",
+        &name,
+        "-i",
+        ECHO_IMAGE,
+        "--replicas",
+        "3",
+        "--health-endpoint",
+        "/health",
+        "--health-interval",
+        "1s",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let agent = wait_agent(&api, &name, "3 ready, one per node", |a| {
+        ready(a) == 3
+            && nodes_of(a)
+                .values()
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                == 3
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cp.log()));
+    let drained = &nodes[0].name;
+    let leaving: Vec<String> = nodes_of(&agent)
+        .into_iter()
+        .filter(|(_, n)| n == drained)
+        .map(|(r, _)| r)
+        .collect();
+    assert_eq!(leaving.len(), 1);
+
+    // `berth drain` blocks until done; the replicas are sampled meanwhile.
+    let started = Instant::now();
+    let mut drain = cp
+        .cli_command(&["drain", drained, "--timeout", "90s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lowest = 3;
+    let status = loop {
+        if let Some(status) = drain.try_wait().unwrap() {
+            break status;
+        }
+        if let Ok(agent) = api
+            .clone()
+            .get_agent(berth_proto::v1::GetAgentRequest { name: name.clone() })
+            .await
+        {
+            lowest = lowest.min(ready(&agent.into_inner()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // sampling, not waiting
+    };
+    let took = started.elapsed();
+    let out = drain.wait_with_output().unwrap();
+    assert!(status.success(), "{out:?}\n{}", cp.log());
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(printed.contains("drained"), "{printed}");
+    eprintln!("{printed}");
+    eprintln!("drain of a node with 1 of 3 replicas: {took:.1?}, fewest ready during it: {lowest}");
+    assert_eq!(
+        lowest, 3,
+        "each replacement ready before the old replica stops"
+    );
+    let agent = wait_agent(&api, &name, "3 ready, none on the drained node", |a| {
+        ready(a) == 3 && nodes_of(a).values().all(|n| n != drained)
+    })
+    .await
+    .unwrap_or_else(|e| {
+        let shown = cp.cli(&["get", &name]);
+        panic!("{e}\n{}", String::from_utf8_lossy(&shown.stdout))
+    });
+    assert_eq!(nodes_of(&agent).len(), 3);
+    eventually(
+        Duration::from_secs(30),
+        "the drained node's container removed",
+        || {
+            let left = containers_of(drained).len();
+            async move { (left == 0).then_some(()) }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", nodes[0].log()));
+    let listed = String::from_utf8_lossy(&cp.cli(&["nodes"]).stdout).into_owned();
+    let row = listed
+        .lines()
+        .find(|l| l.contains(drained.as_str()))
+        .unwrap();
+    assert!(
+        row.contains("Cordoned") && !row.contains("Draining"),
+        "{listed}"
+    );
+    // Uncordoned, the node takes new replicas again.
+    assert!(cp.cli(&["uncordon", drained]).status.success());
+    assert!(cp.cli(&["scale", &name, "4"]).status.success());
+    let agent = wait_agent(&api, &name, "4 ready", |a| ready(a) == 4)
+        .await
+        .unwrap();
+    assert!(
+        nodes_of(&agent).values().any(|n| n == drained),
+        "the fourth goes to the emptiest node"
+    );
 }

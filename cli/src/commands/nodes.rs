@@ -1,8 +1,10 @@
-//! `berth nodes`, `berth cordon`, `berth uncordon`: the fleet.
+//! `berth nodes`, `berth cordon`, `berth uncordon`, `berth drain`: the fleet.
 
 use crate::client::Client;
 use crate::output::{print_object, table, Format};
-use berth_proto::v1::{ListNodesRequest, Node, NodeActionRequest, NodeStatus};
+use anyhow::bail;
+use berth_proto::v1::{GetNodeRequest, ListNodesRequest, Node, NodeActionRequest, NodeStatus};
+use std::time::{Duration, Instant};
 
 fn status_word(node: &Node) -> String {
     let status = match NodeStatus::try_from(node.status) {
@@ -11,10 +13,10 @@ fn status_word(node: &Node) -> String {
         Ok(NodeStatus::Down) => "Down",
         _ => "-",
     };
-    if node.cordoned {
-        format!("{status},Cordoned")
-    } else {
-        status.to_string()
+    match (node.cordoned, node.draining) {
+        (_, true) => format!("{status},Draining"),
+        (true, false) => format!("{status},Cordoned"),
+        _ => status.to_string(),
     }
 }
 
@@ -87,6 +89,53 @@ pub async fn cordon(client: &Client, names: Vec<String>, cordoned: bool) -> anyh
         .map_err(|s| client.explain(s))?;
         let word = if cordoned { "cordoned" } else { "uncordoned" };
         println!("node/{name} {word}");
+    }
+    Ok(())
+}
+
+/// Drains nodes: cordons each, has its replicas replaced elsewhere (the control plane starts
+/// each replacement and stops the old replica once it is ready), and waits until nothing
+/// that can move is left, or fails after `timeout` saying what is still there.
+pub async fn drain(client: &Client, names: Vec<String>, timeout: Duration) -> anyhow::Result<()> {
+    let mut nodes = client.nodes();
+    for name in &names {
+        let node = nodes
+            .drain_node(NodeActionRequest { name: name.clone() })
+            .await
+            .map_err(|s| client.explain(s))?
+            .into_inner();
+        println!("node/{name} cordoned, draining {} replicas", node.replicas);
+    }
+    let deadline = Instant::now() + timeout;
+    for name in names {
+        let started = Instant::now();
+        loop {
+            let node = nodes
+                .get_node(GetNodeRequest { name: name.clone() })
+                .await
+                .map_err(|s| client.explain(s))?
+                .into_inner();
+            if !node.draining {
+                let kept = match node.replicas {
+                    0 => String::new(),
+                    n => format!(" ({n} replicas pinned by host volumes stay)"),
+                };
+                println!(
+                    "node/{name} drained in {:.1}s{kept}",
+                    started.elapsed().as_secs_f64()
+                );
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "node/{name} still has {} replicas after {}: see `berth get` for agents \
+                     that cannot move (Unschedulable, RolloutHalted); the drain goes on",
+                    node.replicas,
+                    humantime::format_duration(timeout)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
     Ok(())
 }

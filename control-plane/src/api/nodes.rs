@@ -1,7 +1,8 @@
-//! `berth.v1.NodeService`: the fleet as operators see it, and cordoning.
+//! `berth.v1.NodeService`: the fleet as operators see it, cordoning and draining.
 
 use super::to_status;
-use crate::store::{Placement, Store};
+use crate::nodes::placement::pinned;
+use crate::store::{Cordon, Placement, Store};
 use crate::validate;
 use berth_proto::v1::node_service_server::NodeService;
 use berth_proto::v1::{
@@ -51,23 +52,28 @@ impl NodeApi {
             });
             add(node, p);
         }
-        for name in cordoned {
+        for (name, draining) in cordoned {
             if let Some(node) = nodes.get_mut(&name) {
                 node.cordoned = true;
+                // A drain is done once nothing that can move is left on the node.
+                node.draining = draining
+                    && placements
+                        .iter()
+                        .any(|p| p.node == name && !p.assignment.spec.as_ref().is_some_and(pinned));
             }
         }
         Ok(nodes.into_values().collect())
     }
 
-    /// Cordons or uncordons `name`; the node as it now stands.
-    async fn set_cordon(&self, name: &str, cordoned: bool) -> Result<Response<Node>, Status> {
-        let node = self.one(name).await?;
+    /// Cordons, drains or uncordons `name`; the node as it now stands.
+    async fn set_cordon(&self, name: &str, cordon: Cordon) -> Result<Response<Node>, Status> {
+        self.one(name).await?;
         self.store
-            .set_cordon(name, cordoned)
+            .set_cordon(name, cordon)
             .await
             .map_err(|e| to_status(e.into()))?;
-        tracing::info!(node = %name, cordoned, "cordon changed");
-        Ok(Response::new(Node { cordoned, ..node }))
+        tracing::info!(node = %name, ?cordon, "cordon changed");
+        Ok(Response::new(self.one(name).await?))
     }
 
     async fn one(&self, name: &str) -> Result<Node, Status> {
@@ -113,19 +119,23 @@ impl NodeService for NodeApi {
         &self,
         request: Request<NodeActionRequest>,
     ) -> Result<Response<Node>, Status> {
-        self.set_cordon(&request.into_inner().name, true).await
+        self.set_cordon(&request.into_inner().name, Cordon::Cordoned)
+            .await
     }
 
     async fn uncordon_node(
         &self,
         request: Request<NodeActionRequest>,
     ) -> Result<Response<Node>, Status> {
-        self.set_cordon(&request.into_inner().name, false).await
+        self.set_cordon(&request.into_inner().name, Cordon::Schedulable)
+            .await
     }
 
-    async fn drain_node(&self, _: Request<NodeActionRequest>) -> Result<Response<Node>, Status> {
-        Err(Status::unimplemented(
-            "drain is not built yet: cordon the node, then move its agents by hand",
-        ))
+    async fn drain_node(
+        &self,
+        request: Request<NodeActionRequest>,
+    ) -> Result<Response<Node>, Status> {
+        self.set_cordon(&request.into_inner().name, Cordon::Draining)
+            .await
     }
 }

@@ -1,7 +1,8 @@
-//! First placement: puts each agent's replicas on live nodes, spread evenly, and keeps every
-//! placement's copy of the spec current. Level-based: it reads agents, nodes and placements,
-//! writes the difference, and runs again on any change or after `REQUEUE`.
-//! (Resource-aware scheduling, node loss and rolling updates come with the fleet issue.)
+//! The scheduler: puts each agent's replicas on schedulable nodes where they fit, spread
+//! evenly; moves replicas off down nodes; replaces out-of-date replicas and those on draining
+//! nodes with surge 1 and unavailable 0; keeps every placement's copy of the spec current.
+//! Level-based: it reads agents, nodes and placements, writes the difference, and runs again
+//! on any change or after `REQUEUE`. Only the elected leader runs it.
 
 use crate::store::watch::{watch_prefix, WatchMessage};
 use crate::store::{Keys, Placement, Store, StoreError};
@@ -15,11 +16,6 @@ use std::time::Duration;
 
 /// Time between reconciles when nothing changes.
 pub const REQUEUE: Duration = Duration::from_secs(5);
-
-/// The replica ids an agent with `replicas` replicas has.
-pub fn replica_ids(agent: &str, replicas: u32) -> Vec<String> {
-    (0..replicas).map(|i| format!("{agent}-{i}")).collect()
-}
 
 /// The assignment `agent`'s replica `replica` should carry.
 pub fn assignment_for(agent: &Agent, replica: &str) -> Assignment {
@@ -35,11 +31,8 @@ pub fn assignment_for(agent: &Agent, replica: &str) -> Assignment {
 
 /// Whether an agent's replicas must stay on their node (they use host volumes, whose data
 /// lives there).
-fn pinned(agent: &Agent) -> bool {
-    agent
-        .spec
-        .as_ref()
-        .is_some_and(|s| s.volumes.iter().any(|v| v.source.starts_with('/')))
+pub fn pinned(spec: &AgentSpec) -> bool {
+    spec.volumes.iter().any(|v| v.source.starts_with('/'))
 }
 
 /// What placement decided.
@@ -89,6 +82,16 @@ fn observed(agent: &Agent, replica: &str, generation: i64) -> (bool, Option<Stri
         )
     });
     (r.ready, why)
+}
+
+/// Whether an agent should be serving (neither stopped nor paused): only then can a new
+/// replica become ready beside an old one.
+fn serving(agent: &Agent) -> bool {
+    use berth_proto::v1::DesiredState;
+    agent.meta.as_ref().is_none_or(|m| {
+        m.desired_state != DesiredState::Stopped as i32
+            && m.desired_state != DesiredState::Paused as i32
+    })
 }
 
 /// What is already on a node.
@@ -142,84 +145,218 @@ fn misfit(spec: &AgentSpec, node: &Node, load: &Load) -> Option<String> {
     None
 }
 
-/// What to write so that placements match agents. New replicas go to `nodes` (ready and not
-/// cordoned) where their labels match and their CPU and memory limits fit, spreading each
-/// agent's replicas over nodes first and the total load second. A replica whose node has no
-/// record any more (`known`: every node with a record, ready or unknown) is down and moves,
-/// unless pinned by a host volume.
-pub fn plan(agents: &[Agent], nodes: &[Node], known: &[String], placements: &[Placement]) -> Plan {
-    let mut loads: BTreeMap<&str, Load> = nodes
+/// The nodes placement works with.
+#[derive(Debug, Default)]
+pub struct Fleet<'a> {
+    /// Where new replicas may go: ready and not cordoned.
+    pub schedulable: &'a [Node],
+    /// Every node with a record (ready or unknown). A placement on any other node is down.
+    pub known: HashSet<String>,
+    /// Nodes being drained: their replicas are replaced elsewhere.
+    pub draining: HashSet<String>,
+}
+
+/// What to write so that placements match agents. New replicas go to schedulable nodes
+/// where their labels match and their CPU and memory limits fit, spreading each agent's
+/// replicas over nodes first and the total load second. A replica on a down node moves at
+/// once, unless pinned by a host volume. A replica whose container spec is out of date, or
+/// whose node is being drained, is replaced with surge 1 and unavailable 0: one new replica
+/// beside the old ones, and an old one stops only once the new one is ready (agents pinned
+/// by host volumes are updated in place instead, one at a time).
+pub fn plan(agents: &[Agent], fleet: &Fleet, placements: &[Placement]) -> Plan {
+    let mut loads: BTreeMap<&str, Load> = fleet
+        .schedulable
         .iter()
         .map(|n| (n.name.as_str(), Load::default()))
         .collect();
-    let by_agent: HashMap<&str, &Agent> = agents
+    let mut plan = Plan::default();
+    let mut by_agent: BTreeMap<&str, Vec<&Placement>> = BTreeMap::new();
+    for p in placements {
+        let name = p.assignment.spec.as_ref().map_or("", |s| s.name.as_str());
+        by_agent.entry(name).or_default().push(p);
+    }
+    // Count what stays where before placing anything new.
+    let agents: BTreeMap<&str, &Agent> = agents
         .iter()
         .filter_map(|a| a.spec.as_ref().map(|s| (s.name.as_str(), a)))
         .collect();
-    let mut plan = Plan::default();
-    let mut placed: HashSet<(String, String)> = HashSet::new();
-    // Placements already at their agent's container spec, and those still behind it.
-    let mut kept: Vec<(&Agent, Placement)> = Vec::new();
-    let mut outdated: Vec<(&Agent, Placement, Assignment)> = Vec::new();
-    for p in placements {
-        let agent_name = p
-            .assignment
-            .spec
-            .as_ref()
-            .map(|s| s.name.clone())
-            .unwrap_or_default();
-        let wanted = by_agent.get(agent_name.as_str()).and_then(|agent| {
-            let replicas = agent
-                .spec
-                .as_ref()
-                .map(|s| s.replicas())
-                .unwrap_or_default();
-            replica_ids(&agent_name, replicas)
-                .contains(&p.assignment.replica)
-                .then_some(*agent)
-        });
-        let down = !known.contains(&p.node);
-        match wanted {
-            Some(agent) if down && !pinned(agent) => {
+    for (name, mine) in &mut by_agent {
+        if !agents.contains_key(name) {
+            plan.deletes.extend(mine.drain(..).cloned());
+            continue;
+        }
+        let mut seen = HashSet::new();
+        for p in std::mem::take(mine) {
+            let down =
+                !fleet.known.contains(&p.node) && !agents[name].spec.as_ref().is_some_and(pinned);
+            if down {
                 tracing::warn!(node = %p.node, replica = %p.assignment.replica, "node down: moving its replica");
+            }
+            if down || !seen.insert(p.assignment.replica.as_str()) {
                 plan.deletes.push(p.clone());
-            }
-            Some(agent) if placed.insert((agent_name.clone(), p.assignment.replica.clone())) => {
-                let want = assignment_for(agent, &p.assignment.replica);
+            } else {
                 if let Some(load) = loads.get_mut(p.node.as_str()) {
-                    load.add(&want);
+                    load.add(&p.assignment);
                 }
-                let digest = |a: &Assignment| a.spec.as_ref().map(container_digest);
-                if want == p.assignment {
-                    if digest(&want) == digest(&p.assignment) {
-                        kept.push((agent, p.clone()));
-                    }
-                } else if digest(&want) == digest(&p.assignment) {
-                    // Same container (run state, replicas, health...): at once.
-                    kept.push((agent, p.clone()));
-                    plan.puts.push(Placement {
-                        node: p.node.clone(),
-                        assignment: want,
-                    });
-                } else {
-                    outdated.push((agent, p.clone(), want));
-                }
+                mine.push(p);
             }
-            _ => plan.deletes.push(p.clone()),
         }
     }
-    roll(&mut plan, &kept, outdated);
-    for agent in agents {
-        let Some(spec) = &agent.spec else { continue };
-        for replica in replica_ids(&spec.name, spec.replicas()) {
-            if placed.contains(&(spec.name.clone(), replica.clone())) {
-                continue;
+    for (name, agent) in agents {
+        let mine = by_agent.remove(name).unwrap_or_default();
+        Reconcile {
+            agent,
+            fleet,
+            mine,
+            loads: &mut loads,
+            plan: &mut plan,
+        }
+        .run();
+    }
+    plan
+}
+
+/// Placement of one agent's replicas.
+struct Reconcile<'r, 'f, 'p> {
+    agent: &'r Agent,
+    fleet: &'r Fleet<'f>,
+    /// The agent's live placements (none on a down node, no replica twice).
+    mine: Vec<&'p Placement>,
+    loads: &'r mut BTreeMap<&'f str, Load>,
+    plan: &'r mut Plan,
+}
+
+impl Reconcile<'_, '_, '_> {
+    fn name(&self) -> &str {
+        self.agent.spec.as_ref().map_or("", |s| s.name.as_str())
+    }
+
+    fn run(mut self) {
+        let spec = self.agent.spec.clone().unwrap_or_default();
+        let wanted = spec.replicas() as usize;
+        let digest = container_digest(&spec);
+        let running = serving(self.agent);
+        let in_place = self.agent.spec.as_ref().is_some_and(pinned) || !running;
+        // Current: at the agent's container spec, on a node that stays. Retiring: the rest.
+        let mut current: Vec<&Placement> = Vec::new();
+        let mut retiring: Vec<&Placement> = Vec::new();
+        let mut outdated: Vec<(&Placement, Assignment)> = Vec::new();
+        let mut refreshed: Vec<Placement> = Vec::new();
+        for p in std::mem::take(&mut self.mine) {
+            let want = assignment_for(self.agent, &p.assignment.replica);
+            let same_container =
+                p.assignment.spec.as_ref().map(container_digest) == Some(digest.clone());
+            if same_container && want != p.assignment {
+                // Same container (run state, replicas, health...): updated at once.
+                refreshed.push(Placement {
+                    node: p.node.clone(),
+                    assignment: want.clone(),
+                });
             }
+            let drained = self.fleet.draining.contains(&p.node)
+                && !self.agent.spec.as_ref().is_some_and(pinned);
+            if !same_container && in_place {
+                outdated.push((p, want));
+                current.push(p);
+            } else if same_container && !drained {
+                current.push(p);
+            } else {
+                retiring.push(p);
+            }
+            self.mine.push(p);
+        }
+        if !outdated.is_empty() {
+            self.roll_in_place(&current, outdated, wanted);
+        }
+        // Scale down: ready replicas and low ids stay; the surplus and every old one go.
+        let generation = self.agent.meta.as_ref().map_or(0, |m| m.generation);
+        let ready =
+            |p: &Placement| observed(self.agent, &p.assignment.replica, p.assignment.generation).0;
+        if current.len() > wanted {
+            current.sort_by_key(|p| (!ready(p), replica_index(&p.assignment.replica)));
+            let surplus = current.split_off(wanted);
+            self.plan.deletes.extend(surplus.into_iter().cloned());
+            self.plan.deletes.extend(retiring.drain(..).cloned());
+        }
+        // Retire old replicas while the count stays above `wanted` and the ready ones (new
+        // and old) stay at `wanted` or more: unavailable 0. Not-ready old ones go first.
+        retiring.sort_by_key(|p| (ready(p), p.assignment.replica.clone()));
+        let new_ready = current.iter().filter(|p| ready(p)).count();
+        let mut old_ready = retiring.iter().filter(|p| ready(p)).count();
+        while let Some(p) = retiring.first() {
+            let surplus = current.len() + retiring.len() > wanted;
+            let is_ready = ready(p);
+            if !surplus || (is_ready && new_ready + old_ready <= wanted) {
+                break;
+            }
+            old_ready -= usize::from(is_ready);
+            self.plan.deletes.push((*p).clone());
+            retiring.remove(0);
+        }
+        // What stays gets its refreshed assignment.
+        refreshed.retain(|r| {
+            !self
+                .plan
+                .deletes
+                .iter()
+                .any(|d| d.node == r.node && d.assignment.replica == r.assignment.replica)
+        });
+        self.plan.puts.extend(refreshed);
+        // A new replica at this generation that fails halts the replacement.
+        let halted = current
+            .iter()
+            .find_map(|p| observed(self.agent, &p.assignment.replica, generation).1);
+        // Fill up to `wanted`, plus one surge replica while old ones remain.
+        let count = current.len() + retiring.len();
+        let mut new = wanted.saturating_sub(count);
+        if !retiring.is_empty() && count == wanted && halted.is_none() {
+            new = 1;
+        }
+        let placed = self.place(new, &spec);
+        let name = self.name().to_string();
+        if let Some(why) = halted {
+            if !retiring.is_empty() {
+                self.plan.rollouts.push((name, Rollout::Halted(why)));
+            }
+        } else if !retiring.is_empty() {
+            let waiting: Vec<&str> = current
+                .iter()
+                .filter(|p| !ready(p))
+                .map(|p| p.assignment.replica.as_str())
+                .chain(placed.iter().map(String::as_str))
+                .collect();
+            let mut message = format!(
+                "{} of {wanted} replicas up to date and ready, {} old left",
+                new_ready,
+                retiring.len()
+            );
+            if !waiting.is_empty() {
+                message.push_str(&format!("; waiting for {}", waiting.join(", ")));
+            }
+            self.plan
+                .rollouts
+                .push((name, Rollout::Progressing(message)));
+        }
+    }
+
+    /// Places `count` new replicas of the agent, each on the best node that fits, under the
+    /// lowest free replica ids; the ids placed. What fits nowhere is noted as unschedulable.
+    fn place(&mut self, count: usize, spec: &AgentSpec) -> Vec<String> {
+        let mut placed = Vec::new();
+        let mut taken: HashSet<String> = self
+            .mine
+            .iter()
+            .map(|p| p.assignment.replica.clone())
+            .collect();
+        let mut next = 0;
+        for _ in 0..count {
             let mut reasons = Vec::new();
-            let chosen = nodes
+            let chosen = self
+                .fleet
+                .schedulable
                 .iter()
                 .filter(
-                    |node| match misfit(spec, node, &loads[node.name.as_str()]) {
+                    |node| match misfit(spec, node, &self.loads[node.name.as_str()]) {
                         Some(why) => {
                             reasons.push(why);
                             false
@@ -228,77 +365,71 @@ pub fn plan(agents: &[Agent], nodes: &[Node], known: &[String], placements: &[Pl
                     },
                 )
                 .min_by_key(|node| {
-                    let load = &loads[node.name.as_str()];
+                    let load = &self.loads[node.name.as_str()];
                     let mine = load.by_agent.get(&spec.name).copied().unwrap_or_default();
-                    (mine, load.replicas, node.name.clone())
+                    (mine, load.replicas, node.name.as_str())
                 });
             let Some(node) = chosen else {
-                if nodes.is_empty() {
+                if self.fleet.schedulable.is_empty() {
                     reasons.push("no ready node".into());
                 }
-                plan.unschedulable
+                self.plan
+                    .unschedulable
                     .push((spec.name.clone(), reasons.join("; ")));
                 break;
             };
-            let assignment = assignment_for(agent, &replica);
-            loads
+            let replica = loop {
+                let id = format!("{}-{next}", spec.name);
+                next += 1;
+                if taken.insert(id.clone()) {
+                    break id;
+                }
+            };
+            let assignment = assignment_for(self.agent, &replica);
+            self.loads
                 .get_mut(node.name.as_str())
-                .expect("every node has a load")
+                .expect("every schedulable node has a load")
                 .add(&assignment);
-            plan.puts.push(Placement {
+            self.plan.puts.push(Placement {
                 node: node.name.clone(),
                 assignment,
             });
+            placed.push(replica);
         }
+        placed
     }
-    plan
-}
 
-/// Rolling updates: a replica whose container spec changed is updated (its node replaces the
-/// container) one at a time per agent, the next only once every updated replica reports
-/// ready at its generation; a new replica that fails halts the rollout and the rest keep the
-/// old spec. An agent with a single replica is updated at once.
-fn roll(
-    plan: &mut Plan,
-    kept: &[(&Agent, Placement)],
-    outdated: Vec<(&Agent, Placement, Assignment)>,
-) {
-    let mut by_agent: BTreeMap<String, Vec<(&Agent, Placement, Assignment)>> = BTreeMap::new();
-    for item in outdated {
-        let name = item
-            .0
-            .spec
-            .as_ref()
-            .map(|s| s.name.clone())
-            .unwrap_or_default();
-        by_agent.entry(name).or_default().push(item);
-    }
-    for (name, mut behind) in by_agent {
-        behind.sort_by(|a, b| a.1.assignment.replica.cmp(&b.1.assignment.replica));
-        let agent = behind[0].0;
-        let replicas = agent
-            .spec
-            .as_ref()
-            .map(|s| s.replicas())
-            .unwrap_or_default();
-        if replicas < 2 {
-            for (_, p, want) in behind {
-                plan.puts.push(Placement {
-                    node: p.node,
+    /// Updates, in place, the replicas of an agent that cannot surge (pinned by a host
+    /// volume, or not running): a running agent with 2 or more replicas one at a time, the
+    /// next once every updated one is ready at its generation (a failing one halts it); any
+    /// other at once.
+    fn roll_in_place(
+        &mut self,
+        current: &[&Placement],
+        mut behind: Vec<(&Placement, Assignment)>,
+        wanted: usize,
+    ) {
+        let name = self.name().to_string();
+        let running = serving(self.agent);
+        if wanted < 2 || !running {
+            for (p, want) in behind {
+                self.plan.puts.push(Placement {
+                    node: p.node.clone(),
                     assignment: want,
                 });
             }
-            continue;
+            return;
         }
-        let updated: Vec<&Placement> = kept
+        behind.sort_by(|a, b| a.0.assignment.replica.cmp(&b.0.assignment.replica));
+        let updated: Vec<&&Placement> = current
             .iter()
-            .filter(|(a, _)| std::ptr::eq(*a, agent))
-            .map(|(_, p)| p)
+            .filter(|p| !behind.iter().any(|(b, _)| std::ptr::eq(*b, **p)))
             .collect();
         let mut waiting = None;
         let mut halted = None;
         for p in &updated {
-            let (ready, failing) = observed(agent, &p.assignment.replica, p.assignment.generation);
+            let (ready, failing) =
+                observed(self.agent, &p.assignment.replica, p.assignment.generation);
             if let Some(why) = failing {
                 halted = Some(why);
             } else if !ready {
@@ -307,9 +438,9 @@ fn roll(
         }
         let total = updated.len() + behind.len();
         if let Some(why) = halted {
-            plan.rollouts.push((name, Rollout::Halted(why)));
+            self.plan.rollouts.push((name, Rollout::Halted(why)));
         } else if let Some(replica) = waiting {
-            plan.rollouts.push((
+            self.plan.rollouts.push((
                 name,
                 Rollout::Progressing(format!(
                     "waiting for {replica} to be ready ({} of {total} updated)",
@@ -317,8 +448,8 @@ fn roll(
                 )),
             ));
         } else {
-            let (_, p, want) = behind.remove(0);
-            plan.rollouts.push((
+            let (p, want) = behind.remove(0);
+            self.plan.rollouts.push((
                 name,
                 Rollout::Progressing(format!(
                     "updating {} ({} of {total} updated)",
@@ -326,12 +457,21 @@ fn roll(
                     updated.len()
                 )),
             ));
-            plan.puts.push(Placement {
-                node: p.node,
+            self.plan.puts.push(Placement {
+                node: p.node.clone(),
                 assignment: want,
             });
         }
     }
+}
+
+/// The number at the end of a replica id (`a-12` → 12).
+fn replica_index(replica: &str) -> u64 {
+    replica
+        .rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_default()
 }
 
 /// Runs placement until the task is dropped.
@@ -395,20 +535,28 @@ async fn reconcile(store: &Store) -> Result<(), StoreError> {
     let (agents, _) = store.list_agents().await?;
     let records = store.list_nodes().await?;
     let cordoned = store.cordoned().await?;
-    let known: Vec<String> = records.iter().map(|n| n.name.clone()).collect();
+    let known = records.iter().map(|n| n.name.clone()).collect();
     // New replicas go to ready nodes that are not cordoned.
-    let ready: Vec<Node> = records
+    let schedulable: Vec<Node> = records
         .into_iter()
         .filter(|n| n.status == berth_proto::v1::NodeStatus::Ready as i32)
-        .filter(|n| !cordoned.contains(&n.name))
+        .filter(|n| !cordoned.contains_key(&n.name))
         .collect();
+    let fleet = Fleet {
+        schedulable: &schedulable,
+        known,
+        draining: cordoned
+            .into_iter()
+            .filter_map(|(name, draining)| draining.then_some(name))
+            .collect(),
+    };
     let (placements, _) = store.list_placements(None).await?;
     let Plan {
         puts,
         deletes,
         unschedulable,
         rollouts,
-    } = plan(&agents, &ready, &known, &placements);
+    } = plan(&agents, &fleet, &placements);
     for agent in &agents {
         let Some(name) = agent.spec.as_ref().map(|s| s.name.as_str()) else {
             continue;
@@ -454,14 +602,7 @@ async fn reconcile(store: &Store) -> Result<(), StoreError> {
         store
             .delete_placement(&p.node, agent, &p.assignment.replica)
             .await?;
-        let replica = p.assignment.replica.clone();
-        store
-            .update_status(agent, |status| {
-                let before = status.replicas.len();
-                status.replicas.retain(|r| r.replica != replica);
-                status.replicas.len() != before
-            })
-            .await?;
+        super::status::forget_replica(store, agent, &p.assignment.replica).await?;
     }
     for p in &puts {
         store.put_placement(p).await?;
@@ -492,14 +633,36 @@ mod tests {
         nodes.iter().map(|n| n.name.clone()).collect()
     }
 
+    /// Plans with `nodes` schedulable and `known` alive.
+    fn plan_on(
+        agents: &[Agent],
+        nodes: &[Node],
+        known: &[String],
+        placements: &[Placement],
+    ) -> Plan {
+        let fleet = Fleet {
+            schedulable: nodes,
+            known: known.iter().cloned().collect(),
+            draining: HashSet::new(),
+        };
+        plan(agents, &fleet, placements)
+    }
+
     fn run(
         agents: &[Agent],
         nodes: &[Node],
         known: &[String],
         placements: &[Placement],
     ) -> (Vec<Placement>, Vec<Placement>) {
-        let p = plan(agents, nodes, known, placements);
+        let p = plan_on(agents, nodes, known, placements);
         (p.puts, p.deletes)
+    }
+
+    fn ids(placements: &[Placement]) -> Vec<&str> {
+        placements
+            .iter()
+            .map(|p| p.assignment.replica.as_str())
+            .collect()
     }
 
     fn agent(name: &str, replicas: u32, generation: i64) -> Agent {
@@ -535,7 +698,7 @@ mod tests {
     fn scales_down_updates_in_place_and_forgets_deleted_agents() {
         let nodes = vec![node("n1")];
         let old = agent("a", 2, 1);
-        let placements: Vec<_> = replica_ids("a", 2)
+        let placements: Vec<_> = ["a-0", "a-1"]
             .iter()
             .map(|r| Placement {
                 node: "n1".into(),
@@ -547,10 +710,8 @@ mod tests {
             }])
             .collect();
         let (puts, deletes) = run(&[agent("a", 1, 2)], &nodes, &names(&nodes), &placements);
-        let deleted: Vec<_> = deletes
-            .iter()
-            .map(|p| p.assignment.replica.as_str())
-            .collect();
+        let mut deleted = ids(&deletes);
+        deleted.sort();
         assert_eq!(deleted, ["a-1", "gone-0"]);
         assert_eq!(puts.len(), 1);
         assert_eq!(
@@ -564,7 +725,7 @@ mod tests {
 
     #[test]
     fn without_nodes_nothing_is_placed() {
-        let p = plan(&[agent("a", 2, 1)], &[], &[], &[]);
+        let p = plan_on(&[agent("a", 2, 1)], &[], &[], &[]);
         assert!(p.puts.is_empty() && p.deletes.is_empty());
         assert_eq!(
             p.unschedulable,
@@ -629,7 +790,7 @@ mod tests {
             cpu_millis: 500,
             memory_bytes: gib,
         });
-        let p = plan(&[a.clone()], &nodes, &names(&nodes), &[]);
+        let p = plan_on(&[a.clone()], &nodes, &names(&nodes), &[]);
         assert!(
             p.puts.iter().all(|p| p.node == "big"),
             "only big has 1 GiB free"
@@ -637,7 +798,7 @@ mod tests {
         assert_eq!(p.puts.len(), 2);
         // Five replicas: four fit on big (4 GiB), the fifth nowhere, with the reason per node.
         a.spec.as_mut().unwrap().replicas = Some(5);
-        let p = plan(&[a.clone()], &nodes, &names(&nodes), &[]);
+        let p = plan_on(&[a.clone()], &nodes, &names(&nodes), &[]);
         assert_eq!(p.puts.len(), 4);
         assert_eq!(
             p.unschedulable,
@@ -649,7 +810,7 @@ mod tests {
         // A node selector narrows the choice.
         let mut g = agent("g", 1, 1);
         g.spec.as_mut().unwrap().node_selector = [("gpu".to_string(), "true".to_string())].into();
-        let p = plan(&[g], &nodes, &names(&nodes), &[]);
+        let p = plan_on(&[g], &nodes, &names(&nodes), &[]);
         assert_eq!(p.puts[0].node, "big");
     }
 
@@ -662,7 +823,7 @@ mod tests {
                 assignment: assignment_for(&agent("other", 3, 1), &format!("other-{i}")),
             })
             .collect();
-        let p = plan(
+        let p = plan_on(
             &[agent("other", 3, 1), agent("a", 2, 1)],
             &nodes,
             &names(&nodes),
@@ -673,69 +834,231 @@ mod tests {
         assert_eq!(on, ["n1", "n2"], "one per node, though n1 is busier");
     }
 
-    #[test]
-    fn a_new_image_rolls_out_one_replica_at_a_time_and_halts_on_failure() {
-        use berth_proto::v1::{AgentStatus, ReplicaStatus};
-        let nodes = vec![node("n1"), node("n2")];
-        let old = agent("a", 2, 1);
-        let placements: Vec<Placement> = ["a-0", "a-1"]
-            .iter()
-            .zip(["n1", "n2"])
-            .map(|(r, n)| Placement {
-                node: n.into(),
-                assignment: assignment_for(&old, r),
-            })
-            .collect();
-        let mut new = agent("a", 2, 2);
-        new.spec.as_mut().unwrap().image = "x:2".into();
-        let status = |replicas: Vec<ReplicaStatus>| AgentStatus {
+    fn status(replicas: Vec<berth_proto::v1::ReplicaStatus>) -> berth_proto::v1::AgentStatus {
+        berth_proto::v1::AgentStatus {
             replicas,
             ..Default::default()
-        };
-        let replica = |id: &str, generation: i64, ready: bool, state: ReplicaState| ReplicaStatus {
+        }
+    }
+
+    fn replica(
+        id: &str,
+        generation: i64,
+        ready: bool,
+        state: ReplicaState,
+    ) -> berth_proto::v1::ReplicaStatus {
+        berth_proto::v1::ReplicaStatus {
             replica: id.into(),
             generation,
             ready,
             state: state as i32,
             ..Default::default()
+        }
+    }
+
+    /// Applies a plan to the stored placements, as `reconcile` does.
+    fn apply(placements: &mut Vec<Placement>, p: &Plan) {
+        placements.retain(|old| {
+            !p.deletes
+                .iter()
+                .any(|d| d.node == old.node && d.assignment.replica == old.assignment.replica)
+        });
+        for put in &p.puts {
+            placements.retain(|old| {
+                !(old.node == put.node && old.assignment.replica == put.assignment.replica)
+            });
+            placements.push(put.clone());
+        }
+    }
+
+    /// Every placed replica reported ready at its generation.
+    fn all_ready(agent: &mut Agent, placements: &[Placement]) {
+        agent.status = Some(status(
+            placements
+                .iter()
+                .map(|p| {
+                    replica(
+                        &p.assignment.replica,
+                        p.assignment.generation,
+                        true,
+                        ReplicaState::Running,
+                    )
+                })
+                .collect(),
+        ));
+    }
+
+    #[test]
+    fn a_new_image_rolls_out_with_surge_one_and_unavailable_zero() {
+        let nodes = vec![node("n1"), node("n2")];
+        let mut old = agent("a", 2, 1);
+        let (puts, _) = run(&[old.clone()], &nodes, &names(&nodes), &[]);
+        let mut placements = puts;
+        all_ready(&mut old, &placements);
+        let mut new = agent("a", 2, 2);
+        new.spec.as_mut().unwrap().image = "x:2".into();
+        new.status = old.status.clone();
+        // One new replica beside the two old ones; nothing stops yet.
+        let p = plan_on(&[new.clone()], &nodes, &names(&nodes), &placements);
+        assert_eq!(ids(&p.puts), ["a-2"]);
+        assert!(p.deletes.is_empty());
+        assert!(
+            matches!(&p.rollouts[0].1, Rollout::Progressing(m) if m.contains("waiting for a-2"))
+        );
+        apply(&mut placements, &p);
+        // Not ready yet: no change, however often placement runs.
+        let p = plan_on(&[new.clone()], &nodes, &names(&nodes), &placements);
+        assert!(p.puts.is_empty() && p.deletes.is_empty());
+        // Ready: one old replica stops, and the next new one starts.
+        let mut steps = 0;
+        loop {
+            all_ready(&mut new, &placements);
+            let p = plan_on(&[new.clone()], &nodes, &names(&nodes), &placements);
+            if p.puts.is_empty() && p.deletes.is_empty() {
+                break;
+            }
+            apply(&mut placements, &p);
+            // Unavailable 0, surge 1: always 2 ready (they were all reported ready before
+            // this step), never more than 3 placed.
+            assert!(placements.len() <= 3, "surge 1: {placements:?}");
+            assert!(placements.len() >= 2);
+            steps += 1;
+            assert!(steps < 10, "the rollout ends");
+        }
+        assert_eq!(placements.len(), 2);
+        assert!(placements
+            .iter()
+            .all(|p| p.assignment.spec.as_ref().unwrap().image == "x:2"));
+        assert!(p_rollouts_done(&new, &nodes, &placements));
+    }
+
+    fn p_rollouts_done(agent: &Agent, nodes: &[Node], placements: &[Placement]) -> bool {
+        plan_on(std::slice::from_ref(agent), nodes, &names(nodes), placements)
+            .rollouts
+            .is_empty()
+    }
+
+    #[test]
+    fn a_failing_new_replica_halts_the_rollout_and_the_old_ones_keep_serving() {
+        let nodes = vec![node("n1"), node("n2")];
+        let mut old = agent("a", 2, 1);
+        let (mut placements, _) = run(&[old.clone()], &nodes, &names(&nodes), &[]);
+        all_ready(&mut old, &placements);
+        let mut new = agent("a", 2, 2);
+        new.spec.as_mut().unwrap().image = "broken:2".into();
+        new.status = old.status.clone();
+        let p = plan_on(&[new.clone()], &nodes, &names(&nodes), &placements);
+        apply(&mut placements, &p);
+        let mut replicas = old.status.clone().unwrap().replicas;
+        replicas.push(replica("a-2", 2, false, ReplicaState::Failed));
+        new.status = Some(status(replicas));
+        let p = plan_on(&[new], &nodes, &names(&nodes), &placements);
+        assert!(p.puts.is_empty() && p.deletes.is_empty());
+        assert!(matches!(&p.rollouts[0].1, Rollout::Halted(why) if why.contains("a-2")));
+    }
+
+    #[test]
+    fn old_replicas_that_are_not_ready_are_replaced_without_waiting() {
+        let nodes = vec![node("n1")];
+        let old = agent("a", 2, 1);
+        let (mut placements, _) = run(std::slice::from_ref(&old), &nodes, &names(&nodes), &[]);
+        let mut new = agent("a", 2, 2);
+        new.spec.as_mut().unwrap().image = "fixed:2".into();
+        // The old replicas never became ready (nor do the new ones here): each new one
+        // retires an old one at once, at most one over the count at any time.
+        let mut steps = 0;
+        while placements
+            .iter()
+            .any(|p| p.assignment.spec.as_ref().unwrap().image != "fixed:2")
+        {
+            let p = plan_on(&[new.clone()], &nodes, &names(&nodes), &placements);
+            apply(&mut placements, &p);
+            assert!(placements.len() <= 3);
+            steps += 1;
+            assert!(steps <= 3, "no waiting on replicas that are not ready");
+        }
+        assert_eq!(placements.len(), 2);
+    }
+
+    #[test]
+    fn a_drain_starts_each_replacement_before_stopping_the_old_replica() {
+        let nodes = vec![node("n1"), node("n2"), node("n3")];
+        let mut a = agent("a", 3, 1);
+        let (mut placements, _) = run(&[a.clone()], &nodes, &names(&nodes), &[]);
+        all_ready(&mut a, &placements);
+        let on_n1 = placements.iter().find(|p| p.node == "n1").unwrap().clone();
+        // n1 drains: cordoned (not schedulable) and draining.
+        let fleet = Fleet {
+            schedulable: &nodes[1..],
+            known: names(&nodes).into_iter().collect(),
+            draining: ["n1".to_string()].into(),
         };
-        // First pass: only a-0 is updated.
-        let p = plan(&[new.clone()], &nodes, &names(&nodes), &placements);
-        let updated: Vec<_> = p
-            .puts
-            .iter()
-            .map(|p| p.assignment.replica.as_str())
-            .collect();
-        assert_eq!(updated, ["a-0"]);
-        assert!(matches!(p.rollouts[0].1, Rollout::Progressing(_)));
-        let mut placements = placements;
-        placements[0] = p.puts[0].clone();
-        // a-0 not ready at generation 2 yet: wait.
-        new.status = Some(status(vec![
-            replica("a-0", 2, false, ReplicaState::Running),
-            replica("a-1", 1, true, ReplicaState::Running),
-        ]));
-        let p = plan(&[new.clone()], &nodes, &names(&nodes), &placements);
-        assert!(p.puts.is_empty());
-        // a-0 ready: a-1 goes next.
-        new.status = Some(status(vec![
-            replica("a-0", 2, true, ReplicaState::Running),
-            replica("a-1", 1, true, ReplicaState::Running),
-        ]));
-        let p = plan(&[new.clone()], &nodes, &names(&nodes), &placements);
-        let updated: Vec<_> = p
-            .puts
-            .iter()
-            .map(|p| p.assignment.replica.as_str())
-            .collect();
-        assert_eq!(updated, ["a-1"]);
-        // a-0 failing at generation 2: halt, a-1 keeps the old image.
-        new.status = Some(status(vec![
-            replica("a-0", 2, false, ReplicaState::Failed),
-            replica("a-1", 1, true, ReplicaState::Running),
-        ]));
-        let p = plan(&[new], &nodes, &names(&nodes), &placements);
-        assert!(p.puts.is_empty());
-        assert!(matches!(&p.rollouts[0].1, Rollout::Halted(why) if why.contains("a-0")));
+        let p = plan(&[a.clone()], &fleet, &placements);
+        assert!(
+            p.deletes.is_empty(),
+            "nothing stops before its replacement is ready"
+        );
+        assert_eq!(p.puts.len(), 1);
+        assert_ne!(p.puts[0].node, "n1");
+        apply(&mut placements, &p);
+        // Not ready: still nothing stops.
+        let p = plan(&[a.clone()], &fleet, &placements);
+        assert!(p.deletes.is_empty() && p.puts.is_empty());
+        // Ready: the replica on n1 stops.
+        all_ready(&mut a, &placements);
+        let p = plan(&[a.clone()], &fleet, &placements);
+        assert_eq!(p.deletes, [on_n1]);
+        apply(&mut placements, &p);
+        let p = plan(&[a], &fleet, &placements);
+        assert!(p.deletes.is_empty() && p.puts.is_empty());
+        assert!(placements.iter().all(|p| p.node != "n1"));
+        assert_eq!(placements.len(), 3);
+    }
+
+    #[test]
+    fn a_pinned_agent_stays_on_a_draining_node_and_updates_in_place() {
+        let nodes = vec![node("n1"), node("n2")];
+        let mut a = agent("a", 2, 1);
+        a.spec.as_mut().unwrap().volumes = vec![berth_proto::v1::VolumeMount {
+            source: "/var/lib/berth/volumes/a".into(),
+            target: "/data".into(),
+            read_only: false,
+        }];
+        let (mut placements, _) = run(&[a.clone()], &nodes, &names(&nodes), &[]);
+        all_ready(&mut a, &placements);
+        let fleet = Fleet {
+            schedulable: &nodes[1..],
+            known: names(&nodes).into_iter().collect(),
+            draining: ["n1".to_string()].into(),
+        };
+        let p = plan(&[a.clone()], &fleet, &placements);
+        assert!(p.puts.is_empty() && p.deletes.is_empty());
+        // A new image: one replica at a time, in place.
+        let mut new = a.clone();
+        new.spec.as_mut().unwrap().image = "x:2".into();
+        new.meta.as_mut().unwrap().generation = 2;
+        let p = plan(&[new.clone()], &fleet, &placements);
+        assert_eq!(ids(&p.puts), ["a-0"]);
+        assert_eq!(p.puts[0].node, placements[0].node);
+        assert!(p.deletes.is_empty());
+        apply(&mut placements, &p);
+        let p = plan(&[new], &fleet, &placements);
+        assert!(p.puts.is_empty(), "a-0 is not ready at generation 2 yet");
+    }
+
+    #[test]
+    fn scaling_down_in_a_rollout_keeps_ready_replicas() {
+        let nodes = vec![node("n1")];
+        let mut a = agent("a", 3, 1);
+        let (mut placements, _) = run(&[a.clone()], &nodes, &names(&nodes), &[]);
+        all_ready(&mut a, &placements);
+        // a-1 stops being ready; scaling to 2 removes it first.
+        a.status.as_mut().unwrap().replicas[1].ready = false;
+        let mut smaller = a.clone();
+        smaller.spec.as_mut().unwrap().replicas = Some(2);
+        let p = plan_on(&[smaller], &nodes, &names(&nodes), &placements);
+        assert_eq!(ids(&p.deletes), ["a-1"]);
+        apply(&mut placements, &p);
+        assert_eq!(placements.len(), 2);
     }
 }

@@ -1,6 +1,6 @@
 //! Observed status from node reports: per-replica entries, ready count and conditions.
 
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::time::now;
 use berth_proto::v1::{
     AgentStatus, Condition, ConditionStatus, Event, EventSeverity, HealthState, ReplicaReport,
@@ -16,19 +16,13 @@ pub async fn apply_report(store: &Store, node: &str, report: &ReplicaReport) {
         return;
     };
     replica.node = node.to_string();
-    // A node back from a partition reports replicas that were moved away while it was down:
-    // the replica's status is the new node's business.
-    match store.is_placed(node, &report.agent, &replica.replica).await {
-        Ok(true) => {}
-        Ok(false) => return,
-        Err(e) => {
-            tracing::warn!(agent = %report.agent, node, error = %e, "cannot check placement");
-            return;
-        }
-    }
     let mut restarted = None;
+    // A node back from a partition reports replicas that were moved away while it was down:
+    // the replica's status is the new node's business, so only a replica placed on this node
+    // is written.
+    let id = replica.replica.clone();
     let result = store
-        .update_status(&report.agent, |status| {
+        .update_replica_status(&report.agent, node, &id, |status| {
             let previous = status
                 .replicas
                 .iter()
@@ -77,6 +71,21 @@ pub async fn apply_report(store: &Store, node: &str, report: &ReplicaReport) {
             tracing::warn!(agent = %report.agent, error = %e, "cannot record event");
         }
     }
+}
+
+/// Removes a replica's entry (its placement is gone), keeping the summary true.
+pub async fn forget_replica(store: &Store, agent: &str, replica: &str) -> Result<(), StoreError> {
+    store
+        .update_status(agent, |status| {
+            let before = status.replicas.len();
+            status.replicas.retain(|r| r.replica != replica);
+            let changed = status.replicas.len() != before;
+            if changed {
+                refresh(status);
+            }
+            changed
+        })
+        .await
 }
 
 /// Recomputes the ready count, observed generation and conditions from the replica entries.

@@ -10,7 +10,7 @@ pub mod watch;
 
 pub use events::EventFilter;
 pub use keys::Keys;
-pub use nodes::{LeaseRenewer, Placement};
+pub use nodes::{Cordon, LeaseRenewer, Placement};
 pub use requests::{StoredRequest, REQUEST_TTL};
 
 use etcd_client::{Client, ConnectOptions};

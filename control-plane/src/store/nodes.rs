@@ -7,6 +7,22 @@ use etcd_client::{
     Compare, CompareOp, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
 };
 use prost::Message;
+use std::collections::BTreeMap;
+
+/// The value of a cordon key that also drains the node.
+const DRAIN: &str = "drain";
+
+/// Whether new replicas may go to a node, and whether its replicas should move away.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cordon {
+    /// New replicas may be placed on it.
+    Schedulable,
+    /// Nothing new is placed on it; what runs there stays.
+    Cordoned,
+    /// Cordoned, and each of its replicas is replaced elsewhere (the replacement ready
+    /// before the old one stops).
+    Draining,
+}
 
 /// Compare-and-swap attempts of a status update before it gives up.
 const MAX_STATUS_ATTEMPTS: usize = 10;
@@ -96,51 +112,35 @@ impl Store {
         }
     }
 
-    /// Cordons (or uncordons) `node`.
-    pub async fn set_cordon(&self, node: &str, cordoned: bool) -> Result<(), StoreError> {
+    /// Cordons `node` (or drains it, or makes it schedulable again).
+    pub async fn set_cordon(&self, node: &str, cordon: Cordon) -> Result<(), StoreError> {
         let key = self.keys.cordon(node);
-        let result = if cordoned {
-            self.client().put(key, "", None).await.map(drop)
-        } else {
-            self.client().delete(key, None).await.map(drop)
+        let result = match cordon {
+            Cordon::Cordoned => self.client().put(key, "", None).await.map(drop),
+            Cordon::Draining => self.client().put(key, DRAIN, None).await.map(drop),
+            Cordon::Schedulable => self.client().delete(key, None).await.map(drop),
         };
         result.map_err(|e| self.unavailable(e))
     }
 
-    /// Names of the cordoned nodes.
-    pub async fn cordoned(&self) -> Result<Vec<String>, StoreError> {
+    /// The cordoned nodes, each with whether it is being drained.
+    pub async fn cordoned(&self) -> Result<BTreeMap<String, bool>, StoreError> {
         let prefix = self.keys.cordons();
         let resp = self
             .client()
-            .get(
-                prefix.as_str(),
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            )
+            .get(prefix.as_str(), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(|e| self.unavailable(e))?;
         Ok(resp
             .kvs()
             .iter()
-            .map(|kv| super::Keys::last_segment(kv.key()))
+            .map(|kv| {
+                (
+                    super::Keys::last_segment(kv.key()),
+                    kv.value() == DRAIN.as_bytes(),
+                )
+            })
             .collect())
-    }
-
-    /// Whether `replica` of `agent` is placed on `node`.
-    pub async fn is_placed(
-        &self,
-        node: &str,
-        agent: &str,
-        replica: &str,
-    ) -> Result<bool, StoreError> {
-        let resp = self
-            .client()
-            .get(
-                self.keys.assignment(node, agent, replica),
-                Some(GetOptions::new().with_count_only()),
-            )
-            .await
-            .map_err(|e| self.unavailable(e))?;
-        Ok(resp.count() > 0)
     }
 
     /// Takes leadership for `identity` under `lease` if nobody holds it.
@@ -305,6 +305,29 @@ impl Store {
     pub async fn update_status(
         &self,
         agent: &str,
+        change: impl FnMut(&mut AgentStatus) -> bool,
+    ) -> Result<(), StoreError> {
+        self.update_status_while(agent, None, change).await
+    }
+
+    /// [`Store::update_status`] of what `node` reports about `replica`: written only while
+    /// that replica is placed on that node, checked in the same transaction, so a report
+    /// racing the replica's move or removal cannot bring its entry back.
+    pub async fn update_replica_status(
+        &self,
+        agent: &str,
+        node: &str,
+        replica: &str,
+        change: impl FnMut(&mut AgentStatus) -> bool,
+    ) -> Result<(), StoreError> {
+        let guard = self.keys.assignment(node, agent, replica);
+        self.update_status_while(agent, Some(guard), change).await
+    }
+
+    async fn update_status_while(
+        &self,
+        agent: &str,
+        guard: Option<String>,
         mut change: impl FnMut(&mut AgentStatus) -> bool,
     ) -> Result<(), StoreError> {
         let agent_key = self.keys.agent(agent);
@@ -326,10 +349,19 @@ impl Store {
                 return Ok(());
             }
             let txn = Txn::new()
-                .when([
-                    Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
-                    Compare::create_revision(agent_key.as_str(), CompareOp::Greater, 0),
-                ])
+                .when(
+                    [
+                        Compare::mod_revision(key.as_str(), CompareOp::Equal, revision),
+                        Compare::create_revision(agent_key.as_str(), CompareOp::Greater, 0),
+                    ]
+                    .into_iter()
+                    .chain(
+                        guard
+                            .as_deref()
+                            .map(|g| Compare::create_revision(g, CompareOp::Greater, 0)),
+                    )
+                    .collect::<Vec<_>>(),
+                )
                 .and_then([TxnOp::put(key.as_str(), status.encode_to_vec(), None)]);
             let resp = self
                 .client()
@@ -339,13 +371,20 @@ impl Store {
             if resp.succeeded() {
                 return Ok(());
             }
-            let exists = self
-                .client()
-                .get(agent_key.as_str(), None)
-                .await
-                .map_err(|e| self.unavailable(e))?;
-            if exists.kvs().is_empty() {
-                return Ok(());
+            // Gone (the agent, or the placement that guards the write): nothing to write.
+            for must_exist in [Some(agent_key.as_str()), guard.as_deref()]
+                .into_iter()
+                .flatten()
+            {
+                let count = self
+                    .client()
+                    .get(must_exist, Some(GetOptions::new().with_count_only()))
+                    .await
+                    .map_err(|e| self.unavailable(e))?
+                    .count();
+                if count == 0 {
+                    return Ok(());
+                }
             }
         }
         Err(StoreError::Conflict {
