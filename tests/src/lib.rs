@@ -250,6 +250,11 @@ impl ControlPlane {
         self.child.as_mut().is_some_and(Child::is_running)
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts the process again on the same addresses and waits until it serves.
     pub async fn resume(&mut self) -> anyhow::Result<()> {
         let mut command = Command::new(berth_bin());

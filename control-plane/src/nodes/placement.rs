@@ -511,23 +511,43 @@ pub async fn run(store: Store) {
                 }
                 true
             }
-            change = nodes.recv() => match change {
-                Some(WatchMessage::Put(kv)) => {
-                    let name = Keys::last_segment(kv.key());
-                    let status = Node::decode(kv.value()).map(|n| n.status).unwrap_or_default();
-                    liveness.insert(name, status) != Some(status)
-                }
-                Some(WatchMessage::Delete(kv)) => {
-                    liveness.remove(&Keys::last_segment(kv.key()));
-                    true
-                }
-                Some(WatchMessage::Compacted) | None => {
+            change = nodes.recv() => {
+                if change.is_none() {
                     nodes = watch(store.keys().nodes());
-                    true
                 }
-            },
+                node_changed(&mut liveness, change)
+            }
             _ = tokio::time::sleep(REQUEUE) => true,
         };
+        // One pass covers every change already queued (a burst of reports after a big
+        // placement, say), rather than one pass per change.
+        for queue in [&mut agents, &mut statuses, &mut cordons] {
+            while queue.try_recv().is_ok() {
+                dirty = true;
+            }
+        }
+        while let Ok(change) = nodes.try_recv() {
+            dirty |= node_changed(&mut liveness, Some(change));
+        }
+    }
+}
+
+/// Whether a change under the nodes prefix changes a node's liveness (a heartbeat that only
+/// moves `last_seen` does not), keeping `liveness` current.
+fn node_changed(liveness: &mut HashMap<String, i32>, change: Option<WatchMessage>) -> bool {
+    match change {
+        Some(WatchMessage::Put(kv)) => {
+            let name = Keys::last_segment(kv.key());
+            let status = Node::decode(kv.value())
+                .map(|n| n.status)
+                .unwrap_or_default();
+            liveness.insert(name, status) != Some(status)
+        }
+        Some(WatchMessage::Delete(kv)) => {
+            liveness.remove(&Keys::last_segment(kv.key()));
+            true
+        }
+        Some(WatchMessage::Compacted) | None => true,
     }
 }
 
@@ -604,9 +624,7 @@ async fn reconcile(store: &Store) -> Result<(), StoreError> {
             .await?;
         super::status::forget_replica(store, agent, &p.assignment.replica).await?;
     }
-    for p in &puts {
-        store.put_placement(p).await?;
-    }
+    store.put_placements(&puts).await?;
     if !puts.is_empty() || !deletes.is_empty() {
         tracing::info!(
             puts = puts.len(),
@@ -933,9 +951,14 @@ mod tests {
     }
 
     fn p_rollouts_done(agent: &Agent, nodes: &[Node], placements: &[Placement]) -> bool {
-        plan_on(std::slice::from_ref(agent), nodes, &names(nodes), placements)
-            .rollouts
-            .is_empty()
+        plan_on(
+            std::slice::from_ref(agent),
+            nodes,
+            &names(nodes),
+            placements,
+        )
+        .rollouts
+        .is_empty()
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub enum Cordon {
     Draining,
 }
 
+/// Operations per etcd transaction (etcd refuses more than 128 by default).
+const MAX_TXN_OPS: usize = 100;
+
 /// Compare-and-swap attempts of a status update before it gives up.
 const MAX_STATUS_ATTEMPTS: usize = 10;
 
@@ -274,15 +277,24 @@ impl Store {
         Ok((placements, revision))
     }
 
-    /// Writes a placement.
-    pub async fn put_placement(&self, placement: &Placement) -> Result<(), StoreError> {
-        let a = &placement.assignment;
-        let agent = a.spec.as_ref().map(|s| s.name.as_str()).unwrap_or_default();
-        let key = self.keys.assignment(&placement.node, agent, &a.replica);
-        self.client()
-            .put(key, a.encode_to_vec(), None)
-            .await
-            .map_err(|e| self.unavailable(e))?;
+    /// Writes placements in transactions of up to [`MAX_TXN_OPS`] puts: one round trip per
+    /// batch instead of one per placement.
+    pub async fn put_placements(&self, placements: &[Placement]) -> Result<(), StoreError> {
+        for batch in placements.chunks(MAX_TXN_OPS) {
+            let ops: Vec<TxnOp> = batch
+                .iter()
+                .map(|p| {
+                    let a = &p.assignment;
+                    let agent = a.spec.as_ref().map(|s| s.name.as_str()).unwrap_or_default();
+                    let key = self.keys.assignment(&p.node, agent, &a.replica);
+                    TxnOp::put(key, a.encode_to_vec(), None)
+                })
+                .collect();
+            self.client()
+                .txn(Txn::new().and_then(ops))
+                .await
+                .map_err(|e| self.unavailable(e))?;
+        }
         Ok(())
     }
 
