@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Builds Berth's images with no registry: each is FROM scratch with one binary and the shared
-# libraries `ldd` lists for it, copied under the same paths. Where a registry exists the same
-# images can be pushed; the names are variables.
+# Builds Berth's images with no registry: each is FROM scratch with one binary (stripped) and
+# the shared libraries `ldd` lists for it, copied under the same paths. Where a registry
+# exists the same images can be pushed; the names are variables.
 #
-#   ECHO_IMAGE   (default berth/echo-agent:local)   the example agent
+#   BERTH_IMAGE  (default berth/berth:local)       the one `berth` binary (every server)
+#   ETCD_IMAGE   (default berth/etcd:local)        etcd, from Debian's etcd-server binary
+#   ECHO_IMAGE   (default berth/echo-agent:local)  the example agent
+#   BERTH_IMAGE_PROFILE (default release)          the cargo profile `berth` is built with
 #
-# Usage: deploy/build-images.sh [echo-agent]
+# Usage: deploy/build-images.sh [all|berth|etcd|echo-agent]...
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+BERTH_IMAGE=${BERTH_IMAGE:-berth/berth:local}
+ETCD_IMAGE=${ETCD_IMAGE:-berth/etcd:local}
 ECHO_IMAGE=${ECHO_IMAGE:-berth/echo-agent:local}
+profile=${BERTH_IMAGE_PROFILE:-release}
 target=${CARGO_TARGET_DIR:-$root/target}
 
 # scratch_image BINARY IMAGE PORT: an image holding BINARY as its entrypoint.
@@ -17,7 +23,8 @@ scratch_image() {
   ctx=$(mktemp -d)
   trap 'rm -rf "$ctx"' RETURN
   mkdir -p "$ctx/rootfs/usr/local/bin" "$ctx/rootfs/tmp"
-  cp "$bin" "$ctx/rootfs/usr/local/bin/"
+  strip -o "$ctx/rootfs/usr/local/bin/$(basename "$bin")" "$bin" 2>/dev/null \
+    || cp "$bin" "$ctx/rootfs/usr/local/bin/"
   for lib in $(ldd "$bin" | grep -o '/[^ ]*'); do
     mkdir -p "$ctx/rootfs$(dirname "$lib")"
     cp -L "$lib" "$ctx/rootfs$lib"
@@ -32,8 +39,25 @@ DOCKERFILE
   echo "built $image"
 }
 
-what=${1:-all}
-if [ "$what" = all ] || [ "$what" = echo-agent ]; then
-  (cd "$root" && cargo build --release --quiet -p echo-agent)
-  scratch_image "$target/release/echo-agent" "$ECHO_IMAGE" 8080
-fi
+cargo_flags=()
+[ "$profile" = release ] && cargo_flags+=(--release)
+[ "$profile" = release ] || [ "$profile" = debug ] || cargo_flags+=(--profile "$profile")
+profile_dir=$profile
+[ "$profile" = dev ] && profile_dir=debug
+
+[ $# -gt 0 ] || set -- all
+for what in "$@"; do
+  case $what in
+    all|berth)
+      (cd "$root" && cargo build "${cargo_flags[@]}" --quiet -p berth-cli)
+      scratch_image "$target/$profile_dir/berth" "$BERTH_IMAGE" 7070 ;;&
+    all|etcd)
+      command -v etcd >/dev/null || { echo "etcd is missing: apt-get install etcd-server" >&2; exit 1; }
+      scratch_image "$(command -v etcd)" "$ETCD_IMAGE" 2379 ;;&
+    all|echo-agent)
+      (cd "$root" && cargo build --release --quiet -p echo-agent)
+      scratch_image "$target/release/echo-agent" "$ECHO_IMAGE" 8080 ;;
+    berth|etcd) ;;
+    *) echo "unknown image $what: all, berth, etcd or echo-agent" >&2; exit 1 ;;
+  esac
+done

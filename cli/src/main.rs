@@ -3,10 +3,12 @@
 
 mod client;
 mod commands;
+mod config;
 mod manifest;
 mod output;
 mod quantity;
 mod servers;
+mod up;
 
 /// mimalloc: the gateway allocates per request (headers, buffers), and glibc's malloc showed
 /// up at about 6% of its CPU under load.
@@ -21,17 +23,19 @@ use output::Format;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// The control plane's address when BERTH_ADDR is not set.
+/// The control plane's address when neither --addr, BERTH_ADDR nor the CLI config sets one.
 const DEFAULT_ADDR: &str = "http://127.0.0.1:7070";
 
 /// Berth runs AI agents in containers across hosts, keeps them alive, and loses no request.
 #[derive(Parser, Debug)]
 #[command(name = "berth", version, about)]
 struct Cli {
-    /// The control plane's gRPC address; several, comma-separated, are tried in turn.
-    #[arg(long, global = true, env = "BERTH_ADDR", default_value = DEFAULT_ADDR)]
-    addr: String,
-    /// The API token (an admin token from the control plane's token file).
+    /// The control plane's gRPC address; several, comma-separated, are tried in turn
+    /// (default: the CLI config's, which `berth up` writes, else http://127.0.0.1:7070).
+    #[arg(long, global = true, env = "BERTH_ADDR")]
+    addr: Option<String>,
+    /// The API token (an admin token from the control plane's token file; default: the CLI
+    /// config's).
     #[arg(long, global = true, env = "BERTH_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
     /// Output format.
@@ -157,6 +161,9 @@ enum Command {
     },
     /// Run the control plane.
     ControlPlane(Box<servers::ControlPlaneArgs>),
+    /// Berth on this host, all in one: etcd (unless --etcd), a control plane, a gateway and
+    /// a node agent; writes the CLI's config; Ctrl-C stops them.
+    Up(Box<up::UpArgs>),
     /// Run a node agent: drives this host's Docker engine for the control plane.
     NodeAgent(Box<servers::NodeAgentArgs>),
     /// Run a gateway: HTTP at /agents/{name}/... to ready replicas.
@@ -184,6 +191,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ControlPlane(args) => return servers::control_plane(*args).await,
         Command::NodeAgent(args) => return servers::node_agent(*args).await,
         Command::Gateway(args) => return servers::gateway(*args).await,
+        Command::Up(args) => return up::up(*args).await,
         command => command,
     };
     // Parse local input before connecting, so that a bad flag or manifest fails fast.
@@ -198,8 +206,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Apply { file } => Some(read_manifest(file)?),
         _ => None,
     };
-    let token = cli.api_token.as_deref().filter(|t| !t.is_empty());
-    let client = Client::connect(&cli.addr, token).await?;
+    let config = config::CliConfig::load(&config::CliConfig::path()?)?;
+    let addr = cli
+        .addr
+        .or(config.address)
+        .unwrap_or_else(|| DEFAULT_ADDR.to_string());
+    let token = cli.api_token.or(config.token);
+    let client = Client::connect(&addr, token.as_deref().filter(|t| !t.is_empty())).await?;
     match command {
         Command::Deploy(_) => {
             let spec = specs.and_then(|mut s| s.pop()).expect("parsed above");
@@ -241,7 +254,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tail,
             replica,
         } => commands::logs::stream(&client, name, replica, follow, tail, format).await,
-        Command::ControlPlane(_) | Command::NodeAgent(_) | Command::Gateway(_) => {
+        Command::ControlPlane(_) | Command::NodeAgent(_) | Command::Gateway(_) | Command::Up(_) => {
             unreachable!("handled above")
         }
     }

@@ -92,6 +92,16 @@ enum Pull {
     Failed(String),
 }
 
+/// Whether the Docker engine at `url` answers; its version if it does.
+pub async fn engine_version(url: &str) -> Result<String, DockerError> {
+    let docker = match url.strip_prefix("unix://") {
+        Some(path) => Docker::connect_with_unix(path, 5, bollard::API_DEFAULT_VERSION)?,
+        None => Docker::connect_with_http(url, 5, bollard::API_DEFAULT_VERSION)?,
+    };
+    let version = docker.version().await?;
+    Ok(version.version.unwrap_or_default())
+}
+
 impl Runtime {
     /// Connects to `url` (`unix:///var/run/docker.sock`) for `node`, with containers on `network`.
     /// Host paths of volumes must lie under `volume_root`.

@@ -322,7 +322,9 @@ impl ControlPlane {
         command
             .args(args)
             .env("BERTH_ADDR", self.url())
-            .env("BERTH_TOKEN", ADMIN_TOKEN);
+            .env("BERTH_TOKEN", ADMIN_TOKEN)
+            // Not the user's own CLI config (which `berth up` writes).
+            .env("BERTH_CLI_CONFIG", self.dir.path().join("cli-config.yaml"));
         command
     }
 

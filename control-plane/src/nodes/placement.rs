@@ -14,6 +14,9 @@ use prost::Message;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
+/// The longest one placement pass may take before it is abandoned and run again.
+pub const PASS_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Time between reconciles when nothing changes.
 pub const REQUEUE: Duration = Duration::from_secs(5);
 
@@ -486,10 +489,17 @@ pub async fn run(store: Store) {
     let mut cordons = watch(store.keys().cordons());
     let mut liveness: HashMap<String, i32> = HashMap::new();
     let mut dirty = true;
+    // A pass every REQUEUE whatever else happens (heartbeats wake the loop without making it
+    // dirty, so a timer restarted on each wake would never fire).
+    let mut resync = tokio::time::interval(REQUEUE);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if dirty {
-            if let Err(e) = reconcile(&store).await {
-                tracing::warn!(error = %e, "placement failed; retrying");
+            // Bounded: a pass stuck on etcd must not stop placement for good.
+            match tokio::time::timeout(PASS_TIMEOUT, reconcile(&store)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "placement failed; retrying"),
+                Err(_) => tracing::warn!("placement pass took over {PASS_TIMEOUT:?}; retrying"),
             }
         }
         dirty = tokio::select! {
@@ -517,7 +527,7 @@ pub async fn run(store: Store) {
                 }
                 node_changed(&mut liveness, change)
             }
-            _ = tokio::time::sleep(REQUEUE) => true,
+            _ = resync.tick() => true,
         };
         // One pass covers every change already queued (a burst of reports after a big
         // placement, say), rather than one pass per change.
@@ -625,6 +635,13 @@ async fn reconcile(store: &Store) -> Result<(), StoreError> {
         super::status::forget_replica(store, agent, &p.assignment.replica).await?;
     }
     store.put_placements(&puts).await?;
+    tracing::debug!(
+        agents = agents.len(),
+        placements = placements.len(),
+        puts = puts.len(),
+        deletes = deletes.len(),
+        "placement pass"
+    );
     if !puts.is_empty() || !deletes.is_empty() {
         tracing::info!(
             puts = puts.len(),

@@ -55,6 +55,76 @@ pub enum StoreError {
     },
 }
 
+/// Times a write that backs a promise to a client (a 202) is sent again after a transient
+/// etcd failure, e.g. landing on a member that just stopped, before giving up.
+pub const TRANSIENT_RETRIES: usize = 4;
+/// The wait before the first resend; each next one waits this much longer.
+pub const TRANSIENT_BACKOFF: Duration = Duration::from_millis(250);
+
+/// Whether an etcd error may pass on a resend: the member could not be reached or is not
+/// serving now (another member may be). Not errors that etcd decided (a failed compare, a
+/// lease not found, a request too large).
+pub fn transient(error: &etcd_client::Error) -> bool {
+    match error {
+        etcd_client::Error::GRpcStatus(status) => matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+        ),
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        _ => false,
+    }
+}
+
+/// Time between checks of each etcd endpoint when there are several.
+const ENDPOINT_CHECK: Duration = Duration::from_secs(1);
+
+/// Keeps the client's balanced channel to the etcd members that answer. The channel picks an
+/// endpoint per request and does not skip one that is down (a stopped member, or one whose
+/// name no longer resolves): its requests would fail although a quorum is up. So each member
+/// is checked every second on its own connection; one that fails leaves the channel and one
+/// that answers again rejoins (the last one never leaves).
+async fn track_endpoints(client: Client, endpoints: Vec<String>) {
+    let options = ConnectOptions::new()
+        .with_timeout(ENDPOINT_CHECK)
+        .with_connect_timeout(ENDPOINT_CHECK);
+    let mut probes = Vec::new();
+    for endpoint in &endpoints {
+        match Client::connect([endpoint], Some(options.clone())).await {
+            Ok(probe) => probes.push((endpoint.clone(), probe, true)),
+            Err(e) => tracing::warn!(%endpoint, error = %e, "cannot check etcd endpoint"),
+        }
+    }
+    let mut tick = tokio::time::interval(ENDPOINT_CHECK);
+    loop {
+        tick.tick().await;
+        // All at once, each bounded: a member whose name no longer resolves can hold a
+        // lookup for seconds.
+        let answers = futures::future::join_all(probes.iter_mut().map(|(_, probe, _)| async {
+            matches!(
+                tokio::time::timeout(ENDPOINT_CHECK, probe.status()).await,
+                Ok(Ok(_))
+            )
+        }))
+        .await;
+        let mut joined = probes.iter().filter(|(_, _, joined)| *joined).count();
+        for ((endpoint, _, member), up) in probes.iter_mut().zip(answers) {
+            if up && !*member && client.add_endpoint(endpoint.as_str()).await.is_ok() {
+                tracing::info!(%endpoint, "etcd endpoint answers again: back in use");
+                *member = true;
+                joined += 1;
+            } else if !up
+                && *member
+                && joined > 1
+                && client.remove_endpoint(endpoint.as_str()).await.is_ok()
+            {
+                tracing::warn!(%endpoint, "etcd endpoint does not answer: out of use");
+                *member = false;
+                joined -= 1;
+            }
+        }
+    }
+}
+
 /// Handle on the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -80,6 +150,9 @@ impl Store {
                 endpoints: joined.to_string(),
                 source,
             })?;
+        if endpoints.len() > 1 {
+            tokio::spawn(track_endpoints(client.clone(), endpoints.to_vec()));
+        }
         Ok(Self {
             client,
             keys: Keys::new(prefix),

@@ -3,7 +3,7 @@
 //! short lease) before delivering it, so that two gateways never deliver it at once and a
 //! crashed gateway's claim expires.
 
-use super::{decode, Store, StoreError};
+use super::{decode, transient, Store, StoreError, TRANSIENT_BACKOFF, TRANSIENT_RETRIES};
 use berth_proto::v1::{Request, RequestState};
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp};
 use prost::Message;
@@ -78,10 +78,16 @@ impl Store {
         request: &mut Request,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        for attempt in 0..3 {
-            let lease = self.request_lease(ttl, attempt > 0).await?;
-            request.seq = new_seq();
-            request.expire_time = Some(berth_proto::timestamp(SystemTime::now() + ttl));
+        // After a transient failure the same write is sent again (same key): if the first
+        // one was committed after all, its index is there and the request is stored.
+        let mut uncertain = false;
+        let mut transient_failures = 0;
+        for attempt in 0..3 + TRANSIENT_RETRIES {
+            let lease = self.request_lease(ttl, attempt > 0 && !uncertain).await?;
+            if !uncertain {
+                request.seq = new_seq();
+                request.expire_time = Some(berth_proto::timestamp(SystemTime::now() + ttl));
+            }
             let key = self.keys.request(&request.agent, request.seq);
             let index = self.keys.request_id(&request.id);
             let txn = Txn::new()
@@ -100,12 +106,30 @@ impl Store {
                         key.as_str(),
                         Some(PutOptions::new().with_lease(lease)),
                     ),
-                ]);
+                ])
+                .or_else([TxnOp::get(index.as_str(), None)]);
             match self.client().txn(txn).await {
                 Ok(resp) if resp.succeeded() => return Ok(()),
-                // A sequence number taken in the same microsecond: draw again.
-                Ok(_) => continue,
-                Err(e) if e.to_string().contains("lease not found") => continue,
+                Ok(resp) => {
+                    let stored_at = resp.op_responses().into_iter().find_map(|op| match op {
+                        etcd_client::TxnOpResponse::Get(get) => {
+                            get.kvs().first().map(|kv| kv.value().to_vec())
+                        }
+                        _ => None,
+                    });
+                    if uncertain && stored_at.as_deref() == Some(key.as_bytes()) {
+                        return Ok(());
+                    }
+                    // A sequence number taken in the same microsecond: draw again.
+                    uncertain = false;
+                }
+                Err(e) if e.to_string().contains("lease not found") => uncertain = false,
+                Err(e) if transient(&e) && transient_failures < TRANSIENT_RETRIES => {
+                    transient_failures += 1;
+                    uncertain = true;
+                    tracing::debug!(error = %e, "etcd write failed; sending it again");
+                    tokio::time::sleep(TRANSIENT_BACKOFF * transient_failures as u32).await;
+                }
                 Err(e) => return Err(self.unavailable(e)),
             }
         }
@@ -126,8 +150,11 @@ impl Store {
         ttl: Duration,
     ) -> Result<Option<(String, String)>, StoreError> {
         let key = self.keys.idempotency(agent, key_sha256);
-        for attempt in 0..2 {
-            let lease = self.request_lease(ttl, attempt > 0).await?;
+        let mut transient_failures = 0;
+        for attempt in 0..2 + TRANSIENT_RETRIES {
+            let lease = self
+                .request_lease(ttl, attempt > 0 && transient_failures == 0)
+                .await?;
             let txn = Txn::new()
                 .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(
@@ -139,6 +166,11 @@ impl Store {
             let resp = match self.client().txn(txn).await {
                 Ok(resp) => resp,
                 Err(e) if e.to_string().contains("lease not found") => continue,
+                Err(e) if transient(&e) && transient_failures < TRANSIENT_RETRIES => {
+                    transient_failures += 1;
+                    tokio::time::sleep(TRANSIENT_BACKOFF * transient_failures as u32).await;
+                    continue;
+                }
                 Err(e) => return Err(self.unavailable(e)),
             };
             if resp.succeeded() {
@@ -153,8 +185,12 @@ impl Store {
             });
             // Gone between the compare and the get: try to take it again.
             let Some(held) = held else { continue };
-            let (id, payload) = held.split_once('\n').unwrap_or((held.as_str(), ""));
-            return Ok(Some((id.to_string(), payload.to_string())));
+            let (holder, payload) = held.split_once('\n').unwrap_or((held.as_str(), ""));
+            // Taken by this very request: an earlier attempt was committed after all.
+            if holder == id {
+                return Ok(None);
+            }
+            return Ok(Some((holder.to_string(), payload.to_string())));
         }
         Err(StoreError::Conflict {
             kind: "idempotency key",

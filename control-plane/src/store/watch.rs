@@ -57,6 +57,13 @@ pub fn watch_prefix(
                 match message {
                     Ok(Some(resp)) => {
                         backoff = new_backoff();
+                        // A watch from "now" learns its start from the first response, so
+                        // that a resume after a break also gets what changed in between.
+                        if next == 0 {
+                            if let Some(header) = resp.header() {
+                                next = header.revision() + 1;
+                            }
+                        }
                         if resp.compact_revision() > 0 {
                             let _ = tx.send(WatchMessage::Compacted).await;
                             return;

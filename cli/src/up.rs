@@ -1,0 +1,465 @@
+//! `berth up`: Berth on this host, all in one. Starts etcd (unless `--etcd` names one), a
+//! control plane, a gateway and a node agent as child processes of this binary, writes the
+//! CLI's config so that plain `berth ls` works, prints the addresses, and on Ctrl-C or SIGTERM
+//! stops everything it started. Agents' containers keep running (as when a node agent
+//! restarts) and are adopted by the next `berth up`.
+
+use crate::client::Client;
+use crate::config::CliConfig;
+use anyhow::{bail, Context};
+use berth_proto::v1::{GetNodeRequest, NodeStatus};
+use clap::Args;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long each part may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time between readiness checks.
+const POLL: Duration = Duration::from_millis(200);
+/// How long a part may take to stop after SIGTERM before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Flags of `berth up`.
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Where Berth keeps its data on this host: etcd's data, tokens, host volumes, logs
+    /// (default: $XDG_DATA_HOME/berth, or ~/.local/share/berth).
+    #[arg(long, env = "BERTH_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// An etcd to use (comma-separated URLs) instead of starting one.
+    #[arg(long)]
+    etcd: Option<String>,
+    /// Client address of the etcd that `berth up` starts (its peer port is the next one).
+    #[arg(long, default_value = "127.0.0.1:23790")]
+    etcd_listen: SocketAddr,
+    /// The control plane's gRPC address.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// The control plane's admin address (/metrics, /readyz).
+    #[arg(long, default_value = "127.0.0.1:7071")]
+    admin_listen: SocketAddr,
+    /// The gateway's address: agents are at /agents/{name}/...
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    gateway_listen: SocketAddr,
+    /// The gateway's admin address (/metrics, /readyz).
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    gateway_admin_listen: SocketAddr,
+    /// This node's name (default: the host name, as a DNS label).
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Docker endpoint.
+    #[arg(long, default_value = "unix:///var/run/docker.sock")]
+    docker: String,
+    /// Docker network the agents' containers join.
+    #[arg(long, default_value = "berth")]
+    network: String,
+}
+
+/// The data directory: the flag, or the user's data directory.
+fn data_dir(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = flag {
+        return Ok(dir);
+    }
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(xdg).join("berth"));
+    }
+    let home = std::env::var_os("HOME").context("HOME is not set: pass --data-dir")?;
+    Ok(PathBuf::from(home).join(".local/share/berth"))
+}
+
+/// The host name as a DNS label, or `local`.
+fn default_node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let label: String = host
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(63)
+        .collect();
+    let label = label.trim_matches('-').to_string();
+    if label.is_empty() {
+        "local".into()
+    } else {
+        label
+    }
+}
+
+/// A file holding one token, made (readable by the owner only) with a random token if
+/// missing; the token.
+fn token_file(path: &Path) -> anyhow::Result<String> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        if let Some(token) = text
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            return Ok(token.to_string());
+        }
+    }
+    let token = format!(
+        "{:032x}{:032x}",
+        rand::random::<u128>(),
+        rand::random::<u128>()
+    );
+    write_private(path, &format!("{token}\n"))?;
+    Ok(token)
+}
+
+/// Writes `text` to `path`, readable and writable by the owner only.
+pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("write {}", path.display()))?;
+    file.write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// A started part: its name, its process, its log.
+struct Part {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Part {
+    fn spawn(name: &'static str, mut command: Command, logs: &Path) -> anyhow::Result<Self> {
+        let log = logs.join(format!("{name}.log"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("start {name}"))?;
+        Ok(Self { name, child, log })
+    }
+
+    /// The last lines of its log.
+    fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+
+    /// An error if it has exited.
+    fn check(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "{} exited ({status}); the end of {}:\n{}",
+                self.name,
+                self.log.display(),
+                self.tail()
+            );
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then SIGKILL after `STOP_TIMEOUT`.
+    fn stop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if self.child.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Everything started, stopped in reverse order when dropped.
+#[derive(Default)]
+struct Parts(Vec<Part>);
+
+impl Drop for Parts {
+    fn drop(&mut self) {
+        for part in self.0.iter_mut().rev() {
+            eprintln!("stopping {}", part.name);
+            part.stop();
+        }
+    }
+}
+
+impl Parts {
+    /// Polls `ready` until it holds, failing at once if `part` exits.
+    async fn wait_ready<F, Fut>(&mut self, what: &str, mut ready: F) -> anyhow::Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if ready().await {
+                return Ok(());
+            }
+            for part in &mut self.0 {
+                part.check()?;
+            }
+            if Instant::now() > deadline {
+                let last = self.0.last().map(Part::tail).unwrap_or_default();
+                bail!("{what} was not ready after {READY_TIMEOUT:?}; the end of its log:\n{last}");
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+/// Whether `GET path` on `addr` answers 200.
+async fn http_ok(addr: SocketAddr, path: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).await.is_ok() && head.ends_with(b"200")
+}
+
+async fn etcd_answers(url: &str) -> bool {
+    let options = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(1))
+        .with_timeout(Duration::from_secs(2));
+    match etcd_client::Client::connect([url], Some(options)).await {
+        Ok(mut client) => client.status().await.is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Whether `program` is on PATH.
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+}
+
+/// Runs `berth up` until Ctrl-C or SIGTERM.
+pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let data = data_dir(args.data_dir)?;
+    let logs = data.join("logs");
+    for dir in [
+        &data,
+        &logs,
+        &data.join("volumes"),
+        &data.join("node-agent"),
+    ] {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    // Refuse early, saying what to do, when Docker or etcd is missing.
+    let docker_version = berth_node_agent::docker::engine_version(&args.docker)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "Docker is not reachable at {}: {e}. Install Docker Engine \
+                 (https://docs.docker.com/engine/install/) or start it (sudo systemctl start \
+                 docker), and make sure this user may use it (the docker group), or pass \
+                 --docker.",
+                args.docker
+            )
+        })?;
+    if args.etcd.is_none() && !on_path("etcd") {
+        bail!(
+            "etcd is not on PATH. Install it (Debian/Ubuntu: sudo apt-get install etcd-server; \
+             then `sudo systemctl disable --now etcd` if you do not want Debian's own etcd \
+             service), or pass --etcd URL of a running etcd."
+        );
+    }
+    let exe = std::env::current_exe().context("find the berth binary")?;
+    let admin_token = token_file(&data.join("tokens"))?;
+    token_file(&data.join("join"))?;
+    let mut parts = Parts::default();
+
+    let etcd_url = match &args.etcd {
+        Some(url) => url.clone(),
+        None => {
+            let url = format!("http://{}", args.etcd_listen);
+            let mut peer = args.etcd_listen;
+            peer.set_port(peer.port() + 10);
+            let peer = format!("http://{peer}");
+            let mut command = Command::new("etcd");
+            command
+                .arg("--name=berth-up")
+                .arg(format!("--data-dir={}", data.join("etcd").display()))
+                .arg(format!("--listen-client-urls={url}"))
+                .arg(format!("--advertise-client-urls={url}"))
+                .arg(format!("--listen-peer-urls={peer}"))
+                .arg(format!("--initial-advertise-peer-urls={peer}"))
+                .arg(format!("--initial-cluster=berth-up={peer}"));
+            parts.0.push(Part::spawn("etcd", command, &logs)?);
+            let probe = url.clone();
+            parts.wait_ready("etcd", || etcd_answers(&probe)).await?;
+            url
+        }
+    };
+    let first_etcd = etcd_url.split(',').next().unwrap_or_default().to_string();
+    if args.etcd.is_some() && !etcd_answers(&first_etcd).await {
+        bail!("the etcd at {etcd_url} does not answer: start it, or leave out --etcd");
+    }
+
+    let mut command = Command::new(&exe);
+    command
+        .arg("control-plane")
+        .args(["--etcd", &etcd_url])
+        .args(["--listen", &args.listen.to_string()])
+        .args(["--admin-listen", &args.admin_listen.to_string()])
+        .arg("--token-file")
+        .arg(data.join("tokens"))
+        .arg("--join-token-file")
+        .arg(data.join("join"))
+        .arg("--volume-root")
+        .arg(data.join("volumes"));
+    parts.0.push(Part::spawn("control-plane", command, &logs)?);
+    parts
+        .wait_ready("the control plane", || {
+            http_ok(args.admin_listen, "/readyz")
+        })
+        .await?;
+
+    let mut command = Command::new(&exe);
+    command
+        .arg("gateway")
+        .args(["--etcd", &etcd_url])
+        .args(["--listen", &args.gateway_listen.to_string()])
+        .args(["--admin-listen", &args.gateway_admin_listen.to_string()])
+        .arg("--token-file")
+        .arg(data.join("tokens"));
+    parts.0.push(Part::spawn("gateway", command, &logs)?);
+    parts
+        .wait_ready("the gateway", || {
+            http_ok(args.gateway_admin_listen, "/readyz")
+        })
+        .await?;
+
+    let node = args.node_name.unwrap_or_else(default_node_name);
+    let address = format!("http://{}", args.listen);
+    let mut command = Command::new(&exe);
+    command
+        .arg("node-agent")
+        .args(["--control-plane", &address])
+        .args(["--name", &node])
+        .arg("--join-token-file")
+        .arg(data.join("join"))
+        .args(["--docker", &args.docker])
+        .arg("--volume-root")
+        .arg(data.join("volumes"))
+        .arg("--state-dir")
+        .arg(data.join("node-agent"))
+        .args(["--network", &args.network]);
+    parts.0.push(Part::spawn("node-agent", command, &logs)?);
+    let client = Client::connect(&address, Some(&admin_token)).await?;
+    parts
+        .wait_ready("the node agent", || {
+            let mut nodes = client.nodes();
+            let name = node.clone();
+            async move {
+                nodes
+                    .get_node(GetNodeRequest { name })
+                    .await
+                    .is_ok_and(|n| n.into_inner().status == NodeStatus::Ready as i32)
+            }
+        })
+        .await?;
+
+    let config_path = CliConfig::path()?;
+    CliConfig {
+        address: Some(address.clone()),
+        token: Some(admin_token),
+    }
+    .save(&config_path)?;
+
+    println!("Berth is up.");
+    println!(
+        "  control plane  {address} (admin http://{})",
+        args.admin_listen
+    );
+    println!(
+        "  gateway        http://{}/agents/NAME/... (admin http://{})",
+        args.gateway_listen, args.gateway_admin_listen
+    );
+    println!(
+        "  node           {node} (Docker {docker_version} at {})",
+        args.docker
+    );
+    println!("  etcd           {etcd_url}");
+    println!("  data and logs  {} ({})", data.display(), logs.display());
+    println!(
+        "  CLI config     {} (address and admin token: plain `berth ls` works)",
+        config_path.display()
+    );
+    println!("Try:");
+    println!(
+        "  berth deploy -n echo -i berth/echo-agent:local --health-endpoint /health --health-interval 1s"
+    );
+    println!(
+        "  curl -X POST http://{}/agents/echo/echo -d hello",
+        args.gateway_listen
+    );
+    println!("Ctrl-C stops Berth (the agents' containers keep running and are adopted next time).");
+
+    // Run until a signal, or until a part dies (then stop the rest and say why).
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = terminate.recv() => break,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                for part in &mut parts.0 {
+                    part.check()?;
+                }
+            }
+        }
+    }
+    eprintln!("stopping Berth");
+    drop(parts);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_data_dir_follows_the_flag_then_xdg_then_home() {
+        assert_eq!(data_dir(Some("/x".into())).unwrap(), PathBuf::from("/x"));
+        let node = default_node_name();
+        assert!(!node.is_empty() && node.len() <= 63);
+        assert!(node
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
+    }
+
+    #[test]
+    fn a_token_file_is_made_once_and_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens");
+        let first = token_file(&path).unwrap();
+        assert_eq!(first.len(), 64);
+        assert_eq!(token_file(&path).unwrap(), first, "kept across runs");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
