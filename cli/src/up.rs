@@ -31,9 +31,12 @@ pub struct UpArgs {
     /// An etcd to use (comma-separated URLs) instead of starting one.
     #[arg(long)]
     etcd: Option<String>,
-    /// Client address of the etcd that `berth up` starts (its peer port is the next one).
+    /// Client address of the etcd that `berth up` starts.
     #[arg(long, default_value = "127.0.0.1:23790")]
     etcd_listen: SocketAddr,
+    /// Peer address of the etcd that `berth up` starts (default: the client port + 10).
+    #[arg(long)]
+    etcd_peer_listen: Option<SocketAddr>,
     /// The control plane's gRPC address.
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
@@ -296,8 +299,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         Some(url) => url.clone(),
         None => {
             let url = format!("http://{}", args.etcd_listen);
-            let mut peer = args.etcd_listen;
-            peer.set_port(peer.port() + 10);
+            let peer = args.etcd_peer_listen.unwrap_or_else(|| {
+                let mut peer = args.etcd_listen;
+                peer.set_port(peer.port().saturating_add(10));
+                peer
+            });
             let peer = format!("http://{peer}");
             let mut command = Command::new("etcd");
             command

@@ -1,0 +1,213 @@
+//! `berth up` as a newcomer runs it: everything on this host from one command, the plain CLI
+//! working from the config it writes, an agent reached through its gateway, and Ctrl-C
+//! (SIGTERM here) stopping all of it; and the messages when etcd or Docker is missing.
+
+use berth_tests::docker::ECHO_IMAGE;
+use berth_tests::wire::send;
+use berth_tests::{berth_bin, eventually, free_port, unique_name};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A running `berth up`: on drop, SIGTERM and a wait (so that it stops what it started), then
+/// whatever is left (its processes by data directory, its node's containers, its network).
+struct Up {
+    child: Child,
+    data: tempfile::TempDir,
+    node: String,
+    network: String,
+}
+
+impl Up {
+    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..300 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if self.terminate().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        let data = self.data.path().display().to_string();
+        let _ = Command::new("pkill").args(["-KILL", "-f", &data]).status();
+        let label = format!("label=berth.node={}", self.node);
+        if let Ok(out) = Command::new("docker")
+            .args(["ps", "-aq", "--filter", &label])
+            .output()
+        {
+            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect();
+            if !ids.is_empty() {
+                let _ = Command::new("docker")
+                    .args(["rm", "-f"])
+                    .args(&ids)
+                    .output();
+            }
+        }
+        let _ = Command::new("docker")
+            .args(["network", "rm", &self.network])
+            .output();
+    }
+}
+
+#[tokio::test]
+async fn berth_up_runs_everything_and_the_plain_cli_works() {
+    let data = tempfile::Builder::new()
+        .prefix("berth-up-")
+        .tempdir()
+        .unwrap();
+    let config = data.path().join("cli.yaml");
+    let (cp, gateway, gateway_admin) = (free_port(), free_port(), free_port());
+    let node = unique_name("up");
+    let network = unique_name("berth-up");
+    let log = data.path().join("up.out");
+    let child = Command::new(berth_bin())
+        .arg("up")
+        .arg("--data-dir")
+        .arg(data.path().join("data"))
+        .args(["--etcd-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--etcd-peer-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--listen", &format!("127.0.0.1:{cp}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--gateway-listen", &format!("127.0.0.1:{gateway}")])
+        .args([
+            "--gateway-admin-listen",
+            &format!("127.0.0.1:{gateway_admin}"),
+        ])
+        .args(["--node-name", &node, "--network", &network])
+        .env("BERTH_CLI_CONFIG", &config)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut up = Up {
+        child,
+        data,
+        node,
+        network,
+    };
+    let printed = eventually(Duration::from_secs(90), "berth up to be up", || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        async move { text.contains("Berth is up").then_some(text) }
+    })
+    .await
+    .unwrap();
+    assert!(
+        printed.contains(&format!("http://127.0.0.1:{cp}")),
+        "{printed}"
+    );
+    assert!(config.exists(), "the CLI's config is written");
+
+    // The plain CLI: no address, no token, only the config `berth up` wrote.
+    let cli = |args: &[&str]| {
+        Command::new(berth_bin())
+            .args(args)
+            .env_remove("BERTH_ADDR")
+            .env_remove("BERTH_TOKEN")
+            .env("BERTH_CLI_CONFIG", &config)
+            .output()
+            .unwrap()
+    };
+    let out = cli(&[
+        "deploy",
+        "-n",
+        "echo",
+        "-i",
+        ECHO_IMAGE,
+        "--health-endpoint",
+        "/health",
+        "--health-interval",
+        "1s",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    eventually(Duration::from_secs(60), "the agent ready", || {
+        let out = cli(&["get", "echo", "-o", "json"]);
+        async move {
+            let agent: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            (agent["status"]["readyReplicas"] == 1).then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    let addr = format!("127.0.0.1:{gateway}");
+    let answer = eventually(
+        Duration::from_secs(20),
+        "an answer through the gateway",
+        || {
+            let addr = addr.clone();
+            async move {
+                let r = send(&addr, "POST /agents/echo/echo HTTP/1.1", b"hello").await;
+                (r.status == 200).then_some(r)
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(answer.json()["body"], "hello");
+
+    // Ctrl-C (SIGTERM): it stops everything it started, and exits cleanly.
+    let status = up.terminate().expect("berth up exits after SIGTERM");
+    assert!(status.success(), "{status:?}");
+    let data = up.data.path().display().to_string();
+    let left = Command::new("pgrep").args(["-f", &data]).output().unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "processes left: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "the gateway is gone"
+    );
+}
+
+#[tokio::test]
+async fn berth_up_says_how_to_get_etcd_or_docker_when_missing() {
+    let data = tempfile::tempdir().unwrap();
+    let up = |extra: &[&str], path: &str| {
+        Command::new(berth_bin())
+            .arg("up")
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(extra)
+            .env("PATH", path)
+            .env("BERTH_CLI_CONFIG", data.path().join("cli.yaml"))
+            .output()
+            .unwrap()
+    };
+    let empty = tempfile::tempdir().unwrap();
+    let out = up(&[], &empty.path().display().to_string());
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("etcd is not on PATH") && said.contains("apt-get install etcd-server"),
+        "{said}"
+    );
+    let out = up(
+        &["--docker", "unix:///nonexistent/docker.sock"],
+        &std::env::var("PATH").unwrap(),
+    );
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("Docker is not reachable") && said.contains("systemctl start docker"),
+        "{said}"
+    );
+    assert!(
+        !data.path().join("cli.yaml").exists(),
+        "nothing written on failure"
+    );
+}
