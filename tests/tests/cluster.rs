@@ -167,6 +167,8 @@ impl Drop for Cluster {
             eprintln!("kept for inspection: compose project {}", self.project);
             return;
         }
+        // The node agents first, so that none starts a container after the sweep below.
+        let _ = self.compose(&["stop", "-t", "2"]);
         let label = format!("label=berth.cluster={}", self.project);
         let out = Command::new("docker")
             .args(["ps", "-aq", "--filter", &label])
