@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "berth/v1/node.proto",
     "berth/v1/request.proto",
     "berth/v1/node_agent.proto",
+    "berth/v1/token.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -111,6 +111,18 @@ impl Client {
         )
     }
 
+    /// The token service.
+    pub fn tokens(
+        &self,
+    ) -> berth_proto::v1::token_service_client::TokenServiceClient<
+        InterceptedService<Channel, BearerToken>,
+    > {
+        berth_proto::v1::token_service_client::TokenServiceClient::with_interceptor(
+            self.channel.clone(),
+            self.token.clone(),
+        )
+    }
+
     /// Turns a gRPC error into a message for the user.
     pub fn explain(&self, status: Status) -> anyhow::Error {
         let message = status.message();
@@ -119,6 +131,10 @@ impl Client {
             Code::Unauthenticated => anyhow!(
                 "the control plane at {addr} refused the credentials: {message}.\n\
                  Set BERTH_TOKEN or --api-token to an admin token from the control plane's token file."
+            ),
+            Code::PermissionDenied => anyhow!(
+                "the control plane at {addr} refused the call: {message}. Use a token whose \
+                 scope allows it (`berth token create --scope admin`)."
             ),
             Code::Unavailable => anyhow!("the control plane at {addr} is unavailable: {message}"),
             Code::NotFound => anyhow!("{message} (berth ls lists the agents)"),

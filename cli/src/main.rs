@@ -148,6 +148,11 @@ enum Command {
         #[arg(required = true)]
         names: Vec<String>,
     },
+    /// API tokens with scopes: `berth token create --scope admin|read-only|node`, `ls`, `revoke ID`.
+    Token {
+        #[command(subcommand)]
+        action: commands::tokens::TokenAction,
+    },
     /// The replay queue: `berth requests [NAME] [--state S]`, or `show|retry|drop ID`.
     #[command(args_conflicts_with_subcommands = true)]
     Requests {
@@ -238,6 +243,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Nodes => commands::nodes::list(&client, format).await,
         Command::Cordon { names } => commands::nodes::cordon(&client, names, true).await,
         Command::Uncordon { names } => commands::nodes::cordon(&client, names, false).await,
+        Command::Token { action } => commands::tokens::run(&client, action, format).await,
         Command::Drain { names, timeout } => commands::nodes::drain(&client, names, timeout).await,
         Command::Requests {
             action: Some(action),

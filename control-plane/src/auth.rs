@@ -1,10 +1,16 @@
-//! Bearer-token authentication for every gRPC call, as one tower layer in front of all routes.
-//! Tokens are kept as SHA-256 hashes and compared in constant time.
+//! Bearer-token authentication and scopes for every gRPC call, as one tower layer in front of
+//! all routes. Tokens are kept as SHA-256 hashes and compared in constant time. The token
+//! file's tokens are admin tokens and the join-token file's admit node agents under any name;
+//! tokens made through `TokenService` carry a scope (admin, read-only, or node bound to one
+//! node name) and live in etcd, mirrored here by a watch so that a revoked token is refused
+//! within a second. The caller's [`Principal`] goes into the request's extensions.
 
+use berth_proto::v1::{StoredToken, TokenScope};
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use subtle::ConstantTimeEq;
 use tonic::Status;
@@ -79,21 +85,119 @@ fn hash(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-/// Which token a gRPC path needs.
+/// Who a call comes from, once its token is checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    /// Everything.
+    Admin,
+    /// Reads only.
+    ReadOnly,
+    /// The node-agent stream only; as the named node when the token is bound to one (a join
+    /// token from the file is not).
+    Node(Option<String>),
+}
+
+impl Principal {
+    fn scope_name(&self) -> &'static str {
+        match self {
+            Principal::Admin => "admin",
+            Principal::ReadOnly => "read-only",
+            Principal::Node(_) => "node",
+        }
+    }
+}
+
+/// The calls a read-only token may make.
+const READ_ONLY_METHODS: &[&str] = &[
+    "/berth.v1.AgentService/GetAgent",
+    "/berth.v1.AgentService/ListAgents",
+    "/berth.v1.AgentService/WatchEvents",
+    "/berth.v1.AgentService/StreamLogs",
+    "/berth.v1.NodeService/ListNodes",
+    "/berth.v1.NodeService/GetNode",
+    "/berth.v1.RequestService/ListRequests",
+    "/berth.v1.RequestService/GetRequest",
+];
+
+/// A token made through `TokenService`, as the auth layer keeps it.
+#[derive(Clone)]
+struct Issued {
+    sha256: [u8; 32],
+    principal: Principal,
+}
+
+/// The tokens made through `TokenService`, by id; kept current from etcd.
+#[derive(Clone, Default)]
+pub struct IssuedTokens(Arc<RwLock<HashMap<String, Issued>>>);
+
+impl IssuedTokens {
+    /// Adds or replaces a stored token.
+    pub fn put(&self, stored: &StoredToken) {
+        let Some(token) = &stored.token else { return };
+        let Ok(sha256) = <[u8; 32]>::try_from(stored.sha256.as_slice()) else {
+            return;
+        };
+        let principal = match TokenScope::try_from(token.scope) {
+            Ok(TokenScope::Admin) => Principal::Admin,
+            Ok(TokenScope::ReadOnly) => Principal::ReadOnly,
+            Ok(TokenScope::Node) => Principal::Node(Some(token.node.clone())),
+            _ => return,
+        };
+        self.0
+            .write()
+            .expect("token map lock")
+            .insert(token.id.clone(), Issued { sha256, principal });
+    }
+
+    /// Forgets a token (revoked).
+    pub fn remove(&self, id: &str) {
+        self.0.write().expect("token map lock").remove(id);
+    }
+
+    /// Replaces every token (after a re-list).
+    pub fn replace(&self, stored: &[StoredToken]) {
+        self.0.write().expect("token map lock").clear();
+        for token in stored {
+            self.put(token);
+        }
+    }
+
+    /// The principal of `token` (`{id}.{secret}`), compared in constant time.
+    fn principal(&self, token: &str) -> Option<Principal> {
+        let (id, _) = token.split_once('.')?;
+        let issued = self.0.read().expect("token map lock").get(id).cloned()?;
+        bool::from(issued.sha256.ct_eq(&hash(token))).then_some(issued.principal)
+    }
+}
+
+/// The SHA-256 of a whole token, as stored.
+pub fn token_hash(token: &str) -> [u8; 32] {
+    hash(token)
+}
+
+/// Every token the control plane accepts.
 #[derive(Clone, Default)]
 pub struct Tokens {
-    /// Admin tokens: every API call.
+    /// Admin tokens from the token file: every API call.
     pub admin: TokenSet,
-    /// Join tokens: only `NodeAgentService`.
+    /// Join tokens from the join-token file: only `NodeAgentService`, under any node name.
     pub join: TokenSet,
+    /// Tokens made through `TokenService`.
+    pub issued: IssuedTokens,
 }
 
 impl Tokens {
-    /// Checks the `authorization` header for the gRPC method at `path`.
-    fn authorize(&self, path: &str, headers: &http::HeaderMap) -> Result<(), Status> {
+    /// Checks the `authorization` header for the gRPC method at `path`: who is calling, or
+    /// UNAUTHENTICATED (no or unknown token) or PERMISSION_DENIED (a scope that does not
+    /// allow the call). Health checks need no token (`None`).
+    fn authorize(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+    ) -> Result<Option<Principal>, Status> {
         // Health checks are open so that load balancers and orchestrators can probe.
         if path.starts_with("/grpc.health.v1.Health/") {
-            return Ok(());
+            return Ok(None);
         }
         let token = headers
             .get(http::header::AUTHORIZATION)
@@ -105,16 +209,35 @@ impl Tokens {
                 "missing credentials: send `authorization: Bearer <token>` (berth: set BERTH_TOKEN or --token)",
             ));
         };
-        let allowed = if path.starts_with("/berth.v1.NodeAgentService/") {
-            &self.join
+        let principal = if self.admin.contains(token) {
+            Principal::Admin
+        } else if self.join.contains(token) {
+            Principal::Node(None)
+        } else if let Some(principal) = self.issued.principal(token) {
+            principal
         } else {
-            &self.admin
+            return Err(Status::unauthenticated("invalid token"));
         };
-        if allowed.contains(token) {
-            Ok(())
-        } else {
-            Err(Status::unauthenticated("invalid token"))
+        let node_stream = path.starts_with("/berth.v1.NodeAgentService/");
+        let allowed = match &principal {
+            Principal::Node(_) => node_stream,
+            Principal::Admin => !node_stream,
+            Principal::ReadOnly => {
+                READ_ONLY_METHODS.contains(&path) || path.starts_with("/grpc.reflection.")
+            }
+        };
+        if !allowed {
+            let what = if node_stream {
+                "the node-agent stream needs a join or node token"
+            } else {
+                "not allowed"
+            };
+            return Err(Status::permission_denied(format!(
+                "a {} token may not call {path}: {what}",
+                principal.scope_name()
+            )));
         }
+        Ok(Some(principal))
     }
 }
 
@@ -160,14 +283,19 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         match self
             .tokens
             .authorize(request.uri().path(), request.headers())
         {
-            Ok(()) => Box::pin(self.inner.call(request)),
+            Ok(principal) => {
+                if let Some(principal) = principal {
+                    request.extensions_mut().insert(principal);
+                }
+                Box::pin(self.inner.call(request))
+            }
             Err(status) => {
-                tracing::debug!(path = request.uri().path(), "unauthenticated call refused");
+                tracing::debug!(path = request.uri().path(), code = ?status.code(), "call refused");
                 Box::pin(async move { Ok(status.into_http()) })
             }
         }
@@ -193,6 +321,7 @@ mod tests {
         let tokens = Tokens {
             admin: set(&["admin-token-0123456789"]),
             join: set(&["join-token-0123456789"]),
+            issued: IssuedTokens::default(),
         };
         let agent = "/berth.v1.AgentService/GetAgent";
         let node = "/berth.v1.NodeAgentService/Connect";
@@ -215,6 +344,58 @@ mod tests {
         assert!(tokens
             .authorize("/grpc.health.v1.Health/Check", &http::HeaderMap::new())
             .is_ok());
+    }
+
+    #[test]
+    fn issued_tokens_carry_their_scope() {
+        use berth_proto::v1::Token;
+        let issued = IssuedTokens::default();
+        let stored = |id: &str, scope: TokenScope, node: &str, secret: &str| StoredToken {
+            token: Some(Token {
+                id: id.into(),
+                scope: scope as i32,
+                node: node.into(),
+                ..Default::default()
+            }),
+            sha256: token_hash(&format!("{id}.{secret}")).to_vec(),
+        };
+        issued.put(&stored("bt_ro", TokenScope::ReadOnly, "", "s1"));
+        issued.put(&stored("bt_n1", TokenScope::Node, "n1", "s2"));
+        let tokens = Tokens {
+            issued: issued.clone(),
+            ..Default::default()
+        };
+        let call =
+            |path: &str, token: &str| tokens.authorize(path, &headers(&format!("Bearer {token}")));
+        let get = "/berth.v1.AgentService/GetAgent";
+        let delete = "/berth.v1.AgentService/DeleteAgent";
+        let connect = "/berth.v1.NodeAgentService/Connect";
+        assert_eq!(call(get, "bt_ro.s1").unwrap(), Some(Principal::ReadOnly));
+        assert_eq!(
+            call(delete, "bt_ro.s1").unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(
+            call(connect, "bt_ro.s1").unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(
+            call(get, "bt_ro.wrong").unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            call(connect, "bt_n1.s2").unwrap(),
+            Some(Principal::Node(Some("n1".into())))
+        );
+        assert_eq!(
+            call(get, "bt_n1.s2").unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+        issued.remove("bt_ro");
+        assert_eq!(
+            call(get, "bt_ro.s1").unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! and stops both on the shutdown signal.
 
 use crate::admin;
-use crate::api::{AgentApi, NodeApi, RequestApi};
-use crate::auth::{AuthLayer, TokenFileError, TokenSet, Tokens};
+use crate::api::{AgentApi, NodeApi, RequestApi, TokenApi};
+use crate::auth::{AuthLayer, IssuedTokens, TokenFileError, TokenSet, Tokens};
 use crate::config::{Config, ConfigError};
 use crate::metrics::{Metrics, MetricsLayer};
 use crate::nodes::{placement, NodeAgentApi, Sessions};
@@ -13,6 +13,7 @@ use berth_proto::v1::agent_service_server::AgentServiceServer;
 use berth_proto::v1::node_agent_service_server::NodeAgentServiceServer;
 use berth_proto::v1::node_service_server::NodeServiceServer;
 use berth_proto::v1::request_service_server::RequestServiceServer;
+use berth_proto::v1::token_service_server::TokenServiceServer;
 use std::future::Future;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -59,8 +60,10 @@ pub async fn run(
             Some(path) => TokenSet::from_file(path)?,
             None => TokenSet::default(),
         },
+        issued: IssuedTokens::default(),
     };
     let store = Store::connect(&config.etcd, &config.prefix).await?;
+    tokio::spawn(mirror_tokens(store.clone(), tokens.issued.clone()));
     if let Err(e) = store.ping().await {
         // Not fatal: the API answers UNAVAILABLE until etcd is back.
         tracing::warn!(error = %e, "etcd does not answer yet");
@@ -125,7 +128,10 @@ pub async fn run(
         .add_service(RequestServiceServer::new(RequestApi::new(
             store_for_requests.clone(),
         )))
-        .add_service(NodeServiceServer::new(NodeApi::new(store_for_requests)))
+        .add_service(NodeServiceServer::new(NodeApi::new(
+            store_for_requests.clone(),
+        )))
+        .add_service(TokenServiceServer::new(TokenApi::new(store_for_requests)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
             let _ = grpc_stop.wait_for(|stop| *stop).await;
         });
@@ -150,4 +156,38 @@ fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "control-plane".into())
+}
+
+/// Keeps `issued` equal to the tokens in etcd: a list, then a watch from its revision; again
+/// after a compaction or an error. A revoked token is refused as soon as its delete is seen.
+async fn mirror_tokens(store: Store, issued: IssuedTokens) {
+    use crate::store::watch::{watch_prefix, WatchMessage};
+    use prost::Message;
+    loop {
+        let revision = match store.list_tokens().await {
+            Ok((stored, revision)) => {
+                issued.replace(&stored);
+                revision
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read API tokens; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut changes = watch_prefix(&store, store.keys().tokens(), revision + 1);
+        while let Some(change) = changes.recv().await {
+            match change {
+                WatchMessage::Put(kv) => {
+                    if let Ok(stored) = berth_proto::v1::StoredToken::decode(kv.value()) {
+                        issued.put(&stored);
+                    }
+                }
+                WatchMessage::Delete(kv) => {
+                    issued.remove(&crate::store::Keys::last_segment(kv.key()));
+                }
+                WatchMessage::Compacted => break,
+            }
+        }
+    }
 }

@@ -6,3 +6,4 @@ pub mod events;
 pub mod logs;
 pub mod nodes;
 pub mod requests;
+pub mod tokens;

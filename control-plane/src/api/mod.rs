@@ -3,10 +3,12 @@
 mod agents;
 mod nodes;
 mod requests;
+mod tokens;
 
 pub use agents::AgentApi;
 pub use nodes::NodeApi;
 pub use requests::RequestApi;
+pub use tokens::TokenApi;
 
 use crate::store::StoreError;
 use crate::validate::FieldError;

@@ -55,6 +55,10 @@ impl NodeAgentService for NodeAgentApi {
         &self,
         request: Request<Streaming<NodeMessage>>,
     ) -> Result<Response<ControlStream>, Status> {
+        let principal = request
+            .extensions()
+            .get::<crate::auth::Principal>()
+            .cloned();
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(NodeMessage {
@@ -63,6 +67,15 @@ impl NodeAgentService for NodeAgentApi {
             _ => return Err(Status::invalid_argument("the first message must be hello")),
         };
         validate::dns_label("hello.node", &hello.node).map_err(|e| to_status(e.into()))?;
+        // A node token speaks for its own node only.
+        if let Some(crate::auth::Principal::Node(Some(bound))) = &principal {
+            if *bound != hello.node {
+                return Err(Status::permission_denied(format!(
+                    "this token is for node {bound}, not {}",
+                    hello.node
+                )));
+            }
+        }
         let node = hello.node.clone();
         let lease = self
             .store

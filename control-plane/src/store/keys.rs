@@ -19,6 +19,16 @@ impl Keys {
         format!("{}/agents/{name}", self.prefix)
     }
 
+    /// `{prefix}/tokens/{id}`: an API token's record and hash.
+    pub fn token(&self, id: &str) -> String {
+        format!("{}/tokens/{id}", self.prefix)
+    }
+
+    /// `{prefix}/tokens/`: every API token.
+    pub fn tokens(&self) -> String {
+        format!("{}/tokens/", self.prefix)
+    }
+
     /// `{prefix}/agents/`: every agent.
     pub fn agents(&self) -> String {
         format!("{}/agents/", self.prefix)

@@ -6,6 +6,7 @@ mod events;
 pub mod keys;
 mod nodes;
 mod requests;
+mod tokens;
 pub mod watch;
 
 pub use events::EventFilter;
