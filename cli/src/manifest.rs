@@ -22,6 +22,9 @@ pub struct Manifest {
     pub args: Vec<String>,
     #[serde(default)]
     pub env: HashMap<String, String>,
+    /// Environment variables whose values are secrets: kept apart, shown as `<redacted>`.
+    #[serde(default)]
+    pub secret_env: HashMap<String, String>,
     pub port: Option<u32>,
     #[serde(default)]
     pub volumes: Vec<Volume>,
@@ -234,6 +237,7 @@ impl Manifest {
             command: self.command,
             args: self.args,
             env: self.env,
+            secret_env: self.secret_env,
             port: self.port.unwrap_or_default(),
             volumes,
             resources: Some(resources),

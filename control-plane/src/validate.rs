@@ -110,7 +110,14 @@ pub fn spec(spec: &AgentSpec, limits: &Limits) -> Result<(), FieldError> {
             return refuse(field, "must not contain NUL bytes");
         }
     }
-    env(&spec.env)?;
+    env("spec.env", &spec.env)?;
+    env("spec.secret_env", &spec.secret_env)?;
+    if let Some(key) = spec.secret_env.keys().find(|k| spec.env.contains_key(*k)) {
+        return refuse(
+            format!("spec.secret_env[{key:?}]"),
+            "is also in spec.env: a variable is either plain or secret",
+        );
+    }
     if spec.port == 0 || spec.port > 65535 {
         return refuse(
             "spec.port",
@@ -174,23 +181,24 @@ fn image(image: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
-fn env(env: &HashMap<String, String>) -> Result<(), FieldError> {
+/// Checks `spec.env` or `spec.secret_env` (`field`). Refusals name the key, never the value.
+fn env(field: &str, env: &HashMap<String, String>) -> Result<(), FieldError> {
     if env.len() > MAX_MAP_ENTRIES {
         return refuse(
-            "spec.env",
+            field,
             format!("has {} entries; the limit is {MAX_MAP_ENTRIES}", env.len()),
         );
     }
     for (key, value) in env {
         if !ENV_KEY.is_match(key) {
             return refuse(
-                format!("spec.env[{key:?}]"),
+                format!("{field}[{key:?}]"),
                 "environment variable names match [A-Za-z_][A-Za-z0-9_]*",
             );
         }
         if value.contains('\0') {
             return refuse(
-                format!("spec.env[{key:?}]"),
+                format!("{field}[{key:?}]"),
                 "values must not contain NUL bytes",
             );
         }

@@ -279,7 +279,12 @@ impl Runtime {
         for (k, v) in &spec.labels {
             labels.insert(format!("berth.label.{k}"), v.clone());
         }
-        let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let mut env: Vec<String> = spec
+            .env
+            .iter()
+            .chain(&spec.secret_env)
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         env.push(format!("PORT={}", spec.port));
         env.sort();
         let resources = spec.resources.unwrap_or_default();

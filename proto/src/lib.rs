@@ -26,8 +26,8 @@ pub fn timestamp(time: std::time::SystemTime) -> pbjson_types::Timestamp {
     }
 }
 
-/// A digest of the parts of a spec a container is made from (image, command, environment,
-/// volumes, limits, port, labels, stop grace). A new generation that changes only the run
+/// A digest of the parts of a spec a container is made from (image, command, environment and
+/// secret environment, volumes, limits, port, labels, stop grace). A new generation that changes only the run
 /// state, replicas or the health check keeps the container; one that changes the digest
 /// replaces it.
 pub fn container_digest(spec: &v1::AgentSpec) -> String {
@@ -44,6 +44,7 @@ pub fn container_digest(spec: &v1::AgentSpec) -> String {
             &spec.command,
             &spec.args,
             sorted(&spec.env),
+            sorted(&spec.secret_env),
             sorted(&spec.labels),
             &spec.volumes,
             &spec.resources,
@@ -54,3 +55,6 @@ pub fn container_digest(spec: &v1::AgentSpec) -> String {
     let digest = Sha256::digest(canonical.as_bytes());
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// What every output shows in place of a secret value.
+pub const REDACTED: &str = "<redacted>";

@@ -132,7 +132,8 @@ pub async fn get(client: &Client, name: String, format: Format) -> anyhow::Resul
     if let Some(health) = &spec.health {
         println!("Health:      GET {}", health.path);
     }
-    let mut env: Vec<_> = spec.env.iter().collect();
+    // Secret values never reach the CLI: the control plane sends `<redacted>`.
+    let mut env: Vec<_> = spec.env.iter().chain(&spec.secret_env).collect();
     env.sort();
     for (i, (key, value)) in env.iter().enumerate() {
         println!(

@@ -16,6 +16,10 @@ pub struct DeployArgs {
     /// Environment variable K=V (repeatable).
     #[arg(short = 'e', long = "env", value_name = "K=V", value_parser = parse_key_value)]
     pub env: Vec<(String, String)>,
+    /// A secret environment variable K=V (repeatable): given to the containers, stored apart
+    /// from the spec, shown as <redacted>.
+    #[arg(long = "secret-env", value_name = "K=V", value_parser = parse_secret_key_value)]
+    pub secret_env: Vec<(String, String)>,
     /// Volume SRC:DST[:ro]; SRC is a host path under the volume root or a volume name (repeatable).
     #[arg(short = 'v', long = "volume", value_name = "SRC:DST[:ro]", value_parser = check_volume)]
     pub volumes: Vec<String>,
@@ -97,6 +101,7 @@ impl DeployArgs {
             command: this.command,
             args: this.args,
             env: this.env.into_iter().collect(),
+            secret_env: this.secret_env.into_iter().collect(),
             port: this.port,
             volumes: this.volumes.into_iter().map(Volume::Short).collect(),
             memory: this.memory,
@@ -119,6 +124,13 @@ pub fn parse_key_value(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("{text:?} is not K=V"))
+}
+
+/// Parses a secret `K=V`; an error never repeats the text (it may be the secret).
+fn parse_secret_key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| "is not K=V (the text is not shown: it may be a secret)".to_string())
 }
 
 fn check_volume(text: &str) -> Result<String, String> {

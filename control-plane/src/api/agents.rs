@@ -8,10 +8,10 @@ use crate::time::now;
 use crate::validate::{self, FieldError, Limits};
 use berth_proto::v1::agent_service_server::AgentService;
 use berth_proto::v1::{
-    Agent, AgentActionRequest, AgentMeta, AgentSpec, CreateAgentRequest, DeleteAgentRequest,
-    DeleteAgentResponse, DesiredState, Event, EventSeverity, GetAgentRequest, ListAgentsRequest,
-    ListAgentsResponse, LogChunk, ScaleAgentRequest, StreamLogsRequest, UpdateAgentRequest,
-    WatchEventsRequest,
+    Agent, AgentActionRequest, AgentMeta, AgentSecrets, AgentSpec, CreateAgentRequest,
+    DeleteAgentRequest, DeleteAgentResponse, DesiredState, Event, EventSeverity, GetAgentRequest,
+    ListAgentsRequest, ListAgentsResponse, LogChunk, ScaleAgentRequest, StreamLogsRequest,
+    UpdateAgentRequest, WatchEventsRequest,
 };
 use futures::Stream;
 use sha2::{Digest, Sha256};
@@ -90,6 +90,31 @@ impl AgentApi {
         Ok(spec)
     }
 
+    /// Takes the secret values out of `spec` (each shown as `<redacted>` from then on): the
+    /// secrets to store. A value of `<redacted>` keeps the one in `stored`.
+    fn split_secrets(
+        mut spec: AgentSpec,
+        stored: &AgentSecrets,
+    ) -> Result<(AgentSpec, AgentSecrets), ApiError> {
+        let mut secrets = AgentSecrets::default();
+        for (key, value) in spec.secret_env.iter_mut() {
+            let kept = if value == berth_proto::REDACTED {
+                stored.env.get(key).cloned().ok_or_else(|| FieldError {
+                    field: format!("spec.secret_env[{key:?}]"),
+                    reason: format!(
+                        "is {} but no value is stored: give the value",
+                        berth_proto::REDACTED
+                    ),
+                })?
+            } else {
+                value.clone()
+            };
+            *value = berth_proto::REDACTED.to_string();
+            secrets.env.insert(key.clone(), kept);
+        }
+        Ok((spec, secrets))
+    }
+
     /// Changes an agent's desired state; `None` from `next` means no change.
     async fn transition(
         &self,
@@ -122,6 +147,8 @@ impl AgentService for AgentApi {
     async fn create_agent(&self, request: Request<CreateAgentRequest>) -> ApiResult<Agent> {
         let request = request.into_inner();
         let spec = self.prepare_spec(request.spec, None).map_err(to_status)?;
+        let (spec, secrets) =
+            Self::split_secrets(spec, &AgentSecrets::default()).map_err(to_status)?;
         let desired = match DesiredState::try_from(request.desired_state) {
             Ok(DesiredState::Unspecified) => DesiredState::Running,
             Ok(state) => state,
@@ -143,7 +170,7 @@ impl AgentService for AgentApi {
         };
         let created = self
             .store
-            .create_agent(agent, event(&name, "AgentCreated", message))
+            .create_agent(agent, &secrets, event(&name, "AgentCreated", message))
             .await
             .map_err(|e| to_status(e.into()))?;
         tracing::info!(agent = %name, "agent created");
@@ -193,13 +220,15 @@ impl AgentService for AgentApi {
         let spec = request.spec;
         let updated = self
             .store
-            .update_agent(&name, expected, |agent| {
+            .update_agent_and_secrets(&name, expected, |agent, secrets| {
                 let current = agent.spec.clone().unwrap_or_default();
                 let hash = Some(current.gateway_token_sha256.as_str());
                 let new = self.prepare_spec(spec.clone(), hash)?;
-                if new == current {
+                let (new, new_secrets) = Self::split_secrets(new, secrets)?;
+                if new == current && new_secrets == *secrets {
                     return Ok(None);
                 }
+                *secrets = new_secrets;
                 let message = format!(
                     "spec updated: image {}, {} replica(s)",
                     new.image,

@@ -562,7 +562,19 @@ fn node_changed(liveness: &mut HashMap<String, i32>, change: Option<WatchMessage
 }
 
 async fn reconcile(store: &Store) -> Result<(), StoreError> {
-    let (agents, _) = store.list_agents().await?;
+    let (mut agents, _) = store.list_agents().await?;
+    // Assignments carry the secret values (their nodes give them to the containers, and a
+    // changed secret changes the container digest); the agents' specs only say `<redacted>`.
+    let mut secrets = store.all_agent_secrets().await?;
+    for spec in agents.iter_mut().filter_map(|a| a.spec.as_mut()) {
+        if let Some(stored) = secrets.remove(&spec.name) {
+            for (key, value) in stored.env {
+                if let Some(slot) = spec.secret_env.get_mut(&key) {
+                    *slot = value;
+                }
+            }
+        }
+    }
     let records = store.list_nodes().await?;
     let cordoned = store.cordoned().await?;
     let known = records.iter().map(|n| n.name.clone()).collect();

@@ -2,7 +2,7 @@
 
 use super::{decode, Store, StoreError};
 use crate::time::now;
-use berth_proto::v1::{Agent, AgentStatus, Event};
+use berth_proto::v1::{Agent, AgentSecrets, AgentStatus, Event};
 use etcd_client::{
     Compare, CompareOp, GetOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
 };
@@ -14,10 +14,17 @@ const MAX_CAS_ATTEMPTS: usize = 5;
 const KIND: &str = "agent";
 
 impl Store {
-    /// Creates `agent` (generation 1) and records `event` in the same transaction.
-    pub async fn create_agent(&self, mut agent: Agent, event: Event) -> Result<Agent, StoreError> {
+    /// Creates `agent` (generation 1) with its `secrets`, and records `event`, in one
+    /// transaction.
+    pub async fn create_agent(
+        &self,
+        mut agent: Agent,
+        secrets: &AgentSecrets,
+        event: Event,
+    ) -> Result<Agent, StoreError> {
         let name = spec_name(&agent);
         let key = self.keys.agent(&name);
+        let secrets_op = self.secrets_op(&name, secrets);
         let meta = agent.meta.get_or_insert_with(Default::default);
         meta.generation = 1;
         meta.create_time = Some(now());
@@ -29,6 +36,7 @@ impl Store {
                 .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
                 .and_then([
                     TxnOp::put(key.as_str(), agent.encode_to_vec(), None),
+                    secrets_op.clone(),
                     event_op,
                 ])
         };
@@ -136,8 +144,26 @@ impl Store {
         F: FnMut(&mut Agent) -> Result<Option<Event>, E>,
         E: From<StoreError>,
     {
+        self.update_agent_and_secrets(name, expected, |agent, _| change(agent))
+            .await
+    }
+
+    /// [`Store::update_agent`] that may also replace the agent's secrets: `change` gets them
+    /// too, and what it leaves there is written in the same transaction.
+    pub async fn update_agent_and_secrets<F, E>(
+        &self,
+        name: &str,
+        expected: Option<&str>,
+        mut change: F,
+    ) -> Result<Agent, E>
+    where
+        F: FnMut(&mut Agent, &mut AgentSecrets) -> Result<Option<Event>, E>,
+        E: From<StoreError>,
+    {
         let key = self.keys.agent(name);
         for _ in 0..MAX_CAS_ATTEMPTS {
+            let stored_secrets = self.agent_secrets(name).await?;
+            let mut secrets = stored_secrets.clone();
             let current = self.get_agent(name).await?;
             let current_version = resource_version(&current).to_string();
             if let Some(expected) = expected {
@@ -146,9 +172,10 @@ impl Store {
                 }
             }
             let mut agent = current.clone();
-            let Some(event) = change(&mut agent)? else {
+            let Some(event) = change(&mut agent, &mut secrets)? else {
                 return Ok(current);
             };
+            let secrets_op = self.secrets_op(name, &secrets);
             let status = agent.status.take();
             let meta = agent.meta.get_or_insert_with(Default::default);
             meta.generation += 1;
@@ -164,6 +191,7 @@ impl Store {
                     )])
                     .and_then([
                         TxnOp::put(key.as_str(), agent.encode_to_vec(), None),
+                        secrets_op.clone(),
                         event_op,
                     ])
             };
@@ -201,10 +229,12 @@ impl Store {
             None => Compare::create_revision(key.as_str(), CompareOp::Greater, 0),
         };
         let status_key = self.keys.status(name);
+        let secrets_key = self.keys.secrets(name);
         let txn = |event_op: TxnOp| {
             Txn::new().when([compare.clone()]).and_then([
                 TxnOp::delete(key.as_str(), None),
                 TxnOp::delete(status_key.as_str(), None),
+                TxnOp::delete(secrets_key.as_str(), None),
                 event_op,
             ])
         };
@@ -215,6 +245,52 @@ impl Store {
         match self.get_agent(name).await {
             Ok(current) => Err(conflict(name, resource_version(&current).to_string())),
             Err(e) => Err(e),
+        }
+    }
+}
+
+impl Store {
+    /// An agent's secrets (none stored: empty).
+    pub async fn agent_secrets(&self, name: &str) -> Result<AgentSecrets, StoreError> {
+        let resp = self
+            .client()
+            .get(self.keys.secrets(name), None)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        match resp.kvs().first() {
+            Some(kv) => decode(kv.key(), kv.value()),
+            None => Ok(AgentSecrets::default()),
+        }
+    }
+
+    /// Every agent's secrets, by agent name.
+    pub async fn all_agent_secrets(&self) -> Result<HashMap<String, AgentSecrets>, StoreError> {
+        let resp = self
+            .client()
+            .get(
+                self.keys.all_secrets(),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                Ok((
+                    super::Keys::last_segment(kv.key()),
+                    decode(kv.key(), kv.value())?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Writes `secrets` of `name`, or removes the key when there are none.
+    fn secrets_op(&self, name: &str, secrets: &AgentSecrets) -> TxnOp {
+        let key = self.keys.secrets(name);
+        if secrets.env.is_empty() {
+            TxnOp::delete(key, None)
+        } else {
+            TxnOp::put(key, secrets.encode_to_vec(), None)
         }
     }
 }

@@ -19,6 +19,16 @@ impl Keys {
         format!("{}/agents/{name}", self.prefix)
     }
 
+    /// `{prefix}/secrets/{name}`: an agent's secret values, apart from its spec.
+    pub fn secrets(&self, name: &str) -> String {
+        format!("{}/secrets/{name}", self.prefix)
+    }
+
+    /// `{prefix}/secrets/`: every agent's secrets.
+    pub fn all_secrets(&self) -> String {
+        format!("{}/secrets/", self.prefix)
+    }
+
     /// `{prefix}/tokens/{id}`: an API token's record and hash.
     pub fn token(&self, id: &str) -> String {
         format!("{}/tokens/{id}", self.prefix)

@@ -60,6 +60,7 @@ async fn main() {
         .route("/errors/on", post(errors_on))
         .route("/errors/off", post(errors_off))
         .route("/requests", get(requests))
+        .route("/env/{name}", get(env_var))
         .layer(axum::middleware::from_fn_with_state(
             agent.clone(),
             count_request_ids,
@@ -258,4 +259,13 @@ async fn requests(State(agent): State<Agent>) -> Response {
         json!({"counts": seen, "order": order}).to_string(),
     )
         .into_response()
+}
+
+/// `GET /env/{name}`: the value of one environment variable (404 if unset), so that a test can
+/// see what the container was given.
+async fn env_var(axum::extract::Path(name): axum::extract::Path<String>) -> (StatusCode, String) {
+    match std::env::var(&name) {
+        Ok(value) => (StatusCode::OK, value),
+        Err(_) => (StatusCode::NOT_FOUND, format!("{name} is not set\n")),
+    }
 }
