@@ -324,4 +324,22 @@ mod tests {
         let err = parse_all("name: a\nimage: e\nreplicas: many\n").unwrap_err();
         assert!(err.contains("replicas"), "{err}");
     }
+
+    #[test]
+    fn settings_that_would_loosen_isolation_are_refused() {
+        // Berth has no such settings: a manifest asking for them is refused by name, not
+        // silently ignored.
+        for field in [
+            "privileged: true",
+            "capAdd: [SYS_ADMIN]",
+            "networkMode: host",
+            "pid: host",
+            "devices: [/dev/sda]",
+            "user: root",
+        ] {
+            let err = parse_all(&format!("name: a\nimage: e\n{field}\n")).unwrap_err();
+            let key = field.split(':').next().unwrap();
+            assert!(err.contains(&format!("unknown field `{key}`")), "{field}: {err}");
+        }
+    }
 }
