@@ -38,7 +38,11 @@ pub struct Client {
 impl Client {
     /// Connects to the first control plane of `addrs` that answers (a comma-separated list,
     /// e.g. `http://10.0.0.1:7070,http://10.0.0.2:7070`: any of them serves the whole API).
-    pub async fn connect(addrs: &str, token: Option<&str>) -> anyhow::Result<Self> {
+    pub async fn connect(
+        addrs: &str,
+        token: Option<&str>,
+        tls: Option<&tonic::transport::ClientTlsConfig>,
+    ) -> anyhow::Result<Self> {
         let mut failures = Vec::new();
         let mut reached = None;
         for addr in addrs.split(',').map(str::trim).filter(|a| !a.is_empty()) {
@@ -47,11 +51,21 @@ impl Client {
             } else {
                 format!("http://{addr}")
             };
-            let endpoint = Endpoint::from_shared(url)
+            let endpoint = Endpoint::from_shared(url.clone())
                 .map_err(|e| {
                     anyhow!("BERTH_ADDR {addr:?} is not a URL like http://127.0.0.1:7070: {e}")
                 })?
                 .connect_timeout(CONNECT_TIMEOUT);
+            let endpoint = match (url.starts_with("https://"), tls) {
+                (true, Some(tls)) => endpoint.tls_config(tls.clone())?,
+                (true, None) => {
+                    return Err(anyhow!(
+                        "{addr} is https: give the CA to verify it with (--tls-ca, BERTH_TLS_CA, \
+                         or `ca:` in the CLI config that `berth up` writes)"
+                    ))
+                }
+                (false, _) => endpoint,
+            };
             match endpoint.connect().await {
                 Ok(channel) => {
                     reached = Some((addr.to_string(), channel));

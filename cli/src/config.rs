@@ -17,6 +17,9 @@ pub struct CliConfig {
     /// The API token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// PEM file of the CA that `https://` control planes are verified with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<std::path::PathBuf>,
 }
 
 impl CliConfig {
@@ -66,6 +69,7 @@ mod tests {
         let config = CliConfig {
             address: Some("http://127.0.0.1:7070".into()),
             token: Some("t".repeat(32)),
+            ca: None,
         };
         config.save(&path).unwrap();
         assert_eq!(CliConfig::load(&path).unwrap(), config);

@@ -1,6 +1,7 @@
 //! `berth`: the client commands, and Berth's servers as subcommands.
 #![forbid(unsafe_code)]
 
+mod certs;
 mod client;
 mod commands;
 mod config;
@@ -38,6 +39,9 @@ struct Cli {
     /// config's).
     #[arg(long, global = true, env = "BERTH_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
+    /// PEM CA to verify `https://` control planes with (default: the CLI config's `ca`).
+    #[arg(long, global = true, env = "BERTH_TLS_CA")]
+    tls_ca: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -166,6 +170,8 @@ enum Command {
     },
     /// Run the control plane.
     ControlPlane(Box<servers::ControlPlaneArgs>),
+    /// Make a private CA and certificates for the servers and node agents (TLS and mTLS).
+    Certs(certs::CertsArgs),
     /// Berth on this host, all in one: etcd (unless --etcd), a control plane, a gateway and
     /// a node agent; writes the CLI's config; Ctrl-C stops them.
     Up(Box<up::UpArgs>),
@@ -197,6 +203,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::NodeAgent(args) => return servers::node_agent(*args).await,
         Command::Gateway(args) => return servers::gateway(*args).await,
         Command::Up(args) => return up::up(*args).await,
+        Command::Certs(args) => return certs::run(args),
         command => command,
     };
     // Parse local input before connecting, so that a bad flag or manifest fails fast.
@@ -217,7 +224,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .or(config.address)
         .unwrap_or_else(|| DEFAULT_ADDR.to_string());
     let token = cli.api_token.or(config.token);
-    let client = Client::connect(&addr, token.as_deref().filter(|t| !t.is_empty())).await?;
+    let tls = servers::client_tls(cli.tls_ca.or(config.ca).as_deref(), None)?;
+    let client = Client::connect(
+        &addr,
+        token.as_deref().filter(|t| !t.is_empty()),
+        tls.as_ref(),
+    )
+    .await?;
     match command {
         Command::Deploy(_) => {
             let spec = specs.and_then(|mut s| s.pop()).expect("parsed above");
@@ -260,7 +273,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tail,
             replica,
         } => commands::logs::stream(&client, name, replica, follow, tail, format).await,
-        Command::ControlPlane(_) | Command::NodeAgent(_) | Command::Gateway(_) | Command::Up(_) => {
+        Command::ControlPlane(_)
+        | Command::NodeAgent(_)
+        | Command::Gateway(_)
+        | Command::Up(_)
+        | Command::Certs(_) => {
             unreachable!("handled above")
         }
     }

@@ -339,7 +339,10 @@ mod tests {
         ] {
             let err = parse_all(&format!("name: a\nimage: e\n{field}\n")).unwrap_err();
             let key = field.split(':').next().unwrap();
-            assert!(err.contains(&format!("unknown field `{key}`")), "{field}: {err}");
+            assert!(
+                err.contains(&format!("unknown field `{key}`")),
+                "{field}: {err}"
+            );
         }
     }
 }

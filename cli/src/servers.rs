@@ -43,6 +43,18 @@ pub struct ControlPlaneArgs {
     /// Host volume paths must lie under this directory (default /var/lib/berth/volumes).
     #[arg(long, env = "BERTH_VOLUME_ROOT")]
     volume_root: Option<PathBuf>,
+    /// PEM certificate to serve TLS with (plain text without it); `berth certs` makes one.
+    #[arg(long, env = "BERTH_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "BERTH_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA that node agents' client certificates must chain to.
+    #[arg(long, env = "BERTH_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Refuse node agents without a client certificate signed by --tls-ca (mTLS).
+    #[arg(long, env = "BERTH_REQUIRE_NODE_CERT")]
+    require_node_cert: bool,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -75,6 +87,16 @@ impl ControlPlaneArgs {
         if let Some(root) = self.volume_root {
             config.volume_root = root;
         }
+        for (flag, setting) in [
+            (self.tls_cert, &mut config.tls_cert),
+            (self.tls_key, &mut config.tls_key),
+            (self.tls_ca, &mut config.tls_ca),
+        ] {
+            if flag.is_some() {
+                *setting = flag;
+            }
+        }
+        config.require_node_cert |= self.require_node_cert;
         Ok((config, self.log_format))
     }
 }
@@ -162,6 +184,15 @@ pub struct NodeAgentArgs {
     /// Extra label K=V on every container this node starts (repeatable).
     #[arg(long = "container-label", value_parser = crate::commands::deploy::parse_key_value)]
     container_labels: Vec<(String, String)>,
+    /// PEM CA to verify `https://` control planes with.
+    #[arg(long, env = "BERTH_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// PEM client certificate this node presents (mTLS); `berth certs` makes node.pem.
+    #[arg(long, env = "BERTH_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "BERTH_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -193,6 +224,10 @@ pub async fn node_agent(args: NodeAgentArgs) -> anyhow::Result<()> {
         network: args.network,
         labels: args.labels.into_iter().collect(),
         container_labels: args.container_labels.into_iter().collect(),
+        tls: client_tls(
+            args.tls_ca.as_deref(),
+            args.tls_cert.as_deref().zip(args.tls_key.as_deref()),
+        )?,
     };
     berth_node_agent::run(config, shutdown_signal()).await?;
     Ok(())
@@ -260,4 +295,29 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
     };
     berth_control_plane::gateway::run(config, shutdown_signal()).await?;
     Ok(())
+}
+
+/// TLS settings for `https://` connections to control planes: the CA to verify them with and,
+/// for mTLS, a client certificate and key. `None` without a CA.
+pub fn client_tls(
+    ca: Option<&std::path::Path>,
+    identity: Option<(&std::path::Path, &std::path::Path)>,
+) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let read = |flag: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))
+    };
+    let Some(ca) = ca else {
+        anyhow::ensure!(identity.is_none(), "--tls-cert needs --tls-ca");
+        return Ok(None);
+    };
+    let mut tls =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read("--tls-ca", ca)?));
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(
+            read("--tls-cert", cert)?,
+            read("--tls-key", key)?,
+        ));
+    }
+    Ok(Some(tls))
 }

@@ -375,7 +375,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .arg(data.join("node-agent"))
         .args(["--network", &args.network]);
     parts.0.push(Part::spawn("node-agent", command, &logs)?);
-    let client = Client::connect(&address, Some(&admin_token)).await?;
+    let client = Client::connect(&address, Some(&admin_token), None).await?;
     parts
         .wait_ready("the node agent", || {
             let mut nodes = client.nodes();
@@ -393,6 +393,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     CliConfig {
         address: Some(address.clone()),
         token: Some(admin_token),
+        ca: None,
     }
     .save(&config_path)?;
 

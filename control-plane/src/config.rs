@@ -34,6 +34,14 @@ pub struct Config {
     pub prefix: String,
     /// Host volume paths in specs must lie under this directory.
     pub volume_root: PathBuf,
+    /// PEM certificate (chain) the gRPC API serves TLS with; plain text when unset.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA that client certificates must chain to (node agents' mTLS).
+    pub tls_ca: Option<PathBuf>,
+    /// Node agents must present a client certificate signed by `tls_ca`.
+    pub require_node_cert: bool,
 }
 
 impl Default for Config {
@@ -46,6 +54,10 @@ impl Default for Config {
             join_token_file: None,
             prefix: DEFAULT_PREFIX.into(),
             volume_root: DEFAULT_VOLUME_ROOT.into(),
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            require_node_cert: false,
         }
     }
 }
@@ -114,6 +126,15 @@ impl Config {
             return invalid(
                 "token_file",
                 "is required: a file with one admin token per line",
+            );
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return invalid("tls_cert", "and tls_key go together: give both or neither");
+        }
+        if self.require_node_cert && (self.tls_ca.is_none() || self.tls_cert.is_none()) {
+            return invalid(
+                "require_node_cert",
+                "needs tls_cert, tls_key and tls_ca (the CA node certificates chain to)",
             );
         }
         if !self.prefix.starts_with('/') || self.prefix.len() < 2 {

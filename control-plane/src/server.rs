@@ -88,7 +88,9 @@ pub async fn run(
     let sessions = Sessions::default();
     let store_for_requests = store.clone();
     let agents = AgentServiceServer::new(AgentApi::new(store.clone(), limits, sessions.clone()));
-    let node_agents = NodeAgentServiceServer::new(NodeAgentApi::new(store.clone(), sessions));
+    let node_agents = NodeAgentServiceServer::new(
+        NodeAgentApi::new(store.clone(), sessions).require_client_cert(config.require_node_cert),
+    );
     // Placement and the node monitor run in the elected leader only.
     let identity = format!("{}@{}", hostname(), config.listen);
     let leading_store = store.clone();
@@ -116,7 +118,11 @@ pub async fn run(
     let admin = tokio::spawn(async move { admin.await.map_err(ServerError::Admin) });
 
     let mut grpc_stop = stop_rx;
-    let grpc = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls_config(&config)? {
+        builder = builder.tls_config(tls)?;
+    }
+    let grpc = builder
         // Metrics sit outside auth so that refused calls are counted too.
         .layer(MetricsLayer(metrics))
         .layer(AuthLayer::new(tokens))
@@ -190,4 +196,32 @@ async fn mirror_tokens(store: Store, issued: IssuedTokens) {
             }
         }
     }
+}
+
+/// The gRPC server's TLS settings, when a certificate is configured: its identity, and the CA
+/// client certificates are checked against (clients without one are still let through here;
+/// the node-agent stream refuses them when node certificates are required).
+fn tls_config(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>, ServerError> {
+    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+    let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
+        return Ok(None);
+    };
+    let read = |setting: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            ServerError::Config(ConfigError::Invalid {
+                setting,
+                reason: format!("cannot read {}: {e}", path.display()),
+            })
+        })
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read("tls_cert", cert)?,
+        read("tls_key", key)?,
+    ));
+    if let Some(ca) = &config.tls_ca {
+        tls = tls
+            .client_ca_root(Certificate::from_pem(read("tls_ca", ca)?))
+            .client_auth_optional(true);
+    }
+    Ok(Some(tls))
 }

@@ -35,6 +35,8 @@ pub struct Config {
     pub labels: HashMap<String, String>,
     /// Extra labels on every container (e.g. a test run's id).
     pub container_labels: HashMap<String, String>,
+    /// TLS towards `https://` control planes.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Why the node agent could not start.
@@ -86,6 +88,7 @@ pub async fn run(
         },
         labels: config.labels.clone(),
         join_token: config.join_token.clone(),
+        tls: config.tls.clone(),
     };
     tracing::info!(node = %config.name, network = %config.network, "node agent running");
     let session = tokio::spawn(session::run(

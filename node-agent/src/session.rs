@@ -34,6 +34,8 @@ pub struct Identity {
     pub capacity: Resources,
     pub labels: HashMap<String, String>,
     pub join_token: String,
+    /// TLS towards `https://` control planes: the CA and, for mTLS, this node's certificate.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Holds the session forever, reconnecting as needed.
@@ -74,10 +76,11 @@ async fn session(
     } else {
         format!("http://{addr}")
     };
-    let channel = Endpoint::from_shared(url)?
-        .connect_timeout(Duration::from_secs(3))
-        .connect()
-        .await?;
+    let mut endpoint = Endpoint::from_shared(url)?.connect_timeout(Duration::from_secs(3));
+    if let Some(tls) = &identity.tls {
+        endpoint = endpoint.tls_config(tls.clone())?;
+    }
+    let channel = endpoint.connect().await?;
     let token: MetadataValue<_> = format!("Bearer {}", identity.join_token).parse()?;
     let mut client =
         NodeAgentServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {

@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use berth_proto::v1::agent_service_client::AgentServiceClient;
 use process::Child;
 use std::net::TcpListener;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
@@ -218,26 +218,66 @@ pub struct ControlPlane {
     pub addr: String,
     /// Admin HTTP address, `127.0.0.1:PORT`.
     pub admin_addr: String,
+    /// With TLS: the directory `berth certs` wrote (the CA clients verify the server with).
+    tls: Option<PathBuf>,
+    /// Extra flags of `berth control-plane`.
+    extra: Vec<String>,
 }
 
 impl ControlPlane {
+    /// Starts a control plane serving TLS with the certificates `berth certs` wrote in
+    /// `certs` (server.pem, server-key.pem; ca.pem for client certificates), plus `extra` flags.
+    pub async fn start_tls(etcd_url: &str, certs: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let mut cp = Self::prepare(etcd_url)?;
+        cp.tls = Some(certs.to_path_buf());
+        cp.extra = [
+            "--tls-cert",
+            &certs.join("server.pem").display().to_string(),
+            "--tls-key",
+            &certs.join("server-key.pem").display().to_string(),
+            "--tls-ca",
+            &certs.join("ca.pem").display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(extra.iter().map(|s| s.to_string()))
+        .collect();
+        cp.resume().await?;
+        Ok(cp)
+    }
+
+    /// Client TLS settings trusting this control plane's CA (`None` without TLS).
+    pub fn client_tls(&self) -> Option<tonic::transport::ClientTlsConfig> {
+        let ca = std::fs::read(self.tls.as_ref()?.join("ca.pem")).ok()?;
+        Some(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+        )
+    }
+
     /// Starts a control plane over `etcd_url` and waits until its health check serves.
     pub async fn start(etcd_url: &str) -> anyhow::Result<Self> {
+        let mut cp = Self::prepare(etcd_url)?;
+        cp.resume().await?;
+        Ok(cp)
+    }
+
+    fn prepare(etcd_url: &str) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("berth-cp-").tempdir()?;
         std::fs::write(
             dir.path().join("tokens"),
             format!("# admin\n{ADMIN_TOKEN}\n"),
         )?;
         std::fs::write(dir.path().join("join"), format!("{JOIN_TOKEN}\n"))?;
-        let mut cp = Self {
+        Ok(Self {
             child: None,
             dir,
             etcd_url: etcd_url.to_string(),
             addr: format!("127.0.0.1:{}", free_port()),
             admin_addr: format!("127.0.0.1:{}", free_port()),
-        };
-        cp.resume().await?;
-        Ok(cp)
+            tls: None,
+            extra: Vec::new(),
+        })
     }
 
     /// Kills the process (SIGKILL).
@@ -272,16 +312,22 @@ impl ControlPlane {
             .arg(self.dir.path().join("join"))
             .arg("--volume-root")
             .arg(volume_root())
+            .args(&self.extra)
             .env("RUST_LOG", "info");
         self.child = Some(Child::spawn(
             command,
             &self.dir.path().join("control-plane.log"),
         )?);
         let url = self.url();
+        let tls = self.client_tls();
         eventually(READY_TIMEOUT, "the control plane to serve", || {
-            let url = url.clone();
+            let (url, tls) = (url.clone(), tls.clone());
             async move {
-                let channel = Channel::from_shared(url).ok()?.connect().await.ok()?;
+                let mut endpoint = Channel::from_shared(url).ok()?;
+                if let Some(tls) = tls {
+                    endpoint = endpoint.tls_config(tls).ok()?;
+                }
+                let channel = endpoint.connect().await.ok()?;
                 let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
                 let request = tonic_health::pb::HealthCheckRequest::default();
                 health.check(request).await.ok()
@@ -292,9 +338,10 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// `http://` URL of the gRPC API.
+    /// URL of the gRPC API: `https://` with TLS, else `http://`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// An agent client with the admin token.
@@ -325,6 +372,9 @@ impl ControlPlane {
             .env("BERTH_TOKEN", ADMIN_TOKEN)
             // Not the user's own CLI config (which `berth up` writes).
             .env("BERTH_CLI_CONFIG", self.dir.path().join("cli-config.yaml"));
+        if let Some(certs) = &self.tls {
+            command.env("BERTH_TLS_CA", certs.join("ca.pem"));
+        }
         command
     }
 

@@ -36,12 +36,24 @@ pub const NODE_UNKNOWN_AFTER: Duration = Duration::from_secs(10);
 pub struct NodeAgentApi {
     store: Store,
     sessions: Sessions,
+    require_client_cert: bool,
 }
 
 impl NodeAgentApi {
     /// Node sessions over `store`, registered in `sessions` so that log requests reach them.
     pub fn new(store: Store, sessions: Sessions) -> Self {
-        Self { store, sessions }
+        Self {
+            store,
+            sessions,
+            require_client_cert: false,
+        }
+    }
+
+    /// Refuses node agents that present no client certificate (the TLS layer has checked any
+    /// presented one against the configured CA).
+    pub fn require_client_cert(mut self, required: bool) -> Self {
+        self.require_client_cert = required;
+        self
     }
 }
 
@@ -59,6 +71,12 @@ impl NodeAgentService for NodeAgentApi {
             .extensions()
             .get::<crate::auth::Principal>()
             .cloned();
+        if self.require_client_cert && request.peer_certs().is_none_or(|c| c.is_empty()) {
+            return Err(Status::unauthenticated(
+                "node agents must present a client certificate signed by the cluster's CA \
+                 (berth node-agent --tls-cert --tls-key)",
+            ));
+        }
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
             Some(NodeMessage {

@@ -1,0 +1,186 @@
+//! TLS on the control plane's gRPC API with certificates from `berth certs`: the CLI over
+//! https with the CA, a plain-text client and a client trusting another CA refused, node
+//! agents required to present a client certificate (mTLS), and a real `berth node-agent`
+//! joining over mTLS.
+
+use berth_proto::v1::node_agent_service_client::NodeAgentServiceClient;
+use berth_proto::v1::{node_message, Hello, Node, NodeMessage, NodeStatus};
+use berth_tests::docker::DockerRun;
+use berth_tests::{berth_bin, eventually, unique_name, ControlPlane, Etcd, JOIN_TOKEN};
+use prost::Message;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+fn certs(dir: &Path) {
+    let out = Command::new(berth_bin())
+        .args(["certs", "--dir"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Opens the node-agent stream over TLS (with `identity` as the client certificate, if any);
+/// the first control message or the refusal.
+async fn stream(
+    cp: &ControlPlane,
+    tls: ClientTlsConfig,
+    node: &str,
+) -> Result<berth_proto::v1::ControlMessage, tonic::Status> {
+    let channel = Channel::from_shared(cp.url())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("{e:?}")))?;
+    let token: tonic::metadata::MetadataValue<_> = format!("Bearer {JOIN_TOKEN}").parse().unwrap();
+    let mut client =
+        NodeAgentServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", token.clone());
+            Ok(r)
+        });
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(NodeMessage {
+        kind: Some(node_message::Kind::Hello(Hello {
+            node: node.into(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
+    Ok(inbound.message().await?.expect("a first control message"))
+}
+
+#[tokio::test]
+async fn the_api_speaks_tls_and_node_agents_present_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ours, theirs) = (dir.path().join("ours"), dir.path().join("theirs"));
+    certs(&ours);
+    certs(&theirs);
+    let etcd = Etcd::start().await.unwrap();
+    let cp = ControlPlane::start_tls(&etcd.url(), &ours, &["--require-node-cert"])
+        .await
+        .unwrap();
+
+    // The CLI over https, verifying the server with the CA.
+    let out = cp.cli(&["ls"]);
+    assert!(out.status.success(), "{out:?}\n{}", cp.log());
+
+    // A plain-text client is refused.
+    let plain = cp
+        .cli_command(&["ls"])
+        .env("BERTH_ADDR", format!("http://{}", cp.addr))
+        .output()
+        .unwrap();
+    assert!(!plain.status.success(), "plain text must not be served");
+    let raw = Channel::from_shared(format!("http://{}", cp.addr))
+        .unwrap()
+        .connect()
+        .await;
+    let refused = match raw {
+        Err(_) => true,
+        Ok(channel) => tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a plain-text gRPC call is refused");
+
+    // A client that trusts another CA does not trust this server.
+    let out = cp
+        .cli_command(&["ls"])
+        .env("BERTH_TLS_CA", theirs.join("ca.pem"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    // https without a CA: the CLI says what to give it.
+    let out = cp
+        .cli_command(&["ls"])
+        .env_remove("BERTH_TLS_CA")
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--tls-ca"),
+        "{out:?}"
+    );
+
+    // mTLS: the node-agent stream needs a client certificate from this CA.
+    let ca = Certificate::from_pem(std::fs::read(ours.join("ca.pem")).unwrap());
+    let identity = |certs: &Path| {
+        Identity::from_pem(
+            std::fs::read(certs.join("node.pem")).unwrap(),
+            std::fs::read(certs.join("node-key.pem")).unwrap(),
+        )
+    };
+    let without = stream(&cp, ClientTlsConfig::new().ca_certificate(ca.clone()), "n1")
+        .await
+        .unwrap_err();
+    assert_eq!(without.code(), tonic::Code::Unauthenticated, "{without:?}");
+    assert!(without.message().contains("client certificate"));
+    let foreign = ClientTlsConfig::new()
+        .ca_certificate(ca.clone())
+        .identity(identity(&theirs));
+    assert!(
+        stream(&cp, foreign, "n1").await.is_err(),
+        "a certificate from another CA"
+    );
+    let with = ClientTlsConfig::new()
+        .ca_certificate(ca)
+        .identity(identity(&ours));
+    stream(&cp, with, "n1")
+        .await
+        .expect("the stream opens with our node certificate");
+
+    // A real node agent joins over mTLS.
+    let run = DockerRun::new().unwrap();
+    let name = unique_name("tls");
+    let join = dir.path().join("join");
+    std::fs::write(&join, format!("{JOIN_TOKEN}\n")).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(dir.path().join("node.log")).unwrap();
+    let mut node = Command::new(berth_bin())
+        .arg("node-agent")
+        .args(["--control-plane", &cp.url(), "--name", &name])
+        .arg("--join-token-file")
+        .arg(&join)
+        .arg("--tls-ca")
+        .arg(ours.join("ca.pem"))
+        .arg("--tls-cert")
+        .arg(ours.join("node.pem"))
+        .arg("--tls-key")
+        .arg(ours.join("node-key.pem"))
+        .arg("--state-dir")
+        .arg(state.path())
+        .arg("--volume-root")
+        .arg(berth_tests::volume_root())
+        .args(["--network", &run.network])
+        .args(["--container-label", &format!("berth.test={}", run.id)])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let joined = eventually(
+        Duration::from_secs(20),
+        "the node agent joined over mTLS",
+        || async {
+            let mut kv = etcd.client().await.ok()?;
+            let resp = kv.get(format!("/berth/nodes/{name}"), None).await.ok()?;
+            let record = Node::decode(resp.kvs().first()?.value()).ok()?;
+            (record.status == NodeStatus::Ready as i32).then_some(())
+        },
+    )
+    .await;
+    let _ = node.kill();
+    let _ = node.wait();
+    joined.unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}",
+            std::fs::read_to_string(dir.path().join("node.log")).unwrap_or_default()
+        )
+    });
+}
