@@ -58,6 +58,11 @@ pub struct UpArgs {
     /// Docker network the agents' containers join.
     #[arg(long, default_value = "berth")]
     network: String,
+    /// Plain text instead of TLS between the CLI, the control plane and the node agent
+    /// (by default a private CA and certificates are made in the data directory at first
+    /// start, and node agents must present theirs).
+    #[arg(long)]
+    insecure: bool,
 }
 
 /// The data directory: the flag, or the user's data directory.
@@ -325,6 +330,14 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         bail!("the etcd at {etcd_url} does not answer: start it, or leave out --etcd");
     }
 
+    // TLS by default: a private CA and certificates, made once and kept in the data directory.
+    let certs = if args.insecure {
+        None
+    } else {
+        let mut hosts = vec![args.listen.ip().to_string()];
+        hosts.retain(|h| h != "0.0.0.0" && h != "::");
+        Some(crate::certs::make(&data.join("tls"), &hosts, true)?)
+    };
     let mut command = Command::new(&exe);
     command
         .arg("control-plane")
@@ -337,6 +350,16 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .arg(data.join("join"))
         .arg("--volume-root")
         .arg(data.join("volumes"));
+    if let Some(certs) = &certs {
+        command
+            .arg("--tls-cert")
+            .arg(&certs.server_cert)
+            .arg("--tls-key")
+            .arg(&certs.server_key)
+            .arg("--tls-ca")
+            .arg(&certs.ca)
+            .arg("--require-node-cert");
+    }
     parts.0.push(Part::spawn("control-plane", command, &logs)?);
     parts
         .wait_ready("the control plane", || {
@@ -360,7 +383,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .await?;
 
     let node = args.node_name.unwrap_or_else(default_node_name);
-    let address = format!("http://{}", args.listen);
+    let scheme = if certs.is_some() { "https" } else { "http" };
+    let address = format!("{scheme}://{}", args.listen);
     let mut command = Command::new(&exe);
     command
         .arg("node-agent")
@@ -374,8 +398,18 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .arg("--state-dir")
         .arg(data.join("node-agent"))
         .args(["--network", &args.network]);
+    if let Some(certs) = &certs {
+        command
+            .arg("--tls-ca")
+            .arg(&certs.ca)
+            .arg("--tls-cert")
+            .arg(&certs.node_cert)
+            .arg("--tls-key")
+            .arg(&certs.node_key);
+    }
     parts.0.push(Part::spawn("node-agent", command, &logs)?);
-    let client = Client::connect(&address, Some(&admin_token), None).await?;
+    let tls = crate::servers::client_tls(certs.as_ref().map(|c| c.ca.as_path()), None)?;
+    let client = Client::connect(&address, Some(&admin_token), tls.as_ref()).await?;
     parts
         .wait_ready("the node agent", || {
             let mut nodes = client.nodes();
@@ -393,13 +427,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     CliConfig {
         address: Some(address.clone()),
         token: Some(admin_token),
-        ca: None,
+        ca: certs.as_ref().map(|c| c.ca.clone()),
     }
     .save(&config_path)?;
 
     println!("Berth is up.");
+    let security = match &certs {
+        Some(c) => format!("TLS, CA {}", c.ca.display()),
+        None => "plain text: --insecure".into(),
+    };
     println!(
-        "  control plane  {address} (admin http://{})",
+        "  control plane  {address} ({security}; admin http://{})",
         args.admin_listen
     );
     println!(

@@ -105,11 +105,16 @@ async fn berth_up_runs_everything_and_the_plain_cli_works() {
     })
     .await
     .unwrap();
+    // TLS by default: the control plane at https, its CA in the CLI's config.
     assert!(
-        printed.contains(&format!("http://127.0.0.1:{cp}")),
+        printed.contains(&format!("https://127.0.0.1:{cp} (TLS")),
         "{printed}"
     );
-    assert!(config.exists(), "the CLI's config is written");
+    let written = std::fs::read_to_string(&config).expect("the CLI's config is written");
+    assert!(
+        written.contains("ca:") && written.contains("https://"),
+        "{written}"
+    );
 
     // The plain CLI: no address, no token, only the config `berth up` wrote.
     let cli = |args: &[&str]| {
