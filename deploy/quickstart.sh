@@ -10,7 +10,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 data=${BERTH_DATA_DIR:-${XDG_DATA_HOME:-$HOME/.local/share}/berth}
-gateway=127.0.0.1:8080
+gateway=https://127.0.0.1:8080
 started=$(date +%s)
 
 say() { printf '\n== %s\n' "$*"; }
@@ -67,24 +67,25 @@ for _ in $(seq 1 120); do
 done
 "$berth" get echo
 
-say "calling it through the gateway"
-echo "\$ curl -X POST http://$gateway/agents/echo/echo -d 'hello'"
-curl -sS -X POST "http://$gateway/agents/echo/echo" -d 'hello'
+say "calling it through the gateway (HTTPS, with the private CA berth up made)"
+ca="$data/tls/ca.pem"
+echo "\$ curl --cacert $ca -X POST $gateway/agents/echo/echo -d 'hello'"
+curl -sS --cacert "$ca" -X POST "$gateway/agents/echo/echo" -d 'hello'
 echo
 
 say "ready in $(( $(date +%s) - started )) s. A short tour (berth is $berth):"
 cat <<TOUR
   # Crash a replica: Berth restarts it at once, and the gateway sends traffic to the other.
-  curl -X POST http://$gateway/agents/echo/crash
+  curl --cacert $ca -X POST $gateway/agents/echo/crash
   berth get echo                    # RESTARTS 1 on one replica
   berth events echo                 # ReplicaRestarted
 
   # Stop the agent: requests are kept (202 + Location) and replayed once it is back.
   berth stop echo
-  curl -i -X POST http://$gateway/agents/echo/echo -d 'kept for later'
+  curl --cacert $ca -i -X POST $gateway/agents/echo/echo -d 'kept for later'
   berth requests echo               # queued
   berth start echo
-  curl http://$gateway/requests/ID  # delivered, with the agent's response
+  curl --cacert $ca $gateway/requests/ID  # delivered, with the agent's response
 
   # Stop Berth (the agents' containers keep running, adopted by the next berth up):
   kill \$(cat $data/up.pid)

@@ -269,6 +269,12 @@ pub struct GatewayArgs {
     /// File of admin tokens, one per line: they may read any agent's stored requests.
     #[arg(long, env = "BERTH_GATEWAY_TOKEN_FILE")]
     token_file: Option<PathBuf>,
+    /// PEM certificate to serve HTTPS with (plain HTTP without it); `berth certs` makes one.
+    #[arg(long, env = "BERTH_GATEWAY_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "BERTH_GATEWAY_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -292,6 +298,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         name,
         workers: args.workers,
         token_file: args.token_file,
+        tls: args.tls_cert.zip(args.tls_key),
     };
     berth_control_plane::gateway::run(config, shutdown_signal()).await?;
     Ok(())

@@ -375,6 +375,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .args(["--admin-listen", &args.gateway_admin_listen.to_string()])
         .arg("--token-file")
         .arg(data.join("tokens"));
+    if let Some(certs) = &certs {
+        command
+            .arg("--tls-cert")
+            .arg(&certs.server_cert)
+            .arg("--tls-key")
+            .arg(&certs.server_key);
+    }
     parts.0.push(Part::spawn("gateway", command, &logs)?);
     parts
         .wait_ready("the gateway", || {
@@ -441,7 +448,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         args.admin_listen
     );
     println!(
-        "  gateway        http://{}/agents/NAME/... (admin http://{})",
+        "  gateway        {scheme}://{}/agents/NAME/... (admin http://{})",
         args.gateway_listen, args.gateway_admin_listen
     );
     println!(
@@ -458,8 +465,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!(
         "  berth deploy -n echo -i berth/echo-agent:local --health-endpoint /health --health-interval 1s"
     );
+    let cacert = certs
+        .as_ref()
+        .map(|c| format!("--cacert {} ", c.ca.display()))
+        .unwrap_or_default();
     println!(
-        "  curl -X POST http://{}/agents/echo/echo -d hello",
+        "  curl {cacert}-X POST {scheme}://{}/agents/echo/echo -d hello",
         args.gateway_listen
     );
     println!("Ctrl-C stops Berth (the agents' containers keep running and are adopted next time).");

@@ -34,9 +34,43 @@ impl Raw {
 /// Sends `head` (request line and headers, without the blank line) and `body` on a new
 /// connection, and reads the whole response.
 pub async fn send(addr: &str, head: &str, body: &[u8]) -> Raw {
-    let mut stream = TcpStream::connect(addr)
+    let stream = TcpStream::connect(addr)
         .await
         .expect("connect to the gateway");
+    exchange(stream, addr, head, body).await
+}
+
+/// [`send`] over TLS, verifying the server (at an IP address) with the PEM CA in `ca`.
+pub async fn send_tls(addr: &str, ca: &std::path::Path, head: &str, body: &[u8]) -> Raw {
+    use rustls_pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca).expect("the CA file") {
+        roots
+            .add(cert.expect("a PEM certificate"))
+            .expect("a CA certificate");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let ip: std::net::SocketAddr = addr.parse().expect("an IP:port address");
+    let tcp = TcpStream::connect(addr)
+        .await
+        .expect("connect to the gateway");
+    let name = rustls_pki_types::ServerName::IpAddress(ip.ip().into());
+    let stream = connector.connect(name, tcp).await.expect("a TLS handshake");
+    exchange(stream, addr, head, body).await
+}
+
+async fn exchange<S>(mut stream: S, addr: &str, head: &str, body: &[u8]) -> Raw
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let request = format!(
         "{head}\r\nHost: {addr}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()

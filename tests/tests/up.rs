@@ -3,7 +3,7 @@
 //! (SIGTERM here) stopping all of it; and the messages when etcd or Docker is missing.
 
 use berth_tests::docker::ECHO_IMAGE;
-use berth_tests::wire::send;
+use berth_tests::wire::send_tls;
 use berth_tests::{berth_bin, eventually, free_port, unique_name};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -147,14 +147,16 @@ async fn berth_up_runs_everything_and_the_plain_cli_works() {
     })
     .await
     .unwrap();
+    // The gateway serves HTTPS with a certificate from the same CA, and no plain HTTP.
     let addr = format!("127.0.0.1:{gateway}");
+    let ca = up.data.path().join("data/tls/ca.pem");
     let answer = eventually(
         Duration::from_secs(20),
         "an answer through the gateway",
         || {
-            let addr = addr.clone();
+            let (addr, ca) = (addr.clone(), ca.clone());
             async move {
-                let r = send(&addr, "POST /agents/echo/echo HTTP/1.1", b"hello").await;
+                let r = send_tls(&addr, &ca, "POST /agents/echo/echo HTTP/1.1", b"hello").await;
                 (r.status == 200).then_some(r)
             }
         },
@@ -162,6 +164,17 @@ async fn berth_up_runs_everything_and_the_plain_cli_works() {
     .await
     .unwrap();
     assert_eq!(answer.json()["body"], "hello");
+    let forwarded = answer.json()["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|h| h[0] == "x-forwarded-for" && h[1] == "127.0.0.1");
+    assert!(
+        forwarded,
+        "the client's address reaches the agent over TLS too"
+    );
+    let plain = berth_tests::docker::http(&addr, "GET", "/agents/echo/health").await;
+    assert!(plain.is_none(), "a plain HTTP answer: {plain:?}");
 
     // Ctrl-C (SIGTERM): it stops everything it started, and exits cleanly.
     let status = up.terminate().expect("berth up exits after SIGTERM");

@@ -59,11 +59,16 @@ pub struct GatewayConfig {
     pub workers: usize,
     /// File of admin tokens (one per line), which may read any agent's stored requests.
     pub token_file: Option<std::path::PathBuf>,
+    /// PEM certificate (chain) and key to serve HTTPS with; plain HTTP when unset.
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// Why the gateway could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayStartError {
+    /// The TLS certificate or key cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// etcd could not be reached.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -260,6 +265,10 @@ pub async fn run(
                 }
             }),
         );
+    let tls = match &config.tls {
+        Some((cert, key)) => Some(tls_acceptor(cert, key)?),
+        None => None,
+    };
     let workers = match config.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
@@ -279,10 +288,10 @@ pub async fn run(
         .into_iter()
         .enumerate()
         .map(|(i, listener)| {
-            let (app, stop) = (app.clone(), stop_rx.clone());
+            let (app, stop, tls) = (app.clone(), stop_rx.clone(), tls.clone());
             std::thread::Builder::new()
                 .name(format!("gateway-{i}"))
-                .spawn(move || serve_on_this_thread(listener, app, stop))
+                .spawn(move || serve_on_this_thread(listener, app, stop, tls))
                 .map_err(GatewayStartError::Serve)
         })
         .collect::<Result<_, _>>()?;
@@ -332,19 +341,106 @@ fn serve_on_this_thread(
     listener: std::net::TcpListener,
     app: Router,
     stop: watch::Receiver<bool>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> std::io::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener)?;
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stopped(stop))
-        .await
+        match tls {
+            None => {
+                axum::serve(
+                    listener,
+                    app.into_make_service_with_connect_info::<SocketAddr>(),
+                )
+                .with_graceful_shutdown(stopped(stop))
+                .await
+            }
+            Some(acceptor) => serve_tls(listener, app, stop, acceptor).await,
+        }
     })
+}
+
+/// How long a client may take to finish the TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The HTTPS accept loop: each connection's handshake and requests in a task of its own (a
+/// slow handshake holds up no other client), the client's address given to the handler as
+/// `ConnectInfo` as on plain HTTP.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    stop: watch::Receiver<bool>,
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> std::io::Result<()> {
+    use tower::ServiceExt;
+    loop {
+        let (tcp, client) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+            _ = stopped(stop.clone()) => return Ok(()),
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%client, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service =
+                app.map_request(move |mut request: http::Request<hyper::body::Incoming>| {
+                    request
+                        .extensions_mut()
+                        .insert(axum::extract::ConnectInfo(client));
+                    request
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(
+                    hyper_util::rt::TokioIo::new(tls),
+                    hyper_util::service::TowerToHyperService::new(service),
+                )
+                .with_upgrades()
+                .await;
+        });
+    }
+}
+
+/// A TLS acceptor for the certificate chain and key in the PEM files `cert` and `key`.
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<tokio_rustls::TlsAcceptor, GatewayStartError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+    let invalid = |what: &std::path::Path, e: &dyn std::fmt::Display| {
+        GatewayStartError::Tls(format!("{}: {e}", what.display()))
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| invalid(cert, &e))?;
+    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| invalid(key, &e))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| invalid(cert, &e))?
+    .with_no_client_auth()
+    .with_single_cert(chain, private)
+    .map_err(|e| invalid(cert, &e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
 }
 
 async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, GatewayStartError> {
