@@ -5,7 +5,7 @@
 //! the agent stopped and started (its requests kept meanwhile, then replayed).
 //! Every request must end answered, directly or by replay. Torn down on exit, pass or fail.
 
-use berth_tests::wire::send;
+use berth_tests::wire::send_tls;
 use berth_tests::{berth_bin, eventually, free_port, unique_name, ADMIN_TOKEN, JOIN_TOKEN};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -66,6 +66,20 @@ impl Cluster {
         let secrets = tempfile::tempdir().unwrap();
         std::fs::write(secrets.path().join("tokens"), format!("{ADMIN_TOKEN}\n")).unwrap();
         std::fs::write(secrets.path().join("join"), format!("{JOIN_TOKEN}\n")).unwrap();
+        let out = Command::new(berth_bin())
+            .args(["certs", "--dir"])
+            .arg(secrets.path().join("tls"))
+            .args([
+                "--host",
+                "control-plane-1",
+                "--host",
+                "control-plane-2",
+                "--host",
+                "gateway",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "berth certs: {out:?}");
         let cluster = Self {
             project,
             secrets,
@@ -81,6 +95,16 @@ impl Cluster {
         cluster
     }
 
+    /// The cluster's CA certificate.
+    fn ca(&self) -> PathBuf {
+        self.secrets.path().join("tls/ca.pem")
+    }
+
+    /// A request through the gateway, over HTTPS.
+    async fn send(&self, head: &str, body: &[u8]) -> berth_tests::wire::Raw {
+        send_tls(&self.gateway, &self.ca(), head, body).await
+    }
+
     fn node(&self, i: usize) -> String {
         format!("{}-node-{i}", self.project)
     }
@@ -92,10 +116,11 @@ impl Cluster {
             .env(
                 "BERTH_ADDR",
                 format!(
-                    "http://127.0.0.1:{},http://127.0.0.1:{}",
+                    "https://127.0.0.1:{},https://127.0.0.1:{}",
                     self.cp_ports[0], self.cp_ports[1]
                 ),
             )
+            .env("BERTH_TLS_CA", self.ca())
             .env("BERTH_TOKEN", ADMIN_TOKEN)
             .env("BERTH_CLI_CONFIG", self.secrets.path().join("cli.yaml"))
             .output()
@@ -141,7 +166,8 @@ impl Cluster {
                     .arg("10")
                     .arg(berth_bin())
                     .args(args)
-                    .env("BERTH_ADDR", format!("http://127.0.0.1:{port}"))
+                    .env("BERTH_ADDR", format!("https://127.0.0.1:{port}"))
+                    .env("BERTH_TLS_CA", self.ca())
                     .env("BERTH_TOKEN", ADMIN_TOKEN)
                     .env("BERTH_CLI_CONFIG", self.secrets.path().join("cli.yaml"))
                     .output()
@@ -244,12 +270,12 @@ async fn the_compose_cluster_survives_a_lost_node_and_a_stopped_etcd_member() {
         Duration::from_secs(30),
         "the gateway routes to it",
         || async {
-            let r = send(
-                &cluster.gateway,
-                &format!("POST /agents/{name}/echo HTTP/1.1\r\nX-Berth-Replay: off"),
-                b"probe",
-            )
-            .await;
+            let r = cluster
+                .send(
+                    &format!("POST /agents/{name}/echo HTTP/1.1\r\nX-Berth-Replay: off"),
+                    b"probe",
+                )
+                .await;
             (r.status == 200).then_some(())
         },
     )
@@ -262,6 +288,7 @@ async fn the_compose_cluster_survives_a_lost_node_and_a_stopped_etcd_member() {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let traffic = {
         let (tally, stop, gateway) = (tally.clone(), stop.clone(), cluster.gateway.clone());
+        let ca = cluster.ca();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(20));
             let mut i = 0;
@@ -269,12 +296,12 @@ async fn the_compose_cluster_survives_a_lost_node_and_a_stopped_etcd_member() {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 tick.tick().await;
                 i += 1;
-                let (tally, gateway) = (tally.clone(), gateway.clone());
+                let (tally, gateway, ca) = (tally.clone(), gateway.clone(), ca.clone());
                 inflight.spawn(async move {
                     let key = format!("cluster-{i}");
                     let head =
                         format!("POST /agents/{name}/echo HTTP/1.1\r\nIdempotency-Key: {key}");
-                    let r = send(&gateway, &head, key.as_bytes()).await;
+                    let r = send_tls(&gateway, &ca, &head, key.as_bytes()).await;
                     let mut t = tally.lock().unwrap();
                     t.sent += 1;
                     match r.status {
@@ -404,10 +431,10 @@ async fn the_compose_cluster_survives_a_lost_node_and_a_stopped_etcd_member() {
 
     // Every 202 ends delivered.
     let queued = tally.lock().unwrap().queued.clone();
-    let undelivered = |ids: Vec<String>, gateway: String| async move {
+    let undelivered = |ids: Vec<String>, gateway: String, ca: PathBuf| async move {
         let mut left = Vec::new();
         for id in ids {
-            let r = send(&gateway, &format!("GET /requests/{id} HTTP/1.1"), b"").await;
+            let r = send_tls(&gateway, &ca, &format!("GET /requests/{id} HTTP/1.1"), b"").await;
             if r.status != 200 || r.json()["status"] != "delivered" {
                 left.push(id);
             }
@@ -418,9 +445,9 @@ async fn the_compose_cluster_survives_a_lost_node_and_a_stopped_etcd_member() {
         Duration::from_secs(60),
         "every queued request delivered",
         || {
-            let (queued, gateway) = (queued.clone(), cluster.gateway.clone());
+            let (queued, gateway, ca) = (queued.clone(), cluster.gateway.clone(), cluster.ca());
             async move {
-                undelivered(queued.clone(), gateway)
+                undelivered(queued.clone(), gateway, ca)
                     .await
                     .is_empty()
                     .then_some(queued.len())
