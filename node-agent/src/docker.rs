@@ -266,6 +266,14 @@ impl Runtime {
                     self.volume_root.display()
                 )));
             }
+            if v.source.starts_with('/') && !resolves_under(&self.volume_root, Path::new(&v.source))
+            {
+                return Err(DockerError::Refused(format!(
+                    "volume {} leads outside this node's volume root {} through a symbolic link",
+                    v.source,
+                    self.volume_root.display()
+                )));
+            }
         }
         let mut labels = self.extra_labels.clone();
         labels.extend([
@@ -493,11 +501,47 @@ fn under(root: &Path, path: &Path) -> bool {
     path.starts_with(root) && !path.components().any(|c| c == Component::ParentDir)
 }
 
+/// Whether `path`, with every symbolic link on it resolved, stays under `root` (also
+/// resolved). A path that does not exist yet is judged by its deepest existing ancestor, which
+/// is what Docker would create it in.
+fn resolves_under(root: &Path, path: &Path) -> bool {
+    let Ok(root) = std::fs::canonicalize(root) else {
+        return false;
+    };
+    let mut probe = path.to_path_buf();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(&probe) {
+            return real.starts_with(&root);
+        }
+        if !probe.pop() {
+            return false;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{container_digest, under};
+    use super::{container_digest, resolves_under, under};
     use berth_proto::v1::AgentSpec;
     use std::path::Path;
+
+    #[test]
+    fn a_symbolic_link_out_of_the_volume_root_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("volumes");
+        std::fs::create_dir_all(root.join("agent")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("escape")).unwrap();
+        std::os::unix::fs::symlink(root.join("agent"), root.join("alias")).unwrap();
+        assert!(resolves_under(&root, &root.join("agent")));
+        assert!(resolves_under(&root, &root.join("agent/not-yet")));
+        assert!(
+            resolves_under(&root, &root.join("alias")),
+            "a link that stays inside"
+        );
+        assert!(!resolves_under(&root, &root.join("escape")));
+        assert!(!resolves_under(&root, &root.join("escape/passwd")));
+        assert!(!resolves_under(&root, &root.join("escape/not-yet")));
+    }
 
     #[test]
     fn the_digest_follows_the_container_not_the_run_state() {
