@@ -375,6 +375,8 @@ async fn serve_tls(
     acceptor: tokio_rustls::TlsAcceptor,
 ) -> std::io::Result<()> {
     use tower::ServiceExt;
+    // On stop: no new connections, and the open ones finish their requests (up to a bound).
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (tcp, client) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -384,10 +386,10 @@ async fn serve_tls(
                     continue;
                 }
             },
-            _ = stopped(stop.clone()) => return Ok(()),
+            _ = stopped(stop.clone()) => break,
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, app) = (acceptor.clone(), app.clone());
+        let (acceptor, app, watcher) = (acceptor.clone(), app.clone(), graceful.watcher());
         tokio::spawn(async move {
             let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
             {
@@ -405,16 +407,30 @@ async fn serve_tls(
                         .insert(axum::extract::ConnectInfo(client));
                     request
                 });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let connection = hyper::server::conn::http1::Builder::new()
+                // A client that trickles its headers is cut off (slowloris).
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(
                     hyper_util::rt::TokioIo::new(tls),
                     hyper_util::service::TowerToHyperService::new(service),
-                )
-                .with_upgrades()
-                .await;
+                );
+            let _ = watcher.watch(connection).await;
         });
     }
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; closing them");
+    }
+    Ok(())
 }
+
+/// How long a client may take to send a request's headers over HTTPS.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a stopping HTTPS listener waits for open requests to finish.
+pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A TLS acceptor for the certificate chain and key in the PEM files `cert` and `key`.
 fn tls_acceptor(
