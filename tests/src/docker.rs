@@ -37,22 +37,7 @@ impl DockerRun {
 
     /// Ids of this run's containers, running or not, sorted.
     pub fn containers(&self) -> Vec<String> {
-        let out = Command::new("docker")
-            .args([
-                "ps",
-                "-aq",
-                "--no-trunc",
-                "--filter",
-                &format!("label=berth.test={}", self.id),
-            ])
-            .output()
-            .expect("docker ps");
-        let mut ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .map(str::to_string)
-            .collect();
-        ids.sort();
-        ids
+        containers_labelled(&format!("berth.test={}", self.id), true)
     }
 
     /// `docker inspect -f FORMAT ID`.
@@ -65,15 +50,41 @@ impl DockerRun {
     }
 }
 
+/// Full ids of the containers with `label` (`key=value`), sorted; stopped ones too with `all`.
+pub fn containers_labelled(label: &str, all: bool) -> Vec<String> {
+    let out = Command::new("docker")
+        .args([
+            "ps",
+            "-q",
+            "--no-trunc",
+            "--filter",
+            &format!("label={label}"),
+        ])
+        .args(all.then_some("-a"))
+        .output()
+        .expect("docker ps");
+    let mut ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Removes (`docker rm -f`) every container with `label`, running or not; whether all went.
+pub fn remove_labelled(label: &str) -> bool {
+    let ids = containers_labelled(label, true);
+    ids.is_empty()
+        || Command::new("docker")
+            .args(["rm", "-f"])
+            .args(&ids)
+            .output()
+            .is_ok_and(|o| o.status.success())
+}
+
 impl Drop for DockerRun {
     fn drop(&mut self) {
-        let ids = self.containers();
-        if !ids.is_empty() {
-            let _ = Command::new("docker")
-                .args(["rm", "-f"])
-                .args(&ids)
-                .output();
-        }
+        remove_labelled(&format!("berth.test={}", self.id));
         // By id: if node agents raced to create it, there may be several of this name.
         let ids = Command::new("docker")
             .args(["network", "ls", "-q", "--filter"])

@@ -464,3 +464,33 @@ impl Gateway {
         format!("gateway {} log:\n{log}", self.name)
     }
 }
+
+/// Opens the node-agent stream on `channel` with `token`, says hello as `node`, and returns the
+/// first control message, or the status the control plane refused the stream with.
+pub async fn open_node_stream(
+    channel: Channel,
+    token: &str,
+    node: &str,
+) -> Result<berth_proto::v1::ControlMessage, tonic::Status> {
+    use berth_proto::v1::node_agent_service_client::NodeAgentServiceClient;
+    use berth_proto::v1::{node_message, Hello, NodeMessage};
+    let value: MetadataValue<_> = format!("Bearer {token}").parse().expect("ascii token");
+    let mut client =
+        NodeAgentServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", value.clone());
+            Ok(r)
+        });
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let hello = NodeMessage {
+        kind: Some(node_message::Kind::Hello(Hello {
+            node: node.into(),
+            ..Default::default()
+        })),
+    };
+    tx.send(hello).await.expect("the stream's queue is open");
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    let mut inbound = client.connect(stream).await?.into_inner();
+    let first = inbound.message().await?;
+    drop(tx);
+    Ok(first.expect("a first control message"))
+}

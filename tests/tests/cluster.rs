@@ -195,22 +195,7 @@ impl Drop for Cluster {
         }
         // The node agents first, so that none starts a container after the sweep below.
         let _ = self.compose(&["stop", "-t", "2"]);
-        let label = format!("label=berth.cluster={}", self.project);
-        let out = Command::new("docker")
-            .args(["ps", "-aq", "--filter", &label])
-            .output();
-        if let Ok(out) = out {
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .map(str::to_string)
-                .collect();
-            if !ids.is_empty() {
-                let _ = Command::new("docker")
-                    .args(["rm", "-f"])
-                    .args(&ids)
-                    .output();
-            }
-        }
+        berth_tests::docker::remove_labelled(&format!("berth.cluster={}", self.project));
         let _ = self.compose(&["down", "-v", "--remove-orphans", "-t", "5"]);
     }
 }
@@ -323,23 +308,10 @@ async fn the_compose_cluster_survives_a_lost_node_and_a_stopped_etcd_member() {
     let cut = Instant::now();
     let out = cluster.compose(&["stop", "-t", "1", "node-3"]);
     assert!(out.status.success(), "{out:?}");
-    let label = format!("label=berth.node={lost}");
-    let ids = Command::new("docker")
-        .args(["ps", "-q", "--filter", &label])
-        .output()
-        .unwrap();
-    let ids: Vec<String> = String::from_utf8_lossy(&ids.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let label = format!("berth.node={lost}");
+    let ids = berth_tests::docker::containers_labelled(&label, false);
     assert_eq!(ids.len(), 1, "one replica ran on {lost}");
-    assert!(Command::new("docker")
-        .args(["rm", "-f"])
-        .args(&ids)
-        .output()
-        .unwrap()
-        .status
-        .success());
+    assert!(berth_tests::docker::remove_labelled(&label));
     eventually(
         Duration::from_secs(60),
         "3 ready, none on the lost node",

@@ -35,35 +35,58 @@ async fn node_record(etcd: &Etcd, name: &str) -> Option<Node> {
     Node::decode(kv.value()).ok()
 }
 
-/// Containers of one node, by the node label.
+/// Running containers of one node, by the node label.
 fn containers_of(node: &str) -> Vec<String> {
-    let out = std::process::Command::new("docker")
-        .args(["ps", "-q", "--filter", &format!("label=berth.node={node}")])
-        .output()
-        .expect("docker ps");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
+    berth_tests::docker::containers_labelled(&format!("berth.node={node}"), false)
+}
+
+/// etcd, a control plane and three node agents (named `{prefix}0`…), each connected.
+struct Fleet {
+    run: DockerRun,
+    etcd: Etcd,
+    cp: ControlPlane,
+    nodes: Vec<NodeAgent>,
+    api: berth_tests::AgentClient,
+}
+
+impl Fleet {
+    async fn start(prefix: &str) -> Self {
+        let run = DockerRun::new().unwrap();
+        let etcd = Etcd::start().await.unwrap();
+        let cp = ControlPlane::start(&etcd.url()).await.unwrap();
+        let nodes: Vec<NodeAgent> = (0..3)
+            .map(|i| {
+                NodeAgent::start(&cp.url(), &unique_name(&format!("{prefix}{i}")), &run).unwrap()
+            })
+            .collect();
+        let api = cp.agents().await.unwrap();
+        for node in &nodes {
+            eventually(Duration::from_secs(20), "the node connected", || async {
+                let record = node_record(&etcd, &node.name).await?;
+                (record.status == NodeStatus::Ready as i32).then_some(())
+            })
+            .await
+            .unwrap();
+        }
+        Self {
+            run,
+            etcd,
+            cp,
+            nodes,
+            api,
+        }
+    }
 }
 
 #[tokio::test]
 async fn a_partitioned_node_loses_its_replicas_and_a_blip_restarts_nothing() {
-    let run = DockerRun::new().unwrap();
-    let etcd = Etcd::start().await.unwrap();
-    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
-    let nodes: Vec<NodeAgent> = (0..3)
-        .map(|i| NodeAgent::start(&cp.url(), &unique_name(&format!("n{i}")), &run).unwrap())
-        .collect();
-    let api = cp.agents().await.unwrap();
-    for node in &nodes {
-        eventually(Duration::from_secs(20), "the node connected", || async {
-            let record = node_record(&etcd, &node.name).await?;
-            (record.status == NodeStatus::Ready as i32).then_some(())
-        })
-        .await
-        .unwrap();
-    }
+    let Fleet {
+        run,
+        etcd,
+        cp,
+        nodes,
+        api,
+    } = Fleet::start("n").await;
     let name = unique_name("spread");
     let out = cp.cli(&["deploy", "-n", &name, "-i", ECHO_IMAGE, "--replicas", "3"]);
     assert!(out.status.success(), "{out:?}");
@@ -344,21 +367,13 @@ async fn a_new_spec_rolls_out_with_a_surge_replica_and_a_broken_one_halts() {
 
 #[tokio::test]
 async fn a_drain_moves_replicas_with_each_replacement_ready_before_the_old_one_stops() {
-    let run = DockerRun::new().unwrap();
-    let etcd = Etcd::start().await.unwrap();
-    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
-    let nodes: Vec<NodeAgent> = (0..3)
-        .map(|i| NodeAgent::start(&cp.url(), &unique_name(&format!("d{i}")), &run).unwrap())
-        .collect();
-    let api = cp.agents().await.unwrap();
-    for node in &nodes {
-        eventually(Duration::from_secs(20), "the node connected", || async {
-            let record = node_record(&etcd, &node.name).await?;
-            (record.status == NodeStatus::Ready as i32).then_some(())
-        })
-        .await
-        .unwrap();
-    }
+    let Fleet {
+        run: _run,
+        etcd: _etcd,
+        cp,
+        nodes,
+        api,
+    } = Fleet::start("d").await;
     let name = unique_name("drain");
     let out = cp.cli(&[
         "deploy",

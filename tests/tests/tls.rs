@@ -3,15 +3,15 @@
 //! agents required to present a client certificate (mTLS), and a real `berth node-agent`
 //! joining over mTLS.
 
-use berth_proto::v1::node_agent_service_client::NodeAgentServiceClient;
-use berth_proto::v1::{node_message, Hello, Node, NodeMessage, NodeStatus};
+use berth_proto::v1::{Node, NodeStatus};
 use berth_tests::docker::DockerRun;
-use berth_tests::{berth_bin, eventually, unique_name, ControlPlane, Etcd, JOIN_TOKEN};
+use berth_tests::{
+    berth_bin, eventually, open_node_stream, unique_name, ControlPlane, Etcd, JOIN_TOKEN,
+};
 use prost::Message;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 fn certs(dir: &Path) {
@@ -37,23 +37,7 @@ async fn stream(
         .connect()
         .await
         .map_err(|e| tonic::Status::unavailable(format!("{e:?}")))?;
-    let token: tonic::metadata::MetadataValue<_> = format!("Bearer {JOIN_TOKEN}").parse().unwrap();
-    let mut client =
-        NodeAgentServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
-            r.metadata_mut().insert("authorization", token.clone());
-            Ok(r)
-        });
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(NodeMessage {
-        kind: Some(node_message::Kind::Hello(Hello {
-            node: node.into(),
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
-    Ok(inbound.message().await?.expect("a first control message"))
+    open_node_stream(channel, JOIN_TOKEN, node).await
 }
 
 #[tokio::test]

@@ -2,13 +2,9 @@
 //! is refused writes, a node token opens only its own node's stream, tokens are stored hashed
 //! and listed without secrets, and a revoked token is refused.
 
-use berth_proto::v1::node_agent_service_client::NodeAgentServiceClient;
-use berth_proto::v1::{node_message, Hello, NodeMessage};
-use berth_tests::{eventually, unique_name, ControlPlane, Etcd};
+use berth_tests::{eventually, open_node_stream, unique_name, ControlPlane, Etcd};
 use std::process::Output;
 use std::time::Duration;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 /// The node-agent stream opened with `token` as `node`: the first control message, or the
@@ -23,25 +19,7 @@ async fn connect_as(
         .connect()
         .await
         .unwrap();
-    let value: MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
-    let mut client =
-        NodeAgentServiceClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
-            r.metadata_mut().insert("authorization", value.clone());
-            Ok(r)
-        });
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(NodeMessage {
-        kind: Some(node_message::Kind::Hello(Hello {
-            node: node.into(),
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let mut inbound = client.connect(ReceiverStream::new(rx)).await?.into_inner();
-    let first = inbound.message().await?;
-    drop(tx);
-    Ok(first.expect("a first control message"))
+    open_node_stream(channel, token, node).await
 }
 
 fn text(out: &Output) -> String {

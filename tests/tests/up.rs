@@ -40,22 +40,7 @@ impl Drop for Up {
         }
         let data = self.data.path().display().to_string();
         let _ = Command::new("pkill").args(["-KILL", "-f", &data]).status();
-        let label = format!("label=berth.node={}", self.node);
-        if let Ok(out) = Command::new("docker")
-            .args(["ps", "-aq", "--filter", &label])
-            .output()
-        {
-            let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .map(str::to_string)
-                .collect();
-            if !ids.is_empty() {
-                let _ = Command::new("docker")
-                    .args(["rm", "-f"])
-                    .args(&ids)
-                    .output();
-            }
-        }
+        berth_tests::docker::remove_labelled(&format!("berth.node={}", self.node));
         let _ = Command::new("docker")
             .args(["network", "rm", &self.network])
             .output();

@@ -565,7 +565,13 @@ async fn reconcile(store: &Store) -> Result<(), StoreError> {
     let (mut agents, _) = store.list_agents().await?;
     // Assignments carry the secret values (their nodes give them to the containers, and a
     // changed secret changes the container digest); the agents' specs only say `<redacted>`.
-    let mut secrets = store.all_agent_secrets().await?;
+    let any_secret = agents
+        .iter()
+        .any(|a| a.spec.as_ref().is_some_and(|s| !s.secret_env.is_empty()));
+    let mut secrets = match any_secret {
+        true => store.all_agent_secrets().await?,
+        false => Default::default(),
+    };
     for spec in agents.iter_mut().filter_map(|a| a.spec.as_mut()) {
         if let Some(stored) = secrets.remove(&spec.name) {
             for (key, value) in stored.env {

@@ -144,7 +144,7 @@ impl Store {
         F: FnMut(&mut Agent) -> Result<Option<Event>, E>,
         E: From<StoreError>,
     {
-        self.update_agent_and_secrets(name, expected, |agent, _| change(agent))
+        self.update_agent_with(name, expected, false, |agent, _| change(agent))
             .await
     }
 
@@ -160,10 +160,31 @@ impl Store {
         F: FnMut(&mut Agent, &mut AgentSecrets) -> Result<Option<Event>, E>,
         E: From<StoreError>,
     {
+        self.update_agent_with(name, expected, true, |agent, secrets| {
+            change(agent, secrets.expect("read when asked for"))
+        })
+        .await
+    }
+
+    /// The update loop; the secrets are read, handed to `change` and written back only when
+    /// `with_secrets` (a run-state change or a scale neither reads nor rewrites them).
+    async fn update_agent_with<F, E>(
+        &self,
+        name: &str,
+        expected: Option<&str>,
+        with_secrets: bool,
+        mut change: F,
+    ) -> Result<Agent, E>
+    where
+        F: FnMut(&mut Agent, Option<&mut AgentSecrets>) -> Result<Option<Event>, E>,
+        E: From<StoreError>,
+    {
         let key = self.keys.agent(name);
         for _ in 0..MAX_CAS_ATTEMPTS {
-            let stored_secrets = self.agent_secrets(name).await?;
-            let mut secrets = stored_secrets.clone();
+            let mut secrets = match with_secrets {
+                true => Some(self.agent_secrets(name).await?),
+                false => None,
+            };
             let current = self.get_agent(name).await?;
             let current_version = resource_version(&current).to_string();
             if let Some(expected) = expected {
@@ -172,10 +193,10 @@ impl Store {
                 }
             }
             let mut agent = current.clone();
-            let Some(event) = change(&mut agent, &mut secrets)? else {
+            let Some(event) = change(&mut agent, secrets.as_mut())? else {
                 return Ok(current);
             };
-            let secrets_op = self.secrets_op(name, &secrets);
+            let secrets_op = secrets.as_ref().map(|s| self.secrets_op(name, s));
             let status = agent.status.take();
             let meta = agent.meta.get_or_insert_with(Default::default);
             meta.generation += 1;
@@ -189,11 +210,13 @@ impl Store {
                         CompareOp::Equal,
                         mod_revision,
                     )])
-                    .and_then([
-                        TxnOp::put(key.as_str(), agent.encode_to_vec(), None),
-                        secrets_op.clone(),
-                        event_op,
-                    ])
+                    .and_then(
+                        [TxnOp::put(key.as_str(), agent.encode_to_vec(), None)]
+                            .into_iter()
+                            .chain(secrets_op.clone())
+                            .chain([event_op])
+                            .collect::<Vec<_>>(),
+                    )
             };
             let resp = self.commit_with_event(&event, txn).await?;
             if resp.succeeded() {
