@@ -1,6 +1,7 @@
 //! Berth's servers as subcommands of the one binary: flags and environment layered over a
 //! config file, logging set up, and a shutdown on Ctrl-C or SIGTERM.
 
+use berth_control_plane::gateway::serve::ClientLimits;
 use berth_control_plane::Config;
 use clap::{Args, ValueEnum};
 use std::net::SocketAddr;
@@ -275,6 +276,20 @@ pub struct GatewayArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, env = "BERTH_GATEWAY_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Time a client has to finish the TLS handshake, and then to send each request's headers;
+    /// a slower one is cut off (slowloris).
+    #[arg(long, env = "BERTH_GATEWAY_HEADER_TIMEOUT", default_value = "30s", value_parser = crate::quantity::parse_duration)]
+    header_timeout: std::time::Duration,
+    /// Time a client has to send a body the gateway reads whole (one it may retry or queue);
+    /// a slower one gets 408.
+    #[arg(long, env = "BERTH_GATEWAY_BODY_TIMEOUT", default_value = "60s", value_parser = crate::quantity::parse_duration)]
+    body_timeout: std::time::Duration,
+    /// Bytes of request header fields (names and values); more gets 431.
+    #[arg(long, env = "BERTH_GATEWAY_MAX_HEADER_BYTES", default_value_t = ClientLimits::default().max_header_bytes)]
+    max_header_bytes: usize,
+    /// Open client connections; one more is answered 503 and closed.
+    #[arg(long, env = "BERTH_GATEWAY_MAX_CONNECTIONS", default_value_t = ClientLimits::default().max_connections)]
+    max_connections: usize,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -299,6 +314,12 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         workers: args.workers,
         token_file: args.token_file,
         tls: args.tls_cert.zip(args.tls_key),
+        limits: ClientLimits {
+            header_timeout: args.header_timeout,
+            body_timeout: args.body_timeout,
+            max_header_bytes: args.max_header_bytes,
+            max_connections: args.max_connections,
+        },
     };
     berth_control_plane::gateway::run(config, shutdown_signal()).await?;
     Ok(())

@@ -401,6 +401,7 @@ pub struct Gateway {
     dir: TempDir,
     etcd_url: String,
     name: String,
+    extra: Vec<String>,
     /// HTTP address, `127.0.0.1:PORT`.
     pub addr: String,
     /// Admin address, `127.0.0.1:PORT`.
@@ -415,11 +416,17 @@ impl Gateway {
 
     /// Starts a gateway named `name` (names tell gateways' claims and breakers apart).
     pub async fn start_named(etcd_url: &str, name: &str) -> anyhow::Result<Self> {
+        Self::start_with(etcd_url, name, &[]).await
+    }
+
+    /// Starts a gateway named `name` with `extra` flags of `berth gateway`.
+    pub async fn start_with(etcd_url: &str, name: &str, extra: &[&str]) -> anyhow::Result<Self> {
         let mut gateway = Self {
             child: None,
             dir: tempfile::Builder::new().prefix("berth-gw-").tempdir()?,
             etcd_url: etcd_url.to_string(),
             name: name.to_string(),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
             addr: format!("127.0.0.1:{}", free_port()),
             admin_addr: format!("127.0.0.1:{}", free_port()),
         };
@@ -443,6 +450,7 @@ impl Gateway {
             .arg(&tokens)
             .args(["--etcd", &self.etcd_url, "--listen", &self.addr])
             .args(["--admin-listen", &self.admin_addr, "--name", &self.name])
+            .args(&self.extra)
             .env("RUST_LOG", "info");
         self.child = Some(Child::spawn(command, &self.dir.path().join("gateway.log"))?);
         let ready = self.admin_addr.clone();

@@ -78,6 +78,11 @@ where
     stream.write_all(request.as_bytes()).await.unwrap();
     // A server may answer (413, say) and close before reading a large body: read anyway.
     let _ = stream.write_all(body).await;
+    read_response(&mut stream).await
+}
+
+/// Reads a response until the server closes the connection (within 30 s).
+pub async fn read_response<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> Raw {
     let mut raw = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut raw))
         .await

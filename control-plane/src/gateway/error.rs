@@ -42,6 +42,12 @@ pub enum GatewayError {
     /// The request itself is not acceptable (body too large to read, bad path).
     #[error("{0}")]
     BadRequest(String),
+    /// The request's header fields are over the gateway's limit.
+    #[error("the request's headers are {bytes} bytes, over the gateway's limit of {limit} (--max-header-bytes)")]
+    HeadersTooLarge { bytes: usize, limit: usize },
+    /// The client did not send the body within the gateway's limit.
+    #[error("the request body did not arrive within {timeout:?} (--body-timeout)")]
+    BodyTimeout { timeout: Duration },
     /// The request would have to be queued, but its body is over the agent's replay limit.
     #[error("agent {agent} cannot take the request now, and its body is over the {limit}-byte limit for queueing it (replay.maxBodyBytes)")]
     TooLarge { agent: String, limit: u64 },
@@ -91,6 +97,11 @@ impl GatewayError {
             Self::Upstream { .. } => (StatusCode::BAD_GATEWAY, "upstream_failed"),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             Self::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            Self::HeadersTooLarge { .. } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+            ),
+            Self::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             Self::QueueFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
             Self::NotPersisted { .. } => (StatusCode::SERVICE_UNAVAILABLE, "queue_unavailable"),
             Self::UnknownRequest { .. } => (StatusCode::NOT_FOUND, "request_not_found"),

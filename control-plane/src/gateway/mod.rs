@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod replay;
 pub mod retry;
 pub mod routes;
+pub mod serve;
 
 use crate::store::{Store, StoreError};
 use axum::body::Body;
@@ -28,6 +29,7 @@ use http_body_util::BodyExt;
 use metrics::{AgentLabels, GatewayMetrics, RequestLabels};
 use retry::RetryPolicy;
 use routes::{Route, Routes};
+use serve::ClientLimits;
 use std::collections::HashMap;
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -61,6 +63,8 @@ pub struct GatewayConfig {
     pub token_file: Option<std::path::PathBuf>,
     /// PEM certificate (chain) and key to serve HTTPS with; plain HTTP when unset.
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// What each client may hold of the gateway, and for how long.
+    pub limits: ClientLimits,
 }
 
 /// Why the gateway could not start or stopped with an error.
@@ -108,6 +112,7 @@ pub struct Gateway {
     metrics: Arc<GatewayMetrics>,
     changes: mpsc::UnboundedSender<BreakerChange>,
     max_concurrency: usize,
+    limits: ClientLimits,
 }
 
 impl Gateway {
@@ -195,6 +200,7 @@ pub async fn run(
             reason: "must be at least 1".into(),
         });
     }
+    config.limits.validate()?;
     let admin_tokens = match &config.token_file {
         Some(path) => {
             crate::auth::TokenSet::from_file(path).map_err(|e| GatewayStartError::Config {
@@ -226,6 +232,7 @@ pub async fn run(
         metrics: metrics.clone(),
         changes: changes_tx,
         max_concurrency: config.max_concurrency,
+        limits: config.limits,
     });
     let replayer = tokio::spawn(replay::replayer::run(gateway.clone(), config.name.clone()));
     let app = Router::new()
@@ -266,7 +273,7 @@ pub async fn run(
             }),
         );
     let tls = match &config.tls {
-        Some((cert, key)) => Some(tls_acceptor(cert, key)?),
+        Some((cert, key)) => Some(serve::tls_acceptor(cert, key)?),
         None => None,
     };
     let workers = match config.workers {
@@ -274,24 +281,36 @@ pub async fn run(
         n => n,
     };
     let listeners = (0..workers)
-        .map(|_| bind_shared(config.listen))
+        .map(|_| serve::bind_shared(config.listen))
         .collect::<Result<Vec<_>, _>>()?;
     let admin_listener = bind(config.admin_listen).await?;
     tracing::info!(listen = %config.listen, admin = %config.admin_listen, workers, etcd = %config.etcd.join(","), "gateway serving");
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin = tokio::spawn(
         axum::serve(admin_listener, admin)
-            .with_graceful_shutdown(stopped(stop_rx.clone()))
+            .with_graceful_shutdown({
+                let mut stop = stop_rx.clone();
+                async move {
+                    let _ = stop.wait_for(|stop| *stop).await;
+                }
+            })
             .into_future(),
     );
+    let serving = serve::Serving {
+        app,
+        stop: stop_rx,
+        tls,
+        limits: config.limits,
+        connections: Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
+    };
     let threads: Vec<_> = listeners
         .into_iter()
         .enumerate()
         .map(|(i, listener)| {
-            let (app, stop, tls) = (app.clone(), stop_rx.clone(), tls.clone());
+            let serving = serving.clone();
             std::thread::Builder::new()
                 .name(format!("gateway-{i}"))
-                .spawn(move || serve_on_this_thread(listener, app, stop, tls))
+                .spawn(move || serve::serve_on_this_thread(listener, serving))
                 .map_err(GatewayStartError::Serve)
         })
         .collect::<Result<_, _>>()?;
@@ -311,152 +330,6 @@ pub async fn run(
     publish.abort();
     replayer.abort();
     served.map(|_| ()).map_err(GatewayStartError::Serve)
-}
-
-async fn stopped(mut stop: watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stop| *stop).await;
-}
-
-/// A listening socket on `addr` that other threads may also listen on (`SO_REUSEPORT`): the
-/// kernel spreads connections over them.
-fn bind_shared(addr: SocketAddr) -> Result<std::net::TcpListener, GatewayStartError> {
-    let bound = (|| {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.set_reuseport(true)?;
-        socket.set_nodelay(true)?;
-        socket.bind(addr)?;
-        socket.listen(1024)?.into_std()
-    })();
-    bound.map_err(|source| GatewayStartError::Bind { addr, source })
-}
-
-/// One serving thread: a single-threaded runtime with its own accept loop, like an nginx
-/// worker, so that a request and its upstream call never hop between threads.
-fn serve_on_this_thread(
-    listener: std::net::TcpListener,
-    app: Router,
-    stop: watch::Receiver<bool>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-) -> std::io::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::from_std(listener)?;
-        match tls {
-            None => {
-                axum::serve(
-                    listener,
-                    app.into_make_service_with_connect_info::<SocketAddr>(),
-                )
-                .with_graceful_shutdown(stopped(stop))
-                .await
-            }
-            Some(acceptor) => serve_tls(listener, app, stop, acceptor).await,
-        }
-    })
-}
-
-/// How long a client may take to finish the TLS handshake.
-pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// The HTTPS accept loop: each connection's handshake and requests in a task of its own (a
-/// slow handshake holds up no other client), the client's address given to the handler as
-/// `ConnectInfo` as on plain HTTP.
-async fn serve_tls(
-    listener: tokio::net::TcpListener,
-    app: Router,
-    stop: watch::Receiver<bool>,
-    acceptor: tokio_rustls::TlsAcceptor,
-) -> std::io::Result<()> {
-    use tower::ServiceExt;
-    // On stop: no new connections, and the open ones finish their requests (up to a bound).
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let (tcp, client) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    continue;
-                }
-            },
-            _ = stopped(stop.clone()) => break,
-        };
-        let _ = tcp.set_nodelay(true);
-        let (acceptor, app, watcher) = (acceptor.clone(), app.clone(), graceful.watcher());
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%client, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let service =
-                app.map_request(move |mut request: http::Request<hyper::body::Incoming>| {
-                    request
-                        .extensions_mut()
-                        .insert(axum::extract::ConnectInfo(client));
-                    request
-                });
-            let connection = hyper::server::conn::http1::Builder::new()
-                // A client that trickles its headers is cut off (slowloris).
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .serve_connection(
-                    hyper_util::rt::TokioIo::new(tls),
-                    hyper_util::service::TowerToHyperService::new(service),
-                );
-            let _ = watcher.watch(connection).await;
-        });
-    }
-    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after {DRAIN_TIMEOUT:?}; closing them");
-    }
-    Ok(())
-}
-
-/// How long a client may take to send a request's headers over HTTPS.
-pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-/// How long a stopping HTTPS listener waits for open requests to finish.
-pub const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// A TLS acceptor for the certificate chain and key in the PEM files `cert` and `key`.
-fn tls_acceptor(
-    cert: &std::path::Path,
-    key: &std::path::Path,
-) -> Result<tokio_rustls::TlsAcceptor, GatewayStartError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    use tokio_rustls::rustls;
-    let invalid = |what: &std::path::Path, e: &dyn std::fmt::Display| {
-        GatewayStartError::Tls(format!("{}: {e}", what.display()))
-    };
-    let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| invalid(cert, &e))?;
-    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| invalid(key, &e))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| invalid(cert, &e))?
-    .with_no_client_auth()
-    .with_single_cert(chain, private)
-    .map_err(|e| invalid(cert, &e))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
 }
 
 async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, GatewayStartError> {
@@ -521,6 +394,13 @@ async fn forward(
     peer: SocketAddr,
     request: Request,
 ) -> Result<Response, GatewayError> {
+    let bytes = serve::header_bytes(request.headers());
+    if bytes > gateway.limits.max_header_bytes {
+        return Err(GatewayError::HeadersTooLarge {
+            bytes,
+            limit: gateway.limits.max_header_bytes,
+        });
+    }
     let route = gateway.routes.borrow().get(agent).cloned();
     let Some(route) = route else {
         return Err(GatewayError::UnknownAgent {
@@ -550,7 +430,13 @@ async fn forward(
         rest.insert(0, '/');
     }
     let opted_out = replay::opted_out(&parts.headers) || route.replay.disabled;
-    let body = read_body(&parts.headers, body, route.replay.max_body_bytes).await?;
+    let body = read_body(
+        &parts.headers,
+        body,
+        route.replay.max_body_bytes,
+        gateway.limits.body_timeout,
+    )
+    .await?;
     let forward = Forward {
         agent: agent.to_string(),
         method: parts.method,
@@ -623,11 +509,12 @@ async fn forward(
 }
 
 /// Buffers a body of known, small length so that the request can be retried; a large or
-/// chunked one streams through.
+/// chunked one streams through. A buffered body must arrive within `timeout`.
 async fn read_body(
     headers: &HeaderMap,
     body: Body,
     limit: u64,
+    timeout: std::time::Duration,
 ) -> Result<ForwardBody, GatewayError> {
     let length = headers
         .get(header::CONTENT_LENGTH)
@@ -636,9 +523,9 @@ async fn read_body(
     let chunked = headers.contains_key(header::TRANSFER_ENCODING);
     match length {
         Some(n) if n <= limit && !chunked => {
-            let bytes = body
-                .collect()
+            let bytes = tokio::time::timeout(timeout, body.collect())
                 .await
+                .map_err(|_| GatewayError::BodyTimeout { timeout })?
                 .map_err(|e| GatewayError::BadRequest(format!("reading the request body: {e}")))?
                 .to_bytes();
             Ok(ForwardBody::Buffered(bytes))

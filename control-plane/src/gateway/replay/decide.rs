@@ -74,6 +74,8 @@ pub fn ending_of_error(err: &GatewayError) -> Ending {
         | GatewayError::Overloaded { .. }
         | GatewayError::BadRequest(_)
         | GatewayError::TooLarge { .. }
+        | GatewayError::HeadersTooLarge { .. }
+        | GatewayError::BodyTimeout { .. }
         | GatewayError::QueueFull { .. }
         | GatewayError::NotPersisted { .. }
         | GatewayError::UnknownRequest { .. }
