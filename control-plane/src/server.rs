@@ -118,7 +118,13 @@ pub async fn run(
     let admin = tokio::spawn(async move { admin.await.map_err(ServerError::Admin) });
 
     let mut grpc_stop = stop_rx;
-    let mut builder = tonic::transport::Server::builder();
+    let mut builder = tonic::transport::Server::builder()
+        // What one client connection may hold: streams at once (a stream beyond it is refused
+        // with REFUSED_STREAM), bytes of one request's headers (431, then REFUSED_STREAM), and
+        // a peer that stops answering pings is dropped.
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL));
     if let Some(tls) = tls_config(&config)? {
         builder = builder.tls_config(tls)?;
     }
@@ -201,6 +207,15 @@ async fn mirror_tokens(store: Store, issued: IssuedTokens) {
 /// The gRPC server's TLS settings, when a certificate is configured: its identity, and the CA
 /// client certificates are checked against (clients without one are still let through here;
 /// the node-agent stream refuses them when node certificates are required).
+/// Streams one gRPC connection may have open at once (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// Bytes of one request's header list (`SETTINGS_MAX_HEADER_LIST_SIZE`).
+pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+/// Time a client has to finish the TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often an idle connection is pinged; one that does not answer within 20 s is closed.
+pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(30);
+
 fn tls_config(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>, ServerError> {
     use tonic::transport::{Certificate, Identity, ServerTlsConfig};
     let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) else {
@@ -214,10 +229,12 @@ fn tls_config(config: &Config) -> Result<Option<tonic::transport::ServerTlsConfi
             })
         })
     };
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
-        read("tls_cert", cert)?,
-        read("tls_key", key)?,
-    ));
+    let mut tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(
+            read("tls_cert", cert)?,
+            read("tls_key", key)?,
+        ))
+        .timeout(TLS_HANDSHAKE_TIMEOUT);
     if let Some(ca) = &config.tls_ca {
         tls = tls
             .client_ca_root(Certificate::from_pem(read("tls_ca", ca)?))
