@@ -5,9 +5,7 @@ mod certs;
 mod client;
 mod commands;
 mod config;
-mod manifest;
 mod output;
-mod quantity;
 mod servers;
 mod up;
 
@@ -16,6 +14,7 @@ mod up;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use berth_control_plane::{manifest, quantity};
 use clap::{Parser, Subcommand};
 use client::Client;
 use commands::agents::{self, Verb};

@@ -64,7 +64,7 @@ impl Forward {
     /// Whether sending the request twice is harmless: an idempotent method (RFC 9110 §9.2.2)
     /// or an `Idempotency-Key`.
     pub fn is_safe(&self) -> bool {
-        self.method.is_idempotent() || self.headers.contains_key(IDEMPOTENCY_KEY)
+        is_safe(&self.method, &self.headers)
     }
 
     /// A copy for another attempt, if the body allows one.
@@ -81,6 +81,12 @@ impl Forward {
             tried: self.tried.clone(),
         })
     }
+}
+
+/// Whether a request with `method` and `headers` may be sent twice: an idempotent method
+/// (RFC 9110 §9.2.2) or an `Idempotency-Key`.
+pub fn is_safe(method: &http::Method, headers: &HeaderMap) -> bool {
+    method.is_idempotent() || headers.contains_key(IDEMPOTENCY_KEY)
 }
 
 /// Removes hop-by-hop headers, and those the `Connection` header lists, in place.

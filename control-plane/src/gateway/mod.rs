@@ -6,6 +6,7 @@
 pub mod balance;
 pub mod breaker;
 mod breakers;
+pub mod classify;
 pub mod error;
 pub mod forward;
 pub mod metrics;
@@ -355,10 +356,7 @@ async fn proxy(
     request: Request,
 ) -> Response {
     let started = Instant::now();
-    let path = request.uri().path();
-    let rest = path.strip_prefix("/agents/").unwrap_or_default();
-    let (agent, _) = rest.split_once('/').unwrap_or((rest, ""));
-    let agent = agent.to_string();
+    let agent = classify::agent_of(request.uri().path()).to_string();
     let response = match forward(&gateway, &agent, peer, request).await {
         Ok(response) => response,
         Err(e) => {
@@ -394,13 +392,6 @@ async fn forward(
     peer: SocketAddr,
     request: Request,
 ) -> Result<Response, GatewayError> {
-    let bytes = serve::header_bytes(request.headers());
-    if bytes > gateway.limits.max_header_bytes {
-        return Err(GatewayError::HeadersTooLarge {
-            bytes,
-            limit: gateway.limits.max_header_bytes,
-        });
-    }
     let route = gateway.routes.borrow().get(agent).cloned();
     let Some(route) = route else {
         return Err(GatewayError::UnknownAgent {
@@ -414,38 +405,29 @@ async fn forward(
     }
     let stack = gateway.stack(&route);
     let (mut parts, body) = request.into_parts();
+    let class = classify::classify(
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        gateway.limits.max_header_bytes,
+        route.replay.max_body_bytes,
+    )?;
     if !route.token_sha256.is_empty() {
         // The gateway key is the gateway's business: the agent never sees it, and it is not
         // stored with a queued request.
         parts.headers.remove(header::AUTHORIZATION);
     }
-    let prefix_len = "/agents/".len() + agent.len();
-    let path_and_query = parts
-        .uri
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/");
-    let mut rest = path_and_query[prefix_len.min(path_and_query.len())..].to_string();
-    if !rest.starts_with('/') {
-        rest.insert(0, '/');
-    }
-    let opted_out = replay::opted_out(&parts.headers) || route.replay.disabled;
-    let body = read_body(
-        &parts.headers,
-        body,
-        route.replay.max_body_bytes,
-        gateway.limits.body_timeout,
-    )
-    .await?;
+    let opted_out = class.opted_out || route.replay.disabled;
+    let body = read_body(class.body, body, gateway.limits.body_timeout).await?;
     let forward = Forward {
         agent: agent.to_string(),
         method: parts.method,
-        path_and_query: rest,
+        path_and_query: class.upstream,
         headers: forward::upstream_headers(parts.headers, Some(peer.ip())),
         body,
         tried: Vec::new(),
     };
-    let safe = forward.is_safe();
+    let safe = class.safe;
     let keyed = replay::idempotency::keyed(&forward);
     // A copy for the queue (or for keeping a keyed answer): bodies are reference-counted.
     let kept = if opted_out && keyed.is_none() {
@@ -508,21 +490,14 @@ async fn forward(
     }
 }
 
-/// Buffers a body of known, small length so that the request can be retried; a large or
-/// chunked one streams through. A buffered body must arrive within `timeout`.
+/// Takes the body as `plan` says: a buffered one must arrive within `timeout`.
 async fn read_body(
-    headers: &HeaderMap,
+    plan: classify::BodyPlan,
     body: Body,
-    limit: u64,
     timeout: std::time::Duration,
 ) -> Result<ForwardBody, GatewayError> {
-    let length = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let chunked = headers.contains_key(header::TRANSFER_ENCODING);
-    match length {
-        Some(n) if n <= limit && !chunked => {
+    match plan {
+        classify::BodyPlan::Buffer(_) => {
             let bytes = tokio::time::timeout(timeout, body.collect())
                 .await
                 .map_err(|_| GatewayError::BodyTimeout { timeout })?
@@ -530,8 +505,8 @@ async fn read_body(
                 .to_bytes();
             Ok(ForwardBody::Buffered(bytes))
         }
-        None if !chunked => Ok(ForwardBody::Buffered(Bytes::new())),
-        _ => Ok(ForwardBody::Streaming(body)),
+        classify::BodyPlan::Empty => Ok(ForwardBody::Buffered(Bytes::new())),
+        classify::BodyPlan::Stream => Ok(ForwardBody::Streaming(body)),
     }
 }
 
