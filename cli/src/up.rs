@@ -331,12 +331,18 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     }
 
     // TLS by default: a private CA and certificates, made once and kept in the data directory.
+    let node = args.node_name.clone().unwrap_or_else(default_node_name);
     let certs = if args.insecure {
         None
     } else {
         let mut hosts = vec![args.listen.ip().to_string()];
         hosts.retain(|h| h != "0.0.0.0" && h != "::");
-        Some(crate::certs::make(&data.join("tls"), &hosts, true)?)
+        Some(crate::certs::make(
+            &data.join("tls"),
+            &hosts,
+            std::slice::from_ref(&node),
+            true,
+        )?)
     };
     let mut command = Command::new(&exe);
     command
@@ -389,7 +395,6 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         })
         .await?;
 
-    let node = args.node_name.unwrap_or_else(default_node_name);
     let scheme = if certs.is_some() { "https" } else { "http" };
     let address = format!("{scheme}://{}", args.listen);
     let mut command = Command::new(&exe);
@@ -406,13 +411,14 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .arg(data.join("node-agent"))
         .args(["--network", &args.network]);
     if let Some(certs) = &certs {
+        let (cert, key) = certs.node(&node);
         command
             .arg("--tls-ca")
             .arg(&certs.ca)
             .arg("--tls-cert")
-            .arg(&certs.node_cert)
+            .arg(cert)
             .arg("--tls-key")
-            .arg(&certs.node_key);
+            .arg(key);
     }
     parts.0.push(Part::spawn("node-agent", command, &logs)?);
     let tls = crate::servers::client_tls(certs.as_ref().map(|c| c.ca.as_path()), None)?;

@@ -66,20 +66,17 @@ impl Cluster {
         let secrets = tempfile::tempdir().unwrap();
         std::fs::write(secrets.path().join("tokens"), format!("{ADMIN_TOKEN}\n")).unwrap();
         std::fs::write(secrets.path().join("join"), format!("{JOIN_TOKEN}\n")).unwrap();
-        let out = Command::new(berth_bin())
-            .args(["certs", "--dir"])
-            .arg(secrets.path().join("tls"))
-            .args([
-                "--host",
-                "control-plane-1",
-                "--host",
-                "control-plane-2",
-                "--host",
-                "gateway",
-            ])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "berth certs: {out:?}");
+        // The certificates as a user makes them: the CA, the services' names, and one
+        // certificate per node agent naming its node.
+        let out = Command::new(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/cluster-secrets.sh"),
+        )
+        .env("BERTH_BIN", berth_bin())
+        .env("BERTH_SECRETS_DIR", secrets.path())
+        .env("BERTH_CLUSTER", &project)
+        .output()
+        .unwrap();
+        assert!(out.status.success(), "deploy/cluster-secrets.sh: {out:?}");
         let cluster = Self {
             project,
             secrets,

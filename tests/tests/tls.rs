@@ -1,7 +1,7 @@
 //! TLS on the control plane's gRPC API with certificates from `berth certs`: the CLI over
 //! https with the CA, a plain-text client and a client trusting another CA refused, node
-//! agents required to present a client certificate (mTLS), and a real `berth node-agent`
-//! joining over mTLS.
+//! agents required to present a client certificate (mTLS) that names their node, and a real
+//! `berth node-agent` joining over mTLS with a certificate made later from the same CA.
 
 use berth_proto::v1::{Node, NodeStatus};
 use berth_tests::docker::DockerRun;
@@ -14,12 +14,15 @@ use std::process::Command;
 use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-fn certs(dir: &Path) {
-    let out = Command::new(berth_bin())
-        .args(["certs", "--dir"])
-        .arg(dir)
-        .output()
-        .unwrap();
+/// `berth certs --dir DIR --node NODE...`: the CA and server certificate at first, node
+/// certificates from the existing CA after.
+fn certs(dir: &Path, nodes: &[&str]) {
+    let mut command = Command::new(berth_bin());
+    command.args(["certs", "--dir"]).arg(dir);
+    for node in nodes {
+        command.args(["--node", node]);
+    }
+    let out = command.output().unwrap();
     assert!(out.status.success(), "{out:?}");
 }
 
@@ -44,8 +47,8 @@ async fn stream(
 async fn the_api_speaks_tls_and_node_agents_present_certificates() {
     let dir = tempfile::tempdir().unwrap();
     let (ours, theirs) = (dir.path().join("ours"), dir.path().join("theirs"));
-    certs(&ours);
-    certs(&theirs);
+    certs(&ours, &["n1"]);
+    certs(&theirs, &["n1"]);
     let etcd = Etcd::start().await.unwrap();
     let cp = ControlPlane::start_tls(&etcd.url(), &ours, &["--require-node-cert"])
         .await
@@ -97,8 +100,8 @@ async fn the_api_speaks_tls_and_node_agents_present_certificates() {
     let ca = Certificate::from_pem(std::fs::read(ours.join("ca.pem")).unwrap());
     let identity = |certs: &Path| {
         Identity::from_pem(
-            std::fs::read(certs.join("node.pem")).unwrap(),
-            std::fs::read(certs.join("node-key.pem")).unwrap(),
+            std::fs::read(certs.join("nodes/n1.pem")).unwrap(),
+            std::fs::read(certs.join("nodes/n1-key.pem")).unwrap(),
         )
     };
     let without = stream(&cp, ClientTlsConfig::new().ca_certificate(ca.clone()), "n1")
@@ -116,13 +119,21 @@ async fn the_api_speaks_tls_and_node_agents_present_certificates() {
     let with = ClientTlsConfig::new()
         .ca_certificate(ca)
         .identity(identity(&ours));
-    stream(&cp, with, "n1")
+    stream(&cp, with.clone(), "n1")
         .await
         .expect("the stream opens with our node certificate");
+    // A node certificate speaks for the node it names only.
+    let other = stream(&cp, with, "n2").await.unwrap_err();
+    assert_eq!(other.code(), tonic::Code::PermissionDenied, "{other:?}");
+    assert!(
+        other.message().contains("does not name node n2"),
+        "{other:?}"
+    );
 
     // A real node agent joins over mTLS.
     let run = DockerRun::new().unwrap();
     let name = unique_name("tls");
+    certs(&ours, &[&name]);
     let join = dir.path().join("join");
     std::fs::write(&join, format!("{JOIN_TOKEN}\n")).unwrap();
     let state = tempfile::tempdir().unwrap();
@@ -135,9 +146,9 @@ async fn the_api_speaks_tls_and_node_agents_present_certificates() {
         .arg("--tls-ca")
         .arg(ours.join("ca.pem"))
         .arg("--tls-cert")
-        .arg(ours.join("node.pem"))
+        .arg(ours.join(format!("nodes/{name}.pem")))
         .arg("--tls-key")
-        .arg(ours.join("node-key.pem"))
+        .arg(ours.join(format!("nodes/{name}-key.pem")))
         .arg("--state-dir")
         .arg(state.path())
         .arg("--volume-root")

@@ -118,7 +118,10 @@ mod tests {
     #[test]
     fn the_agent_and_the_path_the_replica_sees() {
         let c = of("GET", "/agents/echo/a/b?x=1", &[]).unwrap();
-        assert_eq!((c.agent.as_str(), c.upstream.as_str()), ("echo", "/a/b?x=1"));
+        assert_eq!(
+            (c.agent.as_str(), c.upstream.as_str()),
+            ("echo", "/a/b?x=1")
+        );
         let c = of("GET", "/agents/echo", &[]).unwrap();
         assert_eq!((c.agent.as_str(), c.upstream.as_str()), ("echo", "/"));
         let c = of("GET", "/agents/echo?x=1", &[]).unwrap();
@@ -130,11 +133,17 @@ mod tests {
     #[test]
     fn bodies_safety_and_opting_out() {
         let c = of("POST", "/agents/a/x", &[("content-length", "10")]).unwrap();
-        assert_eq!((c.body, c.safe, c.opted_out), (BodyPlan::Buffer(10), false, false));
+        assert_eq!(
+            (c.body, c.safe, c.opted_out),
+            (BodyPlan::Buffer(10), false, false)
+        );
         let c = of("POST", "/agents/a/x", &[("content-length", "101")]).unwrap();
         assert_eq!(c.body, BodyPlan::Stream);
         let chunked = [("content-length", "10"), ("transfer-encoding", "chunked")];
-        assert_eq!(of("POST", "/agents/a/x", &chunked).unwrap().body, BodyPlan::Stream);
+        assert_eq!(
+            of("POST", "/agents/a/x", &chunked).unwrap().body,
+            BodyPlan::Stream
+        );
         let c = of("POST", "/agents/a/x", &[("idempotency-key", "k")]).unwrap();
         assert_eq!((c.body, c.safe), (BodyPlan::Empty, true));
         assert!(of("PUT", "/agents/a/x", &[]).unwrap().safe);

@@ -57,6 +57,24 @@ impl NodeAgentApi {
     }
 }
 
+/// Whether the client certificate (already verified against the CA by TLS) names `node` among
+/// its DNS subject alternative names, as `berth certs --node NAME` makes them.
+fn certificate_names_node(
+    certificate: &rustls_pki_types::CertificateDer<'static>,
+    node: &str,
+) -> Result<(), Status> {
+    let refused = || {
+        Status::permission_denied(format!(
+            "the client certificate does not name node {node}: make one with `berth certs --dir DIR --node {node}`"
+        ))
+    };
+    let parsed = webpki::EndEntityCert::try_from(certificate).map_err(|_| refused())?;
+    let name = rustls_pki_types::ServerName::try_from(node).map_err(|_| refused())?;
+    parsed
+        .verify_is_valid_for_subject_name(&name)
+        .map_err(|_| refused())
+}
+
 type ControlStream = Pin<Box<dyn Stream<Item = Result<ControlMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -71,7 +89,8 @@ impl NodeAgentService for NodeAgentApi {
             .extensions()
             .get::<crate::auth::Principal>()
             .cloned();
-        if self.require_client_cert && request.peer_certs().is_none_or(|c| c.is_empty()) {
+        let certificate = request.peer_certs().and_then(|c| c.first().cloned());
+        if self.require_client_cert && certificate.is_none() {
             return Err(Status::unauthenticated(
                 "node agents must present a client certificate signed by the cluster's CA \
                  (berth node-agent --tls-cert --tls-key)",
@@ -85,6 +104,10 @@ impl NodeAgentService for NodeAgentApi {
             _ => return Err(Status::invalid_argument("the first message must be hello")),
         };
         validate::dns_label("hello.node", &hello.node).map_err(|e| to_status(e.into()))?;
+        // A node certificate speaks for the nodes it names only.
+        if let Some(certificate) = &certificate {
+            certificate_names_node(certificate, &hello.node)?;
+        }
         // A node token speaks for its own node only.
         if let Some(crate::auth::Principal::Node(Some(bound))) = &principal {
             if *bound != hello.node {
