@@ -161,6 +161,19 @@ async fn slow_and_greedy_clients_are_cut_off_or_refused_and_others_are_served() 
     .await;
     assert_eq!(over_tls.status, 200, "the TLS gateway still serves");
 
+    // An idle keep-alive connection is closed at the same deadline after its response.
+    let mut idle = TcpStream::connect(&gw.addr).await.unwrap();
+    let request = format!("GET {health} HTTP/1.1\r\nHost: idle\r\n\r\n");
+    idle.write_all(request.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let reply = read_response(&mut idle).await;
+    assert_eq!(reply.status, 200, "{}", reply.head);
+    let after = started.elapsed();
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_secs(10),
+        "an idle keep-alive connection closed after {after:?}"
+    );
+
     // A body the gateway reads whole (a known, small length) must arrive in time: 408.
     let mut stream = TcpStream::connect(&gw.addr).await.unwrap();
     let partial = format!(
