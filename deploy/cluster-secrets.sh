@@ -16,6 +16,7 @@ done
 # image's `berth certs`, or a local berth binary when BERTH_BIN is set).
 cluster=${BERTH_CLUSTER:-berth}
 names=(--keep --host control-plane-1 --host control-plane-2 --host gateway)
+names+=(--host etcd1 --host etcd2 --host etcd3)
 for n in 1 2 3; do names+=(--node "$cluster-node-$n"); done
 if [ -n "${BERTH_BIN:-}" ]; then
   "$BERTH_BIN" certs --dir "$dir/tls" "${names[@]}" >/dev/null

@@ -122,7 +122,12 @@ pub fn make(
             Err(_) => Ok(SanType::DnsName(n.clone().try_into()?)),
         })
         .collect::<Result<_, rcgen::Error>>()?;
-    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    // Client auth too: the servers present this certificate to etcd when etcd asks for
+    // client certificates (`--etcd-cert`).
+    server_params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     let server_key = KeyPair::generate()?;
     let server = server_params.signed_by(&server_key, &ca, &ca_key)?;
 

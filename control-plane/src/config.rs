@@ -42,6 +42,12 @@ pub struct Config {
     pub tls_ca: Option<PathBuf>,
     /// Node agents must present a client certificate signed by `tls_ca`.
     pub require_node_cert: bool,
+    /// PEM CA that etcd's certificate chains to (for `https://` etcd endpoints).
+    pub etcd_ca: Option<PathBuf>,
+    /// PEM certificate presented to etcd (its client-certificate authentication).
+    pub etcd_cert: Option<PathBuf>,
+    /// PEM private key of `etcd_cert`.
+    pub etcd_key: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -58,6 +64,9 @@ impl Default for Config {
             tls_key: None,
             tls_ca: None,
             require_node_cert: false,
+            etcd_ca: None,
+            etcd_cert: None,
+            etcd_key: None,
         }
     }
 }
@@ -88,6 +97,15 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The TLS files for etcd.
+    pub fn etcd_tls(&self) -> crate::store::EtcdTls {
+        crate::store::EtcdTls {
+            ca: self.etcd_ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+        }
+    }
+
     /// Defaults overlaid with the YAML file at `path`.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -121,6 +139,9 @@ impl Config {
                     &format!("{endpoint:?} is not an endpoint like http://host:2379"),
                 );
             }
+        }
+        if let Err((setting, reason)) = self.etcd_tls().check(&self.etcd) {
+            return invalid(setting, &reason);
         }
         if self.token_file.is_none() {
             return invalid(

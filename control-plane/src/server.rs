@@ -62,7 +62,7 @@ pub async fn run(
         },
         issued: IssuedTokens::default(),
     };
-    let store = Store::connect(&config.etcd, &config.prefix).await?;
+    let store = Store::connect(&config.etcd, &config.prefix, &config.etcd_tls()).await?;
     tokio::spawn(mirror_tokens(store.clone(), tokens.issued.clone()));
     if let Err(e) = store.ping().await {
         // Not fatal: the API answers UNAVAILABLE until etcd is back.

@@ -88,6 +88,9 @@ pub struct Etcd {
     dir: TempDir,
     client_port: u16,
     peer_port: u16,
+    /// With TLS: the directory `berth certs` wrote (etcd serves server.pem and asks clients
+    /// for a certificate from ca.pem).
+    tls: Option<PathBuf>,
 }
 
 impl Etcd {
@@ -96,12 +99,23 @@ impl Etcd {
     /// local port of an outgoing connection), so a first start that fails is tried again on
     /// fresh ports.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// Starts etcd serving TLS with the certificates `berth certs` wrote in `certs`, requiring
+    /// client certificates from its CA (`--client-cert-auth`).
+    pub async fn start_tls(certs: &Path) -> anyhow::Result<Self> {
+        Self::start_with(Some(certs.to_path_buf())).await
+    }
+
+    async fn start_with(tls: Option<PathBuf>) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("berth-etcd-").tempdir()?;
         let mut etcd = Self {
             child: None,
             dir,
             client_port: free_port(),
             peer_port: free_port(),
+            tls,
         };
         let mut attempt = 1;
         loop {
@@ -124,7 +138,27 @@ impl Etcd {
 
     /// The client URL.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// With TLS, client options trusting the CA and presenting the server certificate.
+    fn with_tls(
+        &self,
+        options: etcd_client::ConnectOptions,
+    ) -> anyhow::Result<etcd_client::ConnectOptions> {
+        let Some(certs) = &self.tls else {
+            return Ok(options);
+        };
+        let read = |name: &str| std::fs::read(certs.join(name));
+        Ok(options.with_tls(
+            etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(read("ca.pem")?))
+                .identity(etcd_client::Identity::from_pem(
+                    read("server.pem")?,
+                    read("server-key.pem")?,
+                )),
+        ))
     }
 
     /// Kills etcd (SIGKILL), keeping its data.
@@ -148,13 +182,31 @@ impl Etcd {
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=test={peer}"));
+        if let Some(certs) = &self.tls {
+            command
+                .arg(format!(
+                    "--cert-file={}",
+                    certs.join("server.pem").display()
+                ))
+                .arg(format!(
+                    "--key-file={}",
+                    certs.join("server-key.pem").display()
+                ))
+                .arg(format!(
+                    "--trusted-ca-file={}",
+                    certs.join("ca.pem").display()
+                ))
+                .arg("--client-cert-auth");
+        }
         let log = self.dir.path().join("etcd.log");
         let child = Child::spawn(command, &log)
             .context("start etcd (install Debian's etcd-server package)")?;
         self.child = Some(child);
-        let options = etcd_client::ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(1))
-            .with_timeout(Duration::from_secs(2));
+        let options = self.with_tls(
+            etcd_client::ConnectOptions::new()
+                .with_connect_timeout(Duration::from_secs(1))
+                .with_timeout(Duration::from_secs(2)),
+        )?;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             if let Ok(mut client) =
@@ -185,7 +237,11 @@ impl Etcd {
 
     /// A client of this etcd.
     pub async fn client(&self) -> anyhow::Result<etcd_client::Client> {
-        Ok(etcd_client::Client::connect([self.url()], None).await?)
+        let options = match self.tls {
+            Some(_) => Some(self.with_tls(etcd_client::ConnectOptions::new())?),
+            None => None,
+        };
+        Ok(etcd_client::Client::connect([self.url()], options).await?)
     }
 }
 
@@ -257,7 +313,13 @@ impl ControlPlane {
 
     /// Starts a control plane over `etcd_url` and waits until its health check serves.
     pub async fn start(etcd_url: &str) -> anyhow::Result<Self> {
+        Self::start_with(etcd_url, &[]).await
+    }
+
+    /// Starts a control plane over `etcd_url` with `extra` flags of `berth control-plane`.
+    pub async fn start_with(etcd_url: &str, extra: &[&str]) -> anyhow::Result<Self> {
         let mut cp = Self::prepare(etcd_url)?;
+        cp.extra = extra.iter().map(|s| s.to_string()).collect();
         cp.resume().await?;
         Ok(cp)
     }

@@ -41,6 +41,7 @@ pub fn to_status(err: ApiError) -> Status {
                 tracing::warn!(error = %e, "store unavailable");
                 Status::unavailable(e.to_string())
             }
+            StoreError::Tls(_) => Status::unavailable(e.to_string()),
             StoreError::Corrupt { .. } => {
                 tracing::error!(error = %e, "corrupt value in store");
                 Status::internal(e.to_string())

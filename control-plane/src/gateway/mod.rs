@@ -66,6 +66,8 @@ pub struct GatewayConfig {
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// What each client may hold of the gateway, and for how long.
     pub limits: ClientLimits,
+    /// TLS files for `https://` etcd endpoints.
+    pub etcd_tls: crate::store::EtcdTls,
 }
 
 /// Why the gateway could not start or stopped with an error.
@@ -202,6 +204,9 @@ pub async fn run(
         });
     }
     config.limits.validate()?;
+    if let Err((setting, reason)) = config.etcd_tls.check(&config.etcd) {
+        return Err(GatewayStartError::Config { setting, reason });
+    }
     let admin_tokens = match &config.token_file {
         Some(path) => {
             crate::auth::TokenSet::from_file(path).map_err(|e| GatewayStartError::Config {
@@ -211,7 +216,7 @@ pub async fn run(
         }
         None => crate::auth::TokenSet::default(),
     };
-    let store = Store::connect(&config.etcd, &config.prefix).await?;
+    let store = Store::connect(&config.etcd, &config.prefix, &config.etcd_tls).await?;
     let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::new()));
     let (ready_tx, ready_rx) = watch::channel(false);
     let follow = tokio::spawn(routes::follow(store.clone(), routes_tx, ready_tx));

@@ -6,6 +6,7 @@ mod events;
 pub mod keys;
 mod nodes;
 mod requests;
+mod tls;
 mod tokens;
 pub mod watch;
 
@@ -13,8 +14,9 @@ pub use events::EventFilter;
 pub use keys::Keys;
 pub use nodes::{Cordon, LeaseRenewer, Placement};
 pub use requests::{StoredRequest, REQUEST_TTL};
+pub use tls::EtcdTls;
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Client, ConnectOptions, TlsOptions};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -47,6 +49,9 @@ pub enum StoreError {
         #[source]
         source: etcd_client::Error,
     },
+    /// A TLS file for etcd cannot be read.
+    #[error("TLS to etcd: {0}")]
+    Tls(String),
     /// A stored value could not be decoded.
     #[error("stored value at {key} is corrupt: {source}")]
     Corrupt {
@@ -84,10 +89,13 @@ const ENDPOINT_CHECK: Duration = Duration::from_secs(1);
 /// name no longer resolves): its requests would fail although a quorum is up. So each member
 /// is checked every second on its own connection; one that fails leaves the channel and one
 /// that answers again rejoins (the last one never leaves).
-async fn track_endpoints(client: Client, endpoints: Vec<String>) {
-    let options = ConnectOptions::new()
+async fn track_endpoints(client: Client, endpoints: Vec<String>, tls: Option<TlsOptions>) {
+    let mut options = ConnectOptions::new()
         .with_timeout(ENDPOINT_CHECK)
         .with_connect_timeout(ENDPOINT_CHECK);
+    if let Some(tls) = tls {
+        options = options.with_tls(tls);
+    }
     let mut probes = Vec::new();
     for endpoint in &endpoints {
         match Client::connect([endpoint], Some(options.clone())).await {
@@ -139,12 +147,20 @@ pub struct Store {
 impl Store {
     /// Connects to etcd. The connection is lazy: an unreachable etcd shows up as
     /// `Unavailable` errors on calls, and calls succeed again once it is back.
-    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, StoreError> {
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        tls: &EtcdTls,
+    ) -> Result<Self, StoreError> {
         let joined: Arc<str> = endpoints.join(",").into();
-        let options = ConnectOptions::new()
+        let tls = tls.options()?;
+        let mut options = ConnectOptions::new()
             .with_timeout(ETCD_REQUEST_TIMEOUT)
             .with_connect_timeout(ETCD_CONNECT_TIMEOUT)
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+        if let Some(tls) = &tls {
+            options = options.with_tls(tls.clone());
+        }
         let client = Client::connect(endpoints, Some(options))
             .await
             .map_err(|source| StoreError::Unavailable {
@@ -152,7 +168,7 @@ impl Store {
                 source,
             })?;
         if endpoints.len() > 1 {
-            tokio::spawn(track_endpoints(client.clone(), endpoints.to_vec()));
+            tokio::spawn(track_endpoints(client.clone(), endpoints.to_vec(), tls));
         }
         Ok(Self {
             client,
