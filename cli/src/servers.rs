@@ -65,6 +65,9 @@ pub struct ControlPlaneArgs {
     /// PEM private key of --etcd-cert.
     #[arg(long, env = "BERTH_ETCD_KEY", requires = "etcd_cert")]
     etcd_key: Option<PathBuf>,
+    /// Client connections the gRPC server holds at once (default 4096); one more is closed.
+    #[arg(long, env = "BERTH_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -96,6 +99,9 @@ impl ControlPlaneArgs {
         }
         if let Some(root) = self.volume_root {
             config.volume_root = root;
+        }
+        if let Some(max) = self.max_connections {
+            config.max_connections = max;
         }
         for (flag, setting) in [
             (self.tls_cert, &mut config.tls_cert),

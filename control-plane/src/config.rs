@@ -13,6 +13,8 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7071";
 pub const DEFAULT_ETCD: &str = "http://127.0.0.1:2379";
 /// The etcd key prefix.
 pub const DEFAULT_PREFIX: &str = "/berth";
+/// Client connections the gRPC server holds at once by default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// The directory host volumes must lie under.
 pub const DEFAULT_VOLUME_ROOT: &str = "/var/lib/berth/volumes";
 
@@ -48,6 +50,8 @@ pub struct Config {
     pub etcd_cert: Option<PathBuf>,
     /// PEM private key of `etcd_cert`.
     pub etcd_key: Option<PathBuf>,
+    /// Client connections the gRPC server holds at once; one more is closed at once.
+    pub max_connections: usize,
 }
 
 impl Default for Config {
@@ -67,6 +71,7 @@ impl Default for Config {
             etcd_ca: None,
             etcd_cert: None,
             etcd_key: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -142,6 +147,9 @@ impl Config {
         }
         if let Err((setting, reason)) = self.etcd_tls().check(&self.etcd) {
             return invalid(setting, &reason);
+        }
+        if self.max_connections == 0 {
+            return invalid("max_connections", "must be at least 1");
         }
         if self.token_file.is_none() {
             return invalid(

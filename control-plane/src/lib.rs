@@ -8,6 +8,7 @@ pub mod auth;
 pub mod config;
 pub mod defaults;
 pub mod gateway;
+pub mod incoming;
 pub mod leader;
 pub mod manifest;
 pub mod metrics;

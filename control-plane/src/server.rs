@@ -16,7 +16,6 @@ use berth_proto::v1::request_service_server::RequestServiceServer;
 use berth_proto::v1::token_service_server::TokenServiceServer;
 use std::future::Future;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 
 /// Why the control plane could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -144,9 +143,12 @@ pub async fn run(
             store_for_requests.clone(),
         )))
         .add_service(TokenServiceServer::new(TokenApi::new(store_for_requests)))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async move {
-            let _ = grpc_stop.wait_for(|stop| *stop).await;
-        });
+        .serve_with_incoming_shutdown(
+            crate::incoming::guarded(grpc_listener, config.max_connections),
+            async move {
+                let _ = grpc_stop.wait_for(|stop| *stop).await;
+            },
+        );
     tokio::spawn(async move {
         shutdown.await;
         tracing::info!("shutting down");

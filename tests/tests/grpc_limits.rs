@@ -215,3 +215,72 @@ async fn a_connection_gets_only_so_many_streams_and_header_bytes() {
         "the oversized request was served: {kinds:?}"
     );
 }
+
+/// What a new connection gets before it sends anything: the bytes the server sent and how
+/// long until it closed the connection (`None`: still open after 30 s).
+async fn silent(addr: &str) -> (Vec<u8>, Option<Duration>) {
+    let started = std::time::Instant::now();
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    let mut received = Vec::new();
+    let mut buf = [0u8; 1024];
+    while started.elapsed() < Duration::from_secs(30) {
+        match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return (received, Some(started.elapsed())),
+            Ok(Ok(n)) => received.extend_from_slice(&buf[..n]),
+            Err(_) => {}
+        }
+    }
+    (received, None)
+}
+
+#[tokio::test]
+async fn silent_connections_are_dropped_and_only_so_many_are_held() {
+    use berth_control_plane::incoming::FIRST_BYTES_TIMEOUT;
+    let etcd = Etcd::start().await.unwrap();
+    let cp = ControlPlane::start_with(&etcd.url(), &["--max-connections", "4"])
+        .await
+        .unwrap();
+    let addr = cp.addr.clone();
+
+    // Four connections are held (each is sent the server's settings); a fifth is closed at
+    // once, before any settings.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(Raw::connect(&addr).await.0);
+    }
+    let (received, closed) = silent(&addr).await;
+    assert!(received.is_empty(), "the fifth connection was served");
+    let closed = closed.expect("the fifth connection closed");
+    assert!(closed < Duration::from_secs(5), "closed after {closed:?}");
+
+    // Once one closes, a new connection is served.
+    held.pop();
+    berth_tests::eventually(
+        Duration::from_secs(10),
+        "a connection is served once one of the four has closed",
+        || async {
+            let mut stream = TcpStream::connect(&addr).await.ok()?;
+            let mut head = [0u8; 9];
+            tokio::time::timeout(Duration::from_secs(2), stream.read_exact(&mut head))
+                .await
+                .ok()?
+                .ok()?;
+            (head[3] == SETTINGS).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+    drop(held);
+
+    // A connection that never sends the preface is closed at the deadline.
+    let (_, closed) = silent(&addr).await;
+    let closed = closed.expect("a silent connection is closed");
+    assert!(
+        closed >= FIRST_BYTES_TIMEOUT - Duration::from_millis(100)
+            && closed < FIRST_BYTES_TIMEOUT + Duration::from_secs(5),
+        "a silent connection closed after {closed:?}"
+    );
+    println!(
+        "a silent gRPC connection closed after {closed:.1?}; the fifth of 4 allowed closed at once"
+    );
+}
