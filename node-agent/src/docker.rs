@@ -311,6 +311,9 @@ impl Runtime {
         let host_config = HostConfig {
             binds: Some(binds),
             memory: (resources.memory_bytes > 0).then_some(resources.memory_bytes as i64),
+            // No swap beyond the limit: a replica that outgrows its memory is OOM-killed (and
+            // reported as such), as under Kubernetes, rather than slowed down by swapping.
+            memory_swap: (resources.memory_bytes > 0).then_some(resources.memory_bytes as i64),
             nano_cpus: (resources.cpu_millis > 0)
                 .then_some(resources.cpu_millis as i64 * 1_000_000),
             network_mode: Some(if self.network_id.is_empty() {

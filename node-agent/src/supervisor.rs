@@ -535,6 +535,7 @@ impl Supervisor {
         r.stop_probe();
         r.status.ready = false;
         r.status.last_exit_code = info.exit_code;
+        r.status.oom_killed = info.oom_killed;
         let policy = self
             .desired
             .as_ref()

@@ -334,3 +334,41 @@ async fn lifecycle_logs_volumes_and_a_control_plane_outage() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn a_replica_over_its_memory_limit_is_oom_killed_reported_and_restarted() {
+    let run = DockerRun::new().unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
+    let node = NodeAgent::start(&cp.url(), &unique_name("node"), &run).unwrap();
+    let api = cp.agents().await.unwrap();
+    let name = unique_name("oom");
+    let out = cp.deploy_echo(&name, &["--memory", "48M"]);
+    assert!(out.status.success(), "{out:?}");
+    let agent = wait_agent(&api, &name, "1 ready", |a| ready(a) == 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", cp.log(), node.log()));
+    let first = replica(&agent, &format!("{name}-0")).unwrap().clone();
+    assert!(!first.oom_killed);
+
+    // 200 MiB in a 48 MiB container: the kernel's OOM killer ends it (no answer comes).
+    let _ = http(&first.address, "POST", "/alloc/200").await;
+    let agent = wait_agent(&api, &name, "the OOM-killed replica back and ready", |a| {
+        replica(a, &first.replica).is_some_and(|r| r.restarts == 1 && r.ready)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.log()));
+    let restarted = replica(&agent, &first.replica).unwrap();
+    assert!(restarted.oom_killed, "{restarted:?}");
+    assert_eq!(restarted.last_exit_code, Some(137));
+
+    let shown = cp.cli(&["get", &name]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("137 (OOMKilled)"), "{shown}");
+    let events = cp.cli(&["events", &name]);
+    let events = String::from_utf8_lossy(&events.stdout);
+    assert!(
+        events.contains("ReplicaOOMKilled") && events.contains("out of memory"),
+        "{events}"
+    );
+}

@@ -169,7 +169,12 @@ pub async fn get(client: &Client, name: String, format: Format) -> anyhow::Resul
                 replica_word(r.state),
                 r.ready.to_string(),
                 r.restarts.to_string(),
-                r.last_exit_code.map(|c| c.to_string()).unwrap_or_default(),
+                match (r.last_exit_code, r.oom_killed) {
+                    (Some(c), true) => format!("{c} (OOMKilled)"),
+                    (None, true) => "OOMKilled".into(),
+                    (Some(c), false) => c.to_string(),
+                    (None, false) => String::new(),
+                },
                 r.address.clone(),
                 breaker_word(r.breaker).to_string(),
             ]);

@@ -55,13 +55,18 @@ pub async fn apply_report(store: &Store, node: &str, report: &ReplicaReport) {
             .last_exit_code
             .map(|c| format!(" (exit code {c})"))
             .unwrap_or_default();
+        let (reason, cause) = if r.oom_killed {
+            ("ReplicaOOMKilled", " after running out of memory")
+        } else {
+            ("ReplicaRestarted", "")
+        };
         let event = Event {
             agent: report.agent.clone(),
             replica: r.replica.clone(),
             node: node.to_string(),
-            reason: "ReplicaRestarted".into(),
+            reason: reason.into(),
             message: format!(
-                "replica {} restarted{exit}: restart {}",
+                "replica {} restarted{cause}{exit}: restart {}",
                 r.replica, r.restarts
             ),
             severity: EventSeverity::Warning as i32,

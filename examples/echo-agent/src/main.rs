@@ -53,6 +53,7 @@ async fn main() {
         .route("/echo", any(echo))
         .route("/echo/{*rest}", any(echo))
         .route("/crash", post(crash))
+        .route("/alloc/{mib}", post(alloc))
         .route("/slow", get(slow))
         .route("/stream", get(stream))
         .route("/state", get(state).post(state))
@@ -169,6 +170,18 @@ async fn echo(method: Method, uri: Uri, headers: HeaderMap, body: Bytes) -> Resp
 async fn log(body: Bytes) -> &'static str {
     println!("{}", String::from_utf8_lossy(&body).trim_end());
     "logged\n"
+}
+
+/// Allocates `mib` MiB, touches every page and keeps it: past the container's memory limit
+/// the kernel's OOM killer ends the process.
+async fn alloc(axum::extract::Path(mib): axum::extract::Path<usize>) -> String {
+    static HELD: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+    eprintln!("echo-agent: allocating {mib} MiB on request");
+    let mut held = HELD.lock().expect("held lock");
+    for _ in 0..mib {
+        held.push(vec![1u8; 1024 * 1024]);
+    }
+    format!("holding {} MiB\n", held.len())
 }
 
 async fn crash() -> &'static str {
