@@ -72,6 +72,10 @@ impl ClientLimits {
 
 /// How long a stopping gateway waits for open requests to finish.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The pause after a failed accept (most likely out of file descriptors), so as not to spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+/// How long a refused connection is given to take its 503 before it is closed.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
 /// A listening socket on `addr` that other threads may also listen on (`SO_REUSEPORT`): the
 /// kernel spreads connections over them.
@@ -131,9 +135,8 @@ async fn accept_loop(listener: tokio::net::TcpListener, serving: Serving) -> std
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    // Out of file descriptors, most likely: wait a little rather than spin.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             },
@@ -205,8 +208,8 @@ async fn connection<I>(
 }
 
 /// Answers a connection the gateway has no room for with a 503 that names the limit, then
-/// closes it (after reading what the client sent, for up to a second, so that the close does
-/// not reset the connection before the client has read the answer).
+/// closes it (after reading what the client sent, for up to [`REFUSAL_LINGER`], so that the
+/// close does not reset the connection before the client has read the answer).
 async fn refuse<I: AsyncRead + AsyncWrite + Unpin>(mut io: I, limit: usize) {
     let body = serde_json::json!({"error": {
         "code": "too_many_connections",
@@ -217,7 +220,7 @@ async fn refuse<I: AsyncRead + AsyncWrite + Unpin>(mut io: I, limit: usize) {
         "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     );
-    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
         io.write_all(response.as_bytes()).await?;
         io.shutdown().await?;
         let mut sink = [0u8; 4096];
