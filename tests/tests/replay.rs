@@ -477,6 +477,14 @@ async fn two_gateways_share_the_queue_and_survive_kill_9() {
         queued.len() - lost
     );
     assert_eq!(lost, 0);
+    // At least once, not more: a delivery in flight when its gateway is SIGKILLed has an
+    // unknown outcome and a keyed request is then sent again; the agent's queue is delivered
+    // one request at a time, so each kill during replay can repeat at most one request per
+    // gateway (the kill while queued had none in flight).
+    assert!(
+        duplicates <= 2,
+        "{duplicates} requests delivered twice: more than the deliveries in flight at the kill"
+    );
 }
 
 #[tokio::test]
