@@ -17,6 +17,20 @@ pub enum LogFormat {
     Json,
 }
 
+/// TLS to etcd, for the control plane and the gateway alike.
+#[derive(Args, Debug)]
+pub struct EtcdTlsArgs {
+    /// PEM CA that etcd's certificate chains to (needed for https:// etcd endpoints).
+    #[arg(long, env = "BERTH_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// PEM certificate to present to etcd (for etcd's --client-cert-auth).
+    #[arg(long, env = "BERTH_ETCD_CERT", requires = "etcd_key")]
+    etcd_cert: Option<PathBuf>,
+    /// PEM private key of --etcd-cert.
+    #[arg(long, env = "BERTH_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+}
+
 /// Flags of `berth control-plane`. Each can also be set in the environment or the config file.
 #[derive(Args, Debug)]
 pub struct ControlPlaneArgs {
@@ -56,15 +70,8 @@ pub struct ControlPlaneArgs {
     /// Refuse node agents without a client certificate signed by --tls-ca (mTLS).
     #[arg(long, env = "BERTH_REQUIRE_NODE_CERT")]
     require_node_cert: bool,
-    /// PEM CA that etcd's certificate chains to (needed for https:// etcd endpoints).
-    #[arg(long, env = "BERTH_ETCD_CA")]
-    etcd_ca: Option<PathBuf>,
-    /// PEM certificate to present to etcd (for etcd's --client-cert-auth).
-    #[arg(long, env = "BERTH_ETCD_CERT", requires = "etcd_key")]
-    etcd_cert: Option<PathBuf>,
-    /// PEM private key of --etcd-cert.
-    #[arg(long, env = "BERTH_ETCD_KEY", requires = "etcd_cert")]
-    etcd_key: Option<PathBuf>,
+    #[command(flatten)]
+    etcd_tls: EtcdTlsArgs,
     /// Client connections the gRPC server holds at once (default 4096); one more is closed.
     #[arg(long, env = "BERTH_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
@@ -107,9 +114,9 @@ impl ControlPlaneArgs {
             (self.tls_cert, &mut config.tls_cert),
             (self.tls_key, &mut config.tls_key),
             (self.tls_ca, &mut config.tls_ca),
-            (self.etcd_ca, &mut config.etcd_ca),
-            (self.etcd_cert, &mut config.etcd_cert),
-            (self.etcd_key, &mut config.etcd_key),
+            (self.etcd_tls.etcd_ca, &mut config.etcd_ca),
+            (self.etcd_tls.etcd_cert, &mut config.etcd_cert),
+            (self.etcd_tls.etcd_key, &mut config.etcd_key),
         ] {
             if flag.is_some() {
                 *setting = flag;
@@ -294,15 +301,8 @@ pub struct GatewayArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, env = "BERTH_GATEWAY_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// PEM CA that etcd's certificate chains to (needed for https:// etcd endpoints).
-    #[arg(long, env = "BERTH_ETCD_CA")]
-    etcd_ca: Option<PathBuf>,
-    /// PEM certificate to present to etcd (for etcd's --client-cert-auth).
-    #[arg(long, env = "BERTH_ETCD_CERT", requires = "etcd_key")]
-    etcd_cert: Option<PathBuf>,
-    /// PEM private key of --etcd-cert.
-    #[arg(long, env = "BERTH_ETCD_KEY", requires = "etcd_cert")]
-    etcd_key: Option<PathBuf>,
+    #[command(flatten)]
+    etcd_tls: EtcdTlsArgs,
     /// Time a client has to finish the TLS handshake, and then to send each request's headers;
     /// a slower one is cut off (slowloris).
     #[arg(long, env = "BERTH_GATEWAY_HEADER_TIMEOUT", default_value = "30s", value_parser = crate::quantity::parse_duration)]
@@ -348,9 +348,9 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
             max_connections: args.max_connections,
         },
         etcd_tls: berth_control_plane::store::EtcdTls {
-            ca: args.etcd_ca,
-            cert: args.etcd_cert,
-            key: args.etcd_key,
+            ca: args.etcd_tls.etcd_ca,
+            cert: args.etcd_tls.etcd_cert,
+            key: args.etcd_tls.etcd_key,
         },
     };
     berth_control_plane::gateway::run(config, shutdown_signal()).await?;

@@ -219,6 +219,11 @@ pub async fn http_body(
         .flatten()
 }
 
+/// The agent's ready replicas, as its status counts them.
+pub fn ready(agent: &berth_proto::v1::Agent) -> u32 {
+    agent.status.as_ref().map_or(0, |s| s.ready_replicas)
+}
+
 /// Polls until `check` holds for the agent, within the ready timeout.
 pub async fn wait_agent<F>(
     api: &crate::AgentClient,

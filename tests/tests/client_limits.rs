@@ -4,17 +4,12 @@
 //! arrive in time gets 408; headers over the limit get 431; a connection beyond the limit gets
 //! 503. Every refusal the gateway words names its limit.
 
-use berth_proto::v1::Agent;
-use berth_tests::docker::{wait_agent, DockerRun, NodeAgent};
+use berth_tests::docker::{ready, wait_agent, DockerRun, NodeAgent};
 use berth_tests::wire::{get, read_response, send, send_tls};
 use berth_tests::{berth_bin, eventually, unique_name, ControlPlane, Etcd, Gateway};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn ready(agent: &Agent) -> u32 {
-    agent.status.as_ref().map(|s| s.ready_replicas).unwrap_or(0)
-}
 
 /// How a slow client's connection ended.
 struct Ended {

@@ -3,15 +3,11 @@
 //! failover between two control planes.
 
 use berth_proto::v1::{Agent, Node, NodeStatus};
-use berth_tests::docker::{wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
+use berth_tests::docker::{ready, wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
 use berth_tests::{eventually, unique_name, ControlPlane, Etcd};
 use prost::Message;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-
-fn ready(agent: &Agent) -> u32 {
-    agent.status.as_ref().map(|s| s.ready_replicas).unwrap_or(0)
-}
 
 /// Replica → node, for ready replicas.
 fn nodes_of(agent: &Agent) -> HashMap<String, String> {

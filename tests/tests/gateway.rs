@@ -4,16 +4,12 @@
 //! its breaker and let back in by a probe.
 
 use berth_proto::v1::{Agent, BreakerState, GetAgentRequest};
-use berth_tests::docker::{http, wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
+use berth_tests::docker::{http, ready, wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
 use berth_tests::wire::{get, send};
 use berth_tests::{eventually, unique_name, AgentClient, ControlPlane, Etcd, Gateway};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn ready(agent: &Agent) -> u32 {
-    agent.status.as_ref().map(|s| s.ready_replicas).unwrap_or(0)
-}
 
 fn breaker(agent: &Agent, replica: &str) -> BreakerState {
     agent

@@ -7,7 +7,7 @@ use berth_proto::v1::{
     ReplicaState, ReplicaStatus,
 };
 use berth_tests::docker::{
-    data_volume, http, http_body, wait_agent, DockerRun, NodeAgent, ECHO_IMAGE,
+    data_volume, http, http_body, ready, wait_agent, DockerRun, NodeAgent, ECHO_IMAGE,
 };
 use berth_tests::{unique_name, ControlPlane, Etcd};
 use std::time::{Duration, Instant};
@@ -20,14 +20,6 @@ fn replica<'a>(agent: &'a Agent, id: &str) -> Option<&'a ReplicaStatus> {
         .replicas
         .iter()
         .find(|r| r.replica == id)
-}
-
-fn ready(agent: &Agent) -> u32 {
-    agent
-        .status
-        .as_ref()
-        .map(|s| s.ready_replicas)
-        .unwrap_or_default()
 }
 
 #[tokio::test]

@@ -3,18 +3,13 @@
 //! volume, which survives its crashes: that log tells what reached it, in what order, and how
 //! often.
 
-use berth_proto::v1::Agent;
-use berth_tests::docker::{data_volume, wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
+use berth_tests::docker::{data_volume, ready, wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
 use berth_tests::wire::{get, send, Raw};
 use berth_tests::{eventually, unique_name, ControlPlane, Etcd, Gateway};
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
-
-fn ready(agent: &Agent) -> u32 {
-    agent.status.as_ref().map(|s| s.ready_replicas).unwrap_or(0)
-}
 
 /// The request ids that reached the agent, in arrival order.
 fn arrivals(data: &Path) -> Vec<String> {
