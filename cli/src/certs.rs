@@ -89,7 +89,7 @@ pub fn make(
 ) -> anyhow::Result<CertFiles> {
     let files = CertFiles::in_dir(dir);
     for node in nodes {
-        berth_control_plane::validate::dns_label("--node", node)?;
+        berth_proto::validate::dns_label("--node", node)?;
     }
     if files.ca.exists() {
         if !keep && nodes.is_empty() {

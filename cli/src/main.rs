@@ -14,7 +14,7 @@ mod up;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use berth_control_plane::{manifest, quantity};
+use berth_proto::{manifest, quantity};
 use clap::{Parser, Subcommand};
 use client::Client;
 use commands::agents::{self, Verb};

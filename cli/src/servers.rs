@@ -1,8 +1,8 @@
 //! Berth's servers as subcommands of the one binary: flags and environment layered over a
 //! config file, logging set up, and a shutdown on Ctrl-C or SIGTERM.
 
-use berth_control_plane::gateway::serve::ClientLimits;
 use berth_control_plane::Config;
+use berth_gateway::serve::ClientLimits;
 use clap::{Args, ValueEnum};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -284,7 +284,7 @@ pub struct GatewayArgs {
     )]
     admin_listen: SocketAddr,
     /// Requests in flight per agent; beyond it requests are refused at once with 503.
-    #[arg(long, env = "BERTH_GATEWAY_MAX_CONCURRENCY", default_value_t = berth_control_plane::gateway::MAX_CONCURRENCY)]
+    #[arg(long, env = "BERTH_GATEWAY_MAX_CONCURRENCY", default_value_t = berth_gateway::MAX_CONCURRENCY)]
     max_concurrency: usize,
     /// This gateway's name in the breaker states it publishes (default: host name and pid).
     #[arg(long, env = "BERTH_GATEWAY_NAME")]
@@ -331,7 +331,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| "gateway".into());
         format!("{host}-{}", std::process::id())
     });
-    let config = berth_control_plane::gateway::GatewayConfig {
+    let config = berth_gateway::GatewayConfig {
         etcd: args.etcd,
         prefix: args.prefix,
         listen: args.listen,
@@ -347,13 +347,13 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
             max_header_bytes: args.max_header_bytes,
             max_connections: args.max_connections,
         },
-        etcd_tls: berth_control_plane::store::EtcdTls {
+        etcd_tls: berth_store::EtcdTls {
             ca: args.etcd_tls.etcd_ca,
             cert: args.etcd_tls.etcd_cert,
             key: args.etcd_tls.etcd_key,
         },
     };
-    berth_control_plane::gateway::run(config, shutdown_signal()).await?;
+    berth_gateway::run(config, shutdown_signal()).await?;
     Ok(())
 }
 

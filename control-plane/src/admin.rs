@@ -2,12 +2,12 @@
 //! `/readyz` (etcd answers).
 
 use crate::metrics::Metrics;
-use crate::store::Store;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use berth_store::Store;
 use std::sync::Arc;
 
 #[derive(Clone)]

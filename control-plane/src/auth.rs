@@ -5,107 +5,14 @@
 //! node name) and live in etcd, mirrored here by a watch so that a revoked token is refused
 //! within a second. The caller's [`Principal`] goes into the request's extensions.
 
-use berth_proto::v1::{StoredToken, TokenScope};
+pub use berth_store::token_mirror::{
+    token_hash, IssuedTokens, Principal, TokenFileError, TokenSet, MIN_TOKEN_LEN,
+};
 use futures::future::BoxFuture;
-use sha2::{Digest, Sha256};
-use std::collections::HashMap;
-use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use subtle::ConstantTimeEq;
 use tonic::Status;
 use tower::{Layer, Service};
-
-/// Shortest token accepted in a token file.
-pub const MIN_TOKEN_LEN: usize = 16;
-
-/// A token file that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum TokenFileError {
-    /// The file cannot be read.
-    #[error("token file {path}: {source}")]
-    Read {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// A line holds a token that is too short.
-    #[error("token file {path}, line {line}: a token needs at least {MIN_TOKEN_LEN} characters")]
-    TooShort { path: String, line: usize },
-    /// The file holds no token.
-    #[error("token file {path} holds no token (one token per line; '#' starts a comment)")]
-    Empty { path: String },
-}
-
-/// Hashes of the accepted tokens.
-#[derive(Clone, Default)]
-pub struct TokenSet(Vec<[u8; 32]>);
-
-impl TokenSet {
-    /// Reads one token per line; blank lines and lines starting with '#' are skipped.
-    pub fn from_file(path: &Path) -> Result<Self, TokenFileError> {
-        let display = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| TokenFileError::Read {
-            path: display.clone(),
-            source,
-        })?;
-        let mut hashes = Vec::new();
-        for (i, line) in text.lines().enumerate() {
-            let token = line.trim();
-            if token.is_empty() || token.starts_with('#') {
-                continue;
-            }
-            if token.len() < MIN_TOKEN_LEN {
-                return Err(TokenFileError::TooShort {
-                    path: display,
-                    line: i + 1,
-                });
-            }
-            hashes.push(hash(token));
-        }
-        if hashes.is_empty() {
-            return Err(TokenFileError::Empty { path: display });
-        }
-        Ok(Self(hashes))
-    }
-
-    /// Whether `token` is one of the set. Every entry is compared, in constant time.
-    pub fn contains(&self, token: &str) -> bool {
-        let candidate = hash(token);
-        self.0
-            .iter()
-            .fold(subtle::Choice::from(0), |found, h| {
-                found | h.ct_eq(&candidate)
-            })
-            .into()
-    }
-}
-
-fn hash(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
-}
-
-/// Who a call comes from, once its token is checked.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Principal {
-    /// Everything.
-    Admin,
-    /// Reads only.
-    ReadOnly,
-    /// The node-agent stream only; as the named node when the token is bound to one (a join
-    /// token from the file is not).
-    Node(Option<String>),
-}
-
-impl Principal {
-    fn scope_name(&self) -> &'static str {
-        match self {
-            Principal::Admin => "admin",
-            Principal::ReadOnly => "read-only",
-            Principal::Node(_) => "node",
-        }
-    }
-}
 
 /// The calls a read-only token may make.
 const READ_ONLY_METHODS: &[&str] = &[
@@ -118,62 +25,6 @@ const READ_ONLY_METHODS: &[&str] = &[
     "/berth.v1.RequestService/ListRequests",
     "/berth.v1.RequestService/GetRequest",
 ];
-
-/// A token made through `TokenService`, as the auth layer keeps it.
-#[derive(Clone)]
-struct Issued {
-    sha256: [u8; 32],
-    principal: Principal,
-}
-
-/// The tokens made through `TokenService`, by id; kept current from etcd.
-#[derive(Clone, Default)]
-pub struct IssuedTokens(Arc<RwLock<HashMap<String, Issued>>>);
-
-impl IssuedTokens {
-    /// Adds or replaces a stored token.
-    pub fn put(&self, stored: &StoredToken) {
-        let Some(token) = &stored.token else { return };
-        let Ok(sha256) = <[u8; 32]>::try_from(stored.sha256.as_slice()) else {
-            return;
-        };
-        let principal = match TokenScope::try_from(token.scope) {
-            Ok(TokenScope::Admin) => Principal::Admin,
-            Ok(TokenScope::ReadOnly) => Principal::ReadOnly,
-            Ok(TokenScope::Node) => Principal::Node(Some(token.node.clone())),
-            _ => return,
-        };
-        self.0
-            .write()
-            .expect("token map lock")
-            .insert(token.id.clone(), Issued { sha256, principal });
-    }
-
-    /// Forgets a token (revoked).
-    pub fn remove(&self, id: &str) {
-        self.0.write().expect("token map lock").remove(id);
-    }
-
-    /// Replaces every token (after a re-list).
-    pub fn replace(&self, stored: &[StoredToken]) {
-        self.0.write().expect("token map lock").clear();
-        for token in stored {
-            self.put(token);
-        }
-    }
-
-    /// The principal of `token` (`{id}.{secret}`), compared in constant time.
-    fn principal(&self, token: &str) -> Option<Principal> {
-        let (id, _) = token.split_once('.')?;
-        let issued = self.0.read().expect("token map lock").get(id).cloned()?;
-        bool::from(issued.sha256.ct_eq(&hash(token))).then_some(issued.principal)
-    }
-}
-
-/// The SHA-256 of a whole token, as stored.
-pub fn token_hash(token: &str) -> [u8; 32] {
-    hash(token)
-}
 
 /// Every token the control plane accepts.
 #[derive(Clone, Default)]
@@ -305,9 +156,10 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use berth_proto::v1::{StoredToken, TokenScope};
 
     fn set(tokens: &[&str]) -> TokenSet {
-        TokenSet(tokens.iter().map(|t| hash(t)).collect())
+        TokenSet::from_tokens(tokens)
     }
 
     fn headers(value: &str) -> http::HeaderMap {

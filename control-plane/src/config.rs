@@ -103,8 +103,8 @@ pub enum ConfigError {
 
 impl Config {
     /// The TLS files for etcd.
-    pub fn etcd_tls(&self) -> crate::store::EtcdTls {
-        crate::store::EtcdTls {
+    pub fn etcd_tls(&self) -> berth_store::EtcdTls {
+        berth_store::EtcdTls {
             ca: self.etcd_ca.clone(),
             cert: self.etcd_cert.clone(),
             key: self.etcd_key.clone(),

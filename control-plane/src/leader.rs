@@ -3,11 +3,12 @@
 //! every `RENEW_EVERY`; when it dies the lease expires and another control plane takes over.
 //! A leader that cannot renew in time stops leading before its lease can have expired.
 
-use crate::store::watch::{watch_prefix, WatchMessage};
-use crate::store::{Store, StoreError};
+use berth_store::watch::{list_watch, Change};
+use berth_store::{Store, StoreError};
 use std::future::Future;
 use std::time::Duration;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// Lifetime of the leader's lease without renewal: the longest a dead leader is waited for.
 pub const LEADER_TTL: Duration = Duration::from_secs(5);
@@ -16,37 +17,56 @@ pub const RENEW_EVERY: Duration = Duration::from_secs(1);
 /// Time between attempts to become leader when no change is seen.
 pub const RETRY_EVERY: Duration = Duration::from_secs(2);
 
-/// Campaigns forever as `identity`; while leading, runs `work()` (a fresh run each term) and
-/// stops it when leadership is lost.
-pub async fn run<F, Fut>(store: Store, identity: String, work: F)
+/// How long the leader's work may take to finish its write once leadership ends (lost, or the
+/// control plane stopping) before it is aborted. A term ends with at least `RENEW_EVERY` of
+/// its lease left, so the work has stopped before another control plane can lead.
+pub const WORK_STOP_GRACE: Duration = RENEW_EVERY;
+
+/// Campaigns as `identity` until `stop` is cancelled; while leading, runs `work(term)` (a
+/// fresh run each term). `term` is cancelled when leadership ends, and the work is let
+/// finish what it is writing (up to [`WORK_STOP_GRACE`]) rather than aborted. A stopping
+/// leader gives its lease back, so another control plane leads at once.
+pub async fn run<F, Fut>(store: Store, identity: String, stop: CancellationToken, work: F)
 where
-    F: Fn() -> Fut,
+    F: Fn(CancellationToken) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    loop {
-        match term(&store, &identity, &work).await {
+    while !stop.is_cancelled() {
+        match term(&store, &identity, &stop, &work).await {
             Ok(()) => {}
             Err(e) => tracing::warn!(error = %e, "leader election"),
         }
         // Wait for the leader key to go (or a while) before trying again.
-        let mut changes = watch_prefix(&store, store.keys().leader(), 0);
-        tokio::select! {
-            _ = async {
-                while let Some(change) = changes.recv().await {
-                    if matches!(change, WatchMessage::Delete(_) | WatchMessage::Compacted) {
-                        return;
-                    }
+        let mut changes = list_watch(&store, store.keys().leader());
+        let vacant = async {
+            let mut held = false;
+            loop {
+                match changes.next().await {
+                    Change::Init => held = false,
+                    Change::InitApply(_) => held = true,
+                    Change::InitDone { .. } if !held => return,
+                    Change::Delete(_) => return,
+                    Change::InitDone { .. } | Change::Put(_) => {}
                 }
-            } => {}
+            }
+        };
+        tokio::select! {
+            _ = vacant => {}
             _ = tokio::time::sleep(RETRY_EVERY) => {}
+            _ = stop.cancelled() => {}
         }
     }
 }
 
-/// One attempt: if the key is free, lead until the lease cannot be renewed.
-async fn term<F, Fut>(store: &Store, identity: &str, work: &F) -> Result<(), StoreError>
+/// One attempt: if the key is free, lead until the lease cannot be renewed or `stop`.
+async fn term<F, Fut>(
+    store: &Store,
+    identity: &str,
+    stop: &CancellationToken,
+    work: &F,
+) -> Result<(), StoreError>
 where
-    F: Fn() -> Fut,
+    F: Fn(CancellationToken) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let lease = store.grant_lease(LEADER_TTL.as_secs() as i64).await?;
@@ -55,12 +75,16 @@ where
         return Ok(());
     }
     tracing::info!(identity, "leading");
-    let task = tokio::spawn(work());
+    let term = stop.child_token();
+    let mut task = tokio::spawn(work(term.clone()));
     let mut renewer = store.lease_renewer(lease);
     let mut renewed = Instant::now();
     let mut tick = tokio::time::interval(RENEW_EVERY);
     let result = loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => break Ok(()),
+        }
         match tokio::time::timeout(RENEW_EVERY, renewer.renew()).await {
             Ok(Ok(())) => renewed = Instant::now(),
             Ok(Err(StoreError::NotFound { .. })) => break Ok(()),
@@ -72,7 +96,20 @@ where
             }
         }
     };
-    task.abort();
+    term.cancel();
+    if tokio::time::timeout(WORK_STOP_GRACE, &mut task)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            identity,
+            "leader work did not stop within {WORK_STOP_GRACE:?}; aborted"
+        );
+        task.abort();
+    }
+    if stop.is_cancelled() {
+        store.revoke_lease(lease).await;
+    }
     tracing::warn!(identity, "no longer leading");
     result
 }

@@ -7,15 +7,23 @@ use crate::auth::{AuthLayer, IssuedTokens, TokenFileError, TokenSet, Tokens};
 use crate::config::{Config, ConfigError};
 use crate::metrics::{Metrics, MetricsLayer};
 use crate::nodes::{placement, NodeAgentApi, Sessions};
-use crate::store::{Store, StoreError};
-use crate::validate::Limits;
 use berth_proto::v1::agent_service_server::AgentServiceServer;
 use berth_proto::v1::node_agent_service_server::NodeAgentServiceServer;
 use berth_proto::v1::node_service_server::NodeServiceServer;
 use berth_proto::v1::request_service_server::RequestServiceServer;
 use berth_proto::v1::token_service_server::TokenServiceServer;
+use berth_proto::validate::Limits;
+use berth_store::token_mirror::mirror_tokens;
+use berth_store::{Store, StoreError};
 use std::future::Future;
+use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long a stopping control plane waits for its background work (the leader's pass, the
+/// token mirror) to finish before it exits.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Why the control plane could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +70,15 @@ pub async fn run(
         issued: IssuedTokens::default(),
     };
     let store = Store::connect(&config.etcd, &config.prefix, &config.etcd_tls()).await?;
-    tokio::spawn(mirror_tokens(store.clone(), tokens.issued.clone()));
+    // Every background loop gets `stop` and runs on `tasks`: on shutdown they finish what
+    // they are writing and return, and the server waits for them (up to SHUTDOWN_GRACE).
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    tasks.spawn(mirror_tokens(
+        store.clone(),
+        tokens.issued.clone(),
+        stop.child_token(),
+    ));
     if let Err(e) = store.ping().await {
         // Not fatal: the API answers UNAVAILABLE until etcd is back.
         tracing::warn!(error = %e, "etcd does not answer yet");
@@ -93,16 +109,21 @@ pub async fn run(
     // Placement and the node monitor run in the elected leader only.
     let identity = format!("{}@{}", hostname(), config.listen);
     let leading_store = store.clone();
-    let placer = tokio::spawn(crate::leader::run(store.clone(), identity, move || {
-        let store = leading_store.clone();
-        async move {
-            // One task for both, so that losing leadership stops both.
-            tokio::select! {
-                _ = placement::run(store.clone()) => {}
-                _ = crate::nodes::monitor::run(store) => {}
+    tasks.spawn(crate::leader::run(
+        store.clone(),
+        identity,
+        stop.child_token(),
+        move |term| {
+            let store = leading_store.clone();
+            async move {
+                // Both end when the term does.
+                tokio::join!(
+                    placement::run(store.clone(), term.clone()),
+                    crate::nodes::monitor::run(store, term),
+                );
             }
-        }
-    }));
+        },
+    ));
 
     let grpc_listener = bind(config.listen).await?;
     let admin_listener = bind(config.admin_listen).await?;
@@ -155,7 +176,14 @@ pub async fn run(
         let _ = stop_tx.send(true);
     });
     grpc.await?;
-    placer.abort();
+    stop.cancel();
+    tasks.close();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background work did not finish within {SHUTDOWN_GRACE:?}");
+    }
     admin.await.expect("admin task does not panic")?;
     Ok(())
 }
@@ -170,40 +198,6 @@ fn hostname() -> String {
     std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "control-plane".into())
-}
-
-/// Keeps `issued` equal to the tokens in etcd: a list, then a watch from its revision; again
-/// after a compaction or an error. A revoked token is refused as soon as its delete is seen.
-async fn mirror_tokens(store: Store, issued: IssuedTokens) {
-    use crate::store::watch::{watch_prefix, WatchMessage};
-    use prost::Message;
-    loop {
-        let revision = match store.list_tokens().await {
-            Ok((stored, revision)) => {
-                issued.replace(&stored);
-                revision
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read API tokens; retrying");
-                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        let mut changes = watch_prefix(&store, store.keys().tokens(), revision + 1);
-        while let Some(change) = changes.recv().await {
-            match change {
-                WatchMessage::Put(kv) => {
-                    if let Ok(stored) = berth_proto::v1::StoredToken::decode(kv.value()) {
-                        issued.put(&stored);
-                    }
-                }
-                WatchMessage::Delete(kv) => {
-                    issued.remove(&crate::store::Keys::last_segment(kv.key()));
-                }
-                WatchMessage::Compacted => break,
-            }
-        }
-    }
 }
 
 /// The gRPC server's TLS settings, when a certificate is configured: its identity, and the CA

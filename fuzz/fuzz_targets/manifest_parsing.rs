@@ -3,7 +3,7 @@
 //! panic; a refusal is an error message, never empty.
 #![no_main]
 
-use berth_control_plane::{defaults, manifest, validate};
+use berth_proto::{defaults, manifest, validate};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -4,9 +4,7 @@
 //! of limits. Nothing may panic, and what comes out must hold to the rules below.
 #![no_main]
 
-use berth_control_plane::gateway::classify::{agent_of, classify, BodyPlan};
-use berth_control_plane::gateway::error::GatewayError;
-use berth_control_plane::gateway::serve::header_bytes;
+use berth_proto::request::{agent_of, classify, header_bytes, BodyPlan, RequestError};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 use libfuzzer_sys::fuzz_target;
 
@@ -66,10 +64,9 @@ fuzz_target!(|data: &[u8]| {
                 assert!(class.upstream == after || class.upstream == format!("/{after}"));
             }
         }
-        Err(GatewayError::HeadersTooLarge { bytes, limit }) => {
+        Err(RequestError::HeadersTooLarge { bytes, limit }) => {
             assert!(bytes > limit && limit == max_header_bytes);
         }
-        Err(GatewayError::BadRequest(reason)) => assert!(reason.contains("Content-Length")),
-        Err(other) => panic!("unexpected refusal: {other}"),
+        Err(RequestError::BadContentLength) => {}
     }
 });

@@ -4,7 +4,7 @@
 //! a round trip through the wire.
 #![no_main]
 
-use berth_control_plane::{defaults, validate};
+use berth_proto::{defaults, validate};
 use berth_proto::v1::AgentSpec;
 use libfuzzer_sys::fuzz_target;
 use prost::Message;

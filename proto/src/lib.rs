@@ -1,6 +1,16 @@
-//! The `berth.v1` API: messages, gRPC clients and servers generated from `proto/berth/v1`,
-//! with serde impls in protobuf's canonical JSON mapping.
+//! The `berth.v1` API contract: messages, gRPC clients and servers generated from
+//! `proto/berth/v1` (with serde impls in protobuf's canonical JSON mapping), and what every
+//! part must agree on: defaults, validation, quantities, durations, manifests and what a
+//! request to the gateway means. Used alike by the servers, the CLI and the fuzz targets
+//! (docs/architecture.md).
 #![forbid(unsafe_code)]
+
+pub mod defaults;
+pub mod manifest;
+pub mod quantity;
+pub mod request;
+pub mod time;
+pub mod validate;
 
 /// Package `berth.v1`.
 pub mod v1 {

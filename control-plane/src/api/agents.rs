@@ -1,11 +1,9 @@
 //! `berth.v1.AgentService` over the store.
 
 use super::{to_status, ApiError};
-use crate::defaults;
 use crate::nodes::sessions::{LogTarget, Sessions};
-use crate::store::{EventFilter, Store};
-use crate::time::now;
-use crate::validate::{self, FieldError, Limits};
+use berth_proto::defaults;
+use berth_proto::time::now;
 use berth_proto::v1::agent_service_server::AgentService;
 use berth_proto::v1::{
     Agent, AgentActionRequest, AgentMeta, AgentSecrets, AgentSpec, CreateAgentRequest,
@@ -13,6 +11,8 @@ use berth_proto::v1::{
     ListAgentsRequest, ListAgentsResponse, LogChunk, ScaleAgentRequest, StreamLogsRequest,
     UpdateAgentRequest, WatchEventsRequest,
 };
+use berth_proto::validate::{self, FieldError, Limits};
+use berth_store::{EventFilter, Store};
 use futures::Stream;
 use sha2::{Digest, Sha256};
 use std::pin::Pin;

@@ -10,8 +10,8 @@ pub use nodes::NodeApi;
 pub use requests::RequestApi;
 pub use tokens::TokenApi;
 
-use crate::store::StoreError;
-use crate::validate::FieldError;
+use berth_proto::validate::FieldError;
+use berth_store::StoreError;
 use tonic::Status;
 
 /// What an API call can fail with.

@@ -2,13 +2,13 @@
 
 use super::to_status;
 use crate::nodes::placement::pinned;
-use crate::store::{Cordon, Placement, Store};
-use crate::validate;
 use berth_proto::v1::node_service_server::NodeService;
 use berth_proto::v1::{
     GetNodeRequest, ListNodesRequest, ListNodesResponse, Node, NodeActionRequest, NodeStatus,
     Resources,
 };
+use berth_proto::validate;
+use berth_store::{Cordon, Placement, Store};
 use std::collections::BTreeMap;
 use tonic::{Request, Response, Status};
 

@@ -1,13 +1,13 @@
 //! `berth.v1.RequestService`: the replay queue as operators see it.
 
 use super::{to_status, ApiError};
-use crate::store::Store;
-use crate::validate::{self, FieldError};
 use berth_proto::v1::request_service_server::RequestService;
 use berth_proto::v1::{
     DropRequestRequest, DropRequestResponse, GetRequestRequest, ListRequestsRequest,
     ListRequestsResponse, Request as QueuedRequest, RequestState, RetryRequestRequest,
 };
+use berth_proto::validate::{self, FieldError};
+use berth_store::Store;
 use tonic::{Request, Response, Status};
 
 /// Most requests a list returns when the caller sets no limit.
@@ -97,7 +97,7 @@ impl RequestService for RequestApi {
             .store
             .update_request(&id, |r| {
                 if r.state != RequestState::Dead as i32 {
-                    return Err(crate::store::StoreError::Conflict {
+                    return Err(berth_store::StoreError::Conflict {
                         kind: "request",
                         name: r.id.clone(),
                         current: "not dead-lettered: only a dead request can be retried".into(),
@@ -109,7 +109,7 @@ impl RequestService for RequestApi {
             })
             .await
             .map_err(|e| match e {
-                crate::store::StoreError::Conflict { current, .. } => {
+                berth_store::StoreError::Conflict { current, .. } => {
                     Status::failed_precondition(format!("request {id} is {current}"))
                 }
                 e => to_status(e.into()),

@@ -3,14 +3,14 @@
 
 use super::{to_status, ApiError};
 use crate::auth::token_hash;
-use crate::store::Store;
-use crate::time::now;
-use crate::validate::{self, FieldError};
+use berth_proto::time::now;
 use berth_proto::v1::token_service_server::TokenService;
 use berth_proto::v1::{
     CreateTokenRequest, CreateTokenResponse, ListTokensRequest, ListTokensResponse,
     RevokeTokenRequest, StoredToken, Token, TokenScope,
 };
+use berth_proto::validate::{self, FieldError};
+use berth_store::Store;
 use tonic::{Request, Response, Status};
 
 /// Longest token description.

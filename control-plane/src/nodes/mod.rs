@@ -9,15 +9,15 @@ mod status;
 pub use sessions::Sessions;
 
 use crate::api::{to_status, ApiError};
-use crate::store::watch::{watch_prefix, WatchMessage};
-use crate::store::Store;
-use crate::time::now;
-use crate::validate;
+use berth_proto::time::now;
 use berth_proto::v1::node_agent_service_server::NodeAgentService;
 use berth_proto::v1::{
     control_message, node_message, Assignments, ControlMessage, Hello, Node, NodeMessage,
     NodeStatus,
 };
+use berth_proto::validate;
+use berth_store::watch::{list_watch, Change};
+use berth_store::Store;
 use futures::Stream;
 use std::pin::Pin;
 use std::time::Duration;
@@ -174,12 +174,12 @@ impl NodeAgentService for NodeAgentApi {
 /// than its TTL) is replaced so that the node reappears.
 async fn heartbeat(
     store: &Store,
-    renewer: &mut crate::store::LeaseRenewer,
+    renewer: &mut berth_store::LeaseRenewer,
     record: &Node,
-) -> Result<(), crate::store::StoreError> {
+) -> Result<(), berth_store::StoreError> {
     match renewer.renew().await {
         Ok(()) => {}
-        Err(crate::store::StoreError::NotFound { .. }) => {
+        Err(berth_store::StoreError::NotFound { .. }) => {
             let lease = store.grant_lease(NODE_LEASE_TTL.as_secs() as i64).await?;
             *renewer = store.lease_renewer(lease);
         }
@@ -200,20 +200,37 @@ fn node_record(hello: &Hello) -> Node {
     }
 }
 
-/// Sends the node its full set of assignments now and after every change, until it goes away.
+/// Sends the node its full set of assignments once listed and after every change, until it
+/// goes away. Level-based: each push is a fresh read, so changes that queue up meanwhile
+/// make one push.
 async fn push_assignments(
     store: Store,
     node: String,
     tx: mpsc::Sender<Result<ControlMessage, Status>>,
 ) {
+    let mut changes = list_watch(&store, store.keys().node_assignments(&node));
+    let mut listed = false;
     loop {
-        let (placements, revision) = match store.list_placements(Some(&node)).await {
-            Ok(listed) => listed,
-            Err(e) => {
-                tracing::warn!(node = %node, error = %e, "cannot read assignments");
-                tokio::select! {
-                    _ = tx.closed() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+        let change = tokio::select! {
+            _ = tx.closed() => return,
+            change = changes.next() => change,
+        };
+        match change {
+            Change::Init | Change::InitApply(_) => continue,
+            Change::InitDone { .. } => listed = true,
+            Change::Put(_) | Change::Delete(_) if !listed => continue,
+            Change::Put(_) | Change::Delete(_) => {}
+        }
+        while changes.try_next().is_some() {}
+        let (placements, revision) = loop {
+            match store.list_placements(Some(&node)).await {
+                Ok(listed) => break listed,
+                Err(e) => {
+                    tracing::warn!(node = %node, error = %e, "cannot read assignments");
+                    tokio::select! {
+                        _ = tx.closed() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
                 }
             }
         };
@@ -225,13 +242,6 @@ async fn push_assignments(
         };
         if tx.send(Ok(message)).await.is_err() {
             return;
-        }
-        let mut changes = watch_prefix(&store, store.keys().node_assignments(&node), revision + 1);
-        tokio::select! {
-            _ = tx.closed() => return,
-            change = changes.recv() => match change {
-                Some(WatchMessage::Put(_) | WatchMessage::Delete(_) | WatchMessage::Compacted) | None => {}
-            }
         }
     }
 }

@@ -4,18 +4,22 @@
 //! placement move its replicas. A heartbeat marks it ready again.
 
 use super::NODE_UNKNOWN_AFTER;
-use crate::store::Store;
 use berth_proto::v1::NodeStatus;
+use berth_store::Store;
 use std::time::{Duration, SystemTime};
+use tokio_util::sync::CancellationToken;
 
 /// Time between liveness checks.
 pub const CHECK_EVERY: Duration = Duration::from_secs(1);
 
-/// Runs until the task is dropped.
-pub async fn run(store: Store) {
+/// Runs until `stop` is cancelled; a check under way finishes first.
+pub async fn run(store: Store, stop: CancellationToken) {
     let mut tick = tokio::time::interval(CHECK_EVERY);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
         let records = match store.list_node_records().await {
             Ok(records) => records,
             Err(e) => {

@@ -4,15 +4,16 @@
 //! Level-based: it reads agents, nodes and placements, writes the difference, and runs again
 //! on any change or after `REQUEUE`. Only the elected leader runs it.
 
-use crate::store::watch::{watch_prefix, WatchMessage};
-use crate::store::{Keys, Placement, Store, StoreError};
 use berth_proto::container_digest;
 use berth_proto::v1::{
     Agent, AgentSpec, Assignment, ConditionStatus, HealthState, Node, ReplicaState,
 };
+use berth_store::watch::{list_watch, Change};
+use berth_store::{Keys, Placement, Store, StoreError};
 use prost::Message;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// The longest one placement pass may take before it is abandoned and run again.
 pub const PASS_TIMEOUT: Duration = Duration::from_secs(30);
@@ -477,12 +478,11 @@ fn replica_index(replica: &str) -> u64 {
         .unwrap_or_default()
 }
 
-/// Runs placement until the task is dropped.
-pub async fn run(store: Store) {
+/// Runs placement until `stop` is cancelled; a pass under way finishes first.
+pub async fn run(store: Store, stop: CancellationToken) {
     // Changes to agents, statuses (rollouts wait on readiness), cordons and node liveness wake
-    // the loop; a heartbeat that changes only `last_seen` does not. Otherwise it requeues. The
-    // watches stay open across passes and are reopened only when one ends (after compaction).
-    let watch = |prefix: String| watch_prefix(&store, prefix, 0);
+    // the loop; a heartbeat that changes only `last_seen` does not. Otherwise it requeues.
+    let watch = |prefix: String| list_watch(&store, prefix);
     let mut agents = watch(store.keys().agents());
     let mut statuses = watch(store.keys().statuses());
     let mut nodes = watch(store.keys().nodes());
@@ -503,61 +503,42 @@ pub async fn run(store: Store) {
             }
         }
         dirty = tokio::select! {
-            change = agents.recv() => {
-                if change.is_none() {
-                    agents = watch(store.keys().agents());
-                }
-                true
-            }
-            change = statuses.recv() => {
-                if change.is_none() {
-                    statuses = watch(store.keys().statuses());
-                }
-                true
-            }
-            change = cordons.recv() => {
-                if change.is_none() {
-                    cordons = watch(store.keys().cordons());
-                }
-                true
-            }
-            change = nodes.recv() => {
-                if change.is_none() {
-                    nodes = watch(store.keys().nodes());
-                }
-                node_changed(&mut liveness, change)
-            }
+            _ = stop.cancelled() => return,
+            _ = agents.next() => true,
+            _ = statuses.next() => true,
+            _ = cordons.next() => true,
+            change = nodes.next() => node_changed(&mut liveness, change),
             _ = resync.tick() => true,
         };
         // One pass covers every change already queued (a burst of reports after a big
         // placement, say), rather than one pass per change.
         for queue in [&mut agents, &mut statuses, &mut cordons] {
-            while queue.try_recv().is_ok() {
+            while queue.try_next().is_some() {
                 dirty = true;
             }
         }
-        while let Ok(change) = nodes.try_recv() {
-            dirty |= node_changed(&mut liveness, Some(change));
+        while let Some(change) = nodes.try_next() {
+            dirty |= node_changed(&mut liveness, change);
         }
     }
 }
 
 /// Whether a change under the nodes prefix changes a node's liveness (a heartbeat that only
 /// moves `last_seen` does not), keeping `liveness` current.
-fn node_changed(liveness: &mut HashMap<String, i32>, change: Option<WatchMessage>) -> bool {
+fn node_changed(liveness: &mut HashMap<String, i32>, change: Change) -> bool {
     match change {
-        Some(WatchMessage::Put(kv)) => {
+        Change::Put(kv) | Change::InitApply(kv) => {
             let name = Keys::last_segment(kv.key());
             let status = Node::decode(kv.value())
                 .map(|n| n.status)
                 .unwrap_or_default();
             liveness.insert(name, status) != Some(status)
         }
-        Some(WatchMessage::Delete(kv)) => {
+        Change::Delete(kv) => {
             liveness.remove(&Keys::last_segment(kv.key()));
             true
         }
-        Some(WatchMessage::Compacted) | None => true,
+        Change::Init | Change::InitDone { .. } => true,
     }
 }
 

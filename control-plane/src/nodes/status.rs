@@ -1,11 +1,11 @@
 //! Observed status from node reports: per-replica entries, ready count and conditions.
 
-use crate::store::{Store, StoreError};
-use crate::time::now;
+use berth_proto::time::now;
 use berth_proto::v1::{
     AgentStatus, Condition, ConditionStatus, Event, EventSeverity, HealthState, ReplicaReport,
     ReplicaState,
 };
+use berth_store::{Store, StoreError};
 
 /// Restarts after which a restarting replica counts as crash-looping.
 pub const CRASH_LOOP_RESTARTS: u32 = 3;
@@ -159,7 +159,7 @@ pub async fn set_flag(
     store: &Store,
     agent: &str,
     flags: &[(&str, &str, Option<String>)],
-) -> Result<(), crate::store::StoreError> {
+) -> Result<(), berth_store::StoreError> {
     store
         .update_status(agent, |status| {
             let mut changed = false;

@@ -132,7 +132,7 @@ impl tower::retry::Policy<Forward, Response<Body>, GatewayError> for RetryPolicy
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gateway::forward::ForwardBody;
+    use crate::forward::ForwardBody;
     use bytes::Bytes;
     use http::{HeaderMap, Method};
     use tower::retry::Policy;
@@ -168,7 +168,7 @@ mod tests {
     }
 
     fn policy_over(replicas: &[&str]) -> RetryPolicy {
-        let route = crate::gateway::routes::test_route(replicas);
+        let route = crate::routes::test_route(replicas);
         let pool = Pool::new(Arc::new(route), tokio::sync::mpsc::unbounded_channel().0);
         RetryPolicy::new("a", Arc::new(pool), GatewayMetrics::new())
     }

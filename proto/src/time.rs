@@ -10,7 +10,7 @@ pub fn now() -> Timestamp {
 
 /// A protobuf timestamp of `time`.
 pub fn timestamp(time: SystemTime) -> Timestamp {
-    berth_proto::timestamp(time)
+    crate::timestamp(time)
 }
 
 /// A protobuf duration of `d`.

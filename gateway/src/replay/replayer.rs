@@ -1,5 +1,5 @@
 //! The replayer: every gateway runs one. It keeps an index of waiting requests and of claims
-//! from etcd watches (list, then watch; re-list on compaction), and for each agent with a ready
+//! from two list-watches (requests and claims), and for each agent with a ready
 //! replica delivers the oldest waiting request that nobody has claimed: one at a time per
 //! agent, so that order holds. A claim is a key under this gateway's short lease: two gateways
 //! never deliver the same request at once, and a crashed gateway's claims expire so that
@@ -10,9 +10,9 @@ use super::super::forward::{Forward, ForwardBody};
 use super::super::metrics::AgentLabels;
 use super::super::Gateway;
 use super::{QueueStats, REPLAY_ATTEMPT};
-use crate::store::watch::{watch_prefix, WatchMessage};
-use crate::store::StoreError;
 use berth_proto::v1::{Header, Request, RequestState, StoredResponse};
+use berth_store::watch::{list_watch, Change};
+use berth_store::StoreError;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use http_body_util::BodyExt;
@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 /// Lifetime of this gateway's claims without renewal.
@@ -34,6 +35,8 @@ pub const TICK: Duration = Duration::from_millis(500);
 pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
 /// Longest wait after a failed delivery.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long a stopping gateway lets its deliveries in flight finish before it cuts them short.
+pub const STOP_GRACE: Duration = Duration::from_secs(30);
 /// Largest response body stored for a delivered request.
 pub const MAX_STORED_RESPONSE: usize = 1024 * 1024;
 
@@ -47,81 +50,115 @@ struct Waiting {
     size: u64,
 }
 
-/// Runs until the task is dropped.
-pub async fn run(gateway: Arc<Gateway>, name: String) {
-    loop {
-        if let Err(e) = replay(&gateway, &name).await {
+/// Runs until `stop` is cancelled. Then it claims nothing more, lets deliveries in flight
+/// finish (up to [`STOP_GRACE`]) and gives its claim lease back, so that what it held is
+/// free for another gateway at once.
+pub async fn run(gateway: Arc<Gateway>, name: String, stop: CancellationToken) {
+    while !stop.is_cancelled() {
+        if let Err(e) = replay(&gateway, &name, &stop).await {
             tracing::warn!(error = %e, "replayer failed; starting over");
-            tokio::time::sleep(Duration::from_secs(1)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.cancelled() => {}
+            }
         }
     }
 }
 
-/// One life of the replayer: a claim lease, a fresh index, and the loop. Returns to start
-/// over after compaction or a lost lease.
-async fn replay(gateway: &Arc<Gateway>, name: &str) -> Result<(), StoreError> {
+/// One life of the replayer: a claim lease, an index from the list-watches, and the loop.
+/// Returns to start over after a lost lease, or when stopped.
+async fn replay(
+    gateway: &Arc<Gateway>,
+    name: &str,
+    stop: &CancellationToken,
+) -> Result<(), StoreError> {
     let store = &gateway.store;
     let lease = store.grant_claim_lease(CLAIM_TTL.as_secs() as i64).await?;
     let mut renewer = store.lease_renewer(lease);
-    let (listed, revision) = store.list_requests(None).await?;
     let mut index: BTreeMap<(String, u64), Waiting> = BTreeMap::new();
-    gateway.stats.clear();
-    for stored in listed {
-        track(&mut index, &gateway.stats, &stored.request);
-    }
-    let claims_prefix = store.keys().claims();
     // Claims by position, with the gateway that holds each.
     let mut claims: HashMap<(String, u64), String> = HashMap::new();
-    for (key, holder) in store.list_values(&claims_prefix).await? {
-        if let Some(at) = position(&key) {
-            claims.insert(at, holder);
-        }
-    }
-    let mut requests = watch_prefix(store, store.keys().requests(), revision + 1);
-    let mut claim_changes = watch_prefix(store, claims_prefix, revision + 1);
+    let mut requests = list_watch(store, store.keys().requests());
+    let mut claim_changes = list_watch(store, store.keys().claims());
+    // Nothing starts before both lists are complete: a claim not yet listed looks free.
+    let (mut requests_listed, mut claims_listed) = (false, false);
     let mut routes = gateway.routes.clone();
     let mut deliveries: JoinSet<Done> = JoinSet::new();
     let mut busy: HashSet<(String, u64)> = HashSet::new();
     let mut not_before: HashMap<String, Instant> = HashMap::new();
     let mut renew = tokio::time::interval(CLAIM_RENEW);
+    let mut stopping: Option<Instant> = None;
     loop {
-        start_deliveries(
-            gateway,
-            name,
-            lease,
-            &index,
-            &claims,
-            &mut busy,
-            &not_before,
-            &mut deliveries,
-        );
+        if stop.is_cancelled() && stopping.is_none() {
+            tracing::info!(in_flight = deliveries.len(), "replayer stopping");
+            stopping = Some(Instant::now() + STOP_GRACE);
+        }
+        match stopping {
+            Some(_) if deliveries.is_empty() => {
+                store.revoke_lease(lease).await;
+                return Ok(());
+            }
+            Some(deadline) if Instant::now() >= deadline => {
+                // Cut short: these stay `Delivering`, and whoever takes them over treats
+                // them as interrupted (as after a crash).
+                tracing::warn!(
+                    in_flight = deliveries.len(),
+                    "deliveries did not finish within {STOP_GRACE:?}"
+                );
+                deliveries.abort_all();
+                store.revoke_lease(lease).await;
+                return Ok(());
+            }
+            Some(_) => {}
+            None if requests_listed && claims_listed => start_deliveries(
+                gateway,
+                name,
+                lease,
+                &index,
+                &claims,
+                &mut busy,
+                &not_before,
+                &mut deliveries,
+            ),
+            None => {}
+        }
         tokio::select! {
-            change = requests.recv() => match change {
-                Some(WatchMessage::Put(kv)) => {
+            _ = stop.cancelled(), if stopping.is_none() => {}
+            change = requests.next() => match change {
+                Change::Init => {
+                    requests_listed = false;
+                    index.clear();
+                    gateway.stats.clear();
+                }
+                Change::InitApply(kv) | Change::Put(kv) => {
                     let Ok(request) = Request::decode(kv.value()) else { continue };
                     track(&mut index, &gateway.stats, &request);
                 }
-                Some(WatchMessage::Delete(kv)) => {
+                Change::InitDone { .. } => requests_listed = true,
+                Change::Delete(kv) => {
                     if let Some(at) = position(&String::from_utf8_lossy(kv.key())) {
                         if let Some(gone) = index.remove(&at) {
                             gateway.stats.add(&at.0, gone.size, -1);
                         }
                     }
                 }
-                Some(WatchMessage::Compacted) | None => return Ok(()),
             },
-            change = claim_changes.recv() => match change {
-                Some(WatchMessage::Put(kv)) => {
+            change = claim_changes.next() => match change {
+                Change::Init => {
+                    claims_listed = false;
+                    claims.clear();
+                }
+                Change::InitApply(kv) | Change::Put(kv) => {
                     if let Some(at) = position(&String::from_utf8_lossy(kv.key())) {
                         claims.insert(at, String::from_utf8_lossy(kv.value()).into_owned());
                     }
                 }
-                Some(WatchMessage::Delete(kv)) => {
+                Change::InitDone { .. } => claims_listed = true,
+                Change::Delete(kv) => {
                     if let Some(at) = position(&String::from_utf8_lossy(kv.key())) {
                         claims.remove(&at);
                     }
                 }
-                Some(WatchMessage::Compacted) | None => return Ok(()),
             },
             changed = routes.changed() => {
                 if changed.is_err() {

@@ -2,7 +2,7 @@
 //! They fill unset fields on create and update, so a spec read back shows effective values.
 
 use crate::time::pb_duration;
-use berth_proto::v1::{
+use crate::v1::{
     AgentSpec, BreakerSettings, HealthCheck, ReplaySettings, Resources, RestartPolicy,
     RestartSettings,
 };

@@ -1,9 +1,9 @@
 //! Events at `events/{id}`, written in the same transaction as the change they record and
 //! expired by etcd leases, one lease per time bucket so that a busy cluster holds few leases.
 
-use super::watch::{watch_prefix, WatchMessage};
+use super::watch::{list_watch, Change};
 use super::{decode, Store, StoreError};
-use crate::time::now;
+use berth_proto::time::now;
 use berth_proto::v1::Event;
 use etcd_client::{GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnResponse};
 use prost::Message;
@@ -103,8 +103,9 @@ impl Store {
     }
 
     /// Streams events after `since`: first the retained ones, then, with `follow`, new ones as
-    /// they are recorded. Survives etcd outages (resuming from the last revision seen) and
-    /// compaction (re-listing). Ends when the receiver is dropped.
+    /// they are recorded. Survives etcd outages and compaction (through [`list_watch`], which
+    /// lists again; what was already sent is skipped by revision). Ends when the receiver is
+    /// dropped.
     pub fn watch_events(
         &self,
         filter: EventFilter,
@@ -115,48 +116,61 @@ impl Store {
         let store = self.clone();
         tokio::spawn(async move {
             let mut last = since;
+            let mut changes = list_watch(&store, store.keys.events());
+            // A list comes in key order; events are sent in revision order.
+            let mut listed: Vec<Event> = Vec::new();
             loop {
-                let (events, revision) = match store.list_events(&filter, last).await {
-                    Ok(listed) => listed,
+                let change = tokio::select! {
+                    _ = tx.closed() => return,
+                    change = changes.next() => change,
+                };
+                let kv = match change {
+                    Change::Init => {
+                        listed.clear();
+                        continue;
+                    }
+                    Change::InitApply(kv) => {
+                        match decode::<Event>(kv.key(), kv.value()) {
+                            Ok(mut event) if kv.mod_revision() > last => {
+                                event.revision = kv.mod_revision();
+                                listed.push(event);
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                let _ = tx.send(Err(e)).await;
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                    Change::InitDone { revision } => {
+                        listed.sort_by_key(|e| e.revision);
+                        for event in listed.drain(..) {
+                            last = event.revision;
+                            if filter.matches(&event) && tx.send(Ok(event)).await.is_err() {
+                                return;
+                            }
+                        }
+                        if !follow {
+                            return;
+                        }
+                        last = last.max(revision);
+                        continue;
+                    }
+                    Change::Put(kv) => kv,
+                    Change::Delete(_) => continue,
+                };
+                let mut event: Event = match decode(kv.key(), kv.value()) {
+                    Ok(event) => event,
                     Err(e) => {
                         let _ = tx.send(Err(e)).await;
                         return;
                     }
                 };
-                for event in events {
-                    last = event.revision;
-                    if tx.send(Ok(event)).await.is_err() {
-                        return;
-                    }
-                }
-                if !follow {
+                event.revision = kv.mod_revision();
+                last = event.revision;
+                if filter.matches(&event) && tx.send(Ok(event)).await.is_err() {
                     return;
-                }
-                last = last.max(revision);
-                let mut changes = watch_prefix(&store, store.keys.events(), last + 1);
-                loop {
-                    tokio::select! {
-                        _ = tx.closed() => return,
-                        message = changes.recv() => match message {
-                            Some(WatchMessage::Put(kv)) => {
-                                let mut event: Event = match decode(kv.key(), kv.value()) {
-                                    Ok(event) => event,
-                                    Err(e) => {
-                                        let _ = tx.send(Err(e)).await;
-                                        return;
-                                    }
-                                };
-                                event.revision = kv.mod_revision();
-                                last = event.revision;
-                                if filter.matches(&event) && tx.send(Ok(event)).await.is_err() {
-                                    return;
-                                }
-                            }
-                            Some(WatchMessage::Delete(_)) => {}
-                            // Compacted past `last`: re-list what is retained after it.
-                            Some(WatchMessage::Compacted) | None => break,
-                        }
-                    }
                 }
             }
         });

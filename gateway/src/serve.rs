@@ -256,11 +256,3 @@ pub(super) fn tls_acceptor(
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
 }
-
-/// The bytes of a request's header fields as the limit counts them: each name and value.
-pub fn header_bytes(headers: &http::HeaderMap) -> usize {
-    headers
-        .iter()
-        .map(|(name, value)| name.as_str().len() + value.len())
-        .sum()
-}

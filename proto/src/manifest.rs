@@ -2,7 +2,7 @@
 //! Quantities and durations are written as people write them (`512M`, `500m`, `10s`).
 
 use crate::quantity::{parse_cpu, parse_duration, parse_memory};
-use berth_proto::v1::{
+use crate::v1::{
     AgentSpec, BreakerSettings, HealthCheck, ReplaySettings, Resources, RestartPolicy,
     RestartSettings, VolumeMount,
 };

@@ -2,7 +2,7 @@
 //! checks effective values. A refusal names the field; nothing reaches etcd or Docker.
 
 use crate::time::std_duration;
-use berth_proto::v1::{AgentSpec, RestartPolicy};
+use crate::v1::{AgentSpec, RestartPolicy};
 use prost::Message;
 use regex::Regex;
 use std::collections::{HashMap, HashSet};

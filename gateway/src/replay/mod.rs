@@ -9,10 +9,10 @@ pub mod results;
 use super::error::GatewayError;
 use super::forward::{Forward, ForwardBody, REQUEST_ID};
 use super::routes::Route;
-use crate::store::Store;
 use axum::body::Body;
 use axum::response::Response;
 use berth_proto::v1::{Header, Request, RequestState};
+use berth_store::Store;
 use decide::Ending;
 use http::{header, HeaderValue, StatusCode};
 use std::collections::HashMap;
@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
 /// The header by which a client opts a request out of replay.
-pub const REPLAY_HEADER: &str = "x-berth-replay";
+pub use berth_proto::request::{opted_out, REPLAY_HEADER};
 /// The header that numbers a replayed delivery (1 for the first replay).
 pub const REPLAY_ATTEMPT: &str = "x-berth-replay-attempt";
 /// Longest `Prefer: wait=N` honoured.
@@ -63,14 +63,6 @@ impl QueueStats {
         let pending = self.pending.lock().expect("stats lock");
         pending.iter().map(|(a, (n, _))| (a.clone(), *n)).collect()
     }
-}
-
-/// Whether the client opted out of replay with `X-Berth-Replay: off`.
-pub fn opted_out(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(REPLAY_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("off"))
 }
 
 /// The `N` of `Prefer: wait=N`, capped at [`MAX_WAIT`].

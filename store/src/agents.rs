@@ -1,7 +1,7 @@
 //! Agents in etcd: the spec and metadata at `agents/{name}`, status apart at `status/{name}`.
 
 use super::{decode, Store, StoreError};
-use crate::time::now;
+use berth_proto::time::now;
 use berth_proto::v1::{Agent, AgentSecrets, AgentStatus, Event};
 use etcd_client::{
     Compare, CompareOp, GetOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,

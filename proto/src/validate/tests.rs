@@ -1,7 +1,7 @@
 use super::*;
 use crate::defaults;
 use crate::time::pb_duration;
-use berth_proto::v1::{HealthCheck, Resources, VolumeMount};
+use crate::v1::{HealthCheck, Resources, VolumeMount};
 
 fn limits() -> Limits {
     Limits {

@@ -17,7 +17,7 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-berth-request-id")
 /// The client address header.
 pub const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// Marks a request safe to retry whatever its method.
-pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+pub use berth_proto::request::{is_safe, IDEMPOTENCY_KEY};
 /// Idle upstream connections kept per replica.
 pub const POOL_IDLE_PER_HOST: usize = 64;
 /// How long an idle upstream connection is kept.
@@ -81,12 +81,6 @@ impl Forward {
             tried: self.tried.clone(),
         })
     }
-}
-
-/// Whether a request with `method` and `headers` may be sent twice: an idempotent method
-/// (RFC 9110 §9.2.2) or an `Idempotency-Key`.
-pub fn is_safe(method: &http::Method, headers: &HeaderMap) -> bool {
-    method.is_idempotent() || headers.contains_key(IDEMPOTENCY_KEY)
 }
 
 /// Removes hop-by-hop headers, and those the `Connection` header lists, in place.

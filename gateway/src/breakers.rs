@@ -3,35 +3,44 @@
 
 use super::balance::BreakerChange;
 use super::metrics::{BreakerLabels, GatewayMetrics};
-use crate::store::Store;
 use berth_proto::v1::BreakerState;
+use berth_store::Store;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// Lifetime of the published states without renewal: a gateway gone this long drops out.
 pub const LEASE_TTL: Duration = Duration::from_secs(15);
 /// Time between lease renewals.
 pub const RENEW_EVERY: Duration = Duration::from_secs(5);
 
-/// Runs until the change channel closes.
+/// Runs until the change channel closes or `stop` is cancelled; a stopping gateway gives its
+/// lease back, so its published states go at once.
 pub async fn publish(
     store: Store,
     gateway: String,
     mut changes: mpsc::UnboundedReceiver<BreakerChange>,
     metrics: Arc<GatewayMetrics>,
+    stop: CancellationToken,
 ) {
-    let mut renewer = None;
+    let mut renewer: Option<berth_store::LeaseRenewer> = None;
     let mut renew = tokio::time::interval(RENEW_EVERY);
     loop {
         let change = tokio::select! {
+            _ = stop.cancelled() => {
+                if let Some(r) = &renewer {
+                    store.revoke_lease(r.lease()).await;
+                }
+                return;
+            }
             change = changes.recv() => match change {
                 Some(change) => change,
                 None => return,
             },
             _ = renew.tick() => {
                 if let Some(r) = renewer.as_mut() {
-                    if let Err(e) = crate::store::LeaseRenewer::renew(r).await {
+                    if let Err(e) = berth_store::LeaseRenewer::renew(r).await {
                         tracing::warn!(error = %e, "cannot renew the gateway's lease");
                         renewer = None;
                     }

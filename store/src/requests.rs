@@ -10,7 +10,7 @@ use prost::Message;
 use std::time::{Duration, Instant, SystemTime};
 
 /// How long a request and its response are kept unless the agent says otherwise.
-pub const REQUEST_TTL: Duration = crate::defaults::REPLAY_TTL;
+pub const REQUEST_TTL: Duration = berth_proto::defaults::REPLAY_TTL;
 /// A new request lease (per TTL) is granted at most this often, so requests live between
 /// their TTL and TTL + this (one lease per bucket, not one per request); shorter TTLs get
 /// buckets of a tenth of the TTL.

@@ -1,10 +1,48 @@
-//! What the gateway makes of a request from its head alone, before a replica or the store is
-//! involved: the agent it is for, the path the replica sees, whether the body is read whole
-//! first, and whether the request may be sent twice or queued. Pure, so that it is fuzzed
+//! What a request to `/agents/{agent}/...` means, from its head alone, before a replica or the
+//! store is involved: the agent it is for, the path the replica sees, whether the body is read
+//! whole first, and whether the request may be sent twice or queued. The gateway acts on it;
+//! it is part of the contract because clients rely on it. Pure, so that it is fuzzed
 //! (`fuzz/fuzz_targets/request_classification.rs`).
 
-use super::error::GatewayError;
-use http::{header, HeaderMap, Method, Uri};
+use http::{header, HeaderMap, HeaderName, Method, Uri};
+
+/// The header that makes a non-idempotent request safe to send twice.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// The header with which a client opts out of replay (`X-Berth-Replay: off`).
+pub const REPLAY_HEADER: &str = "x-berth-replay";
+
+/// A request head the gateway refuses before anything else.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum RequestError {
+    /// Header names and values over the limit.
+    #[error("request headers are {bytes} bytes, over the limit of {limit} (--max-header-bytes)")]
+    HeadersTooLarge { bytes: usize, limit: usize },
+    /// A `Content-Length` that is not a number.
+    #[error("Content-Length is not a number of bytes")]
+    BadContentLength,
+}
+
+/// Bytes of header names and values, as the header limit counts them.
+pub fn header_bytes(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum()
+}
+
+/// Whether a request with `method` and `headers` may be sent twice: an idempotent method
+/// (RFC 9110 §9.2.2) or an `Idempotency-Key`.
+pub fn is_safe(method: &Method, headers: &HeaderMap) -> bool {
+    method.is_idempotent() || headers.contains_key(IDEMPOTENCY_KEY)
+}
+
+/// Whether the client opted out of replay with `X-Berth-Replay: off`.
+pub fn opted_out(headers: &HeaderMap) -> bool {
+    headers
+        .get(REPLAY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("off"))
+}
 
 /// How the gateway takes a request's body.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,10 +86,10 @@ pub fn classify(
     headers: &HeaderMap,
     max_header_bytes: usize,
     max_body_bytes: u64,
-) -> Result<Classified, GatewayError> {
-    let bytes = super::serve::header_bytes(headers);
+) -> Result<Classified, RequestError> {
+    let bytes = header_bytes(headers);
     if bytes > max_header_bytes {
-        return Err(GatewayError::HeadersTooLarge {
+        return Err(RequestError::HeadersTooLarge {
             bytes,
             limit: max_header_bytes,
         });
@@ -74,9 +112,7 @@ pub fn classify(
                 .to_str()
                 .ok()
                 .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| {
-                    GatewayError::BadRequest("Content-Length is not a number of bytes".into())
-                })?,
+                .ok_or(RequestError::BadContentLength)?,
         ),
     };
     let chunked = headers.contains_key(header::TRANSFER_ENCODING);
@@ -90,8 +126,8 @@ pub fn classify(
         agent,
         upstream,
         body,
-        safe: super::forward::is_safe(method, headers),
-        opted_out: super::replay::opted_out(headers),
+        safe: is_safe(method, headers),
+        opted_out: opted_out(headers),
     })
 }
 
@@ -110,7 +146,7 @@ mod tests {
         (method.parse().unwrap(), uri.parse().unwrap(), map)
     }
 
-    fn of(method: &str, uri: &str, headers: &[(&str, &str)]) -> Result<Classified, GatewayError> {
+    fn of(method: &str, uri: &str, headers: &[(&str, &str)]) -> Result<Classified, RequestError> {
         let (method, uri, headers) = head(method, uri, headers);
         classify(&method, &uri, &headers, 1024, 100)
     }
@@ -156,7 +192,7 @@ mod tests {
         let big = "v".repeat(1100);
         let err = of("GET", "/agents/a/", &[("x-big", &big)]).unwrap_err();
         assert!(
-            matches!(err, GatewayError::HeadersTooLarge { limit: 1024, .. }),
+            matches!(err, RequestError::HeadersTooLarge { limit: 1024, .. }),
             "{err}"
         );
         let err = of("POST", "/agents/a/", &[("content-length", "ten")]).unwrap_err();

@@ -6,7 +6,7 @@
 //! so the breaker can never stay half-open. A success closes it and resets the penalty. Outcomes that say nothing
 //! about the replica's health (4xx, 501) are successes.
 
-use crate::defaults;
+use berth_proto::defaults;
 use berth_proto::v1::{BreakerSettings, BreakerState};
 use std::sync::Mutex;
 use std::time::Duration;

@@ -1,4 +1,8 @@
-//! Desired and observed state in etcd. Every write is a compare-and-swap on `mod_revision`.
+//! Berth's state in etcd, shared by the control plane and the gateway: the key layout, typed
+//! reads and writes (every write a compare-and-swap on `mod_revision`), the one
+//! list-then-watch primitive ([`watch::list_watch`]) and the token mirror
+//! (docs/architecture.md, "Key layout").
+#![forbid(unsafe_code)]
 
 mod agents;
 mod breakers;
@@ -7,6 +11,7 @@ pub mod keys;
 mod nodes;
 mod requests;
 mod tls;
+pub mod token_mirror;
 mod tokens;
 pub mod watch;
 
@@ -15,6 +20,7 @@ pub use keys::Keys;
 pub use nodes::{Cordon, LeaseRenewer, Placement};
 pub use requests::{StoredRequest, REQUEST_TTL};
 pub use tls::EtcdTls;
+pub use token_mirror::{IssuedTokens, Principal, TokenSet};
 
 use etcd_client::{Client, ConnectOptions, TlsOptions};
 use std::sync::Arc;

@@ -273,10 +273,10 @@ impl tower::Service<Forward> for Balancer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gateway::breaker::BreakerConfig;
+    use crate::breaker::BreakerConfig;
 
     fn route(replicas: &[&str]) -> Arc<Route> {
-        Arc::new(crate::gateway::routes::test_route(replicas))
+        Arc::new(crate::routes::test_route(replicas))
     }
 
     fn pool(replicas: &[&str]) -> Pool {

@@ -1,12 +1,13 @@
 //! The gateway: `ANY /agents/{name}/{path...}` to a ready replica of the agent, through a tower
 //! stack of load shedding, a concurrency limit, budgeted retries and per-replica circuit
 //! breakers with timeouts. It learns routes from an etcd watch and runs as its own process
-//! (`berth gateway`), so that several can serve side by side.
+//! (`berth gateway`), so that several can serve side by side. It reaches the rest of Berth only
+//! through the store and the contract (docs/architecture.md, "A request's path").
+#![forbid(unsafe_code)]
 
 pub mod balance;
 pub mod breaker;
 mod breakers;
-pub mod classify;
 pub mod error;
 pub mod forward;
 pub mod metrics;
@@ -15,13 +16,13 @@ pub mod retry;
 pub mod routes;
 pub mod serve;
 
-use crate::store::{Store, StoreError};
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::Router;
 use balance::{Balancer, BreakerChange, Pool};
+use berth_store::{Store, StoreError};
 use bytes::Bytes;
 use error::{to_response, GatewayError};
 use forward::{Forward, ForwardBody, Upstream};
@@ -37,6 +38,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower::util::BoxCloneService;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 
@@ -67,7 +70,7 @@ pub struct GatewayConfig {
     /// What each client may hold of the gateway, and for how long.
     pub limits: ClientLimits,
     /// TLS files for `https://` etcd endpoints.
-    pub etcd_tls: crate::store::EtcdTls,
+    pub etcd_tls: berth_store::EtcdTls,
 }
 
 /// Why the gateway could not start or stopped with an error.
@@ -109,7 +112,7 @@ pub struct Gateway {
     routes: watch::Receiver<Arc<Routes>>,
     store: Store,
     stats: Arc<replay::QueueStats>,
-    admin_tokens: crate::auth::TokenSet,
+    admin_tokens: berth_store::token_mirror::TokenSet,
     stacks: Mutex<HashMap<String, Arc<AgentStack>>>,
     upstream: Upstream,
     metrics: Arc<GatewayMetrics>,
@@ -208,25 +211,34 @@ pub async fn run(
         return Err(GatewayStartError::Config { setting, reason });
     }
     let admin_tokens = match &config.token_file {
-        Some(path) => {
-            crate::auth::TokenSet::from_file(path).map_err(|e| GatewayStartError::Config {
+        Some(path) => berth_store::token_mirror::TokenSet::from_file(path).map_err(|e| {
+            GatewayStartError::Config {
                 setting: "token_file",
                 reason: e.to_string(),
-            })?
-        }
-        None => crate::auth::TokenSet::default(),
+            }
+        })?,
+        None => berth_store::token_mirror::TokenSet::default(),
     };
     let store = Store::connect(&config.etcd, &config.prefix, &config.etcd_tls).await?;
+    // Every background loop gets `stop` and runs on `tasks`; see the end of this function.
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
     let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::new()));
     let (ready_tx, ready_rx) = watch::channel(false);
-    let follow = tokio::spawn(routes::follow(store.clone(), routes_tx, ready_tx));
+    tasks.spawn(routes::follow(
+        store.clone(),
+        routes_tx,
+        ready_tx,
+        stop.child_token(),
+    ));
     let metrics = GatewayMetrics::new();
     let (changes_tx, changes_rx) = mpsc::unbounded_channel();
-    let publish = tokio::spawn(breakers::publish(
+    tasks.spawn(breakers::publish(
         store.clone(),
         config.name.clone(),
         changes_rx,
         metrics.clone(),
+        stop.child_token(),
     ));
     let gateway = Arc::new(Gateway {
         routes: routes_rx,
@@ -240,7 +252,11 @@ pub async fn run(
         max_concurrency: config.max_concurrency,
         limits: config.limits,
     });
-    let replayer = tokio::spawn(replay::replayer::run(gateway.clone(), config.name.clone()));
+    tasks.spawn(replay::replayer::run(
+        gateway.clone(),
+        config.name.clone(),
+        stop.child_token(),
+    ));
     let app = Router::new()
         .route("/requests/{id}", get(replay::results::get_request))
         .route("/agents/{name}", any(proxy))
@@ -322,7 +338,11 @@ pub async fn run(
         .collect::<Result<_, _>>()?;
     shutdown.await;
     tracing::info!("gateway stopping");
+    // Stop taking requests and claiming queued ones at once; then wait for what is in flight
+    // (client requests up to the drain bound, deliveries up to the replayer's).
     let _ = stop_tx.send(true);
+    stop.cancel();
+    tasks.close();
     let served = tokio::task::spawn_blocking(move || {
         threads
             .into_iter()
@@ -332,9 +352,7 @@ pub async fn run(
     .await
     .expect("joining the serving threads");
     let _ = admin.await;
-    follow.abort();
-    publish.abort();
-    replayer.abort();
+    tasks.wait().await;
     served.map(|_| ()).map_err(GatewayStartError::Serve)
 }
 
@@ -361,7 +379,7 @@ async fn proxy(
     request: Request,
 ) -> Response {
     let started = Instant::now();
-    let agent = classify::agent_of(request.uri().path()).to_string();
+    let agent = berth_proto::request::agent_of(request.uri().path()).to_string();
     let response = match forward(&gateway, &agent, peer, request).await {
         Ok(response) => response,
         Err(e) => {
@@ -410,7 +428,7 @@ async fn forward(
     }
     let stack = gateway.stack(&route);
     let (mut parts, body) = request.into_parts();
-    let class = classify::classify(
+    let class = berth_proto::request::classify(
         &parts.method,
         &parts.uri,
         &parts.headers,
@@ -497,12 +515,12 @@ async fn forward(
 
 /// Takes the body as `plan` says: a buffered one must arrive within `timeout`.
 async fn read_body(
-    plan: classify::BodyPlan,
+    plan: berth_proto::request::BodyPlan,
     body: Body,
     timeout: std::time::Duration,
 ) -> Result<ForwardBody, GatewayError> {
     match plan {
-        classify::BodyPlan::Buffer(_) => {
+        berth_proto::request::BodyPlan::Buffer(_) => {
             let bytes = tokio::time::timeout(timeout, body.collect())
                 .await
                 .map_err(|_| GatewayError::BodyTimeout { timeout })?
@@ -510,8 +528,8 @@ async fn read_body(
                 .to_bytes();
             Ok(ForwardBody::Buffered(bytes))
         }
-        classify::BodyPlan::Empty => Ok(ForwardBody::Buffered(Bytes::new())),
-        classify::BodyPlan::Stream => Ok(ForwardBody::Streaming(body)),
+        berth_proto::request::BodyPlan::Empty => Ok(ForwardBody::Buffered(Bytes::new())),
+        berth_proto::request::BodyPlan::Stream => Ok(ForwardBody::Streaming(body)),
     }
 }
 

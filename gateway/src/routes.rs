@@ -3,15 +3,16 @@
 //! through a `tokio::sync::watch`; request handlers read the latest value.
 
 use super::breaker::BreakerConfig;
-use crate::defaults;
-use crate::store::watch::{watch_prefix, WatchMessage};
-use crate::store::{Keys, Store, StoreError};
+use berth_proto::defaults;
 use berth_proto::v1::{Agent, NodeStatus};
+use berth_store::watch::{list_watch, Change};
+use berth_store::{Keys, Store, StoreError};
 use prost::Message;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 /// Wait before re-listing after etcd failed.
 pub const RELIST_RETRY: Duration = Duration::from_secs(1);
@@ -152,85 +153,106 @@ impl Route {
     }
 }
 
-/// Keeps `routes` current until the receivers are gone. Lists agents and nodes, then watches
-/// specs, statuses and nodes from the list's revision; re-lists after compaction or when a
-/// watch ends.
-pub async fn follow(store: Store, routes: watch::Sender<Arc<Routes>>, ready: watch::Sender<bool>) {
+/// Keeps `routes` current until `stop` is cancelled or the receivers are gone, from three
+/// list-watches (specs, statuses, nodes). The first table is published, and `ready` set, once
+/// all three are listed. Level-based: whatever changed of an agent, its current value is read.
+pub async fn follow(
+    store: Store,
+    routes: watch::Sender<Arc<Routes>>,
+    ready: watch::Sender<bool>,
+    stop: CancellationToken,
+) {
+    let mut specs = list_watch(&store, store.keys().agents());
+    let mut statuses = list_watch(&store, store.keys().statuses());
+    let mut nodes = list_watch(&store, store.keys().nodes());
+    let mut known: HashMap<String, Agent> = HashMap::new();
+    let mut ready_nodes: HashSet<String> = HashSet::new();
+    // Listed: specs, statuses, nodes. An agent list is read whole once specs and statuses
+    // are both listed (after a start or a compaction); until then changes wait.
+    let mut listed = [false; 3];
+    let mut relist = true;
     loop {
-        let listed = async {
-            let (agents, revision) = store.list_agents().await?;
-            let nodes = store.list_nodes().await?;
-            Ok::<_, StoreError>((agents, nodes, revision))
-        };
-        let (agents, nodes, revision) = match listed.await {
-            Ok(listed) => listed,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list agents and nodes; retrying");
-                tokio::time::sleep(RELIST_RETRY).await;
-                continue;
-            }
-        };
-        let mut ready_nodes: HashSet<String> = nodes
-            .into_iter()
-            .filter(|n| n.status == NodeStatus::Ready as i32)
-            .map(|n| n.name)
-            .collect();
-        let mut known: HashMap<String, Agent> = agents
-            .into_iter()
-            .filter_map(|a| Some((a.spec.as_ref()?.name.clone(), a)))
-            .collect();
-        publish(&routes, &known, &ready_nodes);
-        tracing::info!(
-            agents = known.len(),
-            nodes = ready_nodes.len(),
-            revision,
-            "routes listed"
-        );
-        ready.send_replace(true);
-        let mut specs = watch_prefix(&store, store.keys().agents(), revision + 1);
-        let mut statuses = watch_prefix(&store, store.keys().statuses(), revision + 1);
-        let mut node_changes = watch_prefix(&store, store.keys().nodes(), revision + 1);
-        loop {
-            let change = tokio::select! {
-                _ = routes.closed() => return,
-                change = specs.recv() => change,
-                change = statuses.recv() => change,
-                change = node_changes.recv() => match change {
-                    Some(WatchMessage::Put(kv)) => {
+        let changed_agent = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = routes.closed() => return,
+            change = specs.next() => agent_change(change, &mut listed[0], &mut relist),
+            change = statuses.next() => agent_change(change, &mut listed[1], &mut relist),
+            change = nodes.next() => {
+                match change {
+                    Change::Init => {
+                        listed[2] = false;
+                        ready_nodes.clear();
+                    }
+                    Change::InitApply(kv) | Change::Put(kv) => {
                         let name = Keys::last_segment(kv.key());
                         match berth_proto::v1::Node::decode(kv.value()) {
                             Ok(node) if node.status == NodeStatus::Ready as i32 => ready_nodes.insert(name),
                             _ => ready_nodes.remove(&name),
                         };
-                        publish(&routes, &known, &ready_nodes);
-                        continue;
                     }
-                    Some(WatchMessage::Delete(kv)) => {
+                    Change::Delete(kv) => {
                         ready_nodes.remove(&Keys::last_segment(kv.key()));
-                        publish(&routes, &known, &ready_nodes);
-                        continue;
                     }
-                    Some(WatchMessage::Compacted) | None => break,
-                },
-            };
-            let name = match change {
-                Some(WatchMessage::Put(kv) | WatchMessage::Delete(kv)) => {
-                    Keys::last_segment(kv.key())
+                    Change::InitDone { .. } => listed[2] = true,
                 }
-                // Compacted, or a watch ended: start over from a fresh list.
-                Some(WatchMessage::Compacted) | None => break,
-            };
-            // Level-based: whatever changed, the agent's current value is what counts.
+                None
+            }
+        };
+        if !(listed[0] && listed[1]) {
+            continue;
+        }
+        if relist {
+            match store.list_agents().await {
+                Ok((agents, revision)) => {
+                    known = agents
+                        .into_iter()
+                        .filter_map(|a| Some((a.spec.as_ref()?.name.clone(), a)))
+                        .collect();
+                    relist = false;
+                    tracing::info!(agents = known.len(), revision, "routes listed");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot list agents; retrying");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(RELIST_RETRY) => {}
+                    }
+                    continue;
+                }
+            }
+        } else if let Some(name) = changed_agent {
             match store.get_agent(&name).await {
                 Ok(agent) => known.insert(name, agent),
                 Err(StoreError::NotFound { .. }) => known.remove(&name),
                 Err(e) => {
                     tracing::warn!(agent = %name, error = %e, "cannot read agent; re-listing");
-                    break;
+                    relist = true;
+                    continue;
                 }
             };
-            publish(&routes, &known, &ready_nodes);
         }
+        if listed[2] {
+            publish(&routes, &known, &ready_nodes);
+            ready.send_if_modified(|ready| !std::mem::replace(ready, true));
+        }
+    }
+}
+
+/// What a change under the specs or statuses prefix means for the table: the agent whose
+/// value to read again, or a whole re-list (`relist`) when a list starts.
+fn agent_change(change: Change, listed: &mut bool, relist: &mut bool) -> Option<String> {
+    match change {
+        Change::Init => {
+            *listed = false;
+            *relist = true;
+            None
+        }
+        Change::InitApply(_) => None,
+        Change::InitDone { .. } => {
+            *listed = true;
+            None
+        }
+        Change::Put(kv) | Change::Delete(kv) => Some(Keys::last_segment(kv.key())),
     }
 }
 

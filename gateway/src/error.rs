@@ -59,7 +59,7 @@ pub enum GatewayError {
     NotPersisted {
         agent: String,
         #[source]
-        source: crate::store::StoreError,
+        source: berth_store::StoreError,
     },
     /// The `Idempotency-Key` was used before with a different request.
     #[error("agent {agent}: this Idempotency-Key was used with a different request")]
@@ -70,6 +70,18 @@ pub enum GatewayError {
     /// No stored request has that id (or the caller may not read it).
     #[error("no request {id}")]
     UnknownRequest { id: String },
+}
+
+impl From<berth_proto::request::RequestError> for GatewayError {
+    fn from(e: berth_proto::request::RequestError) -> Self {
+        use berth_proto::request::RequestError;
+        match e {
+            RequestError::HeadersTooLarge { bytes, limit } => {
+                Self::HeadersTooLarge { bytes, limit }
+            }
+            RequestError::BadContentLength => Self::BadRequest(e.to_string()),
+        }
+    }
 }
 
 impl GatewayError {

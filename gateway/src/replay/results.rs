@@ -3,12 +3,12 @@
 
 use super::super::error::{to_response, GatewayError};
 use super::super::Gateway;
-use crate::store::watch::{watch_prefix, WatchMessage};
-use crate::store::{Store, StoreError};
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::response::Response;
 use berth_proto::v1::{Request, RequestState};
+use berth_store::watch::{list_watch, Change};
+use berth_store::{Store, StoreError};
 use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use prost::Message;
 use std::sync::Arc;
@@ -24,24 +24,24 @@ pub async fn wait_for_response(
     wait: Duration,
 ) -> Option<Response> {
     let key = store.keys().request(&request.agent, request.seq);
-    let current = store.get_request_at(key.as_bytes()).await.ok()??;
-    if let Some(done) = delivered(&current.request) {
-        return Some(done);
-    }
-    let mut changes = watch_prefix(store, key, current.revision + 1);
+    let mut changes = list_watch(store, key.clone());
     let waiting = async {
-        while let Some(change) = changes.recv().await {
-            match change {
-                WatchMessage::Put(kv) => {
+        let mut seen = false;
+        loop {
+            match changes.next().await {
+                Change::InitApply(kv) | Change::Put(kv) if kv.key() == key.as_bytes() => {
+                    seen = true;
                     let request = Request::decode(kv.value()).ok()?;
                     if let Some(done) = delivered(&request) {
                         return Some(done);
                     }
                 }
-                WatchMessage::Delete(_) | WatchMessage::Compacted => return None,
+                // Gone, or never there (expired): nothing will come.
+                Change::Delete(kv) if kv.key() == key.as_bytes() => return None,
+                Change::InitDone { .. } if !seen => return None,
+                _ => {}
             }
         }
-        None
     };
     tokio::time::timeout(wait, waiting).await.ok().flatten()
 }
