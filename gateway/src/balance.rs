@@ -2,9 +2,10 @@
 //! over the replicas whose breaker lets traffic through (fewest requests in flight wins), sends
 //! the request with the agent's timeout, and tells the replica's breaker how it went.
 
-use super::breaker::{classify, Admission, Breaker, Outcome, Transition};
+use super::breaker::{Admission, Breaker, Outcome, Transition};
 use super::error::GatewayError;
 use super::forward::{Forward, Upstream};
+use super::outcome::Ending;
 use super::routes::{Endpoint, Route};
 use axum::body::Body;
 use futures::future::BoxFuture;
@@ -256,10 +257,7 @@ impl tower::Service<Forward> for Balancer {
                     timeout,
                 }),
             };
-            let outcome = match &result {
-                Ok(response) => classify(response.status()),
-                Err(_) => Outcome::Failure,
-            };
+            let outcome = Outcome::from(Ending::of(&result));
             let transition = replica.breaker.record(admission, outcome);
             pool.report(&replica, transition);
             result.map(|mut response| {

@@ -69,13 +69,14 @@ pub enum Outcome {
     Failure,
 }
 
-/// What an answer with `status` says about the replica: 5xx other than 501 is a failure;
-/// 4xx is the caller's problem and never counts against the replica.
-pub fn classify(status: http::StatusCode) -> Outcome {
-    if status.is_server_error() && status != http::StatusCode::NOT_IMPLEMENTED {
-        Outcome::Failure
-    } else {
-        Outcome::Success
+impl From<crate::outcome::Ending> for Outcome {
+    /// What an attempt's ending says about the replica ([`crate::outcome::Ending::replica_failed`]).
+    fn from(ending: crate::outcome::Ending) -> Self {
+        if ending.replica_failed() {
+            Self::Failure
+        } else {
+            Self::Success
+        }
     }
 }
 
@@ -376,13 +377,18 @@ mod tests {
         for status in [400, 401, 404, 409, 422, 429, 501] {
             let status = http::StatusCode::from_u16(status).unwrap();
             for _ in 0..FAILURES_TO_OPEN * 2 {
-                b.record(Admission::Normal, classify(status));
+                b.record(
+                    Admission::Normal,
+                    Outcome::from(crate::outcome::Ending::of_status(status)),
+                );
             }
         }
         assert_eq!(b.state(), BreakerState::Closed);
         for status in [500, 502, 503, 504] {
             assert_eq!(
-                classify(http::StatusCode::from_u16(status).unwrap()),
+                Outcome::from(crate::outcome::Ending::of_status(
+                    http::StatusCode::from_u16(status).unwrap()
+                )),
                 Outcome::Failure
             );
         }

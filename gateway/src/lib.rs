@@ -11,6 +11,7 @@ mod breakers;
 pub mod error;
 pub mod forward;
 pub mod metrics;
+pub mod outcome;
 pub mod replay;
 pub mod retry;
 pub mod routes;
@@ -480,13 +481,9 @@ async fn forward(
     }
     let service = stack.service.lock().expect("stack lock").clone();
     let result = service.oneshot(forward).await;
-    let ending = match &result {
-        Ok(response) => replay::decide::ending_of_status(response.status()),
-        Err(e) => replay::decide::ending_of_error(e),
-    };
-    let decision = replay::decide::decide(ending, safe, opted_out);
-    match (decision, kept, keyed) {
-        (replay::decide::Decision::Queue, Some(kept), keyed) => {
+    let ending = outcome::Ending::of(&result);
+    match (ending.decide(safe, opted_out), kept, keyed) {
+        (outcome::Decision::Queue, Some(kept), keyed) => {
             let queued =
                 replay::enqueue(&gateway.store, &gateway.stats, &route, kept, ending).await;
             match (&queued, &keyed) {

@@ -8,8 +8,9 @@ use super::balance::{Pool, ServedBy};
 use super::error::GatewayError;
 use super::forward::Forward;
 use super::metrics::{AgentLabels, GatewayMetrics};
+use super::outcome::Ending;
 use axum::body::Body;
-use http::{Response, StatusCode};
+use http::Response;
 use std::sync::Arc;
 use std::time::Duration;
 use tower::retry::backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
@@ -69,18 +70,13 @@ impl RetryPolicy {
         request: &Forward,
         result: &'a Result<Response<Body>, GatewayError>,
     ) -> Option<&'a str> {
-        match result {
-            Ok(response) => {
-                let status = response.status();
-                let failed = status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED;
-                let replica = response.extensions().get::<ServedBy>()?;
-                (failed && request.is_safe()).then_some(replica.0.as_str())
-            }
-            Err(e) => {
-                let replica = e.replica()?;
-                (request.is_safe() || e.before_request()).then_some(replica)
-            }
-        }
+        let replica = match result {
+            Ok(response) => response.extensions().get::<ServedBy>()?.0.as_str(),
+            Err(e) => e.replica()?,
+        };
+        Ending::of(result)
+            .retry_elsewhere(request.is_safe())
+            .then_some(replica)
     }
 }
 
@@ -150,7 +146,7 @@ mod tests {
 
     fn answered(status: u16, replica: &str) -> Result<Response<Body>, GatewayError> {
         let mut response = Response::new(Body::empty());
-        *response.status_mut() = StatusCode::from_u16(status).unwrap();
+        *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
         response.extensions_mut().insert(ServedBy(replica.into()));
         Ok(response)
     }

@@ -7,8 +7,8 @@
 use super::super::error::GatewayError;
 use super::super::forward::{Forward, ForwardBody, IDEMPOTENCY_KEY};
 use super::super::routes::Route;
-use super::decide::Ending;
 use super::results::delivered;
+use crate::outcome::Ending;
 use axum::body::Body;
 use axum::response::Response;
 use berth_proto::v1::{RequestState, StoredResponse};
@@ -107,7 +107,7 @@ pub async fn finish(
     keyed: &Keyed,
     result: Result<Response, GatewayError>,
 ) -> Result<Response, GatewayError> {
-    let final_answer = matches!(&result, Ok(r) if super::decide::ending_of_status(r.status()) == Ending::Answered && !r.status().is_server_error());
+    let final_answer = matches!(&result, Ok(r) if Ending::of_status(r.status()) == Ending::Answered && !r.status().is_server_error());
     if !final_answer {
         release(store, &kept.agent, keyed).await;
         return result;

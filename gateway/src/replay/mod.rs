@@ -1,7 +1,6 @@
 //! Durable replay: requests an agent could not take are stored in etcd (answered `202` only
 //! once committed) and delivered later, in order, by whichever gateway claims them.
 
-pub mod decide;
 pub mod idempotency;
 pub mod replayer;
 pub mod results;
@@ -9,11 +8,11 @@ pub mod results;
 use super::error::GatewayError;
 use super::forward::{Forward, ForwardBody, REQUEST_ID};
 use super::routes::Route;
+use crate::outcome::Ending;
 use axum::body::Body;
 use axum::response::Response;
 use berth_proto::v1::{Header, Request, RequestState};
 use berth_store::Store;
-use decide::Ending;
 use http::{header, HeaderValue, StatusCode};
 use std::collections::HashMap;
 use std::sync::Mutex;

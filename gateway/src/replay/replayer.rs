@@ -5,11 +5,11 @@
 //! never deliver the same request at once, and a crashed gateway's claims expire so that
 //! another delivers them.
 
-use super::super::error::GatewayError;
 use super::super::forward::{Forward, ForwardBody};
 use super::super::metrics::AgentLabels;
 use super::super::Gateway;
 use super::{QueueStats, REPLAY_ATTEMPT};
+use crate::outcome::{Ending, Verdict};
 use berth_proto::v1::{Header, Request, RequestState, StoredResponse};
 use berth_store::watch::{list_watch, Change};
 use berth_store::StoreError;
@@ -348,19 +348,17 @@ async fn deliver(
     let stack = gateway.stack(&route);
     let service = stack.service.lock().expect("stack lock").clone();
     let result = service.oneshot(forward).await;
-    let failure = match &result {
-        Ok(r) if matches!(r.status().as_u16(), 502..=504) => {
-            Some(format!("agent answered {}", r.status()))
-        }
-        Ok(_) => None,
-        Err(e @ (GatewayError::NoReplica { .. } | GatewayError::Overloaded { .. })) => {
-            Some(e.to_string())
-        }
-        Err(e) if e.before_request() || safe => Some(e.to_string()),
+    let described = match &result {
+        Ok(r) => format!("agent answered {}", r.status()),
+        Err(e) => e.to_string(),
+    };
+    let failure = match Ending::of(&result).verdict(safe) {
+        Verdict::Delivered => None,
+        Verdict::TryLater => Some(described),
         // The agent may have seen it and a second delivery could do harm: stop here.
-        Err(e) => {
+        Verdict::Dead => {
             claimed.request.state = RequestState::Dead as i32;
-            claimed.request.last_error = format!("{e} (not safe to deliver again)");
+            claimed.request.last_error = format!("{described} (not safe to deliver again)");
             store.finish_request(&claimed).await?;
             count(gateway, &agent, "dead");
             return Ok(None);
