@@ -4,8 +4,8 @@
 //! a round trip through the wire.
 #![no_main]
 
-use berth_proto::{defaults, validate};
 use berth_proto::v1::AgentSpec;
+use berth_proto::{defaults, validate};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 

@@ -1,4 +1,4 @@
-//! The per-replica circuit breaker (DESIGN.md, "Gateway semantics"): it opens after
+//! The per-replica circuit breaker (docs/architecture.md, "A request's path through the gateway"): it opens after
 //! `failures_to_open` consecutive failures (default 5), stays open for a penalty that starts at
 //! `penalty_min` (1 s) and doubles up to `penalty_max` (60 s), each less up to `JITTER` of
 //! itself so that gateways do not probe in step, then lets exactly one probe through. The probe

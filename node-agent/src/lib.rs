@@ -6,6 +6,7 @@ pub mod docker;
 pub mod probe;
 pub mod reports;
 pub mod restarts;
+pub mod runtime;
 pub mod session;
 pub mod supervisor;
 
@@ -13,6 +14,12 @@ use berth_proto::v1::Resources;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long a stopping node agent waits for its session and supervisor to finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Every setting of `berth node-agent`.
 #[derive(Clone, Debug)]
@@ -91,17 +98,28 @@ pub async fn run(
         tls: config.tls.clone(),
     };
     tracing::info!(node = %config.name, network = %config.network, "node agent running");
-    let session = tokio::spawn(session::run(
+    // Both loops get `stop` and run on `tasks`: on shutdown the session ends its stream and
+    // the supervisor finishes the reconcile under way; containers keep running.
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    tasks.spawn(session::run(
         config.control_planes.clone(),
         identity,
         reports,
         assignments_tx,
         runtime,
+        stop.child_token(),
     ));
-    let supervise = tokio::spawn(supervisor.run(assignments_rx));
+    tasks.spawn(supervisor.run(assignments_rx, stop.child_token()));
+    tasks.close();
     shutdown.await;
-    session.abort();
-    supervise.abort();
+    stop.cancel();
+    if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("node agent work did not finish within {SHUTDOWN_GRACE:?}");
+    }
     tracing::info!("node agent stopped; containers keep running");
     Ok(())
 }

@@ -1,9 +1,11 @@
 //! HTTP health probes, from the node agent straight to the container.
 
-use std::time::{Duration, Instant};
+use crate::runtime::ContainerRuntime;
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 /// Time between probes until the first one passes (within the first interval).
 pub const STARTUP_POLL: Duration = Duration::from_millis(250);
@@ -31,7 +33,8 @@ pub struct ProbeSpec {
 
 /// Probes until the task is aborted. Before the first pass it polls quickly and reports
 /// failures only after the first interval and the start period, so a slow start is not a fault.
-pub async fn run(
+pub async fn run<R: ContainerRuntime>(
+    runtime: R,
     spec: ProbeSpec,
     replica: String,
     container: String,
@@ -41,7 +44,7 @@ pub async fn run(
     let grace = spec.interval.max(spec.start_period);
     let mut passed_once = false;
     loop {
-        let ok = get(&spec.address, &spec.path, spec.timeout).await;
+        let ok = runtime.probe(&spec.address, &spec.path, spec.timeout).await;
         passed_once |= ok;
         if ok || passed_once || started.elapsed() >= grace {
             let result = ProbeResult {

@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Endpoint;
 use tower::retry::backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
@@ -38,26 +39,35 @@ pub struct Identity {
     pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
-/// Holds the session forever, reconnecting as needed.
+/// Holds the session until `stop` is cancelled, reconnecting as needed.
 pub async fn run(
     control_planes: Vec<String>,
     identity: Identity,
     reports: Arc<Reports>,
     assignments: watch::Sender<Option<Assignments>>,
     runtime: Runtime,
+    stop: CancellationToken,
 ) {
     let mut backoff = new_backoff();
     let mut next = 0;
     loop {
         let addr = &control_planes[next % control_planes.len()];
         next += 1;
-        match session(addr, &identity, &reports, &assignments, &runtime).await {
+        let ended = tokio::select! {
+            // Dropping the session closes its stream: the control plane sees the node leave.
+            _ = stop.cancelled() => return,
+            ended = session(addr, &identity, &reports, &assignments, &runtime) => ended,
+        };
+        match ended {
             Ok(()) => tracing::info!(control_plane = %addr, "session ended; reconnecting"),
             Err(e) => {
                 tracing::warn!(control_plane = %addr, error = %e, "session failed; reconnecting")
             }
         }
-        backoff.next_backoff().await;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = backoff.next_backoff() => {}
+        }
         if next % control_planes.len() == 0 {
             backoff = new_backoff();
         }

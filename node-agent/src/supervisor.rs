@@ -2,10 +2,13 @@
 //! pauses and removes them; restarts crashed or unhealthy ones with backoff, on its own, even
 //! while the control plane is unreachable. Level-based: every wake-up reconciles everything.
 
-use crate::docker::{container_digest, DockerError, Runtime};
+use crate::docker::{container_digest, DockerError};
 use crate::probe::{self, ProbeResult, ProbeSpec};
 use crate::reports::Reports;
 use crate::restarts::RestartCounts;
+use crate::runtime::ContainerRuntime;
+use berth_proto::defaults;
+use berth_proto::time::std_duration;
 use berth_proto::v1::{
     Assignment, Assignments, DesiredState, HealthState, ReplicaReport, ReplicaState, ReplicaStatus,
     RestartPolicy,
@@ -13,9 +16,11 @@ use berth_proto::v1::{
 use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// First wait before restarting a crashed container.
 pub const RESTART_BACKOFF_MIN: Duration = Duration::from_secs(1);
@@ -52,9 +57,9 @@ impl Replica {
     }
 }
 
-/// The supervisor of one node.
-pub struct Supervisor {
-    runtime: Runtime,
+/// The supervisor of one node, over a container runtime (Docker, or in memory in tests).
+pub struct Supervisor<R: ContainerRuntime> {
+    runtime: R,
     node: String,
     replicas: HashMap<String, Replica>,
     desired: Option<Assignments>,
@@ -64,15 +69,10 @@ pub struct Supervisor {
     probe_rx: mpsc::Receiver<ProbeResult>,
 }
 
-impl Supervisor {
+impl<R: ContainerRuntime> Supervisor<R> {
     /// A supervisor that publishes replica states to `reports`.
     /// Restart counts carry over from `restarts`.
-    pub fn new(
-        runtime: Runtime,
-        node: &str,
-        reports: Arc<Reports>,
-        restarts: RestartCounts,
-    ) -> Self {
+    pub fn new(runtime: R, node: &str, reports: Arc<Reports>, restarts: RestartCounts) -> Self {
         let (probe_tx, probe_rx) = mpsc::channel(64);
         Self {
             runtime,
@@ -139,13 +139,19 @@ impl Supervisor {
         });
     }
 
-    /// Runs until the assignments channel closes.
-    pub async fn run(mut self, mut assignments: watch::Receiver<Option<Assignments>>) {
-        let mut deaths = self.runtime.deaths().boxed();
+    /// Runs until the assignments channel closes or `stop` is cancelled; a reconcile under
+    /// way finishes first. Containers keep running: the next start adopts them.
+    pub async fn run(
+        mut self,
+        mut assignments: watch::Receiver<Option<Assignments>>,
+        stop: CancellationToken,
+    ) {
+        let mut deaths = self.runtime.deaths();
         let mut tick = tokio::time::interval(TICK);
         self.publish_all();
         loop {
             tokio::select! {
+                _ = stop.cancelled() => return,
                 changed = assignments.changed() => {
                     if changed.is_err() { return; }
                     let latest = assignments.borrow_and_update().clone();
@@ -160,7 +166,7 @@ impl Supervisor {
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "docker events interrupted; resubscribing");
                         tokio::time::sleep(Duration::from_secs(1)).await;
-                        deaths = self.runtime.deaths().boxed();
+                        deaths = self.runtime.deaths();
                     }
                     None => deaths = self.runtime.deaths().boxed(),
                 },
@@ -195,8 +201,7 @@ impl Supervisor {
             if let Some(mut r) = self.replicas.remove(&id) {
                 r.stop_probe();
                 if let Some(c) = &r.container {
-                    let grace = Duration::from_secs(10);
-                    let _ = self.runtime.stop(c, grace).await;
+                    let _ = self.runtime.stop(c, defaults::STOP_GRACE).await;
                     if let Err(e) = self.runtime.remove(c).await {
                         tracing::warn!(replica = %id, error = %e, "cannot remove container");
                     }
@@ -281,11 +286,7 @@ impl Supervisor {
             DesiredState::Running | DesiredState::Unspecified => {
                 let r = self.replicas.get_mut(&id).expect("inserted");
                 let restart_requested = match (&a.restart_time, r.started_wall) {
-                    (Some(t), Some(started)) => {
-                        SystemTime::UNIX_EPOCH
-                            + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32)
-                            > started
-                    }
+                    (Some(t), Some(started)) => berth_proto::time::system_time(t) > started,
                     _ => false,
                 };
                 match state {
@@ -429,7 +430,7 @@ impl Supervisor {
         let Some(c) = self.replicas[id].container.clone() else {
             return;
         };
-        let port = a.spec.as_ref().map(|s| s.port).unwrap_or(8080);
+        let port = a.spec.as_ref().map_or(defaults::PORT, |s| s.port);
         if let Ok(info) = self.runtime.inspect(&c).await {
             let r = self.replicas.get_mut(id).expect("present");
             r.status.address = if info.ip.is_empty() {
@@ -451,19 +452,19 @@ impl Supervisor {
         };
         r.status.health = HealthState::Starting as i32;
         r.status.ready = false;
-        let d = |p: Option<pbjson_types::Duration>, default: u64| {
-            p.map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
-                .unwrap_or(Duration::from_secs(default))
+        let d = |p: Option<pbjson_types::Duration>, default: Duration| {
+            p.as_ref().and_then(std_duration).unwrap_or(default)
         };
         let probe_spec = ProbeSpec {
             address: r.status.address.clone(),
             path: health.path.clone(),
-            interval: d(health.interval, 10),
-            timeout: d(health.timeout, 2),
-            start_period: d(health.start_period, 0),
+            interval: d(health.interval, defaults::HEALTH_INTERVAL),
+            timeout: d(health.timeout, defaults::HEALTH_TIMEOUT),
+            start_period: d(health.start_period, defaults::HEALTH_START_PERIOD),
         };
         let container = r.container.clone().unwrap_or_default();
         r.probe = Some(tokio::spawn(probe::run(
+            self.runtime.clone(),
             probe_spec,
             id.to_string(),
             container,
@@ -491,7 +492,7 @@ impl Supervisor {
                 .assignment_of(&result.replica)
                 .and_then(|a| a.spec?.health)
                 .map(|h| h.retries)
-                .unwrap_or(3);
+                .unwrap_or(defaults::HEALTH_RETRIES);
             let r = self.replicas.get_mut(&result.replica).expect("present");
             if r.failures >= retries.max(1) {
                 r.status.health = HealthState::Unhealthy as i32;
@@ -550,8 +551,10 @@ impl Supervisor {
             .unwrap_or((RestartPolicy::Always, None));
         let max_backoff = policy
             .1
-            .map(|d| Duration::from_secs(d.seconds.max(1) as u64))
-            .unwrap_or(Duration::from_secs(60));
+            .as_ref()
+            .and_then(std_duration)
+            .unwrap_or(defaults::RESTART_MAX_BACKOFF)
+            .max(Duration::from_secs(1));
         let exit = info.exit_code.unwrap_or(-1);
         let restart = match policy.0 {
             RestartPolicy::Never => false,
@@ -601,7 +604,216 @@ impl Supervisor {
 fn grace_of(a: &Assignment) -> Duration {
     a.spec
         .as_ref()
-        .and_then(|s| s.stop_grace)
-        .map(|d| Duration::from_secs(d.seconds.max(0) as u64))
-        .unwrap_or(Duration::from_secs(10))
+        .and_then(|s| s.stop_grace.as_ref())
+        .and_then(std_duration)
+        .unwrap_or(defaults::STOP_GRACE)
+}
+
+/// The supervisor over the in-memory runtime, on tokio's paused clock: what it does after a
+/// crash, a failing health check and its own restart, without Docker.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::docker::ContainerInfo;
+    use crate::runtime::memory::MemoryRuntime;
+    use berth_proto::time::pb_duration;
+    use berth_proto::v1::{AgentSpec, HealthCheck};
+
+    fn assignment(replica: &str, health: bool) -> Assignment {
+        Assignment {
+            replica: replica.into(),
+            generation: 1,
+            desired_state: DesiredState::Running as i32,
+            spec: Some(AgentSpec {
+                name: "a".into(),
+                image: "img:1".into(),
+                port: 8080,
+                health: health.then(|| HealthCheck {
+                    path: "/health".into(),
+                    interval: Some(pb_duration(Duration::from_secs(10))),
+                    timeout: Some(pb_duration(Duration::from_secs(2))),
+                    retries: 3,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    struct Node {
+        runtime: MemoryRuntime,
+        reports: Arc<Reports>,
+        _assignments: watch::Sender<Option<Assignments>>,
+        stop: CancellationToken,
+        task: JoinHandle<()>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Node {
+        /// A supervisor over `runtime` (adopting what it holds), told `replicas`.
+        async fn start(runtime: MemoryRuntime, replicas: Vec<Assignment>) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let reports = Arc::new(Reports::default());
+            let mut supervisor = Supervisor::new(
+                runtime.clone(),
+                "n1",
+                reports.clone(),
+                RestartCounts::open(dir.path()).unwrap(),
+            );
+            supervisor.adopt().await.unwrap();
+            let (tx, rx) = watch::channel(None);
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(supervisor.run(rx, stop.clone()));
+            // As the session does once the control plane answers.
+            tx.send_replace(Some(Assignments {
+                version: 1,
+                replicas,
+            }));
+            Node {
+                runtime,
+                reports,
+                _assignments: tx,
+                stop,
+                task,
+                _dir: dir,
+            }
+        }
+
+        fn status(&self, replica: &str) -> Option<ReplicaStatus> {
+            self.reports
+                .since(0)
+                .0
+                .into_iter()
+                .filter_map(|r| r.status)
+                .find(|s| s.replica == replica)
+        }
+
+        /// Waits (on the paused clock) until `replica`'s status satisfies `what`; how long.
+        async fn until(&self, replica: &str, what: impl Fn(&ReplicaStatus) -> bool) -> Duration {
+            let start = Instant::now();
+            while !self.status(replica).is_some_and(|s| what(&s)) {
+                assert!(
+                    start.elapsed() < Duration::from_secs(600),
+                    "{replica} never got there: {:?}",
+                    self.status(replica)
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            start.elapsed()
+        }
+
+        async fn stop(self) {
+            self.stop.cancel();
+            self.task.await.unwrap();
+        }
+    }
+
+    fn running(s: &ReplicaStatus) -> bool {
+        s.state == ReplicaState::Running as i32
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crashed_container_is_restarted_with_doubling_backoff() {
+        let node = Node::start(MemoryRuntime::default(), vec![assignment("a-0", false)]).await;
+        node.until("a-0", |s| running(s) && s.ready).await;
+        let container = node.status("a-0").unwrap().container_id;
+        for (crash, backoff) in [(1, RESTART_BACKOFF_MIN), (2, 2 * RESTART_BACKOFF_MIN)] {
+            node.runtime.crash(&container, 3);
+            node.until("a-0", |s| s.state == ReplicaState::Restarting as i32)
+                .await;
+            let status = node.status("a-0").unwrap();
+            assert_eq!(status.last_exit_code, Some(3));
+            assert!(!status.ready);
+            let waited = node.until("a-0", running).await;
+            assert!(
+                waited >= backoff && waited <= backoff + TICK + Duration::from_millis(50),
+                "crash {crash}: restarted after {waited:?}, backoff {backoff:?}"
+            );
+            assert_eq!(node.status("a-0").unwrap().restarts, crash);
+        }
+        // The same container is started again, not replaced.
+        assert_eq!(node.runtime.counts(), (1, 3));
+        node.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_policy_of_never_leaves_a_crashed_replica_failed() {
+        let mut a = assignment("a-0", false);
+        a.spec.as_mut().unwrap().restart = Some(berth_proto::v1::RestartSettings {
+            policy: RestartPolicy::Never as i32,
+            ..Default::default()
+        });
+        let node = Node::start(MemoryRuntime::default(), vec![a]).await;
+        node.until("a-0", running).await;
+        let container = node.status("a-0").unwrap().container_id;
+        node.runtime.crash(&container, 1);
+        node.until("a-0", |s| s.state == ReplicaState::Failed as i32)
+            .await;
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert_eq!(
+            node.status("a-0").unwrap().state,
+            ReplicaState::Failed as i32
+        );
+        assert_eq!(node.runtime.counts(), (1, 1));
+        node.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failing_health_checks_restart_the_container_after_the_retries() {
+        let node = Node::start(MemoryRuntime::default(), vec![assignment("a-0", true)]).await;
+        node.until("a-0", |s| s.ready).await;
+        let container = node.status("a-0").unwrap().container_id;
+        node.runtime.set_healthy(&container, false);
+        let waited = node.until("a-0", |s| s.restarts == 1).await;
+        // Three failures in a row, one probe interval (10 s) apart.
+        assert!(
+            waited > Duration::from_secs(20) && waited <= Duration::from_secs(31),
+            "restarted after {waited:?}"
+        );
+        assert_eq!(node.runtime.counts(), (1, 2));
+        node.runtime.set_healthy(&container, true);
+        node.until("a-0", |s| {
+            s.ready && s.health == HealthState::Healthy as i32
+        })
+        .await;
+        assert_eq!(node.status("a-0").unwrap().restarts, 1);
+        node.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn its_own_containers_are_adopted_and_unassigned_ones_removed() {
+        let runtime = MemoryRuntime::default();
+        let spec = assignment("a-0", false).spec.unwrap();
+        let left = |id: &str, replica: &str| ContainerInfo {
+            id: id.into(),
+            replica: replica.into(),
+            agent: "a".into(),
+            generation: 1,
+            digest: container_digest(&spec),
+            running: true,
+            ip: "10.0.0.9".into(),
+            ..Default::default()
+        };
+        runtime.existing(left("kept", "a-0"));
+        runtime.existing(left("stray", "a-9"));
+        let node = Node::start(runtime.clone(), vec![assignment("a-0", false)]).await;
+        node.until("a-0", |s| running(s) && s.ready).await;
+        let status = node.status("a-0").unwrap();
+        assert_eq!(status.container_id, "kept");
+        assert_eq!(status.address, "10.0.0.9:8080");
+        // Nothing created or started: the running container was adopted as it is.
+        assert_eq!(runtime.counts(), (0, 0));
+        let left: Vec<String> = runtime
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(left, ["kept"]);
+        node.stop().await;
+        // Stopping the supervisor leaves the container running.
+        assert!(runtime.inspect("kept").await.unwrap().running);
+    }
 }

@@ -1,4 +1,4 @@
-//! Server-side defaults (DESIGN.md, "Lifecycle and timing defaults" and "Gateway semantics").
+//! Server-side defaults (docs/architecture.md, "Timing defaults").
 //! They fill unset fields on create and update, so a spec read back shows effective values.
 
 use crate::time::pb_duration;

@@ -28,3 +28,8 @@ pub fn std_duration(d: &PbDuration) -> Option<Duration> {
     }
     Some(Duration::new(d.seconds as u64, d.nanos as u32))
 }
+
+/// The wall-clock time of a protobuf timestamp (the epoch for negative or malformed values).
+pub fn system_time(t: &Timestamp) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32)
+}

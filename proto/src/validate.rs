@@ -1,4 +1,4 @@
-//! Validation of agent specs at the API (DESIGN.md, "Security"). Runs after defaults, so it
+//! Validation of agent specs at the API (docs/security.md). Runs after defaults, so it
 //! checks effective values. A refusal names the field; nothing reaches etcd or Docker.
 
 use crate::time::std_duration;

@@ -1,4 +1,4 @@
-//! The key layout in etcd (DESIGN.md, "Key layout"). Every key Berth writes is built here.
+//! The key layout in etcd (docs/architecture.md, "Key layout in etcd"). Every key Berth writes is built here.
 
 /// Key builder bound to one prefix (default `/berth`).
 #[derive(Clone, Debug)]

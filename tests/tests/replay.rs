@@ -297,7 +297,7 @@ async fn no_request_is_lost_while_the_agent_is_killed_three_times() {
     }
     // Keyed requests are safe to resend: every one is delivered. An unkeyed one whose replay
     // was cut off after it may have reached the agent is dead-lettered with the reason
-    // (DESIGN.md: resent only if safe), like a 502 on the direct path; it is kept, not lost.
+    // (docs/architecture.md: resent only if safe), like a 502 on the direct path; it is kept, not lost.
     let (keyed_queued, unkeyed_queued): (Vec<String>, Vec<String>) = queued
         .iter()
         .cloned()
