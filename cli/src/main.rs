@@ -156,7 +156,8 @@ enum Command {
         #[command(subcommand)]
         action: commands::tokens::TokenAction,
     },
-    /// The replay queue: `berth requests [NAME] [--state S]`, or `show|retry|drop ID`.
+    /// The replay queue: `berth requests [NAME] [--state S] [--limit N] [--page-token T]`, or
+    /// `show|retry|drop ID`.
     #[command(args_conflicts_with_subcommands = true)]
     Requests {
         #[command(subcommand)]
@@ -166,6 +167,12 @@ enum Command {
         /// Only requests in this state.
         #[arg(long, value_enum)]
         state: Option<commands::requests::StateArg>,
+        /// Most requests shown (a page; at most 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Go on from where a previous page ended (the token it printed).
+        #[arg(long, default_value = "")]
+        page_token: String,
     },
     /// Run the control plane.
     ControlPlane(Box<servers::ControlPlaneArgs>),
@@ -265,7 +272,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             action: None,
             name,
             state,
-        } => commands::requests::list(&client, name, state, format).await,
+            limit,
+            page_token,
+        } => {
+            let page = commands::requests::Page { limit, page_token };
+            commands::requests::list(&client, name, state, page, format).await
+        }
         Command::Logs {
             name,
             follow,

@@ -36,8 +36,8 @@ pub const REPLAY_MAX_QUEUED_BYTES: u64 = 256 * 1024 * 1024;
 pub const REPLAY_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Deliveries tried before a request is dead-lettered.
 pub const REPLAY_MAX_ATTEMPTS: u32 = 10;
-/// Requests replayed at once per agent; 1 keeps FIFO order.
-pub const REPLAY_CONCURRENCY: u32 = 1;
+/// Requests replayed at once per agent, started oldest first (1 delivers strictly in order).
+pub const REPLAY_CONCURRENCY: u32 = 4;
 /// Consecutive failures that open a replica's breaker.
 pub const BREAKER_CONSECUTIVE_FAILURES: u32 = 5;
 /// First open period of a breaker.

@@ -116,6 +116,38 @@ impl Keys {
         format!("{}/requests/{agent}/", self.prefix)
     }
 
+    /// `{prefix}/request-bodies/{agent}/{seq}`: a request's body, kept apart from its record.
+    pub fn request_body(&self, agent: &str, seq: u64) -> String {
+        format!("{}/request-bodies/{agent}/{seq:020}", self.prefix)
+    }
+
+    /// `{prefix}/request-answers/{agent}/{seq}`: the agent's stored answer to a request.
+    pub fn request_answer(&self, agent: &str, seq: u64) -> String {
+        format!("{}/request-answers/{agent}/{seq:020}", self.prefix)
+    }
+
+    /// `{prefix}/queue/{agent}/{seq}`: there while a request waits (queued or delivering);
+    /// holds its body size.
+    pub fn queued(&self, agent: &str, seq: u64) -> String {
+        format!("{}/queue/{agent}/{seq:020}", self.prefix)
+    }
+
+    /// `{prefix}/queue/`: every waiting request, what replayers list and watch.
+    pub fn queue(&self) -> String {
+        format!("{}/queue/", self.prefix)
+    }
+
+    /// `{prefix}/finished/{agent}/{seq}`: there once a request is delivered or dead; holds
+    /// the bytes of its body and answer, for retention.
+    pub fn finished(&self, agent: &str, seq: u64) -> String {
+        format!("{}/finished/{agent}/{seq:020}", self.prefix)
+    }
+
+    /// `{prefix}/finished/`: every finished request.
+    pub fn all_finished(&self) -> String {
+        format!("{}/finished/", self.prefix)
+    }
+
     /// `{prefix}/request-ids/{id}`: the request key of a request id.
     pub fn request_id(&self, id: &str) -> String {
         format!("{}/request-ids/{id}", self.prefix)

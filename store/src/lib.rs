@@ -9,7 +9,7 @@ mod breakers;
 mod events;
 pub mod keys;
 mod nodes;
-mod requests;
+pub mod requests;
 mod tls;
 pub mod token_mirror;
 mod tokens;
@@ -18,7 +18,7 @@ pub mod watch;
 pub use events::EventFilter;
 pub use keys::Keys;
 pub use nodes::{Cordon, LeaseRenewer, Placement};
-pub use requests::{StoredRequest, REQUEST_TTL};
+pub use requests::{Claim, Finished, HeldKey, Retention, StoredRequest, REQUEST_TTL};
 pub use tls::EtcdTls;
 pub use token_mirror::{IssuedTokens, Principal, TokenSet};
 
@@ -58,6 +58,9 @@ pub enum StoreError {
     /// A TLS file for etcd cannot be read.
     #[error("TLS to etcd: {0}")]
     Tls(String),
+    /// A request to the store is malformed (a bad page token, say).
+    #[error("{0}")]
+    Invalid(String),
     /// A stored value could not be decoded.
     #[error("stored value at {key} is corrupt: {source}")]
     Corrupt {
@@ -148,6 +151,8 @@ pub struct Store {
     endpoints: Arc<str>,
     event_lease: Arc<Mutex<Option<events::BucketLease>>>,
     request_leases: Arc<Mutex<std::collections::HashMap<u64, requests::RequestLease>>>,
+    /// The batcher that commits new requests together (started on first use).
+    enqueuer: Arc<tokio::sync::OnceCell<tokio::sync::mpsc::Sender<requests::PendingEnqueue>>>,
 }
 
 impl Store {
@@ -182,6 +187,7 @@ impl Store {
             endpoints: joined,
             event_lease: Arc::default(),
             request_leases: Arc::default(),
+            enqueuer: Arc::default(),
         })
     }
 

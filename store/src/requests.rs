@@ -1,13 +1,28 @@
-//! The replay queue: requests an agent could not take, kept in etcd until delivered, under
-//! leases that expire them after `REQUEST_TTL`. A gateway claims a request (a key under its own
-//! short lease) before delivering it, so that two gateways never deliver it at once and a
-//! crashed gateway's claim expires.
+//! The replay queue in etcd, laid out so that it scales (docs/architecture.md, "The replay
+//! queue"). One request is several keys, all under its TTL lease but the claim:
+//!
+//! - `requests/{agent}/{seq}`: its small record (state, attempts, deadline, headers); claims
+//!   and state changes rewrite only this;
+//! - `request-bodies/{agent}/{seq}`: its body, written once;
+//! - `request-answers/{agent}/{seq}`: the agent's stored answer, written once;
+//! - `queue/{agent}/{seq}`: there while it waits (queued or delivering), holding its body
+//!   size; what replayers list and watch, so they never read finished requests;
+//! - `finished/{agent}/{seq}`: there once delivered or dead, holding its bytes; what
+//!   retention counts;
+//! - `request-ids/{id}`: its id, pointing at its position;
+//! - `claims/{agent}/{seq}`: which gateway delivers it, under that gateway's claim lease.
+//!
+//! A finish is conditioned on still holding the claim, so a gateway that lost it (paused past
+//! its lease) cannot overwrite what the next holder did.
 
 use super::{decode, transient, Store, StoreError, TRANSIENT_BACKOFF, TRANSIENT_RETRIES};
-use berth_proto::v1::{Request, RequestState};
-use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp};
+use berth_proto::v1::{Request, RequestState, StoredResponse};
+use etcd_client::{
+    Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
+};
 use prost::Message;
 use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::{mpsc, oneshot};
 
 /// How long a request and its response are kept unless the agent says otherwise.
 pub const REQUEST_TTL: Duration = berth_proto::defaults::REPLAY_TTL;
@@ -15,13 +30,24 @@ pub const REQUEST_TTL: Duration = berth_proto::defaults::REPLAY_TTL;
 /// their TTL and TTL + this (one lease per bucket, not one per request); shorter TTLs get
 /// buckets of a tenth of the TTL.
 pub const REQUEST_LEASE_BUCKET: Duration = Duration::from_secs(600);
+/// Most requests committed in one transaction by the enqueue batcher (each is four puts;
+/// etcd's default `--max-txn-ops` is 128).
+pub const ENQUEUE_BATCH: usize = 24;
+/// Most body bytes in one batch, so that a batch stays under etcd's request limit (1.5 MiB by
+/// default); a single request over it goes alone (bodies are at most 1 MiB).
+pub const ENQUEUE_BATCH_BYTES: usize = 512 * 1024;
+/// Most requests a page of `list_requests` holds.
+pub const MAX_PAGE: usize = 1000;
+/// Keys read per etcd call when scanning for a page with a state filter.
+const SCAN_PAGE: i64 = 500;
 
-/// A request as stored, with what a later compare-and-swap needs.
+/// A request as stored (its record; `body` and `response` filled only by [`Store::get_request`]),
+/// with what a later compare-and-swap needs.
 #[derive(Clone, Debug)]
 pub struct StoredRequest {
     /// The request.
     pub request: Request,
-    /// Its key's `mod_revision`.
+    /// Its record's `mod_revision`.
     pub revision: i64,
     /// The lease it expires with.
     pub lease: i64,
@@ -37,11 +63,43 @@ impl StoredRequest {
     }
 }
 
+/// A request this gateway holds the claim of.
+#[derive(Clone, Debug)]
+pub struct Claim {
+    /// The request as claimed (state delivering, attempts counted).
+    pub stored: StoredRequest,
+    /// The claim key's revision: a finish succeeds only while the claim is still this one.
+    pub revision: i64,
+}
+
+/// How a finish ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finished {
+    /// Written.
+    Done,
+    /// The claim was no longer ours (expired and perhaps taken over): nothing written.
+    LostClaim,
+}
+
 /// The cached bucket lease of requests.
 #[derive(Debug)]
 pub(super) struct RequestLease {
     id: i64,
     granted: Instant,
+}
+
+/// A new request waiting for the enqueue batcher.
+pub(super) struct PendingEnqueue {
+    request: Request,
+    ttl: Duration,
+    reply: oneshot::Sender<Result<Request, StoreError>>,
+}
+
+fn is_waiting(state: i32) -> bool {
+    matches!(
+        RequestState::try_from(state),
+        Ok(RequestState::Queued | RequestState::Delivering)
+    )
 }
 
 impl Store {
@@ -70,16 +128,115 @@ impl Store {
         Ok(granted.id())
     }
 
+    /// The puts that store a new request under `lease` (its body and answer apart from its
+    /// record), and the compares that it is new.
+    fn new_request_ops(&self, request: &Request, lease: i64) -> (Vec<Compare>, Vec<TxnOp>) {
+        let (agent, seq) = (request.agent.as_str(), request.seq);
+        let key = self.keys.request(agent, seq);
+        let index = self.keys.request_id(&request.id);
+        let with_lease = || Some(PutOptions::new().with_lease(lease));
+        let mut record = request.clone();
+        let body = std::mem::take(&mut record.body);
+        let answer = record.response.take();
+        record.body_bytes = body.len() as u64;
+        let mut ops = vec![
+            TxnOp::put(key.as_str(), record.encode_to_vec(), with_lease()),
+            TxnOp::put(index.as_str(), key.as_str(), with_lease()),
+        ];
+        if !body.is_empty() {
+            ops.push(TxnOp::put(
+                self.keys.request_body(agent, seq),
+                body,
+                with_lease(),
+            ));
+        }
+        let mut bytes = record.body_bytes;
+        if let Some(answer) = answer {
+            bytes += answer.body.len() as u64;
+            ops.push(TxnOp::put(
+                self.keys.request_answer(agent, seq),
+                answer.encode_to_vec(),
+                with_lease(),
+            ));
+        }
+        if is_waiting(record.state) {
+            ops.push(TxnOp::put(
+                self.keys.queued(agent, seq),
+                record.body_bytes.to_string(),
+                with_lease(),
+            ));
+        } else {
+            ops.push(TxnOp::put(
+                self.keys.finished(agent, seq),
+                bytes.to_string(),
+                with_lease(),
+            ));
+        }
+        let compares = vec![
+            Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
+            Compare::create_revision(index.as_str(), CompareOp::Equal, 0),
+        ];
+        (compares, ops)
+    }
+
     /// Stores a new request (queued at the tail of its agent's queue, or already delivered
     /// when it records a direct answer to a request with an `Idempotency-Key`); `seq` and
-    /// `expire_time` are set here. Returns only once etcd has committed it.
+    /// `expire_time` are set here. Returns only once etcd has committed it. Requests arriving
+    /// together share one transaction (group commit), each still answered only after it.
     pub async fn enqueue_request(
         &self,
         request: &mut Request,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        // After a transient failure the same write is sent again (same key): if the first
-        // one was committed after all, its index is there and the request is stored.
+        let batcher = self
+            .enqueuer
+            .get_or_init(|| async {
+                let (tx, rx) = mpsc::channel(4 * ENQUEUE_BATCH);
+                tokio::spawn(run_enqueuer(self.clone(), rx));
+                tx
+            })
+            .await;
+        let (reply, answer) = oneshot::channel();
+        let pending = PendingEnqueue {
+            request: request.clone(),
+            ttl,
+            reply,
+        };
+        if batcher.send(pending).await.is_err() {
+            return self.enqueue_one(request, ttl).await;
+        }
+        match answer.await {
+            Ok(result) => {
+                *request = result?;
+                Ok(())
+            }
+            Err(_) => self.enqueue_one(request, ttl).await,
+        }
+    }
+
+    /// One transaction for a whole batch; `false` when it did not commit as a whole (then
+    /// each goes alone, which handles collisions and uncertain commits).
+    async fn enqueue_batch(&self, batch: &mut [PendingEnqueue]) -> bool {
+        let mut compares = Vec::new();
+        let mut ops = Vec::new();
+        for pending in batch.iter_mut() {
+            let Ok(lease) = self.request_lease(pending.ttl, false).await else {
+                return false;
+            };
+            let r = &mut pending.request;
+            r.seq = new_seq();
+            r.expire_time = Some(berth_proto::timestamp(SystemTime::now() + pending.ttl));
+            let (c, o) = self.new_request_ops(r, lease);
+            compares.extend(c);
+            ops.extend(o);
+        }
+        let txn = Txn::new().when(compares).and_then(ops);
+        matches!(self.client().txn(txn).await, Ok(resp) if resp.succeeded())
+    }
+
+    /// Stores one new request on its own, sending the write again after a transient failure
+    /// (same keys: if the first one was committed after all, its index is there).
+    async fn enqueue_one(&self, request: &mut Request, ttl: Duration) -> Result<(), StoreError> {
         let mut uncertain = false;
         let mut transient_failures = 0;
         for attempt in 0..3 + TRANSIENT_RETRIES {
@@ -90,31 +247,16 @@ impl Store {
             }
             let key = self.keys.request(&request.agent, request.seq);
             let index = self.keys.request_id(&request.id);
+            let (compares, ops) = self.new_request_ops(request, lease);
             let txn = Txn::new()
-                .when([
-                    Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
-                    Compare::create_revision(index.as_str(), CompareOp::Equal, 0),
-                ])
-                .and_then([
-                    TxnOp::put(
-                        key.as_str(),
-                        request.encode_to_vec(),
-                        Some(PutOptions::new().with_lease(lease)),
-                    ),
-                    TxnOp::put(
-                        index.as_str(),
-                        key.as_str(),
-                        Some(PutOptions::new().with_lease(lease)),
-                    ),
-                ])
+                .when(compares)
+                .and_then(ops)
                 .or_else([TxnOp::get(index.as_str(), None)]);
             match self.client().txn(txn).await {
                 Ok(resp) if resp.succeeded() => return Ok(()),
                 Ok(resp) => {
                     let stored_at = resp.op_responses().into_iter().find_map(|op| match op {
-                        etcd_client::TxnOpResponse::Get(get) => {
-                            get.kvs().first().map(|kv| kv.value().to_vec())
-                        }
+                        TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
                         _ => None,
                     });
                     if uncertain && stored_at.as_deref() == Some(key.as_bytes()) {
@@ -140,7 +282,7 @@ impl Store {
     }
 
     /// Takes `Idempotency-Key` `key_sha256` of `agent` for request `id` with payload digest
-    /// `payload`, unless it is taken: then the holder's `(request id, payload digest)`.
+    /// `payload`, unless it is taken: then the holder's `(request id, payload digest, age)`.
     pub async fn take_idempotency_key(
         &self,
         agent: &str,
@@ -148,18 +290,19 @@ impl Store {
         id: &str,
         payload: &str,
         ttl: Duration,
-    ) -> Result<Option<(String, String)>, StoreError> {
+    ) -> Result<Option<HeldKey>, StoreError> {
         let key = self.keys.idempotency(agent, key_sha256);
         let mut transient_failures = 0;
         for attempt in 0..2 + TRANSIENT_RETRIES {
             let lease = self
                 .request_lease(ttl, attempt > 0 && transient_failures == 0)
                 .await?;
+            let now = unix_millis(SystemTime::now());
             let txn = Txn::new()
                 .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
                 .and_then([TxnOp::put(
                     key.as_str(),
-                    format!("{id}\n{payload}"),
+                    format!("{id}\n{payload}\n{now}"),
                     Some(PutOptions::new().with_lease(lease)),
                 )])
                 .or_else([TxnOp::get(key.as_str(), None)]);
@@ -177,20 +320,36 @@ impl Store {
                 return Ok(None);
             }
             let held = resp.op_responses().into_iter().find_map(|op| match op {
-                etcd_client::TxnOpResponse::Get(get) => get
-                    .kvs()
-                    .first()
-                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| {
+                    (
+                        String::from_utf8_lossy(kv.value()).into_owned(),
+                        kv.mod_revision(),
+                    )
+                }),
                 _ => None,
             });
             // Gone between the compare and the get: try to take it again.
-            let Some(held) = held else { continue };
-            let (holder, payload) = held.split_once('\n').unwrap_or((held.as_str(), ""));
+            let Some((held, revision)) = held else {
+                continue;
+            };
+            let mut parts = held.splitn(3, '\n');
+            let holder = parts.next().unwrap_or_default().to_string();
+            let payload = parts.next().unwrap_or_default().to_string();
+            let taken = parts
+                .next()
+                .and_then(|t| t.parse::<u64>().ok())
+                .unwrap_or(0);
             // Taken by this very request: an earlier attempt was committed after all.
             if holder == id {
                 return Ok(None);
             }
-            return Ok(Some((holder.to_string(), payload.to_string())));
+            let age = Duration::from_millis(unix_millis(SystemTime::now()).saturating_sub(taken));
+            return Ok(Some(HeldKey {
+                holder,
+                payload,
+                age,
+                revision,
+            }));
         }
         Err(StoreError::Conflict {
             kind: "idempotency key",
@@ -212,7 +371,31 @@ impl Store {
         Ok(())
     }
 
-    /// The request with id `id`.
+    /// Lets a key go only if it is still as `held` saw it (an orphan: taken by a gateway that
+    /// died before it stored anything).
+    pub async fn release_orphan_key(
+        &self,
+        agent: &str,
+        key_sha256: &str,
+        held: &HeldKey,
+    ) -> Result<bool, StoreError> {
+        let key = self.keys.idempotency(agent, key_sha256);
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                held.revision,
+            )])
+            .and_then([TxnOp::delete(key.as_str(), None)]);
+        let resp = self
+            .client()
+            .txn(txn)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(resp.succeeded())
+    }
+
+    /// The whole request with id `id`: its record, body and stored answer.
     pub async fn get_request(&self, id: &str) -> Result<StoredRequest, StoreError> {
         let not_found = || StoreError::NotFound {
             kind: "request",
@@ -224,59 +407,159 @@ impl Store {
             .await
             .map_err(|e| self.unavailable(e))?;
         let key = index.kvs().first().ok_or_else(not_found)?.value().to_vec();
-        self.get_request_at(&key).await?.ok_or_else(not_found)
-    }
-
-    /// The request stored at `key`, if it is still there.
-    pub async fn get_request_at(&self, key: &[u8]) -> Result<Option<StoredRequest>, StoreError> {
+        let (agent, seq) = position(&String::from_utf8_lossy(&key)).ok_or_else(not_found)?;
+        let txn = Txn::new().and_then([
+            TxnOp::get(key.as_slice(), None),
+            TxnOp::get(self.keys.request_body(&agent, seq), None),
+            TxnOp::get(self.keys.request_answer(&agent, seq), None),
+        ]);
         let resp = self
             .client()
-            .get(key, None)
+            .txn(txn)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let mut values = resp.op_responses().into_iter().map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+            _ => None,
+        });
+        let record = values.next().flatten().ok_or_else(not_found)?;
+        let mut stored = StoredRequest::from_kv(&record)?;
+        if let Some(body) = values.next().flatten() {
+            stored.request.body = body.value().to_vec();
+        }
+        if let Some(answer) = values.next().flatten() {
+            stored.request.response = Some(decode(answer.key(), answer.value())?);
+        }
+        Ok(stored)
+    }
+
+    /// The record of the request at `(agent, seq)` (no body or answer), if it is there.
+    pub async fn get_request_record(
+        &self,
+        agent: &str,
+        seq: u64,
+    ) -> Result<Option<StoredRequest>, StoreError> {
+        let resp = self
+            .client()
+            .get(self.keys.request(agent, seq), None)
             .await
             .map_err(|e| self.unavailable(e))?;
         resp.kvs().first().map(StoredRequest::from_kv).transpose()
     }
 
-    /// Requests of `agent` (every agent when `None`), oldest first, and the revision read at.
+    /// The body of the request at `(agent, seq)` (empty when it had none or it expired).
+    pub async fn get_request_body(&self, agent: &str, seq: u64) -> Result<Vec<u8>, StoreError> {
+        let resp = self
+            .client()
+            .get(self.keys.request_body(agent, seq), None)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| kv.value().to_vec())
+            .unwrap_or_default())
+    }
+
+    /// The stored answer of the request at `(agent, seq)`, if delivered.
+    pub async fn get_request_answer(
+        &self,
+        agent: &str,
+        seq: u64,
+    ) -> Result<Option<StoredResponse>, StoreError> {
+        let resp = self
+            .client()
+            .get(self.keys.request_answer(agent, seq), None)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        resp.kvs()
+            .first()
+            .map(|kv| decode(kv.key(), kv.value()))
+            .transpose()
+    }
+
+    /// One page of request records of `agent` (every agent when `None`), oldest first per
+    /// agent, in `state` when it is not 0; at most `limit` (at most [`MAX_PAGE`]). The token
+    /// continues after the last one returned; empty when nothing is left. Reads at most
+    /// [`SCAN_PAGE`] keys per etcd call, never a whole prefix.
     pub async fn list_requests(
         &self,
         agent: Option<&str>,
-    ) -> Result<(Vec<StoredRequest>, i64), StoreError> {
+        state: i32,
+        limit: usize,
+        page_token: &str,
+    ) -> Result<(Vec<Request>, String), StoreError> {
         let prefix = match agent {
             Some(agent) => self.keys.agent_requests(agent),
             None => self.keys.requests(),
         };
-        let options = GetOptions::new()
-            .with_prefix()
-            .with_sort(SortTarget::Key, SortOrder::Ascend);
-        let resp = self
-            .client()
-            .get(prefix.as_str(), Some(options))
-            .await
-            .map_err(|e| self.unavailable(e))?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
-        let requests = resp
-            .kvs()
-            .iter()
-            .map(StoredRequest::from_kv)
-            .collect::<Result<_, StoreError>>()?;
-        Ok((requests, revision))
+        let end = crate::watch::prefix_end(prefix.as_bytes());
+        let mut from = if page_token.is_empty() {
+            prefix.as_bytes().to_vec()
+        } else {
+            let mut after = format!("{}{page_token}", self.keys.requests()).into_bytes();
+            if !after.starts_with(prefix.as_bytes()) {
+                return Err(StoreError::Invalid(
+                    "page_token does not belong to this listing".into(),
+                ));
+            }
+            after.push(0);
+            after
+        };
+        let limit = limit.clamp(1, MAX_PAGE);
+        let mut out = Vec::new();
+        loop {
+            let options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(SCAN_PAGE)
+                .with_sort(SortTarget::Key, SortOrder::Ascend);
+            let resp = self
+                .client()
+                .get(from.clone(), Some(options))
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            let kvs = resp.kvs();
+            for (i, kv) in kvs.iter().enumerate() {
+                let request: Request = decode(kv.key(), kv.value())?;
+                if state == 0 || request.state == state {
+                    out.push(request);
+                    if out.len() == limit {
+                        let more = i + 1 < kvs.len() || resp.more();
+                        let token = String::from_utf8_lossy(kv.key())
+                            .strip_prefix(&self.keys.requests())
+                            .unwrap_or_default()
+                            .to_string();
+                        return Ok((out, if more { token } else { String::new() }));
+                    }
+                }
+            }
+            match kvs.last() {
+                Some(kv) if resp.more() => {
+                    from = kv.key().to_vec();
+                    from.push(0);
+                }
+                _ => return Ok((out, String::new())),
+            }
+        }
     }
 
     /// Claims `stored` for delivery by `gateway` under `claim_lease`, marking it delivering
-    /// with one more attempt. False when another gateway holds it or it changed meanwhile.
+    /// with one more attempt that ends by `deadline`. `None` when another gateway holds it or
+    /// it changed meanwhile.
     pub async fn claim_request(
         &self,
         stored: &StoredRequest,
         gateway: &str,
         claim_lease: i64,
-    ) -> Result<Option<StoredRequest>, StoreError> {
+        deadline: SystemTime,
+    ) -> Result<Option<Claim>, StoreError> {
         let r = &stored.request;
         let key = self.keys.request(&r.agent, r.seq);
         let claim = self.keys.claim(&r.agent, r.seq);
         let mut claimed = r.clone();
         claimed.state = RequestState::Delivering as i32;
         claimed.attempts += 1;
+        claimed.attempt_deadline = Some(berth_proto::timestamp(deadline));
         let txn = Txn::new()
             .when([
                 Compare::create_revision(claim.as_str(), CompareOp::Equal, 0),
@@ -303,38 +586,71 @@ impl Store {
             return Ok(None);
         }
         let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
-        Ok(Some(StoredRequest {
-            request: claimed,
+        Ok(Some(Claim {
+            stored: StoredRequest {
+                request: claimed,
+                revision,
+                lease: stored.lease,
+            },
             revision,
-            lease: stored.lease,
         }))
     }
 
-    /// Writes the outcome of a delivery and releases the claim. Does nothing if the request
-    /// was dropped meanwhile.
-    pub async fn finish_request(&self, stored: &StoredRequest) -> Result<(), StoreError> {
-        let r = &stored.request;
-        let key = self.keys.request(&r.agent, r.seq);
+    /// Writes the outcome of a delivery (`claim.stored.request` as it should now stand, and
+    /// the agent's answer if it was delivered) and releases the claim, only while the claim
+    /// is still ours. A request that no longer waits leaves the queue for the finished set.
+    pub async fn finish_request(
+        &self,
+        claim: &Claim,
+        answer: Option<&StoredResponse>,
+    ) -> Result<Finished, StoreError> {
+        let r = &claim.stored.request;
+        let (agent, seq) = (r.agent.as_str(), r.seq);
+        let key = self.keys.request(agent, seq);
+        let claim_key = self.keys.claim(agent, seq);
+        let with_lease = || Some(PutOptions::new().with_lease(claim.stored.lease));
+        let mut record = r.clone();
+        record.body.clear();
+        record.response = None;
+        let mut ops = vec![TxnOp::put(
+            key.as_str(),
+            record.encode_to_vec(),
+            with_lease(),
+        )];
+        if let Some(answer) = answer {
+            ops.push(TxnOp::put(
+                self.keys.request_answer(agent, seq),
+                answer.encode_to_vec(),
+                with_lease(),
+            ));
+        }
+        if !is_waiting(r.state) {
+            let bytes = r.body_bytes + answer.map_or(0, |a| a.body.len() as u64);
+            ops.push(TxnOp::delete(self.keys.queued(agent, seq), None));
+            ops.push(TxnOp::put(
+                self.keys.finished(agent, seq),
+                bytes.to_string(),
+                with_lease(),
+            ));
+        }
+        ops.push(TxnOp::delete(claim_key.as_str(), None));
         let txn = Txn::new()
-            .when([Compare::create_revision(
-                key.as_str(),
-                CompareOp::Greater,
-                0,
-            )])
-            .and_then([
-                TxnOp::put(
-                    key.as_str(),
-                    r.encode_to_vec(),
-                    Some(PutOptions::new().with_lease(stored.lease)),
-                ),
-                TxnOp::delete(self.keys.claim(&r.agent, r.seq), None),
+            .when([
+                // Still our claim, and the request still there (not dropped meanwhile).
+                Compare::mod_revision(claim_key.as_str(), CompareOp::Equal, claim.revision),
+                Compare::create_revision(key.as_str(), CompareOp::Greater, 0),
             ])
-            .or_else([TxnOp::delete(self.keys.claim(&r.agent, r.seq), None)]);
-        self.client()
+            .and_then(ops);
+        let resp = self
+            .client()
             .txn(txn)
             .await
             .map_err(|e| self.unavailable(e))?;
-        Ok(())
+        Ok(if resp.succeeded() {
+            Finished::Done
+        } else {
+            Finished::LostClaim
+        })
     }
 
     /// Deletes the claim on a request (a claim its own gateway left behind).
@@ -346,28 +662,42 @@ impl Store {
         Ok(())
     }
 
-    /// Replaces a request by `change(request)` with compare-and-swap, retrying on conflict.
-    pub async fn update_request(
-        &self,
-        id: &str,
-        change: impl Fn(&mut Request) -> Result<(), StoreError>,
-    ) -> Result<Request, StoreError> {
+    /// Puts a dead-lettered request back in its queue with its attempts reset.
+    pub async fn retry_request(&self, id: &str) -> Result<Request, StoreError> {
         loop {
             let stored = self.get_request(id).await?;
             let mut next = stored.request.clone();
-            change(&mut next)?;
-            let key = self.keys.request(&next.agent, next.seq);
+            if next.state != RequestState::Dead as i32 {
+                return Err(StoreError::Conflict {
+                    kind: "request",
+                    name: id.to_string(),
+                    current: "not dead-lettered: only a dead request can be retried".into(),
+                });
+            }
+            next.state = RequestState::Queued as i32;
+            next.attempts = 0;
+            next.attempt_deadline = None;
+            let (agent, seq) = (next.agent.clone(), next.seq);
+            let key = self.keys.request(&agent, seq);
+            let mut record = next.clone();
+            record.body.clear();
+            record.response = None;
+            let with_lease = || Some(PutOptions::new().with_lease(stored.lease));
             let txn = Txn::new()
                 .when([Compare::mod_revision(
                     key.as_str(),
                     CompareOp::Equal,
                     stored.revision,
                 )])
-                .and_then([TxnOp::put(
-                    key.as_str(),
-                    next.encode_to_vec(),
-                    Some(PutOptions::new().with_lease(stored.lease)),
-                )]);
+                .and_then([
+                    TxnOp::put(key.as_str(), record.encode_to_vec(), with_lease()),
+                    TxnOp::put(
+                        self.keys.queued(&agent, seq),
+                        next.body_bytes.to_string(),
+                        with_lease(),
+                    ),
+                    TxnOp::delete(self.keys.finished(&agent, seq), None),
+                ]);
             let resp = self
                 .client()
                 .txn(txn)
@@ -379,45 +709,217 @@ impl Store {
         }
     }
 
-    /// Removes a request and its index; it will not be delivered.
+    /// Removes a request with everything it holds (body, answer, claim, index, and its
+    /// `Idempotency-Key`, so that a repeat is sent again); it will not be delivered.
     pub async fn drop_request(&self, id: &str) -> Result<(), StoreError> {
         let stored = self.get_request(id).await?;
-        let r = &stored.request;
-        let txn = Txn::new().and_then([
-            TxnOp::delete(self.keys.request(&r.agent, r.seq), None),
-            TxnOp::delete(self.keys.request_id(id), None),
-            TxnOp::delete(self.keys.claim(&r.agent, r.seq), None),
-        ]);
-        self.client()
-            .txn(txn)
-            .await
-            .map_err(|e| self.unavailable(e))?;
+        self.delete_requests(&[stored.request]).await
+    }
+
+    /// Deletes requests whole, in transactions of a bounded size.
+    async fn delete_requests(&self, requests: &[Request]) -> Result<(), StoreError> {
+        for chunk in requests.chunks(16) {
+            let mut ops = Vec::new();
+            for r in chunk {
+                let (agent, seq) = (r.agent.as_str(), r.seq);
+                ops.extend([
+                    TxnOp::delete(self.keys.request(agent, seq), None),
+                    TxnOp::delete(self.keys.request_body(agent, seq), None),
+                    TxnOp::delete(self.keys.request_answer(agent, seq), None),
+                    TxnOp::delete(self.keys.queued(agent, seq), None),
+                    TxnOp::delete(self.keys.finished(agent, seq), None),
+                    TxnOp::delete(self.keys.claim(agent, seq), None),
+                    TxnOp::delete(self.keys.request_id(&r.id), None),
+                ]);
+                if !r.idempotency_key.is_empty() {
+                    ops.push(TxnOp::delete(
+                        self.keys
+                            .idempotency(agent, &key_digest(&r.idempotency_key)),
+                        None,
+                    ));
+                }
+            }
+            self.client()
+                .txn(Txn::new().and_then(ops))
+                .await
+                .map_err(|e| self.unavailable(e))?;
+        }
         Ok(())
     }
 
-    /// Every key under `prefix` with its value, as text.
-    pub async fn list_values(&self, prefix: &str) -> Result<Vec<(String, String)>, StoreError> {
-        let resp = self
-            .client()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| self.unavailable(e))?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .map(|kv| {
-                (
-                    String::from_utf8_lossy(kv.key()).into_owned(),
-                    String::from_utf8_lossy(kv.value()).into_owned(),
-                )
-            })
-            .collect())
+    /// Keeps finished (delivered and dead) requests within bounds, per agent and in total,
+    /// dropping the oldest first; how many were dropped. Reads only the small `finished/`
+    /// markers, a page at a time.
+    pub async fn trim_finished(&self, bounds: &Retention) -> Result<u64, StoreError> {
+        // (agent, seq, bytes), oldest first per agent.
+        let mut finished: Vec<(String, u64, u64)> = Vec::new();
+        let prefix = self.keys.all_finished();
+        let end = crate::watch::prefix_end(prefix.as_bytes());
+        let mut from = prefix.as_bytes().to_vec();
+        loop {
+            let options = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(SCAN_PAGE)
+                .with_sort(SortTarget::Key, SortOrder::Ascend);
+            let resp = self
+                .client()
+                .get(from.clone(), Some(options))
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            for kv in resp.kvs() {
+                if let Some((agent, seq)) = position(&String::from_utf8_lossy(kv.key())) {
+                    let bytes = String::from_utf8_lossy(kv.value()).parse().unwrap_or(0);
+                    finished.push((agent, seq, bytes));
+                }
+            }
+            match resp.kvs().last() {
+                Some(kv) if resp.more() => {
+                    from = kv.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
+            }
+        }
+        let doomed = over_retention(&finished, bounds);
+        let mut records = Vec::new();
+        for (agent, seq) in &doomed {
+            match self.get_request_record(agent, *seq).await? {
+                Some(stored) => records.push(stored.request),
+                // The record expired already: its markers go by position.
+                None => records.push(Request {
+                    agent: agent.clone(),
+                    seq: *seq,
+                    ..Default::default()
+                }),
+            }
+        }
+        self.delete_requests(&records).await?;
+        Ok(records.len() as u64)
     }
 
     /// Grants a lease of `ttl` seconds for a gateway's claims.
     pub async fn grant_claim_lease(&self, ttl: i64) -> Result<i64, StoreError> {
         self.grant_lease(ttl).await
     }
+}
+
+/// An `Idempotency-Key` another request holds.
+#[derive(Clone, Debug)]
+pub struct HeldKey {
+    /// The id of the request that took it.
+    pub holder: String,
+    /// That request's payload digest.
+    pub payload: String,
+    /// How long ago it was taken.
+    pub age: Duration,
+    /// The key's revision, for a conditional release.
+    pub revision: i64,
+}
+
+/// How many finished requests are kept (the oldest beyond any bound are dropped).
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    /// Per agent: most records.
+    pub per_agent_count: u64,
+    /// Per agent: most bytes of bodies and answers.
+    pub per_agent_bytes: u64,
+    /// All agents together: most records.
+    pub total_count: u64,
+    /// All agents together: most bytes.
+    pub total_bytes: u64,
+}
+
+/// Which of `finished` (agent, seq, bytes; oldest first per agent) go to keep within
+/// `bounds`: per agent the oldest first, then across agents the oldest by seq first.
+pub fn over_retention(finished: &[(String, u64, u64)], bounds: &Retention) -> Vec<(String, u64)> {
+    use std::collections::{BTreeMap, HashSet};
+    let mut by_agent: BTreeMap<&str, Vec<(u64, u64)>> = BTreeMap::new();
+    for (agent, seq, bytes) in finished {
+        by_agent.entry(agent).or_default().push((*seq, *bytes));
+    }
+    let mut doomed: HashSet<(String, u64)> = HashSet::new();
+    let mut kept: Vec<(u64, &str, u64)> = Vec::new();
+    for (agent, mut records) in by_agent {
+        records.sort_unstable();
+        let (mut count, mut bytes) = (0u64, 0u64);
+        // Newest first: keep while within the agent's bounds.
+        for (seq, size) in records.into_iter().rev() {
+            if count < bounds.per_agent_count && bytes + size <= bounds.per_agent_bytes {
+                count += 1;
+                bytes += size;
+                kept.push((seq, agent, size));
+            } else {
+                doomed.insert((agent.to_string(), seq));
+            }
+        }
+    }
+    kept.sort_unstable_by_key(|k| std::cmp::Reverse(k.0));
+    let (mut count, mut bytes) = (0u64, 0u64);
+    for (seq, agent, size) in kept {
+        if count < bounds.total_count && bytes + size <= bounds.total_bytes {
+            count += 1;
+            bytes += size;
+        } else {
+            doomed.insert((agent.to_string(), seq));
+        }
+    }
+    let mut doomed: Vec<(String, u64)> = doomed.into_iter().collect();
+    doomed.sort_unstable();
+    doomed
+}
+
+/// Commits waiting requests in batches until every sender is gone.
+async fn run_enqueuer(store: Store, mut pending: mpsc::Receiver<PendingEnqueue>) {
+    while let Some(first) = pending.recv().await {
+        let mut bytes = first.request.body.len();
+        let mut batch = vec![first];
+        while batch.len() < ENQUEUE_BATCH && bytes < ENQUEUE_BATCH_BYTES {
+            match pending.try_recv() {
+                Ok(next) => {
+                    bytes += next.request.body.len();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        // Each batch on its own task, so that the next one forms while this one commits.
+        let store = store.clone();
+        tokio::spawn(async move {
+            if batch.len() > 1 && store.enqueue_batch(&mut batch).await {
+                for p in batch {
+                    let _ = p.reply.send(Ok(p.request));
+                }
+                return;
+            }
+            for mut p in batch {
+                let result = store.enqueue_one(&mut p.request, p.ttl).await;
+                let _ = p.reply.send(result.map(|()| p.request));
+            }
+        });
+    }
+}
+
+/// `(agent, seq)` of a key ending in `.../{agent}/{seq}`.
+pub fn position(key: &str) -> Option<(String, u64)> {
+    let mut parts = key.rsplit('/');
+    let seq = parts.next()?.parse().ok()?;
+    let agent = parts.next()?.to_string();
+    Some((agent, seq))
+}
+
+/// The hex SHA-256 of an `Idempotency-Key`, as its etcd key holds it.
+pub fn key_digest(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn unix_millis(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
 }
 
 /// A queue position: microseconds since the epoch times 1000, plus a random 0..1000, so that
@@ -428,4 +930,56 @@ fn new_seq() -> u64 {
         .unwrap_or_default()
         .as_micros() as u64;
     micros * 1000 + rand::random_range(0..1000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_drops_the_oldest_beyond_each_bound() {
+        let rec = |agent: &str, seq: u64, bytes: u64| (agent.to_string(), seq, bytes);
+        let finished = [
+            rec("a", 1, 10),
+            rec("a", 2, 10),
+            rec("a", 3, 10),
+            rec("b", 4, 100),
+            rec("b", 5, 10),
+        ];
+        let roomy = Retention {
+            per_agent_count: 10,
+            per_agent_bytes: 1000,
+            total_count: 10,
+            total_bytes: 1000,
+        };
+        assert!(over_retention(&finished, &roomy).is_empty());
+        let two_each = Retention {
+            per_agent_count: 2,
+            ..roomy
+        };
+        assert_eq!(over_retention(&finished, &two_each), [("a".into(), 1)]);
+        let small = Retention {
+            per_agent_bytes: 50,
+            ..roomy
+        };
+        assert_eq!(over_retention(&finished, &small), [("b".into(), 4)]);
+        let three_in_all = Retention {
+            total_count: 3,
+            ..roomy
+        };
+        assert_eq!(
+            over_retention(&finished, &three_in_all),
+            [("a".into(), 1), ("a".into(), 2)]
+        );
+    }
+
+    #[test]
+    fn positions_and_key_digests() {
+        assert_eq!(
+            position("/berth/queue/echo/00000000000000000042"),
+            Some(("echo".into(), 42))
+        );
+        assert_eq!(position("nothing"), None);
+        assert_eq!(key_digest("k").len(), 64);
+    }
 }

@@ -223,7 +223,7 @@ fn watch_prefix(
 }
 
 /// The first key after every key that starts with `prefix` (etcd's range end for a prefix).
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();
     while let Some(last) = end.pop() {
         if last < 0xff {

@@ -37,6 +37,11 @@ struct Setup {
 }
 
 async fn setup(prefix: &str) -> Setup {
+    setup_with(prefix, &[]).await
+}
+
+/// As [`setup`], with more `berth deploy` flags.
+async fn setup_with(prefix: &str, flags: &[&str]) -> Setup {
     let run = DockerRun::new().unwrap();
     let etcd = Etcd::start().await.unwrap();
     let cp = ControlPlane::start(&etcd.url()).await.unwrap();
@@ -44,7 +49,9 @@ async fn setup(prefix: &str) -> Setup {
     let gw = Gateway::start(&etcd.url()).await.unwrap();
     let name = unique_name(prefix);
     let (data, volume) = data_volume().unwrap();
-    let out = cp.deploy_echo(&name, &["-v", &volume]);
+    let mut args = vec!["-v", volume.as_str()];
+    args.extend_from_slice(flags);
+    let out = cp.deploy_echo(&name, &args);
     assert!(out.status.success(), "{out:?}");
     let api = cp.agents().await.unwrap();
     wait_agent(&api, &name, "ready", |a| ready(a) == 1)
@@ -106,7 +113,8 @@ async fn wait_delivered(gw: &Gateway, ids: &[String], within: Duration) -> anyho
 
 #[tokio::test]
 async fn a_stopped_agent_gets_its_requests_in_order_once_started() {
-    let s = setup("fifo").await;
+    // One at a time: strict arrival order (the default starts several at once, oldest first).
+    let s = setup_with("fifo", &["--replay-concurrency", "1"]).await;
     let api = s.cp.agents().await.unwrap();
     let base = format!("/agents/{}", s.name);
     assert!(s.cp.cli(&["stop", &s.name]).status.success());

@@ -355,7 +355,8 @@ async fn queue_depth(client: &Client, agent: &str) -> Option<(usize, usize)> {
         let request = berth_proto::v1::ListRequestsRequest {
             agent: agent.to_string(),
             state: state as i32,
-            limit: u32::MAX,
+            limit: 1000,
+            page_token: String::new(),
         };
         let mut requests = requests.clone();
         async move {

@@ -1,6 +1,6 @@
 //! `berth deploy`: the flags users of docker and Agentainer know, turned into a manifest.
 
-use crate::manifest::{parse_restart, parse_volume, Health, Manifest, Volume};
+use crate::manifest::{parse_restart, parse_volume, Health, Manifest, Replay, Volume};
 use clap::Args;
 use std::collections::HashMap;
 
@@ -71,6 +71,10 @@ pub struct DeployArgs {
     /// Time the gateway waits for a response (default 30s).
     #[arg(long)]
     pub request_timeout: Option<String>,
+    /// Requests replayed at once from the agent's queue, oldest started first (default 4;
+    /// 1 delivers strictly in order).
+    #[arg(long)]
+    pub replay_concurrency: Option<u32>,
     /// Override the image's entrypoint (repeatable, one word each).
     #[arg(long = "command")]
     pub command: Vec<String>,
@@ -114,6 +118,10 @@ impl DeployArgs {
             labels: this.labels.into_iter().collect::<HashMap<_, _>>(),
             node_selector: this.node_selector.into_iter().collect(),
             token: this.token,
+            replay: this.replay_concurrency.map(|n| Replay {
+                concurrency: Some(n),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }

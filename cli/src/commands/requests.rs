@@ -53,17 +53,27 @@ pub enum RequestAction {
     },
 }
 
-/// Lists the requests of `agent` (all agents when `None`), oldest first.
+/// Which page of a listing.
+pub struct Page {
+    /// Most requests.
+    pub limit: u32,
+    /// Where the previous page ended; empty for the first.
+    pub page_token: String,
+}
+
+/// Lists a page of the requests of `agent` (all agents when `None`), oldest first.
 pub async fn list(
     client: &Client,
     agent: Option<String>,
     state: Option<StateArg>,
+    page: Page,
     format: Format,
 ) -> anyhow::Result<()> {
     let request = ListRequestsRequest {
-        agent: agent.unwrap_or_default(),
+        agent: agent.clone().unwrap_or_default(),
         state: state.map(|s| RequestState::from(s) as i32).unwrap_or(0),
-        limit: 10_000,
+        limit: page.limit,
+        page_token: page.page_token,
     };
     let listed = client
         .requests()
@@ -81,6 +91,13 @@ pub async fn list(
         out.add_row(row(r));
     }
     println!("{out}");
+    if !listed.next_page_token.is_empty() {
+        println!(
+            "more: berth requests {}--page-token {}",
+            agent.map(|a| format!("{a} ")).unwrap_or_default(),
+            listed.next_page_token
+        );
+    }
     Ok(())
 }
 

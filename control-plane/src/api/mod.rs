@@ -42,6 +42,7 @@ pub fn to_status(err: ApiError) -> Status {
                 Status::unavailable(e.to_string())
             }
             StoreError::Tls(_) => Status::unavailable(e.to_string()),
+            StoreError::Invalid(_) => Status::invalid_argument(e.to_string()),
             StoreError::Corrupt { .. } => {
                 tracing::error!(error = %e, "corrupt value in store");
                 Status::internal(e.to_string())

@@ -4,13 +4,13 @@ use super::{to_status, ApiError};
 use berth_proto::v1::request_service_server::RequestService;
 use berth_proto::v1::{
     DropRequestRequest, DropRequestResponse, GetRequestRequest, ListRequestsRequest,
-    ListRequestsResponse, Request as QueuedRequest, RequestState, RetryRequestRequest,
+    ListRequestsResponse, Request as QueuedRequest, RetryRequestRequest,
 };
 use berth_proto::validate::{self, FieldError};
 use berth_store::Store;
 use tonic::{Request, Response, Status};
 
-/// Most requests a list returns when the caller sets no limit.
+/// Most requests a page holds when the caller sets no limit (at most 1000 in any case).
 pub const DEFAULT_LIST_LIMIT: u32 = 100;
 
 /// Serves `RequestService`.
@@ -51,26 +51,20 @@ impl RequestService for RequestApi {
             0 => DEFAULT_LIST_LIMIT,
             n => n,
         } as usize;
-        let (stored, _) = self
+        let (mut requests, next_page_token) = self
             .store
-            .list_requests(agent)
+            .list_requests(agent, request.state, limit, &request.page_token)
             .await
             .map_err(|e| to_status(e.into()))?;
-        let requests = stored
-            .into_iter()
-            .map(|s| s.request)
-            .filter(|r| request.state == 0 || r.state == request.state)
-            .take(limit)
-            .map(|mut r| {
-                // Lists stay small; GetRequest returns bodies.
-                r.body.clear();
-                if let Some(response) = r.response.as_mut() {
-                    response.body.clear();
-                }
-                r
-            })
-            .collect();
-        Ok(Response::new(ListRequestsResponse { requests }))
+        // Records only: bodies and answers are kept apart; GetRequest returns them.
+        for r in &mut requests {
+            r.body.clear();
+            r.response = None;
+        }
+        Ok(Response::new(ListRequestsResponse {
+            requests,
+            next_page_token,
+        }))
     }
 
     async fn get_request(
@@ -93,27 +87,12 @@ impl RequestService for RequestApi {
     ) -> Result<Response<QueuedRequest>, Status> {
         let id = request.into_inner().id;
         check_id(&id)?;
-        let retried = self
-            .store
-            .update_request(&id, |r| {
-                if r.state != RequestState::Dead as i32 {
-                    return Err(berth_store::StoreError::Conflict {
-                        kind: "request",
-                        name: r.id.clone(),
-                        current: "not dead-lettered: only a dead request can be retried".into(),
-                    });
-                }
-                r.state = RequestState::Queued as i32;
-                r.attempts = 0;
-                Ok(())
-            })
-            .await
-            .map_err(|e| match e {
-                berth_store::StoreError::Conflict { current, .. } => {
-                    Status::failed_precondition(format!("request {id} is {current}"))
-                }
-                e => to_status(e.into()),
-            })?;
+        let retried = self.store.retry_request(&id).await.map_err(|e| match e {
+            berth_store::StoreError::Conflict { current, .. } => {
+                Status::failed_precondition(format!("request {id} is {current}"))
+            }
+            e => to_status(e.into()),
+        })?;
         tracing::info!(request_id = %id, "request back in the queue");
         Ok(Response::new(retried))
     }

@@ -9,16 +9,17 @@ use super::super::forward::{Forward, ForwardBody, IDEMPOTENCY_KEY};
 use super::super::routes::Route;
 use super::results::delivered;
 use crate::outcome::Ending;
-use axum::body::Body;
 use axum::response::Response;
-use berth_proto::v1::{RequestState, StoredResponse};
+use berth_proto::v1::RequestState;
 use berth_store::{Store, StoreError};
-use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
-use std::time::SystemTime;
 
-/// Largest direct answer kept for a keyed request; a larger one fails the request with 400.
+/// Largest direct answer body kept for a keyed request; a longer one is kept cut (marked
+/// truncated) while the client gets it whole.
 pub const MAX_KEPT_ANSWER: usize = 1024 * 1024;
+/// How much longer than an agent's request timeout a key taken without a stored request is
+/// held before it counts as orphaned (its gateway died) and is let go.
+pub const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A request's `Idempotency-Key`, hashed for use in a key, and the digest of its payload.
 #[derive(Clone, Debug)]
@@ -70,32 +71,48 @@ pub async fn begin(
         agent: agent.to_string(),
         source,
     };
-    let Some((held_by, payload)) = store
-        .take_idempotency_key(agent, &keyed.key, id, &keyed.payload, route.replay.ttl)
-        .await
-        .map_err(not_persisted)?
-    else {
-        return Ok(Begin::Fresh);
-    };
-    if payload != keyed.payload {
-        return Err(GatewayError::KeyReused {
-            agent: agent.to_string(),
-        });
-    }
-    let stored = match store.get_request(&held_by).await {
-        Ok(stored) => stored.request,
-        // Taken, but no request stored yet: the first one is still on its way.
-        Err(StoreError::NotFound { .. }) => {
-            return Err(GatewayError::KeyInFlight {
+    // At most twice: a second pass only after an orphaned key was let go.
+    for _ in 0..2 {
+        let Some(held) = store
+            .take_idempotency_key(agent, &keyed.key, id, &keyed.payload, route.replay.ttl)
+            .await
+            .map_err(not_persisted)?
+        else {
+            return Ok(Begin::Fresh);
+        };
+        if held.payload != keyed.payload {
+            return Err(GatewayError::KeyReused {
                 agent: agent.to_string(),
-            })
+            });
         }
-        Err(e) => return Err(not_persisted(e)),
-    };
-    // Delivered: its answer. Queued, on its way or dead-lettered: the same 202.
-    Ok(Begin::Answer(
-        delivered(&stored).unwrap_or_else(|| super::accepted(&stored.id)),
-    ))
+        let stored = match store.get_request(&held.holder).await {
+            Ok(stored) => stored.request,
+            // Taken, but no request stored: the first one is still on its way, unless it has
+            // been longer than any attempt can take (its gateway died between taking the
+            // key and storing the request). Such an orphan is let go, so a key never wedges.
+            Err(StoreError::NotFound { .. }) if held.age > route.timeout + ORPHAN_GRACE => {
+                tracing::warn!(agent, age = ?held.age, "releasing an orphaned idempotency key");
+                store
+                    .release_orphan_key(agent, &keyed.key, &held)
+                    .await
+                    .map_err(not_persisted)?;
+                continue;
+            }
+            Err(StoreError::NotFound { .. }) => {
+                return Err(GatewayError::KeyInFlight {
+                    agent: agent.to_string(),
+                })
+            }
+            Err(e) => return Err(not_persisted(e)),
+        };
+        // Delivered: its answer. Queued, on its way or dead-lettered: the same 202.
+        return Ok(Begin::Answer(
+            delivered(&stored).unwrap_or_else(|| super::accepted(&stored.id)),
+        ));
+    }
+    Err(GatewayError::KeyInFlight {
+        agent: agent.to_string(),
+    })
 }
 
 /// Keeps a direct answer to a keyed request so that a repeat gets it; failures release the
@@ -113,40 +130,19 @@ pub async fn finish(
         return result;
     }
     let response = result.expect("checked above");
-    let (parts, body) = response.into_parts();
-    let body = match http_body_util::Limited::new(body, MAX_KEPT_ANSWER)
-        .collect()
-        .await
-    {
-        Ok(collected) => collected.to_bytes(),
-        Err(e) => {
-            return Err(GatewayError::BadRequest(format!(
-                "the agent's answer could not be read in full: {e}"
-            )))
-        }
-    };
+    // Kept whole up to the limit, cut and marked beyond it: either way the key completes,
+    // and a repeat gets this outcome, never 409.
+    let (answer, whole) = super::answer::keep(response, MAX_KEPT_ANSWER).await;
     let mut request = super::to_request(&kept, Ending::Answered);
     request.state = RequestState::Delivered as i32;
     request.last_error.clear();
-    request.response = Some(StoredResponse {
-        status: parts.status.as_u16() as u32,
-        headers: parts
-            .headers
-            .iter()
-            .map(|(k, v)| berth_proto::v1::Header {
-                name: k.as_str().to_string(),
-                value: v.as_bytes().to_vec(),
-            })
-            .collect(),
-        body: body.to_vec(),
-        complete_time: Some(berth_proto::timestamp(SystemTime::now())),
-    });
+    request.response = Some(answer);
     if let Err(e) = store.enqueue_request(&mut request, route.replay.ttl).await {
         // The client still gets its answer; the key goes, so a repeat is sent again.
         tracing::warn!(agent = %kept.agent, error = %e, "cannot keep the answer of a keyed request");
         release(store, &kept.agent, keyed).await;
     }
-    Ok(Response::from_parts(parts, Body::from(body)))
+    Ok(whole)
 }
 
 /// Lets a key go, so that a repeat of the request is sent again.

@@ -1,6 +1,7 @@
 //! Durable replay: requests an agent could not take are stored in etcd (answered `202` only
 //! once committed) and delivered later, in order, by whichever gateway claims them.
 
+pub mod answer;
 pub mod idempotency;
 pub mod replayer;
 pub mod results;

@@ -10,13 +10,13 @@ use super::super::metrics::AgentLabels;
 use super::super::Gateway;
 use super::{QueueStats, REPLAY_ATTEMPT};
 use crate::outcome::{Ending, Verdict};
-use berth_proto::v1::{Header, Request, RequestState, StoredResponse};
+use berth_proto::v1::{Request, RequestState, StoredResponse};
+use berth_store::requests::position;
 use berth_store::watch::{list_watch, Change};
 use berth_store::StoreError;
+use berth_store::{Claim, Finished};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
-use http_body_util::BodyExt;
-use prost::Message;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -37,6 +37,9 @@ pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How long a stopping gateway lets its deliveries in flight finish before it cuts them short.
 pub const STOP_GRACE: Duration = Duration::from_secs(30);
+/// Added to an attempt's timeout for its deadline (clock skew between gateways, the time the
+/// claim takes): a takeover waits this much longer before sending again.
+pub const DEADLINE_MARGIN: Duration = Duration::from_secs(2);
 /// Largest response body stored for a delivered request.
 pub const MAX_STORED_RESPONSE: usize = 1024 * 1024;
 
@@ -78,7 +81,7 @@ async fn replay(
     let mut index: BTreeMap<(String, u64), Waiting> = BTreeMap::new();
     // Claims by position, with the gateway that holds each.
     let mut claims: HashMap<(String, u64), String> = HashMap::new();
-    let mut requests = list_watch(store, store.keys().requests());
+    let mut requests = list_watch(store, store.keys().queue());
     let mut claim_changes = list_watch(store, store.keys().claims());
     // Nothing starts before both lists are complete: a claim not yet listed looks free.
     let (mut requests_listed, mut claims_listed) = (false, false);
@@ -87,6 +90,7 @@ async fn replay(
     let mut busy: HashSet<(String, u64)> = HashSet::new();
     let mut not_before: HashMap<String, Instant> = HashMap::new();
     let mut renew = tokio::time::interval(CLAIM_RENEW);
+    let mut renewed = Instant::now();
     let mut stopping: Option<Instant> = None;
     loop {
         if stop.is_cancelled() && stopping.is_none() {
@@ -131,8 +135,7 @@ async fn replay(
                     gateway.stats.clear();
                 }
                 Change::InitApply(kv) | Change::Put(kv) => {
-                    let Ok(request) = Request::decode(kv.value()) else { continue };
-                    track(&mut index, &gateway.stats, &request);
+                    track(&mut index, &gateway.stats, kv.key(), kv.value())
                 }
                 Change::InitDone { .. } => requests_listed = true,
                 Change::Delete(kv) => {
@@ -180,7 +183,21 @@ async fn replay(
                     };
                 }
             }
-            _ = renew.tick() => renewer.renew().await?,
+            _ = renew.tick() => {
+                // Kept alive apart from delivery progress. A lease that may have expired (the
+                // gateway was paused or cut off from etcd for about its TTL) means another
+                // gateway may hold these claims now: stop at once, cancelling the deliveries
+                // in flight (dropping them), rather than let them finish.
+                let lost = || StoreError::NotFound { kind: "claim lease", name: lease.to_string() };
+                if renewed.elapsed() + CLAIM_RENEW >= CLAIM_TTL {
+                    return Err(lost());
+                }
+                match tokio::time::timeout(CLAIM_RENEW, renewer.renew()).await {
+                    Ok(Ok(())) => renewed = Instant::now(),
+                    Ok(Err(StoreError::NotFound { .. })) => return Err(lost()),
+                    Ok(Err(_)) | Err(_) => {}
+                }
+            }
             _ = tokio::time::sleep(TICK) => {}
         }
         for (agent, depth) in gateway.stats.snapshot() {
@@ -193,33 +210,20 @@ async fn replay(
     }
 }
 
-/// Keeps `index` in step with a stored request: waiting ones in, finished ones out.
-fn track(index: &mut BTreeMap<(String, u64), Waiting>, stats: &QueueStats, request: &Request) {
-    let at = (request.agent.clone(), request.seq);
-    let waiting = matches!(
-        RequestState::try_from(request.state),
-        Ok(RequestState::Queued | RequestState::Delivering)
-    );
-    let size = request.body.len() as u64;
-    match (waiting, index.contains_key(&at)) {
-        (true, false) => {
-            index.insert(at, Waiting { size });
-            stats.add(&request.agent, size, 1);
-        }
-        (false, true) => {
-            index.remove(&at);
-            stats.add(&request.agent, size, -1);
-        }
-        _ => {}
+/// Adds a waiting request (its `queue/` marker, which holds its body size) to the index.
+fn track(
+    index: &mut BTreeMap<(String, u64), Waiting>,
+    stats: &QueueStats,
+    key: &[u8],
+    value: &[u8],
+) {
+    let Some(at) = position(&String::from_utf8_lossy(key)) else {
+        return;
+    };
+    let size = String::from_utf8_lossy(value).parse().unwrap_or(0);
+    if index.insert(at.clone(), Waiting { size }).is_none() {
+        stats.add(&at.0, size, 1);
     }
-}
-
-/// `(agent, seq)` of a request or claim key (`.../{agent}/{seq}`).
-fn position(key: &str) -> Option<(String, u64)> {
-    let mut parts = key.rsplit('/');
-    let seq = parts.next()?.parse().ok()?;
-    let agent = parts.next()?.to_string();
-    Some((agent, seq))
 }
 
 /// For each agent with a ready replica that is not backing off: deliver its oldest waiting
@@ -284,11 +288,10 @@ fn start_deliveries(
         }
         *free -= 1;
         busy.insert(at);
-        let key = gateway.store.keys().request(agent, *seq);
         let seq = *seq;
         let (gateway, name, agent) = (gateway.clone(), name.to_string(), agent.clone());
         deliveries.spawn(async move {
-            match deliver(&gateway, &name, lease, &key).await {
+            match deliver(&gateway, &name, lease, &agent, seq).await {
                 Ok(backoff) => (agent, seq, true, backoff),
                 Err(e) => {
                     // The claim may still stand; the next pass releases it if it is ours.
@@ -300,16 +303,17 @@ fn start_deliveries(
     }
 }
 
-/// Claims and delivers the request at `key`; the wait before the agent's next delivery when
-/// this one failed.
+/// Claims and delivers the request at `(agent, seq)`; the wait before the agent's next
+/// delivery when this one failed (or must wait for an interrupted attempt's deadline).
 async fn deliver(
     gateway: &Gateway,
     name: &str,
     lease: i64,
-    key: &str,
+    agent: &str,
+    seq: u64,
 ) -> Result<Option<Duration>, StoreError> {
     let store = &gateway.store;
-    let Some(stored) = store.get_request_at(key.as_bytes()).await? else {
+    let Some(stored) = store.get_request_record(agent, seq).await? else {
         return Ok(None);
     };
     if !matches!(
@@ -318,31 +322,46 @@ async fn deliver(
     ) {
         return Ok(None); // finished already; the index has not heard yet
     }
-    // Still marked delivering, with no claim: a gateway stopped mid-delivery, so the agent may
-    // have seen it. Only a request that is safe to send twice goes again.
+    // Still marked delivering, with no claim: its gateway stopped, or lost its claim (paused or
+    // cut off past its lease) while the attempt may still run at the agent. Nothing is sent
+    // before that attempt's deadline; then only a request that is safe to send twice goes.
     let interrupted = stored.request.state == RequestState::Delivering as i32;
-    let Some(mut claimed) = store.claim_request(&stored, name, lease).await? else {
+    if interrupted {
+        if let Some(deadline) = &stored.request.attempt_deadline {
+            let left = berth_proto::time::system_time(deadline)
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            if !left.is_zero() {
+                return Ok(Some(left.min(BACKOFF_MAX)));
+            }
+        }
+    }
+    let route = gateway.routes.borrow().get(agent).cloned();
+    let timeout = route
+        .as_ref()
+        .map_or(berth_proto::defaults::REQUEST_TIMEOUT, |r| r.timeout);
+    let deadline = SystemTime::now() + timeout + DEADLINE_MARGIN;
+    let Some(mut claim) = store.claim_request(&stored, name, lease, deadline).await? else {
         return Ok(None); // another gateway has it, or it changed: the watch will tell
     };
-    let request = claimed.request.clone();
-    let agent = request.agent.clone();
-    let route = gateway.routes.borrow().get(&agent).cloned();
     let Some(route) = route else {
         // The agent is gone; keep the request for inspection.
-        claimed.request.state = RequestState::Dead as i32;
-        claimed.request.last_error = "the agent was deleted".into();
-        store.finish_request(&claimed).await?;
+        claim.stored.request.state = RequestState::Dead as i32;
+        claim.stored.request.last_error = "the agent was deleted".into();
+        finish(gateway, &claim, None).await?;
         return Ok(None);
     };
+    let mut request = claim.stored.request.clone();
+    request.body = store.get_request_body(agent, seq).await?;
     let forward = to_forward(&request);
     let safe = forward.is_safe();
     if interrupted && !safe {
-        claimed.request.state = RequestState::Dead as i32;
-        claimed.request.last_error = "a delivery was interrupted (its gateway stopped) and the \
-            agent may have seen it; not safe to send again (berth requests retry ID resends it)"
+        claim.stored.request.state = RequestState::Dead as i32;
+        claim.stored.request.last_error = "a delivery was interrupted (its gateway stopped) and \
+            the agent may have seen it; not safe to send again (berth requests retry ID resends it)"
             .into();
-        store.finish_request(&claimed).await?;
-        count(gateway, &agent, "dead");
+        finish(gateway, &claim, None).await?;
+        count(gateway, agent, "dead");
         return Ok(None);
     }
     let stack = gateway.stack(&route);
@@ -357,41 +376,60 @@ async fn deliver(
         Verdict::TryLater => Some(described),
         // The agent may have seen it and a second delivery could do harm: stop here.
         Verdict::Dead => {
-            claimed.request.state = RequestState::Dead as i32;
-            claimed.request.last_error = format!("{described} (not safe to deliver again)");
-            store.finish_request(&claimed).await?;
-            count(gateway, &agent, "dead");
+            claim.stored.request.state = RequestState::Dead as i32;
+            claim.stored.request.last_error = format!("{described} (not safe to deliver again)");
+            finish(gateway, &claim, None).await?;
+            count(gateway, agent, "dead");
             return Ok(None);
         }
     };
-    let r = &mut claimed.request;
-    let backoff = match (failure, result) {
+    let r = &mut claim.stored.request;
+    r.attempt_deadline = None;
+    let (backoff, answer) = match (failure, result) {
         (None, Ok(response)) => {
             r.state = RequestState::Delivered as i32;
             r.last_error.clear();
-            r.response = Some(store_response(response).await);
-            count(gateway, &agent, "delivered");
-            tracing::info!(agent = %agent, request_id = %r.id, attempts = r.attempts, "replayed");
-            None
+            let (answer, _) = super::answer::keep(response, MAX_STORED_RESPONSE).await;
+            count(gateway, agent, "delivered");
+            tracing::info!(agent = %agent, request_id = %r.id, attempts = r.attempts, truncated = answer.truncated, "replayed");
+            (None, Some(answer))
         }
         (Some(error), _) if r.attempts >= route.replay.max_attempts => {
             r.state = RequestState::Dead as i32;
             r.last_error = error;
-            count(gateway, &agent, "dead");
+            count(gateway, agent, "dead");
             tracing::warn!(agent = %agent, request_id = %r.id, attempts = r.attempts, "dead-lettered");
-            None
+            (None, None)
         }
         (Some(error), _) => {
             r.state = RequestState::Queued as i32;
             r.last_error = error;
-            count(gateway, &agent, "failed");
+            count(gateway, agent, "failed");
             let doublings = r.attempts.saturating_sub(1).min(16);
-            Some((BACKOFF_MIN * 2u32.pow(doublings)).min(BACKOFF_MAX))
+            (
+                Some((BACKOFF_MIN * 2u32.pow(doublings)).min(BACKOFF_MAX)),
+                None,
+            )
         }
         (None, Err(_)) => unreachable!("no failure means an answer"),
     };
-    store.finish_request(&claimed).await?;
+    finish(gateway, &claim, answer.as_ref()).await?;
     Ok(backoff)
+}
+
+/// Writes a delivery's outcome if the claim is still ours; otherwise the next holder decides
+/// and this outcome is dropped (logged).
+async fn finish(
+    gateway: &Gateway,
+    claim: &Claim,
+    answer: Option<&StoredResponse>,
+) -> Result<(), StoreError> {
+    if gateway.store.finish_request(claim, answer).await? == Finished::LostClaim {
+        let r = &claim.stored.request;
+        tracing::warn!(agent = %r.agent, request_id = %r.id, "claim lost during delivery; its outcome is not written");
+        count(gateway, &r.agent, "claim_lost");
+    }
+    Ok(())
 }
 
 fn count(gateway: &Gateway, agent: &str, outcome: &str) {
@@ -433,60 +471,27 @@ fn to_forward(request: &Request) -> Forward {
     }
 }
 
-/// The agent's answer in storable form (the body cut at `MAX_STORED_RESPONSE`).
-async fn store_response(response: http::Response<axum::body::Body>) -> StoredResponse {
-    let (parts, body) = response.into_parts();
-    let limited = http_body_util::Limited::new(body, MAX_STORED_RESPONSE);
-    let body = match limited.collect().await {
-        Ok(collected) => collected.to_bytes().to_vec(),
-        Err(_) => Vec::new(),
-    };
-    StoredResponse {
-        status: parts.status.as_u16() as u32,
-        headers: parts
-            .headers
-            .iter()
-            .map(|(k, v)| Header {
-                name: k.as_str().to_string(),
-                value: v.as_bytes().to_vec(),
-            })
-            .collect(),
-        body,
-        complete_time: Some(berth_proto::timestamp(SystemTime::now())),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn positions_come_from_keys() {
-        assert_eq!(
-            position("/berth/requests/hello/00001764100000000123"),
-            Some(("hello".to_string(), 1764100000000123))
-        );
-        assert_eq!(position("/berth/requests/hello/x"), None);
-    }
-
-    #[test]
-    fn the_index_holds_waiting_requests_only() {
+    fn the_index_holds_what_the_queue_markers_say() {
         let stats = QueueStats::default();
         let mut index = BTreeMap::new();
-        let mut r = Request {
-            agent: "a".into(),
-            seq: 1,
-            state: RequestState::Queued as i32,
-            body: vec![0; 10],
-            ..Default::default()
+        let mut marker = |seq: u64, size: u64| {
+            let key = format!("/berth/queue/a/{seq:020}");
+            track(
+                &mut index,
+                &stats,
+                key.as_bytes(),
+                size.to_string().as_bytes(),
+            );
         };
-        track(&mut index, &stats, &r);
-        r.state = RequestState::Delivering as i32;
-        track(&mut index, &stats, &r);
-        assert_eq!(stats.of("a"), (1, 10));
-        r.state = RequestState::Delivered as i32;
-        track(&mut index, &stats, &r);
-        assert!(index.is_empty());
-        assert_eq!(stats.of("a"), (0, 0));
+        marker(1, 10);
+        marker(1, 10);
+        marker(2, 5);
+        assert_eq!(stats.of("a"), (2, 15));
+        assert_eq!(index.keys().next(), Some(&("a".to_string(), 1)));
     }
 }

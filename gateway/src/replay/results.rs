@@ -31,9 +31,13 @@ pub async fn wait_for_response(
             match changes.next().await {
                 Change::InitApply(kv) | Change::Put(kv) if kv.key() == key.as_bytes() => {
                     seen = true;
-                    let request = Request::decode(kv.value()).ok()?;
-                    if let Some(done) = delivered(&request) {
-                        return Some(done);
+                    let mut request = Request::decode(kv.value()).ok()?;
+                    if request.state == RequestState::Delivered as i32 {
+                        request.response = store
+                            .get_request_answer(&request.agent, request.seq)
+                            .await
+                            .ok()?;
+                        return delivered(&request);
                     }
                 }
                 // Gone, or never there (expired): nothing will come.
@@ -67,6 +71,9 @@ pub(crate) fn delivered(request: &Request) -> Option<Response> {
     headers.remove(header::CONTENT_LENGTH);
     headers.remove(header::TRANSFER_ENCODING);
     headers.insert(REPLAYED, HeaderValue::from_static("1"));
+    if stored.truncated {
+        headers.insert(super::answer::TRUNCATED, HeaderValue::from_static("true"));
+    }
     Some(response)
 }
 
@@ -126,10 +133,10 @@ async fn describe(
             .map(|h| serde_json::json!([h.name, String::from_utf8_lossy(&h.value)]))
             .collect();
         match std::str::from_utf8(&r.body) {
-            Ok(text) => serde_json::json!({"status": r.status, "headers": headers, "body": text}),
+            Ok(text) => serde_json::json!({"status": r.status, "headers": headers, "body": text, "truncated": r.truncated}),
             Err(_) => {
                 let hex: String = r.body.iter().map(|b| format!("{b:02x}")).collect();
-                serde_json::json!({"status": r.status, "headers": headers, "body_hex": hex})
+                serde_json::json!({"status": r.status, "headers": headers, "body_hex": hex, "truncated": r.truncated})
             }
         }
     });
