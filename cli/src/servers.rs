@@ -75,6 +75,26 @@ pub struct ControlPlaneArgs {
     /// Client connections the gRPC server holds at once (default 4096); one more is closed.
     #[arg(long, env = "BERTH_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// Finished replay records kept per agent, oldest dropped first (default 10000).
+    #[arg(long, env = "BERTH_FINISHED_PER_AGENT")]
+    finished_per_agent: Option<u64>,
+    /// Bytes of finished replay records kept per agent, e.g. 256M (default 256M).
+    #[arg(long, env = "BERTH_FINISHED_PER_AGENT_BYTES", value_parser = berth_proto::quantity::parse_memory)]
+    finished_per_agent_bytes: Option<u64>,
+    /// Finished replay records kept in all (default 100000).
+    #[arg(long, env = "BERTH_FINISHED_TOTAL")]
+    finished_total: Option<u64>,
+    /// Bytes of finished replay records kept in all, e.g. 1G (default 1G).
+    #[arg(long, env = "BERTH_FINISHED_TOTAL_BYTES", value_parser = berth_proto::quantity::parse_memory)]
+    finished_total_bytes: Option<u64>,
+    /// History etcd keeps behind its current revision; the leader compacts the rest (default
+    /// 5m; 0s leaves it to etcd's --auto-compaction-retention).
+    #[arg(long, env = "BERTH_COMPACTION_RETENTION", value_parser = berth_proto::quantity::parse_duration)]
+    compaction_retention: Option<std::time::Duration>,
+    /// etcd's space quota (its --quota-backend-bytes), to warn as the database nears it
+    /// (default 2G).
+    #[arg(long, env = "BERTH_ETCD_QUOTA_BYTES", value_parser = berth_proto::quantity::parse_memory)]
+    etcd_quota_bytes: Option<u64>,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -109,6 +129,24 @@ impl ControlPlaneArgs {
         }
         if let Some(max) = self.max_connections {
             config.max_connections = max;
+        }
+        for (flag, setting) in [
+            (self.finished_per_agent, &mut config.finished_per_agent),
+            (
+                self.finished_per_agent_bytes,
+                &mut config.finished_per_agent_bytes,
+            ),
+            (self.finished_total, &mut config.finished_total),
+            (self.finished_total_bytes, &mut config.finished_total_bytes),
+            (self.etcd_quota_bytes, &mut config.etcd_quota_bytes),
+            (
+                self.compaction_retention.map(|d| d.as_secs()),
+                &mut config.compaction_retention_seconds,
+            ),
+        ] {
+            if let Some(value) = flag {
+                *setting = value;
+            }
         }
         for (flag, setting) in [
             (self.tls_cert, &mut config.tls_cert),

@@ -15,6 +15,18 @@ pub const DEFAULT_ETCD: &str = "http://127.0.0.1:2379";
 pub const DEFAULT_PREFIX: &str = "/berth";
 /// Client connections the gRPC server holds at once by default.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Finished (delivered or dead) replay records kept per agent by default.
+pub const DEFAULT_FINISHED_PER_AGENT: u64 = 10_000;
+/// Bytes of finished replay records (bodies and answers) kept per agent by default.
+pub const DEFAULT_FINISHED_PER_AGENT_BYTES: u64 = 256 << 20;
+/// Finished replay records kept in all by default.
+pub const DEFAULT_FINISHED_TOTAL: u64 = 100_000;
+/// Bytes of finished replay records kept in all by default.
+pub const DEFAULT_FINISHED_TOTAL_BYTES: u64 = 1 << 30;
+/// History etcd keeps behind its current revision by default, in seconds (5 minutes).
+pub const DEFAULT_COMPACTION_RETENTION_SECONDS: u64 = 300;
+/// etcd's space quota by default (etcd's own default, `--quota-backend-bytes`).
+pub const DEFAULT_ETCD_QUOTA_BYTES: u64 = 2 << 30;
 /// The directory host volumes must lie under.
 pub const DEFAULT_VOLUME_ROOT: &str = "/var/lib/berth/volumes";
 
@@ -52,6 +64,19 @@ pub struct Config {
     pub etcd_key: Option<PathBuf>,
     /// Client connections the gRPC server holds at once; one more is closed at once.
     pub max_connections: usize,
+    /// Finished replay records kept per agent (the oldest beyond it are dropped).
+    pub finished_per_agent: u64,
+    /// Bytes of finished replay records kept per agent.
+    pub finished_per_agent_bytes: u64,
+    /// Finished replay records kept in all.
+    pub finished_total: u64,
+    /// Bytes of finished replay records kept in all.
+    pub finished_total_bytes: u64,
+    /// History etcd keeps behind its current revision, in seconds; the leader compacts the
+    /// rest. 0 leaves compaction to etcd (`--auto-compaction-retention`).
+    pub compaction_retention_seconds: u64,
+    /// etcd's space quota, for the warning as the database nears it.
+    pub etcd_quota_bytes: u64,
 }
 
 impl Default for Config {
@@ -72,6 +97,12 @@ impl Default for Config {
             etcd_cert: None,
             etcd_key: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            finished_per_agent: DEFAULT_FINISHED_PER_AGENT,
+            finished_per_agent_bytes: DEFAULT_FINISHED_PER_AGENT_BYTES,
+            finished_total: DEFAULT_FINISHED_TOTAL,
+            finished_total_bytes: DEFAULT_FINISHED_TOTAL_BYTES,
+            compaction_retention_seconds: DEFAULT_COMPACTION_RETENTION_SECONDS,
+            etcd_quota_bytes: DEFAULT_ETCD_QUOTA_BYTES,
         }
     }
 }
@@ -102,6 +133,20 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// What the leader's housekeeping keeps to.
+    pub fn housekeeping(&self) -> crate::housekeeping::Settings {
+        crate::housekeeping::Settings {
+            retention: berth_store::Retention {
+                per_agent_count: self.finished_per_agent,
+                per_agent_bytes: self.finished_per_agent_bytes,
+                total_count: self.finished_total,
+                total_bytes: self.finished_total_bytes,
+            },
+            compaction_retention: std::time::Duration::from_secs(self.compaction_retention_seconds),
+            quota_bytes: self.etcd_quota_bytes,
+        }
+    }
+
     /// The TLS files for etcd.
     pub fn etcd_tls(&self) -> berth_store::EtcdTls {
         berth_store::EtcdTls {
@@ -150,6 +195,17 @@ impl Config {
         }
         if self.max_connections == 0 {
             return invalid("max_connections", "must be at least 1");
+        }
+        for (setting, value) in [
+            ("finished_per_agent", self.finished_per_agent),
+            ("finished_per_agent_bytes", self.finished_per_agent_bytes),
+            ("finished_total", self.finished_total),
+            ("finished_total_bytes", self.finished_total_bytes),
+            ("etcd_quota_bytes", self.etcd_quota_bytes),
+        ] {
+            if value == 0 {
+                return invalid(setting, "must be at least 1");
+            }
         }
         if self.token_file.is_none() {
             return invalid(

@@ -6,6 +6,7 @@ pub mod admin;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod housekeeping;
 pub mod incoming;
 pub mod leader;
 pub mod metrics;

@@ -4,6 +4,7 @@ use futures::future::BoxFuture;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
@@ -33,6 +34,12 @@ pub struct Metrics {
     pub registry: Registry,
     calls: Family<CallLabels, Counter>,
     latency: Family<MethodLabels, Histogram>,
+    /// Finished replay records dropped to keep within the retention bounds.
+    pub retention_dropped: Counter,
+    /// Bytes of etcd's database, as the leader last read it.
+    pub etcd_db_size: Gauge,
+    /// The revision etcd was last compacted to.
+    pub etcd_compacted_revision: Gauge,
 }
 
 impl Metrics {
@@ -53,10 +60,31 @@ impl Metrics {
             "Time until the response headers of a gRPC call",
             latency.clone(),
         );
+        let retention_dropped = Counter::default();
+        registry.register(
+            "replay_retention_dropped",
+            "Finished replay records (delivered or dead) dropped, oldest first, to keep within the retention bounds",
+            retention_dropped.clone(),
+        );
+        let etcd_db_size = Gauge::default();
+        registry.register(
+            "etcd_db_size_bytes",
+            "Size of etcd's database file, as the leader last read it (its quota alarm makes etcd read-only)",
+            etcd_db_size.clone(),
+        );
+        let etcd_compacted_revision = Gauge::default();
+        registry.register(
+            "etcd_compacted_revision",
+            "The revision the leader last compacted etcd's history to",
+            etcd_compacted_revision.clone(),
+        );
         Arc::new(Self {
             registry,
             calls,
             latency,
+            retention_dropped,
+            etcd_db_size,
+            etcd_compacted_revision,
         })
     }
 

@@ -109,17 +109,19 @@ pub async fn run(
     // Placement and the node monitor run in the elected leader only.
     let identity = format!("{}@{}", hostname(), config.listen);
     let leading_store = store.clone();
+    let (housekeeping, leading_metrics) = (config.housekeeping(), metrics.clone());
     tasks.spawn(crate::leader::run(
         store.clone(),
         identity,
         stop.child_token(),
         move |term| {
-            let store = leading_store.clone();
+            let (store, metrics) = (leading_store.clone(), leading_metrics.clone());
             async move {
-                // Both end when the term does.
+                // All end when the term does.
                 tokio::join!(
                     placement::run(store.clone(), term.clone()),
-                    crate::nodes::monitor::run(store, term),
+                    crate::nodes::monitor::run(store.clone(), term.clone()),
+                    crate::housekeeping::run(store, housekeeping, metrics, term),
                 );
             }
         },

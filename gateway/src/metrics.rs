@@ -63,6 +63,8 @@ pub struct GatewayMetrics {
     pub replays: Family<ReplayLabels, Counter>,
     /// Requests waiting in each agent's queue, as this gateway sees it.
     pub queue_depth: Family<AgentLabels, Gauge>,
+    /// Body bytes waiting in each agent's queue, as this gateway sees it.
+    pub queue_bytes: Family<AgentLabels, Gauge>,
 }
 
 impl GatewayMetrics {
@@ -119,11 +121,18 @@ impl GatewayMetrics {
             "Requests waiting for replay per agent",
             queue_depth.clone(),
         );
+        let queue_bytes = Family::<AgentLabels, Gauge>::default();
+        registry.register(
+            "queue_bytes",
+            "Body bytes of the requests waiting for replay per agent",
+            queue_bytes.clone(),
+        );
         Arc::new(Self {
             registry,
             queued,
             replays,
             queue_depth,
+            queue_bytes,
             requests,
             latency,
             breaker_transitions,

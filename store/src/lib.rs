@@ -221,3 +221,37 @@ fn decode<M: prost::Message + Default>(key: &[u8], value: &[u8]) -> Result<M, St
         source,
     })
 }
+
+/// What etcd says of itself: the member's database size and the current revision.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EtcdStatus {
+    /// Bytes of the member's database file (what its space quota limits).
+    pub db_size: i64,
+    /// The store's current revision.
+    pub revision: i64,
+}
+
+impl Store {
+    /// The database size and current revision of the etcd member that answers.
+    pub async fn etcd_status(&self) -> Result<EtcdStatus, StoreError> {
+        let status = self
+            .client()
+            .status()
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(EtcdStatus {
+            db_size: status.db_size(),
+            revision: status.header().map_or(0, |h| h.revision()),
+        })
+    }
+
+    /// Drops every revision of etcd's history before `revision` (what watchers further
+    /// behind re-list). A revision already compacted is not an error.
+    pub async fn compact(&self, revision: i64) -> Result<(), StoreError> {
+        match self.client().compact(revision, None).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("compacted") => Ok(()),
+            Err(e) => Err(self.unavailable(e)),
+        }
+    }
+}

@@ -4,6 +4,7 @@
 
 pub mod docker;
 pub mod process;
+pub mod replay;
 pub mod wire;
 
 use anyhow::{bail, Context};
@@ -499,6 +500,23 @@ impl Gateway {
     /// Kills the process (SIGKILL).
     pub fn kill(&mut self) {
         self.child.take();
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, ...) to the process.
+    pub fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            child.signal(signal);
+        }
+    }
+
+    /// Stops the process with SIGTERM and waits up to `within` for it to exit; whether it
+    /// exited successfully.
+    pub async fn terminate(&mut self, within: Duration) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        child.signal("TERM");
+        child.exited(within).await.is_some_and(|s| s.success())
     }
 
     /// Starts the process again on the same addresses and waits until it is ready.

@@ -3,113 +3,12 @@
 //! volume, which survives its crashes: that log tells what reached it, in what order, and how
 //! often.
 
-use berth_tests::docker::{data_volume, ready, wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
-use berth_tests::wire::{get, send, Raw};
-use berth_tests::{eventually, unique_name, ControlPlane, Etcd, Gateway};
+use berth_tests::docker::{ready, wait_agent, ECHO_IMAGE};
+use berth_tests::replay::{arrivals, counts, post, setup, setup_with, wait_delivered, wait_down};
+use berth_tests::wire::{get, send};
+use berth_tests::{eventually, unique_name, Gateway};
 use std::collections::HashMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
-use tempfile::TempDir;
-
-/// The request ids that reached the agent, in arrival order.
-fn arrivals(data: &Path) -> Vec<String> {
-    std::fs::read_to_string(data.join("requests.log"))
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
-async fn post(gw: &Gateway, path: &str, body: &str, extra: &str) -> Raw {
-    let head = format!("POST {path} HTTP/1.1{extra}");
-    send(&gw.addr, &head, body.as_bytes()).await
-}
-
-/// A cluster with one example agent whose request log is on a host volume.
-struct Setup {
-    _run: DockerRun,
-    _etcd: Etcd,
-    cp: ControlPlane,
-    node: NodeAgent,
-    gw: Gateway,
-    name: String,
-    data: TempDir,
-}
-
-async fn setup(prefix: &str) -> Setup {
-    setup_with(prefix, &[]).await
-}
-
-/// As [`setup`], with more `berth deploy` flags.
-async fn setup_with(prefix: &str, flags: &[&str]) -> Setup {
-    let run = DockerRun::new().unwrap();
-    let etcd = Etcd::start().await.unwrap();
-    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
-    let node = NodeAgent::start(&cp.url(), &unique_name("node"), &run).unwrap();
-    let gw = Gateway::start(&etcd.url()).await.unwrap();
-    let name = unique_name(prefix);
-    let (data, volume) = data_volume().unwrap();
-    let mut args = vec!["-v", volume.as_str()];
-    args.extend_from_slice(flags);
-    let out = cp.deploy_echo(&name, &args);
-    assert!(out.status.success(), "{out:?}");
-    let api = cp.agents().await.unwrap();
-    wait_agent(&api, &name, "ready", |a| ready(a) == 1)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", cp.log(), node.log()));
-    let path = format!("/agents/{name}/health");
-    eventually(
-        Duration::from_secs(20),
-        "the gateway routes to the agent",
-        || {
-            let (addr, path) = (gw.addr.clone(), path.clone());
-            async move { (get(&addr, &path).await.status == 200).then_some(()) }
-        },
-    )
-    .await
-    .unwrap();
-    Setup {
-        _run: run,
-        _etcd: etcd,
-        cp,
-        node,
-        gw,
-        name,
-        data,
-    }
-}
-
-/// Polls `GET /requests/{id}` until every id is delivered; on timeout, says where the rest
-/// stand.
-async fn wait_delivered(gw: &Gateway, ids: &[String], within: Duration) -> anyhow::Result<()> {
-    let waited = eventually(within, "every queued request delivered", || async {
-        for id in ids {
-            let r = get(&gw.addr, &format!("/requests/{id}")).await;
-            if r.status != 200 || r.json()["status"] != "delivered" {
-                return None;
-            }
-        }
-        Some(())
-    })
-    .await;
-    if let Err(e) = waited {
-        let mut stands: HashMap<String, usize> = HashMap::new();
-        let mut examples = Vec::new();
-        for id in ids {
-            let r = get(&gw.addr, &format!("/requests/{id}")).await;
-            let body = String::from_utf8_lossy(&r.body).into_owned();
-            let state = serde_json::from_str::<serde_json::Value>(&body)
-                .map(|v| format!("{} {}", r.status, v["status"]))
-                .unwrap_or_else(|_| format!("{} {body}", r.status));
-            if !state.contains("delivered") && examples.len() < 5 {
-                examples.push(body);
-            }
-            *stands.entry(state).or_default() += 1;
-        }
-        anyhow::bail!("{e}: {stands:?}; e.g. {examples:?}");
-    }
-    Ok(())
-}
 
 #[tokio::test]
 async fn a_stopped_agent_gets_its_requests_in_order_once_started() {
@@ -280,7 +179,7 @@ async fn no_request_is_lost_while_the_agent_is_killed_three_times() {
     // Kill the container three times while the load runs; the node agent restarts it.
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(2500)).await;
-        let ids = s._run.containers();
+        let ids = s.run.containers();
         let out = std::process::Command::new("docker")
             .args(["kill"])
             .args(&ids)
@@ -377,33 +276,10 @@ async fn no_request_is_lost_while_the_agent_is_killed_three_times() {
     );
 }
 
-/// Waits until `gw` sees the agent down: an opted-out request gets 503.
-async fn wait_down(gw: &Gateway, base: &str) {
-    eventually(
-        Duration::from_secs(20),
-        "the gateway sees no ready replica",
-        || async {
-            let r = post(gw, &format!("{base}/echo"), "x", "\r\nX-Berth-Replay: off").await;
-            (r.status == 503).then_some(())
-        },
-    )
-    .await
-    .unwrap();
-}
-
-/// How often each id reached the agent.
-fn counts(data: &Path) -> HashMap<String, usize> {
-    let mut seen = HashMap::new();
-    for id in arrivals(data) {
-        *seen.entry(id).or_default() += 1;
-    }
-    seen
-}
-
 #[tokio::test]
 async fn two_gateways_share_the_queue_and_survive_kill_9() {
     let mut s = setup("gws").await;
-    let mut gw2 = Gateway::start_named(&s._etcd.url(), "gateway-two")
+    let mut gw2 = Gateway::start_named(&s.etcd.url(), "gateway-two")
         .await
         .unwrap();
     let api = s.cp.agents().await.unwrap();
@@ -481,11 +357,12 @@ async fn two_gateways_share_the_queue_and_survive_kill_9() {
     );
     assert_eq!(lost, 0);
     // At least once, not more: a delivery in flight when its gateway is SIGKILLed has an
-    // unknown outcome and a keyed request is then sent again; the agent's queue is delivered
-    // one request at a time, so each kill during replay can repeat at most one request per
-    // gateway (the kill while queued had none in flight).
+    // unknown outcome and a keyed request is then sent again; each gateway delivers at most
+    // the agent's replay concurrency at once, so the kill during replay can repeat at most
+    // that many per gateway (the kill while queued had none in flight).
+    let concurrency = berth_proto::defaults::REPLAY_CONCURRENCY as usize;
     assert!(
-        duplicates <= 2,
+        duplicates <= 2 * concurrency,
         "{duplicates} requests delivered twice: more than the deliveries in flight at the kill"
     );
 }
@@ -515,7 +392,7 @@ async fn without_etcd_nothing_is_promised_and_live_agents_still_answer() {
         .unwrap();
     wait_down(&s.gw, &base).await;
 
-    s._etcd.stop();
+    s.etcd.stop();
     let r = post(&s.gw, &format!("{base}/echo"), "cannot keep", "").await;
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["error"]["code"], "queue_unavailable");
@@ -524,7 +401,7 @@ async fn without_etcd_nothing_is_promised_and_live_agents_still_answer() {
         assert_eq!(r.status, 200, "a ready agent does not need etcd");
     }
 
-    s._etcd.resume().await.unwrap();
+    s.etcd.resume().await.unwrap();
     let queued = eventually(Duration::from_secs(30), "queueing again", || async {
         let r = post(&s.gw, &format!("{base}/echo"), "kept", "").await;
         (r.status == 202).then(|| r.json()["request_id"].as_str().unwrap().to_string())

@@ -4,7 +4,9 @@
 //! - `GET /health`: 200, or 500 after `POST /health/fail` (until the process restarts)
 //! - `ANY /echo`: the request back as JSON (method, path, query, headers, body)
 //! - `POST /crash`: answers, then exits with code 1
-//! - `GET /slow?ms=N`: answers after N milliseconds
+//! - `ANY /slow?ms=N`: answers after N milliseconds; with a `/data` volume, its start and end
+//!   (request id, time) are appended to `/data/slow.log`
+//! - `ANY /bytes/{n}`: an answer of n bytes
 //! - `GET /stream?n=N&ms=M`: N server-sent events, one every M milliseconds
 //! - `GET|POST /state`: a counter, kept in `/data/counter` when `/data` exists; POST adds one
 //! - `POST /errors/on`, `POST /errors/off`: while on, every other route but `/health` answers 500
@@ -54,7 +56,8 @@ async fn main() {
         .route("/echo/{*rest}", any(echo))
         .route("/crash", post(crash))
         .route("/alloc/{mib}", post(alloc))
-        .route("/slow", get(slow))
+        .route("/slow", any(slow))
+        .route("/bytes/{n}", any(bytes_of))
         .route("/stream", get(stream))
         .route("/state", get(state).post(state))
         .route("/log", post(log))
@@ -203,10 +206,42 @@ fn query_number(uri: &Uri, key: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-async fn slow(uri: Uri) -> String {
+async fn slow(uri: Uri, headers: HeaderMap) -> String {
     let ms = query_number(&uri, "ms", 1000);
+    let id = headers
+        .get("x-berth-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    slow_log("start", &id);
     tokio::time::sleep(Duration::from_millis(ms)).await;
+    slow_log("end", &id);
     format!("slept {ms} ms\n")
+}
+
+/// With a `/data` volume, appends `{what} {request id} {unix ms}` to `/data/slow.log`, so
+/// that tests can see whether two runs of one request overlapped.
+fn slow_log(what: &str, id: &str) {
+    if !std::path::Path::new("/data").is_dir() {
+        return;
+    }
+    use std::io::Write;
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    if let Ok(mut log) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open("/data/slow.log")
+    {
+        let _ = writeln!(log, "{what} {id} {ms}");
+    }
+}
+
+/// `n` bytes of `x`: an answer of a chosen size.
+async fn bytes_of(axum::extract::Path(n): axum::extract::Path<usize>) -> Vec<u8> {
+    vec![b'x'; n.min(64 << 20)]
 }
 
 async fn stream(uri: Uri) -> Response {

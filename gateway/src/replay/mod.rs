@@ -58,10 +58,13 @@ impl QueueStats {
         self.pending.lock().expect("stats lock").clear();
     }
 
-    /// Every agent's count, for metrics.
-    pub fn snapshot(&self) -> Vec<(String, u32)> {
+    /// Every agent's count and bytes, for metrics.
+    pub fn snapshot(&self) -> Vec<(String, u32, u64)> {
         let pending = self.pending.lock().expect("stats lock");
-        pending.iter().map(|(a, (n, _))| (a.clone(), *n)).collect()
+        pending
+            .iter()
+            .map(|(a, (n, bytes))| (a.clone(), *n, *bytes))
+            .collect()
     }
 }
 

@@ -43,9 +43,24 @@ pub const DEADLINE_MARGIN: Duration = Duration::from_secs(2);
 /// Largest response body stored for a delivered request.
 pub const MAX_STORED_RESPONSE: usize = 1024 * 1024;
 
+/// What a delivery means for what comes next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum After {
+    /// Go on with the agent's queue.
+    Next,
+    /// The agent failed: wait this long before its next delivery.
+    Backoff(Duration),
+    /// This request waits this long (an interrupted attempt's deadline); the agent's other
+    /// requests go on meanwhile unless it is delivered one at a time.
+    Defer(Duration),
+}
+
 /// How a delivery task ended: the agent, the request, whether its claim is surely gone, and
-/// the wait before the agent's next delivery.
-type Done = (String, u64, bool, Option<Duration>);
+/// what next.
+type Done = (String, u64, bool, After);
+
+/// The waiting requests, per agent, oldest first.
+type Index = HashMap<String, BTreeMap<u64, Waiting>>;
 
 /// A waiting request, as the index knows it.
 #[derive(Clone, Debug)]
@@ -78,7 +93,8 @@ async fn replay(
     let store = &gateway.store;
     let lease = store.grant_claim_lease(CLAIM_TTL.as_secs() as i64).await?;
     let mut renewer = store.lease_renewer(lease);
-    let mut index: BTreeMap<(String, u64), Waiting> = BTreeMap::new();
+    let mut index: Index = HashMap::new();
+    let mut deferred: HashMap<(String, u64), Instant> = HashMap::new();
     // Claims by position, with the gateway that holds each.
     let mut claims: HashMap<(String, u64), String> = HashMap::new();
     let mut requests = list_watch(store, store.keys().queue());
@@ -86,6 +102,8 @@ async fn replay(
     // Nothing starts before both lists are complete: a claim not yet listed looks free.
     let (mut requests_listed, mut claims_listed) = (false, false);
     let mut routes = gateway.routes.clone();
+    // The routes' sender goes away while the gateway stops; deliveries in flight go on.
+    let mut routes_open = true;
     let mut deliveries: JoinSet<Done> = JoinSet::new();
     let mut busy: HashSet<(String, u64)> = HashSet::new();
     let mut not_before: HashMap<String, Instant> = HashMap::new();
@@ -122,6 +140,7 @@ async fn replay(
                 &claims,
                 &mut busy,
                 &not_before,
+                &deferred,
                 &mut deliveries,
             ),
             None => {}
@@ -139,10 +158,16 @@ async fn replay(
                 }
                 Change::InitDone { .. } => requests_listed = true,
                 Change::Delete(kv) => {
-                    if let Some(at) = position(&String::from_utf8_lossy(kv.key())) {
-                        if let Some(gone) = index.remove(&at) {
-                            gateway.stats.add(&at.0, gone.size, -1);
+                    if let Some((agent, seq)) = position(&String::from_utf8_lossy(kv.key())) {
+                        if let Some(queue) = index.get_mut(&agent) {
+                            if let Some(gone) = queue.remove(&seq) {
+                                gateway.stats.add(&agent, gone.size, -1);
+                            }
+                            if queue.is_empty() {
+                                index.remove(&agent);
+                            }
                         }
+                        deferred.remove(&(agent, seq));
                     }
                 }
             },
@@ -163,24 +188,32 @@ async fn replay(
                     }
                 }
             },
-            changed = routes.changed() => {
+            changed = routes.changed(), if routes_open => {
                 if changed.is_err() {
-                    return Ok(());
+                    routes_open = false;
+                    continue;
                 }
                 // A replica became ready (or left): deliver at once, whatever backoff was due.
                 not_before.clear();
             }
             Some(done) = deliveries.join_next(), if !deliveries.is_empty() => {
-                if let Ok((agent, seq, released, backoff)) = done {
+                if let Ok((agent, seq, released, after)) = done {
                     busy.remove(&(agent.clone(), seq));
                     // Our claim is gone by now; the watch may say so only later.
                     if released && claims.get(&(agent.clone(), seq)).is_some_and(|h| h == name) {
                         claims.remove(&(agent.clone(), seq));
                     }
-                    match backoff {
-                        Some(wait) => not_before.insert(agent, Instant::now() + wait),
-                        None => not_before.remove(&agent),
-                    };
+                    match after {
+                        After::Next => {
+                            not_before.remove(&agent);
+                        }
+                        After::Backoff(wait) => {
+                            not_before.insert(agent, Instant::now() + wait);
+                        }
+                        After::Defer(wait) => {
+                            deferred.insert((agent, seq), Instant::now() + wait);
+                        }
+                    }
                 }
             }
             _ = renew.tick() => {
@@ -200,106 +233,101 @@ async fn replay(
             }
             _ = tokio::time::sleep(TICK) => {}
         }
-        for (agent, depth) in gateway.stats.snapshot() {
-            gateway
-                .metrics
-                .queue_depth
-                .get_or_create(&AgentLabels { agent })
-                .set(depth as i64);
+        for (agent, depth, bytes) in gateway.stats.snapshot() {
+            let labels = AgentLabels { agent };
+            let metrics = &gateway.metrics;
+            metrics.queue_depth.get_or_create(&labels).set(depth as i64);
+            metrics.queue_bytes.get_or_create(&labels).set(bytes as i64);
         }
     }
 }
 
 /// Adds a waiting request (its `queue/` marker, which holds its body size) to the index.
-fn track(
-    index: &mut BTreeMap<(String, u64), Waiting>,
-    stats: &QueueStats,
-    key: &[u8],
-    value: &[u8],
-) {
-    let Some(at) = position(&String::from_utf8_lossy(key)) else {
+fn track(index: &mut Index, stats: &QueueStats, key: &[u8], value: &[u8]) {
+    let Some((agent, seq)) = position(&String::from_utf8_lossy(key)) else {
         return;
     };
     let size = String::from_utf8_lossy(value).parse().unwrap_or(0);
-    if index.insert(at.clone(), Waiting { size }).is_none() {
-        stats.add(&at.0, size, 1);
+    let queue = index.entry(agent.clone()).or_default();
+    if queue.insert(seq, Waiting { size }).is_none() {
+        stats.add(&agent, size, 1);
     }
 }
 
 /// For each agent with a ready replica that is not backing off: deliver its oldest waiting
-/// requests, as many at once as its replay concurrency allows (1 by default, which keeps
-/// FIFO order: a request another gateway holds is then waited for, not overtaken).
+/// requests, as many at once as its replay concurrency allows, started oldest first. At a
+/// concurrency of 1 the order is strict: a request another gateway holds, or one waiting out
+/// an interrupted attempt, is waited for, not overtaken. Looks only at the head of each queue.
 #[allow(clippy::too_many_arguments)]
 fn start_deliveries(
     gateway: &Arc<Gateway>,
     name: &str,
     lease: i64,
-    index: &BTreeMap<(String, u64), Waiting>,
+    index: &Index,
     claims: &HashMap<(String, u64), String>,
     busy: &mut HashSet<(String, u64)>,
     not_before: &HashMap<String, Instant>,
+    deferred: &HashMap<(String, u64), Instant>,
     deliveries: &mut JoinSet<Done>,
 ) {
     let now = Instant::now();
     let routes = gateway.routes.borrow().clone();
-    let mut slots: HashMap<&str, usize> = HashMap::new();
-    for (agent, seq) in index.keys() {
-        let free = slots.entry(agent.as_str()).or_insert_with(|| {
-            let Some(route) = routes.get(agent) else {
-                return 0;
-            };
-            if route.replicas.is_empty() || not_before.get(agent).is_some_and(|t| *t > now) {
-                return 0;
-            }
-            let in_flight = busy.iter().filter(|(a, _)| a == agent).count();
-            (route.replay.concurrency.max(1) as usize).saturating_sub(in_flight)
-        });
-        let at = (agent.clone(), *seq);
-        if *free == 0 || busy.contains(&at) {
+    for (agent, queue) in index {
+        let Some(route) = routes.get(agent) else {
+            continue;
+        };
+        if route.replicas.is_empty() || not_before.get(agent).is_some_and(|t| *t > now) {
             continue;
         }
-        match claims.get(&at) {
-            // Ours, yet nothing of ours is delivering it: a claim a failed write left behind
-            // (our lease keeps it alive, so it would never expire). Let it go.
-            Some(holder) if holder == name => {
-                *free -= 1;
-                busy.insert(at);
-                let (store, agent, seq) = (gateway.store.clone(), agent.clone(), *seq);
+        let concurrency = route.replay.concurrency.max(1) as usize;
+        let in_flight = busy.iter().filter(|(a, _)| a == agent).count();
+        let mut free = concurrency.saturating_sub(in_flight);
+        for &seq in queue.keys() {
+            if free == 0 {
+                break;
+            }
+            let at = (agent.clone(), seq);
+            if busy.contains(&at) {
+                continue;
+            }
+            let waits = deferred.get(&at).is_some_and(|t| *t > now);
+            let holder = claims.get(&at);
+            if waits || holder.is_some_and(|h| h != name) {
+                if concurrency == 1 {
+                    break;
+                }
+                continue;
+            }
+            free -= 1;
+            busy.insert(at);
+            let agent = agent.clone();
+            if holder.is_some() {
+                // Ours, yet nothing of ours is delivering it: a claim a failed write left
+                // behind (our lease keeps it alive, so it would never expire). Let it go.
+                let store = gateway.store.clone();
                 deliveries.spawn(async move {
                     match store.release_claim(&agent, seq).await {
-                        Ok(()) => (agent, seq, true, None),
+                        Ok(()) => (agent, seq, true, After::Next),
                         Err(e) => {
                             tracing::warn!(agent = %agent, error = %e, "cannot release a stale claim");
-                            (agent, seq, false, Some(BACKOFF_MIN))
+                            (agent, seq, false, After::Backoff(BACKOFF_MIN))
                         }
                     }
                 });
                 continue;
             }
-            // Another gateway is delivering it: with one at a time, wait (order first).
-            Some(_) => {
-                let concurrency = routes.get(agent).map_or(1, |r| r.replay.concurrency);
-                if concurrency <= 1 {
-                    *free = 0;
+            let (gateway, name) = (gateway.clone(), name.to_string());
+            deliveries.spawn(async move {
+                match deliver(&gateway, &name, lease, &agent, seq).await {
+                    Ok(after) => (agent, seq, true, after),
+                    Err(e) => {
+                        // The claim may still stand; the next pass releases it if it is ours.
+                        tracing::warn!(agent = %agent, error = %e, "replay failed");
+                        (agent, seq, false, After::Backoff(BACKOFF_MIN))
+                    }
                 }
-                continue;
-            }
-            None => {}
+            });
         }
-        *free -= 1;
-        busy.insert(at);
-        let seq = *seq;
-        let (gateway, name, agent) = (gateway.clone(), name.to_string(), agent.clone());
-        deliveries.spawn(async move {
-            match deliver(&gateway, &name, lease, &agent, seq).await {
-                Ok(backoff) => (agent, seq, true, backoff),
-                Err(e) => {
-                    // The claim may still stand; the next pass releases it if it is ours.
-                    tracing::warn!(agent = %agent, error = %e, "replay failed");
-                    (agent, seq, false, Some(BACKOFF_MIN))
-                }
-            }
-        });
     }
 }
 
@@ -311,16 +339,16 @@ async fn deliver(
     lease: i64,
     agent: &str,
     seq: u64,
-) -> Result<Option<Duration>, StoreError> {
+) -> Result<After, StoreError> {
     let store = &gateway.store;
     let Some(stored) = store.get_request_record(agent, seq).await? else {
-        return Ok(None);
+        return Ok(After::Next);
     };
     if !matches!(
         RequestState::try_from(stored.request.state),
         Ok(RequestState::Queued | RequestState::Delivering)
     ) {
-        return Ok(None); // finished already; the index has not heard yet
+        return Ok(After::Next); // finished already; the index has not heard yet
     }
     // Still marked delivering, with no claim: its gateway stopped, or lost its claim (paused or
     // cut off past its lease) while the attempt may still run at the agent. Nothing is sent
@@ -332,7 +360,7 @@ async fn deliver(
                 .duration_since(SystemTime::now())
                 .unwrap_or_default();
             if !left.is_zero() {
-                return Ok(Some(left.min(BACKOFF_MAX)));
+                return Ok(After::Defer(left));
             }
         }
     }
@@ -342,14 +370,14 @@ async fn deliver(
         .map_or(berth_proto::defaults::REQUEST_TIMEOUT, |r| r.timeout);
     let deadline = SystemTime::now() + timeout + DEADLINE_MARGIN;
     let Some(mut claim) = store.claim_request(&stored, name, lease, deadline).await? else {
-        return Ok(None); // another gateway has it, or it changed: the watch will tell
+        return Ok(After::Next); // another gateway has it, or it changed: the watch will tell
     };
     let Some(route) = route else {
         // The agent is gone; keep the request for inspection.
         claim.stored.request.state = RequestState::Dead as i32;
         claim.stored.request.last_error = "the agent was deleted".into();
         finish(gateway, &claim, None).await?;
-        return Ok(None);
+        return Ok(After::Next);
     };
     let mut request = claim.stored.request.clone();
     request.body = store.get_request_body(agent, seq).await?;
@@ -362,7 +390,7 @@ async fn deliver(
             .into();
         finish(gateway, &claim, None).await?;
         count(gateway, agent, "dead");
-        return Ok(None);
+        return Ok(After::Next);
     }
     let stack = gateway.stack(&route);
     let service = stack.service.lock().expect("stack lock").clone();
@@ -380,41 +408,39 @@ async fn deliver(
             claim.stored.request.last_error = format!("{described} (not safe to deliver again)");
             finish(gateway, &claim, None).await?;
             count(gateway, agent, "dead");
-            return Ok(None);
+            return Ok(After::Next);
         }
     };
     let r = &mut claim.stored.request;
     r.attempt_deadline = None;
-    let (backoff, answer) = match (failure, result) {
+    let (after, answer) = match (failure, result) {
         (None, Ok(response)) => {
             r.state = RequestState::Delivered as i32;
             r.last_error.clear();
             let (answer, _) = super::answer::keep(response, MAX_STORED_RESPONSE).await;
             count(gateway, agent, "delivered");
             tracing::info!(agent = %agent, request_id = %r.id, attempts = r.attempts, truncated = answer.truncated, "replayed");
-            (None, Some(answer))
+            (After::Next, Some(answer))
         }
         (Some(error), _) if r.attempts >= route.replay.max_attempts => {
             r.state = RequestState::Dead as i32;
             r.last_error = error;
             count(gateway, agent, "dead");
             tracing::warn!(agent = %agent, request_id = %r.id, attempts = r.attempts, "dead-lettered");
-            (None, None)
+            (After::Next, None)
         }
         (Some(error), _) => {
             r.state = RequestState::Queued as i32;
             r.last_error = error;
             count(gateway, agent, "failed");
             let doublings = r.attempts.saturating_sub(1).min(16);
-            (
-                Some((BACKOFF_MIN * 2u32.pow(doublings)).min(BACKOFF_MAX)),
-                None,
-            )
+            let wait = (BACKOFF_MIN * 2u32.pow(doublings)).min(BACKOFF_MAX);
+            (After::Backoff(wait), None)
         }
         (None, Err(_)) => unreachable!("no failure means an answer"),
     };
     finish(gateway, &claim, answer.as_ref()).await?;
-    Ok(backoff)
+    Ok(after)
 }
 
 /// Writes a delivery's outcome if the claim is still ours; otherwise the next holder decides
@@ -478,7 +504,7 @@ mod tests {
     #[test]
     fn the_index_holds_what_the_queue_markers_say() {
         let stats = QueueStats::default();
-        let mut index = BTreeMap::new();
+        let mut index = Index::new();
         let mut marker = |seq: u64, size: u64| {
             let key = format!("/berth/queue/a/{seq:020}");
             track(
@@ -492,6 +518,6 @@ mod tests {
         marker(1, 10);
         marker(2, 5);
         assert_eq!(stats.of("a"), (2, 15));
-        assert_eq!(index.keys().next(), Some(&("a".to_string(), 1)));
+        assert_eq!(index["a"].keys().next(), Some(&1));
     }
 }

@@ -1,0 +1,140 @@
+//! The replay tests' shared setup: a cluster with one example agent whose request log is on a
+//! host volume, and what tells where its requests stand.
+
+use crate::docker::{data_volume, ready, wait_agent, DockerRun, NodeAgent};
+use crate::wire::{get, send, Raw};
+use crate::{eventually, unique_name, ControlPlane, Etcd, Gateway};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+use tempfile::TempDir;
+
+/// The request ids that reached the agent, in arrival order.
+pub fn arrivals(data: &Path) -> Vec<String> {
+    std::fs::read_to_string(data.join("requests.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+pub async fn post(gw: &Gateway, path: &str, body: &str, extra: &str) -> Raw {
+    let head = format!("POST {path} HTTP/1.1{extra}");
+    send(&gw.addr, &head, body.as_bytes()).await
+}
+
+/// A cluster with one example agent whose request log is on a host volume.
+pub struct Setup {
+    /// Removes the test's containers when dropped.
+    pub run: DockerRun,
+    /// The etcd.
+    pub etcd: Etcd,
+    /// The control plane.
+    pub cp: ControlPlane,
+    /// The node agent.
+    pub node: NodeAgent,
+    /// The gateway.
+    pub gw: Gateway,
+    /// The agent's name.
+    pub name: String,
+    /// The host side of the agent's `/data` volume (its request log).
+    pub data: TempDir,
+}
+
+pub async fn setup(prefix: &str) -> Setup {
+    setup_with(prefix, &[]).await
+}
+
+/// As [`setup`], with more `berth deploy` flags.
+pub async fn setup_with(prefix: &str, flags: &[&str]) -> Setup {
+    let run = DockerRun::new().unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
+    let node = NodeAgent::start(&cp.url(), &unique_name("node"), &run).unwrap();
+    let gw = Gateway::start(&etcd.url()).await.unwrap();
+    let name = unique_name(prefix);
+    let (data, volume) = data_volume().unwrap();
+    let mut args = vec!["-v", volume.as_str()];
+    args.extend_from_slice(flags);
+    let out = cp.deploy_echo(&name, &args);
+    assert!(out.status.success(), "{out:?}");
+    let api = cp.agents().await.unwrap();
+    wait_agent(&api, &name, "ready", |a| ready(a) == 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", cp.log(), node.log()));
+    let path = format!("/agents/{name}/health");
+    eventually(
+        Duration::from_secs(20),
+        "the gateway routes to the agent",
+        || {
+            let (addr, path) = (gw.addr.clone(), path.clone());
+            async move { (get(&addr, &path).await.status == 200).then_some(()) }
+        },
+    )
+    .await
+    .unwrap();
+    Setup {
+        run,
+        etcd,
+        cp,
+        node,
+        gw,
+        name,
+        data,
+    }
+}
+
+/// Polls `GET /requests/{id}` until every id is delivered; on timeout, says where the rest
+/// stand.
+pub async fn wait_delivered(gw: &Gateway, ids: &[String], within: Duration) -> anyhow::Result<()> {
+    let waited = eventually(within, "every queued request delivered", || async {
+        for id in ids {
+            let r = get(&gw.addr, &format!("/requests/{id}")).await;
+            if r.status != 200 || r.json()["status"] != "delivered" {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    if let Err(e) = waited {
+        let mut stands: HashMap<String, usize> = HashMap::new();
+        let mut examples = Vec::new();
+        for id in ids {
+            let r = get(&gw.addr, &format!("/requests/{id}")).await;
+            let body = String::from_utf8_lossy(&r.body).into_owned();
+            let state = serde_json::from_str::<serde_json::Value>(&body)
+                .map(|v| format!("{} {}", r.status, v["status"]))
+                .unwrap_or_else(|_| format!("{} {body}", r.status));
+            if !state.contains("delivered") && examples.len() < 5 {
+                examples.push(body);
+            }
+            *stands.entry(state).or_default() += 1;
+        }
+        anyhow::bail!("{e}: {stands:?}; e.g. {examples:?}");
+    }
+    Ok(())
+}
+
+/// Waits until `gw` sees the agent down: an opted-out request gets 503.
+pub async fn wait_down(gw: &Gateway, base: &str) {
+    eventually(
+        Duration::from_secs(20),
+        "the gateway sees no ready replica",
+        || async {
+            let r = post(gw, &format!("{base}/echo"), "x", "\r\nX-Berth-Replay: off").await;
+            (r.status == 503).then_some(())
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// How often each id reached the agent.
+pub fn counts(data: &Path) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for id in arrivals(data) {
+        *seen.entry(id).or_default() += 1;
+    }
+    seen
+}

@@ -1,0 +1,251 @@
+//! The replay queue at the sizes and faults users reach: a queue of many MiB across a gateway
+//! restart, a gateway paused (SIGSTOP) past its claim lease mid-delivery, a keyed answer over
+//! the stored-answer limit, a dropped request's key, and a SIGTERMed gateway during replay.
+//! Real etcd, control plane, node agent, gateways and example-agent containers.
+
+use berth_tests::docker::{ready, wait_agent};
+use berth_tests::replay::{arrivals, counts, post, setup, setup_with, wait_delivered, wait_down};
+use berth_tests::wire::send;
+use berth_tests::{eventually, unique_name, Gateway};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Stops the agent and waits until the gateway sees it down, so that requests are queued.
+async fn stop_agent(s: &berth_tests::replay::Setup) {
+    let api = s.cp.agents().await.unwrap();
+    assert!(s.cp.cli(&["stop", &s.name]).status.success());
+    wait_agent(&api, &s.name, "stopped", |a| ready(a) == 0)
+        .await
+        .unwrap();
+    wait_down(&s.gw, &format!("/agents/{}", s.name)).await;
+}
+
+fn queued_id(r: &berth_tests::wire::Raw) -> String {
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    r.json()["request_id"].as_str().unwrap().to_string()
+}
+
+/// The runs of `/slow` for request `id` the agent logged: (start, end) in unix ms.
+fn slow_runs(data: &Path, id: &str) -> Vec<(u64, Option<u64>)> {
+    let log = std::fs::read_to_string(data.join("slow.log")).unwrap_or_default();
+    let mut runs: Vec<(u64, Option<u64>)> = Vec::new();
+    for line in log.lines() {
+        let parts: Vec<&str> = line.split(' ').collect();
+        if parts.len() != 3 || parts[1] != id {
+            continue;
+        }
+        let at: u64 = parts[2].parse().unwrap();
+        match parts[0] {
+            "start" => runs.push((at, None)),
+            // An end closes the earliest run still open (runs of one request may overlap,
+            // which is what the caller looks for).
+            _ => {
+                if let Some(run) = runs.iter_mut().find(|r| r.1.is_none()) {
+                    run.1 = Some(at);
+                }
+            }
+        }
+    }
+    runs
+}
+
+#[tokio::test]
+async fn a_queue_of_many_mib_survives_a_gateway_restart_and_drains() {
+    let mut s = setup("bigq").await;
+    stop_agent(&s).await;
+    let base = format!("/agents/{}", s.name);
+    let large = "L".repeat(600 * 1024);
+    let mut ids = Vec::new();
+    let mut bytes = 0;
+    for i in 0..200 {
+        // Every tenth request is 600 KiB: 20 of them, 12 MiB, besides 180 of 1 KiB.
+        let body = if i % 10 == 0 {
+            large.clone()
+        } else {
+            "s".repeat(1024)
+        };
+        bytes += body.len();
+        ids.push(queued_id(
+            &post(&s.gw, &format!("{base}/echo?n={i}"), &body, "").await,
+        ));
+    }
+    assert!(bytes > 8 << 20);
+    assert!(
+        s.gw.terminate(Duration::from_secs(40)).await,
+        "{}",
+        s.gw.log()
+    );
+    s.gw.resume().await.unwrap();
+    let started = Instant::now();
+    assert!(s.cp.cli(&["start", &s.name]).status.success());
+    wait_delivered(&s.gw, &ids, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.gw.log()));
+    let seen = counts(s.data.path());
+    let missing = ids.iter().filter(|id| !seen.contains_key(*id)).count();
+    let twice = ids
+        .iter()
+        .filter(|id| seen.get(*id).is_some_and(|n| *n > 1))
+        .count();
+    eprintln!(
+        "queue of {} requests, {:.1} MiB, across a gateway restart: drained in {:?}; missing {missing}, twice {twice}",
+        ids.len(),
+        bytes as f64 / (1 << 20) as f64,
+        started.elapsed()
+    );
+    assert_eq!((missing, twice), (0, 0));
+    // The operator pages through it: 200 requests, 64 at a time, each once, in order.
+    let mut token = String::new();
+    let mut listed = Vec::new();
+    loop {
+        let mut args = vec!["requests", &s.name, "-o", "json", "--limit", "64"];
+        if !token.is_empty() {
+            args.extend(["--page-token", token.as_str()]);
+        }
+        let out = s.cp.cli(&args);
+        assert!(out.status.success(), "{out:?}");
+        let page: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let requests = page["requests"].as_array().cloned().unwrap_or_default();
+        assert!(requests.len() <= 64);
+        listed.extend(
+            requests
+                .iter()
+                .map(|r| r["id"].as_str().unwrap().to_string()),
+        );
+        token = page["nextPageToken"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(listed, ids);
+}
+
+#[tokio::test]
+async fn a_gateway_paused_past_its_lease_mid_delivery_causes_no_second_run_at_once() {
+    let s = setup_with("pause", &["--request-timeout", "20s"]).await;
+    stop_agent(&s).await;
+    let base = format!("/agents/{}", s.name);
+    let key = format!("\r\nIdempotency-Key: {}", unique_name("k"));
+    let id = queued_id(&post(&s.gw, &format!("{base}/slow?ms=12000"), "x", &key).await);
+    assert!(s.cp.cli(&["start", &s.name]).status.success());
+    eventually(Duration::from_secs(60), "the slow delivery starts", || {
+        let started = !slow_runs(s.data.path(), &id).is_empty();
+        async move { started.then_some(()) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.gw.log()));
+    // The gateway holding the claim stops in the middle of the delivery, for longer than its
+    // claim lease (10 s); another gateway is there to take over.
+    s.gw.signal("STOP");
+    let paused = Instant::now();
+    let gw2 = Gateway::start_named(&s.etcd.url(), "gateway-two")
+        .await
+        .unwrap();
+    let delivered = wait_delivered(&gw2, std::slice::from_ref(&id), Duration::from_secs(90)).await;
+    let held = paused.elapsed();
+    s.gw.signal("CONT");
+    delivered.unwrap_or_else(|e| panic!("{e}\n{}\n{}", s.gw.log(), gw2.log()));
+    let runs = slow_runs(s.data.path(), &id);
+    eprintln!("paused gateway (held {held:?}): runs of the request at the agent {runs:?}");
+    assert!(
+        held > Duration::from_secs(10),
+        "paused for less than the lease"
+    );
+    for pair in runs.windows(2) {
+        let ended = pair[0].1.expect("the earlier run ended");
+        assert!(
+            pair[1].0 >= ended,
+            "two runs of one request at once: {runs:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_keyed_answer_over_the_limit_is_its_recorded_outcome_never_409() {
+    let s = setup("bigans").await;
+    let path = format!("/agents/{}/bytes/2000000", s.name);
+    let head = format!(
+        "GET {path} HTTP/1.1\r\nIdempotency-Key: {}",
+        unique_name("k")
+    );
+    let first = send(&s.gw.addr, &head, b"").await;
+    assert_eq!(first.status, 200, "{}", s.gw.log());
+    assert_eq!(
+        first.body.len(),
+        2_000_000,
+        "the client gets the answer whole"
+    );
+    for _ in 0..2 {
+        let again = send(&s.gw.addr, &head, b"").await;
+        assert_eq!(
+            again.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&again.body[..again.body.len().min(200)])
+        );
+        assert_eq!(again.header("x-berth-replayed").as_deref(), Some("1"));
+        assert_eq!(again.header("x-berth-truncated").as_deref(), Some("true"));
+        assert_eq!(
+            again.body.len(),
+            1 << 20,
+            "the stored answer is cut at 1 MiB"
+        );
+    }
+}
+
+#[tokio::test]
+async fn dropping_a_request_releases_its_idempotency_key() {
+    let s = setup("dropkey").await;
+    stop_agent(&s).await;
+    let path = format!("/agents/{}/echo", s.name);
+    let key = format!("\r\nIdempotency-Key: {}", unique_name("k"));
+    let first = queued_id(&post(&s.gw, &path, "d", &key).await);
+    let same = queued_id(&post(&s.gw, &path, "d", &key).await);
+    assert_eq!(same, first, "the same key while queued: the same 202");
+    let out = s.cp.cli(&["requests", "drop", &first]);
+    assert!(out.status.success(), "{out:?}");
+    let after = queued_id(&post(&s.gw, &path, "d", &key).await);
+    assert_ne!(after, first, "after a drop the key is free: a new request");
+}
+
+#[tokio::test]
+async fn a_gateway_stopped_with_sigterm_during_replay_leaves_nothing_dead() {
+    let mut s = setup("term").await;
+    stop_agent(&s).await;
+    let base = format!("/agents/{}", s.name);
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        // Not safe to send twice: cut off mid-delivery, it could only be dead-lettered.
+        ids.push(queued_id(
+            &post(&s.gw, &format!("{base}/slow?ms=400&n={i}"), "x", "").await,
+        ));
+    }
+    assert!(s.cp.cli(&["start", &s.name]).status.success());
+    eventually(Duration::from_secs(60), "replay under way", || {
+        let n = arrivals(s.data.path()).len();
+        async move { (n >= 6).then_some(()) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.gw.log()));
+    let stopping = Instant::now();
+    assert!(
+        s.gw.terminate(Duration::from_secs(40)).await,
+        "{}",
+        s.gw.log()
+    );
+    let stopped_in = stopping.elapsed();
+    s.gw.resume().await.unwrap();
+    wait_delivered(&s.gw, &ids, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.gw.log()));
+    let seen = counts(s.data.path());
+    let once = ids.iter().filter(|id| seen.get(*id) == Some(&1)).count();
+    eprintln!(
+        "SIGTERM during replay: stopped in {stopped_in:?}; {} queued, {once} delivered once, 0 dead",
+        ids.len()
+    );
+    assert_eq!(once, ids.len());
+}
