@@ -38,16 +38,32 @@ impl Conn {
     }
 
     async fn send(&mut self, method: http::Method, path: &str, body: Bytes) -> anyhow::Result<u16> {
+        Ok(self.request(method, path, &[], body).await?.0)
+    }
+
+    /// `method path` with `headers` and `body`; the status and the response body.
+    pub async fn request(
+        &mut self,
+        method: http::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> anyhow::Result<(u16, Bytes)> {
         self.sender.ready().await?;
-        let request = http::Request::builder()
+        let mut request = http::Request::builder()
             .method(method)
             .uri(path)
-            .header(http::header::HOST, &self.host)
-            .body(Full::new(body))?;
-        let response = self.sender.send_request(request).await?;
+            .header(http::header::HOST, &self.host);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = self
+            .sender
+            .send_request(request.body(Full::new(body))?)
+            .await?;
         let status = response.status().as_u16();
-        response.into_body().collect().await?;
-        Ok(status)
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok((status, body))
     }
 }
 

@@ -75,6 +75,9 @@ pub struct DeployArgs {
     /// 1 delivers strictly in order).
     #[arg(long)]
     pub replay_concurrency: Option<u32>,
+    /// Most requests kept in the agent's replay queue (default 10000); one more gets 503.
+    #[arg(long)]
+    pub replay_max_queued: Option<u32>,
     /// Override the image's entrypoint (repeatable, one word each).
     #[arg(long = "command")]
     pub command: Vec<String>,
@@ -118,10 +121,13 @@ impl DeployArgs {
             labels: this.labels.into_iter().collect::<HashMap<_, _>>(),
             node_selector: this.node_selector.into_iter().collect(),
             token: this.token,
-            replay: this.replay_concurrency.map(|n| Replay {
-                concurrency: Some(n),
-                ..Default::default()
-            }),
+            replay: (this.replay_concurrency.is_some() || this.replay_max_queued.is_some()).then(
+                || Replay {
+                    concurrency: this.replay_concurrency,
+                    max_queued: this.replay_max_queued,
+                    ..Default::default()
+                },
+            ),
             ..Default::default()
         }
     }

@@ -5,7 +5,9 @@
 //! which a queue drains once the agent is back. Writes its table into BENCHMARKS.md.
 //!
 //! Run: `deploy/build-images.sh echo-agent && cargo build --release -p berth-cli -p berth-bench
-//! && target/release/replay`.
+//! && target/release/replay`. With `--soak`, the soak at 100,000 requests instead (soak.rs).
+
+mod soak;
 
 use berth_bench::Conn;
 use berth_tests::docker::{data_volume, wait_agent, DockerRun, NodeAgent};
@@ -25,6 +27,9 @@ const SIZE: usize = 1024;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::args().any(|a| a == "--soak") {
+        return soak::run().await;
+    }
     let run = DockerRun::new()?;
     let etcd = Etcd::start().await?;
     let cp = ControlPlane::start(&etcd.url()).await?;
@@ -101,7 +106,7 @@ async fn main() -> anyhow::Result<()> {
          | measure | per second |\n|---|---:|\n\
          | raw etcd put (reference) | {:.0} |\n\
          | requests queued through the gateway (202 after commit) | {:.0} |\n\
-         | queue drained once the agent is back (FIFO, one at a time), from `berth start` | {:.0} |\n\n\
+         | queue drained once the agent is back (oldest first, replay concurrency 4), from `berth start` | {:.0} |\n\n\
          Enqueue / raw put: **{:.2}**. Failures: raw {}, enqueue {}.\n",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         raw.0,

@@ -1,0 +1,530 @@
+//! The soak (`target/release/replay --soak`): the replay queue at the size users reach. About
+//! 100,000 requests of 1 KiB over 10 agents and 50 of 900 KiB are queued while the agents are
+//! stopped (half of the small ones with an `Idempotency-Key`, half without), then replayed
+//! while the gateways are restarted, one with SIGTERM and one with SIGKILL. Every request
+//! asks the agent for 20 ms of work (`/slow?ms=20`), which the agent logs with its start and
+//! end. Prints sent / delivered / lost / overlapping duplicates / dead, etcd's database size
+//! before, at peak and after compaction (and after a defragmentation), the enqueue rate beside
+//! raw etcd puts and the drain rate beside the same agents served directly, all measured in
+//! this run; writes them to BENCHMARKS.md.
+
+use berth_bench::Conn;
+use berth_tests::docker::{data_volume, wait_agent, DockerRun, NodeAgent};
+use berth_tests::wire::send;
+use berth_tests::{eventually, unique_name, ControlPlane, Etcd, Gateway};
+use bytes::Bytes;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+
+const AGENTS: usize = 10;
+const SMALL: usize = 100_000;
+const SMALL_SIZE: usize = 1024;
+const LARGE: usize = 50;
+const LARGE_SIZE: usize = 900 * 1024;
+/// Clients at once, for enqueueing and for raw puts alike.
+const CONCURRENCY: usize = 32;
+/// Work each request asks of the agent.
+const WORK_MS: u64 = 20;
+/// Replay concurrency per agent (the default), and direct clients per agent for the reference.
+const PER_AGENT: usize = 4;
+/// Requests of the direct reference.
+const DIRECT: usize = 4000;
+/// Raw puts of the reference.
+const RAW: usize = 20_000;
+/// Finished records kept per agent in this run, so that retention shows.
+const KEPT_PER_AGENT: &str = "1000";
+
+struct Agent {
+    name: String,
+    data: TempDir,
+}
+
+/// Sizes of etcd's database: the file, and what is in use.
+#[derive(Clone, Copy, Debug)]
+struct Size {
+    file: i64,
+    in_use: i64,
+}
+
+async fn size(client: &mut etcd_client::Client) -> anyhow::Result<Size> {
+    let status = client.status().await?;
+    Ok(Size {
+        file: status.db_size(),
+        in_use: status.raft_used_db_size(),
+    })
+}
+
+fn mib(bytes: i64) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
+
+/// Runs `op(i)` for i in 0..count, `workers` at a time: (per second, failures).
+async fn timed<F, Fut>(count: usize, workers: usize, op: F) -> (f64, usize)
+where
+    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send + 'static,
+{
+    let op = Arc::new(op);
+    let next = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let (op, next, failures) = (op.clone(), next.clone(), failures.clone());
+            tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        break;
+                    }
+                    if !op(w, i).await {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+    (
+        count as f64 / started.elapsed().as_secs_f64(),
+        failures.load(Ordering::Relaxed),
+    )
+}
+
+/// Connections to `addrs`, `n` in all, spread over them.
+async fn connections(
+    addrs: &[String],
+    n: usize,
+) -> anyhow::Result<Vec<Arc<tokio::sync::Mutex<Conn>>>> {
+    let mut conns = Vec::new();
+    for i in 0..n {
+        conns.push(Arc::new(tokio::sync::Mutex::new(
+            Conn::open(&addrs[i % addrs.len()]).await?,
+        )));
+    }
+    Ok(conns)
+}
+
+/// The ids each agent logged, and how often.
+fn arrivals(agents: &[Agent]) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for agent in agents {
+        let log =
+            std::fs::read_to_string(agent.data.path().join("requests.log")).unwrap_or_default();
+        for id in log.lines() {
+            *seen.entry(id.to_string()).or_insert(0) += 1;
+        }
+    }
+    seen
+}
+
+/// Requests whose runs at the agent overlapped in time (from `/slow`'s start and end log).
+fn overlapping(data: &Path) -> usize {
+    let log = std::fs::read_to_string(data.join("slow.log")).unwrap_or_default();
+    let mut open: HashMap<&str, usize> = HashMap::new();
+    let mut overlapped: HashSet<&str> = HashSet::new();
+    for line in log.lines() {
+        let mut parts = line.split(' ');
+        let (Some(what), Some(id)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let runs = open.entry(id).or_insert(0);
+        if what == "start" {
+            *runs += 1;
+            if *runs > 1 {
+                overlapped.insert(id);
+            }
+        } else {
+            *runs = runs.saturating_sub(1);
+        }
+    }
+    overlapped.len()
+}
+
+/// Dead-lettered requests of every agent, through the API (paged).
+fn dead(cp: &ControlPlane, agents: &[Agent]) -> anyhow::Result<HashSet<String>> {
+    let mut dead = HashSet::new();
+    for agent in agents {
+        let mut token = String::new();
+        loop {
+            let mut args = vec![
+                "requests",
+                &agent.name,
+                "--state",
+                "dead",
+                "-o",
+                "json",
+                "--limit",
+                "1000",
+            ];
+            if !token.is_empty() {
+                args.extend(["--page-token", token.as_str()]);
+            }
+            let out = cp.cli(&args);
+            anyhow::ensure!(out.status.success(), "berth requests: {out:?}");
+            let page: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            for r in page["requests"].as_array().cloned().unwrap_or_default() {
+                dead.insert(r["id"].as_str().unwrap_or_default().to_string());
+            }
+            token = page["nextPageToken"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if token.is_empty() {
+                break;
+            }
+        }
+    }
+    Ok(dead)
+}
+
+/// A metric's value from a Prometheus text page.
+fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+pub async fn run() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let run = DockerRun::new()?;
+    let etcd = Etcd::start().await?;
+    let cp = ControlPlane::start_with(
+        &etcd.url(),
+        &[
+            "--compaction-retention",
+            "15s",
+            "--finished-per-agent",
+            KEPT_PER_AGENT,
+        ],
+    )
+    .await?;
+    let _node = NodeAgent::start(&cp.url(), &unique_name("soak"), &run)?;
+    let mut gateways = [
+        Gateway::start_named(&etcd.url(), "soak-a").await?,
+        Gateway::start_named(&etcd.url(), "soak-b").await?,
+    ];
+    let addrs: Vec<String> = gateways.iter().map(|g| g.addr.clone()).collect();
+    let mut agents = Vec::new();
+    for _ in 0..AGENTS {
+        let name = unique_name("soak");
+        let (data, volume) = data_volume()?;
+        let out = cp.deploy_echo(&name, &["-v", &volume, "--replay-max-queued", "20000"]);
+        anyhow::ensure!(out.status.success(), "deploy: {out:?}");
+        agents.push(Agent { name, data });
+    }
+    let api = cp.agents().await?;
+    let ready = |n: u32| {
+        move |a: &berth_proto::v1::Agent| a.status.as_ref().is_some_and(|s| s.ready_replicas == n)
+    };
+    for agent in &agents {
+        wait_agent(&api, &agent.name, "ready", ready(1)).await?;
+    }
+    for agent in &agents {
+        let path = format!("/agents/{}/health", agent.name);
+        for addr in &addrs {
+            eventually(Duration::from_secs(30), "the gateways route", || async {
+                (send(addr, &format!("GET {path} HTTP/1.1"), b"")
+                    .await
+                    .status
+                    == 200)
+                    .then_some(())
+            })
+            .await?;
+        }
+    }
+    let names: Arc<Vec<String>> = Arc::new(agents.iter().map(|a| a.name.clone()).collect());
+
+    // Reference: the same agents served directly through the gateway, PER_AGENT at a time each.
+    let conns = connections(&addrs, AGENTS * PER_AGENT).await?;
+    let direct = {
+        let (conns, names) = (conns.clone(), names.clone());
+        timed(DIRECT, AGENTS * PER_AGENT, move |w, _| {
+            let (conn, names) = (conns[w].clone(), names.clone());
+            async move {
+                let path = format!("/agents/{}/slow?ms={WORK_MS}", names[w % AGENTS]);
+                let sent = conn
+                    .lock()
+                    .await
+                    .request(http::Method::POST, &path, &[], Bytes::from_static(b"d"))
+                    .await;
+                matches!(sent, Ok((200, _)))
+            }
+        })
+        .await
+    };
+
+    // Reference: raw etcd puts of the same size, CONCURRENCY at a time.
+    let client = etcd.client().await?;
+    let raw = timed(RAW, CONCURRENCY, move |_, i| {
+        let mut client = client.clone();
+        async move {
+            client
+                .put(format!("/bench/raw/{i}"), vec![b'v'; SMALL_SIZE], None)
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    let mut status = etcd.client().await?;
+    status
+        .delete(
+            "/bench/raw/",
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await?;
+
+    for agent in &agents {
+        anyhow::ensure!(cp.cli(&["stop", &agent.name]).status.success());
+    }
+    for agent in &agents {
+        wait_agent(&api, &agent.name, "stopped", ready(0)).await?;
+        let path = format!("/agents/{}/echo", agent.name);
+        for addr in &addrs {
+            eventually(Duration::from_secs(30), "the gateways to queue", || async {
+                let head = format!("POST {path} HTTP/1.1\r\nX-Berth-Replay: off");
+                (send(addr, &head, b"x").await.status == 503).then_some(())
+            })
+            .await?;
+        }
+    }
+    let before = size(&mut status).await?;
+
+    // Enqueue: 100,000 small requests over both gateways, half with an Idempotency-Key.
+    let sent: Arc<Mutex<Vec<String>>> = Arc::default();
+    let keyed: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let conns = connections(&addrs, CONCURRENCY).await?;
+    let small = Bytes::from(vec![b's'; SMALL_SIZE]);
+    let enqueue = {
+        let (conns, names, sent, keyed) =
+            (conns.clone(), names.clone(), sent.clone(), keyed.clone());
+        timed(SMALL, CONCURRENCY, move |w, i| {
+            let (conn, names, sent, body) =
+                (conns[w].clone(), names.clone(), sent.clone(), small.clone());
+            let keyed = keyed.clone();
+            async move {
+                let path = format!("/agents/{}/slow?ms={WORK_MS}&n={i}", names[i % AGENTS]);
+                let key = format!("soak-{i}");
+                let headers: &[(&str, &str)] = if i % 2 == 0 {
+                    &[("idempotency-key", key.as_str())]
+                } else {
+                    &[]
+                };
+                let queued = conn
+                    .lock()
+                    .await
+                    .request(http::Method::POST, &path, headers, body)
+                    .await;
+                match queued {
+                    Ok((202, body)) => {
+                        let json: serde_json::Value =
+                            serde_json::from_slice(&body).unwrap_or_default();
+                        let id = json["request_id"].as_str().unwrap_or_default().to_string();
+                        if i % 2 == 0 {
+                            keyed.lock().unwrap().insert(id.clone());
+                        }
+                        sent.lock().unwrap().push(id);
+                        true
+                    }
+                    _ => false,
+                }
+            }
+        })
+        .await
+    };
+    let large = Bytes::from(vec![b'L'; LARGE_SIZE]);
+    let large_failures = {
+        let (conns, names, sent) = (conns.clone(), names.clone(), sent.clone());
+        timed(LARGE, 8, move |w, i| {
+            let (conn, names, sent, body) =
+                (conns[w].clone(), names.clone(), sent.clone(), large.clone());
+            async move {
+                let path = format!("/agents/{}/slow?ms={WORK_MS}&large={i}", names[i % AGENTS]);
+                match conn
+                    .lock()
+                    .await
+                    .request(http::Method::POST, &path, &[], body)
+                    .await
+                {
+                    Ok((202, body)) => {
+                        let json: serde_json::Value =
+                            serde_json::from_slice(&body).unwrap_or_default();
+                        sent.lock()
+                            .unwrap()
+                            .push(json["request_id"].as_str().unwrap_or_default().to_string());
+                        true
+                    }
+                    _ => false,
+                }
+            }
+        })
+        .await
+        .1
+    };
+    let sent: Vec<String> = sent.lock().unwrap().clone();
+    let peak_queued = size(&mut status).await?;
+    println!(
+        "queued {} in {:?} (enqueue {:.0}/s, raw put {:.0}/s); etcd {:.1} MiB",
+        sent.len(),
+        started.elapsed(),
+        enqueue.0,
+        raw.0,
+        mib(peak_queued.file)
+    );
+
+    // Drain, while one gateway is stopped with SIGTERM and the other with SIGKILL.
+    let drain_started = Instant::now();
+    for agent in &agents {
+        anyhow::ensure!(cp.cli(&["start", &agent.name]).status.success());
+    }
+    let total = sent.len();
+    let wanted: HashSet<&str> = sent.iter().map(String::as_str).collect();
+    let (mut termed, mut killed) = (None, None);
+    let mut dead_seen = HashSet::new();
+    let mut last_dead_check = Instant::now();
+    let drained = loop {
+        let seen = arrivals(&agents);
+        let delivered = seen
+            .keys()
+            .filter(|id| wanted.contains(id.as_str()))
+            .count();
+        if last_dead_check.elapsed() > Duration::from_secs(10) {
+            dead_seen = dead(&cp, &agents)?;
+            last_dead_check = Instant::now();
+        }
+        let done = delivered
+            + dead_seen
+                .iter()
+                .filter(|id| !seen.contains_key(*id))
+                .count();
+        if done >= total {
+            break drain_started.elapsed();
+        }
+        if termed.is_none() && done >= total * 3 / 10 {
+            let t = Instant::now();
+            anyhow::ensure!(
+                gateways[0].terminate(Duration::from_secs(60)).await,
+                "SIGTERM: {}",
+                gateways[0].log()
+            );
+            termed = Some(t.elapsed());
+            gateways[0].resume().await?;
+            println!(
+                "gateway a stopped by SIGTERM in {:?} at {done} of {total}; restarted",
+                t.elapsed()
+            );
+        }
+        if killed.is_none() && done >= total * 6 / 10 {
+            gateways[1].kill();
+            killed = Some(done);
+            gateways[1].resume().await?;
+            println!("gateway b killed (SIGKILL) at {done} of {total}; restarted");
+        }
+        anyhow::ensure!(
+            drain_started.elapsed() < Duration::from_secs(1800),
+            "not drained after 30 minutes: {done} of {total}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let drain_rate = total as f64 / drained.as_secs_f64();
+    let peak = size(&mut status).await?;
+    let seen = arrivals(&agents);
+    let dead_set = dead(&cp, &agents)?;
+    let delivered = sent.iter().filter(|id| seen.contains_key(*id)).count();
+    let lost = sent
+        .iter()
+        .filter(|id| !seen.contains_key(*id) && !dead_set.contains(*id))
+        .count();
+    let duplicates = sent
+        .iter()
+        .filter(|id| seen.get(*id).is_some_and(|n| *n > 1))
+        .count();
+    let overlaps: usize = agents.iter().map(|a| overlapping(a.data.path())).sum();
+    let dead_keyed = dead_set.intersection(&keyed.lock().unwrap()).count();
+    println!("drained in {drained:?}; delivered {delivered}, dead {}, lost {lost}, duplicates {duplicates}, overlapping {overlaps}", dead_set.len());
+
+    // Retention and compaction by the leader's housekeeping.
+    let revision = status.status().await?.header().map_or(0, |h| h.revision());
+    let compacted = eventually(
+        Duration::from_secs(180),
+        "retention and a compaction past the drain",
+        || async {
+            let (_, page) = berth_tests::docker::http(&cp.admin_addr, "GET", "/metrics").await?;
+            let dropped = metric(&page, "berth_replay_retention_dropped_total");
+            let compacted = metric(&page, "berth_etcd_compacted_revision");
+            (dropped > 0.0 && compacted >= revision as f64).then_some(dropped)
+        },
+    )
+    .await?;
+    let after = size(&mut status).await?;
+    status.defragment().await?;
+    let defragmented = size(&mut status).await?;
+
+    let report = format!(
+        "{AGENTS} agents (one example-agent replica each, {WORK_MS} ms of work per request, replay \
+         concurrency {PER_AGENT}), two gateways, one local etcd member, one control plane \
+         (compaction 15 s behind, {KEPT_PER_AGENT} finished records kept per agent), {} cores \
+         for everything. {SMALL} requests of {SMALL_SIZE} B (half with an `Idempotency-Key`) \
+         and {LARGE} of {} KiB queued while the agents were stopped, then drained while gateway \
+         a was stopped with SIGTERM (at 30 %, stopped in {:?}) and gateway b with SIGKILL (at \
+         60 %), each restarted.\n\n\
+         | measure | value |\n|---|---:|\n\
+         | sent (202 after commit) | {} |\n\
+         | enqueue failures (small, large) | {}, {} |\n\
+         | delivered | {delivered} |\n\
+         | lost | **{lost}** |\n\
+         | dead-lettered (unkeyed, cut by the SIGKILL) | {} |\n\
+         | dead-lettered with a key | {dead_keyed} |\n\
+         | delivered twice (at least once, after the SIGKILL) | {duplicates} |\n\
+         | overlapping duplicates (two runs at once at the agent) | **{overlaps}** |\n\
+         | raw etcd put, {CONCURRENCY} at a time (reference) | {:.0}/s |\n\
+         | enqueue through the gateways, {CONCURRENCY} at a time | {:.0}/s |\n\
+         | **enqueue / raw put** | **{:.2}** |\n\
+         | direct through the gateway, {PER_AGENT} per agent (reference) | {:.0}/s |\n\
+         | drain, from `berth start` to the last delivery | {:.0}/s ({drained:.1?}) |\n\
+         | **drain / direct** | **{:.2}** |\n\
+         | etcd database before / queued / drained | {:.1} / {:.1} / {:.1} MiB |\n\
+         | etcd in use after retention ({compacted:.0} records dropped) and compaction | {:.1} MiB (file {:.1} MiB) |\n\
+         | etcd file after `etcdctl defrag` | {:.1} MiB |\n\
+         | whole soak | {:.0?} |\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        LARGE_SIZE / 1024,
+        termed.unwrap_or_default(),
+        sent.len(),
+        enqueue.1,
+        large_failures,
+        dead_set.len(),
+        raw.0,
+        enqueue.0,
+        enqueue.0 / raw.0,
+        direct.0,
+        drain_rate,
+        drain_rate / direct.0,
+        mib(before.file),
+        mib(peak_queued.file),
+        mib(peak.file),
+        mib(after.in_use),
+        mib(after.file),
+        mib(defragmented.file),
+        started.elapsed(),
+    );
+    println!("{report}");
+    berth_bench::write_report(
+        "replay-soak",
+        "Replay queue: soak at 100,000 requests",
+        &report,
+    )?;
+    anyhow::ensure!(
+        lost == 0 && overlaps == 0,
+        "lost {lost}, overlapping {overlaps}"
+    );
+    Ok(())
+}
