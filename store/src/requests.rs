@@ -34,8 +34,12 @@ pub const REQUEST_LEASE_BUCKET: Duration = Duration::from_secs(600);
 /// etcd's default `--max-txn-ops` is 128).
 pub const ENQUEUE_BATCH: usize = 24;
 /// Most body bytes in one batch, so that a batch stays under etcd's request limit (1.5 MiB by
-/// default); a single request over it goes alone (bodies are at most 1 MiB).
+/// default); a request that would pass it starts the next batch, and one over it goes alone
+/// (bodies are at most 1 MiB).
 pub const ENQUEUE_BATCH_BYTES: usize = 512 * 1024;
+/// Most body and answer bytes one request's write carries (etcd takes 1.5 MiB by default, and
+/// headers and records come on top).
+pub const MAX_WRITE_PAYLOAD: usize = 1_280 * 1024;
 /// Most requests a page of `list_requests` holds.
 pub const MAX_PAGE: usize = 1000;
 /// Keys read per etcd call when scanning for a page with a state filter.
@@ -136,9 +140,18 @@ impl Store {
         let index = self.keys.request_id(&request.id);
         let with_lease = || Some(PutOptions::new().with_lease(lease));
         let mut record = request.clone();
-        let body = std::mem::take(&mut record.body);
+        let mut body = std::mem::take(&mut record.body);
         let answer = record.response.take();
         record.body_bytes = body.len() as u64;
+        // A request answered directly (kept for its Idempotency-Key) is written with its answer
+        // in one transaction; when both would not fit etcd's request limit, the body (already
+        // delivered, kept only to be shown) is left out so that the answer is always kept.
+        if answer
+            .as_ref()
+            .is_some_and(|a| a.body.len() + body.len() > MAX_WRITE_PAYLOAD)
+        {
+            body.clear();
+        }
         let mut ops = vec![
             TxnOp::put(key.as_str(), record.encode_to_vec(), with_lease()),
             TxnOp::put(index.as_str(), key.as_str(), with_lease()),
@@ -781,20 +794,35 @@ impl Store {
             }
         }
         let doomed = over_retention(&finished, bounds);
-        let mut records = Vec::new();
-        for (agent, seq) in &doomed {
-            match self.get_request_record(agent, *seq).await? {
-                Some(stored) => records.push(stored.request),
-                // The record expired already: its markers go by position.
-                None => records.push(Request {
-                    agent: agent.clone(),
-                    seq: *seq,
-                    ..Default::default()
-                }),
+        for chunk in doomed.chunks(64) {
+            // Their records (for the id and key to delete with them), 64 reads a transaction.
+            let reads = chunk
+                .iter()
+                .map(|(agent, seq)| TxnOp::get(self.keys.request(agent, *seq), None));
+            let resp = self
+                .client()
+                .txn(Txn::new().and_then(reads.collect::<Vec<_>>()))
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            let mut records = Vec::new();
+            for ((agent, seq), op) in chunk.iter().zip(resp.op_responses()) {
+                let record = match op {
+                    TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+                    _ => None,
+                };
+                match record {
+                    Some(kv) => records.push(decode::<Request>(kv.key(), kv.value())?),
+                    // The record expired already: its markers go by position.
+                    None => records.push(Request {
+                        agent: agent.clone(),
+                        seq: *seq,
+                        ..Default::default()
+                    }),
+                }
             }
+            self.delete_requests(&records).await?;
         }
-        self.delete_requests(&records).await?;
-        Ok(records.len() as u64)
+        Ok(doomed.len() as u64)
     }
 
     /// Grants a lease of `ttl` seconds for a gateway's claims.
@@ -870,11 +898,24 @@ pub fn over_retention(finished: &[(String, u64, u64)], bounds: &Retention) -> Ve
 
 /// Commits waiting requests in batches until every sender is gone.
 async fn run_enqueuer(store: Store, mut pending: mpsc::Receiver<PendingEnqueue>) {
-    while let Some(first) = pending.recv().await {
+    // A request that did not fit in the last batch starts the next one.
+    let mut carried: Option<PendingEnqueue> = None;
+    loop {
+        let first = match carried.take() {
+            Some(first) => first,
+            None => match pending.recv().await {
+                Some(first) => first,
+                None => return,
+            },
+        };
         let mut bytes = first.request.body.len();
         let mut batch = vec![first];
-        while batch.len() < ENQUEUE_BATCH && bytes < ENQUEUE_BATCH_BYTES {
+        while batch.len() < ENQUEUE_BATCH {
             match pending.try_recv() {
+                Ok(next) if bytes + next.request.body.len() > ENQUEUE_BATCH_BYTES => {
+                    carried = Some(next);
+                    break;
+                }
                 Ok(next) => {
                     bytes += next.request.body.len();
                     batch.push(next);

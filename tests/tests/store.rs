@@ -1,0 +1,239 @@
+//! The store against a real etcd: the list-then-watch primitive's pages and changes, and the
+//! replay queue's layout — group commit, fenced finishes, paged listing, retention.
+
+use berth_proto::v1::{Request, RequestState, StoredResponse};
+use berth_store::watch::{list_watch, Change, LIST_PAGE};
+use berth_store::{EtcdTls, Finished, Retention, Store};
+use berth_tests::Etcd;
+use std::time::{Duration, SystemTime};
+
+async fn store(etcd: &Etcd) -> Store {
+    Store::connect(&[etcd.url()], "/t", &EtcdTls::default())
+        .await
+        .unwrap()
+}
+
+fn request(agent: &str, id: &str) -> Request {
+    Request {
+        id: id.into(),
+        agent: agent.into(),
+        state: RequestState::Queued as i32,
+        method: "POST".into(),
+        path: "/echo".into(),
+        body: id.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}
+
+async fn next(watch: &mut berth_store::watch::ListWatch) -> Change {
+    tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("a change within 10 s")
+}
+
+#[tokio::test]
+async fn a_list_watch_lists_in_pages_then_follows() {
+    let etcd = Etcd::start().await.unwrap();
+    let mut client = etcd.client().await.unwrap();
+    let count = LIST_PAGE as usize * 2 + 88;
+    for i in 0..count {
+        client.put(format!("/x/{i:05}"), "v", None).await.unwrap();
+    }
+    let store = store(&etcd).await;
+    let mut watch = list_watch(&store, "/x/".into());
+    assert!(matches!(next(&mut watch).await, Change::Init));
+    let mut listed = Vec::new();
+    let revision = loop {
+        match next(&mut watch).await {
+            Change::InitApply(kv) => listed.push(kv.key_str().unwrap().to_string()),
+            Change::InitDone { revision } => break revision,
+            other => panic!("{other:?} during the list"),
+        }
+    };
+    let expected: Vec<String> = (0..count).map(|i| format!("/x/{i:05}")).collect();
+    assert_eq!(
+        listed, expected,
+        "every key once, in order, over three pages"
+    );
+    client.put("/x/new", "v", None).await.unwrap();
+    client.delete("/x/00000", None).await.unwrap();
+    client.put("/y/elsewhere", "v", None).await.unwrap();
+    match next(&mut watch).await {
+        Change::Put(kv) => {
+            assert_eq!(kv.key_str().unwrap(), "/x/new");
+            assert!(kv.mod_revision() > revision);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        matches!(next(&mut watch).await, Change::Delete(kv) if kv.key_str().unwrap() == "/x/00000")
+    );
+}
+
+#[tokio::test]
+async fn enqueues_arriving_together_share_transactions() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = store(&etcd).await;
+    let before = store.etcd_status().await.unwrap().revision;
+    let tasks: Vec<_> = (0..96)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut r = request("a", &format!("id-{i}"));
+                store
+                    .enqueue_request(&mut r, Duration::from_secs(600))
+                    .await
+                    .unwrap();
+                r
+            })
+        })
+        .collect();
+    let mut seqs = std::collections::HashSet::new();
+    for task in tasks {
+        let r = task.await.unwrap();
+        assert!(seqs.insert(r.seq), "a position taken twice");
+        let stored = store.get_request(&r.id).await.unwrap();
+        assert_eq!(stored.request.body, r.id.as_bytes(), "the body, kept apart");
+    }
+    let revisions = store.etcd_status().await.unwrap().revision - before;
+    eprintln!("96 enqueues together: {revisions} etcd revisions");
+    // One revision per transaction (and a lease grant or two): fewer than one per request.
+    assert!(revisions < 96, "{revisions} revisions for 96 requests");
+}
+
+#[tokio::test]
+async fn a_finish_is_written_only_under_the_claim_it_was_made_with() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = store(&etcd).await;
+    let mut r = request("a", "fenced");
+    store
+        .enqueue_request(&mut r, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let deadline = SystemTime::now() + Duration::from_secs(30);
+    let record = store.get_request_record("a", r.seq).await.unwrap().unwrap();
+    let first_lease = store.grant_claim_lease(10).await.unwrap();
+    let mut first = store
+        .claim_request(&record, "gw-1", first_lease, deadline)
+        .await
+        .unwrap()
+        .expect("claimed");
+    assert!(
+        store
+            .claim_request(&record, "gw-2", first_lease, deadline)
+            .await
+            .unwrap()
+            .is_none(),
+        "claimed twice"
+    );
+    // The first gateway's lease lapses (it was paused); another takes the request over.
+    store.revoke_lease(first_lease).await;
+    let record = store.get_request_record("a", r.seq).await.unwrap().unwrap();
+    assert_eq!(record.request.state, RequestState::Delivering as i32);
+    assert!(record.request.attempt_deadline.is_some());
+    let second_lease = store.grant_claim_lease(10).await.unwrap();
+    let mut second = store
+        .claim_request(&record, "gw-2", second_lease, deadline)
+        .await
+        .unwrap()
+        .expect("taken over");
+    // The first one's late finish changes nothing.
+    first.stored.request.state = RequestState::Dead as i32;
+    assert_eq!(
+        store.finish_request(&first, None).await.unwrap(),
+        Finished::LostClaim
+    );
+    second.stored.request.state = RequestState::Delivered as i32;
+    let answer = StoredResponse {
+        status: 200,
+        body: b"ok".to_vec(),
+        ..Default::default()
+    };
+    assert_eq!(
+        store.finish_request(&second, Some(&answer)).await.unwrap(),
+        Finished::Done
+    );
+    let stored = store.get_request("fenced").await.unwrap().request;
+    assert_eq!(stored.state, RequestState::Delivered as i32);
+    assert_eq!(stored.attempts, 2);
+    assert_eq!(stored.response.unwrap().body, b"ok");
+}
+
+#[tokio::test]
+async fn listing_pages_and_retention_drops_the_oldest_with_their_keys() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = store(&etcd).await;
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let mut r = request("a", &format!("r{i}"));
+        if i < 5 {
+            // Answered directly and kept for an Idempotency-Key.
+            r.state = RequestState::Delivered as i32;
+            r.idempotency_key = format!("key-{i}");
+            let digest = berth_store::requests::key_digest(&r.idempotency_key);
+            let held = store
+                .take_idempotency_key("a", &digest, &r.id, "p", Duration::from_secs(600))
+                .await
+                .unwrap();
+            assert!(held.is_none());
+            r.response = Some(StoredResponse {
+                status: 200,
+                ..Default::default()
+            });
+        }
+        store
+            .enqueue_request(&mut r, Duration::from_secs(600))
+            .await
+            .unwrap();
+        ids.push(r.id);
+    }
+    let (page, token) = store.list_requests(Some("a"), 0, 3, "").await.unwrap();
+    assert_eq!(page.len(), 3);
+    let (page2, token2) = store.list_requests(Some("a"), 0, 3, &token).await.unwrap();
+    let (page3, token3) = store.list_requests(Some("a"), 0, 3, &token2).await.unwrap();
+    let all: Vec<String> = [page, page2, page3]
+        .concat()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(all, ids);
+    assert!(token3.is_empty());
+    let (queued, _) = store
+        .list_requests(Some("a"), RequestState::Queued as i32, 10, "")
+        .await
+        .unwrap();
+    assert_eq!(queued.len(), 2);
+    assert!(store
+        .list_requests(Some("a"), 0, 3, "x/../b/1")
+        .await
+        .is_err());
+
+    let bounds = Retention {
+        per_agent_count: 2,
+        per_agent_bytes: u64::MAX,
+        total_count: u64::MAX,
+        total_bytes: u64::MAX,
+    };
+    assert_eq!(store.trim_finished(&bounds).await.unwrap(), 3);
+    for (i, id) in ids.iter().enumerate() {
+        let kept = store.get_request(id).await.is_ok();
+        // The three oldest finished ones go; the two newest finished and the queued stay.
+        assert_eq!(kept, i >= 3, "{id}");
+    }
+    // Their keys went with them; the kept ones' stay held.
+    let take = |key: &str| {
+        let (store, digest) = (store.clone(), berth_store::requests::key_digest(key));
+        async move {
+            store
+                .take_idempotency_key("a", &digest, "new", "p", Duration::from_secs(600))
+                .await
+                .unwrap()
+        }
+    };
+    assert!(
+        take("key-0").await.is_none(),
+        "the dropped request's key is free"
+    );
+    assert_eq!(take("key-4").await.unwrap().holder, "r4");
+    assert_eq!(store.trim_finished(&bounds).await.unwrap(), 0);
+}
