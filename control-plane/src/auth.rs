@@ -6,7 +6,7 @@
 //! within a second. The caller's [`Principal`] goes into the request's extensions.
 
 pub use berth_store::token_mirror::{
-    token_hash, IssuedTokens, Principal, TokenFileError, TokenSet, MIN_TOKEN_LEN,
+    token_hash, IssuedTokens, Principal, TokenFileError, TokenSet,
 };
 use futures::future::BoxFuture;
 use std::sync::Arc;

@@ -2,15 +2,15 @@
 //! reconciler and node monitor (docs/architecture.md).
 #![forbid(unsafe_code)]
 
-pub mod admin;
-pub mod api;
-pub mod auth;
+mod admin;
+mod api;
+mod auth;
 pub mod config;
-pub mod housekeeping;
+mod housekeeping;
 pub mod incoming;
-pub mod leader;
-pub mod metrics;
-pub mod nodes;
+mod leader;
+mod metrics;
+mod nodes;
 pub mod server;
 
 pub use config::Config;

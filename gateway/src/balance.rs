@@ -42,6 +42,7 @@ pub struct Replica {
 
 impl Replica {
     /// Requests in flight at the replica now.
+    #[cfg(test)]
     pub fn outstanding(&self) -> usize {
         self.outstanding.load(Ordering::Relaxed)
     }

@@ -5,16 +5,16 @@
 //! through the store and the contract (docs/architecture.md, "A request's path").
 #![forbid(unsafe_code)]
 
-pub mod balance;
-pub mod breaker;
+mod balance;
+mod breaker;
 mod breakers;
-pub mod error;
-pub mod forward;
-pub mod metrics;
-pub mod outcome;
-pub mod replay;
-pub mod retry;
-pub mod routes;
+mod error;
+mod forward;
+mod metrics;
+mod outcome;
+mod replay;
+mod retry;
+mod routes;
 pub mod serve;
 
 use axum::body::Body;

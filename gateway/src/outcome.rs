@@ -150,28 +150,26 @@ impl Ending {
         if opted_out {
             return Decision::Answer;
         }
-        match self {
+        match (self, self.reach()) {
+            // The gateway's own refusals are final.
+            (Self::Shed | Self::Refused, _) => Decision::Answer,
             // Before the agent could have seen it: always.
-            Self::NoReplica | Self::ConnectFailed | Self::Unavailable503 => Decision::Queue,
+            (_, Reach::No) => Decision::Queue,
             // After it may have seen it: only when a second delivery is harmless.
-            Self::TimedOut | Self::Reset | Self::BadGateway if safe => Decision::Queue,
-            Self::TimedOut | Self::Reset | Self::BadGateway => Decision::Answer,
-            // Meant answers and the gateway's own refusals are final.
-            Self::AgentError | Self::Answered | Self::Shed | Self::Refused => Decision::Answer,
+            (_, Reach::Maybe) if safe => Decision::Queue,
+            // Meant answers, and what is not safe to send again.
+            _ => Decision::Answer,
         }
     }
 
     /// For the replayer: what a delivery attempt means for the queued request.
     pub fn verdict(self, safe: bool) -> Verdict {
-        match self {
-            Self::Answered | Self::AgentError => Verdict::Delivered,
-            Self::NoReplica
-            | Self::Shed
-            | Self::ConnectFailed
-            | Self::Unavailable503
-            | Self::BadGateway => Verdict::TryLater,
-            Self::TimedOut | Self::Reset | Self::Refused if safe => Verdict::TryLater,
-            Self::TimedOut | Self::Reset | Self::Refused => Verdict::Dead,
+        match self.reach() {
+            Reach::Yes => Verdict::Delivered,
+            Reach::No if self != Self::Refused => Verdict::TryLater,
+            // The agent may have seen it (or the gateway cannot send it): again only if safe.
+            _ if safe => Verdict::TryLater,
+            _ => Verdict::Dead,
         }
     }
 }
@@ -266,7 +264,7 @@ mod tests {
             (Unavailable503, true, (false, true), (TryLater, TryLater)),
             (TimedOut, true, (false, true), (Dead, TryLater)),
             (Reset, true, (false, true), (Dead, TryLater)),
-            (BadGateway, true, (false, true), (TryLater, TryLater)),
+            (BadGateway, true, (false, true), (Dead, TryLater)),
             (AgentError, true, (false, true), (Delivered, Delivered)),
             (Answered, false, (false, false), (Delivered, Delivered)),
             (Refused, false, (false, false), (Dead, TryLater)),

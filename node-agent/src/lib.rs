@@ -3,12 +3,12 @@
 #![forbid(unsafe_code)]
 
 pub mod docker;
-pub mod probe;
-pub mod reports;
-pub mod restarts;
-pub mod runtime;
-pub mod session;
-pub mod supervisor;
+mod probe;
+mod reports;
+mod restarts;
+mod runtime;
+mod session;
+mod supervisor;
 
 use berth_proto::v1::Resources;
 use std::collections::HashMap;

@@ -194,6 +194,7 @@ pub struct LogStream {
 
 impl LogStream {
     /// How many node streams were opened.
+    #[cfg(test)]
     pub fn opened(&self) -> usize {
         self.streams.len()
     }

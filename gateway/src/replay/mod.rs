@@ -19,8 +19,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-/// The header by which a client opts a request out of replay.
-pub use berth_proto::request::{opted_out, REPLAY_HEADER};
 /// The header that numbers a replayed delivery (1 for the first replay).
 pub const REPLAY_ATTEMPT: &str = "x-berth-replay-attempt";
 /// Longest `Prefer: wait=N` honoured.
@@ -183,6 +181,7 @@ pub fn accepted(id: &str) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use berth_proto::request::{opted_out, REPLAY_HEADER};
     use http::HeaderMap;
 
     #[test]
