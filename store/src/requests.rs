@@ -1,15 +1,16 @@
 //! The replay queue in etcd, laid out so that it scales (docs/architecture.md, "The replay
-//! queue"). One request is several keys, all under its TTL lease but the claim:
+//! queue"). One request is a few keys, all under its TTL lease but the claim:
 //!
-//! - `requests/{agent}/{seq}`: its small record (state, attempts, deadline, headers); claims
-//!   and state changes rewrite only this;
-//! - `request-bodies/{agent}/{seq}`: its body, written once;
+//! - `queue/{agent}/{seq}`: its small record while it waits (queued or delivering): state,
+//!   attempts, deadline, headers, and the body when it is small ([`INLINE_BODY_BYTES`]). What
+//!   replayers list and watch, so they never read finished requests; claims and state
+//!   changes rewrite only this;
+//! - `requests/{agent}/{seq}`: the record once delivered or dead (it moves on finish);
+//! - `request-bodies/{agent}/{seq}`: a larger body, written once;
 //! - `request-answers/{agent}/{seq}`: the agent's stored answer, written once;
-//! - `queue/{agent}/{seq}`: there while it waits (queued or delivering), holding its body
-//!   size; what replayers list and watch, so they never read finished requests;
-//! - `finished/{agent}/{seq}`: there once delivered or dead, holding its bytes; what
+//! - `finished/{agent}/{seq}`: there once delivered or dead, holding its bytes: what
 //!   retention counts;
-//! - `request-ids/{id}`: its id, pointing at its position;
+//! - `request-ids/{id}`: its id, pointing at its position `{agent}/{seq}`;
 //! - `claims/{agent}/{seq}`: which gateway delivers it, under that gateway's claim lease.
 //!
 //! A finish is conditioned on still holding the claim, so a gateway that lost it (paused past
@@ -21,8 +22,9 @@ use etcd_client::{
     Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
 };
 use prost::Message;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// How long a request and its response are kept unless the agent says otherwise.
 pub const REQUEST_TTL: Duration = berth_proto::defaults::REPLAY_TTL;
@@ -33,6 +35,8 @@ pub const REQUEST_LEASE_BUCKET: Duration = Duration::from_secs(600);
 /// Most requests committed in one transaction by the enqueue batcher (each is four puts;
 /// etcd's default `--max-txn-ops` is 128).
 pub const ENQUEUE_BATCH: usize = 24;
+/// Batches being committed at once; more requests wait to form the next batch.
+pub const ENQUEUE_COMMITS_IN_FLIGHT: usize = 2;
 /// Most body bytes in one batch, so that a batch stays under etcd's request limit (1.5 MiB by
 /// default); a request that would pass it starts the next batch, and one over it goes alone
 /// (bodies are at most 1 MiB).
@@ -40,13 +44,16 @@ pub const ENQUEUE_BATCH_BYTES: usize = 512 * 1024;
 /// Most body and answer bytes one request's write carries (etcd takes 1.5 MiB by default, and
 /// headers and records come on top).
 pub const MAX_WRITE_PAYLOAD: usize = 1_280 * 1024;
+/// Bodies up to this size ride in the request's record (one key fewer per request; a claim
+/// rewrites at most this much besides the metadata); larger ones are kept apart.
+pub const INLINE_BODY_BYTES: usize = 4096;
 /// Most requests a page of `list_requests` holds.
 pub const MAX_PAGE: usize = 1000;
 /// Keys read per etcd call when scanning for a page with a state filter.
 const SCAN_PAGE: i64 = 500;
 
-/// A request as stored (its record; `body` and `response` filled only by [`Store::get_request`]),
-/// with what a later compare-and-swap needs.
+/// A request as stored (its record, with its body only when inline; `response` filled only by
+/// [`Store::get_request`]), with what a later compare-and-swap needs.
 #[derive(Clone, Debug)]
 pub struct StoredRequest {
     /// The request.
@@ -132,11 +139,16 @@ impl Store {
         Ok(granted.id())
     }
 
-    /// The puts that store a new request under `lease` (its body and answer apart from its
-    /// record), and the compares that it is new.
+    /// The puts that store a new request under `lease` (a small body inline, a larger one and
+    /// the answer apart), and the compares that it is new.
     fn new_request_ops(&self, request: &Request, lease: i64) -> (Vec<Compare>, Vec<TxnOp>) {
         let (agent, seq) = (request.agent.as_str(), request.seq);
-        let key = self.keys.request(agent, seq);
+        let waiting = is_waiting(request.state);
+        let key = if waiting {
+            self.keys.queued(agent, seq)
+        } else {
+            self.keys.request(agent, seq)
+        };
         let index = self.keys.request_id(&request.id);
         let with_lease = || Some(PutOptions::new().with_lease(lease));
         let mut record = request.clone();
@@ -152,9 +164,12 @@ impl Store {
         {
             body.clear();
         }
+        if body.len() <= INLINE_BODY_BYTES {
+            record.body = std::mem::take(&mut body);
+        }
         let mut ops = vec![
             TxnOp::put(key.as_str(), record.encode_to_vec(), with_lease()),
-            TxnOp::put(index.as_str(), key.as_str(), with_lease()),
+            TxnOp::put(index.as_str(), format!("{agent}/{seq:020}"), with_lease()),
         ];
         if !body.is_empty() {
             ops.push(TxnOp::put(
@@ -163,25 +178,18 @@ impl Store {
                 with_lease(),
             ));
         }
-        let mut bytes = record.body_bytes;
-        if let Some(answer) = answer {
-            bytes += answer.body.len() as u64;
+        if !waiting {
+            let answer_bytes = answer.as_ref().map_or(0, |a| a.body.len() as u64);
             ops.push(TxnOp::put(
-                self.keys.request_answer(agent, seq),
-                answer.encode_to_vec(),
+                self.keys.finished(agent, seq),
+                (record.body_bytes + answer_bytes).to_string(),
                 with_lease(),
             ));
         }
-        if is_waiting(record.state) {
+        if let Some(answer) = answer {
             ops.push(TxnOp::put(
-                self.keys.queued(agent, seq),
-                record.body_bytes.to_string(),
-                with_lease(),
-            ));
-        } else {
-            ops.push(TxnOp::put(
-                self.keys.finished(agent, seq),
-                bytes.to_string(),
+                self.keys.request_answer(agent, seq),
+                answer.encode_to_vec(),
                 with_lease(),
             ));
         }
@@ -258,7 +266,7 @@ impl Store {
                 request.seq = new_seq();
                 request.expire_time = Some(berth_proto::timestamp(SystemTime::now() + ttl));
             }
-            let key = self.keys.request(&request.agent, request.seq);
+            let position = format!("{}/{:020}", request.agent, request.seq);
             let index = self.keys.request_id(&request.id);
             let (compares, ops) = self.new_request_ops(request, lease);
             let txn = Txn::new()
@@ -272,7 +280,7 @@ impl Store {
                         TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
                         _ => None,
                     });
-                    if uncertain && stored_at.as_deref() == Some(key.as_bytes()) {
+                    if uncertain && stored_at.as_deref() == Some(position.as_bytes()) {
                         return Ok(());
                     }
                     // A sequence number taken in the same microsecond: draw again.
@@ -408,8 +416,8 @@ impl Store {
         Ok(resp.succeeded())
     }
 
-    /// The whole request with id `id`: its record, body and stored answer.
-    pub async fn get_request(&self, id: &str) -> Result<StoredRequest, StoreError> {
+    /// The position `(agent, seq)` of request `id`.
+    async fn locate(&self, id: &str) -> Result<(String, u64), StoreError> {
         let not_found = || StoreError::NotFound {
             kind: "request",
             name: id.to_string(),
@@ -419,45 +427,102 @@ impl Store {
             .get(self.keys.request_id(id), None)
             .await
             .map_err(|e| self.unavailable(e))?;
-        let key = index.kvs().first().ok_or_else(not_found)?.value().to_vec();
-        let (agent, seq) = position(&String::from_utf8_lossy(&key)).ok_or_else(not_found)?;
-        let txn = Txn::new().and_then([
-            TxnOp::get(key.as_slice(), None),
-            TxnOp::get(self.keys.request_body(&agent, seq), None),
-            TxnOp::get(self.keys.request_answer(&agent, seq), None),
-        ]);
+        let value = index.kvs().first().ok_or_else(not_found)?.value().to_vec();
+        position(&String::from_utf8_lossy(&value)).ok_or_else(not_found)
+    }
+
+    /// Reads `keys` in one transaction; each key's value, if there.
+    async fn get_all(
+        &self,
+        keys: Vec<String>,
+    ) -> Result<Vec<Option<etcd_client::KeyValue>>, StoreError> {
+        let reads: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(k.as_str(), None)).collect();
         let resp = self
             .client()
-            .txn(txn)
+            .txn(Txn::new().and_then(reads))
             .await
             .map_err(|e| self.unavailable(e))?;
-        let mut values = resp.op_responses().into_iter().map(|op| match op {
-            TxnOpResponse::Get(get) => get.kvs().first().cloned(),
-            _ => None,
-        });
-        let record = values.next().flatten().ok_or_else(not_found)?;
-        let mut stored = StoredRequest::from_kv(&record)?;
-        if let Some(body) = values.next().flatten() {
+        Ok(resp
+            .op_responses()
+            .into_iter()
+            .map(|op| match op {
+                TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// The whole request with id `id`: its record, body and stored answer.
+    pub async fn get_request(&self, id: &str) -> Result<StoredRequest, StoreError> {
+        let (agent, seq) = self.locate(id).await?;
+        let values = self
+            .get_all(vec![
+                self.keys.queued(&agent, seq),
+                self.keys.request(&agent, seq),
+                self.keys.request_body(&agent, seq),
+                self.keys.request_answer(&agent, seq),
+            ])
+            .await?;
+        let record =
+            values[0]
+                .as_ref()
+                .or(values[1].as_ref())
+                .ok_or_else(|| StoreError::NotFound {
+                    kind: "request",
+                    name: id.to_string(),
+                })?;
+        let mut stored = StoredRequest::from_kv(record)?;
+        if let Some(body) = &values[2] {
             stored.request.body = body.value().to_vec();
         }
-        if let Some(answer) = values.next().flatten() {
+        if let Some(answer) = &values[3] {
             stored.request.response = Some(decode(answer.key(), answer.value())?);
         }
         Ok(stored)
     }
 
-    /// The record of the request at `(agent, seq)` (no body or answer), if it is there.
+    /// The record of the request at `(agent, seq)` (a small body inline, no answer), waiting
+    /// or finished, if it is there.
     pub async fn get_request_record(
         &self,
         agent: &str,
         seq: u64,
     ) -> Result<Option<StoredRequest>, StoreError> {
-        let resp = self
-            .client()
-            .get(self.keys.request(agent, seq), None)
-            .await
-            .map_err(|e| self.unavailable(e))?;
-        resp.kvs().first().map(StoredRequest::from_kv).transpose()
+        let values = self
+            .get_all(vec![
+                self.keys.queued(agent, seq),
+                self.keys.request(agent, seq),
+            ])
+            .await?;
+        values[0]
+            .as_ref()
+            .or(values[1].as_ref())
+            .map(StoredRequest::from_kv)
+            .transpose()
+    }
+
+    /// A waiting request's record and the body to send, read together; `None` when it no
+    /// longer waits.
+    pub async fn get_request_to_deliver(
+        &self,
+        agent: &str,
+        seq: u64,
+    ) -> Result<Option<(StoredRequest, Vec<u8>)>, StoreError> {
+        let values = self
+            .get_all(vec![
+                self.keys.queued(agent, seq),
+                self.keys.request_body(agent, seq),
+            ])
+            .await?;
+        let Some(record) = &values[0] else {
+            return Ok(None);
+        };
+        let stored = StoredRequest::from_kv(record)?;
+        let body = match &values[1] {
+            Some(body) => body.value().to_vec(),
+            None => stored.request.body.clone(),
+        };
+        Ok(Some((stored, body)))
     }
 
     /// The body of the request at `(agent, seq)` (empty when it had none or it expired).
@@ -491,10 +556,11 @@ impl Store {
             .transpose()
     }
 
-    /// One page of request records of `agent` (every agent when `None`), oldest first per
-    /// agent, in `state` when it is not 0; at most `limit` (at most [`MAX_PAGE`]). The token
-    /// continues after the last one returned; empty when nothing is left. Reads at most
-    /// [`SCAN_PAGE`] keys per etcd call, never a whole prefix.
+    /// One page of request records of `agent` (every agent when `None`): waiting ones first,
+    /// then finished ones, each oldest first per agent; in `state` when it is not 0; at most
+    /// `limit` (at most [`MAX_PAGE`]). The token continues after the last one returned; empty
+    /// when nothing is left. Reads at most [`SCAN_PAGE`] keys per etcd call, never a whole
+    /// prefix.
     pub async fn list_requests(
         &self,
         agent: Option<&str>,
@@ -502,58 +568,84 @@ impl Store {
         limit: usize,
         page_token: &str,
     ) -> Result<(Vec<Request>, String), StoreError> {
-        let prefix = match agent {
-            Some(agent) => self.keys.agent_requests(agent),
-            None => self.keys.requests(),
+        let within = |root: String| match agent {
+            Some(agent) => format!("{root}{agent}/"),
+            None => root,
         };
-        let end = crate::watch::prefix_end(prefix.as_bytes());
-        let mut from = if page_token.is_empty() {
-            prefix.as_bytes().to_vec()
-        } else {
-            let mut after = format!("{}{page_token}", self.keys.requests()).into_bytes();
-            if !after.starts_with(prefix.as_bytes()) {
-                return Err(StoreError::Invalid(
-                    "page_token does not belong to this listing".into(),
-                ));
+        // The ranges that can hold `state`, tagged for the token.
+        let waiting = (b'w', self.keys.queue(), within(self.keys.queue()));
+        let finished = (b'f', self.keys.requests(), within(self.keys.requests()));
+        let ranges = match RequestState::try_from(state) {
+            Ok(RequestState::Queued | RequestState::Delivering) => vec![waiting],
+            Ok(RequestState::Delivered | RequestState::Dead) => vec![finished],
+            _ => vec![waiting, finished],
+        };
+        let bad_token = || StoreError::Invalid("page_token does not belong to this listing".into());
+        // Where to start: the range the token names, just after its position.
+        let (mut current, mut from) = match page_token.split_once(':') {
+            None if page_token.is_empty() => (0, None),
+            Some((tag, at)) => {
+                let i = ranges
+                    .iter()
+                    .position(|r| tag.as_bytes() == [r.0])
+                    .ok_or_else(bad_token)?;
+                let mut key = format!("{}{at}", ranges[i].1).into_bytes();
+                if !key.starts_with(ranges[i].2.as_bytes()) || at.contains("..") {
+                    return Err(bad_token());
+                }
+                key.push(0);
+                (i, Some(key))
             }
-            after.push(0);
-            after
+            None => return Err(bad_token()),
         };
         let limit = limit.clamp(1, MAX_PAGE);
         let mut out = Vec::new();
-        loop {
-            let options = GetOptions::new()
-                .with_range(end.clone())
-                .with_limit(SCAN_PAGE)
-                .with_sort(SortTarget::Key, SortOrder::Ascend);
-            let resp = self
-                .client()
-                .get(from.clone(), Some(options))
-                .await
-                .map_err(|e| self.unavailable(e))?;
-            let kvs = resp.kvs();
-            for (i, kv) in kvs.iter().enumerate() {
-                let request: Request = decode(kv.key(), kv.value())?;
-                if state == 0 || request.state == state {
+        while current < ranges.len() {
+            let (tag, root, prefix) = &ranges[current];
+            let end = crate::watch::prefix_end(prefix.as_bytes());
+            let mut start = from.take().unwrap_or_else(|| prefix.as_bytes().to_vec());
+            loop {
+                let options = GetOptions::new()
+                    .with_range(end.clone())
+                    .with_limit(SCAN_PAGE)
+                    .with_sort(SortTarget::Key, SortOrder::Ascend);
+                let resp = self
+                    .client()
+                    .get(start.clone(), Some(options))
+                    .await
+                    .map_err(|e| self.unavailable(e))?;
+                let kvs = resp.kvs();
+                for (i, kv) in kvs.iter().enumerate() {
+                    let request: Request = decode(kv.key(), kv.value())?;
+                    if state != 0 && request.state != state {
+                        continue;
+                    }
                     out.push(request);
                     if out.len() == limit {
-                        let more = i + 1 < kvs.len() || resp.more();
-                        let token = String::from_utf8_lossy(kv.key())
-                            .strip_prefix(&self.keys.requests())
+                        let more = i + 1 < kvs.len() || resp.more() || current + 1 < ranges.len();
+                        let at = String::from_utf8_lossy(kv.key())
+                            .strip_prefix(root.as_str())
                             .unwrap_or_default()
                             .to_string();
-                        return Ok((out, if more { token } else { String::new() }));
+                        let token = if more {
+                            format!("{}:{at}", *tag as char)
+                        } else {
+                            String::new()
+                        };
+                        return Ok((out, token));
                     }
                 }
-            }
-            match kvs.last() {
-                Some(kv) if resp.more() => {
-                    from = kv.key().to_vec();
-                    from.push(0);
+                match kvs.last() {
+                    Some(kv) if resp.more() => {
+                        start = kv.key().to_vec();
+                        start.push(0);
+                    }
+                    _ => break,
                 }
-                _ => return Ok((out, String::new())),
             }
+            current += 1;
         }
+        Ok((out, String::new()))
     }
 
     /// Claims `stored` for delivery by `gateway` under `claim_lease`, marking it delivering
@@ -567,7 +659,7 @@ impl Store {
         deadline: SystemTime,
     ) -> Result<Option<Claim>, StoreError> {
         let r = &stored.request;
-        let key = self.keys.request(&r.agent, r.seq);
+        let key = self.keys.queued(&r.agent, r.seq);
         let claim = self.keys.claim(&r.agent, r.seq);
         let mut claimed = r.clone();
         claimed.state = RequestState::Delivering as i32;
@@ -611,7 +703,7 @@ impl Store {
 
     /// Writes the outcome of a delivery (`claim.stored.request` as it should now stand, and
     /// the agent's answer if it was delivered) and releases the claim, only while the claim
-    /// is still ours. A request that no longer waits leaves the queue for the finished set.
+    /// is still ours. A request that no longer waits moves from the queue to the finished.
     pub async fn finish_request(
         &self,
         claim: &Claim,
@@ -619,41 +711,52 @@ impl Store {
     ) -> Result<Finished, StoreError> {
         let r = &claim.stored.request;
         let (agent, seq) = (r.agent.as_str(), r.seq);
-        let key = self.keys.request(agent, seq);
+        let queued = self.keys.queued(agent, seq);
         let claim_key = self.keys.claim(agent, seq);
         let with_lease = || Some(PutOptions::new().with_lease(claim.stored.lease));
         let mut record = r.clone();
-        record.body.clear();
         record.response = None;
-        let mut ops = vec![TxnOp::put(
-            key.as_str(),
-            record.encode_to_vec(),
-            with_lease(),
-        )];
-        if let Some(answer) = answer {
-            ops.push(TxnOp::put(
-                self.keys.request_answer(agent, seq),
-                answer.encode_to_vec(),
+        let ops = if is_waiting(r.state) {
+            vec![TxnOp::put(
+                queued.as_str(),
+                record.encode_to_vec(),
                 with_lease(),
-            ));
-        }
-        if !is_waiting(r.state) {
+            )]
+        } else {
             let bytes = r.body_bytes + answer.map_or(0, |a| a.body.len() as u64);
-            ops.push(TxnOp::delete(self.keys.queued(agent, seq), None));
-            ops.push(TxnOp::put(
-                self.keys.finished(agent, seq),
-                bytes.to_string(),
-                with_lease(),
-            ));
-        }
-        ops.push(TxnOp::delete(claim_key.as_str(), None));
+            let mut ops = vec![
+                TxnOp::delete(queued.as_str(), None),
+                TxnOp::put(
+                    self.keys.request(agent, seq),
+                    record.encode_to_vec(),
+                    with_lease(),
+                ),
+                TxnOp::put(
+                    self.keys.finished(agent, seq),
+                    bytes.to_string(),
+                    with_lease(),
+                ),
+            ];
+            if let Some(answer) = answer {
+                ops.push(TxnOp::put(
+                    self.keys.request_answer(agent, seq),
+                    answer.encode_to_vec(),
+                    with_lease(),
+                ));
+            }
+            ops
+        };
         let txn = Txn::new()
             .when([
-                // Still our claim, and the request still there (not dropped meanwhile).
+                // Still our claim, and the request still waiting (not dropped meanwhile).
                 Compare::mod_revision(claim_key.as_str(), CompareOp::Equal, claim.revision),
-                Compare::create_revision(key.as_str(), CompareOp::Greater, 0),
+                Compare::create_revision(queued.as_str(), CompareOp::Greater, 0),
             ])
-            .and_then(ops);
+            .and_then(
+                ops.into_iter()
+                    .chain([TxnOp::delete(claim_key.as_str(), None)])
+                    .collect::<Vec<_>>(),
+            );
         let resp = self
             .client()
             .txn(txn)
@@ -677,8 +780,14 @@ impl Store {
 
     /// Puts a dead-lettered request back in its queue with its attempts reset.
     pub async fn retry_request(&self, id: &str) -> Result<Request, StoreError> {
+        let (agent, seq) = self.locate(id).await?;
         loop {
-            let stored = self.get_request(id).await?;
+            let Some(stored) = self.get_request_record(&agent, seq).await? else {
+                return Err(StoreError::NotFound {
+                    kind: "request",
+                    name: id.to_string(),
+                });
+            };
             let mut next = stored.request.clone();
             if next.state != RequestState::Dead as i32 {
                 return Err(StoreError::Conflict {
@@ -690,26 +799,22 @@ impl Store {
             next.state = RequestState::Queued as i32;
             next.attempts = 0;
             next.attempt_deadline = None;
-            let (agent, seq) = (next.agent.clone(), next.seq);
-            let key = self.keys.request(&agent, seq);
-            let mut record = next.clone();
-            record.body.clear();
-            record.response = None;
+            let finished = self.keys.request(&agent, seq);
             let with_lease = || Some(PutOptions::new().with_lease(stored.lease));
             let txn = Txn::new()
                 .when([Compare::mod_revision(
-                    key.as_str(),
+                    finished.as_str(),
                     CompareOp::Equal,
                     stored.revision,
                 )])
                 .and_then([
-                    TxnOp::put(key.as_str(), record.encode_to_vec(), with_lease()),
+                    TxnOp::delete(finished.as_str(), None),
+                    TxnOp::delete(self.keys.finished(&agent, seq), None),
                     TxnOp::put(
                         self.keys.queued(&agent, seq),
-                        next.body_bytes.to_string(),
+                        next.encode_to_vec(),
                         with_lease(),
                     ),
-                    TxnOp::delete(self.keys.finished(&agent, seq), None),
                 ]);
             let resp = self
                 .client()
@@ -900,6 +1005,7 @@ pub fn over_retention(finished: &[(String, u64, u64)], bounds: &Retention) -> Ve
 async fn run_enqueuer(store: Store, mut pending: mpsc::Receiver<PendingEnqueue>) {
     // A request that did not fit in the last batch starts the next one.
     let mut carried: Option<PendingEnqueue> = None;
+    let in_flight = Arc::new(Semaphore::new(ENQUEUE_COMMITS_IN_FLIGHT));
     loop {
         let first = match carried.take() {
             Some(first) => first,
@@ -907,6 +1013,11 @@ async fn run_enqueuer(store: Store, mut pending: mpsc::Receiver<PendingEnqueue>)
                 Some(first) => first,
                 None => return,
             },
+        };
+        // While the commits in flight finish, what arrives meanwhile waits to join this batch:
+        // the busier the queue, the larger the batches (group commit).
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            return;
         };
         let mut bytes = first.request.body.len();
         let mut batch = vec![first];
@@ -926,6 +1037,7 @@ async fn run_enqueuer(store: Store, mut pending: mpsc::Receiver<PendingEnqueue>)
         // Each batch on its own task, so that the next one forms while this one commits.
         let store = store.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             if batch.len() > 1 && store.enqueue_batch(&mut batch).await {
                 for p in batch {
                     let _ = p.reply.send(Ok(p.request));

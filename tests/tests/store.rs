@@ -196,7 +196,9 @@ async fn listing_pages_and_retention_drops_the_oldest_with_their_keys() {
         .into_iter()
         .map(|r| r.id)
         .collect();
-    assert_eq!(all, ids);
+    // Waiting ones first (r5, r6), then finished ones (r0 to r4), each oldest first.
+    let waiting_first: Vec<String> = ids[5..].iter().chain(&ids[..5]).cloned().collect();
+    assert_eq!(all, waiting_first);
     assert!(token3.is_empty());
     let (queued, _) = store
         .list_requests(Some("a"), RequestState::Queued as i32, 10, "")

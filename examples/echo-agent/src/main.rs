@@ -214,9 +214,20 @@ async fn slow(uri: Uri, headers: HeaderMap) -> String {
         .unwrap_or("-")
         .to_string();
     slow_log("start", &id);
+    // The end is logged however the run ends: done, or cut off when the caller goes away
+    // (the server drops the handler then), so that a log shows when the work stopped.
+    let _end = RunEnd(id);
     tokio::time::sleep(Duration::from_millis(ms)).await;
-    slow_log("end", &id);
     format!("slept {ms} ms\n")
+}
+
+/// Logs the end of a `/slow` run when dropped.
+struct RunEnd(String);
+
+impl Drop for RunEnd {
+    fn drop(&mut self) {
+        slow_log("end", &self.0);
+    }
 }
 
 /// With a `/data` volume, appends `{what} {request id} {unix ms}` to `/data/slow.log`, so

@@ -17,6 +17,7 @@ use berth_store::StoreError;
 use berth_store::{Claim, Finished};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use prost::Message;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -242,12 +243,12 @@ async fn replay(
     }
 }
 
-/// Adds a waiting request (its `queue/` marker, which holds its body size) to the index.
+/// Adds a waiting request (its record under `queue/`) to the index.
 fn track(index: &mut Index, stats: &QueueStats, key: &[u8], value: &[u8]) {
     let Some((agent, seq)) = position(&String::from_utf8_lossy(key)) else {
         return;
     };
-    let size = String::from_utf8_lossy(value).parse().unwrap_or(0);
+    let size = Request::decode(value).map_or(0, |r| r.body_bytes);
     let queue = index.entry(agent.clone()).or_default();
     if queue.insert(seq, Waiting { size }).is_none() {
         stats.add(&agent, size, 1);
@@ -341,7 +342,7 @@ async fn deliver(
     seq: u64,
 ) -> Result<After, StoreError> {
     let store = &gateway.store;
-    let Some(stored) = store.get_request_record(agent, seq).await? else {
+    let Some((stored, body)) = store.get_request_to_deliver(agent, seq).await? else {
         return Ok(After::Next);
     };
     if !matches!(
@@ -380,7 +381,7 @@ async fn deliver(
         return Ok(After::Next);
     };
     let mut request = claim.stored.request.clone();
-    request.body = store.get_request_body(agent, seq).await?;
+    request.body = body;
     let forward = to_forward(&request);
     let safe = forward.is_safe();
     if interrupted && !safe {
@@ -507,12 +508,11 @@ mod tests {
         let mut index = Index::new();
         let mut marker = |seq: u64, size: u64| {
             let key = format!("/berth/queue/a/{seq:020}");
-            track(
-                &mut index,
-                &stats,
-                key.as_bytes(),
-                size.to_string().as_bytes(),
-            );
+            let record = Request {
+                body_bytes: size,
+                ..Default::default()
+            };
+            track(&mut index, &stats, key.as_bytes(), &record.encode_to_vec());
         };
         marker(1, 10);
         marker(1, 10);

@@ -23,26 +23,25 @@ pub async fn wait_for_response(
     request: &Request,
     wait: Duration,
 ) -> Option<Response> {
+    // Its record reaches `requests/` once it is delivered (or dead).
     let key = store.keys().request(&request.agent, request.seq);
     let mut changes = list_watch(store, key.clone());
     let waiting = async {
-        let mut seen = false;
         loop {
             match changes.next().await {
                 Change::InitApply(kv) | Change::Put(kv) if kv.key() == key.as_bytes() => {
-                    seen = true;
                     let mut request = Request::decode(kv.value()).ok()?;
-                    if request.state == RequestState::Delivered as i32 {
-                        request.response = store
-                            .get_request_answer(&request.agent, request.seq)
-                            .await
-                            .ok()?;
-                        return delivered(&request);
+                    if request.state != RequestState::Delivered as i32 {
+                        return None; // dead: no answer will come
                     }
+                    request.response = store
+                        .get_request_answer(&request.agent, request.seq)
+                        .await
+                        .ok()?;
+                    return delivered(&request);
                 }
-                // Gone, or never there (expired): nothing will come.
+                // Dropped or expired: nothing will come.
                 Change::Delete(kv) if kv.key() == key.as_bytes() => return None,
-                Change::InitDone { .. } if !seen => return None,
                 _ => {}
             }
         }

@@ -388,7 +388,7 @@ pub async fn run() -> anyhow::Result<()> {
     let total = sent.len();
     let wanted: HashSet<&str> = sent.iter().map(String::as_str).collect();
     let (mut termed, mut killed) = (None, None);
-    let mut dead_seen = HashSet::new();
+    let mut dead_seen: HashSet<String> = HashSet::new();
     let mut last_dead_check = Instant::now();
     let drained = loop {
         let seen = arrivals(&agents);
@@ -397,7 +397,8 @@ pub async fn run() -> anyhow::Result<()> {
             .filter(|id| wanted.contains(id.as_str()))
             .count();
         if last_dead_check.elapsed() > Duration::from_secs(10) {
-            dead_seen = dead(&cp, &agents)?;
+            // A union: retention drops old finished records, dead ones included.
+            dead_seen.extend(dead(&cp, &agents)?);
             last_dead_check = Instant::now();
         }
         let done = delivered
@@ -437,7 +438,8 @@ pub async fn run() -> anyhow::Result<()> {
     let drain_rate = total as f64 / drained.as_secs_f64();
     let peak = size(&mut status).await?;
     let seen = arrivals(&agents);
-    let dead_set = dead(&cp, &agents)?;
+    let mut dead_set = dead_seen.clone();
+    dead_set.extend(dead(&cp, &agents)?);
     let delivered = sent.iter().filter(|id| seen.contains_key(*id)).count();
     let lost = sent
         .iter()
@@ -461,6 +463,17 @@ pub async fn run() -> anyhow::Result<()> {
             let dropped = metric(&page, "berth_replay_retention_dropped_total");
             let compacted = metric(&page, "berth_etcd_compacted_revision");
             (dropped > 0.0 && compacted >= revision as f64).then_some(dropped)
+        },
+    )
+    .await?;
+    // Then a compaction past what retention deleted, so that "in use" counts what is kept.
+    let trimmed = status.status().await?.header().map_or(0, |h| h.revision());
+    eventually(
+        Duration::from_secs(180),
+        "a compaction past retention",
+        || async {
+            let (_, page) = berth_tests::docker::http(&cp.admin_addr, "GET", "/metrics").await?;
+            (metric(&page, "berth_etcd_compacted_revision") >= trimmed as f64).then_some(())
         },
     )
     .await?;
