@@ -5,7 +5,7 @@ use super::watch::{list_watch, Change};
 use super::{decode, Store, StoreError};
 use berth_proto::time::now;
 use berth_proto::v1::Event;
-use etcd_client::{GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnResponse};
+use etcd_client::{PutOptions, Txn, TxnOp, TxnResponse};
 use prost::Message;
 use rand::Rng;
 use std::time::{Duration, Instant};
@@ -72,34 +72,6 @@ impl Store {
         self.commit_with_event(&event, |op| Txn::new().and_then([op]))
             .await
             .map(drop)
-    }
-
-    /// Retained events recorded after `since` (a store revision), oldest first, and the
-    /// revision the list was read at.
-    pub async fn list_events(
-        &self,
-        filter: &EventFilter,
-        since: i64,
-    ) -> Result<(Vec<Event>, i64), StoreError> {
-        let options = GetOptions::new()
-            .with_prefix()
-            .with_min_mod_revision(since + 1)
-            .with_sort(SortTarget::Mod, SortOrder::Ascend);
-        let resp = self
-            .client()
-            .get(self.keys.events(), Some(options))
-            .await
-            .map_err(|e| self.unavailable(e))?;
-        let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
-        let mut events = Vec::new();
-        for kv in resp.kvs() {
-            let mut event: Event = decode(kv.key(), kv.value())?;
-            event.revision = kv.mod_revision();
-            if filter.matches(&event) {
-                events.push(event);
-            }
-        }
-        Ok((events, revision))
     }
 
     /// Streams events after `since`: first the retained ones, then, with `follow`, new ones as

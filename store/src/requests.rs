@@ -22,6 +22,7 @@ use etcd_client::{
     Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
 };
 use prost::Message;
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -525,20 +526,6 @@ impl Store {
         Ok(Some((stored, body)))
     }
 
-    /// The body of the request at `(agent, seq)` (empty when it had none or it expired).
-    pub async fn get_request_body(&self, agent: &str, seq: u64) -> Result<Vec<u8>, StoreError> {
-        let resp = self
-            .client()
-            .get(self.keys.request_body(agent, seq), None)
-            .await
-            .map_err(|e| self.unavailable(e))?;
-        Ok(resp
-            .kvs()
-            .first()
-            .map(|kv| kv.value().to_vec())
-            .unwrap_or_default())
-    }
-
     /// The stored answer of the request at `(agent, seq)`, if delivered.
     pub async fn get_request_answer(
         &self,
@@ -600,52 +587,70 @@ impl Store {
         };
         let limit = limit.clamp(1, MAX_PAGE);
         let mut out = Vec::new();
+        let mut token = String::new();
         while current < ranges.len() {
             let (tag, root, prefix) = &ranges[current];
             let end = crate::watch::prefix_end(prefix.as_bytes());
-            let mut start = from.take().unwrap_or_else(|| prefix.as_bytes().to_vec());
-            loop {
-                let options = GetOptions::new()
-                    .with_range(end.clone())
-                    .with_limit(SCAN_PAGE)
-                    .with_sort(SortTarget::Key, SortOrder::Ascend);
-                let resp = self
-                    .client()
-                    .get(start.clone(), Some(options))
-                    .await
-                    .map_err(|e| self.unavailable(e))?;
-                let kvs = resp.kvs();
-                for (i, kv) in kvs.iter().enumerate() {
+            let start = from.take().unwrap_or_else(|| prefix.as_bytes().to_vec());
+            let last_range = current + 1 == ranges.len();
+            let stopped = self
+                .scan(start, &end, |kv, more| {
                     let request: Request = decode(kv.key(), kv.value())?;
                     if state != 0 && request.state != state {
-                        continue;
+                        return Ok(ControlFlow::Continue(()));
                     }
                     out.push(request);
-                    if out.len() == limit {
-                        let more = i + 1 < kvs.len() || resp.more() || current + 1 < ranges.len();
-                        let at = String::from_utf8_lossy(kv.key())
-                            .strip_prefix(root.as_str())
-                            .unwrap_or_default()
-                            .to_string();
-                        let token = if more {
-                            format!("{}:{at}", *tag as char)
-                        } else {
-                            String::new()
-                        };
-                        return Ok((out, token));
+                    if out.len() < limit {
+                        return Ok(ControlFlow::Continue(()));
                     }
-                }
-                match kvs.last() {
-                    Some(kv) if resp.more() => {
-                        start = kv.key().to_vec();
-                        start.push(0);
+                    if more || !last_range {
+                        let at = String::from_utf8_lossy(kv.key());
+                        let at = at.strip_prefix(root.as_str()).unwrap_or_default();
+                        token = format!("{}:{at}", *tag as char);
                     }
-                    _ => break,
-                }
+                    Ok(ControlFlow::Break(()))
+                })
+                .await?;
+            if stopped.is_break() {
+                return Ok((out, token));
             }
             current += 1;
         }
         Ok((out, String::new()))
+    }
+
+    /// Visits the keys from `start` up to `end` in key order, [`SCAN_PAGE`] per etcd call,
+    /// until `visit` breaks; `visit` also learns whether any key follows the one it sees.
+    async fn scan(
+        &self,
+        mut start: Vec<u8>,
+        end: &[u8],
+        mut visit: impl FnMut(&etcd_client::KeyValue, bool) -> Result<ControlFlow<()>, StoreError>,
+    ) -> Result<ControlFlow<()>, StoreError> {
+        loop {
+            let options = GetOptions::new()
+                .with_range(end.to_vec())
+                .with_limit(SCAN_PAGE)
+                .with_sort(SortTarget::Key, SortOrder::Ascend);
+            let resp = self
+                .client()
+                .get(start.clone(), Some(options))
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            let kvs = resp.kvs();
+            for (i, kv) in kvs.iter().enumerate() {
+                if visit(kv, i + 1 < kvs.len() || resp.more())?.is_break() {
+                    return Ok(ControlFlow::Break(()));
+                }
+            }
+            match kvs.last() {
+                Some(kv) if resp.more() => {
+                    start = kv.key().to_vec();
+                    start.push(0);
+                }
+                _ => return Ok(ControlFlow::Continue(())),
+            }
+        }
     }
 
     /// Claims `stored` for delivery by `gateway` under `claim_lease`, marking it delivering
@@ -873,31 +878,14 @@ impl Store {
         let mut finished: Vec<(String, u64, u64)> = Vec::new();
         let prefix = self.keys.all_finished();
         let end = crate::watch::prefix_end(prefix.as_bytes());
-        let mut from = prefix.as_bytes().to_vec();
-        loop {
-            let options = GetOptions::new()
-                .with_range(end.clone())
-                .with_limit(SCAN_PAGE)
-                .with_sort(SortTarget::Key, SortOrder::Ascend);
-            let resp = self
-                .client()
-                .get(from.clone(), Some(options))
-                .await
-                .map_err(|e| self.unavailable(e))?;
-            for kv in resp.kvs() {
-                if let Some((agent, seq)) = position(&String::from_utf8_lossy(kv.key())) {
-                    let bytes = String::from_utf8_lossy(kv.value()).parse().unwrap_or(0);
-                    finished.push((agent, seq, bytes));
-                }
+        self.scan(prefix.into_bytes(), &end, |kv, _| {
+            if let Some((agent, seq)) = position(&String::from_utf8_lossy(kv.key())) {
+                let bytes = String::from_utf8_lossy(kv.value()).parse().unwrap_or(0);
+                finished.push((agent, seq, bytes));
             }
-            match resp.kvs().last() {
-                Some(kv) if resp.more() => {
-                    from = kv.key().to_vec();
-                    from.push(0);
-                }
-                _ => break,
-            }
-        }
+            Ok(ControlFlow::Continue(()))
+        })
+        .await?;
         let doomed = over_retention(&finished, bounds);
         for chunk in doomed.chunks(64) {
             // Their records (for the id and key to delete with them), 64 reads a transaction.

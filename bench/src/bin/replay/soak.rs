@@ -97,6 +97,24 @@ where
     )
 }
 
+/// RAW puts of SMALL_SIZE bytes, CONCURRENCY at a time, then deleted: (per second, failures).
+async fn raw_puts(etcd: &Etcd) -> anyhow::Result<(f64, usize)> {
+    let client = etcd.client().await?;
+    let rate = timed(RAW, CONCURRENCY, move |_, i| {
+        let mut client = client.clone();
+        async move {
+            client
+                .put(format!("/bench/raw/{i}"), vec![b'v'; SMALL_SIZE], None)
+                .await
+                .is_ok()
+        }
+    })
+    .await;
+    let options = etcd_client::DeleteOptions::new().with_prefix();
+    etcd.client().await?.delete("/bench/raw/", Some(options)).await?;
+    Ok(rate)
+}
+
 /// Connections to `addrs`, `n` in all, spread over them.
 async fn connections(
     addrs: &[String],
@@ -263,24 +281,8 @@ pub async fn run() -> anyhow::Result<()> {
     };
 
     // Reference: raw etcd puts of the same size, CONCURRENCY at a time.
-    let client = etcd.client().await?;
-    let raw = timed(RAW, CONCURRENCY, move |_, i| {
-        let mut client = client.clone();
-        async move {
-            client
-                .put(format!("/bench/raw/{i}"), vec![b'v'; SMALL_SIZE], None)
-                .await
-                .is_ok()
-        }
-    })
-    .await;
+    let raw = raw_puts(&etcd).await?;
     let mut status = etcd.client().await?;
-    status
-        .delete(
-            "/bench/raw/",
-            Some(etcd_client::DeleteOptions::new().with_prefix()),
-        )
-        .await?;
 
     for agent in &agents {
         anyhow::ensure!(cp.cli(&["stop", &agent.name]).status.success());
@@ -371,14 +373,9 @@ pub async fn run() -> anyhow::Result<()> {
     };
     let sent: Vec<String> = sent.lock().unwrap().clone();
     let peak_queued = size(&mut status).await?;
-    println!(
-        "queued {} in {:?} (enqueue {:.0}/s, raw put {:.0}/s); etcd {:.1} MiB",
-        sent.len(),
-        started.elapsed(),
-        enqueue.0,
-        raw.0,
-        mib(peak_queued.file)
-    );
+    // The same raw puts again, with etcd as full as the queue made it: what etcd itself does
+    // at this size.
+    let raw_full = raw_puts(&etcd).await?;
 
     // Drain, while one gateway is stopped with SIGTERM and the other with SIGKILL.
     let drain_started = Instant::now();
@@ -501,6 +498,8 @@ pub async fn run() -> anyhow::Result<()> {
          | raw etcd put, {CONCURRENCY} at a time (reference) | {:.0}/s |\n\
          | enqueue through the gateways, {CONCURRENCY} at a time | {:.0}/s |\n\
          | **enqueue / raw put** | **{:.2}** |\n\
+         | raw etcd put again, with the queue in etcd | {:.0}/s |\n\
+         | enqueue / raw put with the queue in etcd | {:.2} |\n\
          | direct through the gateway, {PER_AGENT} per agent (reference) | {:.0}/s |\n\
          | drain, from `berth start` to the last delivery | {:.0}/s ({drained:.1?}) |\n\
          | **drain / direct** | **{:.2}** |\n\
@@ -518,6 +517,8 @@ pub async fn run() -> anyhow::Result<()> {
         raw.0,
         enqueue.0,
         enqueue.0 / raw.0,
+        raw_full.0,
+        enqueue.0 / raw_full.0,
         direct.0,
         drain_rate,
         drain_rate / direct.0,
