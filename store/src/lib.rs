@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod agents;
+mod batch;
 mod breakers;
 mod events;
 pub mod keys;
@@ -152,7 +153,9 @@ pub struct Store {
     event_lease: Arc<Mutex<Option<events::BucketLease>>>,
     request_leases: Arc<Mutex<std::collections::HashMap<u64, requests::RequestLease>>>,
     /// The batcher that commits new requests together (started on first use).
-    enqueuer: Arc<tokio::sync::OnceCell<tokio::sync::mpsc::Sender<requests::PendingEnqueue>>>,
+    enqueuer: Arc<tokio::sync::OnceCell<requests::Enqueuer>>,
+    /// The batcher that takes `Idempotency-Key`s together (started on first use).
+    key_taker: Arc<tokio::sync::OnceCell<requests::KeyTaker>>,
 }
 
 impl Store {
@@ -188,6 +191,7 @@ impl Store {
             event_lease: Arc::default(),
             request_leases: Arc::default(),
             enqueuer: Arc::default(),
+            key_taker: Arc::default(),
         })
     }
 

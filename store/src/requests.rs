@@ -17,15 +17,14 @@
 //! its lease) cannot overwrite what the next holder did.
 
 use super::{decode, transient, Store, StoreError, TRANSIENT_BACKOFF, TRANSIENT_RETRIES};
+use crate::batch::{Batcher, Job, Limits};
 use berth_proto::v1::{Request, RequestState, StoredResponse};
 use etcd_client::{
     Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
 };
 use prost::Message;
 use std::ops::ControlFlow;
-use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// How long a request and its response are kept unless the agent says otherwise.
 pub const REQUEST_TTL: Duration = berth_proto::defaults::REPLAY_TTL;
@@ -36,8 +35,8 @@ pub const REQUEST_LEASE_BUCKET: Duration = Duration::from_secs(600);
 /// Most requests committed in one transaction by the enqueue batcher (each is four puts;
 /// etcd's default `--max-txn-ops` is 128).
 pub const ENQUEUE_BATCH: usize = 24;
-/// Batches being committed at once; more requests wait to form the next batch.
-pub const ENQUEUE_COMMITS_IN_FLIGHT: usize = 2;
+/// Most `Idempotency-Key`s taken in one transaction.
+pub const KEY_BATCH: usize = 64;
 /// Most body bytes in one batch, so that a batch stays under etcd's request limit (1.5 MiB by
 /// default); a request that would pass it starts the next batch, and one over it goes alone
 /// (bodies are at most 1 MiB).
@@ -100,12 +99,14 @@ pub(super) struct RequestLease {
     granted: Instant,
 }
 
-/// A new request waiting for the enqueue batcher.
-pub(super) struct PendingEnqueue {
-    request: Request,
-    ttl: Duration,
-    reply: oneshot::Sender<Result<Request, StoreError>>,
-}
+/// A new request and its TTL, as the enqueue batcher takes it.
+pub(super) type NewRequest = (Request, Duration);
+/// The enqueue batcher.
+pub(super) type Enqueuer = Batcher<NewRequest, Result<Request, StoreError>>;
+/// An `Idempotency-Key` to take: agent, key digest, the request's id, payload digest, TTL.
+pub(super) type KeyTake = (String, String, String, String, Duration);
+/// The batcher that takes keys.
+pub(super) type KeyTaker = Batcher<KeyTake, Result<Option<HeldKey>, StoreError>>;
 
 fn is_waiting(state: i32) -> bool {
     matches!(
@@ -213,41 +214,64 @@ impl Store {
         let batcher = self
             .enqueuer
             .get_or_init(|| async {
-                let (tx, rx) = mpsc::channel(4 * ENQUEUE_BATCH);
-                tokio::spawn(run_enqueuer(self.clone(), rx));
-                tx
+                let store = self.clone();
+                let limits = Limits {
+                    items: ENQUEUE_BATCH,
+                    weight: ENQUEUE_BATCH_BYTES,
+                };
+                Batcher::start(
+                    limits,
+                    |(r, _): &NewRequest| r.body.len(),
+                    move |batch| {
+                        let store = store.clone();
+                        async move { store.commit_new_requests(batch).await }
+                    },
+                )
             })
             .await;
-        let (reply, answer) = oneshot::channel();
-        let pending = PendingEnqueue {
-            request: request.clone(),
-            ttl,
-            reply,
-        };
-        if batcher.send(pending).await.is_err() {
-            return self.enqueue_one(request, ttl).await;
-        }
-        match answer.await {
-            Ok(result) => {
+        match batcher.submit((request.clone(), ttl)).await {
+            Some(result) => {
                 *request = result?;
                 Ok(())
             }
-            Err(_) => self.enqueue_one(request, ttl).await,
+            None => self.enqueue_one(request, ttl).await,
+        }
+    }
+
+    /// Commits a batch of new requests in one transaction, or each alone when it does not
+    /// commit as a whole (a collision, an uncertain commit: `enqueue_one` handles those).
+    async fn commit_new_requests(
+        &self,
+        mut batch: Vec<Job<NewRequest, Result<Request, StoreError>>>,
+    ) {
+        if batch.len() > 1 && self.enqueue_batch(&mut batch).await {
+            for job in batch {
+                let _ = job.reply.send(Ok(job.item.0));
+            }
+            return;
+        }
+        for job in batch {
+            let (mut request, ttl) = job.item;
+            let result = self.enqueue_one(&mut request, ttl).await;
+            let _ = job.reply.send(result.map(|()| request));
         }
     }
 
     /// One transaction for a whole batch; `false` when it did not commit as a whole (then
     /// each goes alone, which handles collisions and uncertain commits).
-    async fn enqueue_batch(&self, batch: &mut [PendingEnqueue]) -> bool {
+    async fn enqueue_batch(
+        &self,
+        batch: &mut [Job<NewRequest, Result<Request, StoreError>>],
+    ) -> bool {
         let mut compares = Vec::new();
         let mut ops = Vec::new();
-        for pending in batch.iter_mut() {
-            let Ok(lease) = self.request_lease(pending.ttl, false).await else {
+        for job in batch.iter_mut() {
+            let (r, ttl) = &mut job.item;
+            let Ok(lease) = self.request_lease(*ttl, false).await else {
                 return false;
             };
-            let r = &mut pending.request;
             r.seq = new_seq();
-            r.expire_time = Some(berth_proto::timestamp(SystemTime::now() + pending.ttl));
+            r.expire_time = Some(berth_proto::timestamp(SystemTime::now() + *ttl));
             let (c, o) = self.new_request_ops(r, lease);
             compares.extend(c);
             ops.extend(o);
@@ -304,8 +328,94 @@ impl Store {
     }
 
     /// Takes `Idempotency-Key` `key_sha256` of `agent` for request `id` with payload digest
-    /// `payload`, unless it is taken: then the holder's `(request id, payload digest, age)`.
+    /// `payload`, unless it is taken: then who holds it. Keys taken together share one
+    /// transaction (group commit).
     pub async fn take_idempotency_key(
+        &self,
+        agent: &str,
+        key_sha256: &str,
+        id: &str,
+        payload: &str,
+        ttl: Duration,
+    ) -> Result<Option<HeldKey>, StoreError> {
+        let batcher = self
+            .key_taker
+            .get_or_init(|| async {
+                let store = self.clone();
+                let limits = Limits {
+                    items: KEY_BATCH,
+                    weight: KEY_BATCH,
+                };
+                Batcher::start(
+                    limits,
+                    |_: &KeyTake| 1,
+                    move |batch| {
+                        let store = store.clone();
+                        async move { store.commit_key_takes(batch).await }
+                    },
+                )
+            })
+            .await;
+        let take = (
+            agent.to_string(),
+            key_sha256.to_string(),
+            id.to_string(),
+            payload.to_string(),
+            ttl,
+        );
+        match batcher.submit(take).await {
+            Some(result) => result,
+            None => self.take_key_one(agent, key_sha256, id, payload, ttl).await,
+        }
+    }
+
+    /// Takes a batch of keys in one transaction when all are free; otherwise each alone, so
+    /// that each learns who holds its key.
+    async fn commit_key_takes(
+        &self,
+        batch: Vec<Job<KeyTake, Result<Option<HeldKey>, StoreError>>>,
+    ) {
+        if batch.len() > 1 && self.take_keys_together(&batch).await {
+            for job in batch {
+                let _ = job.reply.send(Ok(None));
+            }
+            return;
+        }
+        for job in batch {
+            let (agent, key, id, payload, ttl) = &job.item;
+            let result = self.take_key_one(agent, key, id, payload, *ttl).await;
+            let _ = job.reply.send(result);
+        }
+    }
+
+    /// Whether every key of `batch` was free and is now taken, in one transaction (keys
+    /// repeated within the batch make it fail, and go alone).
+    async fn take_keys_together(
+        &self,
+        batch: &[Job<KeyTake, Result<Option<HeldKey>, StoreError>>],
+    ) -> bool {
+        let now = unix_millis(SystemTime::now());
+        let mut compares = Vec::new();
+        let mut ops = Vec::new();
+        for job in batch {
+            let (agent, key_sha256, id, payload, ttl) = &job.item;
+            let Ok(lease) = self.request_lease(*ttl, false).await else {
+                return false;
+            };
+            let key = self.keys.idempotency(agent, key_sha256);
+            compares.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
+            ops.push(TxnOp::put(
+                key.as_str(),
+                format!("{id}\n{payload}\n{now}"),
+                Some(PutOptions::new().with_lease(lease)),
+            ));
+        }
+        let txn = Txn::new().when(compares).and_then(ops);
+        matches!(self.client().txn(txn).await, Ok(resp) if resp.succeeded())
+    }
+
+    /// Takes one key on its own, sending the write again after a transient failure.
+    async fn take_key_one(
         &self,
         agent: &str,
         key_sha256: &str,
@@ -878,14 +988,15 @@ impl Store {
         let mut finished: Vec<(String, u64, u64)> = Vec::new();
         let prefix = self.keys.all_finished();
         let end = crate::watch::prefix_end(prefix.as_bytes());
-        self.scan(prefix.into_bytes(), &end, |kv, _| {
-            if let Some((agent, seq)) = position(&String::from_utf8_lossy(kv.key())) {
-                let bytes = String::from_utf8_lossy(kv.value()).parse().unwrap_or(0);
-                finished.push((agent, seq, bytes));
-            }
-            Ok(ControlFlow::Continue(()))
-        })
-        .await?;
+        let _ = self
+            .scan(prefix.into_bytes(), &end, |kv, _| {
+                if let Some((agent, seq)) = position(&String::from_utf8_lossy(kv.key())) {
+                    let bytes = String::from_utf8_lossy(kv.value()).parse().unwrap_or(0);
+                    finished.push((agent, seq, bytes));
+                }
+                Ok(ControlFlow::Continue(()))
+            })
+            .await?;
         let doomed = over_retention(&finished, bounds);
         for chunk in doomed.chunks(64) {
             // Their records (for the id and key to delete with them), 64 reads a transaction.
@@ -987,57 +1098,6 @@ pub fn over_retention(finished: &[(String, u64, u64)], bounds: &Retention) -> Ve
     let mut doomed: Vec<(String, u64)> = doomed.into_iter().collect();
     doomed.sort_unstable();
     doomed
-}
-
-/// Commits waiting requests in batches until every sender is gone.
-async fn run_enqueuer(store: Store, mut pending: mpsc::Receiver<PendingEnqueue>) {
-    // A request that did not fit in the last batch starts the next one.
-    let mut carried: Option<PendingEnqueue> = None;
-    let in_flight = Arc::new(Semaphore::new(ENQUEUE_COMMITS_IN_FLIGHT));
-    loop {
-        let first = match carried.take() {
-            Some(first) => first,
-            None => match pending.recv().await {
-                Some(first) => first,
-                None => return,
-            },
-        };
-        // While the commits in flight finish, what arrives meanwhile waits to join this batch:
-        // the busier the queue, the larger the batches (group commit).
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            return;
-        };
-        let mut bytes = first.request.body.len();
-        let mut batch = vec![first];
-        while batch.len() < ENQUEUE_BATCH {
-            match pending.try_recv() {
-                Ok(next) if bytes + next.request.body.len() > ENQUEUE_BATCH_BYTES => {
-                    carried = Some(next);
-                    break;
-                }
-                Ok(next) => {
-                    bytes += next.request.body.len();
-                    batch.push(next);
-                }
-                Err(_) => break,
-            }
-        }
-        // Each batch on its own task, so that the next one forms while this one commits.
-        let store = store.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            if batch.len() > 1 && store.enqueue_batch(&mut batch).await {
-                for p in batch {
-                    let _ = p.reply.send(Ok(p.request));
-                }
-                return;
-            }
-            for mut p in batch {
-                let result = store.enqueue_one(&mut p.request, p.ttl).await;
-                let _ = p.reply.send(result.map(|()| p.request));
-            }
-        });
-    }
 }
 
 /// `(agent, seq)` of a key ending in `.../{agent}/{seq}`.

@@ -111,7 +111,10 @@ async fn raw_puts(etcd: &Etcd) -> anyhow::Result<(f64, usize)> {
     })
     .await;
     let options = etcd_client::DeleteOptions::new().with_prefix();
-    etcd.client().await?.delete("/bench/raw/", Some(options)).await?;
+    etcd.client()
+        .await?
+        .delete("/bench/raw/", Some(options))
+        .await?;
     Ok(rate)
 }
 
