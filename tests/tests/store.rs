@@ -239,3 +239,42 @@ async fn listing_pages_and_retention_drops_the_oldest_with_their_keys() {
     assert_eq!(take("key-4").await.unwrap().holder, "r4");
     assert_eq!(store.trim_finished(&bounds).await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn an_orphaned_key_is_let_go_only_as_it_was_seen() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = store(&etcd).await;
+    let ttl = Duration::from_secs(600);
+    let digest = berth_store::requests::key_digest("k");
+    // A gateway took the key for "ghost" and died before storing anything.
+    assert!(store
+        .take_idempotency_key("a", &digest, "ghost", "p", ttl)
+        .await
+        .unwrap()
+        .is_none());
+    let held = store
+        .take_idempotency_key("a", &digest, "next", "p", ttl)
+        .await
+        .unwrap()
+        .expect("held by the ghost");
+    assert_eq!(held.holder, "ghost");
+    assert!(held.age < Duration::from_secs(60));
+    assert!(
+        store.get_request("ghost").await.is_err(),
+        "no request behind it"
+    );
+    assert!(store.release_orphan_key("a", &digest, &held).await.unwrap());
+    // Taken again meanwhile by someone else: a stale view lets nothing go.
+    assert!(store
+        .take_idempotency_key("a", &digest, "next", "p", ttl)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(!store.release_orphan_key("a", &digest, &held).await.unwrap());
+    let holder = store
+        .take_idempotency_key("a", &digest, "third", "p", ttl)
+        .await
+        .unwrap()
+        .expect("held by next");
+    assert_eq!(holder.holder, "next");
+}

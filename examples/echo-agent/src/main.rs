@@ -115,7 +115,8 @@ async fn count_request_ids(
                 .append(true)
                 .open("/data/requests.log")
             {
-                let _ = writeln!(log, "{id}");
+                // One write per line, so that lines from concurrent requests never interleave.
+                let _ = log.write_all(format!("{id}\n").as_bytes());
             }
         }
     }
@@ -246,7 +247,8 @@ fn slow_log(what: &str, id: &str) {
         .append(true)
         .open("/data/slow.log")
     {
-        let _ = writeln!(log, "{what} {id} {ms}");
+        // One write per line, so that lines from concurrent requests never interleave.
+        let _ = log.write_all(format!("{what} {id} {ms}\n").as_bytes());
     }
 }
 

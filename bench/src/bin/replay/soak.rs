@@ -379,6 +379,15 @@ pub async fn run() -> anyhow::Result<()> {
     // The same raw puts again, with etcd as full as the queue made it: what etcd itself does
     // at this size.
     let raw_full = raw_puts(&etcd).await?;
+    println!(
+        "queued {} in {:?} (enqueue {:.0}/s, raw put {:.0}/s, again {:.0}/s); etcd {:.1} MiB",
+        sent.len(),
+        started.elapsed(),
+        enqueue.0,
+        raw.0,
+        raw_full.0,
+        mib(peak_queued.file)
+    );
 
     // Drain, while one gateway is stopped with SIGTERM and the other with SIGKILL.
     let drain_started = Instant::now();
