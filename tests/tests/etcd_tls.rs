@@ -45,7 +45,8 @@ async fn servers_reach_etcd_over_tls_with_a_client_certificate() {
     let id = location.rsplit('/').next().unwrap();
     let kept = client
         .get(
-            format!("/berth/requests/{name}/"),
+            // Waiting requests are kept under queue/ (docs/architecture.md, "Key layout").
+            format!("/berth/queue/{name}/"),
             Some(etcd_client::GetOptions::new().with_prefix()),
         )
         .await
