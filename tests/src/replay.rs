@@ -138,3 +138,39 @@ pub fn counts(data: &Path) -> HashMap<String, usize> {
     }
     seen
 }
+
+/// Every page of `berth requests {args} -o json --limit {limit}`, followed by its tokens: the
+/// request ids in order, and the largest page seen.
+pub fn list_request_ids(
+    cp: &ControlPlane,
+    args: &[&str],
+    limit: u32,
+) -> anyhow::Result<(Vec<String>, usize)> {
+    let (mut ids, mut largest, mut token) = (Vec::new(), 0, String::new());
+    let limit = limit.to_string();
+    loop {
+        let mut all = vec!["requests"];
+        all.extend_from_slice(args);
+        all.extend(["-o", "json", "--limit", limit.as_str()]);
+        if !token.is_empty() {
+            all.extend(["--page-token", token.as_str()]);
+        }
+        let out = cp.cli(&all);
+        anyhow::ensure!(out.status.success(), "berth requests: {out:?}");
+        let page: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        let requests = page["requests"].as_array().cloned().unwrap_or_default();
+        largest = largest.max(requests.len());
+        ids.extend(
+            requests
+                .iter()
+                .map(|r| r["id"].as_str().unwrap_or_default().to_string()),
+        );
+        token = page["nextPageToken"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if token.is_empty() {
+            return Ok((ids, largest));
+        }
+    }
+}

@@ -4,7 +4,9 @@
 //! Real etcd, control plane, node agent, gateways and example-agent containers.
 
 use berth_tests::docker::{ready, wait_agent};
-use berth_tests::replay::{arrivals, counts, post, setup, setup_with, wait_delivered, wait_down};
+use berth_tests::replay::{
+    arrivals, counts, list_request_ids, post, setup, setup_with, wait_delivered, wait_down,
+};
 use berth_tests::wire::send;
 use berth_tests::{eventually, unique_name, Gateway};
 use std::path::Path;
@@ -95,31 +97,8 @@ async fn a_queue_of_many_mib_survives_a_gateway_restart_and_drains() {
     );
     assert_eq!((missing, twice), (0, 0));
     // The operator pages through it: 200 requests, 64 at a time, each once, in order.
-    let mut token = String::new();
-    let mut listed = Vec::new();
-    loop {
-        let mut args = vec!["requests", &s.name, "-o", "json", "--limit", "64"];
-        if !token.is_empty() {
-            args.extend(["--page-token", token.as_str()]);
-        }
-        let out = s.cp.cli(&args);
-        assert!(out.status.success(), "{out:?}");
-        let page: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let requests = page["requests"].as_array().cloned().unwrap_or_default();
-        assert!(requests.len() <= 64);
-        listed.extend(
-            requests
-                .iter()
-                .map(|r| r["id"].as_str().unwrap().to_string()),
-        );
-        token = page["nextPageToken"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        if token.is_empty() {
-            break;
-        }
-    }
+    let (listed, largest) = list_request_ids(&s.cp, &[&s.name], 64).unwrap();
+    assert!(largest <= 64);
     assert_eq!(listed, ids);
 }
 

@@ -111,6 +111,9 @@ async fn replay(
     let mut renew = tokio::time::interval(CLAIM_RENEW);
     let mut renewed = Instant::now();
     let mut stopping: Option<Instant> = None;
+    let mut published = Instant::now()
+        .checked_sub(TICK)
+        .unwrap_or_else(Instant::now);
     loop {
         if stop.is_cancelled() && stopping.is_none() {
             tracing::info!(in_flight = deliveries.len(), "replayer stopping");
@@ -234,11 +237,16 @@ async fn replay(
             }
             _ = tokio::time::sleep(TICK) => {}
         }
-        for (agent, depth, bytes) in gateway.stats.snapshot() {
-            let labels = AgentLabels { agent };
-            let metrics = &gateway.metrics;
-            metrics.queue_depth.get_or_create(&labels).set(depth as i64);
-            metrics.queue_bytes.get_or_create(&labels).set(bytes as i64);
+        // At most once a tick, not once per change: a busy queue changes thousands of times
+        // a second.
+        if published.elapsed() >= TICK {
+            published = Instant::now();
+            for (agent, depth, bytes) in gateway.stats.snapshot() {
+                let labels = AgentLabels { agent };
+                let metrics = &gateway.metrics;
+                metrics.queue_depth.get_or_create(&labels).set(depth as i64);
+                metrics.queue_bytes.get_or_create(&labels).set(bytes as i64);
+            }
         }
     }
 }

@@ -172,35 +172,8 @@ fn overlapping(data: &Path) -> usize {
 fn dead(cp: &ControlPlane, agents: &[Agent]) -> anyhow::Result<HashSet<String>> {
     let mut dead = HashSet::new();
     for agent in agents {
-        let mut token = String::new();
-        loop {
-            let mut args = vec![
-                "requests",
-                &agent.name,
-                "--state",
-                "dead",
-                "-o",
-                "json",
-                "--limit",
-                "1000",
-            ];
-            if !token.is_empty() {
-                args.extend(["--page-token", token.as_str()]);
-            }
-            let out = cp.cli(&args);
-            anyhow::ensure!(out.status.success(), "berth requests: {out:?}");
-            let page: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-            for r in page["requests"].as_array().cloned().unwrap_or_default() {
-                dead.insert(r["id"].as_str().unwrap_or_default().to_string());
-            }
-            token = page["nextPageToken"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            if token.is_empty() {
-                break;
-            }
-        }
+        let args = [agent.name.as_str(), "--state", "dead"];
+        dead.extend(berth_tests::replay::list_request_ids(cp, &args, 1000)?.0);
     }
     Ok(dead)
 }
