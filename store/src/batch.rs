@@ -2,6 +2,8 @@
 //! committed together in one etcd transaction; each caller is answered only after the commit.
 //! The busier the store, the larger the batches.
 
+use crate::Store;
+use etcd_client::{Txn, TxnOp, TxnOpResponse};
 use std::future::Future;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -29,14 +31,19 @@ pub(crate) struct Batcher<T, R> {
 }
 
 impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
-    /// Starts the task; `commit` writes a batch and answers every job in it.
-    pub fn start<F, Fut>(limits: Limits, weight: fn(&T) -> usize, commit: F) -> Self
+    /// Starts the task on `runtime`; `commit` writes a batch and answers every job in it.
+    pub fn start<F, Fut>(
+        runtime: &tokio::runtime::Handle,
+        limits: Limits,
+        weight: fn(&T) -> usize,
+        commit: F,
+    ) -> Self
     where
         F: Fn(Vec<Job<T, R>>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         let (jobs, pending) = mpsc::channel(4 * limits.items);
-        tokio::spawn(run(pending, limits, weight, commit));
+        runtime.spawn(run(pending, limits, weight, commit));
         Self { jobs }
     }
 
@@ -97,6 +104,129 @@ async fn run<T, R, F, Fut>(
     }
 }
 
+/// Most transactions committed together (etcd's default `--max-txn-ops` is 128, and each
+/// nested transaction's own operations count against what the batch leaves of it).
+pub const TXN_BATCH: usize = 64;
+/// Most value bytes in one batch, so that it stays under etcd's request limit (1.5 MiB by
+/// default); a transaction that would pass it starts the next batch, one over it goes alone.
+pub const TXN_BATCH_BYTES: usize = 512 * 1024;
+
+/// A transaction's outcome, committed alone or within a batch.
+#[derive(Debug)]
+pub(crate) struct Committed {
+    /// Whether its compares held (its success branch ran).
+    pub succeeded: bool,
+    /// The responses of the branch that ran.
+    pub responses: Vec<TxnOpResponse>,
+    /// The store revision it was committed (or read) at.
+    pub revision: i64,
+}
+
+/// The batcher of [`Store::commit`].
+pub(crate) type TxnBatcher = Batcher<(Txn, usize), Result<Committed, etcd_client::Error>>;
+
+impl Store {
+    /// Commits `txn` (carrying about `bytes` of values) together with the transactions submitted
+    /// meanwhile: one etcd transaction holds each as a nested transaction with its own compares,
+    /// so each succeeds or fails on its own while the batch pays etcd's cost per transaction
+    /// once (etcd 3.4 copies its whole pending write buffer for every transaction it applies,
+    /// which under load costs more than the writes). Answers only after the commit.
+    pub(crate) async fn commit(
+        &self,
+        txn: Txn,
+        bytes: usize,
+    ) -> Result<Committed, etcd_client::Error> {
+        let batcher = self
+            .txns
+            .get_or_init(|| async {
+                let store = self.clone();
+                let limits = Limits {
+                    items: TXN_BATCH,
+                    weight: TXN_BATCH_BYTES,
+                };
+                Batcher::start(
+                    &self.runtime,
+                    limits,
+                    |(_, bytes)| *bytes,
+                    move |batch| {
+                        let store = store.clone();
+                        async move { store.commit_batch(batch).await }
+                    },
+                )
+            })
+            .await;
+        match batcher.submit((txn, bytes)).await {
+            Some(result) => result,
+            None => Err(etcd_client::Error::Internal(
+                "the store's transaction batcher stopped".into(),
+            )),
+        }
+    }
+
+    async fn commit_batch(
+        &self,
+        batch: Vec<Job<(Txn, usize), Result<Committed, etcd_client::Error>>>,
+    ) {
+        if batch.len() > 1 {
+            let nested: Vec<TxnOp> = batch
+                .iter()
+                .map(|job| TxnOp::txn(job.item.0.clone()))
+                .collect();
+            match self.client().txn(Txn::new().and_then(nested)).await {
+                Ok(resp) => {
+                    let revision = resp.header().map_or(0, |h| h.revision());
+                    for (job, op) in batch.into_iter().zip(resp.op_responses()) {
+                        let result = match op {
+                            TxnOpResponse::Txn(t) => Ok(Committed {
+                                succeeded: t.succeeded(),
+                                responses: t.op_responses(),
+                                revision,
+                            }),
+                            _ => Err(etcd_client::Error::Internal(
+                                "a batch answered without its transaction".into(),
+                            )),
+                        };
+                        let _ = job.reply.send(result);
+                    }
+                    return;
+                }
+                // Down or uncertain: every caller decides, as after its own write.
+                Err(e) if crate::transient(&e) => {
+                    for job in batch {
+                        let _ = job.reply.send(Err(shared(&e)));
+                    }
+                    return;
+                }
+                // Refused as a whole (the same key in two of them, a lease gone): each alone,
+                // so that only the one at fault fails.
+                Err(_) => {}
+            }
+        }
+        for job in batch {
+            let result = self.commit_alone(job.item.0).await;
+            let _ = job.reply.send(result);
+        }
+    }
+
+    async fn commit_alone(&self, txn: Txn) -> Result<Committed, etcd_client::Error> {
+        let resp = self.client().txn(txn).await?;
+        Ok(Committed {
+            succeeded: resp.succeeded(),
+            revision: resp.header().map_or(0, |h| h.revision()),
+            responses: resp.op_responses(),
+        })
+    }
+}
+
+/// A copy of a batch's error for each of its callers (etcd's error type cannot be cloned),
+/// transient as the original was.
+fn shared(e: &etcd_client::Error) -> etcd_client::Error {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => etcd_client::Error::GRpcStatus(status.clone()),
+        other => etcd_client::Error::GRpcStatus(tonic::Status::unavailable(other.to_string())),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,6 +246,7 @@ mod tests {
         let batcher = {
             let sizes = sizes.clone();
             Arc::new(Batcher::start(
+                &tokio::runtime::Handle::current(),
                 Limits {
                     items: 4,
                     weight: 10,

@@ -19,7 +19,7 @@ pub mod watch;
 pub use events::EventFilter;
 pub use keys::Keys;
 pub use nodes::{Cordon, LeaseRenewer, Placement};
-pub use requests::{Claim, Finished, HeldKey, Retention, StoredRequest, REQUEST_TTL};
+pub use requests::{Claim, ClaimOutcome, Finished, HeldKey, Retention, StoredRequest, REQUEST_TTL};
 pub use tls::EtcdTls;
 pub use token_mirror::{IssuedTokens, Principal, TokenSet};
 
@@ -152,10 +152,12 @@ pub struct Store {
     endpoints: Arc<str>,
     event_lease: Arc<Mutex<Option<events::BucketLease>>>,
     request_leases: Arc<Mutex<std::collections::HashMap<u64, requests::RequestLease>>>,
-    /// The batcher that commits new requests together (started on first use).
-    enqueuer: Arc<tokio::sync::OnceCell<requests::Enqueuer>>,
-    /// The batcher that takes `Idempotency-Key`s together (started on first use).
-    key_taker: Arc<tokio::sync::OnceCell<requests::KeyTaker>>,
+    /// The batcher that commits the replay queue's transactions together (started on first
+    /// use).
+    txns: Arc<tokio::sync::OnceCell<batch::TxnBatcher>>,
+    /// The runtime the store was connected on: its background tasks run there, so that they
+    /// outlive the runtimes of its callers (a gateway's serving threads stop before it does).
+    runtime: tokio::runtime::Handle,
 }
 
 impl Store {
@@ -190,8 +192,8 @@ impl Store {
             endpoints: joined,
             event_lease: Arc::default(),
             request_leases: Arc::default(),
-            enqueuer: Arc::default(),
-            key_taker: Arc::default(),
+            txns: Arc::default(),
+            runtime: tokio::runtime::Handle::current(),
         })
     }
 

@@ -17,11 +17,8 @@
 //! its lease) cannot overwrite what the next holder did.
 
 use super::{decode, transient, Store, StoreError, TRANSIENT_BACKOFF, TRANSIENT_RETRIES};
-use crate::batch::{Batcher, Job, Limits};
 use berth_proto::v1::{Request, RequestState, StoredResponse};
-use etcd_client::{
-    Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
-};
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use prost::Message;
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant, SystemTime};
@@ -32,15 +29,6 @@ pub const REQUEST_TTL: Duration = berth_proto::defaults::REPLAY_TTL;
 /// their TTL and TTL + this (one lease per bucket, not one per request); shorter TTLs get
 /// buckets of a tenth of the TTL.
 pub const REQUEST_LEASE_BUCKET: Duration = Duration::from_secs(600);
-/// Most requests committed in one transaction by the enqueue batcher (each is four puts;
-/// etcd's default `--max-txn-ops` is 128).
-pub const ENQUEUE_BATCH: usize = 24;
-/// Most `Idempotency-Key`s taken in one transaction.
-pub const KEY_BATCH: usize = 64;
-/// Most body bytes in one batch, so that a batch stays under etcd's request limit (1.5 MiB by
-/// default); a request that would pass it starts the next batch, and one over it goes alone
-/// (bodies are at most 1 MiB).
-pub const ENQUEUE_BATCH_BYTES: usize = 512 * 1024;
 /// Most body and answer bytes one request's write carries (etcd takes 1.5 MiB by default, and
 /// headers and records come on top).
 pub const MAX_WRITE_PAYLOAD: usize = 1_280 * 1024;
@@ -83,6 +71,18 @@ pub struct Claim {
     pub revision: i64,
 }
 
+/// How a claim attempt ended.
+#[derive(Clone, Debug)]
+pub enum ClaimOutcome {
+    /// Ours now.
+    Claimed(Claim),
+    /// Another holder has it (`holder`, the gateway's name), as seen at store revision
+    /// `revision`: a replayer that has not heard of it yet from its watch knows it now.
+    Held { holder: String, revision: i64 },
+    /// The request changed since it was read (or is gone): read it again.
+    Changed,
+}
+
 /// How a finish ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Finished {
@@ -98,15 +98,6 @@ pub(super) struct RequestLease {
     id: i64,
     granted: Instant,
 }
-
-/// A new request and its TTL, as the enqueue batcher takes it.
-pub(super) type NewRequest = (Request, Duration);
-/// The enqueue batcher.
-pub(super) type Enqueuer = Batcher<NewRequest, Result<Request, StoreError>>;
-/// An `Idempotency-Key` to take: agent, key digest, the request's id, payload digest, TTL.
-pub(super) type KeyTake = (String, String, String, String, Duration);
-/// The batcher that takes keys.
-pub(super) type KeyTaker = Batcher<KeyTake, Result<Option<HeldKey>, StoreError>>;
 
 fn is_waiting(state: i32) -> bool {
     matches!(
@@ -205,84 +196,14 @@ impl Store {
     /// Stores a new request (queued at the tail of its agent's queue, or already delivered
     /// when it records a direct answer to a request with an `Idempotency-Key`); `seq` and
     /// `expire_time` are set here. Returns only once etcd has committed it. Requests arriving
-    /// together share one transaction (group commit), each still answered only after it.
+    /// together share one etcd transaction (group commit, [`Store::commit`]), each still
+    /// answered only after it. Sends the write again after a transient failure (same keys: if
+    /// the first one was committed after all, its index is there).
     pub async fn enqueue_request(
         &self,
         request: &mut Request,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let batcher = self
-            .enqueuer
-            .get_or_init(|| async {
-                let store = self.clone();
-                let limits = Limits {
-                    items: ENQUEUE_BATCH,
-                    weight: ENQUEUE_BATCH_BYTES,
-                };
-                Batcher::start(
-                    limits,
-                    |(r, _): &NewRequest| r.body.len(),
-                    move |batch| {
-                        let store = store.clone();
-                        async move { store.commit_new_requests(batch).await }
-                    },
-                )
-            })
-            .await;
-        match batcher.submit((request.clone(), ttl)).await {
-            Some(result) => {
-                *request = result?;
-                Ok(())
-            }
-            None => self.enqueue_one(request, ttl).await,
-        }
-    }
-
-    /// Commits a batch of new requests in one transaction, or each alone when it does not
-    /// commit as a whole (a collision, an uncertain commit: `enqueue_one` handles those).
-    async fn commit_new_requests(
-        &self,
-        mut batch: Vec<Job<NewRequest, Result<Request, StoreError>>>,
-    ) {
-        if batch.len() > 1 && self.enqueue_batch(&mut batch).await {
-            for job in batch {
-                let _ = job.reply.send(Ok(job.item.0));
-            }
-            return;
-        }
-        for job in batch {
-            let (mut request, ttl) = job.item;
-            let result = self.enqueue_one(&mut request, ttl).await;
-            let _ = job.reply.send(result.map(|()| request));
-        }
-    }
-
-    /// One transaction for a whole batch; `false` when it did not commit as a whole (then
-    /// each goes alone, which handles collisions and uncertain commits).
-    async fn enqueue_batch(
-        &self,
-        batch: &mut [Job<NewRequest, Result<Request, StoreError>>],
-    ) -> bool {
-        let mut compares = Vec::new();
-        let mut ops = Vec::new();
-        for job in batch.iter_mut() {
-            let (r, ttl) = &mut job.item;
-            let Ok(lease) = self.request_lease(*ttl, false).await else {
-                return false;
-            };
-            r.seq = new_seq();
-            r.expire_time = Some(berth_proto::timestamp(SystemTime::now() + *ttl));
-            let (c, o) = self.new_request_ops(r, lease);
-            compares.extend(c);
-            ops.extend(o);
-        }
-        let txn = Txn::new().when(compares).and_then(ops);
-        matches!(self.client().txn(txn).await, Ok(resp) if resp.succeeded())
-    }
-
-    /// Stores one new request on its own, sending the write again after a transient failure
-    /// (same keys: if the first one was committed after all, its index is there).
-    async fn enqueue_one(&self, request: &mut Request, ttl: Duration) -> Result<(), StoreError> {
         let mut uncertain = false;
         let mut transient_failures = 0;
         for attempt in 0..3 + TRANSIENT_RETRIES {
@@ -298,10 +219,10 @@ impl Store {
                 .when(compares)
                 .and_then(ops)
                 .or_else([TxnOp::get(index.as_str(), None)]);
-            match self.client().txn(txn).await {
-                Ok(resp) if resp.succeeded() => return Ok(()),
-                Ok(resp) => {
-                    let stored_at = resp.op_responses().into_iter().find_map(|op| match op {
+            match self.commit(txn, request.body.len()).await {
+                Ok(done) if done.succeeded => return Ok(()),
+                Ok(done) => {
+                    let stored_at = done.responses.into_iter().find_map(|op| match op {
                         TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
                         _ => None,
                     });
@@ -328,94 +249,9 @@ impl Store {
     }
 
     /// Takes `Idempotency-Key` `key_sha256` of `agent` for request `id` with payload digest
-    /// `payload`, unless it is taken: then who holds it. Keys taken together share one
-    /// transaction (group commit).
+    /// `payload`, unless it is taken: then who holds it. Keys taken together share one etcd
+    /// transaction (group commit); a transient failure sends the write again.
     pub async fn take_idempotency_key(
-        &self,
-        agent: &str,
-        key_sha256: &str,
-        id: &str,
-        payload: &str,
-        ttl: Duration,
-    ) -> Result<Option<HeldKey>, StoreError> {
-        let batcher = self
-            .key_taker
-            .get_or_init(|| async {
-                let store = self.clone();
-                let limits = Limits {
-                    items: KEY_BATCH,
-                    weight: KEY_BATCH,
-                };
-                Batcher::start(
-                    limits,
-                    |_: &KeyTake| 1,
-                    move |batch| {
-                        let store = store.clone();
-                        async move { store.commit_key_takes(batch).await }
-                    },
-                )
-            })
-            .await;
-        let take = (
-            agent.to_string(),
-            key_sha256.to_string(),
-            id.to_string(),
-            payload.to_string(),
-            ttl,
-        );
-        match batcher.submit(take).await {
-            Some(result) => result,
-            None => self.take_key_one(agent, key_sha256, id, payload, ttl).await,
-        }
-    }
-
-    /// Takes a batch of keys in one transaction when all are free; otherwise each alone, so
-    /// that each learns who holds its key.
-    async fn commit_key_takes(
-        &self,
-        batch: Vec<Job<KeyTake, Result<Option<HeldKey>, StoreError>>>,
-    ) {
-        if batch.len() > 1 && self.take_keys_together(&batch).await {
-            for job in batch {
-                let _ = job.reply.send(Ok(None));
-            }
-            return;
-        }
-        for job in batch {
-            let (agent, key, id, payload, ttl) = &job.item;
-            let result = self.take_key_one(agent, key, id, payload, *ttl).await;
-            let _ = job.reply.send(result);
-        }
-    }
-
-    /// Whether every key of `batch` was free and is now taken, in one transaction (keys
-    /// repeated within the batch make it fail, and go alone).
-    async fn take_keys_together(
-        &self,
-        batch: &[Job<KeyTake, Result<Option<HeldKey>, StoreError>>],
-    ) -> bool {
-        let now = unix_millis(SystemTime::now());
-        let mut compares = Vec::new();
-        let mut ops = Vec::new();
-        for job in batch {
-            let (agent, key_sha256, id, payload, ttl) = &job.item;
-            let Ok(lease) = self.request_lease(*ttl, false).await else {
-                return false;
-            };
-            let key = self.keys.idempotency(agent, key_sha256);
-            compares.push(Compare::create_revision(key.as_str(), CompareOp::Equal, 0));
-            ops.push(TxnOp::put(
-                key.as_str(),
-                format!("{id}\n{payload}\n{now}"),
-                Some(PutOptions::new().with_lease(lease)),
-            ));
-        }
-        let txn = Txn::new().when(compares).and_then(ops);
-        matches!(self.client().txn(txn).await, Ok(resp) if resp.succeeded())
-    }
-
-    /// Takes one key on its own, sending the write again after a transient failure.
-    async fn take_key_one(
         &self,
         agent: &str,
         key_sha256: &str,
@@ -438,7 +274,7 @@ impl Store {
                     Some(PutOptions::new().with_lease(lease)),
                 )])
                 .or_else([TxnOp::get(key.as_str(), None)]);
-            let resp = match self.client().txn(txn).await {
+            let resp = match self.commit(txn, 0).await {
                 Ok(resp) => resp,
                 Err(e) if e.to_string().contains("lease not found") => continue,
                 Err(e) if transient(&e) && transient_failures < TRANSIENT_RETRIES => {
@@ -448,10 +284,10 @@ impl Store {
                 }
                 Err(e) => return Err(self.unavailable(e)),
             };
-            if resp.succeeded() {
+            if resp.succeeded {
                 return Ok(None);
             }
-            let held = resp.op_responses().into_iter().find_map(|op| match op {
+            let held = resp.responses.into_iter().find_map(|op| match op {
                 TxnOpResponse::Get(get) => get.kvs().first().map(|kv| {
                     (
                         String::from_utf8_lossy(kv.value()).into_owned(),
@@ -547,20 +383,29 @@ impl Store {
         &self,
         keys: Vec<String>,
     ) -> Result<Vec<Option<etcd_client::KeyValue>>, StoreError> {
+        Ok(self.get_all_at(keys).await?.0)
+    }
+
+    /// The values of `keys` read together, and the store revision they were read at.
+    async fn get_all_at(
+        &self,
+        keys: Vec<String>,
+    ) -> Result<(Vec<Option<etcd_client::KeyValue>>, i64), StoreError> {
         let reads: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(k.as_str(), None)).collect();
         let resp = self
-            .client()
-            .txn(Txn::new().and_then(reads))
+            .commit(Txn::new().and_then(reads), 0)
             .await
             .map_err(|e| self.unavailable(e))?;
-        Ok(resp
-            .op_responses()
+        let revision = resp.revision;
+        let values = resp
+            .responses
             .into_iter()
             .map(|op| match op {
                 TxnOpResponse::Get(get) => get.kvs().first().cloned(),
                 _ => None,
             })
-            .collect())
+            .collect();
+        Ok((values, revision))
     }
 
     /// The whole request with id `id`: its record, body and stored answer.
@@ -612,28 +457,28 @@ impl Store {
             .transpose()
     }
 
-    /// A waiting request's record and the body to send, read together; `None` when it no
-    /// longer waits.
+    /// A waiting request's record and the body to send, read together; `Err(revision)` when
+    /// it no longer waits, as read at that store revision.
     pub async fn get_request_to_deliver(
         &self,
         agent: &str,
         seq: u64,
-    ) -> Result<Option<(StoredRequest, Vec<u8>)>, StoreError> {
-        let values = self
-            .get_all(vec![
+    ) -> Result<Result<(StoredRequest, Vec<u8>), i64>, StoreError> {
+        let (values, revision) = self
+            .get_all_at(vec![
                 self.keys.queued(agent, seq),
                 self.keys.request_body(agent, seq),
             ])
             .await?;
         let Some(record) = &values[0] else {
-            return Ok(None);
+            return Ok(Err(revision));
         };
         let stored = StoredRequest::from_kv(record)?;
         let body = match &values[1] {
             Some(body) => body.value().to_vec(),
             None => stored.request.body.clone(),
         };
-        Ok(Some((stored, body)))
+        Ok(Ok((stored, body)))
     }
 
     /// The stored answer of the request at `(agent, seq)`, if delivered.
@@ -738,10 +583,7 @@ impl Store {
         mut visit: impl FnMut(&etcd_client::KeyValue, bool) -> Result<ControlFlow<()>, StoreError>,
     ) -> Result<ControlFlow<()>, StoreError> {
         loop {
-            let options = GetOptions::new()
-                .with_range(end.to_vec())
-                .with_limit(SCAN_PAGE)
-                .with_sort(SortTarget::Key, SortOrder::Ascend);
+            let options = crate::watch::page(end.to_vec(), SCAN_PAGE);
             let resp = self
                 .client()
                 .get(start.clone(), Some(options))
@@ -764,15 +606,15 @@ impl Store {
     }
 
     /// Claims `stored` for delivery by `gateway` under `claim_lease`, marking it delivering
-    /// with one more attempt that ends by `deadline`. `None` when another gateway holds it or
-    /// it changed meanwhile.
+    /// with one more attempt that ends by `deadline`; otherwise who holds it, or that it
+    /// changed meanwhile.
     pub async fn claim_request(
         &self,
         stored: &StoredRequest,
         gateway: &str,
         claim_lease: i64,
         deadline: SystemTime,
-    ) -> Result<Option<Claim>, StoreError> {
+    ) -> Result<ClaimOutcome, StoreError> {
         let r = &stored.request;
         let key = self.keys.queued(&r.agent, r.seq);
         let claim = self.keys.claim(&r.agent, r.seq);
@@ -796,17 +638,27 @@ impl Store {
                     claimed.encode_to_vec(),
                     Some(PutOptions::new().with_lease(stored.lease)),
                 ),
-            ]);
+            ])
+            .or_else([TxnOp::get(claim.as_str(), None)]);
         let resp = self
-            .client()
-            .txn(txn)
+            .commit(txn, r.body.len())
             .await
             .map_err(|e| self.unavailable(e))?;
-        if !resp.succeeded() {
-            return Ok(None);
+        let revision = resp.revision;
+        if !resp.succeeded {
+            let holder = resp.responses.into_iter().find_map(|op| match op {
+                TxnOpResponse::Get(get) => get
+                    .kvs()
+                    .first()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+                _ => None,
+            });
+            return Ok(match holder {
+                Some(holder) => ClaimOutcome::Held { holder, revision },
+                None => ClaimOutcome::Changed,
+            });
         }
-        let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
-        Ok(Some(Claim {
+        Ok(ClaimOutcome::Claimed(Claim {
             stored: StoredRequest {
                 request: claimed,
                 revision,
@@ -872,12 +724,12 @@ impl Store {
                     .chain([TxnOp::delete(claim_key.as_str(), None)])
                     .collect::<Vec<_>>(),
             );
+        let bytes = r.body.len() + answer.map_or(0, |a| a.body.len());
         let resp = self
-            .client()
-            .txn(txn)
+            .commit(txn, bytes)
             .await
             .map_err(|e| self.unavailable(e))?;
-        Ok(if resp.succeeded() {
+        Ok(if resp.succeeded {
             Finished::Done
         } else {
             Finished::LostClaim

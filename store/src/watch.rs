@@ -98,6 +98,15 @@ pub fn list_watch(store: &Store, prefix: String) -> ListWatch {
     ListWatch(rx)
 }
 
+/// Options for one page of keys from a start up to `end`: at most `limit`, in key order.
+///
+/// No sort is asked for: etcd returns a range in key order already, and a range with any sort
+/// order makes etcd ignore the limit, read every key left in the range (values and all), sort
+/// them and only then truncate — each page of a large prefix would cost as much as the whole.
+pub fn page(end: Vec<u8>, limit: i64) -> GetOptions {
+    GetOptions::new().with_range(end).with_limit(limit)
+}
+
 /// Sends every key under `prefix` as `InitApply`, a page at a time at one revision; the
 /// revision, or `None` when the consumer is gone.
 async fn list_pages(
@@ -109,10 +118,7 @@ async fn list_pages(
     let mut from = prefix.as_bytes().to_vec();
     let mut revision = 0;
     loop {
-        let mut options = GetOptions::new()
-            .with_range(end.clone())
-            .with_limit(LIST_PAGE)
-            .with_sort(etcd_client::SortTarget::Key, etcd_client::SortOrder::Ascend);
+        let mut options = page(end.clone(), LIST_PAGE);
         if revision > 0 {
             options = options.with_revision(revision);
         }

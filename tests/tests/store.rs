@@ -3,7 +3,7 @@
 
 use berth_proto::v1::{Request, RequestState, StoredResponse};
 use berth_store::watch::{list_watch, Change, LIST_PAGE};
-use berth_store::{EtcdTls, Finished, Retention, Store};
+use berth_store::{ClaimOutcome, EtcdTls, Finished, Retention, Store};
 use berth_tests::Etcd;
 use std::time::{Duration, SystemTime};
 
@@ -102,6 +102,74 @@ async fn enqueues_arriving_together_share_transactions() {
 }
 
 #[tokio::test]
+async fn writes_batched_together_each_succeed_or_fail_alone() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = store(&etcd).await;
+    // Each key taken by two requests at once: in one batch the same key twice makes etcd
+    // refuse the batch, and each goes alone; exactly one of each pair holds its key.
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let digest = berth_store::requests::key_digest(&format!("key-{}", i % 20));
+                let held = store
+                    .take_idempotency_key(
+                        "a",
+                        &digest,
+                        &format!("id-{i}"),
+                        "p",
+                        Duration::from_secs(600),
+                    )
+                    .await
+                    .unwrap();
+                (i % 20, held)
+            })
+        })
+        .collect();
+    let mut free = [0; 20];
+    for task in tasks {
+        let (key, held) = task.await.unwrap();
+        if held.is_none() {
+            free[key] += 1;
+        }
+    }
+    assert_eq!(free, [1; 20], "each key taken exactly once");
+}
+
+#[test]
+fn the_store_outlives_the_runtime_that_first_wrote_through_it() {
+    // A gateway's serving threads (each its own runtime) write first and stop before the
+    // replayer, on the main runtime, writes its last outcomes.
+    let main = tokio::runtime::Runtime::new().unwrap();
+    let etcd = main.block_on(Etcd::start()).unwrap();
+    let store = main.block_on(store(&etcd));
+    let first = store.clone();
+    std::thread::spawn(move || {
+        let serving = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut r = request("a", "first");
+        serving
+            .block_on(first.enqueue_request(&mut r, Duration::from_secs(600)))
+            .unwrap();
+    })
+    .join()
+    .unwrap();
+    let mut r = request("a", "after");
+    main.block_on(async {
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            store.enqueue_request(&mut r, Duration::from_secs(600)),
+        )
+        .await
+        .expect("the write within 10 s")
+        .expect("the write");
+    });
+    main.block_on(async { drop(etcd) });
+}
+
+#[tokio::test]
 async fn a_finish_is_written_only_under_the_claim_it_was_made_with() {
     let etcd = Etcd::start().await.unwrap();
     let store = store(&etcd).await;
@@ -113,30 +181,47 @@ async fn a_finish_is_written_only_under_the_claim_it_was_made_with() {
     let deadline = SystemTime::now() + Duration::from_secs(30);
     let record = store.get_request_record("a", r.seq).await.unwrap().unwrap();
     let first_lease = store.grant_claim_lease(10).await.unwrap();
-    let mut first = store
+    let ClaimOutcome::Claimed(mut first) = store
         .claim_request(&record, "gw-1", first_lease, deadline)
         .await
         .unwrap()
-        .expect("claimed");
-    assert!(
-        store
-            .claim_request(&record, "gw-2", first_lease, deadline)
-            .await
-            .unwrap()
-            .is_none(),
-        "claimed twice"
-    );
+    else {
+        panic!("not claimed");
+    };
+    // A second claimant learns who holds it.
+    match store
+        .claim_request(&record, "gw-2", first_lease, deadline)
+        .await
+        .unwrap()
+    {
+        ClaimOutcome::Held { holder, revision } => {
+            assert_eq!(holder, "gw-1");
+            assert!(revision >= first.revision);
+        }
+        other => panic!("claimed twice: {other:?}"),
+    }
     // The first gateway's lease lapses (it was paused); another takes the request over.
     store.revoke_lease(first_lease).await;
+    let stale = record;
     let record = store.get_request_record("a", r.seq).await.unwrap().unwrap();
     assert_eq!(record.request.state, RequestState::Delivering as i32);
     assert!(record.request.attempt_deadline.is_some());
     let second_lease = store.grant_claim_lease(10).await.unwrap();
-    let mut second = store
+    // The record read before the takeover is stale now.
+    assert!(matches!(
+        store
+            .claim_request(&stale, "gw-2", second_lease, deadline)
+            .await
+            .unwrap(),
+        ClaimOutcome::Changed
+    ));
+    let ClaimOutcome::Claimed(mut second) = store
         .claim_request(&record, "gw-2", second_lease, deadline)
         .await
         .unwrap()
-        .expect("taken over");
+    else {
+        panic!("not taken over");
+    };
     // The first one's late finish changes nothing.
     first.stored.request.state = RequestState::Dead as i32;
     assert_eq!(

@@ -14,7 +14,7 @@ use berth_proto::v1::{Request, RequestState, StoredResponse};
 use berth_store::requests::position;
 use berth_store::watch::{list_watch, Change};
 use berth_store::StoreError;
-use berth_store::{Claim, Finished};
+use berth_store::{Claim, ClaimOutcome, Finished};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use prost::Message;
@@ -45,7 +45,7 @@ pub const DEADLINE_MARGIN: Duration = Duration::from_secs(2);
 pub const MAX_STORED_RESPONSE: usize = 1024 * 1024;
 
 /// What a delivery means for what comes next.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum After {
     /// Go on with the agent's queue.
     Next,
@@ -54,6 +54,12 @@ enum After {
     /// This request waits this long (an interrupted attempt's deadline); the agent's other
     /// requests go on meanwhile unless it is delivered one at a time.
     Defer(Duration),
+    /// Another gateway claimed it first, as seen at this store revision: until the watch says
+    /// the claim is gone, it is that gateway's (not tried again and again meanwhile).
+    HeldBy(String, i64),
+    /// It no longer waits (finished, perhaps by another gateway), as read at this store
+    /// revision: out of the index now, not tried again until the watch catches up.
+    Gone(i64),
 }
 
 /// How a delivery task ended: the agent, the request, whether its claim is surely gone, and
@@ -98,7 +104,11 @@ async fn replay(
     let mut deferred: HashMap<(String, u64), Instant> = HashMap::new();
     // Claims by position, with the gateway that holds each.
     let mut claims: HashMap<(String, u64), String> = HashMap::new();
+    // The store revision the claims' watch has reached: what it says up to there is known.
+    let mut claims_seen: i64 = 0;
     let mut requests = list_watch(store, store.keys().queue());
+    // The store revision the requests' watch has reached.
+    let mut requests_seen: i64 = 0;
     let mut claim_changes = list_watch(store, store.keys().claims());
     // Nothing starts before both lists are complete: a claim not yet listed looks free.
     let (mut requests_listed, mut claims_listed) = (false, false);
@@ -158,19 +168,17 @@ async fn replay(
                     gateway.stats.clear();
                 }
                 Change::InitApply(kv) | Change::Put(kv) => {
+                    requests_seen = requests_seen.max(kv.mod_revision());
                     track(&mut index, &gateway.stats, kv.key(), kv.value())
                 }
-                Change::InitDone { .. } => requests_listed = true,
+                Change::InitDone { revision } => {
+                    requests_seen = requests_seen.max(revision);
+                    requests_listed = true;
+                }
                 Change::Delete(kv) => {
+                    requests_seen = requests_seen.max(kv.mod_revision());
                     if let Some((agent, seq)) = position(&String::from_utf8_lossy(kv.key())) {
-                        if let Some(queue) = index.get_mut(&agent) {
-                            if let Some(gone) = queue.remove(&seq) {
-                                gateway.stats.add(&agent, gone.size, -1);
-                            }
-                            if queue.is_empty() {
-                                index.remove(&agent);
-                            }
-                        }
+                        untrack(&mut index, &gateway.stats, &agent, seq);
                         deferred.remove(&(agent, seq));
                     }
                 }
@@ -181,12 +189,17 @@ async fn replay(
                     claims.clear();
                 }
                 Change::InitApply(kv) | Change::Put(kv) => {
+                    claims_seen = claims_seen.max(kv.mod_revision());
                     if let Some(at) = position(&String::from_utf8_lossy(kv.key())) {
                         claims.insert(at, String::from_utf8_lossy(kv.value()).into_owned());
                     }
                 }
-                Change::InitDone { .. } => claims_listed = true,
+                Change::InitDone { revision } => {
+                    claims_seen = claims_seen.max(revision);
+                    claims_listed = true;
+                }
                 Change::Delete(kv) => {
+                    claims_seen = claims_seen.max(kv.mod_revision());
                     if let Some(at) = position(&String::from_utf8_lossy(kv.key())) {
                         claims.remove(&at);
                     }
@@ -217,6 +230,19 @@ async fn replay(
                         After::Defer(wait) => {
                             deferred.insert((agent, seq), Instant::now() + wait);
                         }
+                        // Past that revision the watch has told all there is (the claim's
+                        // end included); before it, the watch will tell of its end.
+                        After::HeldBy(holder, revision) if revision > claims_seen => {
+                            claims.insert((agent, seq), holder);
+                        }
+                        After::HeldBy(..) => {}
+                        // Read past what the watch has told: the delete is on its way (a
+                        // request put back later comes with a later revision).
+                        After::Gone(revision) if revision > requests_seen => {
+                            untrack(&mut index, &gateway.stats, &agent, seq);
+                            deferred.remove(&(agent, seq));
+                        }
+                        After::Gone(_) => {}
                     }
                 }
             }
@@ -263,6 +289,18 @@ fn track(index: &mut Index, stats: &QueueStats, key: &[u8], value: &[u8]) {
     }
 }
 
+/// Takes a request that no longer waits out of the index.
+fn untrack(index: &mut Index, stats: &QueueStats, agent: &str, seq: u64) {
+    if let Some(queue) = index.get_mut(agent) {
+        if let Some(gone) = queue.remove(&seq) {
+            stats.add(agent, gone.size, -1);
+        }
+        if queue.is_empty() {
+            index.remove(agent);
+        }
+    }
+}
+
 /// For each agent with a ready replica that is not backing off: deliver its oldest waiting
 /// requests, as many at once as its replay concurrency allows, started oldest first. At a
 /// concurrency of 1 the order is strict: a request another gateway holds, or one waiting out
@@ -281,6 +319,14 @@ fn start_deliveries(
 ) {
     let now = Instant::now();
     let routes = gateway.routes.borrow().clone();
+    // Deliveries of each agent under way, by any gateway: claims, and ours not yet claimed.
+    let mut in_flight: HashMap<String, usize> = HashMap::new();
+    for (agent, _) in claims
+        .keys()
+        .chain(busy.iter().filter(|at| !claims.contains_key(*at)))
+    {
+        *in_flight.entry(agent.clone()).or_default() += 1;
+    }
     for (agent, queue) in index {
         let Some(route) = routes.get(agent) else {
             continue;
@@ -288,9 +334,10 @@ fn start_deliveries(
         if route.replicas.is_empty() || not_before.get(agent).is_some_and(|t| *t > now) {
             continue;
         }
+        // The agent's replay concurrency holds across gateways.
         let concurrency = route.replay.concurrency.max(1) as usize;
-        let in_flight = busy.iter().filter(|(a, _)| a == agent).count();
-        let mut free = concurrency.saturating_sub(in_flight);
+        let under_way = in_flight.get(agent).copied().unwrap_or(0);
+        let mut free = concurrency.saturating_sub(under_way);
         for &seq in queue.keys() {
             if free == 0 {
                 break;
@@ -350,14 +397,15 @@ async fn deliver(
     seq: u64,
 ) -> Result<After, StoreError> {
     let store = &gateway.store;
-    let Some((stored, body)) = store.get_request_to_deliver(agent, seq).await? else {
-        return Ok(After::Next);
+    let (stored, body) = match store.get_request_to_deliver(agent, seq).await? {
+        Ok(found) => found,
+        Err(revision) => return Ok(After::Gone(revision)), // the index has not heard yet
     };
     if !matches!(
         RequestState::try_from(stored.request.state),
         Ok(RequestState::Queued | RequestState::Delivering)
     ) {
-        return Ok(After::Next); // finished already; the index has not heard yet
+        return Ok(After::Gone(stored.revision));
     }
     // Still marked delivering, with no claim: its gateway stopped, or lost its claim (paused or
     // cut off past its lease) while the attempt may still run at the agent. Nothing is sent
@@ -378,8 +426,10 @@ async fn deliver(
         .as_ref()
         .map_or(berth_proto::defaults::REQUEST_TIMEOUT, |r| r.timeout);
     let deadline = SystemTime::now() + timeout + DEADLINE_MARGIN;
-    let Some(mut claim) = store.claim_request(&stored, name, lease, deadline).await? else {
-        return Ok(After::Next); // another gateway has it, or it changed: the watch will tell
+    let mut claim = match store.claim_request(&stored, name, lease, deadline).await? {
+        ClaimOutcome::Claimed(claim) => claim,
+        ClaimOutcome::Held { holder, revision } => return Ok(After::HeldBy(holder, revision)),
+        ClaimOutcome::Changed => return Ok(After::Next), // the watch will tell
     };
     let Some(route) = route else {
         // The agent is gone; keep the request for inspection.
