@@ -219,6 +219,27 @@ impl Store {
     fn client(&self) -> Client {
         self.client.clone()
     }
+
+    /// `op` again after a transient failure (a member down until the client stops using it,
+    /// about a second), up to [`TRANSIENT_RETRIES`] times with a growing pause. Only for
+    /// operations that are safe to send twice (reads, and writes checked by a compare).
+    async fn again_if_transient<T, F, Fut>(&self, mut op: F) -> Result<T, StoreError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut failures = 0;
+        loop {
+            match op(self.client()).await {
+                Err(e) if transient(&e) && failures < TRANSIENT_RETRIES => {
+                    failures += 1;
+                    tracing::debug!(error = %e, "etcd call failed; sending it again");
+                    tokio::time::sleep(TRANSIENT_BACKOFF * failures as u32).await;
+                }
+                result => return result.map_err(|e| self.unavailable(e)),
+            }
+        }
+    }
 }
 
 fn decode<M: prost::Message + Default>(key: &[u8], value: &[u8]) -> Result<M, StoreError> {

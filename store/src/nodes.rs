@@ -346,10 +346,11 @@ impl Store {
         let key = self.keys.status(agent);
         for _ in 0..MAX_STATUS_ATTEMPTS {
             let resp = self
-                .client()
-                .get(key.as_str(), None)
-                .await
-                .map_err(|e| self.unavailable(e))?;
+                .again_if_transient(|mut c| {
+                    let key = key.clone();
+                    async move { c.get(key, None).await }
+                })
+                .await?;
             let (mut status, revision) = match resp.kvs().first() {
                 Some(kv) => (
                     decode::<AgentStatus>(kv.key(), kv.value())?,
@@ -375,11 +376,13 @@ impl Store {
                     .collect::<Vec<_>>(),
                 )
                 .and_then([TxnOp::put(key.as_str(), status.encode_to_vec(), None)]);
+            // Safe to send again: an attempt that was committed after all fails the compare.
             let resp = self
-                .client()
-                .txn(txn)
-                .await
-                .map_err(|e| self.unavailable(e))?;
+                .again_if_transient(|mut c| {
+                    let txn = txn.clone();
+                    async move { c.txn(txn).await }
+                })
+                .await?;
             if resp.succeeded() {
                 return Ok(());
             }

@@ -218,14 +218,17 @@ pub async fn run() -> anyhow::Result<()> {
     for _ in 0..AGENTS {
         let name = unique_name("soak");
         let (data, volume) = data_volume()?;
-        let out = cp.deploy_echo(&name, &[
+        let out = cp.deploy_echo(
+            &name,
+            &[
                 "-v",
                 &volume,
                 "--replay-max-queued",
                 "20000",
                 "--request-timeout",
                 REQUEST_TIMEOUT,
-            ]);
+            ],
+        );
         anyhow::ensure!(out.status.success(), "deploy: {out:?}");
         agents.push(Agent { name, data });
     }
