@@ -397,8 +397,10 @@ pub async fn run() -> anyhow::Result<()> {
             .keys()
             .filter(|id| wanted.contains(id.as_str()))
             .count();
-        if last_dead_check.elapsed() > Duration::from_secs(3) {
+        if last_dead_check.elapsed() > Duration::from_secs(10) {
             // A union: retention drops old finished records (every 30 s), dead ones included.
+            // Not more often: listing by state reads every finished record, which at this
+            // size is etcd work that slows the drain being measured.
             dead_seen.extend(dead(&cp)?);
             last_dead_check = Instant::now();
         }
