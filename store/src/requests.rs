@@ -75,7 +75,7 @@ pub struct Claim {
 #[derive(Clone, Debug)]
 pub enum ClaimOutcome {
     /// Ours now.
-    Claimed(Claim),
+    Claimed(Box<Claim>),
     /// Another holder has it (`holder`, the gateway's name), as seen at store revision
     /// `revision`: a replayer that has not heard of it yet from its watch knows it now.
     Held { holder: String, revision: i64 },
@@ -658,14 +658,14 @@ impl Store {
                 None => ClaimOutcome::Changed,
             });
         }
-        Ok(ClaimOutcome::Claimed(Claim {
+        Ok(ClaimOutcome::Claimed(Box::new(Claim {
             stored: StoredRequest {
                 request: claimed,
                 revision,
                 lease: stored.lease,
             },
             revision,
-        }))
+        })))
     }
 
     /// Writes the outcome of a delivery (`claim.stored.request` as it should now stand, and

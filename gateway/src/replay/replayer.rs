@@ -427,7 +427,7 @@ async fn deliver(
         .map_or(berth_proto::defaults::REQUEST_TIMEOUT, |r| r.timeout);
     let deadline = SystemTime::now() + timeout + DEADLINE_MARGIN;
     let mut claim = match store.claim_request(&stored, name, lease, deadline).await? {
-        ClaimOutcome::Claimed(claim) => claim,
+        ClaimOutcome::Claimed(claim) => *claim,
         ClaimOutcome::Held { holder, revision } => return Ok(After::HeldBy(holder, revision)),
         ClaimOutcome::Changed => return Ok(After::Next), // the watch will tell
     };
