@@ -16,6 +16,8 @@ pub const WATCH_RETRY_MIN: Duration = Duration::from_millis(100);
 pub const WATCH_RETRY_MAX: Duration = Duration::from_secs(5);
 /// Keys per page of a list: a list never asks etcd for an unbounded range with values.
 pub const LIST_PAGE: i64 = 256;
+/// Keys listed per etcd call (keys only) before their values are read [`LIST_PAGE`] at a time.
+pub const LIST_KEYS_PAGE: i64 = 4096;
 /// Changes buffered between the watch task and its consumer.
 const BUFFER: usize = 64;
 
@@ -109,6 +111,12 @@ pub fn page(end: Vec<u8>, limit: i64) -> GetOptions {
 
 /// Sends every key under `prefix` as `InitApply`, a page at a time at one revision; the
 /// revision, or `None` when the consumer is gone.
+///
+/// Keys are listed first ([`LIST_KEYS_PAGE`] per call, keys only), then the values of each
+/// [`LIST_PAGE`] of them by a range that ends just past its last key: etcd 3.4 walks its key
+/// index to the end of a range whatever the limit, so pages of values over the whole rest of a
+/// large prefix would cost about n²/2 / page index steps in all (9.5 million for 70,000 waiting
+/// requests in pages of 256); bounded ranges cost what they return.
 async fn list_pages(
     store: &Store,
     prefix: &str,
@@ -118,7 +126,7 @@ async fn list_pages(
     let mut from = prefix.as_bytes().to_vec();
     let mut revision = 0;
     loop {
-        let mut options = page(end.clone(), LIST_PAGE);
+        let mut options = page(end.clone(), LIST_KEYS_PAGE).with_keys_only();
         if revision > 0 {
             options = options.with_revision(revision);
         }
@@ -131,18 +139,34 @@ async fn list_pages(
             revision = resp.header().map_or(0, |h| h.revision());
         }
         let more = resp.more();
-        let kvs = resp.kvs();
-        if let Some(last) = kvs.last() {
-            from = last.key().to_vec();
-            from.push(0);
-        }
-        for kv in kvs {
-            if tx.send(Change::InitApply(kv.clone())).await.is_err() {
-                return Ok(None);
+        let keys: Vec<Vec<u8>> = resp.kvs().iter().map(|kv| kv.key().to_vec()).collect();
+        for chunk in keys.chunks(LIST_PAGE as usize) {
+            let (Some(first), Some(last)) = (chunk.first(), chunk.last()) else {
+                continue;
+            };
+            let mut past_last = last.clone();
+            past_last.push(0);
+            // At the listing's revision these are exactly the chunk's keys.
+            let options = GetOptions::new()
+                .with_range(past_last)
+                .with_revision(revision);
+            let resp = store
+                .client()
+                .get(first.clone(), Some(options))
+                .await
+                .map_err(|e| store.unavailable(e))?;
+            for kv in resp.kvs() {
+                if tx.send(Change::InitApply(kv.clone())).await.is_err() {
+                    return Ok(None);
+                }
             }
         }
-        if !more || kvs.is_empty() {
-            return Ok(Some(revision));
+        match keys.last() {
+            Some(last) if more => {
+                from = last.clone();
+                from.push(0);
+            }
+            _ => return Ok(Some(revision)),
         }
     }
 }

@@ -2,7 +2,7 @@
 //! replay queue's layout — group commit, fenced finishes, paged listing, retention.
 
 use berth_proto::v1::{Request, RequestState, StoredResponse};
-use berth_store::watch::{list_watch, Change, LIST_PAGE};
+use berth_store::watch::{list_watch, Change, LIST_KEYS_PAGE, LIST_PAGE};
 use berth_store::{ClaimOutcome, EtcdTls, Finished, Retention, Store};
 use berth_tests::Etcd;
 use std::time::{Duration, SystemTime};
@@ -35,9 +35,18 @@ async fn next(watch: &mut berth_store::watch::ListWatch) -> Change {
 async fn a_list_watch_lists_in_pages_then_follows() {
     let etcd = Etcd::start().await.unwrap();
     let mut client = etcd.client().await.unwrap();
-    let count = LIST_PAGE as usize * 2 + 88;
-    for i in 0..count {
-        client.put(format!("/x/{i:05}"), "v", None).await.unwrap();
+    // Over one page of keys, whose values come in pages of LIST_PAGE.
+    let count = LIST_KEYS_PAGE as usize + LIST_PAGE as usize * 2 + 88;
+    let keys: Vec<String> = (0..count).map(|i| format!("/x/{i:05}")).collect();
+    for chunk in keys.chunks(100) {
+        let puts: Vec<_> = chunk
+            .iter()
+            .map(|k| etcd_client::TxnOp::put(k.as_str(), format!("v{k}"), None))
+            .collect();
+        client
+            .txn(etcd_client::Txn::new().and_then(puts))
+            .await
+            .unwrap();
     }
     let store = store(&etcd).await;
     let mut watch = list_watch(&store, "/x/".into());
@@ -45,16 +54,16 @@ async fn a_list_watch_lists_in_pages_then_follows() {
     let mut listed = Vec::new();
     let revision = loop {
         match next(&mut watch).await {
-            Change::InitApply(kv) => listed.push(kv.key_str().unwrap().to_string()),
+            Change::InitApply(kv) => {
+                let key = kv.key_str().unwrap().to_string();
+                assert_eq!(kv.value_str().unwrap(), format!("v{key}"), "its own value");
+                listed.push(key);
+            }
             Change::InitDone { revision } => break revision,
             other => panic!("{other:?} during the list"),
         }
     };
-    let expected: Vec<String> = (0..count).map(|i| format!("/x/{i:05}")).collect();
-    assert_eq!(
-        listed, expected,
-        "every key once, in order, over three pages"
-    );
+    assert_eq!(listed, keys, "every key once, in order, over the pages");
     client.put("/x/new", "v", None).await.unwrap();
     client.delete("/x/00000", None).await.unwrap();
     client.put("/y/elsewhere", "v", None).await.unwrap();
