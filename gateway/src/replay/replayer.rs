@@ -319,13 +319,10 @@ fn start_deliveries(
 ) {
     let now = Instant::now();
     let routes = gateway.routes.borrow().clone();
-    // Deliveries of each agent under way, by any gateway: claims, and ours not yet claimed.
-    let mut in_flight: HashMap<String, usize> = HashMap::new();
-    for (agent, _) in claims
-        .keys()
-        .chain(busy.iter().filter(|at| !claims.contains_key(*at)))
-    {
-        *in_flight.entry(agent.clone()).or_default() += 1;
+    // Claims of each agent, by any gateway.
+    let mut claimed: HashMap<&str, usize> = HashMap::new();
+    for (agent, _) in claims.keys() {
+        *claimed.entry(agent.as_str()).or_default() += 1;
     }
     for (agent, queue) in index {
         let Some(route) = routes.get(agent) else {
@@ -336,7 +333,12 @@ fn start_deliveries(
         }
         // The agent's replay concurrency holds across gateways.
         let concurrency = route.replay.concurrency.max(1) as usize;
-        let under_way = in_flight.get(agent).copied().unwrap_or(0);
+        // Deliveries under way: claims, and ours not yet claimed.
+        let unclaimed = busy
+            .iter()
+            .filter(|at| at.0 == *agent && !claims.contains_key(*at))
+            .count();
+        let under_way = claimed.get(agent.as_str()).copied().unwrap_or(0) + unclaimed;
         let mut free = concurrency.saturating_sub(under_way);
         for &seq in queue.keys() {
             if free == 0 {

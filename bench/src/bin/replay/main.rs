@@ -27,9 +27,25 @@ const SIZE: usize = 1024;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    if std::env::args().any(|a| a == "--soak") {
-        return soak::run().await;
+    let run = async {
+        if std::env::args().any(|a| a == "--soak") {
+            soak::run().await
+        } else {
+            enqueue_and_drain().await
+        }
+    };
+    // Stopped by Ctrl-C or SIGTERM (a `timeout`): the run is dropped, and with it what it
+    // started (containers, etcd, servers), as when it ends.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = run => result,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted; what it started is removed"),
+        _ = term.recv() => anyhow::bail!("terminated; what it started is removed"),
     }
+}
+
+/// Enqueue beside raw puts, then the drain (the benchmark without `--soak`).
+async fn enqueue_and_drain() -> anyhow::Result<()> {
     let run = DockerRun::new()?;
     let etcd = Etcd::start().await?;
     let cp = ControlPlane::start(&etcd.url()).await?;
