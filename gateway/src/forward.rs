@@ -22,6 +22,10 @@ pub use berth_proto::request::{is_safe, IDEMPOTENCY_KEY};
 pub const POOL_IDLE_PER_HOST: usize = 64;
 /// How long an idle upstream connection is kept.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a connection to a replica may take to open. A replica whose container died can
+/// leave its address silent (no refusal, only unanswered ARP); past this the attempt counts
+/// as a connection that never opened, so the request goes to another replica at once.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Headers that concern one connection only, never forwarded (RFC 9110 §7.6.1), besides those
 /// the `Connection` header names.
@@ -138,6 +142,7 @@ thread_local! {
 fn new_client() -> Client<HttpConnector, Body> {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
     Client::builder(TokioExecutor::new())
         .pool_max_idle_per_host(POOL_IDLE_PER_HOST)
         .pool_idle_timeout(POOL_IDLE_TIMEOUT)

@@ -123,6 +123,16 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// Counts a request of `agent` queued for replay.
+    fn count_queued(&self, agent: &str) {
+        self.metrics
+            .queued
+            .get_or_create(&AgentLabels {
+                agent: agent.to_string(),
+            })
+            .inc();
+    }
+
     /// The stack of `route`'s agent, made on first use; the pool follows the route.
     fn stack(&self, route: &Arc<Route>) -> Arc<AgentStack> {
         let mut stacks = self.stacks.lock().expect("stacks lock");
@@ -466,6 +476,27 @@ async fn forward(
             headers: forward.headers.clone(),
         }))
     };
+    if let (Some(keyed), Some(copy)) = (&keyed, kept.as_ref().and_then(Forward::try_clone)) {
+        // No replica is ready, so the request can only be queued: its key is taken in the
+        // same commit as its record (one etcd round trip instead of two). A key already held
+        // goes the usual way below, which answers from its holder.
+        if route.replicas.is_empty() && !opted_out {
+            let why = outcome::Ending::NoReplica;
+            let queued = replay::enqueue(
+                &gateway.store,
+                &gateway.stats,
+                &route,
+                copy,
+                why,
+                Some(keyed),
+            )
+            .await?;
+            if let Some(accepted) = queued {
+                gateway.count_queued(agent);
+                return Ok(accepted);
+            }
+        }
+    }
     if let Some(keyed) = &keyed {
         let id = forward
             .headers
@@ -485,17 +516,11 @@ async fn forward(
     match (ending.decide(safe, opted_out), kept, keyed) {
         (outcome::Decision::Queue, Some(kept), keyed) => {
             let queued =
-                replay::enqueue(&gateway.store, &gateway.stats, &route, kept, ending).await;
+                replay::enqueue(&gateway.store, &gateway.stats, &route, kept, ending, None)
+                    .await
+                    .map(|q| q.expect("stored without a key to take"));
             match (&queued, &keyed) {
-                (Ok(_), _) => {
-                    gateway
-                        .metrics
-                        .queued
-                        .get_or_create(&AgentLabels {
-                            agent: agent.to_string(),
-                        })
-                        .inc();
-                }
+                (Ok(_), _) => gateway.count_queued(agent),
                 (Err(_), Some(keyed)) => {
                     replay::idempotency::release(&gateway.store, agent, keyed).await
                 }

@@ -2,7 +2,10 @@
 //! method or an `Idempotency-Key`, or a connection that never opened), only when another
 //! replica can take it (otherwise the client gets the real failure, not "no replica"),
 //! after an exponential backoff with jitter, and only while the agent's retry budget (20% of
-//! its requests) allows. tower's `Retry` drives it; budget and backoff are tower's too.
+//! its requests) allows. A request that never reached its replica (the connection could not
+//! be made) goes to the next replica at once, outside the budget and the attempt count: it
+//! cost the agent nothing. tower's `Retry` drives it; budget and backoff are
+//! tower's too.
 
 use super::balance::{Pool, ServedBy};
 use super::error::GatewayError;
@@ -96,20 +99,27 @@ impl tower::retry::Policy<Forward, Response<Body>, GatewayError> for RetryPolicy
         result: &mut Result<Response<Body>, GatewayError>,
     ) -> Option<Self::Future> {
         let replica = Self::retryable(request, result)?;
-        if self.attempts >= MAX_ATTEMPTS
-            || !self.pool.has_other(&request.tried, replica)
-            || !self.budget.withdraw()
-        {
+        if !self.pool.has_other(&request.tried, replica) {
+            return None;
+        }
+        // A request that never reached the replica cost the agent nothing: it goes to
+        // another replica at once, outside the budget and the attempt count (each replica is
+        // tried once, so this ends).
+        let never_reached = Ending::of(result) == Ending::ConnectFailed;
+        if !never_reached && (self.attempts >= MAX_ATTEMPTS || !self.budget.withdraw()) {
             return None;
         }
         request.tried.push(replica.to_string());
-        self.attempts += 1;
         self.metrics
             .retries
             .get_or_create(&AgentLabels {
                 agent: self.agent.clone(),
             })
             .inc();
+        if never_reached {
+            return Some(tokio::time::sleep(Duration::ZERO));
+        }
+        self.attempts += 1;
         Some(self.backoff.next_backoff())
     }
 
@@ -167,6 +177,45 @@ mod tests {
         let route = crate::routes::test_route(replicas);
         let pool = Pool::new(Arc::new(route), tokio::sync::mpsc::unbounded_channel().0);
         RetryPolicy::new("a", Arc::new(pool), GatewayMetrics::new())
+    }
+
+    /// The result of sending to a port where nothing listens: a connection refused.
+    async fn refused(replica: &str) -> Result<Response<Body>, GatewayError> {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        crate::forward::Upstream
+            .send(replica, &address, request(Method::POST))
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_request_that_never_reached_a_replica_goes_to_each_other_one_outside_the_budget() {
+        let template = policy();
+        // The budget spent, and this request at its last attempt.
+        while template.budget.withdraw() {}
+        let mut p = template.clone();
+        p.attempts = MAX_ATTEMPTS;
+        let mut post = request(Method::POST);
+        p.clone_request(&post);
+        let mut result = refused("a-0").await;
+        assert_eq!(Ending::of(&result), Ending::ConnectFailed);
+        for (replica, next) in [("a-0", "a-1"), ("a-1", "a-2"), ("a-2", "a-3")] {
+            result = refused(replica).await;
+            assert!(
+                p.retry(&mut post, &mut result).is_some(),
+                "{replica} refused: {next} is tried"
+            );
+        }
+        assert_eq!(post.tried, ["a-0", "a-1", "a-2"]);
+        // Every replica tried: the failure is the answer.
+        assert!(p.retry(&mut post, &mut refused("a-3").await).is_none());
+        // A failure after the request may have arrived still needs the budget.
+        let mut get = request(Method::GET);
+        let mut p = template.clone();
+        p.clone_request(&get);
+        while template.budget.withdraw() {}
+        assert!(p.retry(&mut get, &mut timed_out("a-0")).is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -22,8 +22,9 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// First wait before restarting a crashed container.
-pub const RESTART_BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// First wait before restarting a crashed container (Docker's own restart policy waits the
+/// same); it doubles with each crash up to the agent's `restart.maxBackoff`.
+pub const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// A container running this long without a crash resets its backoff.
 pub const RESTART_BACKOFF_RESET: Duration = Duration::from_secs(600);
 /// Time between checks for an image that was missing.
@@ -150,6 +151,13 @@ impl<R: ContainerRuntime> Supervisor<R> {
         let mut tick = tokio::time::interval(TICK);
         self.publish_all();
         loop {
+            // A restart already due was acted on by the reconcile just run.
+            let now = Instant::now();
+            let next_restart = self
+                .replicas
+                .values()
+                .filter_map(|r| r.restart_at.filter(|t| *t > now))
+                .min();
             tokio::select! {
                 _ = stop.cancelled() => return,
                 changed = assignments.changed() => {
@@ -171,6 +179,9 @@ impl<R: ContainerRuntime> Supervisor<R> {
                     None => deaths = self.runtime.deaths().boxed(),
                 },
                 Some(result) = self.probe_rx.recv() => self.on_probe(result).await,
+                // A restart is due before the next tick: on time, not up to a tick late.
+                _ = tokio::time::sleep_until(next_restart.unwrap_or_else(Instant::now)),
+                    if next_restart.is_some() => {}
                 _ = tick.tick() => {}
             }
             self.reconcile().await;
@@ -579,7 +590,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
             self.set_state(
                 &id,
                 ReplicaState::Restarting,
-                &format!("{why}; restarting in {}s", wait.as_secs()),
+                &format!("{why}; restarting in {wait:?}"),
             );
         } else {
             tracing::warn!(replica = %id, exit, "container died; restart policy says no");
@@ -718,7 +729,12 @@ mod tests {
         let node = Node::start(MemoryRuntime::default(), vec![assignment("a-0", false)]).await;
         node.until("a-0", |s| running(s) && s.ready).await;
         let container = node.status("a-0").unwrap().container_id;
-        for (crash, backoff) in [(1, RESTART_BACKOFF_MIN), (2, 2 * RESTART_BACKOFF_MIN)] {
+        // It crashes at once on every start: 100 ms, doubling, held at 60 s (the default
+        // `restart.maxBackoff`), so a crash loop stays bounded.
+        let ms = Duration::from_millis;
+        let mut expected: Vec<Duration> = (0..10).map(|i| ms(100 << i)).collect();
+        expected.extend([Duration::from_secs(60); 3]);
+        for (crash, backoff) in (1..).zip(expected) {
             node.runtime.crash(&container, 3);
             node.until("a-0", |s| s.state == ReplicaState::Restarting as i32)
                 .await;
@@ -727,13 +743,33 @@ mod tests {
             assert!(!status.ready);
             let waited = node.until("a-0", running).await;
             assert!(
-                waited >= backoff && waited <= backoff + TICK + Duration::from_millis(50),
+                waited >= backoff && waited <= backoff + ms(20),
                 "crash {crash}: restarted after {waited:?}, backoff {backoff:?}"
             );
             assert_eq!(node.status("a-0").unwrap().restarts, crash);
         }
+        // Ten minutes of running resets it: the next crash restarts after 100 ms again.
+        tokio::time::sleep(RESTART_BACKOFF_RESET).await;
+        node.runtime.crash(&container, 3);
+        node.until("a-0", |s| s.state == ReplicaState::Restarting as i32)
+            .await;
+        let waited = node.until("a-0", running).await;
+        assert!(
+            waited >= ms(100) && waited <= ms(120),
+            "after a reset: {waited:?}"
+        );
+        // Less than ten minutes does not: a crash after 9 minutes waits 200 ms.
+        tokio::time::sleep(Duration::from_secs(540)).await;
+        node.runtime.crash(&container, 3);
+        node.until("a-0", |s| s.state == ReplicaState::Restarting as i32)
+            .await;
+        let waited = node.until("a-0", running).await;
+        assert!(
+            waited >= ms(200) && waited <= ms(220),
+            "no reset before 10 min: {waited:?}"
+        );
         // The same container is started again, not replaced.
-        assert_eq!(node.runtime.counts(), (1, 3));
+        assert_eq!(node.runtime.counts(), (1, 16));
         node.stop().await;
     }
 

@@ -204,8 +204,36 @@ impl Store {
         request: &mut Request,
         ttl: Duration,
     ) -> Result<(), StoreError> {
+        match self.store_request(request, ttl, None).await? {
+            None => Ok(()),
+            Some(_) => unreachable!("no key to be held without a key"),
+        }
+    }
+
+    /// Takes `Idempotency-Key` `key_sha256` (payload digest `payload`) for `request` and
+    /// queues it, in one commit: a keyed request for an agent with no ready replica waits for
+    /// one etcd round trip, not two. When the key is held, nothing is stored and the holder
+    /// is returned, as [`Store::take_idempotency_key`] does.
+    pub async fn enqueue_keyed_request(
+        &self,
+        request: &mut Request,
+        ttl: Duration,
+        key_sha256: &str,
+        payload: &str,
+    ) -> Result<Option<HeldKey>, StoreError> {
+        self.store_request(request, ttl, Some((key_sha256, payload)))
+            .await
+    }
+
+    async fn store_request(
+        &self,
+        request: &mut Request,
+        ttl: Duration,
+        key: Option<(&str, &str)>,
+    ) -> Result<Option<HeldKey>, StoreError> {
         let mut uncertain = false;
         let mut transient_failures = 0;
+        let idempotency = key.map(|(digest, _)| self.keys.idempotency(&request.agent, digest));
         for attempt in 0..3 + TRANSIENT_RETRIES {
             let lease = self.request_lease(ttl, attempt > 0 && !uncertain).await?;
             if !uncertain {
@@ -214,20 +242,37 @@ impl Store {
             }
             let position = format!("{}/{:020}", request.agent, request.seq);
             let index = self.keys.request_id(&request.id);
-            let (compares, ops) = self.new_request_ops(request, lease);
-            let txn = Txn::new()
-                .when(compares)
-                .and_then(ops)
-                .or_else([TxnOp::get(index.as_str(), None)]);
+            let (mut compares, mut ops) = self.new_request_ops(request, lease);
+            let mut otherwise = vec![TxnOp::get(index.as_str(), None)];
+            if let (Some(at), Some((_, payload))) = (&idempotency, key) {
+                compares.push(Compare::create_revision(at.as_str(), CompareOp::Equal, 0));
+                ops.push(take_key_op(at, &request.id, payload, lease));
+                otherwise.push(TxnOp::get(at.as_str(), None));
+            }
+            let txn = Txn::new().when(compares).and_then(ops).or_else(otherwise);
             match self.commit(txn, request.body.len()).await {
-                Ok(done) if done.succeeded => return Ok(()),
+                Ok(done) if done.succeeded => return Ok(None),
                 Ok(done) => {
-                    let stored_at = done.responses.into_iter().find_map(|op| match op {
-                        TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
-                        _ => None,
-                    });
+                    let mut stored_at = None;
+                    let mut held = None;
+                    for op in done.responses {
+                        let TxnOpResponse::Get(get) = op else {
+                            continue;
+                        };
+                        let Some(kv) = get.kvs().first() else {
+                            continue;
+                        };
+                        if kv.key() == index.as_bytes() {
+                            stored_at = Some(kv.value().to_vec());
+                        } else {
+                            held = Some(held_key(kv));
+                        }
+                    }
                     if uncertain && stored_at.as_deref() == Some(position.as_bytes()) {
-                        return Ok(());
+                        return Ok(None);
+                    }
+                    if let Some(held) = held.filter(|h| h.holder != request.id) {
+                        return Ok(Some(held));
                     }
                     // A sequence number taken in the same microsecond: draw again.
                     uncertain = false;
@@ -265,14 +310,9 @@ impl Store {
             let lease = self
                 .request_lease(ttl, attempt > 0 && transient_failures == 0)
                 .await?;
-            let now = unix_millis(SystemTime::now());
             let txn = Txn::new()
                 .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(
-                    key.as_str(),
-                    format!("{id}\n{payload}\n{now}"),
-                    Some(PutOptions::new().with_lease(lease)),
-                )])
+                .and_then([take_key_op(&key, id, payload, lease)])
                 .or_else([TxnOp::get(key.as_str(), None)]);
             let resp = match self.commit(txn, 0).await {
                 Ok(resp) => resp,
@@ -288,36 +328,18 @@ impl Store {
                 return Ok(None);
             }
             let held = resp.responses.into_iter().find_map(|op| match op {
-                TxnOpResponse::Get(get) => get.kvs().first().map(|kv| {
-                    (
-                        String::from_utf8_lossy(kv.value()).into_owned(),
-                        kv.mod_revision(),
-                    )
-                }),
+                TxnOpResponse::Get(get) => get.kvs().first().map(held_key),
                 _ => None,
             });
             // Gone between the compare and the get: try to take it again.
-            let Some((held, revision)) = held else {
+            let Some(held) = held else {
                 continue;
             };
-            let mut parts = held.splitn(3, '\n');
-            let holder = parts.next().unwrap_or_default().to_string();
-            let payload = parts.next().unwrap_or_default().to_string();
-            let taken = parts
-                .next()
-                .and_then(|t| t.parse::<u64>().ok())
-                .unwrap_or(0);
             // Taken by this very request: an earlier attempt was committed after all.
-            if holder == id {
+            if held.holder == id {
                 return Ok(None);
             }
-            let age = Duration::from_millis(unix_millis(SystemTime::now()).saturating_sub(taken));
-            return Ok(Some(HeldKey {
-                holder,
-                payload,
-                age,
-                revision,
-            }));
+            return Ok(Some(held));
         }
         Err(StoreError::Conflict {
             kind: "idempotency key",
@@ -952,6 +974,34 @@ pub fn over_retention(finished: &[(String, u64, u64)], bounds: &Retention) -> Ve
     doomed
 }
 
+/// The put that takes an `Idempotency-Key` at `at` for request `id`: who holds it, the
+/// payload's digest and when it was taken (so an orphan can be told by its age).
+fn take_key_op(at: &str, id: &str, payload: &str, lease: i64) -> TxnOp {
+    let now = unix_millis(SystemTime::now());
+    TxnOp::put(
+        at,
+        format!("{id}\n{payload}\n{now}"),
+        Some(PutOptions::new().with_lease(lease)),
+    )
+}
+
+/// Who holds a taken key, read from its value (as [`take_key_op`] wrote it).
+fn held_key(kv: &etcd_client::KeyValue) -> HeldKey {
+    let value = String::from_utf8_lossy(kv.value());
+    let mut parts = value.splitn(3, '\n');
+    let holder = parts.next().unwrap_or_default().to_string();
+    let payload = parts.next().unwrap_or_default().to_string();
+    let taken = parts
+        .next()
+        .and_then(|t| t.parse::<u64>().ok())
+        .unwrap_or(0);
+    HeldKey {
+        holder,
+        payload,
+        age: Duration::from_millis(unix_millis(SystemTime::now()).saturating_sub(taken)),
+        revision: kv.mod_revision(),
+    }
+}
 /// `(agent, seq)` of a key ending in `.../{agent}/{seq}`.
 pub fn position(key: &str) -> Option<(String, u64)> {
     let mut parts = key.rsplit('/');

@@ -321,3 +321,103 @@ async fn the_gateway_forwards_faithfully_hides_failures_and_cuts_off_bad_replica
     assert_eq!(unavailable.json()["error"]["code"], "no_ready_replica");
     assert_eq!(unavailable.header("retry-after").as_deref(), Some("1"));
 }
+
+#[tokio::test]
+async fn requests_that_never_reached_a_crashed_replica_go_to_the_healthy_one() {
+    let run = DockerRun::new().unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
+    let node = NodeAgent::start(&cp.url(), &unique_name("node"), &run).unwrap();
+    let gw = Gateway::start(&etcd.url()).await.unwrap();
+    let api = cp.agents().await.unwrap();
+    let name = unique_name("crash");
+    // Never restarted: the crashed replica stays down while the requests go.
+    let out = cp.cli(&[
+        "deploy",
+        "-n",
+        &name,
+        "-i",
+        ECHO_IMAGE,
+        "--replicas",
+        "2",
+        "--restart",
+        "never",
+        "--health-endpoint",
+        "/health",
+        "--health-interval",
+        "1s",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let agent = wait_agent(&api, &name, "2 ready", |a| ready(a) == 2)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", cp.log(), node.log()));
+    let base = format!("/agents/{name}");
+    // Both replicas in the gateway's pool, with kept-alive connections to each.
+    let replicas = agent.status.unwrap().replicas;
+    let (crashed, healthy) = (&replicas[0], &replicas[1]);
+    eventually(Duration::from_secs(20), "traffic to both replicas", || {
+        let (addr, path) = (gw.addr.clone(), format!("{base}/echo"));
+        let addresses = [crashed.address.clone(), healthy.address.clone()];
+        async move {
+            for _ in 0..20 {
+                get(&addr, &path).await;
+            }
+            let mut seen = 0;
+            for address in &addresses {
+                let (_, body) = http(address, "GET", "/requests").await?;
+                let counts: serde_json::Value = serde_json::from_str(&body).ok()?;
+                seen += usize::from(counts["counts"].as_object()?.len() > 1);
+            }
+            (seen == 2).then_some(())
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", gw.log()));
+
+    // The crash, with the node agent paused so that the gateway does not learn of it: to the
+    // gateway the replica is still ready, but it refuses every connection.
+    node.signal("STOP");
+    http(&crashed.address, "POST", "/crash").await.unwrap();
+    eventually(Duration::from_secs(10), "the replica gone", || {
+        let address = crashed.address.clone();
+        async move {
+            http(&address, "GET", "/health")
+                .await
+                .is_none()
+                .then_some(())
+        }
+    })
+    .await
+    .unwrap();
+    let mut ids = Vec::new();
+    let mut wrong = Vec::new();
+    for i in 0..200 {
+        let id = format!("{:032x}", 0x00c0_ffee_0000_u64 + i);
+        let method = if i < 100 { "GET" } else { "POST" };
+        let head = format!("{method} {base}/echo HTTP/1.1\r\nX-Berth-Request-Id: {id}");
+        let reply = send(&gw.addr, &head, b"x").await;
+        if reply.status != 200 {
+            wrong.push((
+                i,
+                reply.status,
+                String::from_utf8_lossy(&reply.body).into_owned(),
+            ));
+        }
+        ids.push(id);
+    }
+    node.signal("CONT");
+    assert!(
+        wrong.is_empty(),
+        "{} of 200 not answered 200: {wrong:?}\n{}",
+        wrong.len(),
+        gw.log()
+    );
+    // Each one ran once, at the healthy replica.
+    let (_, body) = http(&healthy.address, "GET", "/requests").await.unwrap();
+    let counts: serde_json::Value = serde_json::from_str(&body).unwrap();
+    for id in &ids {
+        assert_eq!(counts["counts"][id], 1, "{id} at the healthy replica");
+    }
+    let out = cp.cli(&["delete", &name]);
+    assert!(out.status.success(), "{out:?}");
+}

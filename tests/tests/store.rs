@@ -145,6 +145,51 @@ async fn writes_batched_together_each_succeed_or_fail_alone() {
     assert_eq!(free, [1; 20], "each key taken exactly once");
 }
 
+#[tokio::test]
+async fn a_keyed_request_is_queued_with_its_key_in_one_commit_or_not_at_all() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = store(&etcd).await;
+    let ttl = Duration::from_secs(600);
+    let digest = berth_store::requests::key_digest("k");
+    let before = store.etcd_status().await.unwrap().revision;
+    let mut first = request("a", "first");
+    let held = store
+        .enqueue_keyed_request(&mut first, ttl, &digest, "p")
+        .await
+        .unwrap();
+    assert!(held.is_none(), "a free key is taken");
+    // One transaction: the key and the record at one revision (the lease grant is another).
+    let after = store.etcd_status().await.unwrap().revision;
+    assert!(after - before <= 2, "{} revisions", after - before);
+    assert_eq!(
+        store.get_request("first").await.unwrap().request.body,
+        b"first"
+    );
+    assert_eq!(
+        store
+            .take_idempotency_key("a", &digest, "other", "p", ttl)
+            .await
+            .unwrap()
+            .expect("held")
+            .holder,
+        "first"
+    );
+    // Held: nothing is stored, and the holder is told.
+    let mut second = request("a", "second");
+    let held = store
+        .enqueue_keyed_request(&mut second, ttl, &digest, "p2")
+        .await
+        .unwrap()
+        .expect("held by the first");
+    assert_eq!(
+        (held.holder.as_str(), held.payload.as_str()),
+        ("first", "p")
+    );
+    assert!(store.get_request("second").await.is_err(), "nothing stored");
+    let (queued, _) = store.list_requests(Some("a"), 0, 10, "").await.unwrap();
+    assert_eq!(queued.len(), 1);
+}
+
 #[test]
 fn the_store_outlives_the_runtime_that_first_wrote_through_it() {
     // A gateway's serving threads (each its own runtime) write first and stop before the

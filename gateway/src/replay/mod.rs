@@ -121,14 +121,17 @@ pub fn to_request(forward: &Forward, why: Ending) -> Request {
 }
 
 /// Stores `kept` in its agent's queue and answers 202, or, with `Prefer: wait`, the agent's
-/// answer if it comes in time. Never a 202 that was not committed.
+/// answer if it comes in time. Never a 202 that was not committed. With `take_key`, its
+/// `Idempotency-Key` is taken in the same commit; `None` then says the key is held by another
+/// request and nothing was stored.
 pub async fn enqueue(
     store: &Store,
     stats: &QueueStats,
     route: &Route,
     kept: Forward,
     why: Ending,
-) -> Result<Response, GatewayError> {
+    take_key: Option<&idempotency::Keyed>,
+) -> Result<Option<Response>, GatewayError> {
     let agent = route.agent.clone();
     let size = match &kept.body {
         ForwardBody::Buffered(bytes) => bytes.len() as u64,
@@ -146,20 +149,32 @@ pub async fn enqueue(
     }
     let wait = prefer_wait(&kept.headers);
     let mut request = to_request(&kept, why);
-    store
-        .enqueue_request(&mut request, route.replay.ttl)
-        .await
-        .map_err(|source| GatewayError::NotPersisted {
-            agent: agent.clone(),
-            source,
-        })?;
+    let not_persisted = |source| GatewayError::NotPersisted {
+        agent: agent.clone(),
+        source,
+    };
+    match take_key {
+        None => store
+            .enqueue_request(&mut request, route.replay.ttl)
+            .await
+            .map_err(not_persisted)?,
+        Some(keyed) => {
+            let held = store
+                .enqueue_keyed_request(&mut request, route.replay.ttl, &keyed.key, &keyed.payload)
+                .await
+                .map_err(not_persisted)?;
+            if held.is_some() {
+                return Ok(None);
+            }
+        }
+    }
     tracing::info!(agent = %agent, request_id = %request.id, why = ?why, "queued for replay");
     if let Some(wait) = wait {
         if let Some(done) = results::wait_for_response(store, &request, wait).await {
-            return Ok(done);
+            return Ok(Some(done));
         }
     }
-    Ok(accepted(&request.id))
+    Ok(Some(accepted(&request.id)))
 }
 
 /// `202 Accepted` pointing at the stored request.
