@@ -27,8 +27,11 @@ use std::time::{Duration, Instant, SystemTime};
 pub const REQUEST_TTL: Duration = berth_proto::defaults::REPLAY_TTL;
 /// A new request lease (per TTL) is granted at most this often, so requests live between
 /// their TTL and TTL + this (one lease per bucket, not one per request); shorter TTLs get
-/// buckets of a tenth of the TTL.
-pub const REQUEST_LEASE_BUCKET: Duration = Duration::from_secs(600);
+/// buckets of a tenth of the TTL. Short, because when a lease expires etcd deletes all its keys
+/// in one step: at 100 requests a second a minute's bucket is some 24,000 keys, where ten
+/// minutes' would be ten times that (and etcd 3.4 then copies a write buffer grown to that
+/// size for every later transaction until it restarts).
+pub const REQUEST_LEASE_BUCKET: Duration = Duration::from_secs(60);
 /// Most body and answer bytes one request's write carries (etcd takes 1.5 MiB by default, and
 /// headers and records come on top).
 pub const MAX_WRITE_PAYLOAD: usize = 1_280 * 1024;
