@@ -10,6 +10,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The request id header, added when the client did not send one.
@@ -56,8 +57,9 @@ pub struct Forward {
     pub method: Method,
     /// Path and query for the replica (the `/agents/{name}` prefix removed).
     pub path_and_query: String,
-    /// Headers to send: the client's, less hop-by-hop, plus the gateway's.
-    pub headers: HeaderMap,
+    /// Headers to send: the client's, less hop-by-hop, plus the gateway's. Shared, so that
+    /// the copies kept for a retry or the queue cost no copy of the headers.
+    pub headers: Arc<HeaderMap>,
     /// The body.
     pub body: ForwardBody,
     /// Replicas already tried for this request; a retry goes elsewhere.
@@ -167,7 +169,7 @@ impl Upstream {
         *upstream.uri_mut() = uri
             .parse()
             .map_err(|e| GatewayError::BadRequest(format!("bad path: {e}")))?;
-        *upstream.headers_mut() = request.headers;
+        *upstream.headers_mut() = Arc::unwrap_or_clone(request.headers);
         let client = CLIENT.with(Client::clone);
         let response = client
             .request(upstream)
@@ -225,7 +227,7 @@ mod tests {
                 agent: "a".into(),
                 method,
                 path_and_query: "/".into(),
-                headers,
+                headers: Arc::new(headers),
                 body: ForwardBody::Buffered(Bytes::new()),
                 tried: vec![],
             }

@@ -29,7 +29,7 @@ use error::{to_response, GatewayError};
 use forward::{Forward, ForwardBody, Upstream};
 use http::{header, HeaderMap, StatusCode};
 use http_body_util::BodyExt;
-use metrics::{AgentLabels, GatewayMetrics, RequestLabels};
+use metrics::{AgentLabels, GatewayMetrics};
 use retry::RetryPolicy;
 use routes::{Route, Routes};
 use serve::ClientLimits;
@@ -104,6 +104,8 @@ pub enum GatewayStartError {
 /// One agent's stack and the pool it balances over.
 struct AgentStack {
     pool: Arc<Pool>,
+    /// Its request metrics, resolved once.
+    metrics: metrics::AgentMetrics,
     /// A clone serves each request; the lock is held only to clone (the stack is not `Sync`).
     service: Mutex<BoxCloneService<Forward, Response<Body>, GatewayError>>,
 }
@@ -117,6 +119,8 @@ pub struct Gateway {
     stacks: Mutex<HashMap<String, Arc<AgentStack>>>,
     upstream: Upstream,
     metrics: Arc<GatewayMetrics>,
+    /// Requests for agents the gateway does not know, all under one label.
+    unknown: metrics::AgentMetrics,
     changes: mpsc::UnboundedSender<BreakerChange>,
     max_concurrency: usize,
     limits: ClientLimits,
@@ -136,6 +140,10 @@ impl Gateway {
     /// The stack of `route`'s agent, made on first use; the pool follows the route.
     fn stack(&self, route: &Arc<Route>) -> Arc<AgentStack> {
         let mut stacks = self.stacks.lock().expect("stacks lock");
+        if let Some(stack) = stacks.get(&route.agent) {
+            stack.pool.update(route.clone());
+            return stack.clone();
+        }
         let stack = stacks.entry(route.agent.clone()).or_insert_with(|| {
             let pool = Arc::new(Pool::new(route.clone(), self.changes.clone()));
             let service = build_stack(
@@ -147,6 +155,7 @@ impl Gateway {
             );
             Arc::new(AgentStack {
                 pool,
+                metrics: metrics::AgentMetrics::new(&route.agent, self.metrics.clone()),
                 service: Mutex::new(service),
             })
         });
@@ -258,6 +267,7 @@ pub async fn run(
         admin_tokens,
         stacks: Mutex::default(),
         upstream: Upstream,
+        unknown: metrics::AgentMetrics::new(metrics::UNKNOWN_AGENT, metrics.clone()),
         metrics: metrics.clone(),
         changes: changes_tx,
         max_concurrency: config.max_concurrency,
@@ -390,8 +400,21 @@ async fn proxy(
     request: Request,
 ) -> Response {
     let started = Instant::now();
-    let agent = berth_proto::request::agent_of(request.uri().path()).to_string();
-    let response = match forward(&gateway, &agent, peer, request).await {
+    let agent = berth_proto::request::agent_of(request.uri().path());
+    let route = gateway.routes.borrow().get(agent).cloned();
+    let Some(route) = route else {
+        let e = GatewayError::UnknownAgent {
+            agent: agent.to_string(),
+        };
+        tracing::debug!(error = %e, "answered by the gateway");
+        let response = to_response(&e);
+        gateway
+            .unknown
+            .observe(response.status().as_u16(), started.elapsed().as_secs_f64());
+        return response;
+    };
+    let stack = gateway.stack(&route);
+    let response = match forward(&gateway, &route, &stack, peer, request).await {
         Ok(response) => response,
         Err(e) => {
             if matches!(e, GatewayError::Overloaded { .. }) {
@@ -399,45 +422,33 @@ async fn proxy(
                     .metrics
                     .shed
                     .get_or_create(&AgentLabels {
-                        agent: agent.clone(),
+                        agent: route.agent.clone(),
                     })
                     .inc();
             }
-            tracing::debug!(agent = %agent, error = %e, "answered by the gateway");
+            tracing::debug!(agent = %route.agent, error = %e, "answered by the gateway");
             to_response(&e)
         }
     };
-    let labels = RequestLabels {
-        agent,
-        code: response.status().as_u16(),
-    };
-    gateway.metrics.requests.get_or_create(&labels).inc();
-    gateway
+    stack
         .metrics
-        .latency
-        .get_or_create(&labels)
-        .observe(started.elapsed().as_secs_f64());
+        .observe(response.status().as_u16(), started.elapsed().as_secs_f64());
     response
 }
 
 async fn forward(
     gateway: &Gateway,
-    agent: &str,
+    route: &Arc<Route>,
+    stack: &AgentStack,
     peer: SocketAddr,
     request: Request,
 ) -> Result<Response, GatewayError> {
-    let route = gateway.routes.borrow().get(agent).cloned();
-    let Some(route) = route else {
-        return Err(GatewayError::UnknownAgent {
-            agent: agent.to_string(),
-        });
-    };
+    let agent = route.agent.as_str();
     if !route.token_sha256.is_empty() && !token_matches(request.headers(), &route.token_sha256) {
         return Err(GatewayError::Unauthorized {
             agent: agent.to_string(),
         });
     }
-    let stack = gateway.stack(&route);
     let (mut parts, body) = request.into_parts();
     let class = berth_proto::request::classify(
         &parts.method,
@@ -457,7 +468,7 @@ async fn forward(
         agent: agent.to_string(),
         method: parts.method,
         path_and_query: class.upstream,
-        headers: forward::upstream_headers(parts.headers, Some(peer.ip())),
+        headers: Arc::new(forward::upstream_headers(parts.headers, Some(peer.ip()))),
         body,
         tried: Vec::new(),
     };
@@ -482,14 +493,14 @@ async fn forward(
         // goes the usual way below, which answers from its holder.
         if route.replicas.is_empty() && !opted_out {
             let why = outcome::Ending::NoReplica;
-            let queued = replay::enqueue(
+            let queued = Box::pin(replay::enqueue(
                 &gateway.store,
                 &gateway.stats,
-                &route,
+                route,
                 copy,
                 why,
                 Some(keyed),
-            )
+            ))
             .await?;
             if let Some(accepted) = queued {
                 gateway.count_queued(agent);
@@ -504,8 +515,13 @@ async fn forward(
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        if let replay::idempotency::Begin::Answer(answer) =
-            replay::idempotency::begin(&gateway.store, &route, keyed, &id).await?
+        if let replay::idempotency::Begin::Answer(answer) = Box::pin(replay::idempotency::begin(
+            &gateway.store,
+            route,
+            keyed,
+            &id,
+        ))
+        .await?
         {
             return Ok(answer);
         }
@@ -515,21 +531,36 @@ async fn forward(
     let ending = outcome::Ending::of(&result);
     match (ending.decide(safe, opted_out), kept, keyed) {
         (outcome::Decision::Queue, Some(kept), keyed) => {
-            let queued =
-                replay::enqueue(&gateway.store, &gateway.stats, &route, kept, ending, None)
-                    .await
-                    .map(|q| q.expect("stored without a key to take"));
+            // The store's futures are large: boxed, the paths that use them do not make every
+            // request's future (moved a few times on its way) as large.
+            let queued = Box::pin(replay::enqueue(
+                &gateway.store,
+                &gateway.stats,
+                route,
+                kept,
+                ending,
+                None,
+            ))
+            .await
+            .map(|q| q.expect("stored without a key to take"));
             match (&queued, &keyed) {
                 (Ok(_), _) => gateway.count_queued(agent),
                 (Err(_), Some(keyed)) => {
-                    replay::idempotency::release(&gateway.store, agent, keyed).await
+                    Box::pin(replay::idempotency::release(&gateway.store, agent, keyed)).await
                 }
                 (Err(_), None) => {}
             }
             queued
         }
         (_, Some(kept), Some(keyed)) => {
-            replay::idempotency::finish(&gateway.store, &route, kept, &keyed, result).await
+            Box::pin(replay::idempotency::finish(
+                &gateway.store,
+                route,
+                kept,
+                &keyed,
+                result,
+            ))
+            .await
         }
         _ => result,
     }
@@ -587,7 +618,7 @@ mod tests {
             agent: "a".into(),
             method: http::Method::GET,
             path_and_query: path.into(),
-            headers: HeaderMap::new(),
+            headers: Arc::default(),
             body: ForwardBody::Buffered(Bytes::new()),
             tried: vec![],
         }

@@ -6,7 +6,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+
+/// The agent label of every request for an agent the gateway does not know: names taken from
+/// request paths never make new series, so that no client can grow `/metrics` or memory.
+pub const UNKNOWN_AGENT: &str = "_unknown";
 
 /// Labels of a finished request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -147,5 +151,76 @@ impl GatewayMetrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
         out
+    }
+}
+
+/// One agent's request counter and latency histogram per status code, resolved once each, so
+/// that a request does not hash its labels (status codes are few, so the list stays short).
+pub struct AgentMetrics {
+    agent: String,
+    metrics: Arc<GatewayMetrics>,
+    by_code: RwLock<Vec<(u16, Counter, Histogram)>>,
+}
+
+impl AgentMetrics {
+    /// The metrics of `agent` (a known agent, or [`UNKNOWN_AGENT`]).
+    pub fn new(agent: &str, metrics: Arc<GatewayMetrics>) -> Self {
+        Self {
+            agent: agent.to_string(),
+            metrics,
+            by_code: RwLock::default(),
+        }
+    }
+
+    /// Counts a request answered with `code` after `seconds`.
+    pub fn observe(&self, code: u16, seconds: f64) {
+        let known = self
+            .by_code
+            .read()
+            .expect("metrics lock")
+            .iter()
+            .find(|(c, ..)| *c == code)
+            .map(|(_, counter, histogram)| (counter.clone(), histogram.clone()));
+        let (counter, histogram) = known.unwrap_or_else(|| {
+            let labels = RequestLabels {
+                agent: self.agent.clone(),
+                code,
+            };
+            let handles = (
+                self.metrics.requests.get_or_create(&labels).clone(),
+                self.metrics.latency.get_or_create(&labels).clone(),
+            );
+            let mut by_code = self.by_code.write().expect("metrics lock");
+            if !by_code.iter().any(|(c, ..)| *c == code) {
+                by_code.push((code, handles.0.clone(), handles.1.clone()));
+            }
+            handles
+        });
+        counter.inc();
+        histogram.observe(seconds);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_metrics_count_by_code_under_the_agent_label() {
+        let metrics = GatewayMetrics::new();
+        let agent = AgentMetrics::new("a", metrics.clone());
+        for code in [200, 200, 503] {
+            agent.observe(code, 0.001);
+        }
+        AgentMetrics::new(UNKNOWN_AGENT, metrics.clone()).observe(404, 0.0);
+        let page = metrics.encode();
+        assert!(
+            page.contains("berth_gateway_requests_total{agent=\"a\",code=\"200\"} 2"),
+            "{page}"
+        );
+        assert!(page.contains("berth_gateway_requests_total{agent=\"a\",code=\"503\"} 1"));
+        assert!(page.contains("berth_gateway_requests_total{agent=\"_unknown\",code=\"404\"} 1"));
+        assert!(page
+            .contains("berth_gateway_request_duration_seconds_count{agent=\"a\",code=\"200\"} 2"));
     }
 }

@@ -38,7 +38,8 @@ pub const BACKOFF_MAX: Duration = Duration::from_millis(250);
 pub struct RetryPolicy {
     pool: Arc<Pool>,
     budget: Arc<TpsBudget>,
-    backoff: ExponentialBackoff,
+    /// Made at the first retry: most requests never need one.
+    backoff: Option<ExponentialBackoff>,
     metrics: Arc<GatewayMetrics>,
     agent: String,
     attempts: u32,
@@ -48,10 +49,6 @@ pub struct RetryPolicy {
 impl RetryPolicy {
     /// The policy of `agent` over `pool`, with a budget shared by all its requests.
     pub fn new(agent: &str, pool: Arc<Pool>, metrics: Arc<GatewayMetrics>) -> Self {
-        let backoff =
-            ExponentialBackoffMaker::new(BACKOFF_MIN, BACKOFF_MAX, 1.0, HasherRng::default())
-                .expect("constant backoff bounds are valid")
-                .make_backoff();
         Self {
             pool,
             budget: Arc::new(TpsBudget::new(
@@ -59,7 +56,7 @@ impl RetryPolicy {
                 RETRY_MIN_PER_SEC,
                 RETRY_RATIO,
             )),
-            backoff,
+            backoff: None,
             metrics,
             agent: agent.to_string(),
             attempts: 1,
@@ -120,7 +117,7 @@ impl tower::retry::Policy<Forward, Response<Body>, GatewayError> for RetryPolicy
             return Some(tokio::time::sleep(Duration::ZERO));
         }
         self.attempts += 1;
-        Some(self.backoff.next_backoff())
+        Some(self.backoff.get_or_insert_with(new_backoff).next_backoff())
     }
 
     fn clone_request(&mut self, request: &Forward) -> Option<Forward> {
@@ -129,7 +126,7 @@ impl tower::retry::Policy<Forward, Response<Body>, GatewayError> for RetryPolicy
             // own jitter (a cloned backoff would repeat the template's sequence).
             self.budget.deposit();
             self.deposited = true;
-            self.backoff = new_backoff();
+            self.backoff = None;
         }
         request.try_clone()
     }
@@ -140,7 +137,7 @@ mod tests {
     use super::*;
     use crate::forward::ForwardBody;
     use bytes::Bytes;
-    use http::{HeaderMap, Method};
+    use http::Method;
     use tower::retry::Policy;
 
     fn request(method: Method) -> Forward {
@@ -148,7 +145,7 @@ mod tests {
             agent: "a".into(),
             method,
             path_and_query: "/".into(),
-            headers: HeaderMap::new(),
+            headers: Arc::default(),
             body: ForwardBody::Buffered(Bytes::new()),
             tried: vec![],
         }

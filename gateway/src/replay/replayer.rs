@@ -552,7 +552,7 @@ fn to_forward(request: &Request) -> Forward {
         agent: request.agent.clone(),
         method: Method::from_bytes(request.method.as_bytes()).unwrap_or(Method::POST),
         path_and_query,
-        headers,
+        headers: Arc::new(headers),
         body: ForwardBody::Buffered(Bytes::from(request.body.clone())),
         tried: Vec::new(),
     }
