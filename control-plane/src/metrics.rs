@@ -7,15 +7,20 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 use tower::{Layer, Service};
 
+/// The method label of every call to a path the control plane does not serve: paths come from
+/// the client before it is authenticated, so they never make new series.
+pub const UNKNOWN_METHOD: &str = "unknown";
+
 /// Labels of a gRPC call.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallLabels {
-    /// `/package.Service/Method`.
+    /// `/package.Service/Method`, or [`UNKNOWN_METHOD`].
     pub method: String,
     /// gRPC status code name as sent in the response headers.
     pub code: String,
@@ -24,7 +29,7 @@ pub struct CallLabels {
 /// Labels of a latency sample.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MethodLabels {
-    /// `/package.Service/Method`.
+    /// `/package.Service/Method`, or [`UNKNOWN_METHOD`].
     pub method: String,
 }
 
@@ -34,6 +39,8 @@ pub struct Metrics {
     pub registry: Registry,
     calls: Family<CallLabels, Counter>,
     latency: Family<MethodLabels, Histogram>,
+    /// The paths of every method served: only these are labels.
+    known: HashSet<String>,
     /// Finished replay records dropped to keep within the retention bounds.
     pub retention_dropped: Counter,
     /// Bytes of etcd's database, as the leader last read it.
@@ -82,6 +89,7 @@ impl Metrics {
             registry,
             calls,
             latency,
+            known: served_methods(),
             retention_dropped,
             etcd_db_size,
             etcd_compacted_revision,
@@ -95,6 +103,35 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         out
     }
+}
+
+/// `/package.Service/Method` of every method the control plane serves: Berth's API (from its
+/// file descriptor set), health checking and server reflection.
+fn served_methods() -> HashSet<String> {
+    use prost::Message;
+    let set = prost_types::FileDescriptorSet::decode(berth_proto::FILE_DESCRIPTOR_SET)
+        .expect("the built-in descriptor set decodes");
+    let mut known: HashSet<String> = set
+        .file
+        .iter()
+        .flat_map(|file| {
+            file.service.iter().flat_map(move |service| {
+                service.method.iter().map(move |method| {
+                    format!("/{}.{}/{}", file.package(), service.name(), method.name())
+                })
+            })
+        })
+        .collect();
+    known.extend(
+        [
+            "/grpc.health.v1.Health/Check",
+            "/grpc.health.v1.Health/Watch",
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+        ]
+        .map(String::from),
+    );
+    known
 }
 
 /// Records each gRPC call's method, status code and latency.
@@ -133,7 +170,12 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let method = request.uri().path().to_string();
+        let path = request.uri().path();
+        let method = if self.metrics.known.contains(path) {
+            path.to_string()
+        } else {
+            UNKNOWN_METHOD.to_string()
+        };
         let metrics = self.metrics.clone();
         let started = Instant::now();
         let call = self.inner.call(request);
@@ -160,5 +202,21 @@ where
                 .observe(started.elapsed().as_secs_f64());
             Ok(response)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn served_methods_are_read_from_the_descriptor_set() {
+        let known = served_methods();
+        assert!(
+            known.contains("/berth.v1.AgentService/CreateAgent"),
+            "{known:?}"
+        );
+        assert!(known.contains("/grpc.health.v1.Health/Check"));
+        assert!(!known.contains("/berth.v1.AgentService/NoSuchMethod"));
     }
 }
