@@ -6,14 +6,18 @@
 #   BERTH_IMAGE  (default berth/berth:local)       the one `berth` binary (every server)
 #   ETCD_IMAGE   (default berth/etcd:local)        etcd, from Debian's etcd-server binary
 #   ECHO_IMAGE   (default berth/echo-agent:local)  the example agent
+#   BUSYBOX_IMAGE (default berth/busybox:local)    busybox from Debian's busybox-static, for
+#                                                  tests that need a shell in a container
+#                                                  (not part of `all`)
 #   BERTH_IMAGE_PROFILE (default release)          the cargo profile `berth` is built with
 #
-# Usage: deploy/build-images.sh [all|berth|etcd|echo-agent]...
+# Usage: deploy/build-images.sh [all|berth|etcd|echo-agent|busybox]...
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 BERTH_IMAGE=${BERTH_IMAGE:-berth/berth:local}
 ETCD_IMAGE=${ETCD_IMAGE:-berth/etcd:local}
 ECHO_IMAGE=${ECHO_IMAGE:-berth/echo-agent:local}
+BUSYBOX_IMAGE=${BUSYBOX_IMAGE:-berth/busybox:local}
 profile=${BERTH_IMAGE_PROFILE:-release}
 target=${CARGO_TARGET_DIR:-$root/target}
 
@@ -25,7 +29,7 @@ scratch_image() {
   mkdir -p "$ctx/rootfs/usr/local/bin" "$ctx/rootfs/tmp"
   strip -o "$ctx/rootfs/usr/local/bin/$(basename "$bin")" "$bin" 2>/dev/null \
     || cp "$bin" "$ctx/rootfs/usr/local/bin/"
-  for lib in $(ldd "$bin" | grep -o '/[^ ]*'); do
+  for lib in $(ldd "$bin" 2>/dev/null | grep -o '/[^ ]*'); do
     mkdir -p "$ctx/rootfs$(dirname "$lib")"
     cp -L "$lib" "$ctx/rootfs$lib"
   done
@@ -57,7 +61,10 @@ for what in "$@"; do
     all|echo-agent)
       (cd "$root" && cargo build --release --quiet -p echo-agent)
       scratch_image "$target/release/echo-agent" "$ECHO_IMAGE" 8080 ;;
+    busybox)
+      command -v busybox >/dev/null || { echo "busybox is missing: apt-get install busybox-static" >&2; exit 1; }
+      scratch_image "$(command -v busybox)" "$BUSYBOX_IMAGE" 8080 ;;
     berth|etcd) ;;
-    *) echo "unknown image $what: all, berth, etcd or echo-agent" >&2; exit 1 ;;
+    *) echo "unknown image $what: all, berth, etcd, echo-agent or busybox" >&2; exit 1 ;;
   esac
 done

@@ -259,21 +259,7 @@ impl Runtime {
         }
         for v in &spec.volumes {
             // The control plane checks this too; the node is where a host path is opened.
-            if v.source.starts_with('/') && !under(&self.volume_root, Path::new(&v.source)) {
-                return Err(DockerError::Refused(format!(
-                    "volume {} is outside this node's volume root {}",
-                    v.source,
-                    self.volume_root.display()
-                )));
-            }
-            if v.source.starts_with('/') && !resolves_under(&self.volume_root, Path::new(&v.source))
-            {
-                return Err(DockerError::Refused(format!(
-                    "volume {} leads outside this node's volume root {} through a symbolic link",
-                    v.source,
-                    self.volume_root.display()
-                )));
-            }
+            self.check_host_path(&v.source)?;
         }
         let mut labels = self.extra_labels.clone();
         labels.extend([
@@ -434,11 +420,40 @@ impl Runtime {
     }
 
     /// Starts a container.
+    /// Starts a container, after checking its host paths again: Docker resolves a bind's
+    /// source at every start, and a container may have swapped a directory it can write (in
+    /// one of its volumes) for a symbolic link out of the volume root since it was created.
     pub async fn start(&self, id: &str) -> Result<(), DockerError> {
+        let info = self.docker.inspect_container(id, None).await?;
+        let binds = info.host_config.and_then(|h| h.binds).unwrap_or_default();
+        for bind in &binds {
+            self.check_host_path(bind.split(':').next().unwrap_or_default())?;
+        }
         Ok(self
             .docker
             .start_container(id, None::<StartContainerOptions>)
             .await?)
+    }
+
+    /// A volume's host path must lie under the volume root, also with every symbolic link on
+    /// it resolved; named volumes (no leading `/`) are Docker's.
+    fn check_host_path(&self, source: &str) -> Result<(), DockerError> {
+        if !source.starts_with('/') {
+            return Ok(());
+        }
+        if !under(&self.volume_root, Path::new(source)) {
+            return Err(DockerError::Refused(format!(
+                "volume {source} is outside this node's volume root {}",
+                self.volume_root.display()
+            )));
+        }
+        if !resolves_under(&self.volume_root, Path::new(source)) {
+            return Err(DockerError::Refused(format!(
+                "volume {source} leads outside this node's volume root {} through a symbolic link",
+                self.volume_root.display()
+            )));
+        }
+        Ok(())
     }
 
     /// SIGTERM, then SIGKILL after `grace`.

@@ -364,3 +364,70 @@ async fn a_replica_over_its_memory_limit_is_oom_killed_reported_and_restarted() 
         "{events}"
     );
 }
+
+/// busybox from Debian's busybox-static (`deploy/build-images.sh busybox`): a shell in a
+/// container, with no registry.
+const BUSYBOX_IMAGE: &str = "berth/busybox:local";
+
+#[tokio::test]
+async fn a_symbolic_link_swapped_into_a_volume_does_not_survive_a_restart() {
+    let run = DockerRun::new().unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
+    let node = NodeAgent::start(&cp.url(), &unique_name("node"), &run).unwrap();
+    let api = cp.agents().await.unwrap();
+    let name = unique_name("escape");
+    let dir = tempfile::tempdir_in(berth_tests::volume_root()).unwrap();
+    let outer = dir.path().join("outer");
+    std::fs::create_dir_all(outer.join("inner")).unwrap();
+    // Two volumes, one inside the other. On its first run the container replaces the inner
+    // one's host directory, which it can write through the outer volume, with a link to `/`,
+    // and crashes; Docker resolves a bind's source at every start, so a restart that did not
+    // check again would mount the host's root at /inner (and the container would list it).
+    let script = "if [ ! -L /outer/inner ]; then busybox rm -rf /outer/inner && \
+                  busybox ln -s / /outer/inner && exit 1; fi; \
+                  busybox ls /inner > /outer/seen; exec busybox sleep 3600";
+    let (outer_volume, inner_volume) = (
+        format!("{}:/outer", outer.display()),
+        format!("{}:/inner", outer.join("inner").display()),
+    );
+    let out = cp.cli(&[
+        "deploy",
+        "-n",
+        &name,
+        "-i",
+        BUSYBOX_IMAGE,
+        "-v",
+        &outer_volume,
+        "-v",
+        &inner_volume,
+        "--command",
+        "/usr/local/bin/busybox",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let id = format!("{name}-0");
+    let refused = wait_agent(&api, &name, "the restart refused", |a| {
+        replica(a, &id).is_some_and(|r| r.message.contains("through a symbolic link"))
+    })
+    .await;
+    let link = std::fs::read_link(outer.join("inner"));
+    let seen = std::fs::read_to_string(outer.join("seen")).ok();
+    // The link first, so that nothing below follows it.
+    let _ = std::fs::remove_file(outer.join("inner"));
+    refused.unwrap_or_else(|e| panic!("{e}\n{}", node.log()));
+    assert_eq!(
+        link.unwrap(),
+        std::path::Path::new("/"),
+        "the container made its link"
+    );
+    assert_eq!(
+        seen, None,
+        "the container never ran with the host's root mounted"
+    );
+    let out = cp.cli(&["delete", &name]);
+    assert!(out.status.success(), "{out:?}");
+}
