@@ -45,7 +45,7 @@ impl Tokens {
         &self,
         path: &str,
         headers: &http::HeaderMap,
-    ) -> Result<Option<Principal>, Status> {
+    ) -> Result<Option<(Principal, Option<String>)>, Status> {
         // Health checks are open so that load balancers and orchestrators can probe.
         if path.starts_with("/grpc.health.v1.Health/") {
             return Ok(None);
@@ -60,12 +60,13 @@ impl Tokens {
                 "missing credentials: send `authorization: Bearer <token>` (berth: set BERTH_TOKEN or --token)",
             ));
         };
-        let principal = if self.admin.contains(token) {
-            Principal::Admin
+        // A token made through TokenService can be revoked while its calls run.
+        let (principal, revocable) = if self.admin.contains(token) {
+            (Principal::Admin, None)
         } else if self.join.contains(token) {
-            Principal::Node(None)
+            (Principal::Node(None), None)
         } else if let Some(principal) = self.issued.principal(token) {
-            principal
+            (principal, Some(token.to_string()))
         } else {
             return Err(Status::unauthenticated("invalid token"));
         };
@@ -88,7 +89,7 @@ impl Tokens {
                 principal.scope_name()
             )));
         }
-        Ok(Some(principal))
+        Ok(Some((principal, revocable)))
     }
 }
 
@@ -139,11 +140,20 @@ where
             .tokens
             .authorize(request.uri().path(), request.headers())
         {
-            Ok(principal) => {
-                if let Some(principal) = principal {
-                    request.extensions_mut().insert(principal);
-                }
-                Box::pin(self.inner.call(request))
+            Ok(None) => Box::pin(self.inner.call(request)),
+            Ok(Some((principal, revocable))) => {
+                request.extensions_mut().insert(principal);
+                let call = self.inner.call(request);
+                let Some(token) = revocable else {
+                    return Box::pin(call);
+                };
+                // Its answer (a stream above all: the node-agent stream, events, logs) ends
+                // as soon as the token is revoked.
+                let revoked = Box::pin(self.tokens.issued.revoked(&token));
+                Box::pin(async move {
+                    let response = call.await?;
+                    Ok(response.map(|body| tonic::body::Body::new(Revocable { body, revoked })))
+                })
             }
             Err(status) => {
                 tracing::debug!(path = request.uri().path(), code = ?status.code(), "call refused");
@@ -153,10 +163,45 @@ where
     }
 }
 
+/// A response body that ends with `UNAUTHENTICATED` ("token revoked") in its trailers once
+/// the token it was opened with is revoked.
+struct Revocable {
+    body: tonic::body::Body,
+    revoked: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+}
+
+impl http_body::Body for Revocable {
+    type Data = bytes::Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        if self.revoked.as_mut().poll(cx).is_ready() {
+            if self.body.is_end_stream() {
+                return Poll::Ready(None);
+            }
+            // Ends the stream here: the trailers carry why, and the body is not read again.
+            self.body = tonic::body::Body::empty();
+            let status = Status::unauthenticated("token revoked");
+            let mut trailers = http::HeaderMap::new();
+            let _ = status.add_header(&mut trailers);
+            return Poll::Ready(Some(Ok(http_body::Frame::trailers(trailers))));
+        }
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use berth_proto::v1::{StoredToken, TokenScope};
+    use futures::FutureExt;
 
     fn set(tokens: &[&str]) -> TokenSet {
         TokenSet::from_tokens(tokens)
@@ -222,7 +267,10 @@ mod tests {
         let get = "/berth.v1.AgentService/GetAgent";
         let delete = "/berth.v1.AgentService/DeleteAgent";
         let connect = "/berth.v1.NodeAgentService/Connect";
-        assert_eq!(call(get, "bt_ro.s1").unwrap(), Some(Principal::ReadOnly));
+        assert_eq!(
+            call(get, "bt_ro.s1").unwrap(),
+            Some((Principal::ReadOnly, Some("bt_ro.s1".into())))
+        );
         assert_eq!(
             call(delete, "bt_ro.s1").unwrap_err().code(),
             tonic::Code::PermissionDenied
@@ -237,12 +285,18 @@ mod tests {
         );
         assert_eq!(
             call(connect, "bt_n1.s2").unwrap(),
-            Some(Principal::Node(Some("n1".into())))
+            Some((Principal::Node(Some("n1".into())), Some("bt_n1.s2".into())))
         );
         assert_eq!(
             call(get, "bt_n1.s2").unwrap_err().code(),
             tonic::Code::PermissionDenied
         );
+        // Calls with it end when it is revoked, not when another token is.
+        let mut revoked = Box::pin(issued.revoked("bt_n1.s2"));
+        issued.remove("bt_other");
+        assert!((&mut revoked).now_or_never().is_none(), "still valid");
+        issued.remove("bt_n1");
+        assert!(revoked.now_or_never().is_some(), "revoked");
         issued.remove("bt_ro");
         assert_eq!(
             call(get, "bt_ro.s1").unwrap_err().code(),

@@ -115,46 +115,94 @@ struct Issued {
     principal: Principal,
 }
 
-/// The tokens made through `TokenService`, by id; kept current from etcd.
-#[derive(Clone, Default)]
-pub struct IssuedTokens(Arc<RwLock<HashMap<String, Issued>>>);
+/// A stored token as the auth layer keeps it, by id; `None` when it cannot be used.
+fn issued(stored: &StoredToken) -> Option<(String, Issued)> {
+    let token = stored.token.as_ref()?;
+    let sha256 = <[u8; 32]>::try_from(stored.sha256.as_slice()).ok()?;
+    let principal = match TokenScope::try_from(token.scope) {
+        Ok(TokenScope::Admin) => Principal::Admin,
+        Ok(TokenScope::ReadOnly) => Principal::ReadOnly,
+        Ok(TokenScope::Node) => Principal::Node(Some(token.node.clone())),
+        _ => return None,
+    };
+    Some((token.id.clone(), Issued { sha256, principal }))
+}
+
+/// The tokens made through `TokenService`, by id; kept current from etcd. Every change bumps
+/// a generation that [`IssuedTokens::revoked`] waits on, so open streams learn of a revocation.
+#[derive(Clone)]
+pub struct IssuedTokens {
+    tokens: Arc<RwLock<HashMap<String, Issued>>>,
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for IssuedTokens {
+    fn default() -> Self {
+        Self {
+            tokens: Arc::default(),
+            generation: Arc::new(tokio::sync::watch::channel(0).0),
+        }
+    }
+}
 
 impl IssuedTokens {
+    fn changed(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Completes once `token` is no longer valid (revoked, or changed to another scope):
+    /// what a stream opened with it waits on to end.
+    pub fn revoked(&self, token: &str) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let (tokens, token) = (self.clone(), token.to_string());
+        let mut changes = self.generation.subscribe();
+        let granted = self.principal(&token);
+        async move {
+            loop {
+                if tokens.principal(&token) != granted {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        }
+    }
+
     /// Adds or replaces a stored token.
     pub fn put(&self, stored: &StoredToken) {
-        let Some(token) = &stored.token else { return };
-        let Ok(sha256) = <[u8; 32]>::try_from(stored.sha256.as_slice()) else {
+        let Some((id, issued)) = issued(stored) else {
             return;
         };
-        let principal = match TokenScope::try_from(token.scope) {
-            Ok(TokenScope::Admin) => Principal::Admin,
-            Ok(TokenScope::ReadOnly) => Principal::ReadOnly,
-            Ok(TokenScope::Node) => Principal::Node(Some(token.node.clone())),
-            _ => return,
-        };
-        self.0
+        self.tokens
             .write()
             .expect("token map lock")
-            .insert(token.id.clone(), Issued { sha256, principal });
+            .insert(id, issued);
+        self.changed();
     }
 
     /// Forgets a token (revoked).
     pub fn remove(&self, id: &str) {
-        self.0.write().expect("token map lock").remove(id);
+        self.tokens.write().expect("token map lock").remove(id);
+        self.changed();
     }
 
-    /// Replaces every token (after a re-list).
+    /// Replaces every token (after a re-list), in one step: a token listed again is never
+    /// seen missing in between.
     pub fn replace(&self, stored: &[StoredToken]) {
-        self.0.write().expect("token map lock").clear();
-        for token in stored {
-            self.put(token);
-        }
+        let all = stored.iter().filter_map(issued).collect();
+        *self.tokens.write().expect("token map lock") = all;
+        self.changed();
     }
 
     /// The principal of `token` (`{id}.{secret}`), compared in constant time.
     pub fn principal(&self, token: &str) -> Option<Principal> {
         let (id, _) = token.split_once('.')?;
-        let issued = self.0.read().expect("token map lock").get(id).cloned()?;
+        let issued = self
+            .tokens
+            .read()
+            .expect("token map lock")
+            .get(id)
+            .cloned()?;
         bool::from(issued.sha256.ct_eq(&hash(token))).then_some(issued.principal)
     }
 }

@@ -128,3 +128,106 @@ async fn scoped_tokens_allow_what_their_scope_allows_and_nothing_else() {
     let out = cp.cli(&["token", "create", "--scope", "node"]);
     assert!(!out.status.success(), "a node token needs --node");
 }
+
+/// How long after its token's revocation an open stream ends: within a second, or the test
+/// fails.
+const REVOKED_WITHIN: Duration = Duration::from_secs(1);
+
+#[tokio::test]
+async fn revoking_a_token_ends_the_streams_opened_with_it() {
+    use berth_proto::v1::agent_service_client::AgentServiceClient;
+    use berth_proto::v1::node_agent_service_client::NodeAgentServiceClient;
+    use berth_proto::v1::{node_message, Hello, NodeMessage, WatchEventsRequest};
+    use std::time::Instant;
+    let etcd = Etcd::start().await.unwrap();
+    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
+    let create = |args: &[&str]| {
+        let mut all = vec!["token", "create"];
+        all.extend_from_slice(args);
+        let out = cp.cli(&all);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let read_only = create(&["--scope", "read-only"]);
+    let node_name = unique_name("n");
+    let node = create(&["--scope", "node", "--node", &node_name]);
+    let channel = Channel::from_shared(cp.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer = |token: &str| {
+        let value: tonic::metadata::MetadataValue<_> = format!("Bearer {token}").parse().unwrap();
+        move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", value.clone());
+            Ok(r)
+        }
+    };
+    let revoke = |token: &str| {
+        let out = cp.cli(&["token", "revoke", token.split_once('.').unwrap().0]);
+        assert!(out.status.success(), "{}", text(&out));
+        Instant::now()
+    };
+
+    // Events, followed with a read-only token.
+    let mut events = AgentServiceClient::with_interceptor(channel.clone(), bearer(&read_only))
+        .watch_events(WatchEventsRequest {
+            follow: true,
+            ..Default::default()
+        })
+        .await
+        .expect("the stream opens")
+        .into_inner();
+    let revoked = revoke(&read_only);
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the stream ended");
+    let took = revoked.elapsed();
+    eprintln!("events stream ended {took:?} after the revocation: {ended:?}");
+    assert_eq!(ended.map(|s| s.code()), Some(tonic::Code::Unauthenticated));
+    assert!(took < REVOKED_WITHIN, "{took:?}");
+
+    // The node-agent stream of a node token: no more assignments or secrets after it.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(NodeMessage {
+        kind: Some(node_message::Kind::Hello(Hello {
+            node: node_name.clone(),
+            ..Default::default()
+        })),
+    })
+    .await
+    .unwrap();
+    let mut inbound = NodeAgentServiceClient::with_interceptor(channel, bearer(&node))
+        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("its node's stream opens")
+        .into_inner();
+    inbound.message().await.expect("a first control message");
+    let revoked = revoke(&node);
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match inbound.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the node stream ended");
+    let took = revoked.elapsed();
+    eprintln!("node stream ended {took:?} after the revocation: {ended:?}");
+    assert_eq!(ended.map(|s| s.code()), Some(tonic::Code::Unauthenticated));
+    assert!(took < REVOKED_WITHIN, "{took:?}");
+    drop(tx);
+    let again = connect_as(&cp, &node, &node_name).await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::Unauthenticated, "{again:?}");
+}
