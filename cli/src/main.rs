@@ -185,6 +185,13 @@ enum Command {
     NodeAgent(Box<servers::NodeAgentArgs>),
     /// Run a gateway: HTTP at /agents/{name}/... to ready replicas.
     Gateway(Box<servers::GatewayArgs>),
+    /// Print the shell completion script: `source <(berth completion bash)`, or put `berth
+    /// completion zsh` in a file on $fpath as `_berth`, `berth completion fish` in
+    /// ~/.config/fish/completions/berth.fish.
+    Completion {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
 }
 
 fn main() -> ExitCode {
@@ -210,6 +217,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gateway(args) => return servers::gateway(*args).await,
         Command::Up(args) => return up::up(*args).await,
         Command::Certs(args) => return certs::run(args),
+        Command::Completion { shell } => {
+            completion(shell, &mut std::io::stdout());
+            return Ok(());
+        }
         command => command,
     };
     // Parse local input before connecting, so that a bad flag or manifest fails fast.
@@ -288,10 +299,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         | Command::NodeAgent(_)
         | Command::Gateway(_)
         | Command::Up(_)
-        | Command::Certs(_) => {
+        | Command::Certs(_)
+        | Command::Completion { .. } => {
             unreachable!("handled above")
         }
     }
+}
+
+/// Writes the completion script of every command and flag for `shell`.
+fn completion(shell: clap_complete::Shell, out: &mut dyn std::io::Write) {
+    use clap::CommandFactory;
+    clap_complete::generate(shell, &mut Cli::command(), "berth", out);
 }
 
 fn read_manifest(file: &PathBuf) -> anyhow::Result<Vec<berth_proto::v1::AgentSpec>> {
@@ -302,4 +320,52 @@ fn read_manifest(file: &PathBuf) -> anyhow::Result<Vec<berth_proto::v1::AgentSpe
             .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?
     };
     manifest::parse_all(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn script(shell: clap_complete::Shell) -> String {
+        let mut out = Vec::new();
+        completion(shell, &mut out);
+        String::from_utf8(out).expect("a script is text")
+    }
+
+    #[test]
+    fn completion_scripts_name_the_commands_and_their_flags() {
+        use clap_complete::Shell;
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            let text = script(shell);
+            for word in [
+                "deploy",
+                "requests",
+                "replicas",
+                "health-endpoint",
+                "completion",
+            ] {
+                assert!(text.contains(word), "{shell}: no {word}");
+            }
+        }
+        // Sourced in bash, it completes a command, then a flag of that command.
+        let path = std::env::temp_dir().join(format!("berth-completion-{}", std::process::id()));
+        std::fs::write(&path, script(Shell::Bash)).unwrap();
+        let complete = format!(
+            "source {}; \
+             COMP_WORDS=(berth dep); COMP_CWORD=1; _berth berth dep berth; echo \"${{COMPREPLY[@]}}\"; \
+             COMP_WORDS=(berth deploy --repl); COMP_CWORD=2; _berth berth --repl deploy; echo \"${{COMPREPLY[@]}}\"",
+            path.display()
+        );
+        let completed = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(complete)
+            .output();
+        let _ = std::fs::remove_file(&path);
+        let completed = completed.expect("bash runs");
+        let lines = String::from_utf8_lossy(&completed.stdout).into_owned();
+        let lines: Vec<&str> = lines.lines().collect();
+        assert!(completed.status.success(), "{completed:?}");
+        assert_eq!(lines[0], "deploy", "{lines:?}");
+        assert!(lines[1].split(' ').any(|w| w == "--replicas"), "{lines:?}");
+    }
 }
