@@ -133,6 +133,21 @@ async fn scoped_tokens_allow_what_their_scope_allows_and_nothing_else() {
 /// fails.
 const REVOKED_WITHIN: Duration = Duration::from_secs(1);
 
+/// Reads `stream` to its end (within 10 s): the status it ended with, `None` if it ended well.
+async fn end_of<T>(stream: &mut tonic::Streaming<T>) -> Option<tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the stream ended")
+}
+
 #[tokio::test]
 async fn revoking_a_token_ends_the_streams_opened_with_it() {
     use berth_proto::v1::agent_service_client::AgentServiceClient;
@@ -179,17 +194,7 @@ async fn revoking_a_token_ends_the_streams_opened_with_it() {
         .expect("the stream opens")
         .into_inner();
     let revoked = revoke(&read_only);
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match events.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => return None,
-                Err(status) => return Some(status),
-            }
-        }
-    })
-    .await
-    .expect("the stream ended");
+    let ended = end_of(&mut events).await;
     let took = revoked.elapsed();
     eprintln!("events stream ended {took:?} after the revocation: {ended:?}");
     assert_eq!(ended.map(|s| s.code()), Some(tonic::Code::Unauthenticated));
@@ -212,17 +217,7 @@ async fn revoking_a_token_ends_the_streams_opened_with_it() {
         .into_inner();
     inbound.message().await.expect("a first control message");
     let revoked = revoke(&node);
-    let ended = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match inbound.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => return None,
-                Err(status) => return Some(status),
-            }
-        }
-    })
-    .await
-    .expect("the node stream ended");
+    let ended = end_of(&mut inbound).await;
     let took = revoked.elapsed();
     eprintln!("node stream ended {took:?} after the revocation: {ended:?}");
     assert_eq!(ended.map(|s| s.code()), Some(tonic::Code::Unauthenticated));
