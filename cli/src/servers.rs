@@ -31,6 +31,18 @@ pub struct EtcdTlsArgs {
     etcd_key: Option<PathBuf>,
 }
 
+/// How the admin listener (/metrics, /healthz, /readyz) is protected, for both servers.
+#[derive(Args, Debug)]
+pub struct AdminArgs {
+    /// Serve the admin listener over HTTPS with the server's --tls-cert and --tls-key.
+    #[arg(long, env = "BERTH_ADMIN_TLS")]
+    admin_tls: bool,
+    /// File of tokens (one per line) that may read /metrics; with it, /metrics needs
+    /// `Authorization: Bearer` with one of them, an admin token, or a read-only token.
+    #[arg(long, env = "BERTH_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+}
+
 /// Flags of `berth control-plane`. Each can also be set in the environment or the config file.
 #[derive(Args, Debug)]
 pub struct ControlPlaneArgs {
@@ -70,6 +82,8 @@ pub struct ControlPlaneArgs {
     /// Refuse node agents without a client certificate signed by --tls-ca (mTLS).
     #[arg(long, env = "BERTH_REQUIRE_NODE_CERT")]
     require_node_cert: bool,
+    #[command(flatten)]
+    admin: AdminArgs,
     #[command(flatten)]
     etcd_tls: EtcdTlsArgs,
     /// Client connections the gRPC server holds at once (default 4096); one more is closed.
@@ -155,12 +169,14 @@ impl ControlPlaneArgs {
             (self.etcd_tls.etcd_ca, &mut config.etcd_ca),
             (self.etcd_tls.etcd_cert, &mut config.etcd_cert),
             (self.etcd_tls.etcd_key, &mut config.etcd_key),
+            (self.admin.admin_token_file, &mut config.admin_token_file),
         ] {
             if flag.is_some() {
                 *setting = flag;
             }
         }
         config.require_node_cert |= self.require_node_cert;
+        config.admin_tls |= self.admin.admin_tls;
         Ok((config, self.log_format))
     }
 }
@@ -340,6 +356,8 @@ pub struct GatewayArgs {
     #[arg(long, env = "BERTH_GATEWAY_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     #[command(flatten)]
+    admin: AdminArgs,
+    #[command(flatten)]
     etcd_tls: EtcdTlsArgs,
     /// Time a client has to finish the TLS handshake, and then to send each request's headers;
     /// a slower one is cut off (slowloris).
@@ -374,6 +392,8 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
         prefix: args.prefix,
         listen: args.listen,
         admin_listen: args.admin_listen,
+        admin_tls: args.admin.admin_tls,
+        admin_token_file: args.admin.admin_token_file,
         max_concurrency: args.max_concurrency,
         name,
         workers: args.workers,

@@ -234,18 +234,35 @@ impl Parts {
     }
 }
 
-/// Whether `GET path` on `addr` answers 200.
-async fn http_ok(addr: SocketAddr, path: &str) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else {
+/// Whether `GET path` on `addr` answers 200; over TLS verified with the CA `ca` when given.
+async fn http_ok(addr: SocketAddr, path: &str, ca: Option<&Path>) -> bool {
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+    async fn get<S: AsyncRead + AsyncWrite + Unpin>(
+        mut stream: S,
+        addr: SocketAddr,
+        path: &str,
+    ) -> bool {
+        let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        if stream.write_all(request.as_bytes()).await.is_err() {
+            return false;
+        }
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.is_ok() && head.ends_with(b"200")
+    }
+    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
         return false;
     };
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    if stream.write_all(request.as_bytes()).await.is_err() {
+    let Some(ca) = ca else {
+        return get(tcp, addr, path).await;
+    };
+    let Ok(connector) = berth_admin::tls::connector(ca) else {
         return false;
+    };
+    let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+    match connector.connect(name, tcp).await {
+        Ok(stream) => get(stream, addr, path).await,
+        Err(_) => false,
     }
-    let mut head = [0u8; 12];
-    stream.read_exact(&mut head).await.is_ok() && head.ends_with(b"200")
 }
 
 async fn etcd_answers(url: &str) -> bool {
@@ -364,12 +381,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             .arg(&certs.server_key)
             .arg("--tls-ca")
             .arg(&certs.ca)
-            .arg("--require-node-cert");
+            .arg("--require-node-cert")
+            // The admin listener too: HTTPS, and /metrics for admin or read-only tokens.
+            .arg("--admin-tls")
+            .arg("--admin-token-file")
+            .arg(data.join("tokens"));
     }
+    let ca = certs.as_ref().map(|c| c.ca.as_path());
     parts.0.push(Part::spawn("control-plane", command, &logs)?);
     parts
         .wait_ready("the control plane", || {
-            http_ok(args.admin_listen, "/readyz")
+            http_ok(args.admin_listen, "/readyz", ca)
         })
         .await?;
 
@@ -386,12 +408,15 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             .arg("--tls-cert")
             .arg(&certs.server_cert)
             .arg("--tls-key")
-            .arg(&certs.server_key);
+            .arg(&certs.server_key)
+            .arg("--admin-tls")
+            .arg("--admin-token-file")
+            .arg(data.join("tokens"));
     }
     parts.0.push(Part::spawn("gateway", command, &logs)?);
     parts
         .wait_ready("the gateway", || {
-            http_ok(args.gateway_admin_listen, "/readyz")
+            http_ok(args.gateway_admin_listen, "/readyz", ca)
         })
         .await?;
 
@@ -449,13 +474,18 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         Some(c) => format!("TLS, CA {}", c.ca.display()),
         None => "plain text: --insecure".into(),
     };
+    let admin = |listen: SocketAddr| match &certs {
+        Some(_) => format!("admin https://{listen}, /metrics with a read-only or admin token"),
+        None => format!("admin http://{listen}"),
+    };
     println!(
-        "  control plane  {address} ({security}; admin http://{})",
-        args.admin_listen
+        "  control plane  {address} ({security}; {})",
+        admin(args.admin_listen)
     );
     println!(
-        "  gateway        {scheme}://{}/agents/NAME/... (admin http://{})",
-        args.gateway_listen, args.gateway_admin_listen
+        "  gateway        {scheme}://{}/agents/NAME/... ({})",
+        args.gateway_listen,
+        admin(args.gateway_admin_listen)
     );
     println!(
         "  node           {node} (Docker {docker_version} at {})",

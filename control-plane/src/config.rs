@@ -40,6 +40,11 @@ pub struct Config {
     pub listen: SocketAddr,
     /// HTTP admin listen address (`/metrics`, `/healthz`, `/readyz`).
     pub admin_listen: SocketAddr,
+    /// Serve the admin listener over TLS with `tls_cert` and `tls_key`.
+    pub admin_tls: bool,
+    /// File of tokens (one per line) that may read `/metrics`; when set, `/metrics` also
+    /// needs a token (from it, `token_file`, or an admin or read-only issued token).
+    pub admin_token_file: Option<PathBuf>,
     /// File of admin tokens, one per line.
     pub token_file: Option<PathBuf>,
     /// File of node join tokens, one per line.
@@ -85,6 +90,8 @@ impl Default for Config {
             etcd: vec![DEFAULT_ETCD.into()],
             listen: DEFAULT_LISTEN.parse().expect("valid constant"),
             admin_listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid constant"),
+            admin_tls: false,
+            admin_token_file: None,
             token_file: None,
             join_token_file: None,
             prefix: DEFAULT_PREFIX.into(),
@@ -144,6 +151,18 @@ impl Config {
             },
             compaction_retention: std::time::Duration::from_secs(self.compaction_retention_seconds),
             quota_bytes: self.etcd_quota_bytes,
+        }
+    }
+
+    /// How the admin listener serves.
+    pub fn admin(&self) -> berth_admin::AdminConfig {
+        berth_admin::AdminConfig {
+            listen: self.admin_listen,
+            tls: match (self.admin_tls, &self.tls_cert, &self.tls_key) {
+                (true, Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+                _ => None,
+            },
+            token_file: self.admin_token_file.clone(),
         }
     }
 
@@ -215,6 +234,12 @@ impl Config {
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return invalid("tls_cert", "and tls_key go together: give both or neither");
+        }
+        if self.admin_tls && self.tls_cert.is_none() {
+            return invalid(
+                "admin_tls",
+                "needs tls_cert and tls_key: the admin listener serves the same certificate",
+            );
         }
         if self.require_node_cert && (self.tls_ca.is_none() || self.tls_cert.is_none()) {
             return invalid(

@@ -2,7 +2,6 @@
 //! reconciler and node monitor (docs/architecture.md).
 #![forbid(unsafe_code)]
 
-mod admin;
 mod api;
 mod auth;
 pub mod config;

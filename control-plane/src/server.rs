@@ -1,7 +1,6 @@
 //! Starts the control plane: the gRPC API (with reflection and health) and the admin endpoint,
 //! and stops both on the shutdown signal.
 
-use crate::admin;
 use crate::api::{AgentApi, NodeApi, RequestApi, TokenApi};
 use crate::auth::{AuthLayer, IssuedTokens, TokenFileError, TokenSet, Tokens};
 use crate::config::{Config, ConfigError};
@@ -50,9 +49,9 @@ pub enum ServerError {
     /// The reflection service could not be built.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
-    /// The admin server failed.
-    #[error("admin server: {0}")]
-    Admin(#[source] std::io::Error),
+    /// The admin listener cannot start.
+    #[error(transparent)]
+    Admin(#[from] berth_admin::AdminError),
 }
 
 /// Runs the control plane until `shutdown` completes.
@@ -128,16 +127,22 @@ pub async fn run(
     ));
 
     let grpc_listener = bind(config.listen).await?;
-    let admin_listener = bind(config.admin_listen).await?;
-    tracing::info!(listen = %config.listen, admin = %config.admin_listen, etcd = %config.etcd.join(","), "control plane serving");
+    let admin = berth_admin::Admin::bind(
+        &config.admin(),
+        admin_endpoints(metrics.clone(), store),
+        berth_admin::ServerTokens {
+            admin: Some(tokens.admin.clone()),
+            issued: Some(tokens.issued.clone()),
+        },
+    )
+    .await?;
+    tracing::info!(listen = %config.listen, admin = %format!("{}://{}", admin.scheme(), config.admin_listen), etcd = %config.etcd.join(","), "control plane serving");
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut admin_stop = stop_rx.clone();
-    let admin = axum::serve(admin_listener, admin::router(metrics.clone(), store))
-        .with_graceful_shutdown(async move {
-            let _ = admin_stop.wait_for(|stop| *stop).await;
-        });
-    let admin = tokio::spawn(async move { admin.await.map_err(ServerError::Admin) });
+    let admin = tokio::spawn(admin.serve(async move {
+        let _ = admin_stop.wait_for(|stop| *stop).await;
+    }));
 
     let mut grpc_stop = stop_rx;
     let mut builder = tonic::transport::Server::builder()
@@ -186,8 +191,19 @@ pub async fn run(
     {
         tracing::warn!("background work did not finish within {SHUTDOWN_GRACE:?}");
     }
-    admin.await.expect("admin task does not panic")?;
+    admin.await.expect("admin task does not panic");
     Ok(())
+}
+
+/// `/metrics` renders the control plane's metrics; `/readyz` says whether etcd answers.
+fn admin_endpoints(metrics: std::sync::Arc<Metrics>, store: Store) -> berth_admin::Endpoints {
+    berth_admin::Endpoints {
+        metrics: std::sync::Arc::new(move || metrics.encode()),
+        ready: std::sync::Arc::new(move || {
+            let store = store.clone();
+            Box::pin(async move { store.ping().await.map_err(|e| e.to_string()) })
+        }),
+    }
 }
 
 async fn bind(addr: std::net::SocketAddr) -> Result<TcpListener, ServerError> {

@@ -34,7 +34,7 @@ use retry::RetryPolicy;
 use routes::{Route, Routes};
 use serve::ClientLimits;
 use std::collections::HashMap;
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -58,6 +58,11 @@ pub struct GatewayConfig {
     pub listen: SocketAddr,
     /// HTTP address of `/metrics`, `/healthz` and `/readyz`.
     pub admin_listen: SocketAddr,
+    /// Serve the admin listener over TLS with the gateway's certificate (`tls`).
+    pub admin_tls: bool,
+    /// File of tokens that may read `/metrics`; when set, `/metrics` needs a token (from it,
+    /// `token_file`, or an admin or read-only token made through `TokenService`).
+    pub admin_token_file: Option<std::path::PathBuf>,
     /// Requests in flight per agent before shedding.
     pub max_concurrency: usize,
     /// This gateway's name in the breaker states it publishes.
@@ -227,6 +232,13 @@ pub async fn run(
         });
     }
     config.limits.validate()?;
+    if config.admin_tls && config.tls.is_none() {
+        return Err(GatewayStartError::Config {
+            setting: "admin_tls",
+            reason: "needs tls_cert and tls_key: the admin listener serves the same certificate"
+                .into(),
+        });
+    }
     if let Err((setting, reason)) = config.etcd_tls.check(&config.etcd) {
         return Err(GatewayStartError::Config { setting, reason });
     }
@@ -264,7 +276,7 @@ pub async fn run(
         routes: routes_rx,
         store: store.clone(),
         stats: Arc::default(),
-        admin_tokens,
+        admin_tokens: admin_tokens.clone(),
         stacks: Mutex::default(),
         upstream: Upstream,
         unknown: metrics::AgentMetrics::new(metrics::UNKNOWN_AGENT, metrics.clone()),
@@ -285,38 +297,47 @@ pub async fn run(
         .route("/agents/{name}/{*rest}", any(proxy))
         .fallback(not_found)
         .with_state(gateway);
-    let admin = Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let metrics = metrics.clone();
-                async move {
-                    (
-                        [(
-                            header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
-                        metrics.encode(),
-                    )
-                }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(move || {
+    // Issued tokens may read /metrics once it is protected; they are mirrored only then.
+    let issued = config.admin_token_file.as_ref().map(|_| {
+        let issued = berth_store::token_mirror::IssuedTokens::default();
+        tasks.spawn(berth_store::token_mirror::mirror_tokens(
+            store.clone(),
+            issued.clone(),
+            stop.child_token(),
+        ));
+        issued
+    });
+    let admin = berth_admin::Admin::bind(
+        &berth_admin::AdminConfig {
+            listen: config.admin_listen,
+            tls: config.tls.clone().filter(|_| config.admin_tls),
+            token_file: config.admin_token_file.clone(),
+        },
+        berth_admin::Endpoints {
+            metrics: Arc::new(move || metrics.encode()),
+            ready: Arc::new(move || {
                 let ready = *ready_rx.borrow();
-                async move {
-                    if ready {
-                        (StatusCode::OK, "ok\n")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "routes not listed yet\n")
-                    }
-                }
+                Box::pin(async move {
+                    ready
+                        .then_some(())
+                        .ok_or_else(|| "routes not listed yet".to_string())
+                })
             }),
-        );
+        },
+        berth_admin::ServerTokens {
+            admin: config.token_file.as_ref().map(|_| admin_tokens.clone()),
+            issued,
+        },
+    )
+    .await
+    .map_err(|e| GatewayStartError::Config {
+        setting: "admin",
+        reason: e.to_string(),
+    })?;
     let tls = match &config.tls {
-        Some((cert, key)) => Some(serve::tls_acceptor(cert, key)?),
+        Some((cert, key)) => {
+            Some(berth_admin::tls::acceptor(cert, key).map_err(GatewayStartError::Tls)?)
+        }
         None => None,
     };
     let workers = match config.workers {
@@ -326,19 +347,14 @@ pub async fn run(
     let listeners = (0..workers)
         .map(|_| serve::bind_shared(config.listen))
         .collect::<Result<Vec<_>, _>>()?;
-    let admin_listener = bind(config.admin_listen).await?;
-    tracing::info!(listen = %config.listen, admin = %config.admin_listen, workers, etcd = %config.etcd.join(","), "gateway serving");
+    tracing::info!(listen = %config.listen, admin = %format!("{}://{}", admin.scheme(), config.admin_listen), workers, etcd = %config.etcd.join(","), "gateway serving");
     let (stop_tx, stop_rx) = watch::channel(false);
-    let admin = tokio::spawn(
-        axum::serve(admin_listener, admin)
-            .with_graceful_shutdown({
-                let mut stop = stop_rx.clone();
-                async move {
-                    let _ = stop.wait_for(|stop| *stop).await;
-                }
-            })
-            .into_future(),
-    );
+    let admin = tokio::spawn(admin.serve({
+        let mut stop = stop_rx.clone();
+        async move {
+            let _ = stop.wait_for(|stop| *stop).await;
+        }
+    }));
     let serving = serve::Serving {
         app,
         stop: stop_rx,
@@ -375,12 +391,6 @@ pub async fn run(
     let _ = admin.await;
     tasks.wait().await;
     served.map(|_| ()).map_err(GatewayStartError::Serve)
-}
-
-async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, GatewayStartError> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| GatewayStartError::Bind { addr, source })
 }
 
 async fn not_found() -> Response {
@@ -633,7 +643,9 @@ mod tests {
         let replica = Router::new()
             .route("/hang", get(std::future::pending::<&'static str>))
             .route("/ok", get(|| async { "ok" }));
-        let server = tokio::spawn(axum::serve(listener, replica).into_future());
+        let server = tokio::spawn(std::future::IntoFuture::into_future(axum::serve(
+            listener, replica,
+        )));
         let mut route = routes::test_route(&["a-0"]);
         route.timeout = Duration::from_millis(300);
         route.replicas[0].address = address;

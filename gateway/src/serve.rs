@@ -229,30 +229,3 @@ async fn refuse<I: AsyncRead + AsyncWrite + Unpin>(mut io: I, limit: usize) {
     })
     .await;
 }
-
-/// A TLS acceptor for the certificate chain and key in the PEM files `cert` and `key`.
-pub(super) fn tls_acceptor(
-    cert: &std::path::Path,
-    key: &std::path::Path,
-) -> Result<tokio_rustls::TlsAcceptor, GatewayStartError> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    use tokio_rustls::rustls;
-    let invalid = |what: &std::path::Path, e: &dyn std::fmt::Display| {
-        GatewayStartError::Tls(format!("{}: {e}", what.display()))
-    };
-    let chain = CertificateDer::pem_file_iter(cert)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| invalid(cert, &e))?;
-    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| invalid(key, &e))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| invalid(cert, &e))?
-    .with_no_client_auth()
-    .with_single_cert(chain, private)
-    .map_err(|e| invalid(cert, &e))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
-}

@@ -469,6 +469,8 @@ pub struct Gateway {
     pub addr: String,
     /// Admin address, `127.0.0.1:PORT`.
     pub admin_addr: String,
+    /// With an HTTPS admin listener: the CA its certificate chains to.
+    pub admin_ca: Option<PathBuf>,
 }
 
 impl Gateway {
@@ -492,6 +494,38 @@ impl Gateway {
             extra: extra.iter().map(|a| a.to_string()).collect(),
             addr: format!("127.0.0.1:{}", free_port()),
             admin_addr: format!("127.0.0.1:{}", free_port()),
+            admin_ca: None,
+        };
+        gateway.resume().await?;
+        Ok(gateway)
+    }
+
+    /// Starts a gateway serving HTTPS, its admin listener included (`--admin-tls`), with the
+    /// certificates `berth certs` wrote in `certs`, plus `extra` flags.
+    pub async fn start_tls(
+        etcd_url: &str,
+        name: &str,
+        certs: &Path,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
+        let (cert, key) = (certs.join("server.pem"), certs.join("server-key.pem"));
+        let mut flags = vec![
+            "--tls-cert".to_string(),
+            cert.display().to_string(),
+            "--tls-key".into(),
+            key.display().to_string(),
+            "--admin-tls".into(),
+        ];
+        flags.extend(extra.iter().map(|a| a.to_string()));
+        let mut gateway = Self {
+            child: None,
+            dir: tempfile::Builder::new().prefix("berth-gw-").tempdir()?,
+            etcd_url: etcd_url.to_string(),
+            name: name.to_string(),
+            extra: flags,
+            addr: format!("127.0.0.1:{}", free_port()),
+            admin_addr: format!("127.0.0.1:{}", free_port()),
+            admin_ca: Some(certs.join("ca.pem")),
         };
         gateway.resume().await?;
         Ok(gateway)
@@ -538,12 +572,12 @@ impl Gateway {
             .args(&self.extra)
             .env("RUST_LOG", "info");
         self.child = Some(Child::spawn(command, &self.dir.path().join("gateway.log"))?);
-        let ready = self.admin_addr.clone();
+        let (ready, ca) = (self.admin_addr.clone(), self.admin_ca.clone());
         eventually(READY_TIMEOUT, "the gateway to be ready", || {
-            let ready = ready.clone();
+            let (ready, ca) = (ready.clone(), ca.clone());
             async move {
-                let (code, _) = docker::http(&ready, "GET", "/readyz").await?;
-                (code == 200).then_some(())
+                let response = wire::get_with_token(&ready, ca.as_deref(), "/readyz", None).await?;
+                (response.status == 200).then_some(())
             }
         })
         .await

@@ -3,7 +3,7 @@
 //! (SIGTERM here) stopping all of it; and the messages when etcd or Docker is missing.
 
 use berth_tests::docker::ECHO_IMAGE;
-use berth_tests::wire::send_tls;
+use berth_tests::wire::{get_with_token, send_tls};
 use berth_tests::{berth_bin, eventually, free_port, unique_name};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -160,6 +160,19 @@ async fn berth_up_runs_everything_and_the_plain_cli_works() {
     );
     let plain = berth_tests::docker::http(&addr, "GET", "/agents/echo/health").await;
     assert!(plain.is_none(), "a plain HTTP answer: {plain:?}");
+    // Its admin listener too is HTTPS, and /metrics takes the admin token, not none.
+    let admin = format!("127.0.0.1:{gateway_admin}");
+    let admin_token = std::fs::read_to_string(up.data.path().join("data/tokens")).unwrap();
+    let metrics = |token| get_with_token(&admin, Some(&ca), "/metrics", token);
+    assert_eq!(metrics(None).await.map(|r| r.status), Some(401));
+    assert_eq!(
+        metrics(Some(admin_token.trim())).await.map(|r| r.status),
+        Some(200)
+    );
+    assert!(
+        printed.contains(&format!("admin https://{admin}")),
+        "{printed}"
+    );
 
     // Ctrl-C (SIGTERM): it stops everything it started, and exits cleanly.
     let status = up.terminate().expect("berth up exits after SIGTERM");
