@@ -130,8 +130,23 @@ enum Command {
         #[arg(long)]
         replica: Option<String>,
     },
-    /// List the nodes: status, capacity, what is placed on them.
-    Nodes,
+    /// List the nodes: status, capacity, what is placed on them (`--denied`: the deny list).
+    Nodes {
+        /// List the denied node names instead, with since when and why.
+        #[arg(long)]
+        denied: bool,
+    },
+    /// Deny a node name, for a lost node certificate or a compromised host: its node-agent
+    /// stream is refused (certificate or token alike) and an open one ends within a second;
+    /// its replicas are placed elsewhere.
+    Deny {
+        name: String,
+        /// Why, for whoever reads the deny list later.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Take a node name off the deny list.
+    Allow { name: String },
     /// Stop placing new replicas on nodes (what runs there stays).
     Cordon {
         #[arg(required = true)]
@@ -270,7 +285,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             follow,
             since,
         } => commands::events::watch(&client, name, since, follow, format).await,
-        Command::Nodes => commands::nodes::list(&client, format).await,
+        Command::Nodes { denied: false } => commands::nodes::list(&client, format).await,
+        Command::Nodes { denied: true } => commands::nodes::list_denied(&client, format).await,
+        Command::Deny { name, reason } => commands::nodes::deny(&client, name, reason).await,
+        Command::Allow { name } => commands::nodes::allow(&client, name).await,
         Command::Cordon { names } => commands::nodes::cordon(&client, names, true).await,
         Command::Uncordon { names } => commands::nodes::cordon(&client, names, false).await,
         Command::Token { action } => commands::tokens::run(&client, action, format).await,

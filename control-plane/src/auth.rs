@@ -22,6 +22,7 @@ const READ_ONLY_METHODS: &[&str] = &[
     "/berth.v1.AgentService/StreamLogs",
     "/berth.v1.NodeService/ListNodes",
     "/berth.v1.NodeService/GetNode",
+    "/berth.v1.NodeService/ListDeniedNodes",
     "/berth.v1.RequestService/ListRequests",
     "/berth.v1.RequestService/GetRequest",
 ];

@@ -100,10 +100,17 @@ pub async fn run(
         volume_root: config.volume_root.clone(),
     };
     let sessions = Sessions::default();
+    let denied = crate::nodes::denied::DeniedNodes::default();
+    tasks.spawn(crate::nodes::denied::mirror(
+        store.clone(),
+        denied.clone(),
+        stop.child_token(),
+    ));
     let store_for_requests = store.clone();
     let agents = AgentServiceServer::new(AgentApi::new(store.clone(), limits, sessions.clone()));
     let node_agents = NodeAgentServiceServer::new(
-        NodeAgentApi::new(store.clone(), sessions).require_client_cert(config.require_node_cert),
+        NodeAgentApi::new(store.clone(), sessions, denied.clone())
+            .require_client_cert(config.require_node_cert),
     );
     // Placement and the node monitor run in the elected leader only.
     let identity = format!("{}@{}", hostname(), config.listen);
@@ -169,6 +176,7 @@ pub async fn run(
         )))
         .add_service(NodeServiceServer::new(NodeApi::new(
             store_for_requests.clone(),
+            denied,
         )))
         .add_service(TokenServiceServer::new(TokenApi::new(store_for_requests)))
         .serve_with_incoming_shutdown(

@@ -179,6 +179,16 @@ impl Keys {
         format!("{}/cordons/", self.prefix)
     }
 
+    /// `{prefix}/denied-nodes/{node}`: present while the node name is denied.
+    pub fn denied_node(&self, node: &str) -> String {
+        format!("{}/denied-nodes/{node}", self.prefix)
+    }
+
+    /// `{prefix}/denied-nodes/`: the deny list.
+    pub fn denied_nodes(&self) -> String {
+        format!("{}/denied-nodes/", self.prefix)
+    }
+
     /// `{prefix}/leader`: the control plane that runs the scheduler, under its lease.
     pub fn leader(&self) -> String {
         format!("{}/leader", self.prefix)

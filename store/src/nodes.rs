@@ -2,7 +2,7 @@
 //! observed status that node reports feed.
 
 use super::{decode, Store, StoreError};
-use berth_proto::v1::{AgentStatus, Assignment, Node};
+use berth_proto::v1::{AgentStatus, Assignment, DeniedNode, Node};
 use etcd_client::{
     Compare, CompareOp, GetOptions, LeaseKeepAliveStream, LeaseKeeper, PutOptions, Txn, TxnOp,
 };
@@ -193,6 +193,55 @@ impl Store {
             .await
             .map_err(|e| self.unavailable(e))?;
         Ok(())
+    }
+
+    /// Puts `denied` on the deny list and removes the node's record (a session of the node
+    /// that is still open renews nothing once it has ended).
+    pub async fn deny_node(&self, denied: &DeniedNode) -> Result<(), StoreError> {
+        let txn = Txn::new().and_then([
+            TxnOp::put(
+                self.keys.denied_node(&denied.name),
+                denied.encode_to_vec(),
+                None,
+            ),
+            TxnOp::delete(self.keys.node(&denied.name), None),
+        ]);
+        self.client()
+            .txn(txn)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(())
+    }
+
+    /// Takes `node` off the deny list; what was there, if it was.
+    pub async fn allow_node(&self, node: &str) -> Result<Option<DeniedNode>, StoreError> {
+        let key = self.keys.denied_node(node);
+        let resp = self
+            .client()
+            .delete(
+                key.as_str(),
+                Some(etcd_client::DeleteOptions::new().with_prev_key()),
+            )
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        resp.prev_kvs()
+            .first()
+            .map(|kv| decode(kv.key(), kv.value()))
+            .transpose()
+    }
+
+    /// Whether `node` is denied, and since when and why.
+    pub async fn node_denied(&self, node: &str) -> Result<Option<DeniedNode>, StoreError> {
+        let key = self.keys.denied_node(node);
+        let resp = self
+            .client()
+            .get(key.as_str(), None)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        resp.kvs()
+            .first()
+            .map(|kv| decode(kv.key(), kv.value()))
+            .transpose()
     }
 
     /// Every live node, sorted by name.

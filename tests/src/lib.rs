@@ -592,13 +592,23 @@ impl Gateway {
     }
 }
 
-/// Opens the node-agent stream on `channel` with `token`, says hello as `node`, and returns the
-/// first control message, or the status the control plane refused the stream with.
-pub async fn open_node_stream(
+/// An open node-agent stream, as a node agent holds it.
+pub struct NodeSession {
+    /// What the node sends; dropping it ends the node's side.
+    pub outbound: tokio::sync::mpsc::Sender<berth_proto::v1::NodeMessage>,
+    /// What the control plane sends.
+    pub inbound: tonic::Streaming<berth_proto::v1::ControlMessage>,
+    /// The first control message.
+    pub first: berth_proto::v1::ControlMessage,
+}
+
+/// Opens the node-agent stream on `channel` with `token`, says hello as `node`, and waits for
+/// the first control message; the status the control plane refused the stream with, if it did.
+pub async fn open_node_session(
     channel: Channel,
     token: &str,
     node: &str,
-) -> Result<berth_proto::v1::ControlMessage, tonic::Status> {
+) -> Result<NodeSession, tonic::Status> {
     use berth_proto::v1::node_agent_service_client::NodeAgentServiceClient;
     use berth_proto::v1::{node_message, Hello, NodeMessage};
     let value: MetadataValue<_> = format!("Bearer {token}").parse().expect("ascii token");
@@ -607,17 +617,48 @@ pub async fn open_node_stream(
             r.metadata_mut().insert("authorization", value.clone());
             Ok(r)
         });
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let (outbound, rx) = tokio::sync::mpsc::channel(4);
     let hello = NodeMessage {
         kind: Some(node_message::Kind::Hello(Hello {
             node: node.into(),
             ..Default::default()
         })),
     };
-    tx.send(hello).await.expect("the stream's queue is open");
+    outbound
+        .send(hello)
+        .await
+        .expect("the stream's queue is open");
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
     let mut inbound = client.connect(stream).await?.into_inner();
-    let first = inbound.message().await?;
-    drop(tx);
-    Ok(first.expect("a first control message"))
+    let first = inbound.message().await?.expect("a first control message");
+    Ok(NodeSession {
+        outbound,
+        inbound,
+        first,
+    })
+}
+
+/// Opens the node-agent stream on `channel` with `token`, says hello as `node`, and returns the
+/// first control message, or the status the control plane refused the stream with.
+pub async fn open_node_stream(
+    channel: Channel,
+    token: &str,
+    node: &str,
+) -> Result<berth_proto::v1::ControlMessage, tonic::Status> {
+    Ok(open_node_session(channel, token, node).await?.first)
+}
+
+/// Reads `stream` to its end (within 10 s): the status it ended with, `None` if it ended well.
+pub async fn end_of<T>(stream: &mut tonic::Streaming<T>) -> Option<tonic::Status> {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(status) => return Some(status),
+            }
+        }
+    })
+    .await
+    .expect("the stream ended")
 }

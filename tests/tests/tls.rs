@@ -6,7 +6,8 @@
 use berth_proto::v1::{Node, NodeStatus};
 use berth_tests::docker::DockerRun;
 use berth_tests::{
-    berth_bin, eventually, open_node_stream, unique_name, ControlPlane, Etcd, JOIN_TOKEN,
+    berth_bin, end_of, eventually, open_node_session, open_node_stream, unique_name, ControlPlane,
+    Etcd, JOIN_TOKEN,
 };
 use prost::Message;
 use std::path::Path;
@@ -24,6 +25,25 @@ fn certs(dir: &Path, nodes: &[&str]) {
     }
     let out = command.output().unwrap();
     assert!(out.status.success(), "{out:?}");
+}
+
+/// A TLS channel to the control plane, presenting node `node`'s certificate from `certs`.
+async fn node_channel(cp: &ControlPlane, certs: &Path, node: &str) -> Channel {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(
+            std::fs::read(certs.join("ca.pem")).unwrap(),
+        ))
+        .identity(Identity::from_pem(
+            std::fs::read(certs.join(format!("nodes/{node}.pem"))).unwrap(),
+            std::fs::read(certs.join(format!("nodes/{node}-key.pem"))).unwrap(),
+        ));
+    Channel::from_shared(cp.url())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
 }
 
 /// Opens the node-agent stream over TLS (with `identity` as the client certificate, if any);
@@ -178,4 +198,109 @@ async fn the_api_speaks_tls_and_node_agents_present_certificates() {
             std::fs::read_to_string(dir.path().join("node.log")).unwrap_or_default()
         )
     });
+}
+
+#[tokio::test]
+async fn a_denied_node_is_refused_and_its_open_stream_ends_within_a_second() {
+    use std::time::Instant;
+    let dir = tempfile::tempdir().unwrap();
+    let certs_dir = dir.path().join("tls");
+    let (lost, kept) = (unique_name("lost"), unique_name("kept"));
+    certs(&certs_dir, &[&lost, &kept]);
+    let etcd = Etcd::start().await.unwrap();
+    let cp = ControlPlane::start_tls(&etcd.url(), &certs_dir, &["--require-node-cert"])
+        .await
+        .unwrap();
+    let mut lost_session = open_node_session(
+        node_channel(&cp, &certs_dir, &lost).await,
+        JOIN_TOKEN,
+        &lost,
+    )
+    .await
+    .expect("the node connects before it is denied");
+    let mut kept_session = open_node_session(
+        node_channel(&cp, &certs_dir, &kept).await,
+        JOIN_TOKEN,
+        &kept,
+    )
+    .await
+    .expect("another node connects");
+    let record = |name: String| {
+        let etcd = &etcd;
+        async move {
+            let mut kv = etcd.client().await.unwrap();
+            let resp = kv.get(format!("/berth/nodes/{name}"), None).await.unwrap();
+            !resp.kvs().is_empty()
+        }
+    };
+    assert!(record(lost.clone()).await, "the node's record is written");
+
+    // Denied while connected: its stream ends with why, within a second, and its record goes.
+    let out = cp.cli(&["deny", &lost, "--reason", "laptop stolen"]);
+    assert!(out.status.success(), "{out:?}");
+    let denied_at = Instant::now();
+    let ended = end_of(&mut lost_session.inbound).await;
+    let took = denied_at.elapsed();
+    eprintln!("the denied node's stream ended {took:?} after the deny: {ended:?}");
+    let ended = ended.expect("ended with a status");
+    assert_eq!(ended.code(), tonic::Code::PermissionDenied, "{ended:?}");
+    assert!(ended.message().contains("laptop stolen"), "{ended:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(!record(lost.clone()).await, "its record is gone");
+
+    // Refused when it comes back, with its certificate, whatever the token.
+    let again = open_node_stream(
+        node_channel(&cp, &certs_dir, &lost).await,
+        JOIN_TOKEN,
+        &lost,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::PermissionDenied, "{again:?}");
+    assert!(again.message().contains("is denied"), "{again:?}");
+
+    // The other node is untouched: its stream is still open.
+    let still_open =
+        tokio::time::timeout(Duration::from_millis(300), kept_session.inbound.message()).await;
+    assert!(
+        still_open.is_err(),
+        "the other node's stream goes on: {still_open:?}"
+    );
+
+    // The deny list names it, with why; a read-only token may read it.
+    let out = cp.cli(&["nodes", "--denied"]);
+    let listed = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && listed.contains(&lost) && listed.contains("laptop stolen"),
+        "{listed}"
+    );
+    // Bad input is named.
+    let out = cp.cli(&["deny", "Not_A_Name"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("name"),
+        "{out:?}"
+    );
+    let out = cp.cli(&["deny", &lost, "--reason", &"x".repeat(300)]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("reason"),
+        "{out:?}"
+    );
+
+    // Allowed again, it connects.
+    let out = cp.cli(&["allow", &lost]);
+    assert!(out.status.success(), "{out:?}");
+    open_node_stream(
+        node_channel(&cp, &certs_dir, &lost).await,
+        JOIN_TOKEN,
+        &lost,
+    )
+    .await
+    .expect("the node connects once allowed");
+    let out = cp.cli(&["allow", &lost]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not denied"),
+        "{out:?}"
+    );
+    drop(kept_session);
 }

@@ -2,7 +2,9 @@
 //! is refused writes, a node token opens only its own node's stream, tokens are stored hashed
 //! and listed without secrets, and a revoked token is refused.
 
-use berth_tests::{eventually, open_node_stream, unique_name, ControlPlane, Etcd};
+use berth_tests::{
+    end_of, eventually, open_node_session, open_node_stream, unique_name, ControlPlane, Etcd,
+};
 use std::process::Output;
 use std::time::Duration;
 use tonic::transport::Channel;
@@ -133,26 +135,10 @@ async fn scoped_tokens_allow_what_their_scope_allows_and_nothing_else() {
 /// fails.
 const REVOKED_WITHIN: Duration = Duration::from_secs(1);
 
-/// Reads `stream` to its end (within 10 s): the status it ended with, `None` if it ended well.
-async fn end_of<T>(stream: &mut tonic::Streaming<T>) -> Option<tonic::Status> {
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match stream.message().await {
-                Ok(Some(_)) => continue,
-                Ok(None) => return None,
-                Err(status) => return Some(status),
-            }
-        }
-    })
-    .await
-    .expect("the stream ended")
-}
-
 #[tokio::test]
 async fn revoking_a_token_ends_the_streams_opened_with_it() {
     use berth_proto::v1::agent_service_client::AgentServiceClient;
-    use berth_proto::v1::node_agent_service_client::NodeAgentServiceClient;
-    use berth_proto::v1::{node_message, Hello, NodeMessage, WatchEventsRequest};
+    use berth_proto::v1::WatchEventsRequest;
     use std::time::Instant;
     let etcd = Etcd::start().await.unwrap();
     let cp = ControlPlane::start(&etcd.url()).await.unwrap();
@@ -201,28 +187,16 @@ async fn revoking_a_token_ends_the_streams_opened_with_it() {
     assert!(took < REVOKED_WITHIN, "{took:?}");
 
     // The node-agent stream of a node token: no more assignments or secrets after it.
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(NodeMessage {
-        kind: Some(node_message::Kind::Hello(Hello {
-            node: node_name.clone(),
-            ..Default::default()
-        })),
-    })
-    .await
-    .unwrap();
-    let mut inbound = NodeAgentServiceClient::with_interceptor(channel, bearer(&node))
-        .connect(tokio_stream::wrappers::ReceiverStream::new(rx))
+    let mut session = open_node_session(channel, &node, &node_name)
         .await
-        .expect("its node's stream opens")
-        .into_inner();
-    inbound.message().await.expect("a first control message");
+        .expect("its node's stream opens");
     let revoked = revoke(&node);
-    let ended = end_of(&mut inbound).await;
+    let ended = end_of(&mut session.inbound).await;
     let took = revoked.elapsed();
     eprintln!("node stream ended {took:?} after the revocation: {ended:?}");
     assert_eq!(ended.map(|s| s.code()), Some(tonic::Code::Unauthenticated));
     assert!(took < REVOKED_WITHIN, "{took:?}");
-    drop(tx);
+    drop(session);
     let again = connect_as(&cp, &node, &node_name).await.unwrap_err();
     assert_eq!(again.code(), tonic::Code::Unauthenticated, "{again:?}");
 }

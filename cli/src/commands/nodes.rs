@@ -3,7 +3,10 @@
 use crate::client::Client;
 use crate::output::{print_object, table, Format};
 use anyhow::bail;
-use berth_proto::v1::{GetNodeRequest, ListNodesRequest, Node, NodeActionRequest, NodeStatus};
+use berth_proto::v1::{
+    DenyNodeRequest, GetNodeRequest, ListDeniedNodesRequest, ListNodesRequest, Node,
+    NodeActionRequest, NodeStatus,
+};
 use std::time::{Duration, Instant};
 
 fn status_word(node: &Node) -> String {
@@ -52,15 +55,7 @@ pub async fn list(client: &Client, format: Format) -> anyhow::Result<()> {
     for n in &listed.nodes {
         let capacity = n.capacity.unwrap_or_default();
         let allocated = n.allocated.unwrap_or_default();
-        let seen = n
-            .last_seen
-            .as_ref()
-            .map(|t| {
-                let at =
-                    std::time::UNIX_EPOCH + std::time::Duration::new(t.seconds.max(0) as u64, 0);
-                humantime::format_rfc3339_seconds(at).to_string()
-            })
-            .unwrap_or_else(|| "-".into());
+        let seen = timestamp(n.last_seen.as_ref());
         out.add_row(vec![
             n.name.clone(),
             status_word(n),
@@ -73,6 +68,62 @@ pub async fn list(client: &Client, format: Format) -> anyhow::Result<()> {
         ]);
     }
     println!("{out}");
+    Ok(())
+}
+
+fn timestamp(t: Option<&pbjson_types::Timestamp>) -> String {
+    t.map(|t| {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::new(t.seconds.max(0) as u64, 0);
+        humantime::format_rfc3339_seconds(at).to_string()
+    })
+    .unwrap_or_else(|| "-".into())
+}
+
+/// Lists the denied node names.
+pub async fn list_denied(client: &Client, format: Format) -> anyhow::Result<()> {
+    let listed = client
+        .nodes()
+        .list_denied_nodes(ListDeniedNodesRequest {})
+        .await
+        .map_err(|s| client.explain(s))?
+        .into_inner();
+    if format != Format::Table {
+        return print_object(format, &listed);
+    }
+    let mut out = table(&["NAME", "SINCE", "REASON"]);
+    for n in &listed.nodes {
+        out.add_row(vec![
+            n.name.clone(),
+            timestamp(n.since.as_ref()),
+            n.reason.clone(),
+        ]);
+    }
+    println!("{out}");
+    Ok(())
+}
+
+/// Denies a node name.
+pub async fn deny(client: &Client, name: String, reason: String) -> anyhow::Result<()> {
+    client
+        .nodes()
+        .deny_node(DenyNodeRequest {
+            name: name.clone(),
+            reason,
+        })
+        .await
+        .map_err(|s| client.explain(s))?;
+    println!("node/{name} denied: its stream is refused and its replicas move elsewhere");
+    Ok(())
+}
+
+/// Takes a node name off the deny list.
+pub async fn allow(client: &Client, name: String) -> anyhow::Result<()> {
+    client
+        .nodes()
+        .allow_node(NodeActionRequest { name: name.clone() })
+        .await
+        .map_err(|s| client.explain(s))?;
+    println!("node/{name} allowed");
     Ok(())
 }
 

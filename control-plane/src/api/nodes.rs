@@ -1,11 +1,12 @@
 //! `berth.v1.NodeService`: the fleet as operators see it, cordoning and draining.
 
 use super::to_status;
+use crate::nodes::denied::DeniedNodes;
 use crate::nodes::placement::pinned;
 use berth_proto::v1::node_service_server::NodeService;
 use berth_proto::v1::{
-    GetNodeRequest, ListNodesRequest, ListNodesResponse, Node, NodeActionRequest, NodeStatus,
-    Resources,
+    DeniedNode, DenyNodeRequest, GetNodeRequest, ListDeniedNodesRequest, ListDeniedNodesResponse,
+    ListNodesRequest, ListNodesResponse, Node, NodeActionRequest, NodeStatus, Resources,
 };
 use berth_proto::validate;
 use berth_store::{Cordon, Placement, Store};
@@ -16,12 +17,16 @@ use tonic::{Request, Response, Status};
 #[derive(Clone)]
 pub struct NodeApi {
     store: Store,
+    denied: DeniedNodes,
 }
 
+/// Bytes of a deny's reason.
+pub const MAX_DENY_REASON_BYTES: usize = 256;
+
 impl NodeApi {
-    /// The service over `store`.
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    /// The service over `store`, listing the deny list from `denied`.
+    pub fn new(store: Store, denied: DeniedNodes) -> Self {
+        Self { store, denied }
     }
 
     /// Every node: those with a record (ready or unknown), and those that still have
@@ -137,5 +142,55 @@ impl NodeService for NodeApi {
     ) -> Result<Response<Node>, Status> {
         self.set_cordon(&request.into_inner().name, Cordon::Draining)
             .await
+    }
+
+    async fn deny_node(
+        &self,
+        request: Request<DenyNodeRequest>,
+    ) -> Result<Response<DeniedNode>, Status> {
+        let request = request.into_inner();
+        validate::dns_label("name", &request.name).map_err(|e| to_status(e.into()))?;
+        if request.reason.len() > MAX_DENY_REASON_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "reason: {} bytes, more than {MAX_DENY_REASON_BYTES}",
+                request.reason.len()
+            )));
+        }
+        let denied = DeniedNode {
+            name: request.name,
+            reason: request.reason,
+            since: Some(berth_proto::time::now()),
+        };
+        self.store
+            .deny_node(&denied)
+            .await
+            .map_err(|e| to_status(e.into()))?;
+        tracing::warn!(node = %denied.name, reason = %denied.reason, "node denied");
+        Ok(Response::new(denied))
+    }
+
+    async fn allow_node(
+        &self,
+        request: Request<NodeActionRequest>,
+    ) -> Result<Response<DeniedNode>, Status> {
+        let name = request.into_inner().name;
+        validate::dns_label("name", &name).map_err(|e| to_status(e.into()))?;
+        let allowed = self
+            .store
+            .allow_node(&name)
+            .await
+            .map_err(|e| to_status(e.into()))?
+            .ok_or_else(|| Status::not_found(format!("node {name} is not denied")))?;
+        tracing::info!(node = %name, "node allowed again");
+        Ok(Response::new(allowed))
+    }
+
+    async fn list_denied_nodes(
+        &self,
+        _: Request<ListDeniedNodesRequest>,
+    ) -> Result<Response<ListDeniedNodesResponse>, Status> {
+        Ok(Response::new(ListDeniedNodesResponse {
+            nodes: self.denied.list().await,
+        }))
     }
 }

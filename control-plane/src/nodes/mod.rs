@@ -1,6 +1,7 @@
 //! Node sessions: the `NodeAgentService.Connect` stream of each node agent, first placement,
 //! and observed status built from node reports.
 
+pub mod denied;
 pub mod monitor;
 pub mod placement;
 pub mod sessions;
@@ -36,15 +37,18 @@ pub const NODE_UNKNOWN_AFTER: Duration = Duration::from_secs(10);
 pub struct NodeAgentApi {
     store: Store,
     sessions: Sessions,
+    denied: denied::DeniedNodes,
     require_client_cert: bool,
 }
 
 impl NodeAgentApi {
-    /// Node sessions over `store`, registered in `sessions` so that log requests reach them.
-    pub fn new(store: Store, sessions: Sessions) -> Self {
+    /// Node sessions over `store`, registered in `sessions` so that log requests reach them,
+    /// each ended when its node is on `denied`.
+    pub fn new(store: Store, sessions: Sessions, denied: denied::DeniedNodes) -> Self {
         Self {
             store,
             sessions,
+            denied,
             require_client_cert: false,
         }
     }
@@ -117,6 +121,16 @@ impl NodeAgentService for NodeAgentApi {
                 )));
             }
         }
+        // A denied name is refused whatever its credentials: read from etcd, not the mirror,
+        // which may not have listed yet.
+        let denied = self
+            .store
+            .node_denied(&hello.node)
+            .await
+            .map_err(|e| to_status(ApiError::Store(e)))?;
+        if let Some(denied) = denied {
+            return Err(denied::refusal(&denied));
+        }
         let node = hello.node.clone();
         let lease = self
             .store
@@ -134,14 +148,31 @@ impl NodeAgentService for NodeAgentApi {
 
         let (tx, rx) = mpsc::channel(64);
         let session = self.sessions.join(&node, tx.clone());
-        tokio::spawn(push_assignments(self.store.clone(), node.clone(), tx));
+        tokio::spawn(push_assignments(
+            self.store.clone(),
+            node.clone(),
+            tx.clone(),
+        ));
         let store = self.store.clone();
         let sessions = self.sessions.clone();
+        let denied = self.denied.denied(&node);
         tokio::spawn(async move {
             let mut record = node_record(&hello);
             let mut renewer = store.lease_renewer(lease);
+            tokio::pin!(denied);
             loop {
-                let message = match inbound.message().await {
+                let message = tokio::select! {
+                    // Denied while connected: the stream ends with why, no more assignments
+                    // or secrets reach it, and its record goes so that its replicas move.
+                    denied = &mut denied => {
+                        tracing::warn!(node = %node, "node denied: ending its stream");
+                        let _ = tx.send(Err(denied::refusal(&denied))).await;
+                        store.revoke_lease(renewer.lease()).await;
+                        break;
+                    }
+                    message = inbound.message() => message,
+                };
+                let message = match message {
                     Ok(Some(message)) => message,
                     Ok(None) => break,
                     Err(e) => {
