@@ -24,9 +24,38 @@ pub struct CertsArgs {
     /// plane accepts it for that node only. With a CA already in --dir, only these are made.
     #[arg(long = "node")]
     pub nodes: Vec<String>,
+    /// A server certificate of its own for one service, `NAME=HOST[,HOST...]` (repeatable):
+    /// services/NAME.pem and services/NAME-key.pem, for server authentication only, so that
+    /// each service holds its own key and none can pass for a node. With a CA already in
+    /// --dir, only these are made.
+    #[arg(long = "service", value_parser = parse_service)]
+    pub services: Vec<(String, Vec<String>)>,
+    /// A client certificate of its own, e.g. for a service that talks to etcd (repeatable):
+    /// clients/NAME.pem and clients/NAME-key.pem, for client authentication only, naming no
+    /// host, so that it cannot pass for a node. With a CA already in --dir, only these are made.
+    #[arg(long = "client")]
+    pub clients: Vec<String>,
     /// Keep files that exist instead of refusing.
     #[arg(long)]
     pub keep: bool,
+}
+
+/// `NAME=HOST[,HOST...]` of `--service`.
+fn parse_service(value: &str) -> Result<(String, Vec<String>), String> {
+    let (name, hosts) = value
+        .split_once('=')
+        .ok_or_else(|| format!("--service {value}: expected NAME=HOST[,HOST...]"))?;
+    berth_proto::validate::dns_label("--service", name).map_err(|e| e.to_string())?;
+    let hosts: Vec<String> = hosts
+        .split(',')
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .map(String::from)
+        .collect();
+    if hosts.is_empty() {
+        return Err(format!("--service {value}: name at least one host"));
+    }
+    Ok((name.to_string(), hosts))
 }
 
 /// The files `berth certs` writes.
@@ -53,10 +82,15 @@ impl CertFiles {
 
     /// The client certificate and key of node `name` (for mTLS).
     pub fn node(&self, name: &str) -> (PathBuf, PathBuf) {
-        let nodes = self.dir.join("nodes");
+        self.leaf("nodes", name)
+    }
+
+    /// `KIND/NAME.pem` and `KIND/NAME-key.pem` under the directory.
+    fn leaf(&self, kind: &str, name: &str) -> (PathBuf, PathBuf) {
+        let dir = self.dir.join(kind);
         (
-            nodes.join(format!("{name}.pem")),
-            nodes.join(format!("{name}-key.pem")),
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}-key.pem")),
         )
     }
 }
@@ -98,10 +132,7 @@ pub fn make(
                 files.ca.display()
             );
         }
-        let key = std::fs::read_to_string(dir.join("ca-key.pem"))
-            .with_context(|| format!("the CA's key beside {}", files.ca.display()))?;
-        let ca_key = KeyPair::from_pem(&key)?;
-        let ca = ca_params()?.self_signed(&ca_key)?;
+        let (ca, ca_key) = load_ca(&files)?;
         for node in nodes {
             node_cert(&files, node, &ca, &ca_key)?;
         }
@@ -115,13 +146,7 @@ pub fn make(
     names.dedup();
     let mut server_params = CertificateParams::new(Vec::<String>::new())?;
     server_params.distinguished_name = named("berth server");
-    server_params.subject_alt_names = names
-        .iter()
-        .map(|n| match n.parse::<std::net::IpAddr>() {
-            Ok(ip) => Ok(SanType::IpAddress(ip)),
-            Err(_) => Ok(SanType::DnsName(n.clone().try_into()?)),
-        })
-        .collect::<Result<_, rcgen::Error>>()?;
+    server_params.subject_alt_names = sans(&names)?;
     // Client auth too: the servers present this certificate to etcd when etcd asks for
     // client certificates (`--etcd-cert`).
     server_params.extended_key_usages = vec![
@@ -150,24 +175,96 @@ fn node_cert(
     ca: &rcgen::Certificate,
     ca_key: &KeyPair,
 ) -> anyhow::Result<()> {
-    let (cert, key) = files.node(name);
-    if cert.exists() {
-        return Ok(());
+    let leaf = Leaf {
+        subject: format!("berth node {name}"),
+        hosts: vec![name.to_string()],
+        usage: ExtendedKeyUsagePurpose::ClientAuth,
+    };
+    leaf.write(files.node(name), ca, ca_key)
+}
+
+/// A certificate signed by the CA for one purpose.
+struct Leaf {
+    subject: String,
+    hosts: Vec<String>,
+    usage: ExtendedKeyUsagePurpose,
+}
+
+impl Leaf {
+    /// Writes the certificate and its key (private), unless the certificate exists.
+    fn write(
+        self,
+        (cert, key): (PathBuf, PathBuf),
+        ca: &rcgen::Certificate,
+        ca_key: &KeyPair,
+    ) -> anyhow::Result<()> {
+        if cert.exists() {
+            return Ok(());
+        }
+        std::fs::create_dir_all(cert.parent().expect("a directory"))?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = sans(&self.hosts)?;
+        params.distinguished_name = named(&self.subject);
+        params.extended_key_usages = vec![self.usage];
+        let leaf_key = KeyPair::generate()?;
+        let leaf = params.signed_by(&leaf_key, ca, ca_key)?;
+        crate::up::write_private(&key, &leaf_key.serialize_pem())?;
+        std::fs::write(&cert, leaf.pem())?;
+        Ok(())
     }
-    std::fs::create_dir_all(cert.parent().expect("nodes directory"))?;
-    let mut params = CertificateParams::new(vec![name.to_string()])?;
-    params.distinguished_name = named(&format!("berth node {name}"));
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    let node_key = KeyPair::generate()?;
-    let node = params.signed_by(&node_key, ca, ca_key)?;
-    crate::up::write_private(&key, &node_key.serialize_pem())?;
-    std::fs::write(&cert, node.pem())?;
-    Ok(())
+}
+
+/// Subject alternative names: IP addresses as such, the rest as DNS names.
+fn sans(hosts: &[String]) -> anyhow::Result<Vec<SanType>> {
+    Ok(hosts
+        .iter()
+        .map(|n| match n.parse::<std::net::IpAddr>() {
+            Ok(ip) => Ok(SanType::IpAddress(ip)),
+            Err(_) => Ok(SanType::DnsName(n.clone().try_into()?)),
+        })
+        .collect::<Result<_, rcgen::Error>>()?)
+}
+
+/// The CA under `files`, made again from its key to sign with.
+fn load_ca(files: &CertFiles) -> anyhow::Result<(rcgen::Certificate, KeyPair)> {
+    let key = std::fs::read_to_string(files.dir.join("ca-key.pem"))
+        .with_context(|| format!("the CA's key beside {}", files.ca.display()))?;
+    let ca_key = KeyPair::from_pem(&key)?;
+    let ca = ca_params()?.self_signed(&ca_key)?;
+    Ok((ca, ca_key))
 }
 
 /// Runs `berth certs`.
 pub fn run(args: CertsArgs) -> anyhow::Result<()> {
-    let files = make(&args.dir, &args.hosts, &args.nodes, args.keep)?;
+    for client in &args.clients {
+        berth_proto::validate::dns_label("--client", client)?;
+    }
+    let only_leaves = !args.services.is_empty() || !args.clients.is_empty();
+    let files = make(
+        &args.dir,
+        &args.hosts,
+        &args.nodes,
+        args.keep || only_leaves,
+    )?;
+    if only_leaves {
+        let (ca, ca_key) = load_ca(&files)?;
+        for (name, hosts) in &args.services {
+            let leaf = Leaf {
+                subject: format!("berth service {name}"),
+                hosts: hosts.clone(),
+                usage: ExtendedKeyUsagePurpose::ServerAuth,
+            };
+            leaf.write(files.leaf("services", name), &ca, &ca_key)?;
+        }
+        for name in &args.clients {
+            let leaf = Leaf {
+                subject: format!("berth client {name}"),
+                hosts: Vec::new(),
+                usage: ExtendedKeyUsagePurpose::ClientAuth,
+            };
+            leaf.write(files.leaf("clients", name), &ca, &ca_key)?;
+        }
+    }
     println!("CA           {}", files.ca.display());
     println!(
         "server       {} (key {})",
@@ -177,6 +274,14 @@ pub fn run(args: CertsArgs) -> anyhow::Result<()> {
     for node in &args.nodes {
         let (cert, key) = files.node(node);
         println!("node {node:<7} {} (key {})", cert.display(), key.display());
+    }
+    for (name, _) in &args.services {
+        let (cert, key) = files.leaf("services", name);
+        println!("service {name} {} (key {})", cert.display(), key.display());
+    }
+    for name in &args.clients {
+        let (cert, key) = files.leaf("clients", name);
+        println!("client {name} {} (key {})", cert.display(), key.display());
     }
     Ok(())
 }

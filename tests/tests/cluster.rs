@@ -6,7 +6,8 @@
 //! Every request must end answered, directly or by replay. Torn down on exit, pass or fail.
 
 use berth_tests::wire::send_tls;
-use berth_tests::{berth_bin, eventually, free_port, unique_name, ADMIN_TOKEN, JOIN_TOKEN};
+use berth_tests::{berth_bin, eventually, free_port, unique_name, ADMIN_TOKEN};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
@@ -64,10 +65,14 @@ impl Cluster {
     fn up() -> Self {
         let project = unique_name("berth-ci");
         let secrets = tempfile::tempdir().unwrap();
-        std::fs::write(secrets.path().join("tokens"), format!("{ADMIN_TOKEN}\n")).unwrap();
-        std::fs::write(secrets.path().join("join"), format!("{JOIN_TOKEN}\n")).unwrap();
-        // The certificates as a user makes them: the CA, the services' names, and one
-        // certificate per node agent naming its node.
+        // The operator's admin token is the tests' own; the rest is made as a user makes it:
+        // the CA, each service's certificates and tokens, one certificate per node.
+        std::fs::create_dir_all(secrets.path().join("operator")).unwrap();
+        std::fs::write(
+            secrets.path().join("operator/tokens"),
+            format!("{ADMIN_TOKEN}\n"),
+        )
+        .unwrap();
         let out = Command::new(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/cluster-secrets.sh"),
         )
@@ -94,7 +99,7 @@ impl Cluster {
 
     /// The cluster's CA certificate.
     fn ca(&self) -> PathBuf {
-        self.secrets.path().join("tls/ca.pem")
+        self.secrets.path().join("operator/ca.pem")
     }
 
     /// A request through the gateway, over HTTPS.
@@ -153,6 +158,35 @@ impl Cluster {
             .collect()
     }
 
+    /// The files `service`'s container can read under /run/berth, as it sees them, and the
+    /// host paths mounted into it.
+    fn readable(&self, service: &str) -> (BTreeSet<String>, Vec<String>) {
+        let out = self.compose(&["ps", "-q", service]);
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(!id.is_empty(), "{service} has a container: {out:?}");
+        let listed = Command::new("sh")
+            .arg("-c")
+            .arg(format!("docker cp {id}:/run/berth - | tar -t"))
+            .output()
+            .unwrap();
+        assert!(listed.status.success(), "{service}: {listed:?}");
+        let files = String::from_utf8_lossy(&listed.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("berth/"))
+            .filter(|f| !f.is_empty())
+            .map(String::from)
+            .collect();
+        let mounts = Command::new("docker")
+            .args(["inspect", "-f", "{{range .Mounts}}{{.Source}} {{end}}", &id])
+            .output()
+            .unwrap();
+        let mounts = String::from_utf8_lossy(&mounts.stdout)
+            .split_whitespace()
+            .map(String::from)
+            .collect();
+        (files, mounts)
+    }
+
     /// The services' logs, and what each control plane answers on its own.
     fn logs(&self) -> String {
         let out = self.compose(&["logs", "--no-color", "--tail", "300"]);
@@ -197,6 +231,79 @@ impl Drop for Cluster {
     }
 }
 
+/// Least secrets per host: each container sees only its own directory of secrets, holding
+/// what that service uses; the CA key, the admin token and other services' keys are in none.
+fn each_service_reads_only_its_own_secrets(cluster: &Cluster) {
+    let set = |files: &[&str]| files.iter().map(|f| f.to_string()).collect::<BTreeSet<_>>();
+    let server = [
+        "ca.pem",
+        "server.pem",
+        "server-key.pem",
+        "etcd-client.pem",
+        "etcd-client-key.pem",
+        "metrics",
+        "tokens",
+    ];
+    let mut expected = vec![
+        (
+            "control-plane-1",
+            "control-plane",
+            set(&[&server[..], &["join"]].concat()),
+        ),
+        (
+            "control-plane-2",
+            "control-plane",
+            set(&[&server[..], &["join"]].concat()),
+        ),
+        ("gateway", "gateway", set(&server)),
+    ];
+    for etcd in ["etcd1", "etcd2", "etcd3"] {
+        expected.push((etcd, "etcd", set(&["ca.pem", "etcd.pem", "etcd-key.pem"])));
+    }
+    for (service, dir) in [
+        ("node-1", "node-1"),
+        ("node-2", "node-2"),
+        ("node-3", "node-3"),
+    ] {
+        expected.push((
+            service,
+            dir,
+            set(&["ca.pem", "node.pem", "node-key.pem", "join"]),
+        ));
+    }
+    let secrets = cluster.secrets.path();
+    for (service, dir, files) in expected {
+        let (readable, mounts) = cluster.readable(service);
+        eprintln!("{service} reads /run/berth: {readable:?}");
+        assert_eq!(readable, files, "{service}");
+        // The one secrets mount is its own directory (besides etcd's data and Docker's socket).
+        let own = secrets.join(dir).display().to_string();
+        for mount in mounts
+            .iter()
+            .filter(|m| m.starts_with(&*secrets.display().to_string()))
+        {
+            assert_eq!(mount, &own, "{service} mounts {mount}");
+        }
+    }
+    // Tokens are not shared between roles: the gateway's admin token is not the control
+    // plane's, and each node's join token is its own.
+    let read = |path: &str| std::fs::read_to_string(secrets.join(path)).unwrap();
+    assert_ne!(
+        read("gateway/tokens").trim(),
+        read("control-plane/tokens").trim()
+    );
+    let joins: BTreeSet<String> = (1..=3).map(|n| read(&format!("node-{n}/join"))).collect();
+    assert_eq!(joins.len(), 3, "one join token per node");
+    assert_eq!(
+        read("control-plane/join")
+            .lines()
+            .filter(|l| !l.is_empty())
+            .count(),
+        3,
+        "the control planes admit each node's token"
+    );
+}
+
 /// What the traffic saw.
 #[derive(Default, Debug)]
 struct Tally {
@@ -224,6 +331,7 @@ async fn the_compose_cluster_survives_a_lost_node_and_a_stopped_etcd_member() {
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
     eprintln!("cluster up, 3 nodes ready: {:.1?}", started.elapsed());
+    each_service_reads_only_its_own_secrets(&cluster);
 
     let name = "echo";
     let manifest = cluster.secrets.path().join("echo.yaml");
