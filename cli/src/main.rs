@@ -57,6 +57,8 @@ enum Command {
         /// The manifest file.
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
+        #[command(flatten)]
+        wait: commands::wait::WaitArgs,
     },
     /// List agents.
     #[command(alias = "list")]
@@ -219,7 +221,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<commands::wait::WaitFailed>() {
+                Some(failed) => ExitCode::from(failed.exit_code()),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -247,7 +252,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("invalid {}: {}", e.field, e.reason))?;
             Some(vec![spec])
         }
-        Command::Apply { file } => Some(read_manifest(file)?),
+        Command::Apply { file, .. } => Some(read_manifest(file)?),
         _ => None,
     };
     let config = config::CliConfig::load(&config::CliConfig::path()?)?;
@@ -264,11 +269,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     )
     .await?;
     match command {
-        Command::Deploy(_) => {
+        Command::Deploy(args) => {
             let spec = specs.and_then(|mut s| s.pop()).expect("parsed above");
-            agents::create(&client, spec, format).await
+            let name = spec.name.clone();
+            agents::create(&client, spec, format).await?;
+            if args.wait.wait {
+                commands::wait::until_available(&client, &name, args.wait.timeout).await?;
+            }
+            Ok(())
         }
-        Command::Apply { .. } => agents::apply(&client, specs.expect("parsed above"), format).await,
+        Command::Apply { wait, .. } => {
+            let specs = specs.expect("parsed above");
+            let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+            agents::apply(&client, specs, format).await?;
+            if wait.wait {
+                for name in names {
+                    commands::wait::until_available(&client, &name, wait.timeout).await?;
+                }
+            }
+            Ok(())
+        }
         Command::Ls => agents::list(&client, format).await,
         Command::Get { name } => agents::get(&client, name, format).await,
         Command::Rm { names } => agents::remove(&client, names).await,

@@ -84,6 +84,8 @@ pub struct DeployArgs {
     /// Arguments for the entrypoint (after --).
     #[arg(last = true)]
     pub args: Vec<String>,
+    #[command(flatten)]
+    pub wait: super::wait::WaitArgs,
 }
 
 impl DeployArgs {

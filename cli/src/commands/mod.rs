@@ -7,3 +7,4 @@ pub mod logs;
 pub mod nodes;
 pub mod requests;
 pub mod tokens;
+pub mod wait;

@@ -1,0 +1,289 @@
+//! `--wait` of `berth deploy` and `berth apply`: follows an agent until every replica of its
+//! current generation is ready (Available), printing progress as it changes, and gives up
+//! with the reason (and an exit code per reason) when Berth says it cannot get there.
+
+use crate::client::Client;
+use berth_proto::v1::{Agent, ConditionStatus, DesiredState, GetAgentRequest};
+use std::time::{Duration, Instant};
+
+/// How often the agent is read while waiting.
+const POLL: Duration = Duration::from_millis(250);
+/// How long an agent must stay available, with no replica restarting, before the wait ends: a
+/// replica without a health check counts as ready as soon as it runs, even one that is about
+/// to exit.
+const STABLE_FOR: Duration = Duration::from_secs(1);
+
+/// Conditions that mean the agent will not become available without a change, with the exit
+/// code `berth` ends with for each. A halted rollout comes first: while one runs, a new
+/// replica's missing image or crash loop is what halts it.
+const FAILURES: &[(&str, u8)] = &[
+    ("RolloutHalted", 6),
+    ("ImageMissing", 3),
+    ("CrashLoop", 4),
+    ("Unschedulable", 5),
+];
+/// The exit code when `--timeout` passes first.
+pub const TIMEOUT_EXIT: u8 = 7;
+
+/// `--wait [--timeout]` of `berth deploy` and `berth apply`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct WaitArgs {
+    /// Wait until the agent is available (every replica of this generation ready), showing
+    /// progress; exit 3 ImageMissing, 4 CrashLoop, 5 Unschedulable, 6 RolloutHalted, 7 timeout.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits (e.g. 90s, 5m).
+    #[arg(long, requires = "wait", default_value = "5m", value_parser = crate::quantity::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// Why `--wait` gave up.
+#[derive(Debug, thiserror::Error)]
+#[error("agent/{agent} is not available: {reason}: {message}")]
+pub struct WaitFailed {
+    /// The agent.
+    pub agent: String,
+    /// The condition that holds (`ImageMissing`, `CrashLoop`, `Unschedulable`,
+    /// `RolloutHalted`), or `Timeout`.
+    pub reason: String,
+    /// What Berth says of it.
+    pub message: String,
+}
+
+impl WaitFailed {
+    /// The process's exit code for this reason.
+    pub fn exit_code(&self) -> u8 {
+        FAILURES
+            .iter()
+            .find(|(reason, _)| *reason == self.reason)
+            .map_or(TIMEOUT_EXIT, |(_, code)| *code)
+    }
+}
+
+/// Where an agent stands, as `--wait` reports it.
+#[derive(Debug, PartialEq)]
+enum Progress {
+    /// Every replica of the current generation ready, and no other left.
+    Done(String),
+    /// On its way: what to print.
+    Waiting(String),
+    /// Stuck: the condition and its message.
+    Failed(String, String),
+}
+
+fn progress(agent: &Agent) -> Progress {
+    let spec = agent.spec.clone().unwrap_or_default();
+    let meta = agent.meta.clone().unwrap_or_default();
+    let status = agent.status.clone().unwrap_or_default();
+    let holds = |kind: &str| {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.r#type == kind && c.status == ConditionStatus::True as i32)
+    };
+    let current = status
+        .replicas
+        .iter()
+        .filter(|r| r.generation >= meta.generation)
+        .count() as u32;
+    let old = status.replicas.len() as u32 - current;
+    for (reason, _) in FAILURES {
+        // During a rollout the scheduler judges a failing new replica: RolloutHalted.
+        if old > 0 && *reason != "RolloutHalted" && *reason != "Unschedulable" {
+            continue;
+        }
+        if let Some(condition) = holds(reason) {
+            return Progress::Failed(reason.to_string(), condition.message.clone());
+        }
+    }
+    let desired = match DesiredState::try_from(meta.desired_state) {
+        Ok(DesiredState::Stopped) => 0,
+        _ => spec.replicas.unwrap_or(berth_proto::defaults::REPLICAS),
+    };
+    let ready = status
+        .replicas
+        .iter()
+        .filter(|r| r.generation >= meta.generation && r.ready)
+        .count() as u32;
+    let mut line = format!("{ready}/{desired} ready (generation {})", meta.generation);
+    if old > 0 {
+        line.push_str(&format!(", {old} of an older generation still running"));
+    }
+    if let Some(rolling) = holds("Progressing") {
+        line.push_str(&format!(": {}", rolling.message));
+    }
+    if ready >= desired && old == 0 && current == desired {
+        Progress::Done(line)
+    } else {
+        Progress::Waiting(line)
+    }
+}
+
+/// Waits until agent `name` is available and stays so for [`STABLE_FOR`], up to `timeout`,
+/// printing each change of progress.
+pub async fn until_available(client: &Client, name: &str, timeout: Duration) -> anyhow::Result<()> {
+    let mut api = client.agents();
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    // Since when it has been available, and with how many restarts in all.
+    let mut available: Option<(Instant, u32)> = None;
+    loop {
+        let agent = api
+            .get_agent(GetAgentRequest { name: name.into() })
+            .await
+            .map_err(|s| client.explain(s))?
+            .into_inner();
+        let restarts: u32 = agent
+            .status
+            .iter()
+            .flat_map(|s| &s.replicas)
+            .map(|r| r.restarts)
+            .sum();
+        match progress(&agent) {
+            Progress::Done(line) => match available {
+                Some((since, before)) if before == restarts => {
+                    if since.elapsed() >= STABLE_FOR {
+                        println!("agent/{name}: {line}: available");
+                        return Ok(());
+                    }
+                }
+                _ => available = Some((Instant::now(), restarts)),
+            },
+            Progress::Failed(reason, message) => {
+                return Err(WaitFailed {
+                    agent: name.into(),
+                    reason,
+                    message,
+                }
+                .into())
+            }
+            Progress::Waiting(line) => {
+                available = None;
+                if line != last {
+                    println!("agent/{name}: {line}");
+                    last = line;
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(WaitFailed {
+                agent: name.into(),
+                reason: "Timeout".into(),
+                message: format!("still {last} after {}", humantime::format_duration(timeout)),
+            }
+            .into());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_proto::v1::{AgentMeta, AgentSpec, AgentStatus, Condition, ReplicaStatus};
+
+    fn agent(
+        replicas: u32,
+        generation: i64,
+        running: &[(i64, bool)],
+        conditions: &[&str],
+    ) -> Agent {
+        Agent {
+            spec: Some(AgentSpec {
+                replicas: Some(replicas),
+                ..Default::default()
+            }),
+            meta: Some(AgentMeta {
+                generation,
+                desired_state: DesiredState::Running as i32,
+                ..Default::default()
+            }),
+            status: Some(AgentStatus {
+                replicas: running
+                    .iter()
+                    .map(|(generation, ready)| ReplicaStatus {
+                        generation: *generation,
+                        ready: *ready,
+                        ..Default::default()
+                    })
+                    .collect(),
+                conditions: conditions
+                    .iter()
+                    .map(|kind| Condition {
+                        r#type: kind.to_string(),
+                        status: ConditionStatus::True as i32,
+                        message: format!("{kind} says why"),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn done_only_when_every_replica_of_this_generation_is_ready_and_no_old_one_is_left() {
+        assert!(matches!(
+            progress(&agent(2, 1, &[], &[])),
+            Progress::Waiting(_)
+        ));
+        assert!(matches!(
+            progress(&agent(2, 1, &[(1, true), (1, false)], &[])),
+            Progress::Waiting(_)
+        ));
+        assert!(matches!(
+            progress(&agent(2, 1, &[(1, true), (1, true)], &[])),
+            Progress::Done(_)
+        ));
+        // A rollout: the new replicas ready, an old one still running.
+        let rolling = progress(&agent(
+            2,
+            2,
+            &[(2, true), (2, true), (1, true)],
+            &["Progressing"],
+        ));
+        assert_eq!(
+            rolling,
+            Progress::Waiting(
+                "2/2 ready (generation 2), 1 of an older generation still running: Progressing says why"
+                    .into()
+            )
+        );
+        assert!(matches!(
+            progress(&agent(1, 2, &[(1, true)], &[])),
+            Progress::Waiting(_)
+        ));
+    }
+
+    #[test]
+    fn each_failure_condition_ends_the_wait_with_its_own_exit_code() {
+        for (reason, code) in FAILURES {
+            let Progress::Failed(got, message) = progress(&agent(1, 1, &[(1, false)], &[reason]))
+            else {
+                panic!("{reason} must end the wait");
+            };
+            assert_eq!(&got, reason);
+            let failed = WaitFailed {
+                agent: "a".into(),
+                reason: got,
+                message,
+            };
+            assert_eq!(failed.exit_code(), *code);
+            assert!(failed.to_string().contains(reason), "{failed}");
+        }
+        // During a rollout a new replica's crash loop waits for the scheduler's verdict.
+        let rolling =
+            |conditions: &[&str]| progress(&agent(1, 2, &[(1, true), (2, false)], conditions));
+        assert!(matches!(rolling(&["CrashLoop"]), Progress::Waiting(_)));
+        assert!(matches!(
+            rolling(&["CrashLoop", "RolloutHalted"]),
+            Progress::Failed(reason, _) if reason == "RolloutHalted"
+        ));
+        let timeout = WaitFailed {
+            agent: "a".into(),
+            reason: "Timeout".into(),
+            message: String::new(),
+        };
+        assert_eq!(timeout.exit_code(), TIMEOUT_EXIT);
+    }
+}

@@ -1,0 +1,111 @@
+//! `berth deploy --wait` and `berth apply --wait` against a real control plane and node agent:
+//! success once every replica is ready, and each reason it cannot get there with its own exit
+//! code (ImageMissing 3, CrashLoop 4, Unschedulable 5, RolloutHalted 6, timeout 7).
+
+use berth_tests::docker::{DockerRun, NodeAgent, ECHO_IMAGE};
+use berth_tests::{unique_name, ControlPlane, Etcd};
+use std::process::Output;
+
+/// busybox from Debian's busybox-static (`deploy/build-images.sh busybox`).
+const BUSYBOX_IMAGE: &str = "berth/busybox:local";
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A busybox agent running `script` under sh, as a manifest for `berth apply`.
+fn busybox(name: &str, script: &str) -> String {
+    format!(
+        "name: {name}\nimage: {BUSYBOX_IMAGE}\nrestart: always\ncommand: [busybox, sh, -c, {script:?}]\n"
+    )
+}
+
+#[tokio::test]
+async fn wait_succeeds_once_available_and_names_each_reason_it_cannot_get_there() {
+    let etcd = Etcd::start().await.unwrap();
+    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
+    let run = DockerRun::new().unwrap();
+    let _node = NodeAgent::start(&cp.url(), &unique_name("wait"), &run).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let apply = |manifest: &str, extra: &[&str]| {
+        let file = dir.path().join(format!("{}.yaml", unique_name("m")));
+        std::fs::write(&file, manifest).unwrap();
+        let mut args = vec!["apply", "-f", file.to_str().unwrap(), "--wait"];
+        args.extend_from_slice(extra);
+        cp.cli(&args)
+    };
+
+    // Available: exit 0, with the progress on the way.
+    let ok = unique_name("ok");
+    let out = cp.deploy_echo(&ok, &["--replicas", "2", "--wait", "--timeout", "90s"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains("2/2 ready (generation 1): available"),
+        "{said}"
+    );
+
+    // ImageMissing: no registry, no such image.
+    let out = cp.cli(&[
+        "deploy",
+        "-n",
+        &unique_name("noimage"),
+        "-i",
+        "berth/no-such-image:never",
+        "--wait",
+        "--timeout",
+        "90s",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    assert!(text(&out).contains("ImageMissing"), "{}", text(&out));
+
+    // CrashLoop: a container that exits at once, every time.
+    let out = apply(
+        &busybox(&unique_name("crash"), "exit 1"),
+        &["--timeout", "90s"],
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out));
+    assert!(text(&out).contains("CrashLoop"), "{}", text(&out));
+
+    // Unschedulable: no node has the label.
+    let out = cp.deploy_echo(
+        &unique_name("nofit"),
+        &["--node-selector", "gpu=yes", "--wait", "--timeout", "90s"],
+    );
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    assert!(text(&out).contains("Unschedulable"), "{}", text(&out));
+
+    // RolloutHalted: an update whose new replica cannot start (its image is missing); the old
+    // one keeps serving.
+    let rolled = unique_name("roll");
+    let echo = |image: &str| {
+        format!("name: {rolled}\nimage: {image}\nhealth:\n  path: /health\n  interval: 1s\n")
+    };
+    let out = apply(&echo(ECHO_IMAGE), &["--timeout", "90s"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = apply(&echo("berth/no-such-image:never"), &["--timeout", "90s"]);
+    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    assert!(text(&out).contains("RolloutHalted"), "{}", text(&out));
+
+    // Timeout: a health check that never passes within the time given.
+    let out = cp.cli(&[
+        "deploy",
+        "-n",
+        &unique_name("slow"),
+        "-i",
+        ECHO_IMAGE,
+        "--health-endpoint",
+        "/never-there",
+        "--health-interval",
+        "1s",
+        "--wait",
+        "--timeout",
+        "2s",
+    ]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert!(text(&out).contains("Timeout"), "{}", text(&out));
+}
