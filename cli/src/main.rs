@@ -60,6 +60,9 @@ enum Command {
         #[command(flatten)]
         wait: commands::wait::WaitArgs,
     },
+    /// Write every agent as a manifest `berth apply -f` accepts (secrets `<redacted>` unless
+    /// --include-secrets).
+    Export(commands::export::ExportArgs),
     /// List agents.
     #[command(alias = "list")]
     Ls,
@@ -289,6 +292,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Export(args) => commands::export::run(&client, args).await,
         Command::Ls => agents::list(&client, format).await,
         Command::Get { name } => agents::get(&client, name, format).await,
         Command::Rm { names } => agents::remove(&client, names).await,

@@ -7,89 +7,138 @@ use crate::v1::{
     RestartSettings, VolumeMount,
 };
 use pbjson_types::Duration as PbDuration;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
 /// One agent as written in a manifest.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Manifest {
     pub name: String,
     pub image: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
-    #[serde(default)]
+    #[serde(
+        default,
+        skip_serializing_if = "HashMap::is_empty",
+        serialize_with = "sorted"
+    )]
     pub env: HashMap<String, String>,
     /// Environment variables whose values are secrets: kept apart, shown as `<redacted>`.
-    #[serde(default)]
+    #[serde(
+        default,
+        skip_serializing_if = "HashMap::is_empty",
+        serialize_with = "sorted"
+    )]
     pub secret_env: HashMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u32>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<Volume>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub replicas: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<Health>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub restart: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub restart_max_backoff: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub stop_grace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub request_timeout: Option<String>,
-    #[serde(default)]
+    #[serde(
+        default,
+        skip_serializing_if = "HashMap::is_empty",
+        serialize_with = "sorted"
+    )]
     pub labels: HashMap<String, String>,
-    #[serde(default)]
+    #[serde(
+        default,
+        skip_serializing_if = "HashMap::is_empty",
+        serialize_with = "sorted"
+    )]
     pub node_selector: HashMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The gateway token by its SHA-256 (64 hex digits), as `berth export` writes it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_sha256: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub replay: Option<Replay>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub breaker: Option<Breaker>,
 }
 
 /// A volume: `SRC:DST[:ro]`, or its long form.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum Volume {
     Short(String),
     Long {
         source: String,
         target: String,
-        #[serde(default, rename = "readOnly")]
+        #[serde(
+            default,
+            rename = "readOnly",
+            skip_serializing_if = "std::ops::Not::not"
+        )]
         read_only: bool,
     },
 }
 
 /// The health check.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Health {
     pub path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub interval: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub timeout: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub retries: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub start_period: Option<String>,
 }
 
 /// Replay settings.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Replay {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disabled: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_body: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_queued: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_queued_bytes: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ttl: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<u32>,
 }
 
 /// Circuit breaker settings.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Breaker {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub consecutive_failures: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub base_penalty: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_penalty: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub probe_timeout: Option<String>,
 }
 
@@ -250,10 +299,109 @@ impl Manifest {
             labels: self.labels,
             node_selector: self.node_selector,
             gateway_token: self.token.unwrap_or_default(),
-            gateway_token_sha256: String::new(),
+            gateway_token_sha256: self.token_sha256.unwrap_or_default(),
             request_timeout: duration("requestTimeout", &self.request_timeout)?,
         })
     }
+}
+
+impl Manifest {
+    /// The manifest of a stored spec, as `berth export` writes it: `into_spec` makes the same
+    /// spec of it. The gateway token goes by its hash; secret values as the spec holds them
+    /// (`<redacted>` unless they were asked for).
+    pub fn from_spec(spec: &AgentSpec) -> Self {
+        let resources = spec.resources.unwrap_or_default();
+        let restart = spec.restart.unwrap_or_default();
+        Manifest {
+            name: spec.name.clone(),
+            image: spec.image.clone(),
+            command: spec.command.clone(),
+            args: spec.args.clone(),
+            env: spec.env.clone(),
+            secret_env: spec.secret_env.clone(),
+            port: (spec.port != 0).then_some(spec.port),
+            volumes: spec
+                .volumes
+                .iter()
+                .map(|v| Volume::Long {
+                    source: v.source.clone(),
+                    target: v.target.clone(),
+                    read_only: v.read_only,
+                })
+                .collect(),
+            memory: bytes_text(resources.memory_bytes),
+            cpu: (resources.cpu_millis != 0).then(|| format!("{}m", resources.cpu_millis)),
+            replicas: spec.replicas,
+            health: spec.health.as_ref().map(|h| Health {
+                path: h.path.clone(),
+                interval: duration_text(&h.interval),
+                timeout: duration_text(&h.timeout),
+                retries: (h.retries != 0).then_some(h.retries),
+                start_period: duration_text(&h.start_period),
+            }),
+            restart: match RestartPolicy::try_from(restart.policy) {
+                Ok(RestartPolicy::Always) => Some("always".into()),
+                Ok(RestartPolicy::OnFailure) => Some("on-failure".into()),
+                Ok(RestartPolicy::Never) => Some("never".into()),
+                _ => None,
+            },
+            restart_max_backoff: duration_text(&restart.max_backoff),
+            stop_grace: duration_text(&spec.stop_grace),
+            request_timeout: duration_text(&spec.request_timeout),
+            labels: spec.labels.clone(),
+            node_selector: spec.node_selector.clone(),
+            token: None,
+            token_sha256: (!spec.gateway_token_sha256.is_empty())
+                .then(|| spec.gateway_token_sha256.clone()),
+            replay: spec.replay.as_ref().map(|r| Replay {
+                disabled: r.disabled,
+                max_body: bytes_text(r.max_body_bytes),
+                max_queued: (r.max_queued != 0).then_some(r.max_queued),
+                max_queued_bytes: bytes_text(r.max_queued_bytes),
+                ttl: duration_text(&r.ttl),
+                max_attempts: (r.max_attempts != 0).then_some(r.max_attempts),
+                concurrency: (r.concurrency != 0).then_some(r.concurrency),
+            }),
+            breaker: spec.breaker.as_ref().map(|b| Breaker {
+                consecutive_failures: (b.consecutive_failures != 0)
+                    .then_some(b.consecutive_failures),
+                base_penalty: duration_text(&b.base_penalty),
+                max_penalty: duration_text(&b.max_penalty),
+                probe_timeout: duration_text(&b.probe_timeout),
+            }),
+        }
+    }
+}
+
+/// A map written with its keys in order, so that an export is the same each time.
+fn sorted<S: serde::Serializer>(map: &HashMap<String, String>, s: S) -> Result<S::Ok, S::Error> {
+    map.iter()
+        .collect::<std::collections::BTreeMap<_, _>>()
+        .serialize(s)
+}
+
+/// A byte count as people write it (`512M`), exactly; `None` for 0 (unset).
+fn bytes_text(bytes: u64) -> Option<String> {
+    let unit = [(40, "T"), (30, "G"), (20, "M"), (10, "K")]
+        .into_iter()
+        .find(|(shift, _)| bytes >= 1 << shift && bytes % (1 << shift) == 0);
+    match (bytes, unit) {
+        (0, _) => None,
+        (_, Some((shift, suffix))) => Some(format!("{}{suffix}", bytes >> shift)),
+        (_, None) => Some(bytes.to_string()),
+    }
+}
+
+/// A duration as people write it (`1m 30s`, `250ms`); `None` when unset.
+fn duration_text(duration: &Option<PbDuration>) -> Option<String> {
+    duration.as_ref().map(|d| {
+        let d = std::time::Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32);
+        if d.is_zero() {
+            "0s".to_string()
+        } else {
+            humantime::format_duration(d).to_string()
+        }
+    })
 }
 
 /// Parses every YAML document in `text` into a spec. Nothing is applied unless all parse.
@@ -289,6 +437,31 @@ pub fn parse_all(text: &str) -> Result<Vec<AgentSpec>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_exported_spec_reads_back_as_the_same_spec() {
+        let text = "name: full\nimage: echo:1\ncommand: [run]\nargs: [--fast]\nenv: {A: \"1\"}\n\
+             secretEnv: {KEY: s3cret}\nport: 9000\nvolumes: [\"/v/a:/data:ro\", \"cache:/cache\"]\n\
+             memory: 1536M\ncpu: 250m\nreplicas: 3\n\
+             health: {path: /health, interval: 1m30s, timeout: 250ms, retries: 5, startPeriod: 2s}\n\
+             restart: on-failure\nrestartMaxBackoff: 30s\nstopGrace: 3s\nrequestTimeout: 45s\n\
+             labels: {team: ai}\nnodeSelector: {gpu: \"true\"}\n\
+             replay: {maxBody: 2M, maxQueued: 50, maxQueuedBytes: 1G, ttl: 1h, maxAttempts: 4, concurrency: 2}\n\
+             breaker: {consecutiveFailures: 7, basePenalty: 1s, maxPenalty: 1m, probeTimeout: 5s}\n";
+        let mut spec = parse_all(text).unwrap().remove(0);
+        spec.gateway_token_sha256 = "ab".repeat(32);
+        let exported = serde_yaml::to_string(&Manifest::from_spec(&spec)).unwrap();
+        let again = parse_all(&exported).unwrap().remove(0);
+        assert_eq!(again, spec, "{exported}");
+        assert!(
+            exported.contains("memory: 1536M") && exported.contains("cpu: 250m"),
+            "{exported}"
+        );
+        assert!(
+            !exported.contains("token:"),
+            "the token itself is never known: {exported}"
+        );
+    }
 
     #[test]
     fn parses_several_documents_with_human_quantities() {

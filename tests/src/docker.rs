@@ -238,6 +238,7 @@ where
         let mut api = api.clone();
         let request = berth_proto::v1::GetAgentRequest {
             name: name.to_string(),
+            ..Default::default()
         };
         let check = &check;
         async move {

@@ -59,7 +59,10 @@ async fn create_get_list_update_delete() {
     assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
 
     let got = api
-        .get_agent(GetAgentRequest { name: name.clone() })
+        .get_agent(GetAgentRequest {
+            name: name.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -131,7 +134,10 @@ async fn create_get_list_update_delete() {
     .await
     .unwrap();
     let gone = api
-        .get_agent(GetAgentRequest { name: name.clone() })
+        .get_agent(GetAgentRequest {
+            name: name.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);
@@ -181,7 +187,10 @@ async fn concurrent_updates_at_one_version_exactly_one_wins() {
         .count();
     assert_eq!((ok, aborted), (1, 7), "{results:?}");
     let got = api
-        .get_agent(GetAgentRequest { name })
+        .get_agent(GetAgentRequest {
+            name,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -350,7 +359,10 @@ async fn every_validation_rule_refuses_and_writes_nothing() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let got = api
-        .get_agent(GetAgentRequest { name })
+        .get_agent(GetAgentRequest {
+            name,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -383,6 +395,7 @@ async fn calls_without_a_valid_token_are_refused() {
     let err = api
         .get_agent(GetAgentRequest {
             name: "sneaky".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -512,7 +525,10 @@ async fn etcd_down_gives_unavailable_and_recovers() {
 
     etcd.stop();
     let err = api
-        .get_agent(GetAgentRequest { name: name.clone() })
+        .get_agent(GetAgentRequest {
+            name: name.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
@@ -536,7 +552,14 @@ async fn etcd_down_gives_unavailable_and_recovers() {
     let agent = eventually(READY_TIMEOUT, "the API to recover", || {
         let mut api = api.clone();
         let name = name.clone();
-        async move { api.get_agent(GetAgentRequest { name }).await.ok() }
+        async move {
+            api.get_agent(GetAgentRequest {
+                name,
+                ..Default::default()
+            })
+            .await
+            .ok()
+        }
     })
     .await
     .unwrap();

@@ -182,7 +182,10 @@ async fn a_partitioned_node_loses_its_replicas_and_a_blip_restarts_nothing() {
         || async {
             let agent = api
                 .clone()
-                .get_agent(berth_proto::v1::GetAgentRequest { name: name.clone() })
+                .get_agent(berth_proto::v1::GetAgentRequest {
+                    name: name.clone(),
+                    ..Default::default()
+                })
                 .await
                 .ok()?
                 .into_inner();
@@ -308,7 +311,10 @@ async fn a_new_spec_rolls_out_with_a_surge_replica_and_a_broken_one_halts() {
     let generation = loop {
         let agent = api
             .clone()
-            .get_agent(berth_proto::v1::GetAgentRequest { name: name.clone() })
+            .get_agent(berth_proto::v1::GetAgentRequest {
+                name: name.clone(),
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
@@ -418,7 +424,10 @@ async fn a_drain_moves_replicas_with_each_replacement_ready_before_the_old_one_s
         }
         if let Ok(agent) = api
             .clone()
-            .get_agent(berth_proto::v1::GetAgentRequest { name: name.clone() })
+            .get_agent(berth_proto::v1::GetAgentRequest {
+                name: name.clone(),
+                ..Default::default()
+            })
             .await
         {
             lowest = lowest.min(ready(&agent.into_inner()));

@@ -23,7 +23,10 @@ fn breaker(agent: &Agent, replica: &str) -> BreakerState {
 
 async fn get_agent(api: &AgentClient, name: &str) -> Agent {
     api.clone()
-        .get_agent(GetAgentRequest { name: name.into() })
+        .get_agent(GetAgentRequest {
+            name: name.into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()

@@ -89,7 +89,10 @@ async fn wait(
 ) -> anyhow::Result<Agent> {
     eventually(LIMIT, name, || {
         let mut api = api.clone();
-        let request = GetAgentRequest { name: name.into() };
+        let request = GetAgentRequest {
+            name: name.into(),
+            ..Default::default()
+        };
         let check = &check;
         async move {
             let agent = api.get_agent(request).await.ok()?.into_inner();

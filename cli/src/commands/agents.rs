@@ -33,7 +33,12 @@ pub async fn apply(client: &Client, specs: Vec<AgentSpec>, format: Format) -> an
     let mut api = client.agents();
     for spec in specs {
         let name = spec.name.clone();
-        let current = api.get_agent(GetAgentRequest { name: name.clone() }).await;
+        let current = api
+            .get_agent(GetAgentRequest {
+                name: name.clone(),
+                ..Default::default()
+            })
+            .await;
         let (agent, verb) = match current {
             Err(status) if status.code() == Code::NotFound => {
                 let request = CreateAgentRequest {
@@ -103,7 +108,10 @@ pub async fn list(client: &Client, format: Format) -> anyhow::Result<()> {
 pub async fn get(client: &Client, name: String, format: Format) -> anyhow::Result<()> {
     let agent = client
         .agents()
-        .get_agent(GetAgentRequest { name })
+        .get_agent(GetAgentRequest {
+            name,
+            ..Default::default()
+        })
         .await
         .map_err(|s| client.explain(s))?
         .into_inner();

@@ -3,6 +3,7 @@
 pub mod agents;
 pub mod deploy;
 pub mod events;
+pub mod export;
 pub mod logs;
 pub mod nodes;
 pub mod requests;

@@ -129,7 +129,10 @@ pub async fn until_available(client: &Client, name: &str, timeout: Duration) -> 
     let mut available: Option<(Instant, u32)> = None;
     loop {
         let agent = api
-            .get_agent(GetAgentRequest { name: name.into() })
+            .get_agent(GetAgentRequest {
+                name: name.into(),
+                ..Default::default()
+            })
             .await
             .map_err(|s| client.explain(s))?
             .into_inner();

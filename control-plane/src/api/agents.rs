@@ -81,11 +81,17 @@ impl AgentApi {
         } else if !spec.gateway_token_sha256.is_empty()
             && Some(spec.gateway_token_sha256.as_str()) != current_token_hash
         {
-            return Err(FieldError {
-                field: "spec.gateway_token_sha256".into(),
-                reason: "is output only: set spec.gateway_token to change the token".into(),
+            let hash = &spec.gateway_token_sha256;
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(FieldError {
+                    field: "spec.gateway_token_sha256".into(),
+                    reason: "must be 64 hex digits, the SHA-256 of the token (or set \
+                             spec.gateway_token instead)"
+                        .into(),
+                }
+                .into());
             }
-            .into());
+            spec.gateway_token_sha256 = hash.to_ascii_lowercase();
         }
         Ok(spec)
     }
@@ -178,13 +184,35 @@ impl AgentService for AgentApi {
     }
 
     async fn get_agent(&self, request: Request<GetAgentRequest>) -> ApiResult<Agent> {
-        let name = request.into_inner().name;
+        let admin = matches!(
+            request.extensions().get::<crate::auth::Principal>(),
+            Some(crate::auth::Principal::Admin)
+        );
+        let GetAgentRequest {
+            name,
+            include_secrets,
+        } = request.into_inner();
         validate::dns_label("name", &name).map_err(|e| to_status(e.into()))?;
+        if include_secrets && !admin {
+            return Err(Status::permission_denied(
+                "include_secrets needs an admin token",
+            ));
+        }
         let mut agent = self
             .store
             .get_agent(&name)
             .await
             .map_err(|e| to_status(e.into()))?;
+        if include_secrets {
+            let secrets = self
+                .store
+                .agent_secrets(&name)
+                .await
+                .map_err(|e| to_status(e.into()))?;
+            if let Some(spec) = agent.spec.as_mut() {
+                spec.secret_env = secrets.env;
+            }
+        }
         self.add_breaker_states(&mut agent).await;
         Ok(Response::new(agent))
     }
