@@ -384,7 +384,7 @@ fn sorted<S: serde::Serializer>(map: &HashMap<String, String>, s: S) -> Result<S
 fn bytes_text(bytes: u64) -> Option<String> {
     let unit = [(40, "T"), (30, "G"), (20, "M"), (10, "K")]
         .into_iter()
-        .find(|(shift, _)| bytes >= 1 << shift && bytes % (1 << shift) == 0);
+        .find(|(shift, _)| bytes >= 1 << shift && bytes.is_multiple_of(1 << shift));
     match (bytes, unit) {
         (0, _) => None,
         (_, Some((shift, suffix))) => Some(format!("{}{suffix}", bytes >> shift)),
