@@ -162,6 +162,16 @@ impl Etcd {
         ))
     }
 
+    /// Its data directory (etcd's `--data-dir`, under its name `test`).
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Its peer URL (`--initial-advertise-peer-urls`).
+    pub fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
+    }
+
     /// Kills etcd (SIGKILL), keeping its data.
     pub fn stop(&mut self) {
         self.child.take();
@@ -170,7 +180,7 @@ impl Etcd {
     /// Starts etcd again on the same ports and data, and waits until it answers.
     pub async fn resume(&mut self) -> anyhow::Result<()> {
         let url = self.url();
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let peer = self.peer_url();
         let mut command = Command::new("etcd");
         command
             .arg("--name=test")
