@@ -168,52 +168,61 @@ impl Admin {
     }
 
     /// Serves until `stop` completes, then lets requests in flight finish (a few seconds at
-    /// most). Each connection runs in a task of its own, so a slow client holds up no other.
+    /// most).
     pub async fn serve(self, stop: impl Future<Output = ()> + Send + 'static) {
-        let graceful = GracefulShutdown::new();
-        tokio::pin!(stop);
-        loop {
-            let (tcp, client) = tokio::select! {
-                accepted = self.listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                _ = &mut stop => break,
-            };
-            let (app, tls, watcher) = (self.app.clone(), self.tls.clone(), graceful.watcher());
-            tokio::spawn(async move {
-                let service = hyper_util::service::TowerToHyperService::new(app);
-                let mut http = hyper::server::conn::http1::Builder::new();
-                http.timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HANDSHAKE_TIMEOUT);
-                match tls {
-                    None => {
-                        let io = hyper_util::rt::TokioIo::new(tcp);
-                        let _ = watcher.watch(http.serve_connection(io, service)).await;
-                    }
-                    Some(acceptor) => {
-                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                            Ok(Ok(stream)) => {
-                                let io = hyper_util::rt::TokioIo::new(stream);
-                                let _ = watcher.watch(http.serve_connection(io, service)).await;
-                            }
-                            Ok(Err(e)) => {
-                                tracing::debug!(%client, error = %e, "admin TLS handshake failed")
-                            }
-                            Err(_) => {
-                                tracing::debug!(%client, "admin TLS handshake not finished in time")
-                            }
+        serve(self.listener, self.tls, self.app, stop).await
+    }
+}
+
+/// Serves `app` on `listener`, over TLS with `tls`, until `stop` completes; then lets requests
+/// in flight finish (a few seconds at most). Each connection runs in a task of its own, so a
+/// slow client holds up no other; its TLS handshake and each request's headers must arrive
+/// within [`HANDSHAKE_TIMEOUT`]. The admin listener and the control plane's dashboard use it.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    app: Router,
+    stop: impl Future<Output = ()> + Send + 'static,
+) {
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(stop);
+    loop {
+        let (tcp, client) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let (app, tls, watcher) = (app.clone(), tls.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            let service = hyper_util::service::TowerToHyperService::new(app);
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HANDSHAKE_TIMEOUT);
+            match tls {
+                None => {
+                    let io = hyper_util::rt::TokioIo::new(tcp);
+                    let _ = watcher.watch(http.serve_connection(io, service)).await;
+                }
+                Some(acceptor) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let io = hyper_util::rt::TokioIo::new(stream);
+                            let _ = watcher.watch(http.serve_connection(io, service)).await;
                         }
+                        Ok(Err(e)) => tracing::debug!(%client, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%client, "TLS handshake not finished in time"),
                     }
                 }
-            });
-        }
-        let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await;
+            }
+        });
     }
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await;
 }
 
 async fn metrics(State(state): State<AdminState>, headers: HeaderMap) -> Response {

@@ -58,6 +58,12 @@ pub struct ControlPlaneArgs {
     /// HTTP admin address for /metrics, /healthz, /readyz (default 127.0.0.1:7071).
     #[arg(long, env = "BERTH_ADMIN_LISTEN")]
     admin_listen: Option<SocketAddr>,
+    /// The web dashboard's address (default 127.0.0.1:7072; HTTPS with --tls-cert).
+    #[arg(long, env = "BERTH_DASHBOARD_LISTEN")]
+    dashboard_listen: Option<SocketAddr>,
+    /// Serve no dashboard.
+    #[arg(long, env = "BERTH_NO_DASHBOARD", conflicts_with = "dashboard_listen")]
+    no_dashboard: bool,
     /// File of admin tokens, one per line.
     #[arg(long, env = "BERTH_TOKEN_FILE")]
     token_file: Option<PathBuf>,
@@ -128,6 +134,12 @@ impl ControlPlaneArgs {
         }
         if let Some(admin) = self.admin_listen {
             config.admin_listen = admin;
+        }
+        if let Some(dashboard) = self.dashboard_listen {
+            config.dashboard_listen = Some(dashboard);
+        }
+        if self.no_dashboard {
+            config.dashboard_listen = None;
         }
         if self.token_file.is_some() {
             config.token_file = self.token_file;

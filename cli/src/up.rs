@@ -46,6 +46,9 @@ pub struct UpArgs {
     /// The gateway's address: agents are at /agents/{name}/...
     #[arg(long, default_value = "127.0.0.1:8080")]
     gateway_listen: SocketAddr,
+    /// The web dashboard's address (HTTPS unless --insecure).
+    #[arg(long, default_value = "127.0.0.1:7072")]
+    dashboard_listen: SocketAddr,
     /// The gateway's admin address (/metrics, /readyz).
     #[arg(long, default_value = "127.0.0.1:8081")]
     gateway_admin_listen: SocketAddr,
@@ -367,6 +370,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .args(["--etcd", &etcd_url])
         .args(["--listen", &args.listen.to_string()])
         .args(["--admin-listen", &args.admin_listen.to_string()])
+        .args(["--dashboard-listen", &args.dashboard_listen.to_string()])
         .arg("--token-file")
         .arg(data.join("tokens"))
         .arg("--join-token-file")
@@ -486,6 +490,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         "  gateway        {scheme}://{}/agents/NAME/... ({})",
         args.gateway_listen,
         admin(args.gateway_admin_listen)
+    );
+    println!(
+        "  dashboard      {scheme}://{}/ (sign in with the admin token: {})",
+        args.dashboard_listen,
+        data.join("tokens").display()
     );
     println!(
         "  node           {node} (Docker {docker_version} at {})",

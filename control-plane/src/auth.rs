@@ -42,7 +42,7 @@ impl Tokens {
     /// Checks the `authorization` header for the gRPC method at `path`: who is calling, or
     /// UNAUTHENTICATED (no or unknown token) or PERMISSION_DENIED (a scope that does not
     /// allow the call). Health checks need no token (`None`).
-    fn authorize(
+    pub(crate) fn authorize(
         &self,
         path: &str,
         headers: &http::HeaderMap,

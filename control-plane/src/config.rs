@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 /// Where `/metrics` and `/healthz` listen by default.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7071";
+/// Where the web dashboard listens by default.
+pub const DEFAULT_DASHBOARD_LISTEN: &str = "127.0.0.1:7072";
 /// The etcd endpoint used when none is configured.
 pub const DEFAULT_ETCD: &str = "http://127.0.0.1:2379";
 /// The etcd key prefix.
@@ -40,6 +42,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// HTTP admin listen address (`/metrics`, `/healthz`, `/readyz`).
     pub admin_listen: SocketAddr,
+    /// The web dashboard's address (HTTPS with `tls_cert`, like the API); `None` turns it off.
+    pub dashboard_listen: Option<SocketAddr>,
     /// Serve the admin listener over TLS with `tls_cert` and `tls_key`.
     pub admin_tls: bool,
     /// File of tokens (one per line) that may read `/metrics`; when set, `/metrics` also
@@ -90,6 +94,7 @@ impl Default for Config {
             etcd: vec![DEFAULT_ETCD.into()],
             listen: DEFAULT_LISTEN.parse().expect("valid constant"),
             admin_listen: DEFAULT_ADMIN_LISTEN.parse().expect("valid constant"),
+            dashboard_listen: Some(DEFAULT_DASHBOARD_LISTEN.parse().expect("valid constant")),
             admin_tls: false,
             admin_token_file: None,
             token_file: None,

@@ -5,6 +5,7 @@
 mod api;
 mod auth;
 pub mod config;
+mod dashboard;
 mod housekeeping;
 pub mod incoming;
 mod leader;

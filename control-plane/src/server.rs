@@ -107,7 +107,8 @@ pub async fn run(
         stop.child_token(),
     ));
     let store_for_requests = store.clone();
-    let agents = AgentServiceServer::new(AgentApi::new(store.clone(), limits, sessions.clone()));
+    let agent_api = AgentApi::new(store.clone(), limits, sessions.clone());
+    let agents = AgentServiceServer::new(agent_api.clone());
     let node_agents = NodeAgentServiceServer::new(
         NodeAgentApi::new(store.clone(), sessions, denied.clone())
             .require_client_cert(config.require_node_cert),
@@ -136,7 +137,7 @@ pub async fn run(
     let grpc_listener = bind(config.listen).await?;
     let admin = berth_admin::Admin::bind(
         &config.admin(),
-        admin_endpoints(metrics.clone(), store),
+        admin_endpoints(metrics.clone(), store.clone()),
         berth_admin::ServerTokens {
             admin: Some(tokens.admin.clone()),
             issued: Some(tokens.issued.clone()),
@@ -145,7 +146,42 @@ pub async fn run(
     .await?;
     tracing::info!(listen = %config.listen, admin = %format!("{}://{}", admin.scheme(), config.admin_listen), etcd = %config.etcd.join(","), "control plane serving");
 
+    let dashboard = match config.dashboard_listen {
+        Some(addr) => {
+            let tls = match (&config.tls_cert, &config.tls_key) {
+                (Some(cert), Some(key)) => {
+                    Some(berth_admin::tls::acceptor(cert, key).map_err(|reason| {
+                        ConfigError::Invalid {
+                            setting: "tls_cert",
+                            reason,
+                        }
+                    })?)
+                }
+                _ => None,
+            };
+            let listener = bind(addr).await?;
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            tracing::info!(url = %format!("{scheme}://{addr}/"), "dashboard serving");
+            let app = crate::dashboard::router(std::sync::Arc::new(crate::dashboard::Dashboard {
+                agents: agent_api.clone(),
+                nodes: NodeApi::new(store.clone(), denied.clone()),
+                requests: RequestApi::new(store.clone()),
+                tokens: tokens.clone(),
+                store: store.clone(),
+                secure: tls.is_some(),
+                stop: stop.child_token(),
+            }));
+            Some((listener, tls, app))
+        }
+        None => None,
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let dashboard = dashboard.map(|(listener, tls, app)| {
+        let mut stopped = stop_rx.clone();
+        tokio::spawn(berth_admin::serve(listener, tls, app, async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        }))
+    });
     let mut admin_stop = stop_rx.clone();
     let admin = tokio::spawn(admin.serve(async move {
         let _ = admin_stop.wait_for(|stop| *stop).await;
@@ -200,6 +236,9 @@ pub async fn run(
         tracing::warn!("background work did not finish within {SHUTDOWN_GRACE:?}");
     }
     admin.await.expect("admin task does not panic");
+    if let Some(dashboard) = dashboard {
+        dashboard.await.expect("dashboard task does not panic");
+    }
     Ok(())
 }
 

@@ -107,11 +107,22 @@ pub struct NodeAgent {
     pub name: String,
     network: String,
     run_id: String,
+    extra: Vec<String>,
 }
 
 impl NodeAgent {
     /// Starts a node agent for `run` against the control plane at `control_plane`.
     pub fn start(control_plane: &str, name: &str, run: &DockerRun) -> anyhow::Result<Self> {
+        Self::start_with(control_plane, name, run, &[])
+    }
+
+    /// [`NodeAgent::start`] with `extra` flags of `berth node-agent` (e.g. `--tls-ca`).
+    pub fn start_with(
+        control_plane: &str,
+        name: &str,
+        run: &DockerRun,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::Builder::new().prefix("berth-node-").tempdir()?;
         std::fs::write(dir.path().join("join"), format!("{JOIN_TOKEN}\n"))?;
         let mut agent = Self {
@@ -121,6 +132,7 @@ impl NodeAgent {
             name: name.to_string(),
             network: run.network.clone(),
             run_id: run.id.clone(),
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         agent.resume()?;
         Ok(agent)
@@ -167,6 +179,7 @@ impl NodeAgent {
             .arg(self.dir.path().join("state"))
             .arg("--container-label")
             .arg(format!("berth.test={}", self.run_id))
+            .args(&self.extra)
             .env("RUST_LOG", "info");
         self.child = Some(Child::spawn(
             command,

@@ -285,6 +285,8 @@ pub struct ControlPlane {
     pub addr: String,
     /// Admin HTTP address, `127.0.0.1:PORT`.
     pub admin_addr: String,
+    /// The web dashboard's address, `127.0.0.1:PORT`.
+    pub dashboard_addr: String,
     /// With TLS: the directory `berth certs` wrote (the CA clients verify the server with).
     tls: Option<PathBuf>,
     /// Extra flags of `berth control-plane`.
@@ -348,6 +350,7 @@ impl ControlPlane {
             etcd_url: etcd_url.to_string(),
             addr: format!("127.0.0.1:{}", free_port()),
             admin_addr: format!("127.0.0.1:{}", free_port()),
+            dashboard_addr: format!("127.0.0.1:{}", free_port()),
             tls: None,
             extra: Vec::new(),
         })
@@ -379,6 +382,8 @@ impl ControlPlane {
             .arg(&self.addr)
             .arg("--admin-listen")
             .arg(&self.admin_addr)
+            .arg("--dashboard-listen")
+            .arg(&self.dashboard_addr)
             .arg("--token-file")
             .arg(self.dir.path().join("tokens"))
             .arg("--join-token-file")

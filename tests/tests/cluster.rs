@@ -35,6 +35,7 @@ struct Cluster {
     project: String,
     secrets: TempDir,
     cp_ports: [u16; 2],
+    dashboard_port: u16,
     gateway: String,
 }
 
@@ -55,6 +56,7 @@ impl Cluster {
             .env("BERTH_SECRETS_DIR", self.secrets.path())
             .env("BERTH_CP1_PORT", self.cp_ports[0].to_string())
             .env("BERTH_CP2_PORT", self.cp_ports[1].to_string())
+            .env("BERTH_DASHBOARD_PORT", self.dashboard_port.to_string())
             .env(
                 "BERTH_GATEWAY_PORT",
                 self.gateway.rsplit(':').next().unwrap(),
@@ -86,6 +88,7 @@ impl Cluster {
             project,
             secrets,
             cp_ports: [free_port(), free_port()],
+            dashboard_port: free_port(),
             gateway: format!("127.0.0.1:{}", free_port()),
         };
         let out = cluster.compose(&["up", "-d"]);
@@ -332,6 +335,10 @@ async fn the_compose_cluster_survives_a_lost_node_and_a_stopped_etcd_member() {
     .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
     eprintln!("cluster up, 3 nodes ready: {:.1?}", started.elapsed());
     each_service_reads_only_its_own_secrets(&cluster);
+    // The dashboard is served over the control plane's TLS.
+    let dashboard = format!("127.0.0.1:{}", cluster.dashboard_port);
+    let login = send_tls(&dashboard, &cluster.ca(), "GET /login HTTP/1.1", b"").await;
+    assert_eq!(login.status, 200, "the dashboard's sign-in page");
 
     let name = "echo";
     let manifest = cluster.secrets.path().join("echo.yaml");

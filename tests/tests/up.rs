@@ -66,6 +66,7 @@ async fn berth_up_runs_everything_and_the_plain_cli_works() {
         .args(["--etcd-peer-listen", &format!("127.0.0.1:{}", free_port())])
         .args(["--listen", &format!("127.0.0.1:{cp}")])
         .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--dashboard-listen", &format!("127.0.0.1:{}", free_port())])
         .args(["--gateway-listen", &format!("127.0.0.1:{gateway}")])
         .args([
             "--gateway-admin-listen",

@@ -1,0 +1,833 @@
+//! The dashboard's pages and actions. Each makes the API call an operator's CLI would, on
+//! behalf of the signed-in token ([`Dashboard::request`]), and renders it with maud, which
+//! escapes every value.
+
+use super::{Caller, Dashboard, PageError, PageResult};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Redirect};
+use berth_proto::manifest::Manifest;
+use berth_proto::v1::agent_service_server::AgentService;
+use berth_proto::v1::node_service_server::NodeService;
+use berth_proto::v1::request_service_server::RequestService;
+use berth_proto::v1::{
+    Agent, AgentActionRequest, BreakerState, ConditionStatus, DesiredState, DropRequestRequest,
+    GetAgentRequest, GetRequestRequest, HealthState, ListAgentsRequest, ListNodesRequest,
+    ListRequestsRequest, NodeActionRequest, NodeStatus, ReplicaState, RequestState,
+    RetryRequestRequest, ScaleAgentRequest, StreamLogsRequest, WatchEventsRequest,
+};
+use futures::StreamExt;
+use maud::{html, Markup, DOCTYPE};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+type D = State<Arc<Dashboard>>;
+
+/// Events shown on an agent's page when it opens (newer ones arrive live).
+const EVENTS_SHOWN: usize = 50;
+/// Log lines shown on an agent's page.
+const LOG_TAIL: u32 = 40;
+/// How long an agent's page waits for its logs before showing what came.
+const LOG_WAIT: Duration = Duration::from_secs(2);
+/// Requests per page of the queue.
+const QUEUE_PAGE: u32 = 50;
+/// Requests counted per agent and state on the agents page (more shows as `1000+`).
+const COUNT_LIMIT: u32 = 1000;
+/// Bytes of a stored answer's body shown.
+const ANSWER_SHOWN: usize = 4096;
+
+const LIST_AGENTS: &str = "/berth.v1.AgentService/ListAgents";
+const GET_AGENT: &str = "/berth.v1.AgentService/GetAgent";
+const LIST_REQUESTS: &str = "/berth.v1.RequestService/ListRequests";
+const LIST_NODES: &str = "/berth.v1.NodeService/ListNodes";
+
+/// A whole page: header with navigation, `body`, and the live stream to follow, if any.
+fn page(title: &str, caller: Option<&Caller>, live: Option<&str>, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) " · Berth" }
+                link rel="stylesheet" href="/static/style.css";
+            }
+            body data-live=[live] {
+                header {
+                    span.brand { "Berth" }
+                    @if let Some(caller) = caller {
+                        a href="/agents" { "Agents" }
+                        a href="/nodes" { "Nodes" }
+                        a href="/requests" { "Replay queue" }
+                        span.who { "signed in: " (caller.principal.scope_name()) " token" }
+                        form method="post" action="/logout" { button #logout type="submit" { "Sign out" } }
+                    }
+                }
+                main { (body) }
+                script src="/static/live.js" {}
+            }
+        }
+    }
+}
+
+fn html_page(markup: Markup) -> PageResult {
+    Ok(Html(markup.into_string()).into_response())
+}
+
+/// The sign-in page, with a note (why the last attempt failed).
+pub(super) fn login(note: Option<&str>) -> Markup {
+    page(
+        "Sign in",
+        None,
+        None,
+        html! {
+            div.login {
+                h1 { "Sign in" }
+                @if let Some(note) = note { div.flash { (note) } }
+                p.muted { "An API token: an admin token, or a read-only one (`berth token create --scope read-only`), which sees everything and changes nothing." }
+                form method="post" action="/login" {
+                    label for="token" { "API token" }
+                    input #token type="password" name="token" autocomplete="off" autofocus;
+                    button.primary #signin type="submit" { "Sign in" }
+                }
+            }
+        },
+    )
+}
+
+/// A page saying why something could not be shown or done.
+pub(super) fn error(code: StatusCode, message: &str) -> Markup {
+    page(
+        "Error",
+        None,
+        None,
+        html! {
+            h1 { (code.as_u16()) " " (code.canonical_reason().unwrap_or("error")) }
+            div.flash #error { (message) }
+            p { a href="/agents" { "Back to the agents" } }
+        },
+    )
+}
+
+/// `REPLICA_STATE_RUNNING` → `running`.
+fn word(name: &str) -> String {
+    let parts: Vec<&str> = name.split('_').collect();
+    let skip = match parts.as_slice() {
+        [_, _, _, ..] if parts[1] == "STATE" || parts[1] == "STATUS" => 2,
+        _ => 1,
+    };
+    parts[skip..].join("-").to_ascii_lowercase()
+}
+
+fn time(t: Option<&pbjson_types::Timestamp>) -> String {
+    t.map(|t| {
+        let at = std::time::UNIX_EPOCH + Duration::new(t.seconds.max(0) as u64, 0);
+        humantime::format_rfc3339_seconds(at).to_string()
+    })
+    .unwrap_or_else(|| "-".into())
+}
+
+fn age(t: Option<&pbjson_types::Timestamp>) -> String {
+    let Some(t) = t else { return "-".into() };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64;
+    let secs = (now - t.seconds).max(0) as u64;
+    humantime::format_duration(Duration::from_secs(secs))
+        .to_string()
+        .split(' ')
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// What an agent is doing, in a word, and its CSS class.
+fn agent_state(agent: &Agent) -> (&'static str, &'static str) {
+    let meta = agent.meta.clone().unwrap_or_default();
+    let status = agent.status.clone().unwrap_or_default();
+    let holds = |kind: &str| {
+        status
+            .conditions
+            .iter()
+            .any(|c| c.r#type == kind && c.status == ConditionStatus::True as i32)
+    };
+    match DesiredState::try_from(meta.desired_state) {
+        Ok(DesiredState::Stopped) => return ("stopped", "muted"),
+        Ok(DesiredState::Paused) => return ("paused", "muted"),
+        _ => {}
+    }
+    for (kind, word) in [
+        ("ImageMissing", "image missing"),
+        ("CrashLoop", "crash loop"),
+        ("Unschedulable", "unschedulable"),
+        ("RolloutHalted", "rollout halted"),
+    ] {
+        if holds(kind) {
+            return (word, "bad");
+        }
+    }
+    if holds("Available") {
+        ("available", "ok")
+    } else {
+        ("starting", "warn")
+    }
+}
+
+fn desired_replicas(agent: &Agent) -> u32 {
+    let meta = agent.meta.clone().unwrap_or_default();
+    match DesiredState::try_from(meta.desired_state) {
+        Ok(DesiredState::Stopped) => 0,
+        _ => agent
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(berth_proto::defaults::REPLICAS),
+    }
+}
+
+/// Requests of `agent` in `states`, counted up to [`COUNT_LIMIT`].
+async fn count(d: &Dashboard, caller: &Caller, agent: &str, states: &[RequestState]) -> String {
+    let mut total = 0;
+    for state in states {
+        let message = ListRequestsRequest {
+            agent: agent.into(),
+            state: *state as i32,
+            limit: COUNT_LIMIT,
+            page_token: String::new(),
+        };
+        let Ok(request) = d.request(caller, LIST_REQUESTS, message) else {
+            return "-".into();
+        };
+        match d.requests.list_requests(request).await {
+            Ok(listed) => total += listed.into_inner().requests.len(),
+            Err(_) => return "-".into(),
+        }
+    }
+    if total >= COUNT_LIMIT as usize {
+        format!("{COUNT_LIMIT}+")
+    } else {
+        total.to_string()
+    }
+}
+
+#[derive(serde::Deserialize, Default)]
+pub(super) struct Filter {
+    #[serde(default)]
+    q: String,
+}
+
+/// The agents table: filtered by name (a substring) or by label (`key=value`).
+async fn agents_table(d: &Dashboard, caller: &Caller, q: &str) -> Result<Markup, PageError> {
+    let mut selector = HashMap::new();
+    let mut name_part = q.trim().to_string();
+    if let Some((k, v)) = q.trim().split_once('=') {
+        selector.insert(k.trim().to_string(), v.trim().to_string());
+        name_part.clear();
+    }
+    let request = d.request(
+        caller,
+        LIST_AGENTS,
+        ListAgentsRequest {
+            label_selector: selector,
+        },
+    )?;
+    let mut agents = d.agents.list_agents(request).await?.into_inner().agents;
+    agents.retain(|a| a.spec.as_ref().is_some_and(|s| s.name.contains(&name_part)));
+    agents.sort_by(|a, b| {
+        a.spec
+            .as_ref()
+            .map(|s| &s.name)
+            .cmp(&b.spec.as_ref().map(|s| &s.name))
+    });
+    let mut rows = Vec::new();
+    for agent in &agents {
+        let name = agent
+            .spec
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        let queued = count(
+            d,
+            caller,
+            &name,
+            &[RequestState::Queued, RequestState::Delivering],
+        )
+        .await;
+        let dead = count(d, caller, &name, &[RequestState::Dead]).await;
+        rows.push((agent, name, queued, dead));
+    }
+    Ok(html! {
+        table #agents {
+            tr { th { "Name" } th { "State" } th { "Ready" } th { "Restarts" } th { "Queued" } th { "Dead" } th { "Breakers" } th { "Labels" } th { "Age" } }
+            @if rows.is_empty() { tr { td colspan="9" .muted { "No agents" } } }
+            @for (agent, name, queued, dead) in &rows {
+                @let status = agent.status.clone().unwrap_or_default();
+                @let (state, class) = agent_state(agent);
+                @let open = status.replicas.iter().filter(|r| r.breaker == BreakerState::Open as i32).count();
+                tr data-agent=(name) {
+                    td { a href={ "/agents/" (name) } { (name) } }
+                    td { span class=(class) data-state=(state) { (state) } }
+                    td.num data-ready { (status.ready_replicas) "/" (desired_replicas(agent)) }
+                    td.num { (status.replicas.iter().map(|r| r.restarts).sum::<u32>()) }
+                    td.num { (queued) }
+                    td.num { (dead) }
+                    td { @if open > 0 { span.bad { (open) " open" } } @else { span.muted { "closed" } } }
+                    td.muted { @for (k, v) in agent.spec.iter().flat_map(|s| s.labels.iter()) { (k) "=" (v) " " } }
+                    td { (age(agent.meta.as_ref().and_then(|m| m.create_time.as_ref()))) }
+                }
+            }
+        }
+    })
+}
+
+pub(super) async fn agents(
+    State(d): D,
+    headers: HeaderMap,
+    Query(filter): Query<Filter>,
+) -> PageResult {
+    let caller = d.caller(&headers, LIST_AGENTS)?;
+    let table = agents_table(&d, &caller, &filter.q).await?;
+    let fragment = format!("/fragments/agents?q={}", urlencode(&filter.q));
+    html_page(page(
+        "Agents",
+        Some(&caller),
+        Some("/live"),
+        html! {
+            h1 { "Agents" }
+            form.filter method="get" action="/agents" {
+                input #filter type="search" name="q" value=(filter.q) placeholder="name, or label key=value";
+                button type="submit" { "Filter" }
+            }
+            div data-fragment=(fragment) { (table) }
+        },
+    ))
+}
+
+pub(super) async fn agents_fragment(
+    State(d): D,
+    headers: HeaderMap,
+    Query(filter): Query<Filter>,
+) -> PageResult {
+    let caller = d.caller(&headers, LIST_AGENTS)?;
+    html_page(agents_table(&d, &caller, &filter.q).await?)
+}
+
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+async fn get_agent(d: &Dashboard, caller: &Caller, name: &str) -> Result<Agent, PageError> {
+    let request = d.request(
+        caller,
+        GET_AGENT,
+        GetAgentRequest {
+            name: name.into(),
+            ..Default::default()
+        },
+    )?;
+    Ok(d.agents.get_agent(request).await?.into_inner())
+}
+
+/// An agent's live part: its state, replicas and conditions.
+fn agent_status(agent: &Agent) -> Markup {
+    let status = agent.status.clone().unwrap_or_default();
+    let (state, class) = agent_state(agent);
+    html! {
+        p { "State: " span #state class=(class) { (state) } " · ready " span #ready { (status.ready_replicas) "/" (desired_replicas(agent)) }
+            " · generation " (agent.meta.as_ref().map_or(0, |m| m.generation)) }
+        h2 { "Replicas" }
+        table #replicas {
+            tr { th { "Replica" } th { "Node" } th { "Container" } th { "State" } th { "Ready" } th { "Health" } th { "Restarts" } th { "Last exit" } th { "Address" } th { "Breaker" } }
+            @if status.replicas.is_empty() { tr { td colspan="10" .muted { "No replicas" } } }
+            @for r in &status.replicas {
+                @let replica_state = ReplicaState::try_from(r.state).map(|s| word(s.as_str_name())).unwrap_or_default();
+                tr data-replica=(r.replica) {
+                    td { (r.replica) }
+                    td { (r.node) }
+                    td.muted { (r.container_id.chars().take(12).collect::<String>()) }
+                    td { (replica_state) @if !r.message.is_empty() { br; span.muted { (r.message) } } }
+                    td { @if r.ready { span.ok { "yes" } } @else { span.warn { "no" } } }
+                    td { (HealthState::try_from(r.health).map(|s| word(s.as_str_name())).unwrap_or_default()) }
+                    td.num data-restarts { (r.restarts) }
+                    td { @if let Some(code) = r.last_exit_code { (code) @if r.oom_killed { " " span.bad { "(OOMKilled)" } } } @else { "-" } }
+                    td { (r.address) }
+                    td { @match BreakerState::try_from(r.breaker) {
+                        Ok(BreakerState::Open) => span.bad { "open" },
+                        Ok(BreakerState::HalfOpen) => span.warn { "half-open" },
+                        Ok(BreakerState::Closed) => "closed",
+                        _ => span.muted { "-" },
+                    } }
+                }
+            }
+        }
+        h2 { "Conditions" }
+        table #conditions {
+            tr { th { "Type" } th { "Status" } th { "Reason" } th { "Message" } th { "Since" } }
+            @for c in &status.conditions {
+                tr {
+                    td { (c.r#type) }
+                    td { (ConditionStatus::try_from(c.status).map(|s| word(s.as_str_name())).unwrap_or_default()) }
+                    td { (c.reason) }
+                    td { (c.message) }
+                    td { (time(c.last_transition_time.as_ref())) }
+                }
+            }
+        }
+    }
+}
+
+pub(super) async fn agent(State(d): D, headers: HeaderMap, Path(name): Path<String>) -> PageResult {
+    let caller = d.caller(&headers, GET_AGENT)?;
+    let agent = get_agent(&d, &caller, &name).await?;
+    let spec = agent.spec.clone().unwrap_or_default();
+    let yaml = serde_yaml::to_string(&Manifest::from_spec(&spec)).unwrap_or_default();
+    // History so far (newer events arrive through the live stream).
+    let mut events = Vec::new();
+    let history = WatchEventsRequest {
+        agent: name.clone(),
+        since_revision: 0,
+        follow: false,
+    };
+    if let Ok(request) = d.request(&caller, "/berth.v1.AgentService/WatchEvents", history) {
+        if let Ok(stream) = d.agents.watch_events(request).await {
+            let mut stream = stream.into_inner();
+            while let Ok(Some(Ok(event))) =
+                tokio::time::timeout(Duration::from_secs(2), stream.next()).await
+            {
+                events.push(event);
+            }
+        }
+    }
+    // Newer ones arrive live, from just after the newest shown.
+    let since = events.iter().map(|e| e.revision).max().unwrap_or(0);
+    let events: Vec<_> = events.into_iter().rev().take(EVENTS_SHOWN).collect();
+    let logs = logs_tail(&d, &caller, &name).await;
+    let desired = desired_replicas(&agent);
+    let stopped = agent
+        .meta
+        .as_ref()
+        .is_some_and(|m| m.desired_state == DesiredState::Stopped as i32);
+    html_page(page(
+        &name,
+        Some(&caller),
+        Some(&format!("/live?agent={name}&since={since}")),
+        html! {
+            h1 { "Agent " (name) }
+            @if caller.admin() {
+                div.actions #actions {
+                    form method="post" action={ "/agents/" (name) "/scale" } {
+                        input #replicas type="number" name="replicas" min="0" value=(desired.max(1));
+                        button #scale type="submit" { "Scale" }
+                    }
+                    @if stopped {
+                        form method="post" action={ "/agents/" (name) "/start" } { button.primary #start type="submit" { "Start" } }
+                    } @else {
+                        form method="post" action={ "/agents/" (name) "/stop" } { button.danger #stop type="submit" { "Stop" } }
+                    }
+                    form method="post" action={ "/agents/" (name) "/restart" } { button #restart type="submit" { "Restart" } }
+                }
+            }
+            div data-fragment={ "/fragments/agents/" (name) } { (agent_status(&agent)) }
+            h2 { "Events" }
+            table #events {
+                tr { th { "Time" } th { "Reason" } th { "Replica" } th { "Message" } }
+                @for e in &events {
+                    tr { td { (time(e.time.as_ref())) } td { (e.reason) } td { (e.replica) } td { (e.message) } }
+                }
+            }
+            h2 { "Logs (last " (LOG_TAIL) " lines per replica)" }
+            pre #logs { (logs) }
+            h2 { "Spec" }
+            pre #spec { (yaml) }
+            p { a href={ "/requests?agent=" (name) } { "Its replay queue" } }
+        },
+    ))
+}
+
+async fn logs_tail(d: &Dashboard, caller: &Caller, name: &str) -> String {
+    let message = StreamLogsRequest {
+        name: name.into(),
+        replica: String::new(),
+        follow: false,
+        tail: LOG_TAIL,
+    };
+    let Ok(request) = d.request(caller, "/berth.v1.AgentService/StreamLogs", message) else {
+        return "(no permission to read logs)".into();
+    };
+    let Ok(stream) = d.agents.stream_logs(request).await else {
+        return "(logs unavailable)".into();
+    };
+    let mut stream = stream.into_inner();
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + LOG_WAIT;
+    while let Ok(Some(Ok(chunk))) = tokio::time::timeout_at(deadline, stream.next()).await {
+        for line in String::from_utf8_lossy(&chunk.data).lines() {
+            text.push_str(&format!("[{}] {line}\n", chunk.replica));
+        }
+    }
+    text
+}
+
+pub(super) async fn agent_fragment(
+    State(d): D,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> PageResult {
+    let caller = d.caller(&headers, GET_AGENT)?;
+    let agent = get_agent(&d, &caller, &name).await?;
+    html_page(agent_status(&agent))
+}
+
+/// The `replicas` field of the scale form (`replicas=N`, form-encoded).
+fn replicas_field(body: &[u8]) -> Option<u32> {
+    std::str::from_utf8(body)
+        .ok()?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("replicas="))?
+        .parse()
+        .ok()
+}
+
+pub(super) async fn agent_action(
+    State(d): D,
+    headers: HeaderMap,
+    Path((name, action)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> PageResult {
+    // Who asks comes first: a refused caller learns nothing from how its form is read.
+    let caller = d.caller(&headers, GET_AGENT)?;
+    let act = |path: &str| d.request(&caller, path, AgentActionRequest { name: name.clone() });
+    match action.as_str() {
+        "scale" => {
+            let request = d.request(
+                &caller,
+                "/berth.v1.AgentService/ScaleAgent",
+                ScaleAgentRequest {
+                    name: name.clone(),
+                    replicas: replicas_field(&body).ok_or_else(|| {
+                        tonic::Status::invalid_argument("replicas: a whole number is needed")
+                    })?,
+                },
+            )?;
+            d.agents.scale_agent(request).await?;
+        }
+        "stop" => {
+            d.agents
+                .stop_agent(act("/berth.v1.AgentService/StopAgent")?)
+                .await?;
+        }
+        "start" => {
+            d.agents
+                .start_agent(act("/berth.v1.AgentService/StartAgent")?)
+                .await?;
+        }
+        "restart" => {
+            d.agents
+                .restart_agent(act("/berth.v1.AgentService/RestartAgent")?)
+                .await?;
+        }
+        _ => return Err(tonic::Status::not_found(format!("no action {action}")).into()),
+    }
+    tracing::info!(agent = %name, action, scope = caller.principal.scope_name(), "dashboard action");
+    Ok(Redirect::to(&format!("/agents/{name}")).into_response())
+}
+
+async fn nodes_table(d: &Dashboard, caller: &Caller) -> Result<Markup, PageError> {
+    let request = d.request(caller, LIST_NODES, ListNodesRequest {})?;
+    let nodes = d.nodes.list_nodes(request).await?.into_inner().nodes;
+    Ok(html! {
+        table #nodes {
+            tr { th { "Name" } th { "Status" } th { "CPU" } th { "Memory" } th { "Allocated" } th { "Replicas" } th { "Last seen" } @if caller.admin() { th { "Actions" } } }
+            @if nodes.is_empty() { tr { td colspan="8" .muted { "No nodes" } } }
+            @for n in &nodes {
+                @let capacity = n.capacity.unwrap_or_default();
+                @let allocated = n.allocated.unwrap_or_default();
+                @let status = NodeStatus::try_from(n.status).map(|s| word(s.as_str_name())).unwrap_or_default();
+                tr data-node=(n.name) {
+                    td { (n.name) }
+                    td { span class=(if status == "ready" { "ok" } else { "bad" }) { (status) }
+                        @if n.draining { " " span.warn { "draining" } } @else if n.cordoned { " " span.warn { "cordoned" } } }
+                    td.num { (format!("{:.1}", capacity.cpu_millis as f64 / 1000.0)) }
+                    td.num { (format!("{:.1} GiB", capacity.memory_bytes as f64 / (1u64 << 30) as f64)) }
+                    td.num { (format!("{:.1} CPU, {:.1} GiB", allocated.cpu_millis as f64 / 1000.0, allocated.memory_bytes as f64 / (1u64 << 30) as f64)) }
+                    td.num { (n.replicas) }
+                    td { (time(n.last_seen.as_ref())) }
+                    @if caller.admin() {
+                        td.actions {
+                            @if n.cordoned {
+                                form method="post" action={ "/nodes/" (n.name) "/uncordon" } { button type="submit" { "Uncordon" } }
+                            } @else {
+                                form method="post" action={ "/nodes/" (n.name) "/cordon" } { button type="submit" { "Cordon" } }
+                                form method="post" action={ "/nodes/" (n.name) "/drain" } { button.danger type="submit" { "Drain" } }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+pub(super) async fn nodes(State(d): D, headers: HeaderMap) -> PageResult {
+    let caller = d.caller(&headers, LIST_NODES)?;
+    let table = nodes_table(&d, &caller).await?;
+    html_page(page(
+        "Nodes",
+        Some(&caller),
+        Some("/live?nodes=1"),
+        html! { h1 { "Nodes" } div data-fragment="/fragments/nodes" { (table) } },
+    ))
+}
+
+pub(super) async fn nodes_fragment(State(d): D, headers: HeaderMap) -> PageResult {
+    let caller = d.caller(&headers, LIST_NODES)?;
+    html_page(nodes_table(&d, &caller).await?)
+}
+
+pub(super) async fn node_action(
+    State(d): D,
+    headers: HeaderMap,
+    Path((name, action)): Path<(String, String)>,
+) -> PageResult {
+    let caller = d.caller(&headers, LIST_NODES)?;
+    let path = match action.as_str() {
+        "cordon" => "/berth.v1.NodeService/CordonNode",
+        "uncordon" => "/berth.v1.NodeService/UncordonNode",
+        "drain" => "/berth.v1.NodeService/DrainNode",
+        _ => return Err(tonic::Status::not_found(format!("no action {action}")).into()),
+    };
+    let request = d.request(&caller, path, NodeActionRequest { name: name.clone() })?;
+    match action.as_str() {
+        "cordon" => d.nodes.cordon_node(request).await?,
+        "uncordon" => d.nodes.uncordon_node(request).await?,
+        _ => d.nodes.drain_node(request).await?,
+    };
+    tracing::info!(node = %name, action, "dashboard action");
+    Ok(Redirect::to("/nodes").into_response())
+}
+
+#[derive(serde::Deserialize, Default)]
+pub(super) struct QueueQuery {
+    #[serde(default)]
+    agent: String,
+    #[serde(default)]
+    state: String,
+    #[serde(default)]
+    page: String,
+}
+
+fn request_state(name: &str) -> RequestState {
+    match name {
+        "queued" => RequestState::Queued,
+        "delivering" => RequestState::Delivering,
+        "delivered" => RequestState::Delivered,
+        "dead" => RequestState::Dead,
+        _ => RequestState::Unspecified,
+    }
+}
+
+pub(super) async fn requests(
+    State(d): D,
+    headers: HeaderMap,
+    Query(q): Query<QueueQuery>,
+) -> PageResult {
+    let caller = d.caller(&headers, LIST_REQUESTS)?;
+    let message = ListRequestsRequest {
+        agent: q.agent.clone(),
+        state: request_state(&q.state) as i32,
+        limit: QUEUE_PAGE,
+        page_token: q.page.clone(),
+    };
+    let listed = d
+        .requests
+        .list_requests(d.request(&caller, LIST_REQUESTS, message)?)
+        .await?
+        .into_inner();
+    let next = (!listed.next_page_token.is_empty()).then(|| {
+        format!(
+            "/requests?agent={}&state={}&page={}",
+            urlencode(&q.agent),
+            urlencode(&q.state),
+            urlencode(&listed.next_page_token)
+        )
+    });
+    html_page(page(
+        "Replay queue",
+        Some(&caller),
+        None,
+        html! {
+            h1 { "Replay queue" }
+            form.filter method="get" action="/requests" {
+                input #agent type="search" name="agent" value=(q.agent) placeholder="agent";
+                select name="state" {
+                    @for s in ["", "queued", "delivering", "delivered", "dead"] {
+                        option value=(s) selected[s == q.state] { @if s.is_empty() { "every state" } @else { (s) } }
+                    }
+                }
+                button type="submit" { "Show" }
+            }
+            table #requests {
+                tr { th { "Request" } th { "Agent" } th { "State" } th { "Method and path" } th { "Attempts" } th { "Last error" } th { "Received" } }
+                @if listed.requests.is_empty() { tr { td colspan="7" .muted { "No requests" } } }
+                @for r in &listed.requests {
+                    @let state = RequestState::try_from(r.state).map(|s| word(s.as_str_name())).unwrap_or_default();
+                    tr data-request=(r.id) data-state=(state) {
+                        td { a href={ "/requests/" (r.id) } { (r.id) } }
+                        td { (r.agent) }
+                        td { (state) }
+                        td { (r.method) " " (r.path) @if !r.query.is_empty() { "?" (r.query) } }
+                        td.num { (r.attempts) }
+                        td { (r.last_error) }
+                        td { (time(r.receive_time.as_ref())) }
+                    }
+                }
+            }
+            @if let Some(next) = next { p { a #next href=(next) { "Next page" } } }
+        },
+    ))
+}
+
+/// Header names whose values are credentials: never shown.
+fn credential(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "authorization",
+        "cookie",
+        "token",
+        "api-key",
+        "apikey",
+        "secret",
+        "password",
+    ]
+    .iter()
+    .any(|c| name.contains(c))
+}
+
+pub(super) async fn request(State(d): D, headers: HeaderMap, Path(id): Path<String>) -> PageResult {
+    let caller = d.caller(&headers, "/berth.v1.RequestService/GetRequest")?;
+    let message = GetRequestRequest { id: id.clone() };
+    let r = d
+        .requests
+        .get_request(d.request(&caller, "/berth.v1.RequestService/GetRequest", message)?)
+        .await?
+        .into_inner();
+    let state = RequestState::try_from(r.state)
+        .map(|s| word(s.as_str_name()))
+        .unwrap_or_default();
+    let shown = |name: &str, value: &[u8]| {
+        if credential(name) {
+            "<redacted>".to_string()
+        } else {
+            String::from_utf8_lossy(value).into_owned()
+        }
+    };
+    html_page(page(
+        &format!("Request {id}"),
+        Some(&caller),
+        None,
+        html! {
+            h1 { "Request " (id) }
+            @if caller.admin() {
+                div.actions #actions {
+                    @if r.state == RequestState::Dead as i32 {
+                        form method="post" action={ "/requests/" (id) "/retry" } { button.primary #retry type="submit" { "Retry" } }
+                    }
+                    form method="post" action={ "/requests/" (id) "/drop" } { button.danger #drop type="submit" { "Drop" } }
+                }
+            }
+            table #request {
+                tr { th { "Agent" } td { a href={ "/agents/" (r.agent) } { (r.agent) } } }
+                tr { th { "State" } td #request-state { (state) } }
+                tr { th { "Method and path" } td { (r.method) " " (r.path) @if !r.query.is_empty() { "?" (r.query) } } }
+                tr { th { "Attempts" } td { (r.attempts) } }
+                tr { th { "Last error" } td { (r.last_error) } }
+                tr { th { "Received" } td { (time(r.receive_time.as_ref())) } }
+                tr { th { "Expires" } td { (time(r.expire_time.as_ref())) } }
+                tr { th { "Body" } td { (r.body_bytes.max(r.body.len() as u64)) " bytes" } }
+            }
+            h2 { "Headers" }
+            table #headers {
+                @for h in &r.headers { tr { th { (h.name) } td { (shown(&h.name, &h.value)) } } }
+            }
+            @if let Some(answer) = &r.response {
+                h2 { "Stored answer" }
+                p { "Status " (answer.status) " at " (time(answer.complete_time.as_ref())) }
+                table { @for h in &answer.headers { tr { th { (h.name) } td { (shown(&h.name, &h.value)) } } } }
+                pre #answer { (String::from_utf8_lossy(&answer.body[..answer.body.len().min(ANSWER_SHOWN)])) }
+            }
+        },
+    ))
+}
+
+pub(super) async fn request_action(
+    State(d): D,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+) -> PageResult {
+    let caller = d.caller(&headers, LIST_REQUESTS)?;
+    match action.as_str() {
+        "retry" => {
+            let path = "/berth.v1.RequestService/RetryRequest";
+            let request = d.request(&caller, path, RetryRequestRequest { id: id.clone() })?;
+            d.requests.retry_request(request).await?;
+            tracing::info!(request_id = %id, "dashboard: request back in the queue");
+            Ok(Redirect::to(&format!("/requests/{id}")).into_response())
+        }
+        "drop" => {
+            let path = "/berth.v1.RequestService/DropRequest";
+            let request = d.request(&caller, path, DropRequestRequest { id: id.clone() })?;
+            d.requests.drop_request(request).await?;
+            tracing::info!(request_id = %id, "dashboard: request dropped");
+            Ok(Redirect::to("/requests").into_response())
+        }
+        _ => Err(tonic::Status::not_found(format!("no action {action}")).into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enum_names_read_as_words() {
+        assert_eq!(word("REPLICA_STATE_RUNNING"), "running");
+        assert_eq!(word("NODE_STATUS_READY"), "ready");
+        assert_eq!(word("BREAKER_STATE_HALF_OPEN"), "half-open");
+        assert_eq!(word("REQUEST_STATE_DEAD"), "dead");
+    }
+
+    #[test]
+    fn the_scale_form_gives_its_replicas() {
+        assert_eq!(replicas_field(b"replicas=3"), Some(3));
+        assert_eq!(replicas_field(b"x=1&replicas=0"), Some(0));
+        assert_eq!(replicas_field(b"replicas=-1"), None);
+        assert_eq!(replicas_field(b""), None);
+    }
+
+    #[test]
+    fn credentials_are_never_shown() {
+        for name in [
+            "Authorization",
+            "cookie",
+            "X-Api-Key",
+            "x-auth-token",
+            "Proxy-Authorization",
+        ] {
+            assert!(credential(name), "{name}");
+        }
+        assert!(!credential("content-type"));
+    }
+
+    #[test]
+    fn every_value_is_escaped() {
+        let page = error(StatusCode::BAD_REQUEST, "<script>alert(1)</script>").into_string();
+        assert!(!page.contains("<script>alert") && page.contains("&lt;script&gt;"));
+    }
+}
