@@ -115,6 +115,12 @@ impl Ending {
         }
     }
 
+    /// Whether the request never left the gateway (no replica, shed, no connection): such an
+    /// attempt delivered nothing, so it does not use up one of a queued request's attempts.
+    pub fn unsent(self) -> bool {
+        matches!(self, Self::NoReplica | Self::Shed | Self::ConnectFailed)
+    }
+
     /// For the circuit breaker: whether the attempt counts against the replica (connect
     /// errors, timeouts, resets, 5xx other than 501). 4xx is the caller's problem.
     pub fn replica_failed(self) -> bool {
@@ -177,6 +183,25 @@ impl Ending {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_attempts_that_left_the_gateway_count() {
+        use Ending::*;
+        for ending in [NoReplica, Shed, ConnectFailed] {
+            assert!(ending.unsent(), "{ending:?}");
+        }
+        for ending in [
+            Unavailable503,
+            TimedOut,
+            Reset,
+            BadGateway,
+            AgentError,
+            Answered,
+            Refused,
+        ] {
+            assert!(!ending.unsent(), "{ending:?}");
+        }
+    }
 
     /// One row per line: ending, safe, opted out, decision.
     #[test]

@@ -109,7 +109,7 @@ def run(browser):
     shot(browser, "login")
     browser.find_element(By.ID, "token").send_keys("not-a-token-0123456789")
     browser.find_element(By.ID, "signin").click()
-    assert "Not signed in" in browser.page_source, "a wrong token is refused"
+    wait(browser, "the wrong token refused", lambda b: "Not signed in" in b.page_source)
     sign_in(browser, ADMIN_TOKEN)
 
     # An agent deployed while the page is open becomes ready on it, with no reload.
@@ -145,7 +145,8 @@ def run(browser):
     # Stop it from the page: requests are queued now.
     browser.get(f"{URL}/agents/{AGENT}")
     browser.find_element(By.ID, "stop").click()
-    wait(browser, "stopped", lambda b: text_of(b, "#state") == "stopped")
+    wait(browser, "stopped, no replica ready",
+         lambda b: text_of(b, "#state") == "stopped" and text_of(b, "#ready").startswith("0/"))
     deadline = time.time() + 30
     while True:
         status, body = gateway_post(f"/agents/{AGENT}/echo", b"drop me")
@@ -158,8 +159,9 @@ def run(browser):
     assert status == 202, f"queued: {status} {body!r}"
     to_die = json.loads(body)["request_id"]
 
+    # The queue's page is read when opened (it is not live): reloaded until both show queued.
     browser.get(f"{URL}/requests?agent={AGENT}")
-    wait(browser, "both queued", lambda b: len(b.find_elements(By.CSS_SELECTOR, "tr[data-state='queued']")) == 2)
+    wait(browser, "both queued", lambda b: b.refresh() or len(b.find_elements(By.CSS_SELECTOR, "tr[data-state='queued']")) == 2)
     shot(browser, "queue")
 
     # Drop one from its page.
@@ -180,7 +182,8 @@ def run(browser):
     # Stopped again, a retried request stays queued where the page can show it.
     browser.get(f"{URL}/agents/{AGENT}")
     browser.find_element(By.ID, "stop").click()
-    wait(browser, "stopped again", lambda b: text_of(b, "#state") == "stopped")
+    wait(browser, "stopped again, no replica ready",
+         lambda b: text_of(b, "#state") == "stopped" and text_of(b, "#ready").startswith("0/"))
     browser.get(f"{URL}/requests/{to_die}")
     assert text_of(browser, "#request-state") == "dead"
     browser.find_element(By.ID, "retry").click()

@@ -124,7 +124,8 @@ async fn an_export_applied_to_a_fresh_cluster_recreates_the_same_agents() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&file).unwrap().permissions().mode();
     assert_eq!(mode & 0o077, 0, "readable by its owner only: {mode:o}");
-    let out = fresh.cli(&["apply", "-f", file.to_str().unwrap()]);
+    // `berth export | berth apply -f -`, the file standing in for the pipe.
+    let out = apply_stdin(&fresh, &std::fs::read_to_string(&file).unwrap());
     assert!(out.status.success(), "{}", text(&out));
     let (before, after) = (specs(&cp), specs(&fresh));
     for name in [&first, &second] {

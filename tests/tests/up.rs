@@ -55,6 +55,7 @@ async fn berth_up_runs_everything_and_the_plain_cli_works() {
         .unwrap();
     let config = data.path().join("cli.yaml");
     let (cp, gateway, gateway_admin) = (free_port(), free_port(), free_port());
+    let dashboard = free_port();
     let node = unique_name("up");
     let network = unique_name("berth-up");
     let log = data.path().join("up.out");
@@ -66,7 +67,7 @@ async fn berth_up_runs_everything_and_the_plain_cli_works() {
         .args(["--etcd-peer-listen", &format!("127.0.0.1:{}", free_port())])
         .args(["--listen", &format!("127.0.0.1:{cp}")])
         .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--dashboard-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--dashboard-listen", &format!("127.0.0.1:{dashboard}")])
         .args(["--gateway-listen", &format!("127.0.0.1:{gateway}")])
         .args([
             "--gateway-admin-listen",
@@ -174,6 +175,14 @@ async fn berth_up_runs_everything_and_the_plain_cli_works() {
         printed.contains(&format!("admin https://{admin}")),
         "{printed}"
     );
+    // The dashboard, over the same TLS: its address printed, its sign-in page served.
+    let dashboard = format!("127.0.0.1:{dashboard}");
+    assert!(
+        printed.contains(&format!("dashboard      https://{dashboard}/")),
+        "{printed}"
+    );
+    let login = send_tls(&dashboard, &ca, "GET /login HTTP/1.1", b"").await;
+    assert_eq!(login.status, 200);
 
     // Ctrl-C (SIGTERM): it stops everything it started, and exits cleanly.
     let status = up.terminate().expect("berth up exits after SIGTERM");

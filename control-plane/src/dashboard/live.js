@@ -18,6 +18,9 @@
     });
   }
   const events = new EventSource(live);
+  // What changed between the page's rendering and the stream's (re)opening is not pushed:
+  // read the parts again each time the stream opens.
+  events.addEventListener("open", refresh);
   events.addEventListener("status", refresh);
   events.addEventListener("event", function (message) {
     const e = JSON.parse(message.data);

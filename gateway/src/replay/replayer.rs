@@ -460,7 +460,8 @@ async fn deliver(
         Ok(r) => format!("agent answered {}", r.status()),
         Err(e) => e.to_string(),
     };
-    let failure = match Ending::of(&result).verdict(safe) {
+    let ending = Ending::of(&result);
+    let failure = match ending.verdict(safe) {
         Verdict::Delivered => None,
         Verdict::TryLater => Some(described),
         // The agent may have seen it and a second delivery could do harm: stop here.
@@ -474,6 +475,11 @@ async fn deliver(
     };
     let r = &mut claim.stored.request;
     r.attempt_deadline = None;
+    // Claimed as an attempt, but nothing reached the agent (a replica that just went away):
+    // it is not one of the deliveries `max_attempts` counts.
+    if ending.unsent() {
+        r.attempts = r.attempts.saturating_sub(1);
+    }
     let (after, answer) = match (failure, result) {
         (None, Ok(response)) => {
             r.state = RequestState::Delivered as i32;
