@@ -168,7 +168,7 @@ def run(browser):
     browser.get(f"{URL}/requests/{to_drop}")
     shot(browser, "request")
     browser.find_element(By.ID, "drop").click()
-    wait(browser, "back on the queue", lambda b: b.current_url.startswith(f"{URL}/requests"))
+    wait(browser, "back on the queue", lambda b: b.current_url == f"{URL}/requests")
     assert to_drop not in browser.page_source, "the dropped request is gone"
 
     # Start it: the slow request times out (requestTimeout 1s, maxAttempts 1) and is dead.
