@@ -74,7 +74,12 @@ async fn a_stopped_agent_gets_its_requests_in_order_once_started() {
         .iter()
         .map(|r| r["id"].as_str().unwrap())
         .collect();
-    assert_eq!(listed, ids.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        listed,
+        ids.iter().map(String::as_str).collect::<Vec<_>>(),
+        "what the queue lists is what was queued, in order\n{}",
+        s.gw.log()
+    );
     let table = String::from_utf8_lossy(&s.cp.cli(&["requests", &s.name]).stdout).into_owned();
     assert!(
         table.contains("queued") && table.contains(&ids[0]),

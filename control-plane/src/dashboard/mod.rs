@@ -6,8 +6,11 @@
 //! the server (maud); `live.js` refreshes a page's parts when the server pushes a change
 //! (server-sent events fed by etcd watches), so nothing polls.
 
+mod agents;
+mod layout;
 mod live;
-mod pages;
+mod nodes;
+mod queue;
 
 use crate::api::{AgentApi, NodeApi, RequestApi};
 use crate::auth::{Principal, Tokens};
@@ -75,7 +78,7 @@ impl IntoResponse for PageError {
         };
         (
             code,
-            Html(pages::error(code, status.message()).into_string()),
+            Html(layout::error(code, status.message()).into_string()),
         )
             .into_response()
     }
@@ -152,17 +155,17 @@ pub fn router(dashboard: Arc<Dashboard>) -> Router {
         .route("/logout", post(logout))
         .route("/static/style.css", get(|| async { css() }))
         .route("/static/live.js", get(|| async { js() }))
-        .route("/agents", get(pages::agents))
-        .route("/fragments/agents", get(pages::agents_fragment))
-        .route("/agents/{name}", get(pages::agent))
-        .route("/fragments/agents/{name}", get(pages::agent_fragment))
-        .route("/agents/{name}/{action}", post(pages::agent_action))
-        .route("/nodes", get(pages::nodes))
-        .route("/fragments/nodes", get(pages::nodes_fragment))
-        .route("/nodes/{name}/{action}", post(pages::node_action))
-        .route("/requests", get(pages::requests))
-        .route("/requests/{id}", get(pages::request))
-        .route("/requests/{id}/{action}", post(pages::request_action))
+        .route("/agents", get(agents::agents))
+        .route("/fragments/agents", get(agents::agents_fragment))
+        .route("/agents/{name}", get(agents::agent))
+        .route("/fragments/agents/{name}", get(agents::agent_fragment))
+        .route("/agents/{name}/{action}", post(agents::agent_action))
+        .route("/nodes", get(nodes::nodes))
+        .route("/fragments/nodes", get(nodes::nodes_fragment))
+        .route("/nodes/{name}/{action}", post(nodes::node_action))
+        .route("/requests", get(queue::requests))
+        .route("/requests/{id}", get(queue::request))
+        .route("/requests/{id}/{action}", post(queue::request_action))
         .route("/live", get(live::stream))
         .with_state(dashboard)
 }
@@ -190,7 +193,7 @@ async fn login_page(Query(query): Query<LoginQuery>) -> Html<String> {
     let note = query
         .expired
         .map(|_| "Your token is no longer valid: sign in again.");
-    Html(pages::login(note).into_string())
+    Html(layout::login(note).into_string())
 }
 
 #[derive(serde::Deserialize)]
@@ -213,7 +216,9 @@ async fn login(State(d): State<Arc<Dashboard>>, Form(form): Form<LoginForm>) -> 
         }
         Err(status) => (
             StatusCode::UNAUTHORIZED,
-            Html(pages::login(Some(&format!("Not signed in: {}", status.message()))).into_string()),
+            Html(
+                layout::login(Some(&format!("Not signed in: {}", status.message()))).into_string(),
+            ),
         )
             .into_response(),
     }
