@@ -19,6 +19,33 @@ pub mod v1 {
     include!(concat!(env!("OUT_DIR"), "/berth.v1.serde.rs"));
 }
 
+impl v1::AgentStatus {
+    /// The condition of type `kind` (`Available`, `CrashLoop`, ...), if it holds now.
+    pub fn holding(&self, kind: &str) -> Option<&v1::Condition> {
+        self.conditions
+            .iter()
+            .find(|c| c.r#type == kind && c.status == v1::ConditionStatus::True as i32)
+    }
+}
+
+impl v1::Agent {
+    /// The replicas it should have: none while stopped, else its spec's (or the default).
+    pub fn desired_replicas(&self) -> u32 {
+        let stopped = self
+            .meta
+            .as_ref()
+            .is_some_and(|m| m.desired_state == v1::DesiredState::Stopped as i32);
+        match stopped {
+            true => 0,
+            false => self
+                .spec
+                .as_ref()
+                .and_then(|s| s.replicas)
+                .unwrap_or(defaults::REPLICAS),
+        }
+    }
+}
+
 /// The encoded `FileDescriptorSet` of every `berth.v1` file, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/berth_descriptor.bin"));

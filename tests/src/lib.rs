@@ -83,6 +83,27 @@ where
     }
 }
 
+/// `berth certs --dir DIR --node NODE...`: the CA and server certificate at first, node
+/// certificates from the existing CA after.
+pub fn make_certs(dir: &Path, nodes: &[&str]) {
+    let mut command = Command::new(berth_bin());
+    command.args(["certs", "--dir"]).arg(dir);
+    for node in nodes {
+        command.args(["--node", node]);
+    }
+    let out = command.output().expect("run berth certs");
+    assert!(out.status.success(), "berth certs: {out:?}");
+}
+
+/// A finished command's standard output and error, as text.
+pub fn output_text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
 /// A real etcd with a temporary data directory.
 pub struct Etcd {
     child: Option<Child>,

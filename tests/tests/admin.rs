@@ -4,7 +4,7 @@
 //! token, a wrong one, a node token, or a read-only token once revoked.
 
 use berth_tests::wire::get_with_token;
-use berth_tests::{berth_bin, eventually, ControlPlane, Etcd, Gateway, ADMIN_TOKEN};
+use berth_tests::{berth_bin, eventually, make_certs, ControlPlane, Etcd, Gateway, ADMIN_TOKEN};
 use std::path::Path;
 use std::time::Duration;
 
@@ -29,12 +29,7 @@ fn made_token(cp: &ControlPlane, args: &[&str]) -> String {
 async fn admin_listeners_serve_https_and_metrics_need_a_reader_token() {
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("tls");
-    let out = std::process::Command::new(berth_bin())
-        .args(["certs", "--dir"])
-        .arg(&certs)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    make_certs(&certs, &[]);
     let ca = certs.join("ca.pem");
     let readers = dir.path().join("metrics-tokens");
     std::fs::write(&readers, format!("# Prometheus\n{METRICS_TOKEN}\n")).unwrap();

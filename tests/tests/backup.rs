@@ -2,17 +2,9 @@
 //! etcd lost its data comes back, from the snapshot, with the agents, their secrets, the
 //! tokens and the deny list as they were when it was taken, and nothing made after.
 
-use berth_tests::{unique_name, ControlPlane, Etcd};
+use berth_tests::{output_text as text, unique_name, ControlPlane, Etcd};
 use std::path::Path;
 use std::process::{Command, Output};
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 fn script(args: &[&str]) -> Output {
     Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/etcd-backup.sh"))

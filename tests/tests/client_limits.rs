@@ -6,7 +6,7 @@
 
 use berth_tests::docker::{ready, wait_agent, DockerRun, NodeAgent};
 use berth_tests::wire::{get, read_response, send, send_tls};
-use berth_tests::{berth_bin, eventually, unique_name, ControlPlane, Etcd, Gateway};
+use berth_tests::{eventually, make_certs, unique_name, ControlPlane, Etcd, Gateway};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -71,12 +71,7 @@ async fn slow_and_greedy_clients_are_cut_off_or_refused_and_others_are_served() 
         .await
         .unwrap();
     let certs = tempfile::tempdir().unwrap();
-    let made = std::process::Command::new(berth_bin())
-        .args(["certs", "--dir"])
-        .arg(certs.path())
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{made:?}");
+    make_certs(certs.path(), &[]);
     let mut tls_flags = strict.to_vec();
     let (cert, key) = (
         certs.path().join("server.pem"),

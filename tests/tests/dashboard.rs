@@ -4,7 +4,7 @@
 //! `$CARGO_TARGET_TMPDIR/dashboard/`.
 
 use berth_tests::docker::{DockerRun, NodeAgent, ECHO_IMAGE};
-use berth_tests::{berth_bin, unique_name, ControlPlane, Etcd, Gateway, ADMIN_TOKEN};
+use berth_tests::{berth_bin, make_certs, unique_name, ControlPlane, Etcd, Gateway, ADMIN_TOKEN};
 use std::path::Path;
 use std::process::Command;
 
@@ -18,12 +18,7 @@ async fn the_dashboard_shows_and_acts_live_in_a_browser_and_read_only_tokens_onl
     }
     let dir = tempfile::tempdir().unwrap();
     let certs = dir.path().join("tls");
-    let out = Command::new(berth_bin())
-        .args(["certs", "--dir"])
-        .arg(&certs)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    make_certs(&certs, &[]);
     let ca = certs.join("ca.pem");
     let etcd = Etcd::start().await.unwrap();
     let cp = ControlPlane::start_tls(&etcd.url(), &certs, &[])

@@ -10,12 +10,7 @@ use std::process::Command;
 #[tokio::test]
 async fn servers_reach_etcd_over_tls_with_a_client_certificate() {
     let certs = tempfile::tempdir().unwrap();
-    let made = Command::new(berth_bin())
-        .args(["certs", "--dir"])
-        .arg(certs.path())
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{made:?}");
+    berth_tests::make_certs(certs.path(), &[]);
     let etcd = Etcd::start_tls(certs.path()).await.unwrap();
     assert!(etcd.url().starts_with("https://"));
     let file = |name: &str| certs.path().join(name).display().to_string();

@@ -2,17 +2,9 @@
 //! agents on a fresh cluster (specs compared field by field, the gateway token by its hash);
 //! secret values only with `--include-secrets` and an admin token.
 
-use berth_tests::{unique_name, ControlPlane, Etcd};
+use berth_tests::{output_text as text, unique_name, ControlPlane, Etcd};
 use std::io::Write;
 use std::process::{Output, Stdio};
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// `berth apply -f -` with `manifest` on standard input.
 fn apply_stdin(cp: &ControlPlane, manifest: &str) -> Output {

@@ -6,26 +6,14 @@
 use berth_proto::v1::{Node, NodeStatus};
 use berth_tests::docker::DockerRun;
 use berth_tests::{
-    berth_bin, end_of, eventually, open_node_session, open_node_stream, unique_name, ControlPlane,
-    Etcd, JOIN_TOKEN,
+    berth_bin, end_of, eventually, make_certs, open_node_session, open_node_stream, unique_name,
+    ControlPlane, Etcd, JOIN_TOKEN,
 };
 use prost::Message;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-
-/// `berth certs --dir DIR --node NODE...`: the CA and server certificate at first, node
-/// certificates from the existing CA after.
-fn certs(dir: &Path, nodes: &[&str]) {
-    let mut command = Command::new(berth_bin());
-    command.args(["certs", "--dir"]).arg(dir);
-    for node in nodes {
-        command.args(["--node", node]);
-    }
-    let out = command.output().unwrap();
-    assert!(out.status.success(), "{out:?}");
-}
 
 /// A TLS channel to the control plane, presenting node `node`'s certificate from `certs`.
 async fn node_channel(cp: &ControlPlane, certs: &Path, node: &str) -> Channel {
@@ -67,8 +55,8 @@ async fn stream(
 async fn the_api_speaks_tls_and_node_agents_present_certificates() {
     let dir = tempfile::tempdir().unwrap();
     let (ours, theirs) = (dir.path().join("ours"), dir.path().join("theirs"));
-    certs(&ours, &["n1"]);
-    certs(&theirs, &["n1"]);
+    make_certs(&ours, &["n1"]);
+    make_certs(&theirs, &["n1"]);
     let etcd = Etcd::start().await.unwrap();
     let cp = ControlPlane::start_tls(&etcd.url(), &ours, &["--require-node-cert"])
         .await
@@ -153,7 +141,7 @@ async fn the_api_speaks_tls_and_node_agents_present_certificates() {
     // A real node agent joins over mTLS.
     let run = DockerRun::new().unwrap();
     let name = unique_name("tls");
-    certs(&ours, &[&name]);
+    make_certs(&ours, &[&name]);
     let join = dir.path().join("join");
     std::fs::write(&join, format!("{JOIN_TOKEN}\n")).unwrap();
     let state = tempfile::tempdir().unwrap();
@@ -206,7 +194,7 @@ async fn a_denied_node_is_refused_and_its_open_stream_ends_within_a_second() {
     let dir = tempfile::tempdir().unwrap();
     let certs_dir = dir.path().join("tls");
     let (lost, kept) = (unique_name("lost"), unique_name("kept"));
-    certs(&certs_dir, &[&lost, &kept]);
+    make_certs(&certs_dir, &[&lost, &kept]);
     let etcd = Etcd::start().await.unwrap();
     let cp = ControlPlane::start_tls(&etcd.url(), &certs_dir, &["--require-node-cert"])
         .await

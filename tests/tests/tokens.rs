@@ -3,9 +3,9 @@
 //! and listed without secrets, and a revoked token is refused.
 
 use berth_tests::{
-    end_of, eventually, open_node_session, open_node_stream, unique_name, ControlPlane, Etcd,
+    end_of, eventually, open_node_session, open_node_stream, output_text as text, unique_name,
+    ControlPlane, Etcd,
 };
-use std::process::Output;
 use std::time::Duration;
 use tonic::transport::Channel;
 
@@ -22,14 +22,6 @@ async fn connect_as(
         .await
         .unwrap();
     open_node_stream(channel, token, node).await
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[tokio::test]

@@ -3,19 +3,10 @@
 //! code (ImageMissing 3, CrashLoop 4, Unschedulable 5, RolloutHalted 6, timeout 7).
 
 use berth_tests::docker::{DockerRun, NodeAgent, ECHO_IMAGE};
-use berth_tests::{unique_name, ControlPlane, Etcd};
-use std::process::Output;
+use berth_tests::{output_text as text, unique_name, ControlPlane, Etcd};
 
 /// busybox from Debian's busybox-static (`deploy/build-images.sh busybox`).
 const BUSYBOX_IMAGE: &str = "berth/busybox:local";
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 /// A busybox agent running `script` under sh, as a manifest for `berth apply`.
 fn busybox(name: &str, script: &str) -> String {

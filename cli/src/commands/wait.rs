@@ -3,7 +3,7 @@
 //! with the reason (and an exit code per reason) when Berth says it cannot get there.
 
 use crate::client::Client;
-use berth_proto::v1::{Agent, ConditionStatus, DesiredState, GetAgentRequest};
+use berth_proto::v1::{Agent, GetAgentRequest};
 use std::time::{Duration, Instant};
 
 /// How often the agent is read while waiting.
@@ -72,15 +72,9 @@ enum Progress {
 }
 
 fn progress(agent: &Agent) -> Progress {
-    let spec = agent.spec.clone().unwrap_or_default();
     let meta = agent.meta.clone().unwrap_or_default();
     let status = agent.status.clone().unwrap_or_default();
-    let holds = |kind: &str| {
-        status
-            .conditions
-            .iter()
-            .find(|c| c.r#type == kind && c.status == ConditionStatus::True as i32)
-    };
+    let holds = |kind: &str| status.holding(kind);
     let current = status
         .replicas
         .iter()
@@ -96,10 +90,7 @@ fn progress(agent: &Agent) -> Progress {
             return Progress::Failed(reason.to_string(), condition.message.clone());
         }
     }
-    let desired = match DesiredState::try_from(meta.desired_state) {
-        Ok(DesiredState::Stopped) => 0,
-        _ => spec.replicas.unwrap_or(berth_proto::defaults::REPLICAS),
-    };
+    let desired = agent.desired_replicas();
     let ready = status
         .replicas
         .iter()
@@ -183,7 +174,9 @@ pub async fn until_available(client: &Client, name: &str, timeout: Duration) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use berth_proto::v1::{AgentMeta, AgentSpec, AgentStatus, Condition, ReplicaStatus};
+    use berth_proto::v1::{
+        AgentMeta, AgentSpec, AgentStatus, Condition, ConditionStatus, DesiredState, ReplicaStatus,
+    };
 
     fn agent(
         replicas: u32,

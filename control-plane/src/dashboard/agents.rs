@@ -39,12 +39,7 @@ const LIST_REQUESTS: &str = "/berth.v1.RequestService/ListRequests";
 fn agent_state(agent: &Agent) -> (&'static str, &'static str) {
     let meta = agent.meta.clone().unwrap_or_default();
     let status = agent.status.clone().unwrap_or_default();
-    let holds = |kind: &str| {
-        status
-            .conditions
-            .iter()
-            .any(|c| c.r#type == kind && c.status == ConditionStatus::True as i32)
-    };
+    let holds = |kind: &str| status.holding(kind).is_some();
     match DesiredState::try_from(meta.desired_state) {
         Ok(DesiredState::Stopped) => return ("stopped", "muted"),
         Ok(DesiredState::Paused) => return ("paused", "muted"),
@@ -64,18 +59,6 @@ fn agent_state(agent: &Agent) -> (&'static str, &'static str) {
         ("available", "ok")
     } else {
         ("starting", "warn")
-    }
-}
-
-fn desired_replicas(agent: &Agent) -> u32 {
-    let meta = agent.meta.clone().unwrap_or_default();
-    match DesiredState::try_from(meta.desired_state) {
-        Ok(DesiredState::Stopped) => 0,
-        _ => agent
-            .spec
-            .as_ref()
-            .and_then(|s| s.replicas)
-            .unwrap_or(berth_proto::defaults::REPLICAS),
     }
 }
 
@@ -161,7 +144,7 @@ async fn agents_table(d: &Dashboard, caller: &Caller, q: &str) -> Result<Markup,
                 tr data-agent=(name) {
                     td { a href={ "/agents/" (name) } { (name) } }
                     td { span class=(class) data-state=(state) { (state) } }
-                    td.num data-ready { (status.ready_replicas) "/" (desired_replicas(agent)) }
+                    td.num data-ready { (status.ready_replicas) "/" (agent.desired_replicas()) }
                     td.num { (status.replicas.iter().map(|r| r.restarts).sum::<u32>()) }
                     td.num { (queued) }
                     td.num { (dead) }
@@ -223,7 +206,7 @@ fn agent_status(agent: &Agent) -> Markup {
     let status = agent.status.clone().unwrap_or_default();
     let (state, class) = agent_state(agent);
     html! {
-        p { "State: " span #state class=(class) { (state) } " · ready " span #ready { (status.ready_replicas) "/" (desired_replicas(agent)) }
+        p { "State: " span #state class=(class) { (state) } " · ready " span #ready { (status.ready_replicas) "/" (agent.desired_replicas()) }
             " · generation " (agent.meta.as_ref().map_or(0, |m| m.generation)) }
         h2 { "Replicas" }
         table #replicas {
@@ -292,7 +275,7 @@ pub(super) async fn agent(State(d): D, headers: HeaderMap, Path(name): Path<Stri
     let since = events.iter().map(|e| e.revision).max().unwrap_or(0);
     let events: Vec<_> = events.into_iter().rev().take(EVENTS_SHOWN).collect();
     let logs = logs_tail(&d, &caller, &name).await;
-    let desired = desired_replicas(&agent);
+    let desired = agent.desired_replicas();
     let stopped = agent
         .meta
         .as_ref()
