@@ -60,11 +60,7 @@ fi
 sed -n '/Berth is up/,/^Try/p' "$data/up.log" | sed '$d'
 
 say "deploying the example agent (examples/echo-agent/berth.yaml: 2 replicas)"
-"$berth" apply -f examples/echo-agent/berth.yaml
-for _ in $(seq 1 120); do
-  "$berth" get echo -o json | grep -q '"readyReplicas": 2' && break
-  sleep 0.5
-done
+"$berth" apply -f examples/echo-agent/berth.yaml --wait --timeout 2m
 "$berth" get echo
 
 say "calling it through the gateway (HTTPS, with the private CA berth up made)"
@@ -86,6 +82,9 @@ cat <<TOUR
   berth requests echo               # queued
   berth start echo
   curl --cacert $ca $gateway/requests/ID  # delivered, with the agent's response
+
+  # The dashboard, live (sign in with the admin token in $data/tokens):
+  https://127.0.0.1:7072/
 
   # Stop Berth (the agents' containers keep running, adopted by the next berth up):
   kill \$(cat $data/up.pid)
