@@ -443,6 +443,19 @@ impl ControlPlane {
         format!("{scheme}://{}", self.addr)
     }
 
+    /// `berth token create ARGS...` with the admin token: the new token, printed once.
+    pub fn create_token(&self, args: &[&str]) -> String {
+        let mut all = vec!["token", "create"];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "berth token create: {}",
+            output_text(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     /// An agent client with the admin token.
     pub async fn agents(&self) -> anyhow::Result<AgentClient> {
         self.agents_with(Some(ADMIN_TOKEN)).await

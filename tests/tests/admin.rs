@@ -17,14 +17,6 @@ async fn status(addr: &str, ca: &Path, path: &str, token: Option<&str>) -> Optio
         .map(|r| r.status)
 }
 
-fn made_token(cp: &ControlPlane, args: &[&str]) -> String {
-    let mut all = vec!["token", "create"];
-    all.extend_from_slice(args);
-    let out = cp.cli(&all);
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 #[tokio::test]
 async fn admin_listeners_serve_https_and_metrics_need_a_reader_token() {
     let dir = tempfile::tempdir().unwrap();
@@ -51,8 +43,8 @@ async fn admin_listeners_serve_https_and_metrics_need_a_reader_token() {
     )
     .await
     .unwrap();
-    let read_only = made_token(&cp, &["--scope", "read-only"]);
-    let node = made_token(&cp, &["--scope", "node", "--node", "n1"]);
+    let read_only = cp.create_token(&["--scope", "read-only"]);
+    let node = cp.create_token(&["--scope", "node", "--node", "n1"]);
 
     for (server, addr) in [
         ("control plane", &cp.admin_addr),

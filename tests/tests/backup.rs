@@ -28,8 +28,7 @@ async fn a_snapshot_restores_the_whole_cluster_state() {
         "API_KEY=s3cret-value",
     ]);
     assert!(out.status.success(), "{}", text(&out));
-    let token = cp.cli(&["token", "create", "--scope", "read-only"]);
-    let read_only = String::from_utf8_lossy(&token.stdout).trim().to_string();
+    let read_only = cp.create_token(&["--scope", "read-only"]);
     assert!(cp
         .cli(&["deny", "lost-node", "--reason", "stolen"])
         .status

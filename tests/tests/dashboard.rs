@@ -34,9 +34,7 @@ async fn the_dashboard_shows_and_acts_live_in_a_browser_and_read_only_tokens_onl
     )
     .unwrap();
     let gateway = Gateway::start(&etcd.url()).await.unwrap();
-    let token = cp.cli(&["token", "create", "--scope", "read-only"]);
-    assert!(token.status.success(), "{token:?}");
-    let read_only = String::from_utf8_lossy(&token.stdout).trim().to_string();
+    let read_only = cp.create_token(&["--scope", "read-only"]);
 
     let agent = unique_name("dash");
     let manifest = dir.path().join("agent.yaml");

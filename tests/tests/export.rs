@@ -98,8 +98,7 @@ async fn an_export_applied_to_a_fresh_cluster_recreates_the_same_agents() {
     assert!(text(&out).contains("API_KEY"), "{}", text(&out));
 
     // A read-only token may not read the secrets.
-    let token = cp.cli(&["token", "create", "--scope", "read-only"]);
-    let read_only = String::from_utf8_lossy(&token.stdout).trim().to_string();
+    let read_only = cp.create_token(&["--scope", "read-only"]);
     let out = cp
         .cli_command(&["export", "--include-secrets"])
         .env("BERTH_TOKEN", &read_only)

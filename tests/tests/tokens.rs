@@ -34,13 +34,7 @@ async fn scoped_tokens_allow_what_their_scope_allows_and_nothing_else() {
             .output()
             .unwrap()
     };
-    let create = |args: &[&str]| {
-        let mut all = vec!["token", "create"];
-        all.extend_from_slice(args);
-        let out = cp.cli(&all);
-        assert!(out.status.success(), "{}", text(&out));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let create = |args: &[&str]| cp.create_token(args);
     let read_only = create(&["--scope", "read-only", "--description", "dashboards"]);
     let node_name = unique_name("n1");
     let node = create(&["--scope", "node", "--node", &node_name]);
@@ -134,13 +128,7 @@ async fn revoking_a_token_ends_the_streams_opened_with_it() {
     use std::time::Instant;
     let etcd = Etcd::start().await.unwrap();
     let cp = ControlPlane::start(&etcd.url()).await.unwrap();
-    let create = |args: &[&str]| {
-        let mut all = vec!["token", "create"];
-        all.extend_from_slice(args);
-        let out = cp.cli(&all);
-        assert!(out.status.success(), "{}", text(&out));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let create = |args: &[&str]| cp.create_token(args);
     let read_only = create(&["--scope", "read-only"]);
     let node_name = unique_name("n");
     let node = create(&["--scope", "node", "--node", &node_name]);
