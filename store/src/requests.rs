@@ -56,7 +56,8 @@ pub struct StoredRequest {
 }
 
 impl StoredRequest {
-    fn from_kv(kv: &etcd_client::KeyValue) -> Result<Self, StoreError> {
+    /// A request record as etcd holds it (from a read or a watch).
+    pub fn from_kv(kv: &etcd_client::KeyValue) -> Result<Self, StoreError> {
         Ok(Self {
             request: decode(kv.key(), kv.value())?,
             revision: kv.mod_revision(),
@@ -482,28 +483,46 @@ impl Store {
             .transpose()
     }
 
-    /// A waiting request's record and the body to send, read together; `Err(revision)` when
-    /// it no longer waits, as read at that store revision.
-    pub async fn get_request_to_deliver(
+    /// The waiting records of `agent` from position `first` to `last` (both included, at most
+    /// [`MAX_PAGE`]), oldest first, and the store revision they were read at. One read by a
+    /// range that ends just past `last`: etcd 3.4 walks a range to its end whatever the limit.
+    /// A body kept apart is not read (see [`Store::get_request_body`]).
+    pub async fn get_waiting(
+        &self,
+        agent: &str,
+        first: u64,
+        last: u64,
+    ) -> Result<(Vec<StoredRequest>, i64), StoreError> {
+        let mut end = self.keys.queued(agent, last).into_bytes();
+        end.push(0);
+        let options = crate::watch::page(end, MAX_PAGE as i64);
+        let resp = self
+            .client()
+            .get(self.keys.queued(agent, first), Some(options))
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let records = resp
+            .kvs()
+            .iter()
+            .map(StoredRequest::from_kv)
+            .collect::<Result<_, _>>()?;
+        Ok((records, revision))
+    }
+
+    /// The body of the request at `(agent, seq)` when it is kept apart from its record (larger
+    /// than [`INLINE_BODY_BYTES`]).
+    pub async fn get_request_body(
         &self,
         agent: &str,
         seq: u64,
-    ) -> Result<Result<(StoredRequest, Vec<u8>), i64>, StoreError> {
-        let (values, revision) = self
-            .get_all_at(vec![
-                self.keys.queued(agent, seq),
-                self.keys.request_body(agent, seq),
-            ])
-            .await?;
-        let Some(record) = &values[0] else {
-            return Ok(Err(revision));
-        };
-        let stored = StoredRequest::from_kv(record)?;
-        let body = match &values[1] {
-            Some(body) => body.value().to_vec(),
-            None => stored.request.body.clone(),
-        };
-        Ok(Ok((stored, body)))
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let resp = self
+            .client()
+            .get(self.keys.request_body(agent, seq), None)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
     /// The stored answer of the request at `(agent, seq)`, if delivered.

@@ -14,7 +14,7 @@ use berth_proto::v1::{Request, RequestState, StoredResponse};
 use berth_store::requests::position;
 use berth_store::watch::{list_watch, Change};
 use berth_store::StoreError;
-use berth_store::{Claim, ClaimOutcome, Finished};
+use berth_store::{Claim, ClaimOutcome, Finished, StoredRequest};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use prost::Message;
@@ -43,6 +43,9 @@ pub const STOP_GRACE: Duration = Duration::from_secs(30);
 pub const DEADLINE_MARGIN: Duration = Duration::from_secs(2);
 /// Largest response body stored for a delivered request.
 pub const MAX_STORED_RESPONSE: usize = 1024 * 1024;
+/// Records kept in memory from the head of each agent's queue (as the watch or one read of
+/// the next ones brought them), so that most deliveries start with their claim, not a read.
+pub const HEAD: usize = 16;
 
 /// What a delivery means for what comes next.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,7 +76,14 @@ type Index = HashMap<String, BTreeMap<u64, Waiting>>;
 #[derive(Clone, Debug)]
 struct Waiting {
     size: u64,
+    /// Its record's `mod_revision`, as last seen.
+    revision: i64,
+    /// That record, while the request is near the head of its queue.
+    record: Option<Arc<StoredRequest>>,
 }
+
+/// Records read ahead by a delivery, for the index.
+type Fetched = Vec<StoredRequest>;
 
 /// Runs until `stop` is cancelled. Then it claims nothing more, lets deliveries in flight
 /// finish (up to [`STOP_GRACE`]) and gives its claim lease back, so that what it held is
@@ -117,6 +127,11 @@ async fn replay(
     let mut routes_open = true;
     let mut deliveries: JoinSet<Done> = JoinSet::new();
     let mut busy: HashSet<(String, u64)> = HashSet::new();
+    // Deliveries the agent has answered whose outcome is still being written: they no longer
+    // take one of the agent's replay slots (the next request starts meanwhile).
+    let (answered_tx, mut answered_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut answered: HashSet<(String, u64)> = HashSet::new();
+    let (fetched_tx, mut fetched_rx) = tokio::sync::mpsc::unbounded_channel::<Fetched>();
     let mut not_before: HashMap<String, Instant> = HashMap::new();
     let mut renew = tokio::time::interval(CLAIM_RENEW);
     let mut renewed = Instant::now();
@@ -153,9 +168,12 @@ async fn replay(
                 &index,
                 &claims,
                 &mut busy,
+                &answered,
                 &not_before,
                 &deferred,
                 &mut deliveries,
+                &answered_tx,
+                &fetched_tx,
             ),
             None => {}
         }
@@ -169,7 +187,8 @@ async fn replay(
                 }
                 Change::InitApply(kv) | Change::Put(kv) => {
                     requests_seen = requests_seen.max(kv.mod_revision());
-                    track(&mut index, &gateway.stats, kv.key(), kv.value())
+                    let at = (kv.mod_revision(), kv.lease());
+                    track(&mut index, &gateway.stats, kv.key(), kv.value(), at)
                 }
                 Change::InitDone { revision } => {
                     requests_seen = requests_seen.max(revision);
@@ -213,9 +232,17 @@ async fn replay(
                 // A replica became ready (or left): deliver at once, whatever backoff was due.
                 not_before.clear();
             }
+            Some(records) = fetched_rx.recv() => keep_records(&mut index, records),
+            Some(at) = answered_rx.recv() => {
+                // Only while its task runs: one that ended already is out of `busy`.
+                if busy.contains(&at) {
+                    answered.insert(at);
+                }
+            }
             Some(done) = deliveries.join_next(), if !deliveries.is_empty() => {
                 if let Ok((agent, seq, released, after)) = done {
                     busy.remove(&(agent.clone(), seq));
+                    answered.remove(&(agent.clone(), seq));
                     // Our claim is gone by now; the watch may say so only later.
                     if released && claims.get(&(agent.clone(), seq)).is_some_and(|h| h == name) {
                         claims.remove(&(agent.clone(), seq));
@@ -277,15 +304,46 @@ async fn replay(
     }
 }
 
-/// Adds a waiting request (its record under `queue/`) to the index.
-fn track(index: &mut Index, stats: &QueueStats, key: &[u8], value: &[u8]) {
+/// Adds a waiting request (its record under `queue/`) to the index, or updates it; its
+/// record is kept while it is among the first [`HEAD`] of its agent's queue.
+/// `(revision, lease)` are the record's `mod_revision` and lease.
+fn track(index: &mut Index, stats: &QueueStats, key: &[u8], value: &[u8], at: (i64, i64)) {
     let Some((agent, seq)) = position(&String::from_utf8_lossy(key)) else {
         return;
     };
-    let size = Request::decode(value).map_or(0, |r| r.body_bytes);
+    let (revision, lease) = at;
+    let request = Request::decode(value).ok();
+    let size = request.as_ref().map_or(0, |r| r.body_bytes);
     let queue = index.entry(agent.clone()).or_default();
-    if queue.insert(seq, Waiting { size }).is_none() {
+    let near_head = queue.range(..seq).take(HEAD).count() < HEAD;
+    let record = request.filter(|_| near_head).map(|request| {
+        Arc::new(StoredRequest {
+            request,
+            revision,
+            lease,
+        })
+    });
+    let waiting = Waiting {
+        size,
+        revision,
+        record,
+    };
+    if queue.insert(seq, waiting).is_none() {
         stats.add(&agent, size, 1);
+    }
+}
+
+/// Keeps records a delivery read ahead, each only if the index has seen no other version of
+/// it (a later one from the watch wins; an earlier one is replaced when the watch catches up).
+fn keep_records(index: &mut Index, records: Fetched) {
+    for stored in records {
+        let r = &stored.request;
+        let Some(waiting) = index.get_mut(&r.agent).and_then(|q| q.get_mut(&r.seq)) else {
+            continue;
+        };
+        if waiting.record.is_none() && waiting.revision == stored.revision {
+            waiting.record = Some(Arc::new(stored));
+        }
     }
 }
 
@@ -313,9 +371,12 @@ fn start_deliveries(
     index: &Index,
     claims: &HashMap<(String, u64), String>,
     busy: &mut HashSet<(String, u64)>,
+    answered: &HashSet<(String, u64)>,
     not_before: &HashMap<String, Instant>,
     deferred: &HashMap<(String, u64), Instant>,
     deliveries: &mut JoinSet<Done>,
+    answered_tx: &tokio::sync::mpsc::UnboundedSender<(String, u64)>,
+    fetched_tx: &tokio::sync::mpsc::UnboundedSender<Fetched>,
 ) {
     let now = Instant::now();
     let routes = gateway.routes.borrow().clone();
@@ -333,14 +394,17 @@ fn start_deliveries(
         }
         // The agent's replay concurrency holds across gateways.
         let concurrency = route.replay.concurrency.max(1) as usize;
-        // Deliveries under way: claims, and ours not yet claimed.
+        // Deliveries under way: claims, and ours not yet claimed; less ours that the agent has
+        // answered (each counted once above, as a claim or as unclaimed).
         let unclaimed = busy
             .iter()
             .filter(|at| at.0 == *agent && !claims.contains_key(*at))
             .count();
-        let under_way = claimed.get(agent.as_str()).copied().unwrap_or(0) + unclaimed;
+        let done_at_agent = answered.iter().filter(|at| at.0 == *agent).count();
+        let under_way = (claimed.get(agent.as_str()).copied().unwrap_or(0) + unclaimed)
+            .saturating_sub(done_at_agent);
         let mut free = concurrency.saturating_sub(under_way);
-        for &seq in queue.keys() {
+        for (&seq, waiting) in queue {
             if free == 0 {
                 break;
             }
@@ -374,9 +438,20 @@ fn start_deliveries(
                 });
                 continue;
             }
+            // Without its record: read it with the next ones (up to HEAD of them).
+            let record = match &waiting.record {
+                Some(record) => Ok(record.clone()),
+                None => Err(queue
+                    .range(seq..)
+                    .take(HEAD)
+                    .last()
+                    .map_or(seq, |(last, _)| *last)),
+            };
             let (gateway, name) = (gateway.clone(), name.to_string());
+            let (answered, fetched) = (answered_tx.clone(), fetched_tx.clone());
             deliveries.spawn(async move {
-                match deliver(&gateway, &name, lease, &agent, seq).await {
+                let reports = Reports { answered, fetched };
+                match deliver(&gateway, &name, lease, &agent, seq, record, &reports).await {
                     Ok(after) => (agent, seq, true, after),
                     Err(e) => {
                         // The claim may still stand; the next pass releases it if it is ours.
@@ -389,7 +464,16 @@ fn start_deliveries(
     }
 }
 
-/// Claims and delivers the request at `(agent, seq)`; the wait before the agent's next
+/// What a delivery tells the replayer while it runs.
+struct Reports {
+    /// The agent has answered (delivered); its outcome is still to be written.
+    answered: tokio::sync::mpsc::UnboundedSender<(String, u64)>,
+    /// Records read ahead.
+    fetched: tokio::sync::mpsc::UnboundedSender<Fetched>,
+}
+
+/// Claims and delivers the request at `(agent, seq)`, whose record the index holds, or which
+/// is read with the next ones up to the position given; the wait before the agent's next
 /// delivery when this one failed (or must wait for an interrupted attempt's deadline).
 async fn deliver(
     gateway: &Gateway,
@@ -397,11 +481,29 @@ async fn deliver(
     lease: i64,
     agent: &str,
     seq: u64,
+    record: Result<Arc<StoredRequest>, u64>,
+    reports: &Reports,
 ) -> Result<After, StoreError> {
     let store = &gateway.store;
-    let (stored, body) = match store.get_request_to_deliver(agent, seq).await? {
-        Ok(found) => found,
-        Err(revision) => return Ok(After::Gone(revision)), // the index has not heard yet
+    let stored = match record {
+        Ok(record) => StoredRequest::clone(&record),
+        Err(last) => {
+            let (mut records, revision) = store.get_waiting(agent, seq, last).await?;
+            let Some(first) = records.first().filter(|r| r.request.seq == seq).cloned() else {
+                return Ok(After::Gone(revision)); // the index has not heard yet
+            };
+            records.remove(0);
+            let _ = reports.fetched.send(records);
+            first
+        }
+    };
+    let body = if stored.request.body.is_empty() && stored.request.body_bytes > 0 {
+        match store.get_request_body(agent, seq).await? {
+            Some(body) => body,
+            None => return Ok(After::Next), // gone meanwhile; the watch will tell
+        }
+    } else {
+        stored.request.body.clone()
     };
     if !matches!(
         RequestState::try_from(stored.request.state),
@@ -485,6 +587,7 @@ async fn deliver(
             r.state = RequestState::Delivered as i32;
             r.last_error.clear();
             let (answer, _) = super::answer::keep(response, MAX_STORED_RESPONSE).await;
+            let _ = reports.answered.send((agent.to_string(), seq));
             count(gateway, agent, "delivered");
             tracing::info!(agent = %agent, request_id = %r.id, attempts = r.attempts, truncated = answer.truncated, "replayed");
             (After::Next, Some(answer))
@@ -573,17 +676,86 @@ mod tests {
         let stats = QueueStats::default();
         let mut index = Index::new();
         let mut marker = |seq: u64, size: u64| {
-            let key = format!("/berth/queue/a/{seq:020}");
             let record = Request {
                 body_bytes: size,
                 ..Default::default()
             };
-            track(&mut index, &stats, key.as_bytes(), &record.encode_to_vec());
+            let key = format!("/berth/queue/a/{seq:020}");
+            track(
+                &mut index,
+                &stats,
+                key.as_bytes(),
+                &record.encode_to_vec(),
+                (1, 0),
+            );
         };
         marker(1, 10);
         marker(1, 10);
         marker(2, 5);
         assert_eq!(stats.of("a"), (2, 15));
         assert_eq!(index["a"].keys().next(), Some(&1));
+    }
+
+    #[test]
+    fn records_are_kept_near_the_head_and_read_ahead_ones_only_when_current() {
+        let stats = QueueStats::default();
+        let mut index = Index::new();
+        let put = |index: &mut Index, seq: u64, revision: i64| {
+            let record = Request {
+                agent: "a".into(),
+                seq,
+                ..Default::default()
+            };
+            let key = format!("/berth/queue/a/{seq:020}");
+            track(
+                index,
+                &stats,
+                key.as_bytes(),
+                &record.encode_to_vec(),
+                (revision, 7),
+            );
+        };
+        let last = HEAD as u64 + 10;
+        for seq in 1..=last {
+            put(&mut index, seq, seq as i64);
+        }
+        let kept = |index: &Index| {
+            index["a"]
+                .iter()
+                .filter(|(_, w)| w.record.is_some())
+                .map(|(seq, _)| *seq)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(kept(&index), (1..=HEAD as u64).collect::<Vec<_>>());
+        let first = index["a"][&1].record.clone().unwrap();
+        assert_eq!((first.revision, first.lease), (1, 7));
+        // One read past the head: what the index last saw is kept, an older or newer
+        // version is not.
+        let read = |seq: u64, revision: i64| StoredRequest {
+            request: Request {
+                agent: "a".into(),
+                seq,
+                ..Default::default()
+            },
+            revision,
+            lease: 7,
+        };
+        let (current, newer, older) = (HEAD as u64 + 1, HEAD as u64 + 2, HEAD as u64 + 3);
+        keep_records(
+            &mut index,
+            vec![
+                read(current, current as i64),
+                read(newer, newer as i64 + 100),
+                read(older, older as i64 - 1),
+                read(last + 1, 1),
+            ],
+        );
+        let now_kept = kept(&index);
+        assert!(now_kept.contains(&current));
+        assert!(!now_kept.contains(&newer) && !now_kept.contains(&older));
+        assert!(!index["a"].contains_key(&(last + 1)));
+        // A change near the head replaces the kept record.
+        put(&mut index, 1, 1000);
+        assert_eq!(index["a"][&1].record.as_ref().unwrap().revision, 1000);
     }
 }

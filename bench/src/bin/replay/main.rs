@@ -18,8 +18,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Requests (and puts) per measurement.
-const COUNT: usize = 2000;
+/// Requests (and puts) per measurement, unless `BERTH_REPLAY_REQUESTS` says otherwise.
+static COUNT: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
+    std::env::var("BERTH_REPLAY_REQUESTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2000)
+});
 /// Requests (and puts) in flight at once.
 const CONCURRENCY: usize = 32;
 /// Body (and value) size.
@@ -111,19 +116,20 @@ async fn enqueue_and_drain() -> anyhow::Result<()> {
     let log = data.path().join("requests.log");
     eventually(Duration::from_secs(600), "the queue drained", || {
         let n = lines(&log);
-        async move { (n >= COUNT).then_some(()) }
+        async move { (n >= *COUNT).then_some(()) }
     })
     .await?;
-    let drain = COUNT as f64 / started.elapsed().as_secs_f64();
+    let drain = *COUNT as f64 / started.elapsed().as_secs_f64();
 
     let report = format!(
-        "{COUNT} requests of {SIZE} bytes, {CONCURRENCY} at a time, one example-agent replica \
+        "{} requests of {SIZE} bytes, {CONCURRENCY} at a time, one example-agent replica \
          (stopped while queueing); etcd is a single local member ({} cores, all on this machine).\n\n\
          | measure | per second |\n|---|---:|\n\
          | raw etcd put (reference) | {:.0} |\n\
          | requests queued through the gateway (202 after commit) | {:.0} |\n\
          | queue drained once the agent is back (oldest first, replay concurrency 4), from `berth start` | {:.0} |\n\n\
          Enqueue / raw put: **{:.2}**. Failures: raw {}, enqueue {}.\n",
+        *COUNT,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         raw.0,
         enqueue.0,
@@ -159,7 +165,7 @@ where
             tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= COUNT {
+                    if i >= *COUNT {
                         break;
                     }
                     if !op(i).await {
@@ -173,7 +179,7 @@ where
         let _ = w.await;
     }
     (
-        COUNT as f64 / started.elapsed().as_secs_f64(),
+        *COUNT as f64 / started.elapsed().as_secs_f64(),
         failures.load(Ordering::Relaxed),
     )
 }
