@@ -18,7 +18,7 @@
 
 use super::{decode, transient, Store, StoreError, TRANSIENT_BACKOFF, TRANSIENT_RETRIES};
 use berth_proto::v1::{Request, RequestState, StoredResponse};
-use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 use prost::Message;
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant, SystemTime};
@@ -83,8 +83,10 @@ pub enum ClaimOutcome {
     /// Another holder has it (`holder`, the gateway's name), as seen at store revision
     /// `revision`: a replayer that has not heard of it yet from its watch knows it now.
     Held { holder: String, revision: i64 },
-    /// The request changed since it was read (or is gone): read it again.
+    /// The request changed since it was read: read it again.
     Changed,
+    /// The request no longer waits (finished or dropped), as seen at store revision `revision`.
+    Gone { revision: i64 },
 }
 
 /// How a finish ended.
@@ -683,22 +685,29 @@ impl Store {
                     Some(PutOptions::new().with_lease(stored.lease)),
                 ),
             ])
-            .or_else([TxnOp::get(claim.as_str(), None)]);
+            .or_else([
+                TxnOp::get(claim.as_str(), None),
+                TxnOp::get(key.as_str(), Some(GetOptions::new().with_count_only())),
+            ]);
         let resp = self
             .commit(txn, r.body.len())
             .await
             .map_err(|e| self.unavailable(e))?;
         let revision = resp.revision;
         if !resp.succeeded {
-            let holder = resp.responses.into_iter().find_map(|op| match op {
-                TxnOpResponse::Get(get) => get
-                    .kvs()
-                    .first()
-                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+            let mut gets = resp.responses.into_iter().filter_map(|op| match op {
+                TxnOpResponse::Get(get) => Some(get),
                 _ => None,
             });
+            let holder = gets.next().and_then(|get| {
+                get.kvs()
+                    .first()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+            });
+            let waiting = gets.next().is_some_and(|get| get.count() > 0);
             return Ok(match holder {
                 Some(holder) => ClaimOutcome::Held { holder, revision },
+                None if !waiting => ClaimOutcome::Gone { revision },
                 None => ClaimOutcome::Changed,
             });
         }

@@ -296,6 +296,15 @@ async fn a_finish_is_written_only_under_the_claim_it_was_made_with() {
     assert_eq!(stored.state, RequestState::Delivered as i32);
     assert_eq!(stored.attempts, 2);
     assert_eq!(stored.response.unwrap().body, b"ok");
+    // A claim made with a record kept from before learns that the request no longer waits
+    // (a replayer whose watch lags takes it out of its index, rather than try it again).
+    assert!(matches!(
+        store
+            .claim_request(&record, "gw-3", second_lease, deadline)
+            .await
+            .unwrap(),
+        ClaimOutcome::Gone { .. }
+    ));
 }
 
 #[tokio::test]

@@ -1,9 +1,10 @@
 //! The replayer: every gateway runs one. It keeps an index of waiting requests and of claims
-//! from two list-watches (requests and claims), and for each agent with a ready
-//! replica delivers the oldest waiting request that nobody has claimed: one at a time per
-//! agent, so that order holds. A claim is a key under this gateway's short lease: two gateways
-//! never deliver the same request at once, and a crashed gateway's claims expire so that
-//! another delivers them.
+//! from two list-watches (requests and claims), with the records of the first [`HEAD`] of each
+//! agent's queue, and for each agent with a ready replica delivers the oldest waiting requests
+//! that nobody has claimed, up to the agent's replay concurrency at the agent at once, started
+//! oldest first (at a concurrency of 1, strictly in order). A claim is a key under this
+//! gateway's short lease: two gateways never deliver the same request at once, and a crashed
+//! gateway's claims expire so that another delivers them.
 
 use super::super::forward::{Forward, ForwardBody};
 use super::super::metrics::AgentLabels;
@@ -63,6 +64,9 @@ enum After {
     /// It no longer waits (finished, perhaps by another gateway), as read at this store
     /// revision: out of the index now, not tried again until the watch catches up.
     Gone(i64),
+    /// The record it was claimed with (of this `mod_revision`) was not the latest: the index
+    /// lets it go, and the next try reads the record first.
+    Stale(i64),
 }
 
 /// How a delivery task ended: the agent, the request, whether its claim is surely gone, and
@@ -270,6 +274,14 @@ async fn replay(
                             deferred.remove(&(agent, seq));
                         }
                         After::Gone(_) => {}
+                        After::Stale(revision) => {
+                            let kept = index.get_mut(&agent).and_then(|q| q.get_mut(&seq));
+                            if let Some(waiting) = kept {
+                                if waiting.record.as_ref().is_some_and(|r| r.revision == revision) {
+                                    waiting.record = None;
+                                }
+                            }
+                        }
                     }
                 }
             }
@@ -379,7 +391,7 @@ fn start_deliveries(
     fetched_tx: &tokio::sync::mpsc::UnboundedSender<Fetched>,
 ) {
     let now = Instant::now();
-    let routes = gateway.routes.borrow().clone();
+    let routes = gateway.routes.borrow();
     // Claims of each agent, by any gateway.
     let mut claimed: HashMap<&str, usize> = HashMap::new();
     for (agent, _) in claims.keys() {
@@ -533,7 +545,9 @@ async fn deliver(
     let mut claim = match store.claim_request(&stored, name, lease, deadline).await? {
         ClaimOutcome::Claimed(claim) => *claim,
         ClaimOutcome::Held { holder, revision } => return Ok(After::HeldBy(holder, revision)),
-        ClaimOutcome::Changed => return Ok(After::Next), // the watch will tell
+        // The record kept was not the latest: read it next time (the watch will tell).
+        ClaimOutcome::Changed => return Ok(After::Stale(stored.revision)),
+        ClaimOutcome::Gone { revision } => return Ok(After::Gone(revision)),
     };
     let Some(route) = route else {
         // The agent is gone; keep the request for inspection.
