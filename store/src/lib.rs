@@ -277,7 +277,7 @@ impl Store {
     pub async fn compact(&self, revision: i64) -> Result<(), StoreError> {
         match self.client().compact(revision, None).await {
             Ok(_) => Ok(()),
-            Err(e) if e.to_string().contains("compacted") => Ok(()),
+            Err(e) if watch::compacted(&e) => Ok(()),
             Err(e) => Err(self.unavailable(e)),
         }
     }

@@ -240,6 +240,13 @@ fn watch_prefix(
                         }
                     }
                     Ok(None) => break,
+                    // Resuming would fail the same way forever: list again instead (a fresh
+                    // watch starts in step, with no backlog).
+                    Err(e) if list_again(&e) => {
+                        tracing::warn!(prefix, error = %e, "watch cannot resume; listing again");
+                        let _ = tx.send(WatchMessage::Compacted).await;
+                        return;
+                    }
                     Err(e) => {
                         tracing::warn!(prefix, error = %e, "watch interrupted; resuming");
                         break;
@@ -250,6 +257,21 @@ fn watch_prefix(
         }
     });
     rx
+}
+
+/// Whether etcd refused a request because its revision was compacted away.
+pub(crate) fn compacted(e: &etcd_client::Error) -> bool {
+    e.to_string()
+        .contains("required revision has been compacted")
+}
+
+/// Whether a broken watch must list again rather than resume: its revision was compacted
+/// away, or etcd sent more than the client decodes in one message (both OUT_OF_RANGE). The
+/// latter comes when a watcher fell behind: etcd then sends up to 1,000 revisions of changes
+/// in one message, and resuming from the same revision gets the same message again.
+pub(crate) fn list_again(e: &etcd_client::Error) -> bool {
+    compacted(e)
+        || matches!(e, etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::OutOfRange)
 }
 
 /// The first key after every key that starts with `prefix` (etcd's range end for a prefix).
@@ -269,4 +291,34 @@ fn new_backoff() -> ExponentialBackoff {
     ExponentialBackoffMaker::new(WATCH_RETRY_MIN, WATCH_RETRY_MAX, 0.5, HasherRng::default())
         .expect("constant backoff bounds are valid")
         .make_backoff()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watch_lists_again_after_compaction_or_an_oversized_message_only() {
+        let status = |s| etcd_client::Error::GRpcStatus(s);
+        let compaction = status(tonic::Status::out_of_range(
+            "etcdserver: mvcc: required revision has been compacted",
+        ));
+        assert!(compacted(&compaction) && list_again(&compaction));
+        // As tonic reports a message over the decoding limit (seen from a watch that fell
+        // behind a busy queue).
+        let oversized = status(tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 5273826 bytes, the limit is: \
+             4194304 bytes",
+        ));
+        assert!(!compacted(&oversized) && list_again(&oversized));
+        let future = status(tonic::Status::unknown(
+            "etcdserver: mvcc: required revision is a future revision",
+        ));
+        assert!(!compacted(&future) && !list_again(&future));
+        let down = status(tonic::Status::unavailable("connection refused"));
+        assert!(!list_again(&down));
+        assert!(!list_again(&etcd_client::Error::WatchError(
+            "the watch stream ended".into()
+        )));
+    }
 }

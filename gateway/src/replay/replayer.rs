@@ -183,29 +183,20 @@ async fn replay(
         }
         tokio::select! {
             _ = stop.cancelled(), if stopping.is_none() => {}
-            change = requests.next() => match change {
-                Change::Init => {
-                    requests_listed = false;
-                    index.clear();
-                    gateway.stats.clear();
+            change = requests.next() => {
+                // With whatever else is waiting (up to a bound), before the next pass: a busy
+                // queue changes thousands of times a second, and a replayer that falls behind
+                // its watch makes etcd hold the changes for it.
+                let mut next = Some(change);
+                let mut taken = 0;
+                while let Some(change) = next {
+                    let seen = &mut requests_seen;
+                    let listed = &mut requests_listed;
+                    apply_change(change, &mut index, &gateway.stats, &mut deferred, seen, listed);
+                    taken += 1;
+                    next = if taken < CHANGES_PER_PASS { requests.try_next() } else { None };
                 }
-                Change::InitApply(kv) | Change::Put(kv) => {
-                    requests_seen = requests_seen.max(kv.mod_revision());
-                    let at = (kv.mod_revision(), kv.lease());
-                    track(&mut index, &gateway.stats, kv.key(), kv.value(), at)
-                }
-                Change::InitDone { revision } => {
-                    requests_seen = requests_seen.max(revision);
-                    requests_listed = true;
-                }
-                Change::Delete(kv) => {
-                    requests_seen = requests_seen.max(kv.mod_revision());
-                    if let Some((agent, seq)) = position(&String::from_utf8_lossy(kv.key())) {
-                        untrack(&mut index, &gateway.stats, &agent, seq);
-                        deferred.remove(&(agent, seq));
-                    }
-                }
-            },
+            }
             change = claim_changes.next() => match change {
                 Change::Init => {
                     claims_listed = false;
@@ -311,6 +302,43 @@ async fn replay(
                 let metrics = &gateway.metrics;
                 metrics.queue_depth.get_or_create(&labels).set(depth as i64);
                 metrics.queue_bytes.get_or_create(&labels).set(bytes as i64);
+            }
+        }
+    }
+}
+
+/// Changes of the queue taken from its watch at most before each pass.
+const CHANGES_PER_PASS: usize = 1024;
+
+/// One change of the queue's list-watch, into the index.
+fn apply_change(
+    change: Change,
+    index: &mut Index,
+    stats: &QueueStats,
+    deferred: &mut HashMap<(String, u64), Instant>,
+    seen: &mut i64,
+    listed: &mut bool,
+) {
+    match change {
+        Change::Init => {
+            *listed = false;
+            index.clear();
+            stats.clear();
+        }
+        Change::InitApply(kv) | Change::Put(kv) => {
+            *seen = (*seen).max(kv.mod_revision());
+            let at = (kv.mod_revision(), kv.lease());
+            track(index, stats, kv.key(), kv.value(), at)
+        }
+        Change::InitDone { revision } => {
+            *seen = (*seen).max(revision);
+            *listed = true;
+        }
+        Change::Delete(kv) => {
+            *seen = (*seen).max(kv.mod_revision());
+            if let Some((agent, seq)) = position(&String::from_utf8_lossy(kv.key())) {
+                untrack(index, stats, &agent, seq);
+                deferred.remove(&(agent, seq));
             }
         }
     }
