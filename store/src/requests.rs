@@ -411,29 +411,19 @@ impl Store {
         &self,
         keys: Vec<String>,
     ) -> Result<Vec<Option<etcd_client::KeyValue>>, StoreError> {
-        Ok(self.get_all_at(keys).await?.0)
-    }
-
-    /// The values of `keys` read together, and the store revision they were read at.
-    async fn get_all_at(
-        &self,
-        keys: Vec<String>,
-    ) -> Result<(Vec<Option<etcd_client::KeyValue>>, i64), StoreError> {
         let reads: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(k.as_str(), None)).collect();
         let resp = self
             .commit(Txn::new().and_then(reads), 0)
             .await
             .map_err(|e| self.unavailable(e))?;
-        let revision = resp.revision;
-        let values = resp
+        Ok(resp
             .responses
             .into_iter()
             .map(|op| match op {
                 TxnOpResponse::Get(get) => get.kvs().first().cloned(),
                 _ => None,
             })
-            .collect();
-        Ok((values, revision))
+            .collect())
     }
 
     /// The whole request with id `id`: its record, body and stored answer.

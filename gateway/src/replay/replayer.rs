@@ -526,24 +526,25 @@ async fn deliver(
 ) -> Result<After, StoreError> {
     let store = &gateway.store;
     let stored = match record {
-        Ok(record) => StoredRequest::clone(&record),
+        Ok(record) => record,
         Err(last) => {
             let (mut records, revision) = store.get_waiting(agent, seq, last).await?;
-            let Some(first) = records.first().filter(|r| r.request.seq == seq).cloned() else {
+            if records.first().map(|r| r.request.seq) != Some(seq) {
                 return Ok(After::Gone(revision)); // the index has not heard yet
-            };
-            records.remove(0);
+            }
+            let first = records.remove(0);
             let _ = reports.fetched.send(records);
-            first
+            Arc::new(first)
         }
     };
-    let body = if stored.request.body.is_empty() && stored.request.body_bytes > 0 {
+    // A body too large to be kept in the record is read apart.
+    let apart = if stored.request.body.is_empty() && stored.request.body_bytes > 0 {
         match store.get_request_body(agent, seq).await? {
-            Some(body) => body,
+            Some(body) => Some(body),
             None => return Ok(After::Next), // gone meanwhile; the watch will tell
         }
     } else {
-        stored.request.body.clone()
+        None
     };
     if !matches!(
         RequestState::try_from(stored.request.state),
@@ -585,7 +586,9 @@ async fn deliver(
         return Ok(After::Next);
     };
     let mut request = claim.stored.request.clone();
-    request.body = body;
+    if let Some(body) = apart {
+        request.body = body;
+    }
     let forward = to_forward(&request);
     let safe = forward.is_safe();
     if interrupted && !safe {
