@@ -115,6 +115,9 @@ pub struct ControlPlaneArgs {
     /// (default 2G).
     #[arg(long, env = "BERTH_ETCD_QUOTA_BYTES", value_parser = berth_proto::quantity::parse_memory)]
     etcd_quota_bytes: Option<u64>,
+    /// The autoscaler's stable window (default 60s; its panic window is a tenth of it).
+    #[arg(long, env = "BERTH_AUTOSCALE_WINDOW", value_parser = berth_proto::quantity::parse_duration)]
+    autoscale_window: Option<std::time::Duration>,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -168,6 +171,10 @@ impl ControlPlaneArgs {
             (
                 self.compaction_retention.map(|d| d.as_secs()),
                 &mut config.compaction_retention_seconds,
+            ),
+            (
+                self.autoscale_window.map(|d| d.as_secs()),
+                &mut config.autoscale_window_seconds,
             ),
         ] {
             if let Some(value) = flag {

@@ -29,6 +29,8 @@ pub const DEFAULT_FINISHED_TOTAL_BYTES: u64 = 1 << 30;
 pub const DEFAULT_COMPACTION_RETENTION_SECONDS: u64 = 300;
 /// etcd's space quota by default (etcd's own default, `--quota-backend-bytes`).
 pub const DEFAULT_ETCD_QUOTA_BYTES: u64 = 2 << 30;
+/// The autoscaler's stable window by default, in seconds (its panic window is a tenth).
+pub const DEFAULT_AUTOSCALE_WINDOW_SECONDS: u64 = 60;
 /// The directory host volumes must lie under.
 pub const DEFAULT_VOLUME_ROOT: &str = "/var/lib/berth/volumes";
 
@@ -86,6 +88,8 @@ pub struct Config {
     pub compaction_retention_seconds: u64,
     /// etcd's space quota, for the warning as the database nears it.
     pub etcd_quota_bytes: u64,
+    /// The autoscaler's stable window, in seconds (6-3600); its panic window is a tenth.
+    pub autoscale_window_seconds: u64,
 }
 
 impl Default for Config {
@@ -115,6 +119,7 @@ impl Default for Config {
             finished_total_bytes: DEFAULT_FINISHED_TOTAL_BYTES,
             compaction_retention_seconds: DEFAULT_COMPACTION_RETENTION_SECONDS,
             etcd_quota_bytes: DEFAULT_ETCD_QUOTA_BYTES,
+            autoscale_window_seconds: DEFAULT_AUTOSCALE_WINDOW_SECONDS,
         }
     }
 }
@@ -219,6 +224,12 @@ impl Config {
         }
         if self.max_connections == 0 {
             return invalid("max_connections", "must be at least 1");
+        }
+        if !(2..=3600).contains(&self.autoscale_window_seconds) {
+            return invalid(
+                "autoscale_window_seconds",
+                &format!("{} is outside 2..=3600", self.autoscale_window_seconds),
+            );
         }
         for (setting, value) in [
             ("finished_per_agent", self.finished_per_agent),

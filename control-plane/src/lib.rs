@@ -4,6 +4,7 @@
 
 mod api;
 mod auth;
+pub mod autoscale;
 pub mod config;
 mod dashboard;
 mod housekeeping;

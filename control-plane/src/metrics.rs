@@ -47,6 +47,17 @@ pub struct Metrics {
     pub etcd_db_size: Gauge,
     /// The revision etcd was last compacted to.
     pub etcd_compacted_revision: Gauge,
+    /// Replicas the autoscaler asks for, per agent.
+    autoscale_desired: Family<AgentLabels, Gauge>,
+    /// Concurrency over the autoscaler's stable window, per agent.
+    autoscale_concurrency: Family<AgentLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+}
+
+/// Labels of an agent's series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AgentLabels {
+    /// The agent's name.
+    pub agent: String,
 }
 
 impl Metrics {
@@ -85,7 +96,22 @@ impl Metrics {
             "The revision the leader last compacted etcd's history to",
             etcd_compacted_revision.clone(),
         );
+        let autoscale_desired = Family::<AgentLabels, Gauge>::default();
+        registry.register(
+            "autoscale_desired_replicas",
+            "Replicas the autoscaler asks for (leader only)",
+            autoscale_desired.clone(),
+        );
+        let autoscale_concurrency =
+            Family::<AgentLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "autoscale_stable_concurrency",
+            "Requests in flight and queued, averaged over the autoscaler's stable window (leader only)",
+            autoscale_concurrency.clone(),
+        );
         Arc::new(Self {
+            autoscale_desired,
+            autoscale_concurrency,
             registry,
             calls,
             latency,
@@ -94,6 +120,28 @@ impl Metrics {
             etcd_db_size,
             etcd_compacted_revision,
         })
+    }
+
+    /// Records the autoscaler's view of `agent`.
+    pub fn observe_autoscaled(&self, agent: &str, desired: u32, concurrency: f64) {
+        let labels = AgentLabels {
+            agent: agent.to_string(),
+        };
+        self.autoscale_desired
+            .get_or_create(&labels)
+            .set(i64::from(desired));
+        self.autoscale_concurrency
+            .get_or_create(&labels)
+            .set(concurrency);
+    }
+
+    /// Drops the series of a deleted agent.
+    pub fn forget_autoscaled(&self, agent: &str) {
+        let labels = AgentLabels {
+            agent: agent.to_string(),
+        };
+        self.autoscale_desired.remove(&labels);
+        self.autoscale_concurrency.remove(&labels);
     }
 
     /// Prometheus text exposition of every metric.

@@ -113,10 +113,12 @@ pub async fn run(
         NodeAgentApi::new(store.clone(), sessions, denied.clone())
             .require_client_cert(config.require_node_cert),
     );
-    // Placement and the node monitor run in the elected leader only.
+    // Placement, the node monitor, the autoscaler and housekeeping run in the elected leader
+    // only.
     let identity = format!("{}@{}", hostname(), config.listen);
     let leading_store = store.clone();
     let (housekeeping, leading_metrics) = (config.housekeeping(), metrics.clone());
+    let autoscale_window = std::time::Duration::from_secs(config.autoscale_window_seconds);
     tasks.spawn(crate::leader::run(
         store.clone(),
         identity,
@@ -128,6 +130,12 @@ pub async fn run(
                 tokio::join!(
                     placement::run(store.clone(), term.clone()),
                     crate::nodes::monitor::run(store.clone(), term.clone()),
+                    crate::autoscale::run(
+                        store.clone(),
+                        autoscale_window,
+                        metrics.clone(),
+                        term.clone()
+                    ),
                     crate::housekeeping::run(store, housekeeping, metrics, term),
                 );
             }

@@ -10,6 +10,7 @@ mod breaker;
 mod breakers;
 mod error;
 mod forward;
+mod load;
 mod metrics;
 mod outcome;
 mod replay;
@@ -129,6 +130,8 @@ pub struct Gateway {
     changes: mpsc::UnboundedSender<BreakerChange>,
     max_concurrency: usize,
     limits: ClientLimits,
+    /// The load of autoscaled agents, reported for the autoscaler.
+    loads: Arc<load::Loads>,
 }
 
 impl Gateway {
@@ -272,10 +275,21 @@ pub async fn run(
         metrics.clone(),
         stop.child_token(),
     ));
+    let loads = Arc::new(load::Loads::new(metrics.clone()));
+    let stats: Arc<replay::QueueStats> = Arc::default();
+    tasks.spawn(load::report(
+        store.clone(),
+        config.name.clone(),
+        routes_rx.clone(),
+        loads.clone(),
+        stats.clone(),
+        stop.child_token(),
+    ));
     let gateway = Arc::new(Gateway {
+        loads,
         routes: routes_rx,
         store: store.clone(),
-        stats: Arc::default(),
+        stats,
         admin_tokens: admin_tokens.clone(),
         stacks: Mutex::default(),
         upstream: Upstream,
@@ -473,6 +487,15 @@ async fn forward(
         parts.headers.remove(header::AUTHORIZATION);
     }
     let opted_out = class.opted_out || route.replay.disabled;
+    // An autoscaled agent's load counts what it is asked for, refused or not.
+    let load = route.autoscaled.then(|| gateway.loads.of(agent));
+    if let Some(load) = &load {
+        load.received();
+        if route.replicas.is_empty() {
+            // No replica ready: the autoscaler hears of it now, not at the next report.
+            gateway.loads.wake();
+        }
+    }
     let body = read_body(class.body, body, gateway.limits.body_timeout).await?;
     let forward = Forward {
         agent: agent.to_string(),
@@ -506,6 +529,7 @@ async fn forward(
             let queued = Box::pin(replay::enqueue(
                 &gateway.store,
                 &gateway.stats,
+                &gateway.loads,
                 route,
                 copy,
                 why,
@@ -537,7 +561,13 @@ async fn forward(
         }
     }
     let service = stack.service.lock().expect("stack lock").clone();
-    let result = service.oneshot(forward).await;
+    let result = match &load {
+        Some(load) => {
+            let _in_flight = load.in_flight();
+            service.oneshot(forward).await
+        }
+        None => service.oneshot(forward).await,
+    };
     let ending = outcome::Ending::of(&result);
     match (ending.decide(safe, opted_out), kept, keyed) {
         (outcome::Decision::Queue, Some(kept), keyed) => {
@@ -546,6 +576,7 @@ async fn forward(
             let queued = Box::pin(replay::enqueue(
                 &gateway.store,
                 &gateway.stats,
+                &gateway.loads,
                 route,
                 kept,
                 ending,

@@ -69,6 +69,10 @@ pub struct GatewayMetrics {
     pub queue_depth: Family<AgentLabels, Gauge>,
     /// Body bytes waiting in each agent's queue, as this gateway sees it.
     pub queue_bytes: Family<AgentLabels, Gauge>,
+    /// Requests held while their agent wakes.
+    pub held: Family<AgentLabels, Gauge>,
+    /// Time from holding a request for an agent with no replica ready to its answer.
+    pub wake_seconds: Family<AgentLabels, Histogram>,
 }
 
 impl GatewayMetrics {
@@ -131,8 +135,24 @@ impl GatewayMetrics {
             "Body bytes of the requests waiting for replay per agent",
             queue_bytes.clone(),
         );
+        let held = Family::<AgentLabels, Gauge>::default();
+        registry.register(
+            "held_requests",
+            "Requests held (and queued) while their autoscaled agent wakes",
+            held.clone(),
+        );
+        let wake_seconds = Family::<AgentLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.05, 2.0, 12))
+        });
+        registry.register(
+            "wake_seconds",
+            "Time from holding a request for an agent with no replica ready to its answer",
+            wake_seconds.clone(),
+        );
         Arc::new(Self {
             registry,
+            held,
+            wake_seconds,
             queued,
             replays,
             queue_depth,

@@ -32,6 +32,9 @@ pub struct Route {
     pub replay: ReplayConfig,
     /// The replicas ready for traffic, by replica id.
     pub replicas: Vec<Endpoint>,
+    /// The agent is autoscaled: the gateway reports its load, and holds a request that finds
+    /// no replica ready while one is started.
+    pub autoscaled: bool,
 }
 
 /// A ready replica.
@@ -115,6 +118,7 @@ pub(crate) fn test_route(replicas: &[&str]) -> Route {
                 address: format!("{r}:80"),
             })
             .collect(),
+        autoscaled: false,
     }
 }
 
@@ -149,6 +153,7 @@ impl Route {
             breaker: BreakerConfig::from_spec(spec.breaker.as_ref()),
             replay: ReplayConfig::from_spec(spec.replay.as_ref()),
             replicas,
+            autoscaled: spec.autoscale.is_some(),
         })
     }
 }

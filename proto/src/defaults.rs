@@ -3,8 +3,8 @@
 
 use crate::time::pb_duration;
 use crate::v1::{
-    AgentSpec, BreakerSettings, HealthCheck, ReplaySettings, Resources, RestartPolicy,
-    RestartSettings,
+    AgentSpec, AutoscaleSettings, BreakerSettings, HealthCheck, ReplaySettings, Resources,
+    RestartPolicy, RestartSettings,
 };
 use std::time::Duration;
 
@@ -38,6 +38,14 @@ pub const REPLAY_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const REPLAY_MAX_ATTEMPTS: u32 = 10;
 /// Requests replayed at once per agent, started oldest first (1 delivers strictly in order).
 pub const REPLAY_CONCURRENCY: u32 = 4;
+/// Fewest replicas of an autoscaled agent.
+pub const AUTOSCALE_MIN: u32 = 1;
+/// Most replicas of an autoscaled agent (raised to `min` when that is more).
+pub const AUTOSCALE_MAX: u32 = 10;
+/// Requests in flight or queued that one replica of an autoscaled agent is meant to carry.
+pub const AUTOSCALE_TARGET_CONCURRENCY: u32 = 10;
+/// Time without requests before an agent with `autoscale.min` 0 goes to zero.
+pub const SCALE_TO_ZERO_AFTER: Duration = Duration::from_secs(300);
 /// Consecutive failures that open a replica's breaker.
 pub const BREAKER_CONSECUTIVE_FAILURES: u32 = 5;
 /// First open period of a breaker.
@@ -69,6 +77,42 @@ pub fn apply(spec: &mut AgentSpec) {
         .get_or_insert(pb_duration(REQUEST_TIMEOUT));
     fill_replay(spec.replay.get_or_insert_with(ReplaySettings::default));
     fill_breaker(spec.breaker.get_or_insert_with(BreakerSettings::default));
+    if let Some(autoscale) = spec.autoscale.as_mut() {
+        fill_autoscale(autoscale);
+        // The autoscaler owns the count; one given is kept within the bounds.
+        let replicas = spec.replicas.get_or_insert(autoscale.initial());
+        *replicas = autoscale.clamp(*replicas);
+    }
+}
+
+fn fill_autoscale(autoscale: &mut AutoscaleSettings) {
+    let min = *autoscale.min.get_or_insert(AUTOSCALE_MIN);
+    set_if_zero(&mut autoscale.max, AUTOSCALE_MAX.max(min));
+    set_if_zero(
+        &mut autoscale.target_concurrency,
+        AUTOSCALE_TARGET_CONCURRENCY,
+    );
+    autoscale
+        .scale_to_zero_after
+        .get_or_insert(pb_duration(SCALE_TO_ZERO_AFTER));
+}
+
+impl AutoscaleSettings {
+    /// Its fewest replicas.
+    pub fn fewest(&self) -> u32 {
+        self.min.unwrap_or(AUTOSCALE_MIN)
+    }
+
+    /// `replicas` within `[min, max]`.
+    pub fn clamp(&self, replicas: u32) -> u32 {
+        replicas.min(self.max.max(self.fewest())).max(self.fewest())
+    }
+
+    /// The replicas an agent starts with: `min`, or one when that is 0 (an agent deployed
+    /// to scale to zero starts with a replica, and goes idle once unused).
+    pub fn initial(&self) -> u32 {
+        self.clamp(self.fewest().max(1))
+    }
 }
 
 fn fill_health(health: &mut HealthCheck) {

@@ -3,8 +3,8 @@
 
 use crate::quantity::{parse_cpu, parse_duration, parse_memory};
 use crate::v1::{
-    AgentSpec, BreakerSettings, HealthCheck, ReplaySettings, Resources, RestartPolicy,
-    RestartSettings, VolumeMount,
+    AgentSpec, AutoscaleSettings, BreakerSettings, HealthCheck, ReplaySettings, Resources,
+    RestartPolicy, RestartSettings, VolumeMount,
 };
 use pbjson_types::Duration as PbDuration;
 use serde::{Deserialize, Serialize};
@@ -74,6 +74,22 @@ pub struct Manifest {
     pub replay: Option<Replay>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub breaker: Option<Breaker>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub autoscale: Option<Autoscale>,
+}
+
+/// Autoscaling: `{min: 0, max: 10, targetConcurrency: 10, scaleToZeroAfter: 5m}`.
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Autoscale {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_concurrency: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale_to_zero_after: Option<String>,
 }
 
 /// A volume: `SRC:DST[:ro]`, or its long form.
@@ -280,6 +296,20 @@ impl Manifest {
                 })
             })
             .transpose()?;
+        let autoscale = self
+            .autoscale
+            .map(|a| {
+                Ok::<_, ManifestError>(AutoscaleSettings {
+                    min: a.min,
+                    max: a.max.unwrap_or_default(),
+                    target_concurrency: a.target_concurrency.unwrap_or_default(),
+                    scale_to_zero_after: duration(
+                        "autoscale.scaleToZeroAfter",
+                        &a.scale_to_zero_after,
+                    )?,
+                })
+            })
+            .transpose()?;
         Ok(AgentSpec {
             name: self.name,
             image: self.image,
@@ -301,6 +331,7 @@ impl Manifest {
             gateway_token: self.token.unwrap_or_default(),
             gateway_token_sha256: self.token_sha256.unwrap_or_default(),
             request_timeout: duration("requestTimeout", &self.request_timeout)?,
+            autoscale,
         })
     }
 }
@@ -368,6 +399,12 @@ impl Manifest {
                 base_penalty: duration_text(&b.base_penalty),
                 max_penalty: duration_text(&b.max_penalty),
                 probe_timeout: duration_text(&b.probe_timeout),
+            }),
+            autoscale: spec.autoscale.as_ref().map(|a| Autoscale {
+                min: a.min,
+                max: (a.max != 0).then_some(a.max),
+                target_concurrency: (a.target_concurrency != 0).then_some(a.target_concurrency),
+                scale_to_zero_after: duration_text(&a.scale_to_zero_after),
             }),
         }
     }
@@ -447,7 +484,8 @@ mod tests {
              restart: on-failure\nrestartMaxBackoff: 30s\nstopGrace: 3s\nrequestTimeout: 45s\n\
              labels: {team: ai}\nnodeSelector: {gpu: \"true\"}\n\
              replay: {maxBody: 2M, maxQueued: 50, maxQueuedBytes: 1G, ttl: 1h, maxAttempts: 4, concurrency: 2}\n\
-             breaker: {consecutiveFailures: 7, basePenalty: 1s, maxPenalty: 1m, probeTimeout: 5s}\n";
+             breaker: {consecutiveFailures: 7, basePenalty: 1s, maxPenalty: 1m, probeTimeout: 5s}\n\
+             autoscale: {min: 0, max: 8, targetConcurrency: 4, scaleToZeroAfter: 5m}\n";
         let mut spec = parse_all(text).unwrap().remove(0);
         spec.gateway_token_sha256 = "ab".repeat(32);
         let exported = serde_yaml::to_string(&Manifest::from_spec(&spec)).unwrap();
@@ -496,6 +534,9 @@ mod tests {
         assert!(err.contains("replicaz"), "{err}");
         let err = parse_all("name: a\nimage: e\nreplicas: many\n").unwrap_err();
         assert!(err.contains("replicas"), "{err}");
+        let err =
+            parse_all("name: a\nimage: e\nautoscale: {scaleToZeroAfter: later}\n").unwrap_err();
+        assert!(err.contains("autoscale.scaleToZeroAfter"), "{err}");
     }
 
     #[test]

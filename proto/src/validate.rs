@@ -161,6 +161,7 @@ pub fn spec(spec: &AgentSpec, limits: &Limits) -> Result<(), FieldError> {
         MAX_TIMING,
     )?;
     replay(spec)?;
+    autoscale(spec)?;
     breaker(spec)?;
     labels("spec.labels", &spec.labels)?;
     labels("spec.node_selector", &spec.node_selector)?;
@@ -343,6 +344,58 @@ fn health(spec: &AgentSpec) -> Result<(), FieldError> {
         Duration::ZERO,
         MAX_TIMING,
     )?;
+    Ok(())
+}
+
+/// Most requests one replica may be meant to carry.
+pub const MAX_TARGET_CONCURRENCY: u32 = 10_000;
+/// Longest `scale_to_zero_after`.
+pub const MAX_SCALE_TO_ZERO_AFTER: Duration = Duration::from_secs(24 * 3600);
+
+fn autoscale(spec: &AgentSpec) -> Result<(), FieldError> {
+    let Some(autoscale) = &spec.autoscale else {
+        return Ok(());
+    };
+    let min = autoscale.fewest();
+    if min > MAX_REPLICAS {
+        return refuse(
+            "spec.autoscale.min",
+            format!("{min} is more than the limit of {MAX_REPLICAS}"),
+        );
+    }
+    if !(1..=MAX_REPLICAS).contains(&autoscale.max) {
+        return refuse(
+            "spec.autoscale.max",
+            format!("{} is outside 1..={MAX_REPLICAS}", autoscale.max),
+        );
+    }
+    if min > autoscale.max {
+        return refuse(
+            "spec.autoscale.min",
+            format!("{min} is more than spec.autoscale.max ({})", autoscale.max),
+        );
+    }
+    if !(1..=MAX_TARGET_CONCURRENCY).contains(&autoscale.target_concurrency) {
+        return refuse(
+            "spec.autoscale.target_concurrency",
+            format!(
+                "{} is outside 1..={MAX_TARGET_CONCURRENCY}",
+                autoscale.target_concurrency
+            ),
+        );
+    }
+    duration(
+        "spec.autoscale.scale_to_zero_after",
+        autoscale.scale_to_zero_after.as_ref(),
+        Duration::from_secs(1),
+        MAX_SCALE_TO_ZERO_AFTER,
+    )?;
+    if min == 0 && spec.replay.as_ref().is_some_and(|r| r.disabled) {
+        return refuse(
+            "spec.autoscale.min",
+            "0 needs the replay queue, which keeps the requests that wake the agent, and spec.replay.disabled is set",
+        );
+    }
     Ok(())
 }
 

@@ -2,7 +2,7 @@
 
 use super::{decode, Store, StoreError};
 use berth_proto::time::now;
-use berth_proto::v1::{Agent, AgentSecrets, AgentStatus, Event};
+use berth_proto::v1::{Agent, AgentSecrets, AgentStatus, AutoscaleStatus, Event};
 use etcd_client::{
     Compare, CompareOp, GetOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
 };
@@ -57,6 +57,7 @@ impl Store {
         let txn = Txn::new().and_then([
             TxnOp::get(self.keys.agent(name), None),
             TxnOp::get(self.keys.status(name), None),
+            TxnOp::get(self.keys.autoscale(name), None),
         ]);
         let resp = self
             .client()
@@ -67,18 +68,25 @@ impl Store {
             TxnOpResponse::Get(get) => Some(get),
             _ => None,
         });
-        let (Some(agents), Some(statuses)) = (ranges.next(), ranges.next()) else {
-            unreachable!("a transaction of two gets answers two gets")
+        let (Some(agents), Some(statuses), Some(autoscale)) =
+            (ranges.next(), ranges.next(), ranges.next())
+        else {
+            unreachable!("a transaction of three gets answers three gets")
         };
         let kv = agents.kvs().first().ok_or_else(|| StoreError::NotFound {
             kind: KIND,
             name: name.to_string(),
         })?;
         let mut agent = stored_agent(kv)?;
-        agent.status = Some(match statuses.kvs().first() {
+        let mut status: AgentStatus = match statuses.kvs().first() {
             Some(kv) => decode(kv.key(), kv.value())?,
             None => AgentStatus::default(),
-        });
+        };
+        status.autoscale = match autoscale.kvs().first() {
+            Some(kv) => Some(decode(kv.key(), kv.value())?),
+            None => None,
+        };
+        agent.status = Some(status);
         Ok(agent)
     }
 
@@ -92,6 +100,7 @@ impl Store {
         let txn = Txn::new().and_then([
             TxnOp::get(self.keys.agents(), Some(by_key())),
             TxnOp::get(self.keys.statuses(), Some(by_key())),
+            TxnOp::get(self.keys.autoscales(), Some(by_key())),
         ]);
         let resp = self
             .client()
@@ -103,9 +112,21 @@ impl Store {
             TxnOpResponse::Get(get) => Some(get),
             _ => None,
         });
-        let (Some(agents), Some(statuses)) = (ranges.next(), ranges.next()) else {
-            unreachable!("a transaction of two gets answers two gets")
+        let (Some(agents), Some(statuses), Some(autoscales)) =
+            (ranges.next(), ranges.next(), ranges.next())
+        else {
+            unreachable!("a transaction of three gets answers three gets")
         };
+        let mut autoscales: HashMap<String, AutoscaleStatus> = autoscales
+            .kvs()
+            .iter()
+            .map(|kv| {
+                Ok((
+                    super::Keys::last_segment(kv.key()),
+                    decode(kv.key(), kv.value())?,
+                ))
+            })
+            .collect::<Result<_, StoreError>>()?;
         let mut statuses: HashMap<String, AgentStatus> = statuses
             .kvs()
             .iter()
@@ -121,7 +142,10 @@ impl Store {
             .iter()
             .map(|kv| {
                 let mut agent = stored_agent(kv)?;
-                agent.status = Some(statuses.remove(&spec_name(&agent)).unwrap_or_default());
+                let name = spec_name(&agent);
+                let mut status = statuses.remove(&name).unwrap_or_default();
+                status.autoscale = autoscales.remove(&name);
+                agent.status = Some(status);
                 Ok(agent)
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
@@ -253,11 +277,13 @@ impl Store {
         };
         let status_key = self.keys.status(name);
         let secrets_key = self.keys.secrets(name);
+        let autoscale_key = self.keys.autoscale(name);
         let txn = |event_op: TxnOp| {
             Txn::new().when([compare.clone()]).and_then([
                 TxnOp::delete(key.as_str(), None),
                 TxnOp::delete(status_key.as_str(), None),
                 TxnOp::delete(secrets_key.as_str(), None),
+                TxnOp::delete(autoscale_key.as_str(), None),
                 event_op,
             ])
         };

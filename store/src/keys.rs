@@ -189,6 +189,27 @@ impl Keys {
         format!("{}/denied-nodes/", self.prefix)
     }
 
+    /// `{prefix}/load/{agent}/{gateway}`: one gateway's load of an autoscaled agent, under
+    /// that gateway's lease.
+    pub fn load(&self, agent: &str, gateway: &str) -> String {
+        format!("{}/load/{agent}/{gateway}", self.prefix)
+    }
+
+    /// `{prefix}/load/`: every gateway's load reports.
+    pub fn loads(&self) -> String {
+        format!("{}/load/", self.prefix)
+    }
+
+    /// `{prefix}/autoscale/{agent}`: the autoscaler's status of an agent.
+    pub fn autoscale(&self, agent: &str) -> String {
+        format!("{}/autoscale/{agent}", self.prefix)
+    }
+
+    /// `{prefix}/autoscale/`: every agent's autoscaler status.
+    pub fn autoscales(&self) -> String {
+        format!("{}/autoscale/", self.prefix)
+    }
+
     /// `{prefix}/leader`: the control plane that runs the scheduler, under its lease.
     pub fn leader(&self) -> String {
         format!("{}/leader", self.prefix)

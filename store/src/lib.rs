@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod agents;
+mod autoscale;
 mod batch;
 mod breakers;
 mod events;

@@ -47,9 +47,16 @@ pub async fn setup(prefix: &str) -> Setup {
 
 /// As [`setup`], with more `berth deploy` flags.
 pub async fn setup_with(prefix: &str, flags: &[&str]) -> Setup {
+    setup_cluster(prefix, &[], flags).await
+}
+
+/// As [`setup`], with flags of `berth control-plane` and of `berth deploy`.
+pub async fn setup_cluster(prefix: &str, cp_flags: &[&str], flags: &[&str]) -> Setup {
     let run = DockerRun::new().unwrap();
     let etcd = Etcd::start().await.unwrap();
-    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
+    let cp = ControlPlane::start_with(&etcd.url(), cp_flags)
+        .await
+        .unwrap();
     let node = NodeAgent::start(&cp.url(), &unique_name("node"), &run).unwrap();
     let gw = Gateway::start(&etcd.url()).await.unwrap();
     let name = unique_name(prefix);

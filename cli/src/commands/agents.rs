@@ -133,6 +133,40 @@ pub async fn get(client: &Client, name: String, format: Format) -> anyhow::Resul
         "Generation:  {} (observed {})",
         meta.generation, status.observed_generation
     );
+    if let Some(autoscale) = &spec.autoscale {
+        let after = autoscale
+            .scale_to_zero_after
+            .as_ref()
+            .and_then(berth_proto::time::std_duration)
+            .unwrap_or_default();
+        println!(
+            "Autoscale:   {}-{} replicas, target concurrency {}{}",
+            autoscale.fewest(),
+            autoscale.max,
+            autoscale.target_concurrency,
+            if autoscale.fewest() == 0 {
+                format!(", to zero after {}", humantime::format_duration(after))
+            } else {
+                String::new()
+            }
+        );
+        if let Some(view) = &status.autoscale {
+            println!(
+                "Autoscaler:  {} desired{}: {}",
+                view.desired_replicas,
+                if view.panic { " (panic)" } else { "" },
+                view.reason
+            );
+            if let Some(since) = &view.idle_since {
+                let at = UNIX_EPOCH + Duration::from_secs(since.seconds.max(0) as u64);
+                println!(
+                    "Idle:        for {} (since {})",
+                    age(Some(since)),
+                    humantime::format_rfc3339_seconds(at)
+                );
+            }
+        }
+    }
     println!("Port:        {}", spec.port);
     if let Some((queued, dead)) = queue_depth(client, &spec.name).await {
         println!("Requests:    {queued} queued for replay, {dead} dead-lettered");
@@ -315,9 +349,14 @@ fn desired_word(agent: &Agent) -> &'static str {
         .as_ref()
         .map(|m| m.desired_state)
         .unwrap_or_default();
+    let idle = agent
+        .spec
+        .as_ref()
+        .is_some_and(|s| s.autoscale.is_some() && s.replicas == Some(0));
     match DesiredState::try_from(state) {
         Ok(DesiredState::Stopped) => "stopped",
         Ok(DesiredState::Paused) => "paused",
+        _ if idle => "idle",
         _ => "running",
     }
 }

@@ -1,6 +1,6 @@
 //! `berth deploy`: the flags users of docker and Agentainer know, turned into a manifest.
 
-use crate::manifest::{parse_restart, parse_volume, Health, Manifest, Replay, Volume};
+use crate::manifest::{parse_restart, parse_volume, Autoscale, Health, Manifest, Replay, Volume};
 use clap::Args;
 use std::collections::HashMap;
 
@@ -35,6 +35,18 @@ pub struct DeployArgs {
     /// Number of replicas (default 1).
     #[arg(long)]
     pub replicas: Option<u32>,
+    /// Autoscale: fewest replicas (0 scales to zero when unused; default 1).
+    #[arg(long, conflicts_with = "replicas")]
+    pub min_replicas: Option<u32>,
+    /// Autoscale: most replicas (default 10).
+    #[arg(long, conflicts_with = "replicas")]
+    pub max_replicas: Option<u32>,
+    /// Autoscale: requests in flight or queued per replica (default 10).
+    #[arg(long, conflicts_with = "replicas")]
+    pub target_concurrency: Option<u32>,
+    /// Autoscale: time without requests before a --min-replicas 0 agent goes idle (default 5m).
+    #[arg(long, conflicts_with = "replicas")]
+    pub scale_to_zero_after: Option<String>,
     /// Path of the HTTP health check, e.g. /health.
     #[arg(long)]
     pub health_endpoint: Option<String>,
@@ -104,6 +116,16 @@ impl DeployArgs {
             retries: this.health_retries,
             start_period: this.health_start_period,
         });
+        let autoscale = (this.min_replicas.is_some()
+            || this.max_replicas.is_some()
+            || this.target_concurrency.is_some()
+            || this.scale_to_zero_after.is_some())
+        .then_some(Autoscale {
+            min: this.min_replicas,
+            max: this.max_replicas,
+            target_concurrency: this.target_concurrency,
+            scale_to_zero_after: this.scale_to_zero_after,
+        });
         Manifest {
             name: this.name,
             image: this.image,
@@ -130,6 +152,7 @@ impl DeployArgs {
                     ..Default::default()
                 },
             ),
+            autoscale,
             ..Default::default()
         }
     }

@@ -251,7 +251,15 @@ impl AgentService for AgentApi {
             .update_agent_and_secrets(&name, expected, |agent, secrets| {
                 let current = agent.spec.clone().unwrap_or_default();
                 let hash = Some(current.gateway_token_sha256.as_str());
-                let new = self.prepare_spec(spec.clone(), hash)?;
+                let mut input = spec.clone();
+                if let Some(input) = input.as_mut().filter(|s| s.autoscale.is_some()) {
+                    if current.autoscale.is_some() {
+                        // The autoscaler owns the count: an update keeps it (within the new
+                        // bounds), as a re-applied manifest must not undo its work.
+                        input.replicas = current.replicas;
+                    }
+                }
+                let new = self.prepare_spec(input, hash)?;
                 let (new, new_secrets) = Self::split_secrets(new, secrets)?;
                 if new == current && new_secrets == *secrets {
                     return Ok(None);
@@ -372,6 +380,14 @@ impl AgentService for AgentApi {
         self.store
             .update_agent(&name, None, |agent| {
                 let spec = agent.spec.get_or_insert_with(AgentSpec::default);
+                if let Some(autoscale) = &spec.autoscale {
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "agent {name} is autoscaled between {} and {} replicas: change its \
+                         bounds instead (berth deploy --min-replicas/--max-replicas)",
+                        autoscale.fewest(),
+                        autoscale.max
+                    )));
+                }
                 let before = spec.replicas();
                 if before == replicas {
                     return Ok::<_, ApiError>(None);

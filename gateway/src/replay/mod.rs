@@ -8,6 +8,7 @@ pub mod results;
 
 use super::error::GatewayError;
 use super::forward::{Forward, ForwardBody, REQUEST_ID};
+use super::load::Loads;
 use super::routes::Route;
 use crate::outcome::Ending;
 use axum::body::Body;
@@ -17,7 +18,7 @@ use berth_store::Store;
 use http::{header, HeaderValue, StatusCode};
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 /// The header that numbers a replayed delivery (1 for the first replay).
 pub const REPLAY_ATTEMPT: &str = "x-berth-replay-attempt";
@@ -64,6 +65,16 @@ impl QueueStats {
             .map(|(a, (n, bytes))| (a.clone(), *n, *bytes))
             .collect()
     }
+}
+
+/// Whether the client asked for 202 at once (`Prefer: respond-async`), without `wait`.
+pub fn respond_async(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|p| p.trim().eq_ignore_ascii_case("respond-async"))
 }
 
 /// The `N` of `Prefer: wait=N`, capped at [`MAX_WAIT`].
@@ -127,6 +138,7 @@ pub fn to_request(forward: &Forward, why: Ending) -> Request {
 pub async fn enqueue(
     store: &Store,
     stats: &QueueStats,
+    loads: &Loads,
     route: &Route,
     kept: Forward,
     why: Ending,
@@ -169,8 +181,30 @@ pub async fn enqueue(
         }
     }
     tracing::info!(agent = %agent, request_id = %request.id, why = ?why, "queued for replay");
-    if let Some(wait) = wait {
+    // An autoscaled agent with no replica ready (idle, or all its replicas starting): the
+    // autoscaler is told at once, and the caller is held for the answer up to the agent's
+    // request timeout, unless it asked not to be (`Prefer: respond-async`). The request is
+    // in the queue already, so a gateway that dies meanwhile loses nothing.
+    let cold = route.autoscaled && route.replicas.is_empty();
+    let hold = match wait {
+        None if cold && !respond_async(&kept.headers) => Some(route.timeout),
+        _ => None,
+    };
+    let _held = match hold {
+        Some(_) => Some(loads.hold(&agent)),
+        None => {
+            if cold {
+                loads.wake();
+            }
+            None
+        }
+    };
+    if let Some(wait) = wait.or(hold) {
+        let started = Instant::now();
         if let Some(done) = results::wait_for_response(store, &request, wait).await {
+            if hold.is_some() {
+                loads.woken(&agent, started.elapsed());
+            }
             return Ok(Some(done));
         }
     }

@@ -235,3 +235,72 @@ fn oversized_specs_are_refused() {
         "spec"
     );
 }
+
+#[test]
+fn autoscale_defaults_fill_and_bounds_are_checked() {
+    use crate::v1::AutoscaleSettings;
+    let autoscaled = |a: AutoscaleSettings, replicas: Option<u32>| {
+        let mut spec = AgentSpec {
+            name: "hello".into(),
+            image: "example/echo:1".into(),
+            replicas,
+            autoscale: Some(a),
+            ..Default::default()
+        };
+        defaults::apply(&mut spec);
+        spec
+    };
+    // Defaults: min 1, max 10, target 10, to zero after 5m; it starts with min replicas.
+    let spec = autoscaled(AutoscaleSettings::default(), None);
+    let a = spec.autoscale.unwrap();
+    assert_eq!((a.min, a.max, a.target_concurrency), (Some(1), 10, 10));
+    assert_eq!(
+        a.scale_to_zero_after,
+        Some(pb_duration(defaults::SCALE_TO_ZERO_AFTER))
+    );
+    assert_eq!(spec.replicas, Some(1));
+    // min 0 starts with one replica; a count given is kept within [min, max].
+    let zero = AutoscaleSettings {
+        min: Some(0),
+        ..Default::default()
+    };
+    assert_eq!(autoscaled(zero, None).replicas, Some(1));
+    assert_eq!(autoscaled(zero, Some(0)).replicas, Some(0));
+    assert_eq!(autoscaled(zero, Some(40)).replicas, Some(10));
+    // A min above the default max raises the max.
+    let big = AutoscaleSettings {
+        min: Some(12),
+        ..Default::default()
+    };
+    assert_eq!(autoscaled(big, None).autoscale.unwrap().max, 12);
+
+    let field = |edit: &dyn Fn(&mut AutoscaleSettings)| {
+        let mut spec = autoscaled(AutoscaleSettings::default(), None);
+        edit(spec.autoscale.as_mut().unwrap());
+        spec::validate_ok_or_field(&spec)
+    };
+    assert_eq!(field(&|_| {}), "ok");
+    assert_eq!(field(&|a| a.max = MAX_REPLICAS + 1), "spec.autoscale.max");
+    assert_eq!(field(&|a| a.min = Some(5)), "ok");
+    assert_eq!(
+        field(&|a| {
+            a.min = Some(5);
+            a.max = 4;
+        }),
+        "spec.autoscale.min"
+    );
+    assert_eq!(
+        field(&|a| a.target_concurrency = MAX_TARGET_CONCURRENCY + 1),
+        "spec.autoscale.target_concurrency"
+    );
+    assert_eq!(
+        field(&|a| a.scale_to_zero_after = Some(pb_duration(Duration::from_millis(10)))),
+        "spec.autoscale.scale_to_zero_after"
+    );
+    // Scale to zero needs the queue that keeps the waking requests.
+    let mut spec = autoscaled(zero, None);
+    spec.replay.as_mut().unwrap().disabled = true;
+    let err = super::spec(&spec, &limits()).unwrap_err();
+    assert_eq!(err.field, "spec.autoscale.min");
+    assert!(err.reason.contains("replay"), "{}", err.reason);
+}
