@@ -244,4 +244,9 @@ async fn a_burst_scales_an_agent_up_and_its_end_back_down() {
         "{shown}"
     );
     assert!(shown.contains("Autoscaler:  1 desired"), "{shown}");
+    // The autoscaler owns the count: a manual scale is refused, naming the bounds.
+    let out = s.cp.cli(&["scale", &s.name, "3"]);
+    assert!(!out.status.success());
+    let said = berth_tests::output_text(&out);
+    assert!(said.contains("autoscaled between 1 and 3"), "{said}");
 }

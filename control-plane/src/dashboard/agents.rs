@@ -45,6 +45,10 @@ fn agent_state(agent: &Agent) -> (&'static str, &'static str) {
         Ok(DesiredState::Paused) => return ("paused", "muted"),
         _ => {}
     }
+    let spec = agent.spec.as_ref();
+    if spec.is_some_and(|s| s.autoscale.is_some() && s.replicas == Some(0)) {
+        return ("idle", "muted");
+    }
     for (kind, word) in [
         ("ImageMissing", "image missing"),
         ("CrashLoop", "crash loop"),
