@@ -2,9 +2,13 @@
 //! benchmark's section of BENCHMARKS.md.
 #![forbid(unsafe_code)]
 
+use berth_tests::docker::{http, DockerRun, ECHO_IMAGE};
+use berth_tests::eventually;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 /// One kept-alive HTTP/1.1 connection.
@@ -88,4 +92,34 @@ pub fn write_report(name: &str, heading: &str, report: &str) -> anyhow::Result<(
     std::fs::write(&path, text)?;
     println!("written to {}", path.display());
     Ok(())
+}
+
+/// `docker run -d` of the example image on `run`'s network until its `/health` answers: the
+/// reference for starting a replica (what no orchestrator can beat on this machine).
+pub async fn docker_run_to_healthy(run: &DockerRun) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let out = Command::new("docker")
+        .args(["run", "-d", "--network", &run.network, "--label"])
+        .arg(format!("berth.test={}", run.id))
+        .arg(ECHO_IMAGE)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "docker run: {out:?}");
+    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let ip = run.inspect(
+        &id,
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+    );
+    let address = format!("{ip}:8080");
+    eventually(Duration::from_secs(60), "the reference container", || {
+        let address = address.clone();
+        async move {
+            http(&address, "GET", "/health")
+                .await
+                .filter(|(c, _)| *c == 200)
+        }
+    })
+    .await?;
+    let elapsed = started.elapsed();
+    Command::new("docker").args(["rm", "-f", &id]).output()?;
+    Ok(elapsed)
 }

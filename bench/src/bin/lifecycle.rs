@@ -6,7 +6,7 @@
 //! Run: `cargo run -p berth-bench --bin lifecycle` (after `deploy/build-images.sh`).
 
 use berth_proto::v1::{Agent, DeleteAgentRequest, GetAgentRequest, ReplicaState};
-use berth_tests::docker::{http, DockerRun, NodeAgent, ECHO_IMAGE};
+use berth_tests::docker::{http, DockerRun, NodeAgent};
 use berth_tests::{eventually, unique_name, ControlPlane, Etcd};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ async fn main() -> anyhow::Result<()> {
 
     let mut reference = Vec::new();
     for _ in 0..RUNS {
-        reference.push(docker_run_to_healthy(&run).await?);
+        reference.push(berth_bench::docker_run_to_healthy(&run).await?);
     }
     let mut deploy = Vec::new();
     let mut restart = Vec::new();
@@ -100,35 +100,6 @@ async fn wait(
         }
     })
     .await
-}
-
-/// `docker run -d` of the example image on the run's network, until `/health` answers.
-async fn docker_run_to_healthy(run: &DockerRun) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    let out = Command::new("docker")
-        .args(["run", "-d", "--network", &run.network, "--label"])
-        .arg(format!("berth.test={}", run.id))
-        .arg(ECHO_IMAGE)
-        .output()?;
-    anyhow::ensure!(out.status.success(), "docker run: {out:?}");
-    let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let ip = run.inspect(
-        &id,
-        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-    );
-    let address = format!("{ip}:8080");
-    eventually(LIMIT, "the reference container", || {
-        let address = address.clone();
-        async move {
-            http(&address, "GET", "/health")
-                .await
-                .filter(|(c, _)| *c == 200)
-        }
-    })
-    .await?;
-    let elapsed = started.elapsed();
-    Command::new("docker").args(["rm", "-f", &id]).output()?;
-    Ok(elapsed)
 }
 
 fn report(what: &str, times: &mut [Duration]) {
