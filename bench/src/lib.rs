@@ -94,6 +94,23 @@ pub fn write_report(name: &str, heading: &str, report: &str) -> anyhow::Result<(
     Ok(())
 }
 
+/// `runs` times [`docker_run_to_healthy`], once the node agent of `run` has made its network.
+pub async fn docker_run_reference(run: &DockerRun, runs: usize) -> anyhow::Result<Vec<Duration>> {
+    eventually(Duration::from_secs(60), "the node agent's network", || {
+        let made = Command::new("docker")
+            .args(["network", "inspect", &run.network])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        async move { made.then_some(()) }
+    })
+    .await?;
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        times.push(docker_run_to_healthy(run).await?);
+    }
+    Ok(times)
+}
+
 /// `docker run -d` of the example image on `run`'s network until its `/health` answers: the
 /// reference for starting a replica (what no orchestrator can beat on this machine).
 pub async fn docker_run_to_healthy(run: &DockerRun) -> anyhow::Result<Duration> {

@@ -117,26 +117,8 @@ impl Store {
         else {
             unreachable!("a transaction of three gets answers three gets")
         };
-        let mut autoscales: HashMap<String, AutoscaleStatus> = autoscales
-            .kvs()
-            .iter()
-            .map(|kv| {
-                Ok((
-                    super::Keys::last_segment(kv.key()),
-                    decode(kv.key(), kv.value())?,
-                ))
-            })
-            .collect::<Result<_, StoreError>>()?;
-        let mut statuses: HashMap<String, AgentStatus> = statuses
-            .kvs()
-            .iter()
-            .map(|kv| {
-                Ok((
-                    super::Keys::last_segment(kv.key()),
-                    decode(kv.key(), kv.value())?,
-                ))
-            })
-            .collect::<Result<_, StoreError>>()?;
+        let mut autoscales: HashMap<String, AutoscaleStatus> = by_name(autoscales.kvs())?;
+        let mut statuses: HashMap<String, AgentStatus> = by_name(statuses.kvs())?;
         let agents = agents
             .kvs()
             .iter()
@@ -342,6 +324,20 @@ impl Store {
             TxnOp::put(key, secrets.encode_to_vec(), None)
         }
     }
+}
+
+/// Values under a prefix, decoded, by the name their keys end with.
+fn by_name<T: Message + Default>(
+    kvs: &[etcd_client::KeyValue],
+) -> Result<HashMap<String, T>, StoreError> {
+    kvs.iter()
+        .map(|kv| {
+            Ok((
+                super::Keys::last_segment(kv.key()),
+                decode(kv.key(), kv.value())?,
+            ))
+        })
+        .collect()
 }
 
 fn stored_agent(kv: &etcd_client::KeyValue) -> Result<Agent, StoreError> {

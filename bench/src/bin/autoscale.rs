@@ -20,7 +20,6 @@ use berth_tests::docker::{containers_labelled, DockerRun, NodeAgent};
 use berth_tests::wire::get;
 use berth_tests::{eventually, unique_name, ControlPlane, Etcd, Gateway};
 use bytes::Bytes;
-use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,19 +38,7 @@ async fn main() -> anyhow::Result<()> {
     let _node = NodeAgent::start(&cp.url(), &unique_name("bench"), &run)?;
     let mut gw = Gateway::start(&etcd.url()).await?;
     let api = cp.agents().await?;
-    eventually(LIMIT, "the node agent's network", || {
-        let made = Command::new("docker")
-            .args(["network", "inspect", &run.network])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        async move { made.then_some(()) }
-    })
-    .await?;
-
-    let mut reference = Vec::new();
-    for _ in 0..REFERENCE_RUNS {
-        reference.push(berth_bench::docker_run_to_healthy(&run).await?);
-    }
+    let mut reference = berth_bench::docker_run_reference(&run, REFERENCE_RUNS).await?;
 
     let name = unique_name("wake");
     let out = cp.deploy_echo(

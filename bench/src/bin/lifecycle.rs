@@ -8,7 +8,6 @@
 use berth_proto::v1::{Agent, DeleteAgentRequest, GetAgentRequest, ReplicaState};
 use berth_tests::docker::{http, DockerRun, NodeAgent};
 use berth_tests::{eventually, unique_name, ControlPlane, Etcd};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const RUNS: usize = 10;
@@ -21,20 +20,7 @@ async fn main() -> anyhow::Result<()> {
     let cp = ControlPlane::start(&etcd.url()).await?;
     let _node = NodeAgent::start(&cp.url(), &unique_name("bench"), &run)?;
     let api = cp.agents().await?;
-    // The node agent creates the network when it starts.
-    eventually(LIMIT, "the node agent's network", || {
-        let made = Command::new("docker")
-            .args(["network", "inspect", &run.network])
-            .output()
-            .is_ok_and(|o| o.status.success());
-        async move { made.then_some(()) }
-    })
-    .await?;
-
-    let mut reference = Vec::new();
-    for _ in 0..RUNS {
-        reference.push(berth_bench::docker_run_to_healthy(&run).await?);
-    }
+    let mut reference = berth_bench::docker_run_reference(&run, RUNS).await?;
     let mut deploy = Vec::new();
     let mut restart = Vec::new();
     let mut crash = Vec::new();
