@@ -323,7 +323,9 @@ pub async fn run(store: Store, window: Duration, metrics: Arc<Metrics>, stop: Ca
                 continue;
             };
             let Some(settings) = agent.spec.as_ref().and_then(|s| s.autoscale) else {
-                scalers.remove(&name);
+                if scalers.remove(&name).is_some() {
+                    metrics.forget_autoscaled(&name);
+                }
                 continue;
             };
             let running = agent.meta.as_ref().is_none_or(|m| {

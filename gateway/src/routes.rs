@@ -17,6 +17,10 @@ use tokio_util::sync::CancellationToken;
 /// Wait before re-listing after etcd failed.
 pub const RELIST_RETRY: Duration = Duration::from_secs(1);
 
+/// Most requests replayed at once for an autoscaled agent (target concurrency × ready
+/// replicas, at least its replay concurrency).
+pub const MAX_AUTOSCALED_REPLAY: usize = 1024;
+
 /// Where and how to reach one agent.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Route {
@@ -146,12 +150,23 @@ impl Route {
             })
             .collect();
         replicas.sort_by(|a, b| a.replica.cmp(&b.replica));
+        let mut replay = ReplayConfig::from_spec(spec.replay.as_ref());
+        if let Some(autoscale) = &spec.autoscale {
+            // An autoscaled agent's queue (the requests held for its wake among them) drains
+            // at the pace its replicas are sized for; 1 keeps its strict order.
+            if replay.concurrency > 1 {
+                let sized = autoscale.target_concurrency as usize * replicas.len();
+                replay.concurrency = replay
+                    .concurrency
+                    .max(sized.min(MAX_AUTOSCALED_REPLAY) as u32);
+            }
+        }
         Some(Self {
             agent: spec.name.clone(),
             token_sha256: spec.gateway_token_sha256.clone(),
             timeout,
             breaker: BreakerConfig::from_spec(spec.breaker.as_ref()),
-            replay: ReplayConfig::from_spec(spec.replay.as_ref()),
+            replay,
             replicas,
             // A stopped or paused agent is not woken: its requests wait in the queue.
             autoscaled: spec.autoscale.is_some()
@@ -341,5 +356,36 @@ mod tests {
         assert_eq!(ids, ["a-0", "a-1"]);
         assert_eq!(route.timeout, defaults::REQUEST_TIMEOUT);
         assert_eq!(route.token_sha256, "ab");
+        assert!(!route.autoscaled);
+        assert_eq!(route.replay.concurrency, defaults::REPLAY_CONCURRENCY);
+
+        // Autoscaled: its queue drains at target concurrency × ready replicas (here 2 × 10),
+        // unless it asked for strict order; stopped, it is not woken.
+        let mut autoscaled = agent.clone();
+        let spec = autoscaled.spec.as_mut().unwrap();
+        spec.autoscale = Some(berth_proto::v1::AutoscaleSettings {
+            target_concurrency: 10,
+            ..Default::default()
+        });
+        let route = Route::of(&autoscaled, &ready_nodes).unwrap();
+        assert!(route.autoscaled);
+        assert_eq!(route.replay.concurrency, 20);
+        let spec = autoscaled.spec.as_mut().unwrap();
+        spec.replay = Some(berth_proto::v1::ReplaySettings {
+            concurrency: 1,
+            ..Default::default()
+        });
+        assert_eq!(
+            Route::of(&autoscaled, &ready_nodes)
+                .unwrap()
+                .replay
+                .concurrency,
+            1
+        );
+        autoscaled.meta = Some(berth_proto::v1::AgentMeta {
+            desired_state: berth_proto::v1::DesiredState::Stopped as i32,
+            ..Default::default()
+        });
+        assert!(!Route::of(&autoscaled, &ready_nodes).unwrap().autoscaled);
     }
 }

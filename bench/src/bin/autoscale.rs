@@ -3,8 +3,8 @@
 //!
 //! - wake: a request to an idle agent (`--min-replicas 0`), timed to its answer, `WAKES`
 //!   times (p50, p95, worst);
-//! - burst: `BURST` callers at once on an idle agent: all answered? in how long? how many
-//!   replicas did the autoscaler ask for?
+//! - burst: `BURST` callers at once on an idle agent, each request taking a second at the
+//!   agent: all answered? in how long? how many replicas did the autoscaler ask for?
 //! - the gateway SIGKILLed while it holds `HELD` requests for a wake: how many were lost
 //!   (each is looked up by its id after the gateway is started again).
 //!
@@ -56,6 +56,8 @@ async fn main() -> anyhow::Result<()> {
     );
     anyhow::ensure!(out.status.success(), "deploy failed: {out:?}");
     let path = format!("/agents/{name}/echo");
+    // The burst's requests take a second each, as an agent's work does.
+    let slow = format!("/agents/{name}/slow?ms=1000");
 
     let mut wakes = Vec::new();
     for i in 0..WAKES {
@@ -73,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
     let started = Instant::now();
     let callers: Vec<_> = (0..BURST)
         .map(|i| {
-            let (addr, path) = (gw.addr.clone(), path.clone());
+            let (addr, path) = (gw.addr.clone(), slow.clone());
             tokio::spawn(async move {
                 let mut conn = Conn::open(&addr).await?;
                 let status = conn.post(&path, Bytes::from(format!("burst {i}"))).await?;
@@ -178,7 +180,8 @@ async fn main() -> anyhow::Result<()> {
     report += &row("reference: `docker run` → `/health` 200", &mut reference);
     report += &row("request to an idle agent → its answer (wake)", &mut wakes);
     report += &format!(
-        "\n- burst: {BURST} callers at once on an idle agent (target concurrency 10): \
+        "\n- burst: {BURST} callers at once on an idle agent (target concurrency 10), each \
+         request taking 1 s at the agent: \
          {answered}/{BURST} answered 200, the last after {:.1} s; the autoscaler asked for \
          {reached} replicas at most\n",
         burst_took.as_secs_f64()
