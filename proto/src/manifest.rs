@@ -299,6 +299,15 @@ impl Manifest {
         let autoscale = self
             .autoscale
             .map(|a| {
+                // 0 would read as unset (and so as the default): refused instead.
+                for (field, value) in [
+                    ("autoscale.max", a.max),
+                    ("autoscale.targetConcurrency", a.target_concurrency),
+                ] {
+                    if value == Some(0) {
+                        return Err(field_err(field)("must be at least 1".into()));
+                    }
+                }
                 Ok::<_, ManifestError>(AutoscaleSettings {
                     min: a.min,
                     max: a.max.unwrap_or_default(),
@@ -537,6 +546,11 @@ mod tests {
         let err =
             parse_all("name: a\nimage: e\nautoscale: {scaleToZeroAfter: later}\n").unwrap_err();
         assert!(err.contains("autoscale.scaleToZeroAfter"), "{err}");
+        let err = parse_all("name: a\nimage: e\nautoscale: {targetConcurrency: 0}\n").unwrap_err();
+        assert!(
+            err.contains("autoscale.targetConcurrency: must be at least 1"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -39,10 +39,10 @@ pub struct DeployArgs {
     #[arg(long, conflicts_with = "replicas")]
     pub min_replicas: Option<u32>,
     /// Autoscale: most replicas (default 10).
-    #[arg(long, conflicts_with = "replicas")]
+    #[arg(long, conflicts_with = "replicas", value_parser = clap::value_parser!(u32).range(1..))]
     pub max_replicas: Option<u32>,
     /// Autoscale: requests in flight or queued per replica (default 10).
-    #[arg(long, conflicts_with = "replicas")]
+    #[arg(long, conflicts_with = "replicas", value_parser = clap::value_parser!(u32).range(1..))]
     pub target_concurrency: Option<u32>,
     /// Autoscale: time without requests before a --min-replicas 0 agent goes idle (default 5m).
     #[arg(long, conflicts_with = "replicas")]
