@@ -105,7 +105,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// The client's headers made ready for a replica: hop-by-hop ones removed, the client's
 /// address appended to `X-Forwarded-For`, and a request id unless the client sent one.
-pub fn upstream_headers(mut headers: HeaderMap, client: Option<IpAddr>) -> HeaderMap {
+pub fn upstream_headers(mut headers: HeaderMap, agent: &str, client: Option<IpAddr>) -> HeaderMap {
     strip_hop_by_hop(&mut headers);
     if let Some(ip) = client {
         let value = match headers.get(FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
@@ -117,18 +117,13 @@ pub fn upstream_headers(mut headers: HeaderMap, client: Option<IpAddr>) -> Heade
         }
     }
     if !headers.contains_key(REQUEST_ID) {
-        let id = new_request_id();
+        let id = berth_proto::request::positional_id(agent, berth_store::requests::new_seq());
         headers.insert(
             REQUEST_ID,
-            HeaderValue::from_str(&id).expect("hex is a valid header value"),
+            HeaderValue::from_str(&id).expect("a DNS label and digits are a valid header value"),
         );
     }
     headers
-}
-
-/// A random 128-bit id in hex.
-pub fn new_request_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
 }
 
 /// The HTTP/1.1 client to replicas, with a pool of kept-alive connections per replica. Each
@@ -199,21 +194,23 @@ mod tests {
         headers.append("x-multi", "a".parse().unwrap());
         headers.append("x-multi", "b".parse().unwrap());
         headers.insert(FORWARDED_FOR, "10.0.0.9".parse().unwrap());
-        let out = upstream_headers(headers, Some("192.0.2.1".parse().unwrap()));
+        let out = upstream_headers(headers, "hello", Some("192.0.2.1".parse().unwrap()));
         for gone in ["connection", "keep-alive", "x-private", "transfer-encoding"] {
             assert!(!out.contains_key(gone), "{gone} is hop-by-hop");
         }
         let multi: Vec<_> = out.get_all("x-multi").iter().collect();
         assert_eq!(multi, ["a", "b"]);
         assert_eq!(out[FORWARDED_FOR], "10.0.0.9, 192.0.2.1");
-        assert_eq!(out[REQUEST_ID].len(), 32);
+        let id = out[REQUEST_ID].to_str().unwrap();
+        let (agent, _) = berth_proto::request::parse_positional_id(id).unwrap();
+        assert_eq!(agent, "hello");
     }
 
     #[test]
     fn a_client_request_id_is_kept() {
         let mut headers = HeaderMap::new();
         headers.insert(REQUEST_ID, "abc".parse().unwrap());
-        assert_eq!(upstream_headers(headers, None)[REQUEST_ID], "abc");
+        assert_eq!(upstream_headers(headers, "hello", None)[REQUEST_ID], "abc");
     }
 
     #[test]

@@ -501,7 +501,11 @@ async fn forward(
         agent: agent.to_string(),
         method: parts.method,
         path_and_query: class.upstream,
-        headers: Arc::new(forward::upstream_headers(parts.headers, Some(peer.ip()))),
+        headers: Arc::new(forward::upstream_headers(
+            parts.headers,
+            agent,
+            Some(peer.ip()),
+        )),
         body,
         tried: Vec::new(),
     };

@@ -11,6 +11,28 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 /// The header with which a client opts out of replay (`X-Berth-Replay: off`).
 pub const REPLAY_HEADER: &str = "x-berth-replay";
 
+/// The id the gateway gives a request that came without one: `{agent}.{seq:020}`, where `seq`
+/// orders the agent's replay queue (`berth_store::requests::new_seq`). The id names the
+/// request's place in the store, so the store needs no index to find it; an id a client chose
+/// is kept as it is (and indexed).
+pub fn positional_id(agent: &str, seq: u64) -> String {
+    format!("{agent}.{seq:020}")
+}
+
+/// The `(agent, seq)` a [`positional_id`] names; `None` for any other id.
+pub fn parse_positional_id(id: &str) -> Option<(&str, u64)> {
+    let (agent, seq) = id.rsplit_once('.')?;
+    let label = !agent.is_empty()
+        && agent.len() <= 63
+        && agent
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !label || seq.len() != 20 || !seq.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((agent, seq.parse().ok()?))
+}
+
 /// A request head the gateway refuses before anything else.
 #[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
 pub enum RequestError {
@@ -197,5 +219,31 @@ mod tests {
         );
         let err = of("POST", "/agents/a/", &[("content-length", "ten")]).unwrap_err();
         assert!(err.to_string().contains("Content-Length"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod positional_tests {
+    use super::*;
+
+    #[test]
+    fn positional_ids_name_their_agent_and_seq_and_nothing_else_parses() {
+        let id = positional_id("my-agent-2", 1_732_990_000_000_000_123);
+        assert_eq!(id, "my-agent-2.01732990000000000123");
+        assert_eq!(
+            parse_positional_id(&id),
+            Some(("my-agent-2", 1_732_990_000_000_000_123))
+        );
+        for other in [
+            "0123456789abcdef0123456789abcdef",
+            "abc",
+            ".01732990000000000123",
+            "Agent.01732990000000000123",
+            "a.b.0173299000000000012",
+            "a.0173299000000000012x",
+            "a.99999999999999999999",
+        ] {
+            assert_eq!(parse_positional_id(other), None, "{other}");
+        }
     }
 }

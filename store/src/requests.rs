@@ -149,6 +149,8 @@ impl Store {
             self.keys.request(agent, seq)
         };
         let index = self.keys.request_id(&request.id);
+        // A positional id names the request's place: no index to write.
+        let indexed = berth_proto::request::parse_positional_id(&request.id) != Some((agent, seq));
         let with_lease = || Some(PutOptions::new().with_lease(lease));
         let mut record = request.clone();
         let mut body = std::mem::take(&mut record.body);
@@ -166,10 +168,18 @@ impl Store {
         if body.len() <= INLINE_BODY_BYTES {
             record.body = std::mem::take(&mut body);
         }
-        let mut ops = vec![
-            TxnOp::put(key.as_str(), record.encode_to_vec(), with_lease()),
-            TxnOp::put(index.as_str(), format!("{agent}/{seq:020}"), with_lease()),
-        ];
+        let mut ops = vec![TxnOp::put(
+            key.as_str(),
+            record.encode_to_vec(),
+            with_lease(),
+        )];
+        if indexed {
+            ops.push(TxnOp::put(
+                index.as_str(),
+                format!("{agent}/{seq:020}"),
+                with_lease(),
+            ));
+        }
         if !body.is_empty() {
             ops.push(TxnOp::put(
                 self.keys.request_body(agent, seq),
@@ -192,9 +202,19 @@ impl Store {
                 with_lease(),
             ));
         }
+        // New: its place is free, waiting or finished, and so is its id.
+        let other = if waiting {
+            self.keys.request(agent, seq)
+        } else {
+            self.keys.queued(agent, seq)
+        };
         let compares = vec![
             Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
-            Compare::create_revision(index.as_str(), CompareOp::Equal, 0),
+            if indexed {
+                Compare::create_revision(index.as_str(), CompareOp::Equal, 0)
+            } else {
+                Compare::create_revision(other.as_str(), CompareOp::Equal, 0)
+            },
         ];
         (compares, ops)
     }
@@ -240,10 +260,14 @@ impl Store {
         let mut uncertain = false;
         let mut transient_failures = 0;
         let idempotency = key.map(|(digest, _)| self.keys.idempotency(&request.agent, digest));
+        // A positional id fixes the place; any other id gets a new one (drawn again when taken).
+        let positional = berth_proto::request::parse_positional_id(&request.id)
+            .filter(|(agent, _)| *agent == request.agent)
+            .map(|(_, seq)| seq);
         for attempt in 0..3 + TRANSIENT_RETRIES {
             let lease = self.request_lease(ttl, attempt > 0 && !uncertain).await?;
             if !uncertain {
-                request.seq = new_seq();
+                request.seq = positional.unwrap_or_else(new_seq);
                 request.expire_time = Some(berth_proto::timestamp(SystemTime::now() + ttl));
             }
             let position = format!("{}/{:020}", request.agent, request.seq);
@@ -279,6 +303,14 @@ impl Store {
                     }
                     if let Some(held) = held.filter(|h| h.holder != request.id) {
                         return Ok(Some(held));
+                    }
+                    if positional.is_some() {
+                        // Its place is taken: by the write sent before a transient failure,
+                        // or by a request that came with the same id.
+                        if uncertain {
+                            return Ok(None);
+                        }
+                        break;
                     }
                     // A sequence number taken in the same microsecond: draw again.
                     uncertain = false;
@@ -397,6 +429,19 @@ impl Store {
             kind: "request",
             name: id.to_string(),
         };
+        if let Some((agent, seq)) = berth_proto::request::parse_positional_id(id) {
+            // There, unless a client chose an id that looks positional (one of another agent's,
+            // passed on): such an id was indexed.
+            let place = self
+                .get_all(vec![
+                    self.keys.queued(agent, seq),
+                    self.keys.request(agent, seq),
+                ])
+                .await?;
+            if place.iter().flatten().next().is_some() {
+                return Ok((agent.to_string(), seq));
+            }
+        }
         let index = self
             .client()
             .get(self.keys.request_id(id), None)
@@ -857,8 +902,10 @@ impl Store {
                     TxnOp::delete(self.keys.queued(agent, seq), None),
                     TxnOp::delete(self.keys.finished(agent, seq), None),
                     TxnOp::delete(self.keys.claim(agent, seq), None),
-                    TxnOp::delete(self.keys.request_id(&r.id), None),
                 ]);
+                if berth_proto::request::parse_positional_id(&r.id) != Some((agent, seq)) {
+                    ops.push(TxnOp::delete(self.keys.request_id(&r.id), None));
+                }
                 if !r.idempotency_key.is_empty() {
                     ops.push(TxnOp::delete(
                         self.keys
@@ -1048,7 +1095,7 @@ fn unix_millis(t: SystemTime) -> u64 {
 
 /// A queue position: microseconds since the epoch times 1000, plus a random 0..1000, so that
 /// keys sort by arrival and gateways rarely collide (a collision is retried).
-fn new_seq() -> u64 {
+pub fn new_seq() -> u64 {
     let micros = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()

@@ -464,3 +464,69 @@ async fn an_orphaned_key_is_let_go_only_as_it_was_seen() {
         .expect("held by next");
     assert_eq!(holder.holder, "next");
 }
+
+#[tokio::test]
+async fn a_positional_id_is_its_place_with_no_index_and_a_chosen_id_is_indexed() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = store(&etcd).await;
+    let mut client = etcd.client().await.unwrap();
+    let ttl = Duration::from_secs(600);
+    let index_keys = |client: &mut etcd_client::Client| {
+        let mut client = client.clone();
+        async move {
+            client
+                .get(
+                    "/t/request-ids/",
+                    Some(
+                        etcd_client::GetOptions::new()
+                            .with_prefix()
+                            .with_keys_only(),
+                    ),
+                )
+                .await
+                .unwrap()
+                .kvs()
+                .iter()
+                .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    // The gateway's id names the agent and the place: stored there, found there, no index.
+    let seq = berth_store::requests::new_seq();
+    let id = berth_proto::request::positional_id("a", seq);
+    let mut r = request("a", &id);
+    store.enqueue_request(&mut r, ttl).await.unwrap();
+    assert_eq!(r.seq, seq, "the id's place is used");
+    assert_eq!(
+        store.get_request(&id).await.unwrap().request.body,
+        id.as_bytes()
+    );
+    assert!(index_keys(&mut client).await.is_empty());
+    // The same id again is refused, not stored at a new place.
+    let mut again = request("a", &id);
+    assert!(matches!(
+        store.enqueue_request(&mut again, ttl).await,
+        Err(berth_store::StoreError::AlreadyExists { .. })
+    ));
+    // An id a client chose (one naming another agent too) is indexed and found by it.
+    for chosen in [
+        "client-chosen-1",
+        &berth_proto::request::positional_id("b", seq),
+    ] {
+        let mut r = request("a", chosen);
+        store.enqueue_request(&mut r, ttl).await.unwrap();
+        assert_ne!(r.seq, seq);
+        assert_eq!(
+            store.get_request(chosen).await.unwrap().request.agent,
+            "a",
+            "{chosen}"
+        );
+    }
+    assert_eq!(index_keys(&mut client).await.len(), 2);
+    // Dropped, a positional request is gone whole.
+    store.drop_request(&id).await.unwrap();
+    assert!(matches!(
+        store.get_request(&id).await,
+        Err(berth_store::StoreError::NotFound { .. })
+    ));
+}
