@@ -16,7 +16,7 @@
 
 use crate::metrics::Metrics;
 use berth_proto::v1::{
-    Agent, AutoscaleSettings, AutoscaleStatus, DesiredState, Event, EventSeverity, GatewayLoad,
+    Agent, AutoscaleSettings, AutoscaleStatus, Event, EventSeverity, GatewayLoad,
 };
 use berth_store::watch::{list_watch, Change};
 use berth_store::Store;
@@ -328,10 +328,7 @@ pub async fn run(store: Store, window: Duration, metrics: Arc<Metrics>, stop: Ca
                 }
                 continue;
             };
-            let running = agent.meta.as_ref().is_none_or(|m| {
-                m.desired_state == DesiredState::Running as i32 || m.desired_state == 0
-            });
-            if !running {
+            if !agent.wants_running() {
                 continue;
             }
             let current = agent.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
@@ -396,10 +393,7 @@ async fn scale(store: &Store, name: &str, current: u32, decision: &Decision) -> 
     let reason = event_reason(current, decision.desired);
     let result = store
         .update_agent(name, None, |agent| {
-            let running = agent
-                .meta
-                .as_ref()
-                .is_none_or(|m| m.desired_state != DesiredState::Stopped as i32);
+            let running = agent.wants_running();
             let Some(spec) = agent.spec.as_mut().filter(|s| s.autoscale.is_some()) else {
                 return Ok::<_, berth_store::StoreError>(None);
             };

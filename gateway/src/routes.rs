@@ -4,7 +4,7 @@
 
 use super::breaker::BreakerConfig;
 use berth_proto::defaults;
-use berth_proto::v1::{Agent, DesiredState, NodeStatus};
+use berth_proto::v1::{Agent, NodeStatus};
 use berth_store::watch::{list_watch, Change};
 use berth_store::{Keys, Store, StoreError};
 use prost::Message;
@@ -169,13 +169,7 @@ impl Route {
             replay,
             replicas,
             // A stopped or paused agent is not woken: its requests wait in the queue.
-            autoscaled: spec.autoscale.is_some()
-                && agent.meta.as_ref().is_none_or(|m| {
-                    matches!(
-                        DesiredState::try_from(m.desired_state),
-                        Ok(DesiredState::Running | DesiredState::Unspecified)
-                    )
-                }),
+            autoscaled: spec.autoscale.is_some() && agent.wants_running(),
         })
     }
 }

@@ -29,6 +29,17 @@ impl v1::AgentStatus {
 }
 
 impl v1::Agent {
+    /// Whether the user wants it running (neither stopped nor paused): what autoscaling acts
+    /// on.
+    pub fn wants_running(&self) -> bool {
+        self.meta.as_ref().is_none_or(|m| {
+            matches!(
+                v1::DesiredState::try_from(m.desired_state),
+                Ok(v1::DesiredState::Running | v1::DesiredState::Unspecified)
+            )
+        })
+    }
+
     /// The replicas it should have: none while stopped, else its spec's (or the default).
     pub fn desired_replicas(&self) -> u32 {
         let stopped = self
