@@ -26,5 +26,5 @@ print("--- flat")
 for k, v in flat.most_common(20):
     print(f"{v / total * 100:5.1f}% {k}")
 print("--- cum")
-for k, v in cum.most_common(40):
+for k, v in cum.most_common(int(sys.argv[2]) if len(sys.argv) > 2 else 40):
     print(f"{v / total * 100:5.1f}% {k}")

@@ -37,6 +37,14 @@ pub struct ReplayLabels {
     pub outcome: String,
 }
 
+/// Labels of a step of a replayed delivery.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabels {
+    /// claim (the etcd write that takes it), forward (to the agent's answer) or finish (the
+    /// etcd write of its outcome).
+    pub step: &'static str,
+}
+
 /// Labels of a breaker transition.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BreakerLabels {
@@ -73,6 +81,8 @@ pub struct GatewayMetrics {
     pub held: Family<AgentLabels, Gauge>,
     /// Time from holding a request for an agent with no replica ready to its answer.
     pub wake_seconds: Family<AgentLabels, Histogram>,
+    /// Time of each step of a replayed delivery (claim, forward, finish).
+    pub replay_step_seconds: Family<StepLabels, Histogram>,
 }
 
 impl GatewayMetrics {
@@ -149,8 +159,18 @@ impl GatewayMetrics {
             "Time from holding a request for an agent with no replica ready to its answer",
             wake_seconds.clone(),
         );
+        let replay_step_seconds = Family::<StepLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        registry.register(
+            "replay_step_seconds",
+            "Time of each step of a replayed delivery: claim and finish (etcd writes), forward \
+             (to the agent's answer)",
+            replay_step_seconds.clone(),
+        );
         Arc::new(Self {
             registry,
+            replay_step_seconds,
             held,
             wake_seconds,
             queued,

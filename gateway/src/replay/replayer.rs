@@ -571,7 +571,10 @@ async fn deliver(
         .as_ref()
         .map_or(berth_proto::defaults::REQUEST_TIMEOUT, |r| r.timeout);
     let deadline = SystemTime::now() + timeout + DEADLINE_MARGIN;
-    let mut claim = match store.claim_request(&stored, name, lease, deadline).await? {
+    let claiming = Instant::now();
+    let claimed = store.claim_request(&stored, name, lease, deadline).await?;
+    step(gateway, "claim", claiming);
+    let mut claim = match claimed {
         ClaimOutcome::Claimed(claim) => *claim,
         ClaimOutcome::Held { holder, revision } => return Ok(After::HeldBy(holder, revision)),
         // The record kept was not the latest: read it next time (the watch will tell).
@@ -602,7 +605,9 @@ async fn deliver(
     }
     let stack = gateway.stack(&route);
     let service = stack.service.lock().expect("stack lock").clone();
+    let forwarding = Instant::now();
     let result = service.oneshot(forward).await;
+    step(gateway, "forward", forwarding);
     let described = match &result {
         Ok(r) => format!("agent answered {}", r.status()),
         Err(e) => e.to_string(),
@@ -665,12 +670,22 @@ async fn finish(
     claim: &Claim,
     answer: Option<&StoredResponse>,
 ) -> Result<(), StoreError> {
-    if gateway.store.finish_request(claim, answer).await? == Finished::LostClaim {
+    let finishing = Instant::now();
+    let finished = gateway.store.finish_request(claim, answer).await?;
+    step(gateway, "finish", finishing);
+    if finished == Finished::LostClaim {
         let r = &claim.stored.request;
         tracing::warn!(agent = %r.agent, request_id = %r.id, "claim lost during delivery; its outcome is not written");
         count(gateway, &r.agent, "claim_lost");
     }
     Ok(())
+}
+
+/// Observes the time of a delivery's `name`d step, begun at `since`.
+fn step(gateway: &Gateway, name: &'static str, since: Instant) {
+    let labels = super::super::metrics::StepLabels { step: name };
+    let histogram = gateway.metrics.replay_step_seconds.get_or_create(&labels);
+    histogram.observe(since.elapsed().as_secs_f64());
 }
 
 fn count(gateway: &Gateway, agent: &str, outcome: &str) {
