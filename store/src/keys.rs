@@ -163,6 +163,17 @@ impl Keys {
         format!("{}/claims/", self.prefix)
     }
 
+    /// `{prefix}/replayers/{agent}`: the gateway that replays an agent's queue, under its
+    /// claim lease.
+    pub fn replayer(&self, agent: &str) -> String {
+        format!("{}/replayers/{agent}", self.prefix)
+    }
+
+    /// `{prefix}/replayers/`: every agent's replaying gateway.
+    pub fn replayers(&self) -> String {
+        format!("{}/replayers/", self.prefix)
+    }
+
     /// `{prefix}/idempotency/{agent}/{key_sha256}`: the request an `Idempotency-Key` belongs to.
     pub fn idempotency(&self, agent: &str, key_sha256: &str) -> String {
         format!("{}/idempotency/{agent}/{key_sha256}", self.prefix)

@@ -824,6 +824,52 @@ impl Store {
         })
     }
 
+    /// Takes the replay of `agent`'s queue for `gateway` under its claim `lease`: `None` when
+    /// taken (or already its own), otherwise the gateway that has it; with the store revision
+    /// it was taken or read at. One gateway replays an
+    /// agent's queue at a time, so that gateways do not race for the same requests; each
+    /// request is still claimed before it is sent.
+    pub async fn take_replay(
+        &self,
+        agent: &str,
+        gateway: &str,
+        lease: i64,
+    ) -> Result<(Option<String>, i64), StoreError> {
+        let key = self.keys.replayer(agent);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                gateway,
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(key.as_str(), None)]);
+        let resp = self.commit(txn, 0).await.map_err(|e| self.unavailable(e))?;
+        if resp.succeeded {
+            return Ok((None, resp.revision));
+        }
+        let holder = resp.responses.into_iter().find_map(|op| match op {
+            TxnOpResponse::Get(get) => get
+                .kvs()
+                .first()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+            _ => None,
+        });
+        // Gone between the compare and the read cannot happen in one transaction; an empty
+        // answer would mean it expired just now: free, and taken next time.
+        Ok((holder.filter(|h| h != gateway), resp.revision))
+    }
+
+    /// Gives back the replay of `agent`'s queue if `gateway` has it.
+    pub async fn release_replay(&self, agent: &str, gateway: &str) -> Result<(), StoreError> {
+        let key = self.keys.replayer(agent);
+        let txn = Txn::new()
+            .when([Compare::value(key.as_str(), CompareOp::Equal, gateway)])
+            .and_then([TxnOp::delete(key.as_str(), None)]);
+        self.commit(txn, 0).await.map_err(|e| self.unavailable(e))?;
+        Ok(())
+    }
+
     /// Deletes the claim on a request (a claim its own gateway left behind).
     pub async fn release_claim(&self, agent: &str, seq: u64) -> Result<(), StoreError> {
         self.client()

@@ -530,3 +530,32 @@ async fn a_positional_id_is_its_place_with_no_index_and_a_chosen_id_is_indexed()
         Err(berth_store::StoreError::NotFound { .. })
     ));
 }
+
+#[tokio::test]
+async fn one_gateway_replays_an_agent_until_it_gives_it_back_or_its_lease_ends() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = store(&etcd).await;
+    let a = store.grant_claim_lease(60).await.unwrap();
+    let b = store.grant_claim_lease(60).await.unwrap();
+    // Free: taken. Taken again by its holder: still its own.
+    assert_eq!(store.take_replay("x", "ga", a).await.unwrap().0, None);
+    assert_eq!(store.take_replay("x", "ga", a).await.unwrap().0, None);
+    // Another gateway is told who has it; another agent is free for it.
+    assert_eq!(
+        store.take_replay("x", "gb", b).await.unwrap().0.as_deref(),
+        Some("ga")
+    );
+    assert_eq!(store.take_replay("y", "gb", b).await.unwrap().0, None);
+    // Only its holder gives it back.
+    store.release_replay("x", "gb").await.unwrap();
+    assert_eq!(
+        store.take_replay("x", "gb", b).await.unwrap().0.as_deref(),
+        Some("ga")
+    );
+    store.release_replay("x", "ga").await.unwrap();
+    assert_eq!(store.take_replay("x", "gb", b).await.unwrap().0, None);
+    // A gateway whose lease ends (stopped, or paused past it) lets go of what it replays.
+    store.revoke_lease(b).await;
+    assert_eq!(store.take_replay("x", "ga", a).await.unwrap().0, None);
+    assert_eq!(store.take_replay("y", "ga", a).await.unwrap().0, None);
+}

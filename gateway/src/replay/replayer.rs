@@ -1,10 +1,14 @@
-//! The replayer: every gateway runs one. It keeps an index of waiting requests and of claims
-//! from two list-watches (requests and claims), with the records of the first [`HEAD`] of each
-//! agent's queue, and for each agent with a ready replica delivers the oldest waiting requests
-//! that nobody has claimed, up to the agent's replay concurrency at the agent at once, started
-//! oldest first (at a concurrency of 1, strictly in order). A claim is a key under this
-//! gateway's short lease: two gateways never deliver the same request at once, and a crashed
-//! gateway's claims expire so that another delivers them.
+//! The replayer: every gateway runs one. It keeps an index of waiting requests, of claims and
+//! of which gateway replays each agent's queue, from three list-watches, with the records of
+//! the first [`HEAD`] of each agent's queue. One gateway at a time replays an agent's queue: it
+//! takes the agent (a key under its lease) when the queue waits with a replica ready and
+//! nobody replays it, and gives it back when the queue is empty or the agent fails, so that
+//! gateways do not race for the same requests and the agents spread over the gateways. For
+//! each agent it replays, it delivers the oldest waiting requests that nobody has claimed, up
+//! to the agent's replay concurrency at the agent at once, started oldest first (at a
+//! concurrency of 1, strictly in order). A claim is a key under this gateway's short lease:
+//! two gateways never deliver the same request at once, and a crashed gateway's claims (and
+//! agents) expire so that another delivers them.
 
 use super::super::forward::{Forward, ForwardBody};
 use super::super::metrics::AgentLabels;
@@ -14,8 +18,8 @@ use crate::outcome::{Ending, Verdict};
 use berth_proto::v1::{Request, RequestState, StoredResponse};
 use berth_store::requests::position;
 use berth_store::watch::{list_watch, Change};
-use berth_store::StoreError;
 use berth_store::{Claim, ClaimOutcome, Finished, StoredRequest};
+use berth_store::{Keys, StoreError};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use prost::Message;
@@ -89,6 +93,31 @@ struct Waiting {
 /// Records read ahead by a delivery, for the index.
 type Fetched = Vec<StoredRequest>;
 
+/// How long an agent waits with nobody replaying it before a gateway that has its fair share
+/// of agents takes it too.
+pub const TAKE_PATIENCE: Duration = Duration::from_secs(1);
+
+/// Which gateway replays each agent's queue, as the `replayers/` list-watch says, and this
+/// gateway's takes and gives under way.
+#[derive(Debug, Default)]
+struct Owners {
+    by_agent: HashMap<String, String>,
+    /// The store revision the watch has reached.
+    seen: i64,
+    listed: bool,
+    /// Agents whose take or give-back is under way.
+    pending: HashSet<String>,
+    /// Agents seen waiting with a replica ready and nobody replaying them, since when.
+    unowned_since: HashMap<String, Instant>,
+}
+
+/// A take or give-back of an agent's replay, done: the agent, and on a take who has it now
+/// (`None`: this gateway) at which store revision.
+enum Owned {
+    Taken(String, Result<(Option<String>, i64), StoreError>),
+    Given(String),
+}
+
 /// Runs until `stop` is cancelled. Then it claims nothing more, lets deliveries in flight
 /// finish (up to [`STOP_GRACE`]) and gives its claim lease back, so that what it held is
 /// free for another gateway at once.
@@ -124,6 +153,9 @@ async fn replay(
     // The store revision the requests' watch has reached.
     let mut requests_seen: i64 = 0;
     let mut claim_changes = list_watch(store, store.keys().claims());
+    let mut owners = Owners::default();
+    let mut owner_changes = list_watch(store, store.keys().replayers());
+    let (owned_tx, mut owned_rx) = tokio::sync::mpsc::unbounded_channel::<Owned>();
     // Nothing starts before both lists are complete: a claim not yet listed looks free.
     let (mut requests_listed, mut claims_listed) = (false, false);
     let mut routes = gateway.routes.clone();
@@ -165,20 +197,33 @@ async fn replay(
                 return Ok(());
             }
             Some(_) => {}
-            None if requests_listed && claims_listed => start_deliveries(
-                gateway,
-                name,
-                lease,
-                &index,
-                &claims,
-                &mut busy,
-                &answered,
-                &not_before,
-                &deferred,
-                &mut deliveries,
-                &answered_tx,
-                &fetched_tx,
-            ),
+            None if requests_listed && claims_listed && owners.listed => {
+                arrange_owners(
+                    gateway,
+                    name,
+                    lease,
+                    &index,
+                    &busy,
+                    &not_before,
+                    &mut owners,
+                    &owned_tx,
+                );
+                start_deliveries(
+                    gateway,
+                    name,
+                    lease,
+                    &owners.by_agent,
+                    &index,
+                    &claims,
+                    &mut busy,
+                    &answered,
+                    &not_before,
+                    &deferred,
+                    &mut deliveries,
+                    &answered_tx,
+                    &fetched_tx,
+                )
+            }
             None => {}
         }
         tokio::select! {
@@ -217,6 +262,43 @@ async fn replay(
                     if let Some(at) = position(&String::from_utf8_lossy(kv.key())) {
                         claims.remove(&at);
                     }
+                }
+            },
+            change = owner_changes.next() => match change {
+                Change::Init => {
+                    owners.listed = false;
+                    owners.by_agent.clear();
+                }
+                Change::InitApply(kv) | Change::Put(kv) => {
+                    owners.seen = owners.seen.max(kv.mod_revision());
+                    let holder = String::from_utf8_lossy(kv.value()).into_owned();
+                    owners.by_agent.insert(Keys::last_segment(kv.key()), holder);
+                }
+                Change::InitDone { revision } => {
+                    owners.seen = owners.seen.max(revision);
+                    owners.listed = true;
+                }
+                Change::Delete(kv) => {
+                    owners.seen = owners.seen.max(kv.mod_revision());
+                    owners.by_agent.remove(&Keys::last_segment(kv.key()));
+                }
+            },
+            Some(owned) = owned_rx.recv() => match owned {
+                Owned::Taken(agent, result) => {
+                    owners.pending.remove(&agent);
+                    match result {
+                        // Past what the watch has told: it will tell the same, later.
+                        Ok((holder, revision)) if revision > owners.seen => {
+                            let holder = holder.unwrap_or_else(|| name.to_string());
+                            owners.by_agent.insert(agent, holder);
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(agent = %agent, error = %e, "cannot take an agent's replay"),
+                    }
+                }
+                // The watch tells the delete.
+                Owned::Given(agent) => {
+                    owners.pending.remove(&agent);
                 }
             },
             changed = routes.changed(), if routes_open => {
@@ -399,6 +481,96 @@ fn untrack(index: &mut Index, stats: &QueueStats, agent: &str, seq: u64) {
     }
 }
 
+/// Takes the replay of agents whose queue waits, with a replica ready and nobody replaying it:
+/// at once while this gateway replays fewer than its fair share of such agents (among the
+/// gateways it sees replaying), otherwise after [`TAKE_PATIENCE`]. Gives back the agents it
+/// replays whose queue is empty or which are backing off after a failure (another gateway may
+/// reach them), once none of their deliveries is under way here.
+#[allow(clippy::too_many_arguments)]
+fn arrange_owners(
+    gateway: &Arc<Gateway>,
+    name: &str,
+    lease: i64,
+    index: &Index,
+    busy: &HashSet<(String, u64)>,
+    not_before: &HashMap<String, Instant>,
+    owners: &mut Owners,
+    done: &tokio::sync::mpsc::UnboundedSender<Owned>,
+) {
+    let now = Instant::now();
+    let backing_off = |agent: &str| not_before.get(agent).is_some_and(|t| *t > now);
+    let deliverable: Vec<String> = {
+        let routes = gateway.routes.borrow();
+        index
+            .keys()
+            .filter(|agent| {
+                routes.get(*agent).is_some_and(|r| !r.replicas.is_empty()) && !backing_off(agent)
+            })
+            .cloned()
+            .collect()
+    };
+    let take = to_take(owners, name, deliverable, now);
+    let give: Vec<String> = owners
+        .by_agent
+        .iter()
+        .filter(|(agent, holder)| {
+            *holder == name
+                && (!index.contains_key(*agent) || backing_off(agent))
+                && !owners.pending.contains(*agent)
+                && !busy.iter().any(|(a, _)| a == *agent)
+        })
+        .map(|(agent, _)| agent.clone())
+        .collect();
+    for agent in take {
+        owners.pending.insert(agent.clone());
+        let (store, name, done) = (gateway.store.clone(), name.to_string(), done.clone());
+        tokio::spawn(async move {
+            let taken = store.take_replay(&agent, &name, lease).await;
+            let _ = done.send(Owned::Taken(agent, taken));
+        });
+    }
+    for agent in give {
+        owners.pending.insert(agent.clone());
+        let (store, name, done) = (gateway.store.clone(), name.to_string(), done.clone());
+        tokio::spawn(async move {
+            if let Err(e) = store.release_replay(&agent, &name).await {
+                tracing::warn!(agent = %agent, error = %e, "cannot give back an agent's replay");
+            }
+            let _ = done.send(Owned::Given(agent));
+        });
+    }
+}
+
+/// The agents of `deliverable` (waiting, with a replica ready) that `name` takes now: those
+/// nobody replays or is taking, at once up to its fair share (the agents over the gateways seen
+/// replaying, itself among them), beyond it once they have waited [`TAKE_PATIENCE`].
+fn to_take(owners: &mut Owners, name: &str, deliverable: Vec<String>, now: Instant) -> Vec<String> {
+    let Owners {
+        by_agent,
+        pending,
+        unowned_since,
+        ..
+    } = owners;
+    let mut gateways: HashSet<&str> = by_agent.values().map(String::as_str).collect();
+    gateways.insert(name);
+    let fair = deliverable.len().div_ceil(gateways.len());
+    let mut mine = by_agent.values().filter(|h| *h == name).count();
+    unowned_since.retain(|agent, _| deliverable.contains(agent) && !by_agent.contains_key(agent));
+    let mut take = Vec::new();
+    for agent in deliverable {
+        if by_agent.contains_key(&agent) || pending.contains(&agent) {
+            continue;
+        }
+        let since = *unowned_since.entry(agent.clone()).or_insert(now);
+        if mine >= fair && now < since + TAKE_PATIENCE {
+            continue;
+        }
+        mine += 1;
+        take.push(agent);
+    }
+    take
+}
+
 /// For each agent with a ready replica that is not backing off: deliver its oldest waiting
 /// requests, as many at once as its replay concurrency allows, started oldest first. At a
 /// concurrency of 1 the order is strict: a request another gateway holds, or one waiting out
@@ -408,6 +580,7 @@ fn start_deliveries(
     gateway: &Arc<Gateway>,
     name: &str,
     lease: i64,
+    owners: &HashMap<String, String>,
     index: &Index,
     claims: &HashMap<(String, u64), String>,
     busy: &mut HashSet<(String, u64)>,
@@ -429,6 +602,9 @@ fn start_deliveries(
         let Some(route) = routes.get(agent) else {
             continue;
         };
+        if owners.get(agent).map(String::as_str) != Some(name) {
+            continue;
+        }
         if route.replicas.is_empty() || not_before.get(agent).is_some_and(|t| *t > now) {
             continue;
         }
@@ -730,6 +906,39 @@ fn to_forward(request: &Request) -> Forward {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gateway_takes_its_fair_share_of_waiting_agents_and_the_rest_after_a_while() {
+        let agents = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let mut owners = Owners::default();
+        // Alone: it takes every waiting agent at once.
+        let now = Instant::now();
+        assert_eq!(
+            to_take(&mut owners, "ga", agents(&["a", "b"]), now),
+            agents(&["a", "b"])
+        );
+        // Of six waiting agents, another gateway replays two and this one two: three each is
+        // fair, so it takes one of the two free ones at once, the other after the patience.
+        let mut owners = Owners::default();
+        for (agent, holder) in [("a", "gb"), ("b", "gb"), ("c", "ga"), ("f", "ga")] {
+            owners.by_agent.insert(agent.into(), holder.into());
+        }
+        let waiting = agents(&["a", "b", "c", "d", "e", "f"]);
+        assert_eq!(
+            to_take(&mut owners, "ga", waiting.clone(), now),
+            agents(&["d"])
+        );
+        owners.by_agent.insert("d".into(), "ga".into());
+        assert!(to_take(&mut owners, "ga", waiting.clone(), now).is_empty());
+        let later = now + TAKE_PATIENCE;
+        assert_eq!(
+            to_take(&mut owners, "ga", waiting.clone(), later),
+            agents(&["e"])
+        );
+        // One being taken is not taken twice.
+        owners.pending.insert("e".into());
+        assert!(to_take(&mut owners, "ga", waiting, later).is_empty());
+    }
 
     #[test]
     fn the_index_holds_what_the_queue_markers_say() {

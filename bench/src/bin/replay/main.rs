@@ -110,6 +110,12 @@ async fn enqueue_and_drain() -> anyhow::Result<()> {
     })
     .await;
 
+    println!(
+        "enqueue {:.0}/s raw {:.0}/s: {:.2}",
+        enqueue.0,
+        raw.0,
+        enqueue.0 / raw.0
+    );
     // Draining once the agent is back.
     let started = Instant::now();
     anyhow::ensure!(cp.cli(&["start", &name]).status.success());

@@ -201,6 +201,31 @@ fn metric(page: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// Mean time of each step of the replayed deliveries one gateway has made (its
+/// `berth_gateway_replay_step_seconds`), for the progress log.
+async fn steps(admin: &str) -> anyhow::Result<String> {
+    let (_, page) = berth_tests::docker::http(admin, "GET", "/metrics")
+        .await
+        .ok_or_else(|| anyhow::anyhow!("no /metrics from {admin}"))?;
+    let mut line = format!("gateway {admin}: mean");
+    for step in ["claim", "forward", "finish"] {
+        let at = |what: &str| {
+            metric(
+                &page,
+                &format!("berth_gateway_replay_step_seconds_{what}{{step=\"{step}\"}}"),
+            )
+        };
+        let (sum, count) = (at("sum"), at("count"));
+        let mean_ms = if count > 0.0 {
+            sum / count * 1000.0
+        } else {
+            0.0
+        };
+        line.push_str(&format!(" {step} {mean_ms:.1} ms ({count:.0})"));
+    }
+    Ok(line)
+}
+
 pub async fn run() -> anyhow::Result<()> {
     let started = Instant::now();
     let small_count: usize = match std::env::var("BERTH_SOAK_REQUESTS") {
@@ -308,6 +333,7 @@ pub async fn run() -> anyhow::Result<()> {
     let sent: Arc<Mutex<Vec<String>>> = Arc::default();
     let keyed: Arc<Mutex<HashSet<String>>> = Arc::default();
     let conns = connections(&addrs, CONCURRENCY).await?;
+    println!("enqueueing {small_count} requests");
     let small = Bytes::from(vec![b's'; SMALL_SIZE]);
     let enqueue = {
         let (conns, names, sent, keyed) =
@@ -398,6 +424,7 @@ pub async fn run() -> anyhow::Result<()> {
     let total = sent.len();
     let wanted: HashSet<&str> = sent.iter().map(String::as_str).collect();
     let (mut termed, mut killed) = (None, None);
+    let mut killed_at = None;
     let mut dead_seen: HashSet<String> = HashSet::new();
     let mut last_dead_check = Instant::now();
     let mut last_progress = Instant::now();
@@ -408,10 +435,15 @@ pub async fn run() -> anyhow::Result<()> {
             .keys()
             .filter(|id| wanted.contains(id.as_str()))
             .count();
-        if last_dead_check.elapsed() > Duration::from_secs(10) {
+        // Each second while the deliveries the SIGKILL cut are dead-lettered (once their
+        // deadline, the request timeout and 2 s, has passed): retention may drop them within
+        // seconds, as the oldest finished records.
+        let after_kill = killed_at.is_some_and(|t: Instant| t.elapsed() < Duration::from_secs(20));
+        let every = if after_kill { 1 } else { 10 };
+        if last_dead_check.elapsed() > Duration::from_secs(every) {
             // A union: retention drops old finished records (every 30 s), dead ones included.
-            // Not more often: listing by state reads every finished record, which at this
-            // size is etcd work that slows the drain being measured.
+            // Not more often otherwise: listing by state reads every finished record, which at
+            // this size is etcd work that slows the drain being measured.
             dead_seen.extend(dead(&cp)?);
             last_dead_check = Instant::now();
         }
@@ -427,6 +459,9 @@ pub async fn run() -> anyhow::Result<()> {
             most = Some(drain_started.elapsed());
         }
         if termed.is_none() && done >= total * 3 / 10 {
+            for gateway in &gateways {
+                println!("{}", steps(&gateway.admin_addr).await?);
+            }
             let t = Instant::now();
             anyhow::ensure!(
                 gateways[0].terminate(Duration::from_secs(60)).await,
@@ -443,6 +478,7 @@ pub async fn run() -> anyhow::Result<()> {
         if killed.is_none() && done >= total * 6 / 10 {
             gateways[1].kill();
             killed = Some(done);
+            killed_at = Some(Instant::now());
             gateways[1].resume().await?;
             println!("gateway b killed (SIGKILL) at {done} of {total}; restarted");
         }
