@@ -81,8 +81,18 @@ pub struct GatewayMetrics {
     pub held: Family<AgentLabels, Gauge>,
     /// Time from holding a request for an agent with no replica ready to its answer.
     pub wake_seconds: Family<AgentLabels, Histogram>,
-    /// Time of each step of a replayed delivery (claim, forward, finish).
-    pub replay_step_seconds: Family<StepLabels, Histogram>,
+    /// Time of each step of a replayed delivery, resolved once (no label lookup per step).
+    pub replay_steps: ReplaySteps,
+}
+
+/// The histograms of `berth_gateway_replay_step_seconds`, one per step.
+pub struct ReplaySteps {
+    /// The etcd write that claims a request.
+    pub claim: Histogram,
+    /// From sending to the agent to its answer.
+    pub forward: Histogram,
+    /// The etcd write of the outcome.
+    pub finish: Histogram,
 }
 
 impl GatewayMetrics {
@@ -168,9 +178,19 @@ impl GatewayMetrics {
              (to the agent's answer)",
             replay_step_seconds.clone(),
         );
+        let step = |step| {
+            replay_step_seconds
+                .get_or_create(&StepLabels { step })
+                .clone()
+        };
+        let replay_steps = ReplaySteps {
+            claim: step("claim"),
+            forward: step("forward"),
+            finish: step("finish"),
+        };
         Arc::new(Self {
             registry,
-            replay_step_seconds,
+            replay_steps,
             held,
             wake_seconds,
             queued,

@@ -243,6 +243,25 @@ impl Store {
     }
 }
 
+/// A transaction that puts `value` at `key` under `lease` only while the key does not exist:
+/// the leader's key, an agent's replayer.
+fn create_under_lease(key: &str, value: &str, lease: i64) -> etcd_client::Txn {
+    use etcd_client::{Compare, CompareOp, PutOptions, TxnOp};
+    etcd_client::Txn::new()
+        .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(
+            key,
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        )])
+}
+
+/// The first value a read found, as text (who holds a key).
+fn first_value(kvs: &[etcd_client::KeyValue]) -> Option<String> {
+    kvs.first()
+        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+}
+
 fn decode<M: prost::Message + Default>(key: &[u8], value: &[u8]) -> Result<M, StoreError> {
     M::decode(value).map_err(|source| StoreError::Corrupt {
         key: String::from_utf8_lossy(key).into_owned(),

@@ -149,13 +149,7 @@ impl Store {
     /// Takes leadership for `identity` under `lease` if nobody holds it.
     pub async fn try_lead(&self, identity: &str, lease: i64) -> Result<bool, StoreError> {
         let key = self.keys.leader();
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.as_str(),
-                identity,
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
+        let txn = crate::create_under_lease(&key, identity, lease);
         let resp = self
             .client()
             .txn(txn)
@@ -171,10 +165,7 @@ impl Store {
             .get(self.keys.leader(), None)
             .await
             .map_err(|e| self.unavailable(e))?;
-        Ok(resp
-            .kvs()
-            .first()
-            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+        Ok(crate::first_value(resp.kvs()))
     }
 
     /// Gives a lease back (best effort: it expires anyway).

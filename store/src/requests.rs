@@ -734,11 +734,7 @@ impl Store {
                 TxnOpResponse::Get(get) => Some(get),
                 _ => None,
             });
-            let holder = gets.next().and_then(|get| {
-                get.kvs()
-                    .first()
-                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
-            });
+            let holder = gets.next().and_then(|get| crate::first_value(get.kvs()));
             let waiting = gets.next().is_some_and(|get| get.count() > 0);
             return Ok(match holder {
                 Some(holder) => ClaimOutcome::Held { holder, revision },
@@ -836,27 +832,17 @@ impl Store {
         lease: i64,
     ) -> Result<(Option<String>, i64), StoreError> {
         let key = self.keys.replayer(agent);
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.as_str(),
-                gateway,
-                Some(PutOptions::new().with_lease(lease)),
-            )])
+        let txn = crate::create_under_lease(&key, gateway, lease)
             .or_else([TxnOp::get(key.as_str(), None)]);
         let resp = self.commit(txn, 0).await.map_err(|e| self.unavailable(e))?;
         if resp.succeeded {
             return Ok((None, resp.revision));
         }
-        let holder = resp.responses.into_iter().find_map(|op| match op {
-            TxnOpResponse::Get(get) => get
-                .kvs()
-                .first()
-                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+        let holder = resp.responses.iter().find_map(|op| match op {
+            TxnOpResponse::Get(get) => crate::first_value(get.kvs()),
             _ => None,
         });
-        // Gone between the compare and the read cannot happen in one transaction; an empty
-        // answer would mean it expired just now: free, and taken next time.
+        // Already this gateway's (an earlier take, or its previous life under the same name).
         Ok((holder.filter(|h| h != gateway), resp.revision))
     }
 

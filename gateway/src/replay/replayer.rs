@@ -749,7 +749,7 @@ async fn deliver(
     let deadline = SystemTime::now() + timeout + DEADLINE_MARGIN;
     let claiming = Instant::now();
     let claimed = store.claim_request(&stored, name, lease, deadline).await?;
-    step(gateway, "claim", claiming);
+    step(&gateway.metrics.replay_steps.claim, claiming);
     let mut claim = match claimed {
         ClaimOutcome::Claimed(claim) => *claim,
         ClaimOutcome::Held { holder, revision } => return Ok(After::HeldBy(holder, revision)),
@@ -783,7 +783,7 @@ async fn deliver(
     let service = stack.service.lock().expect("stack lock").clone();
     let forwarding = Instant::now();
     let result = service.oneshot(forward).await;
-    step(gateway, "forward", forwarding);
+    step(&gateway.metrics.replay_steps.forward, forwarding);
     let described = match &result {
         Ok(r) => format!("agent answered {}", r.status()),
         Err(e) => e.to_string(),
@@ -848,7 +848,7 @@ async fn finish(
 ) -> Result<(), StoreError> {
     let finishing = Instant::now();
     let finished = gateway.store.finish_request(claim, answer).await?;
-    step(gateway, "finish", finishing);
+    step(&gateway.metrics.replay_steps.finish, finishing);
     if finished == Finished::LostClaim {
         let r = &claim.stored.request;
         tracing::warn!(agent = %r.agent, request_id = %r.id, "claim lost during delivery; its outcome is not written");
@@ -857,10 +857,8 @@ async fn finish(
     Ok(())
 }
 
-/// Observes the time of a delivery's `name`d step, begun at `since`.
-fn step(gateway: &Gateway, name: &'static str, since: Instant) {
-    let labels = super::super::metrics::StepLabels { step: name };
-    let histogram = gateway.metrics.replay_step_seconds.get_or_create(&labels);
+/// Observes the time of a delivery's step, begun at `since`.
+fn step(histogram: &prometheus_client::metrics::histogram::Histogram, since: Instant) {
     histogram.observe(since.elapsed().as_secs_f64());
 }
 
