@@ -193,6 +193,13 @@ impl Etcd {
         format!("http://127.0.0.1:{}", self.peer_port)
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, ...) to etcd.
+    pub fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            child.signal(signal);
+        }
+    }
+
     /// Kills etcd (SIGKILL), keeping its data.
     pub fn stop(&mut self) {
         self.child.take();

@@ -434,17 +434,24 @@ fn track(index: &mut Index, stats: &QueueStats, key: &[u8], value: &[u8], at: (i
         return;
     };
     let (revision, lease) = at;
-    let request = Request::decode(value).ok();
-    let size = request.as_ref().map_or(0, |r| r.body_bytes);
     let queue = index.entry(agent.clone()).or_default();
     let near_head = queue.range(..seq).take(HEAD).count() < HEAD;
-    let record = request.filter(|_| near_head).map(|request| {
-        Arc::new(StoredRequest {
-            request,
-            revision,
-            lease,
-        })
-    });
+    // Past the head only its size is read: the rest of the record (headers, an inline body)
+    // is skipped, not decoded and copied, for each of the many requests of a long queue.
+    let (size, record) = if near_head {
+        let request = Request::decode(value).ok();
+        let size = request.as_ref().map_or(0, |r| r.body_bytes);
+        let record = request.map(|request| {
+            Arc::new(StoredRequest {
+                request,
+                revision,
+                lease,
+            })
+        });
+        (size, record)
+    } else {
+        (RecordSize::decode(value).map_or(0, |r| r.body_bytes), None)
+    };
     let waiting = Waiting {
         size,
         revision,
@@ -453,6 +460,14 @@ fn track(index: &mut Index, stats: &QueueStats, key: &[u8], value: &[u8], at: (i
     if queue.insert(seq, waiting).is_none() {
         stats.add(&agent, size, 1);
     }
+}
+
+/// The one field of a stored [`Request`] that the index needs of a request past the head.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RecordSize {
+    /// `Request.body_bytes`.
+    #[prost(uint64, tag = "17")]
+    body_bytes: u64,
 }
 
 /// Keeps records a delivery read ahead, each only if the index has seen no other version of
@@ -904,6 +919,45 @@ fn to_forward(request: &Request) -> Forward {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_index_keeps_the_head_of_each_queue_and_only_the_size_past_it() {
+        let (index, stats) = (&mut Index::new(), QueueStats::default());
+        let record = |seq: u64| Request {
+            agent: "a".into(),
+            seq,
+            body_bytes: 100 + seq,
+            body: vec![b'b'; 10],
+            headers: vec![berth_proto::v1::Header {
+                name: "x".into(),
+                value: b"y".to_vec(),
+            }],
+            ..Default::default()
+        };
+        let total = HEAD as u64 + 4;
+        for seq in 0..total {
+            let key = format!("/berth/queue/a/{seq:020}");
+            track(
+                index,
+                &stats,
+                key.as_bytes(),
+                &record(seq).encode_to_vec(),
+                (seq as i64, 0),
+            );
+        }
+        let queue = &index["a"];
+        assert_eq!(queue.len() as u64, total);
+        for (seq, waiting) in queue {
+            assert_eq!(waiting.size, 100 + seq, "the size of {seq}");
+            assert_eq!(
+                waiting.record.is_some(),
+                *seq < HEAD as u64,
+                "the record of {seq}"
+            );
+        }
+        let bytes: u64 = (0..total).map(|s| 100 + s).sum();
+        assert_eq!(stats.of("a"), (total as u32, bytes));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_gateway_takes_its_fair_share_of_waiting_agents_and_the_rest_after_a_while() {

@@ -7,6 +7,15 @@
 //! before, at peak and after compaction (and after a defragmentation), the enqueue rate beside
 //! raw etcd puts and the drain rate beside the same agents served directly, all measured in
 //! this run; writes them to BENCHMARKS.md.
+//!
+//! With `--pauses`, the drain also goes through two stalls: etcd SIGSTOPped for
+//! [`ETCD_PAUSE`] at 45 %, and gateway a SIGSTOPped at 80 % for longer than its claim lease
+//! ([`GATEWAY_PAUSE`]), each then SIGCONTed. The drain rate then includes the stalls.
+//!
+//! To take the enqueue apart: `--enqueue-only` stops after the enqueue and its ratio;
+//! `BERTH_SOAK_GATEWAYS=1` sends every request to one gateway (the other still runs);
+//! `BERTH_SOAK_KEYED=0` sends none with an `Idempotency-Key`; `BERTH_SOAK_REQUESTS=N`
+//! queues N small requests instead of 100,000 (only a full run writes BENCHMARKS.md).
 
 use berth_bench::Conn;
 use berth_tests::docker::{data_volume, wait_agent, DockerRun, NodeAgent};
@@ -42,9 +51,25 @@ const KEPT_PER_AGENT: &str = "1000";
 /// dead-lettered) only once its attempt's deadline, this plus 2 s, has passed.
 const REQUEST_TIMEOUT: &str = "5s";
 
+/// How long `--pauses` stops etcd (less than the leases, so none ends for it).
+const ETCD_PAUSE: Duration = Duration::from_secs(5);
+/// How long `--pauses` stops gateway a: past its claim lease (10 s), so that its claims and
+/// agents pass to gateway b while its deliveries may still be under way.
+const GATEWAY_PAUSE: Duration = Duration::from_secs(15);
+
 struct Agent {
     name: String,
     data: TempDir,
+}
+
+/// The number in environment variable `name`, or `default` when it is not set.
+fn setting(name: &str, default: usize) -> anyhow::Result<usize> {
+    match std::env::var(name) {
+        Ok(n) => n
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{name}={n:?} is not a count: {e}")),
+        Err(_) => Ok(default),
+    }
 }
 
 /// Sizes of etcd's database: the file, and what is in use.
@@ -228,10 +253,11 @@ async fn steps(admin: &str) -> anyhow::Result<String> {
 
 pub async fn run() -> anyhow::Result<()> {
     let started = Instant::now();
-    let small_count: usize = match std::env::var("BERTH_SOAK_REQUESTS") {
-        Ok(n) => n.parse()?,
-        Err(_) => SMALL,
-    };
+    let small_count: usize = setting("BERTH_SOAK_REQUESTS", SMALL)?;
+    let enqueue_gateways: usize = setting("BERTH_SOAK_GATEWAYS", 2)?;
+    let keyed_share = setting("BERTH_SOAK_KEYED", 1)?;
+    let enqueue_only = std::env::args().any(|a| a == "--enqueue-only");
+    let pauses = std::env::args().any(|a| a == "--pauses");
     let run = DockerRun::new()?;
     let etcd = Etcd::start().await?;
     let cp = ControlPlane::start_with(
@@ -332,8 +358,16 @@ pub async fn run() -> anyhow::Result<()> {
     // Enqueue: 100,000 small requests over both gateways, half with an Idempotency-Key.
     let sent: Arc<Mutex<Vec<String>>> = Arc::default();
     let keyed: Arc<Mutex<HashSet<String>>> = Arc::default();
-    let conns = connections(&addrs, CONCURRENCY).await?;
-    println!("enqueueing {small_count} requests");
+    let conns = connections(&addrs[..enqueue_gateways.clamp(1, 2)], CONCURRENCY).await?;
+    println!(
+        "enqueueing {small_count} requests through {} gateway(s), {}",
+        enqueue_gateways.clamp(1, 2),
+        if keyed_share == 0 {
+            "none keyed"
+        } else {
+            "half keyed"
+        }
+    );
     let small = Bytes::from(vec![b's'; SMALL_SIZE]);
     let enqueue = {
         let (conns, names, sent, keyed) =
@@ -345,7 +379,7 @@ pub async fn run() -> anyhow::Result<()> {
             async move {
                 let path = format!("/agents/{}/slow?ms={WORK_MS}&n={i}", names[i % AGENTS]);
                 let key = format!("soak-{i}");
-                let headers: &[(&str, &str)] = if i % 2 == 0 {
+                let headers: &[(&str, &str)] = if keyed_share != 0 && i % 2 == 0 {
                     &[("idempotency-key", key.as_str())]
                 } else {
                     &[]
@@ -360,7 +394,7 @@ pub async fn run() -> anyhow::Result<()> {
                         let json: serde_json::Value =
                             serde_json::from_slice(&body).unwrap_or_default();
                         let id = json["request_id"].as_str().unwrap_or_default().to_string();
-                        if i % 2 == 0 {
+                        if keyed_share != 0 && i % 2 == 0 {
                             keyed.lock().unwrap().insert(id.clone());
                         }
                         sent.lock().unwrap().push(id);
@@ -402,6 +436,7 @@ pub async fn run() -> anyhow::Result<()> {
         .1
     };
     let sent: Vec<String> = sent.lock().unwrap().clone();
+    println!("enqueued {} at {:.0}/s", sent.len(), enqueue.0);
     let peak_queued = size(&mut status).await?;
     // The same raw puts again, with etcd as full as the queue made it: what etcd itself does
     // at this size.
@@ -415,6 +450,14 @@ pub async fn run() -> anyhow::Result<()> {
         raw_full.0,
         mib(peak_queued.file)
     );
+    println!(
+        "enqueue / raw put: {:.2} (again: {:.2})",
+        enqueue.0 / raw.0,
+        enqueue.0 / raw_full.0
+    );
+    if enqueue_only {
+        return Ok(());
+    }
 
     // Drain, while one gateway is stopped with SIGTERM and the other with SIGKILL.
     let drain_started = Instant::now();
@@ -424,6 +467,7 @@ pub async fn run() -> anyhow::Result<()> {
     let total = sent.len();
     let wanted: HashSet<&str> = sent.iter().map(String::as_str).collect();
     let (mut termed, mut killed) = (None, None);
+    let (mut etcd_paused, mut gateway_paused) = (!pauses, !pauses);
     let mut killed_at = None;
     let mut dead_seen: HashSet<String> = HashSet::new();
     let mut last_dead_check = Instant::now();
@@ -481,6 +525,22 @@ pub async fn run() -> anyhow::Result<()> {
             killed_at = Some(Instant::now());
             gateways[1].resume().await?;
             println!("gateway b killed (SIGKILL) at {done} of {total}; restarted");
+        }
+        if !etcd_paused && done >= total * 45 / 100 {
+            etcd_paused = true;
+            etcd.signal("STOP");
+            tokio::time::sleep(ETCD_PAUSE).await;
+            etcd.signal("CONT");
+            println!("etcd paused (SIGSTOP) for {ETCD_PAUSE:?} at {done} of {total}; continued");
+        }
+        if !gateway_paused && done >= total * 8 / 10 {
+            gateway_paused = true;
+            gateways[0].signal("STOP");
+            tokio::time::sleep(GATEWAY_PAUSE).await;
+            gateways[0].signal("CONT");
+            println!(
+                "gateway a paused (SIGSTOP) for {GATEWAY_PAUSE:?} at {done} of {total}; continued"
+            );
         }
         anyhow::ensure!(
             drain_started.elapsed() < Duration::from_secs(1800),
@@ -550,13 +610,13 @@ pub async fn run() -> anyhow::Result<()> {
          for everything. {small_count} requests of {SMALL_SIZE} B (half with an `Idempotency-Key`) \
          and {LARGE} of {} KiB queued while the agents were stopped, then drained while gateway \
          a was stopped with SIGTERM (at 30 %, stopped in {:?}) and gateway b with SIGKILL (at \
-         60 %), each restarted.\n\n\
+         60 %), each restarted{}.\n\n\
          | measure | value |\n|---|---:|\n\
          | sent (202 after commit) | {} |\n\
          | enqueue failures (small, large) | {}, {} |\n\
          | delivered | {delivered} |\n\
          | lost | **{lost}** |\n\
-         | dead-lettered (unkeyed, cut by the SIGKILL) | {} |\n\
+         | dead-lettered (unkeyed, cut by the SIGKILL{}) | {} |\n\
          | dead-lettered with a key | {dead_keyed} |\n\
          | delivered twice (at least once, after the SIGKILL) | {duplicates} |\n\
          | overlapping duplicates (two runs at once at the agent) | **{overlaps}** |\n\
@@ -577,9 +637,18 @@ pub async fn run() -> anyhow::Result<()> {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         LARGE_SIZE / 1024,
         termed.unwrap_or_default(),
+        if pauses {
+            format!(
+                "; etcd was paused (SIGSTOP) for {ETCD_PAUSE:?} at 45 % and gateway a for \
+                 {GATEWAY_PAUSE:?} at 80 %, past its claim lease"
+            )
+        } else {
+            String::new()
+        },
         sent.len(),
         enqueue.1,
         large_failures,
+        if pauses { " or the pause" } else { "" },
         dead_set.len(),
         raw.0,
         enqueue.0,
@@ -599,7 +668,7 @@ pub async fn run() -> anyhow::Result<()> {
         started.elapsed(),
     );
     println!("{report}");
-    if small_count == SMALL {
+    if small_count == SMALL && enqueue_gateways == 2 && keyed_share != 0 && !pauses {
         berth_bench::write_report(
             "replay-soak",
             "Replay queue: soak at 100,000 requests",
