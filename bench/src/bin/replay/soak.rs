@@ -16,6 +16,9 @@
 //! pauses each round), printing per round what etcd keeps after compaction and the gateways'
 //! memory, so that growth from round to round shows.
 //!
+//! `--no-restarts` leaves out the SIGTERM and the SIGKILL, so that with rounds the gateways
+//! live through the whole run and their memory shows what a long life does to it.
+//!
 //! To take the enqueue apart: `--enqueue-only` stops after the enqueue and its ratio;
 //! `BERTH_SOAK_GATEWAYS=1` sends every request to one gateway (the other still runs);
 //! `BERTH_SOAK_KEYED=0` sends none with an `Idempotency-Key`; `BERTH_SOAK_REQUESTS=N`
@@ -275,6 +278,7 @@ pub async fn run() -> anyhow::Result<()> {
     let keyed_share = setting("BERTH_SOAK_KEYED", 1)?;
     let enqueue_only = std::env::args().any(|a| a == "--enqueue-only");
     let pauses = std::env::args().any(|a| a == "--pauses");
+    let restarts = !std::env::args().any(|a| a == "--no-restarts");
     let run = DockerRun::new()?;
     let etcd = Etcd::start().await?;
     let cp = ControlPlane::start_with(
@@ -532,7 +536,7 @@ pub async fn run() -> anyhow::Result<()> {
             if most.is_none() && done >= total * 99 / 100 {
                 most = Some(drain_started.elapsed());
             }
-            if termed.is_none() && done >= total * 3 / 10 {
+            if restarts && termed.is_none() && done >= total * 3 / 10 {
                 for gateway in &gateways {
                     println!("{}", steps(&gateway.admin_addr).await?);
                 }
@@ -549,7 +553,7 @@ pub async fn run() -> anyhow::Result<()> {
                     t.elapsed()
                 );
             }
-            if killed.is_none() && done >= total * 6 / 10 {
+            if restarts && killed.is_none() && done >= total * 6 / 10 {
                 gateways[1].kill();
                 killed = Some(done);
                 killed_at = Some(Instant::now());
@@ -647,14 +651,31 @@ pub async fn run() -> anyhow::Result<()> {
             after
         };
 
+        let mut happened = Vec::new();
+        if restarts {
+            happened.push(format!(
+                "gateway a was stopped with SIGTERM (at 30 %, stopped in {:?}) and gateway b \
+                 with SIGKILL (at 60 %), each restarted",
+                termed.unwrap_or_default()
+            ));
+        }
+        if pauses {
+            happened.push(format!(
+                "etcd was paused (SIGSTOP) for {ETCD_PAUSE:?} at 45 % and gateway a for \
+                 {GATEWAY_PAUSE:?} at 80 %, past its claim lease"
+            ));
+        }
+        let faults = if happened.is_empty() {
+            String::new()
+        } else {
+            format!(" while {}", happened.join("; and "))
+        };
         let report = format!(
             "{AGENTS} agents (one example-agent replica each, {WORK_MS} ms of work per request, replay \
              concurrency {PER_AGENT}, request timeout {REQUEST_TIMEOUT}), two gateways, one local etcd member, one control plane \
              (compaction 15 s behind, {KEPT_PER_AGENT} finished records kept per agent), {} cores \
              for everything. {small_count} requests of {SMALL_SIZE} B (half with an `Idempotency-Key`) \
-             and {LARGE} of {} KiB queued while the agents were stopped, then drained while gateway \
-             a was stopped with SIGTERM (at 30 %, stopped in {:?}) and gateway b with SIGKILL (at \
-             60 %), each restarted{}.\n\n\
+             and {LARGE} of {} KiB queued while the agents were stopped, then drained{faults}.\n\n\
              | measure | value |\n|---|---:|\n\
              | sent (202 after commit) | {} |\n\
              | enqueue failures (small, large) | {}, {} |\n\
@@ -680,15 +701,6 @@ pub async fn run() -> anyhow::Result<()> {
              | whole soak | {:.0?} |\n",
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             LARGE_SIZE / 1024,
-            termed.unwrap_or_default(),
-            if pauses {
-                format!(
-                    "; etcd was paused (SIGSTOP) for {ETCD_PAUSE:?} at 45 % and gateway a for \
-                     {GATEWAY_PAUSE:?} at 80 %, past its claim lease"
-                )
-            } else {
-                String::new()
-            },
             sent.len(),
             enqueue.1,
             large_failures,
@@ -750,6 +762,7 @@ pub async fn run() -> anyhow::Result<()> {
             && enqueue_gateways == 2
             && keyed_share != 0
             && !pauses
+            && restarts
             && rounds == 1
         {
             berth_bench::write_report(
