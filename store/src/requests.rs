@@ -856,12 +856,14 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes the claim on a request (a claim its own gateway left behind).
-    pub async fn release_claim(&self, agent: &str, seq: u64) -> Result<(), StoreError> {
-        self.client()
-            .delete(self.keys.claim(agent, seq), None)
-            .await
-            .map_err(|e| self.unavailable(e))?;
+    /// Deletes the claim on a request if it is still under `lease` (a claim its own gateway
+    /// left behind): a claim another gateway has taken since is left alone.
+    pub async fn release_claim(&self, agent: &str, seq: u64, lease: i64) -> Result<(), StoreError> {
+        let key = self.keys.claim(agent, seq);
+        let txn = Txn::new()
+            .when([Compare::lease(key.as_str(), CompareOp::Equal, lease)])
+            .and_then([TxnOp::delete(key.as_str(), None)]);
+        self.commit(txn, 0).await.map_err(|e| self.unavailable(e))?;
         Ok(())
     }
 

@@ -346,6 +346,50 @@ async fn a_finish_is_written_only_under_the_claim_it_was_made_with() {
 }
 
 #[tokio::test]
+async fn a_claim_left_behind_is_let_go_only_under_the_lease_it_was_made_with() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = store(&etcd).await;
+    let mut r = request("a", "left");
+    store
+        .enqueue_request(&mut r, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let deadline = SystemTime::now() + Duration::from_secs(30);
+    let record = store.get_request_record("a", r.seq).await.unwrap().unwrap();
+    let (ours, theirs) = (
+        store.grant_claim_lease(10).await.unwrap(),
+        store.grant_claim_lease(10).await.unwrap(),
+    );
+    assert!(matches!(
+        store
+            .claim_request(&record, "gw-1", ours, deadline)
+            .await
+            .unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+    let record = store.get_request_record("a", r.seq).await.unwrap().unwrap();
+    // Released under another lease (a replayer whose view of the claims lags): it stands.
+    store.release_claim("a", r.seq, theirs).await.unwrap();
+    match store
+        .claim_request(&record, "gw-2", theirs, deadline)
+        .await
+        .unwrap()
+    {
+        ClaimOutcome::Held { holder, .. } => assert_eq!(holder, "gw-1"),
+        other => panic!("a claim let go under another lease: {other:?}"),
+    }
+    // Under its own lease it goes, and the request can be claimed again.
+    store.release_claim("a", r.seq, ours).await.unwrap();
+    assert!(matches!(
+        store
+            .claim_request(&record, "gw-2", theirs, deadline)
+            .await
+            .unwrap(),
+        ClaimOutcome::Claimed(_)
+    ));
+}
+
+#[tokio::test]
 async fn listing_pages_and_retention_drops_the_oldest_with_their_keys() {
     let etcd = Etcd::start().await.unwrap();
     let store = store(&etcd).await;

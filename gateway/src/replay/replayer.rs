@@ -71,6 +71,9 @@ enum After {
     /// The record it was claimed with (of this `mod_revision`) was not the latest: the index
     /// lets it go, and the next try reads the record first.
     Stale(i64),
+    /// A claim of ours that nothing delivered was let go (or is tried again next pass):
+    /// nothing else changes, the agent's backoff included.
+    Released,
 }
 
 /// How a delivery task ended: the agent, the request, whether its claim is surely gone, and
@@ -347,6 +350,7 @@ async fn replay(
                             deferred.remove(&(agent, seq));
                         }
                         After::Gone(_) => {}
+                        After::Released => {}
                         After::Stale(revision) => {
                             let kept = index.get_mut(&agent).and_then(|q| q.get_mut(&seq));
                             if let Some(waiting) = kept {
@@ -607,6 +611,24 @@ fn start_deliveries(
     fetched_tx: &tokio::sync::mpsc::UnboundedSender<Fetched>,
 ) {
     let now = Instant::now();
+    // Our claims that nothing of ours delivers: left behind by a claim or a finish whose
+    // outcome was uncertain (etcd timed out, yet had written it). Our lease keeps them alive,
+    // so they would never expire, and they count against their agent's concurrency: at its
+    // full concurrency, they would stop its queue for good. Let go first, whoever replays the
+    // agent now.
+    for at in left_behind(claims, busy, name) {
+        busy.insert(at.clone());
+        let (store, (agent, seq)) = (gateway.store.clone(), at);
+        deliveries.spawn(async move {
+            match store.release_claim(&agent, seq, lease).await {
+                Ok(()) => (agent, seq, true, After::Released),
+                Err(e) => {
+                    tracing::warn!(agent = %agent, error = %e, "cannot release a stale claim");
+                    (agent, seq, false, After::Released)
+                }
+            }
+        });
+    }
     let routes = gateway.routes.borrow();
     // Claims of each agent, by any gateway.
     let mut claimed: HashMap<&str, usize> = HashMap::new();
@@ -644,8 +666,8 @@ fn start_deliveries(
                 continue;
             }
             let waits = deferred.get(&at).is_some_and(|t| *t > now);
-            let holder = claims.get(&at);
-            if waits || holder.is_some_and(|h| h != name) {
+            // Another gateway's claim (ours would be in `busy`).
+            if waits || claims.contains_key(&at) {
                 if concurrency == 1 {
                     break;
                 }
@@ -654,21 +676,6 @@ fn start_deliveries(
             free -= 1;
             busy.insert(at);
             let agent = agent.clone();
-            if holder.is_some() {
-                // Ours, yet nothing of ours is delivering it: a claim a failed write left
-                // behind (our lease keeps it alive, so it would never expire). Let it go.
-                let store = gateway.store.clone();
-                deliveries.spawn(async move {
-                    match store.release_claim(&agent, seq).await {
-                        Ok(()) => (agent, seq, true, After::Next),
-                        Err(e) => {
-                            tracing::warn!(agent = %agent, error = %e, "cannot release a stale claim");
-                            (agent, seq, false, After::Backoff(BACKOFF_MIN))
-                        }
-                    }
-                });
-                continue;
-            }
             // Without its record: read it with the next ones (up to HEAD of them).
             let record = match &waiting.record {
                 Some(record) => Ok(record.clone()),
@@ -693,6 +700,19 @@ fn start_deliveries(
             });
         }
     }
+}
+
+/// The claims `name` holds that none of its deliveries (`busy`) stands behind.
+fn left_behind(
+    claims: &HashMap<(String, u64), String>,
+    busy: &HashSet<(String, u64)>,
+    name: &str,
+) -> Vec<(String, u64)> {
+    claims
+        .iter()
+        .filter(|(at, holder)| *holder == name && !busy.contains(*at))
+        .map(|(at, _)| at.clone())
+        .collect()
 }
 
 /// What a delivery tells the replayer while it runs.
@@ -919,6 +939,28 @@ fn to_forward(request: &Request) -> Forward {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn claims_of_ours_that_no_delivery_stands_behind_are_left_behind() {
+        let at = |agent: &str, seq: u64| (agent.to_string(), seq);
+        let claims: HashMap<_, _> = [
+            (at("a", 1), "ga".to_string()),
+            (at("a", 2), "ga".to_string()),
+            (at("a", 3), "gb".to_string()),
+            (at("b", 1), "ga".to_string()),
+        ]
+        .into();
+        // Every claim of the agent's concurrency is ours and stale: all are let go (before,
+        // a full concurrency stopped the queue for good, since only free slots were looked at).
+        let mut stale = left_behind(&claims, &HashSet::new(), "ga");
+        stale.sort();
+        assert_eq!(stale, [at("a", 1), at("a", 2), at("b", 1)]);
+        // A delivery of ours under way keeps its claim; another gateway's is never ours to go.
+        let busy: HashSet<_> = [at("a", 2), at("a", 3)].into();
+        let mut stale = left_behind(&claims, &busy, "ga");
+        stale.sort();
+        assert_eq!(stale, [at("a", 1), at("b", 1)]);
+    }
 
     #[test]
     fn the_index_keeps_the_head_of_each_queue_and_only_the_size_past_it() {
