@@ -57,6 +57,9 @@ pub fn berth_bin() -> PathBuf {
     })
 }
 
+/// What a server logs when its port was taken between `free_port` and its bind.
+const ADDRESS_IN_USE: &str = "Address already in use";
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -339,7 +342,7 @@ impl ControlPlane {
         .map(|s| s.to_string())
         .chain(extra.iter().map(|s| s.to_string()))
         .collect();
-        cp.resume().await?;
+        cp.first_start().await?;
         Ok(cp)
     }
 
@@ -361,8 +364,28 @@ impl ControlPlane {
     pub async fn start_with(etcd_url: &str, extra: &[&str]) -> anyhow::Result<Self> {
         let mut cp = Self::prepare(etcd_url)?;
         cp.extra = extra.iter().map(|s| s.to_string()).collect();
-        cp.resume().await?;
+        cp.first_start().await?;
         Ok(cp)
+    }
+
+    /// The first start: a port that was free when picked can be taken before the control
+    /// plane binds it (by another test's server), so it starts again on fresh ones.
+    async fn first_start(&mut self) -> anyhow::Result<()> {
+        let mut attempt = 1;
+        loop {
+            match self.resume().await {
+                Ok(()) => return Ok(()),
+                Err(error) if attempt < 3 && self.log().contains(ADDRESS_IN_USE) => {
+                    eprintln!("the control plane's port was taken (attempt {attempt}), trying fresh ports: {error:#}");
+                    self.kill();
+                    self.addr = format!("127.0.0.1:{}", free_port());
+                    self.admin_addr = format!("127.0.0.1:{}", free_port());
+                    self.dashboard_addr = format!("127.0.0.1:{}", free_port());
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     fn prepare(etcd_url: &str) -> anyhow::Result<Self> {
@@ -552,7 +575,7 @@ impl Gateway {
             admin_addr: format!("127.0.0.1:{}", free_port()),
             admin_ca: None,
         };
-        gateway.resume().await?;
+        gateway.first_start().await?;
         Ok(gateway)
     }
 
@@ -583,7 +606,7 @@ impl Gateway {
             admin_addr: format!("127.0.0.1:{}", free_port()),
             admin_ca: Some(certs.join("ca.pem")),
         };
-        gateway.resume().await?;
+        gateway.first_start().await?;
         Ok(gateway)
     }
 
@@ -612,6 +635,25 @@ impl Gateway {
         };
         child.signal("TERM");
         child.exited(within).await.is_some_and(|s| s.success())
+    }
+
+    /// The first start: a port that was free when picked can be taken before the gateway
+    /// binds it (by another test's server), so it starts again on fresh ones.
+    async fn first_start(&mut self) -> anyhow::Result<()> {
+        let mut attempt = 1;
+        loop {
+            match self.resume().await {
+                Ok(()) => return Ok(()),
+                Err(error) if attempt < 3 && self.log().contains(ADDRESS_IN_USE) => {
+                    eprintln!("the gateway's port was taken (attempt {attempt}), trying fresh ports: {error:#}");
+                    self.kill();
+                    self.addr = format!("127.0.0.1:{}", free_port());
+                    self.admin_addr = format!("127.0.0.1:{}", free_port());
+                    attempt += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     /// Starts the process again on the same addresses and waits until it is ready.
