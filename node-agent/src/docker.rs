@@ -42,6 +42,11 @@ pub enum DockerError {
     /// The assignment asks for something this node does not allow.
     #[error("{0}")]
     Refused(String),
+    /// The container was created on a network that is gone (another node agent on this
+    /// engine removed its duplicate); the network is settled again, and the container must
+    /// be created again to join it.
+    #[error("the container's network is gone: {0}")]
+    NetworkGone(String),
     /// Anything else Docker said.
     #[error("docker: {0}")]
     Api(#[from] bollard::errors::Error),
@@ -78,8 +83,8 @@ pub struct Runtime {
     docker: Docker,
     node: String,
     network: String,
-    /// The id of the network settled on by `ensure_network`.
-    network_id: String,
+    /// The id of the network settled on by `ensure_network`, shared by every clone.
+    network_id: Arc<Mutex<String>>,
     volume_root: PathBuf,
     extra_labels: HashMap<String, String>,
     /// Image pulls in flight or failed, by image; a failure is reported once, then retried.
@@ -120,7 +125,7 @@ impl Runtime {
             docker,
             node: node.to_string(),
             network: network.to_string(),
-            network_id: String::new(),
+            network_id: Arc::default(),
             volume_root: volume_root.to_path_buf(),
             extra_labels,
             pulls: Arc::default(),
@@ -131,8 +136,8 @@ impl Runtime {
     /// Docker allows several networks of one name, and node agents that start together on
     /// one engine may each create one: all of them keep the oldest (a later duplicate can never
     /// become older, so every agent settles on the same one) and remove the others. Containers
-    /// join it by id.
-    pub async fn ensure_network(&mut self) -> Result<(), DockerError> {
+    /// join it by id. Settled again whenever a container start finds its network gone.
+    pub async fn ensure_network(&self) -> Result<(), DockerError> {
         if self.named().await?.is_empty() {
             let request = NetworkCreateRequest {
                 name: self.network.clone(),
@@ -154,7 +159,7 @@ impl Runtime {
             // unused one goes, and whoever made it removes it in its own pass.
             let _ = self.docker.remove_network(other).await;
         }
-        self.network_id = chosen;
+        *self.network_id.lock().expect("network lock") = chosen;
         Ok(())
     }
 
@@ -302,11 +307,7 @@ impl Runtime {
             memory_swap: (resources.memory_bytes > 0).then_some(resources.memory_bytes as i64),
             nano_cpus: (resources.cpu_millis > 0)
                 .then_some(resources.cpu_millis as i64 * 1_000_000),
-            network_mode: Some(if self.network_id.is_empty() {
-                self.network.clone()
-            } else {
-                self.network_id.clone()
-            }),
+            network_mode: Some(self.network_mode()),
             ..Default::default()
         };
         let stop_timeout = spec.stop_grace.map(|d| d.seconds).unwrap_or(10);
@@ -419,20 +420,41 @@ impl Runtime {
             })
     }
 
-    /// Starts a container.
     /// Starts a container, after checking its host paths again: Docker resolves a bind's
     /// source at every start, and a container may have swapped a directory it can write (in
     /// one of its volumes) for a symbolic link out of the volume root since it was created.
+    /// A start that finds the container's network gone settles the network again and says
+    /// [`DockerError::NetworkGone`]: the container is to be created again.
     pub async fn start(&self, id: &str) -> Result<(), DockerError> {
         let info = self.docker.inspect_container(id, None).await?;
         let binds = info.host_config.and_then(|h| h.binds).unwrap_or_default();
         for bind in &binds {
             self.check_host_path(bind.split(':').next().unwrap_or_default())?;
         }
-        Ok(self
+        match self
             .docker
             .start_container(id, None::<StartContainerOptions>)
-            .await?)
+            .await
+        {
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404,
+                message,
+            }) if message.contains("network") => {
+                self.ensure_network().await?;
+                Err(DockerError::NetworkGone(message))
+            }
+            started => Ok(started?),
+        }
+    }
+
+    /// What a new container joins: the settled network by id, or by name before it is settled.
+    fn network_mode(&self) -> String {
+        let id = self.network_id.lock().expect("network lock");
+        if id.is_empty() {
+            self.network.clone()
+        } else {
+            id.clone()
+        }
     }
 
     /// A volume's host path must lie under the volume root, also with every symbolic link on

@@ -66,7 +66,7 @@ pub async fn run(
     config: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), NodeAgentError> {
-    let mut runtime = docker::Runtime::connect(
+    let runtime = docker::Runtime::connect(
         &config.docker,
         &config.name,
         &config.network,

@@ -421,6 +421,18 @@ impl<R: ContainerRuntime> Supervisor<R> {
         };
         if let Err(e) = self.runtime.start(&container).await {
             let r = self.replicas.get_mut(id).expect("present");
+            if let DockerError::NetworkGone(_) = e {
+                // Made on a network another node agent removed: the next attempt creates the
+                // container again, on the network settled since.
+                r.container = None;
+                r.status.container_id.clear();
+                let _ = self.runtime.remove(&container).await;
+                let r = self.replicas.get_mut(id).expect("present");
+                r.restart_at = Some(Instant::now());
+                tracing::warn!(replica = %id, error = %e, "container's network gone; creating it again");
+                self.set_state(id, ReplicaState::Restarting, &e.to_string());
+                return;
+            }
             r.restart_at = Some(Instant::now() + r.backoff);
             tracing::warn!(replica = %id, error = %e, "cannot start container");
             self.set_state(id, ReplicaState::Restarting, &e.to_string());

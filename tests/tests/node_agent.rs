@@ -431,3 +431,51 @@ async fn a_symbolic_link_swapped_into_a_volume_does_not_survive_a_restart() {
     let out = cp.cli(&["delete", &name]);
     assert!(out.status.success(), "{out:?}");
 }
+
+/// Node agents that start together on one engine may each create the shared network and then
+/// remove each other's duplicate. One whose network went from under it settles again and
+/// creates its container again, instead of failing every start on the network it settled on.
+#[tokio::test]
+async fn a_node_agent_whose_network_was_replaced_settles_again_and_runs_its_replicas() {
+    let run = DockerRun::new().unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
+    let node_name = unique_name("node");
+    let node = NodeAgent::start(&cp.url(), &node_name, &run).unwrap();
+    // The node agent connects to the control plane only after settling its network.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !stdout(&cp.cli(&["nodes"])).contains(&node_name) {
+        assert!(
+            Instant::now() < deadline,
+            "node never joined\n{}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let docker = |args: &[&str]| {
+        let out = std::process::Command::new("docker")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "docker {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let settled = docker(&["network", "inspect", "-f", "{{.Id}}", &run.network]);
+    docker(&["network", "rm", &settled]);
+    let replaced = docker(&["network", "create", &run.network]);
+    assert_ne!(settled, replaced);
+
+    let api = cp.agents().await.unwrap();
+    let name = unique_name("echo");
+    let out = cp.deploy_echo(&name, &[]);
+    assert!(out.status.success(), "{out:?}");
+    let agent = wait_agent(&api, &name, "1 ready", |a| ready(a) == 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", cp.log(), node.log()));
+    let container = &replica(&agent, &format!("{name}-0")).unwrap().container_id;
+    let networks = run.inspect(
+        container,
+        "{{range $k, $v := .NetworkSettings.Networks}}{{$v.NetworkID}}{{end}}",
+    );
+    assert_eq!(networks.trim(), replaced);
+}
