@@ -60,6 +60,87 @@ pub fn berth_bin() -> PathBuf {
 /// What a server logs when its port was taken between `free_port` and its bind.
 const ADDRESS_IN_USE: &str = "Address already in use";
 
+/// A server the harness starts on ports picked by [`free_port`].
+trait Server {
+    /// What it is, for the log.
+    const NAME: &'static str;
+    /// Starts the process on its ports and waits until it is ready.
+    async fn resume(&mut self) -> anyhow::Result<()>;
+    /// Whether its failed start may be for a port taken, and is to be tried again.
+    fn port_taken(&self) -> bool;
+    /// Stops what the failed start left and picks fresh ports.
+    fn renew_ports(&mut self);
+}
+
+/// The first start of `server`: a port that was free when picked can be taken before the
+/// server binds it (by another test's server, or as the local port of an outgoing
+/// connection), so a start that fails so is tried again on fresh ports, up to three times.
+async fn first_start<S: Server>(server: &mut S) -> anyhow::Result<()> {
+    let mut attempt = 1;
+    loop {
+        match server.resume().await {
+            Ok(()) => return Ok(()),
+            Err(error) if attempt < 3 && server.port_taken() => {
+                eprintln!(
+                    "{} did not start (attempt {attempt}), trying fresh ports: {error:#}",
+                    S::NAME
+                );
+                server.renew_ports();
+                attempt += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+impl Server for Etcd {
+    const NAME: &'static str = "etcd";
+    async fn resume(&mut self) -> anyhow::Result<()> {
+        Etcd::resume(self).await
+    }
+    /// etcd's failures to bind are not told apart from its other failures to start.
+    fn port_taken(&self) -> bool {
+        true
+    }
+    fn renew_ports(&mut self) {
+        self.stop();
+        std::fs::remove_dir_all(self.data_dir()).ok();
+        self.client_port = free_port();
+        self.peer_port = free_port();
+    }
+}
+
+impl Server for ControlPlane {
+    const NAME: &'static str = "the control plane";
+    async fn resume(&mut self) -> anyhow::Result<()> {
+        ControlPlane::resume(self).await
+    }
+    fn port_taken(&self) -> bool {
+        self.log().contains(ADDRESS_IN_USE)
+    }
+    fn renew_ports(&mut self) {
+        self.kill();
+        self.addr = format!("127.0.0.1:{}", free_port());
+        self.admin_addr = format!("127.0.0.1:{}", free_port());
+        self.dashboard_addr = format!("127.0.0.1:{}", free_port());
+    }
+}
+
+impl Server for Gateway {
+    const NAME: &'static str = "the gateway";
+    async fn resume(&mut self) -> anyhow::Result<()> {
+        Gateway::resume(self).await
+    }
+    fn port_taken(&self) -> bool {
+        self.log().contains(ADDRESS_IN_USE)
+    }
+    fn renew_ports(&mut self) {
+        self.kill();
+        self.addr = format!("127.0.0.1:{}", free_port());
+        self.admin_addr = format!("127.0.0.1:{}", free_port());
+    }
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -142,23 +223,8 @@ impl Etcd {
             peer_port: free_port(),
             tls,
         };
-        let mut attempt = 1;
-        loop {
-            match etcd.resume().await {
-                Ok(()) => return Ok(etcd),
-                Err(error) if attempt < 3 => {
-                    eprintln!(
-                        "etcd did not start (attempt {attempt}), trying fresh ports: {error:#}"
-                    );
-                    etcd.stop();
-                    std::fs::remove_dir_all(etcd.dir.path().join("data")).ok();
-                    etcd.client_port = free_port();
-                    etcd.peer_port = free_port();
-                    attempt += 1;
-                }
-                Err(error) => return Err(error),
-            }
-        }
+        first_start(&mut etcd).await?;
+        Ok(etcd)
     }
 
     /// The client URL.
@@ -342,7 +408,7 @@ impl ControlPlane {
         .map(|s| s.to_string())
         .chain(extra.iter().map(|s| s.to_string()))
         .collect();
-        cp.first_start().await?;
+        first_start(&mut cp).await?;
         Ok(cp)
     }
 
@@ -364,28 +430,8 @@ impl ControlPlane {
     pub async fn start_with(etcd_url: &str, extra: &[&str]) -> anyhow::Result<Self> {
         let mut cp = Self::prepare(etcd_url)?;
         cp.extra = extra.iter().map(|s| s.to_string()).collect();
-        cp.first_start().await?;
+        first_start(&mut cp).await?;
         Ok(cp)
-    }
-
-    /// The first start: a port that was free when picked can be taken before the control
-    /// plane binds it (by another test's server), so it starts again on fresh ones.
-    async fn first_start(&mut self) -> anyhow::Result<()> {
-        let mut attempt = 1;
-        loop {
-            match self.resume().await {
-                Ok(()) => return Ok(()),
-                Err(error) if attempt < 3 && self.log().contains(ADDRESS_IN_USE) => {
-                    eprintln!("the control plane's port was taken (attempt {attempt}), trying fresh ports: {error:#}");
-                    self.kill();
-                    self.addr = format!("127.0.0.1:{}", free_port());
-                    self.admin_addr = format!("127.0.0.1:{}", free_port());
-                    self.dashboard_addr = format!("127.0.0.1:{}", free_port());
-                    attempt += 1;
-                }
-                Err(error) => return Err(error),
-            }
-        }
     }
 
     fn prepare(etcd_url: &str) -> anyhow::Result<Self> {
@@ -575,7 +621,7 @@ impl Gateway {
             admin_addr: format!("127.0.0.1:{}", free_port()),
             admin_ca: None,
         };
-        gateway.first_start().await?;
+        first_start(&mut gateway).await?;
         Ok(gateway)
     }
 
@@ -606,7 +652,7 @@ impl Gateway {
             admin_addr: format!("127.0.0.1:{}", free_port()),
             admin_ca: Some(certs.join("ca.pem")),
         };
-        gateway.first_start().await?;
+        first_start(&mut gateway).await?;
         Ok(gateway)
     }
 
@@ -635,25 +681,6 @@ impl Gateway {
         };
         child.signal("TERM");
         child.exited(within).await.is_some_and(|s| s.success())
-    }
-
-    /// The first start: a port that was free when picked can be taken before the gateway
-    /// binds it (by another test's server), so it starts again on fresh ones.
-    async fn first_start(&mut self) -> anyhow::Result<()> {
-        let mut attempt = 1;
-        loop {
-            match self.resume().await {
-                Ok(()) => return Ok(()),
-                Err(error) if attempt < 3 && self.log().contains(ADDRESS_IN_USE) => {
-                    eprintln!("the gateway's port was taken (attempt {attempt}), trying fresh ports: {error:#}");
-                    self.kill();
-                    self.addr = format!("127.0.0.1:{}", free_port());
-                    self.admin_addr = format!("127.0.0.1:{}", free_port());
-                    attempt += 1;
-                }
-                Err(error) => return Err(error),
-            }
-        }
     }
 
     /// Starts the process again on the same addresses and waits until it is ready.

@@ -3,7 +3,7 @@
 
 use berth_proto::v1::{Request, RequestState, StoredResponse};
 use berth_store::watch::{list_watch, Change, LIST_KEYS_PAGE, LIST_PAGE};
-use berth_store::{ClaimOutcome, EtcdTls, Finished, Retention, Store};
+use berth_store::{ClaimOutcome, EtcdTls, Finished, Retention, Store, StoredRequest};
 use berth_tests::Etcd;
 use std::time::{Duration, SystemTime};
 
@@ -23,6 +23,17 @@ fn request(agent: &str, id: &str) -> Request {
         body: id.as_bytes().to_vec(),
         ..Default::default()
     }
+}
+
+/// Queues request `id` for agent `a` and reads its record back, as a replayer sees it.
+async fn queued(store: &Store, id: &str) -> (u64, StoredRequest) {
+    let mut r = request("a", id);
+    store
+        .enqueue_request(&mut r, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let record = store.get_request_record("a", r.seq).await.unwrap().unwrap();
+    (r.seq, record)
 }
 
 async fn next(watch: &mut berth_store::watch::ListWatch) -> Change {
@@ -265,13 +276,8 @@ fn the_store_outlives_the_runtime_that_first_wrote_through_it() {
 async fn a_finish_is_written_only_under_the_claim_it_was_made_with() {
     let etcd = Etcd::start().await.unwrap();
     let store = store(&etcd).await;
-    let mut r = request("a", "fenced");
-    store
-        .enqueue_request(&mut r, Duration::from_secs(600))
-        .await
-        .unwrap();
+    let (seq, record) = queued(&store, "fenced").await;
     let deadline = SystemTime::now() + Duration::from_secs(30);
-    let record = store.get_request_record("a", r.seq).await.unwrap().unwrap();
     let first_lease = store.grant_claim_lease(10).await.unwrap();
     let ClaimOutcome::Claimed(mut first) = store
         .claim_request(&record, "gw-1", first_lease, deadline)
@@ -295,7 +301,7 @@ async fn a_finish_is_written_only_under_the_claim_it_was_made_with() {
     // The first gateway's lease lapses (it was paused); another takes the request over.
     store.revoke_lease(first_lease).await;
     let stale = record;
-    let record = store.get_request_record("a", r.seq).await.unwrap().unwrap();
+    let record = store.get_request_record("a", seq).await.unwrap().unwrap();
     assert_eq!(record.request.state, RequestState::Delivering as i32);
     assert!(record.request.attempt_deadline.is_some());
     let second_lease = store.grant_claim_lease(10).await.unwrap();
@@ -349,13 +355,8 @@ async fn a_finish_is_written_only_under_the_claim_it_was_made_with() {
 async fn a_claim_left_behind_is_let_go_only_under_the_lease_it_was_made_with() {
     let etcd = Etcd::start().await.unwrap();
     let store = store(&etcd).await;
-    let mut r = request("a", "left");
-    store
-        .enqueue_request(&mut r, Duration::from_secs(600))
-        .await
-        .unwrap();
+    let (seq, record) = queued(&store, "left").await;
     let deadline = SystemTime::now() + Duration::from_secs(30);
-    let record = store.get_request_record("a", r.seq).await.unwrap().unwrap();
     let (ours, theirs) = (
         store.grant_claim_lease(10).await.unwrap(),
         store.grant_claim_lease(10).await.unwrap(),
@@ -367,9 +368,9 @@ async fn a_claim_left_behind_is_let_go_only_under_the_lease_it_was_made_with() {
             .unwrap(),
         ClaimOutcome::Claimed(_)
     ));
-    let record = store.get_request_record("a", r.seq).await.unwrap().unwrap();
+    let record = store.get_request_record("a", seq).await.unwrap().unwrap();
     // Released under another lease (a replayer whose view of the claims lags): it stands.
-    store.release_claim("a", r.seq, theirs).await.unwrap();
+    store.release_claim("a", seq, theirs).await.unwrap();
     match store
         .claim_request(&record, "gw-2", theirs, deadline)
         .await
@@ -379,7 +380,7 @@ async fn a_claim_left_behind_is_let_go_only_under_the_lease_it_was_made_with() {
         other => panic!("a claim let go under another lease: {other:?}"),
     }
     // Under its own lease it goes, and the request can be claimed again.
-    store.release_claim("a", r.seq, ours).await.unwrap();
+    store.release_claim("a", seq, ours).await.unwrap();
     assert!(matches!(
         store
             .claim_request(&record, "gw-2", theirs, deadline)
