@@ -192,17 +192,40 @@ async fn connections(
     Ok(conns)
 }
 
-/// The ids each agent logged, and how often.
-fn arrivals(agents: &[Agent]) -> HashMap<String, usize> {
-    let mut seen = HashMap::new();
-    for agent in agents {
-        let log =
-            std::fs::read_to_string(agent.data.path().join("requests.log")).unwrap_or_default();
-        for id in log.lines() {
-            *seen.entry(id.to_string()).or_insert(0) += 1;
+/// The ids each agent logged, and how often, read on from where the last reading stopped: the
+/// drain polls this twice a second, and by the last of many rounds the logs hold millions of
+/// lines, which reading whole each time would make the soak's own load grow round by round.
+#[derive(Default)]
+struct Arrivals {
+    /// Bytes of each agent's log read so far (whole lines only).
+    read: HashMap<String, u64>,
+    seen: HashMap<String, usize>,
+}
+
+impl Arrivals {
+    /// Reads the lines logged since the last call; every id seen so far, and how often.
+    fn update(&mut self, agents: &[Agent]) -> anyhow::Result<&HashMap<String, usize>> {
+        use std::io::{Read, Seek, SeekFrom};
+        for agent in agents {
+            let path = agent.data.path().join("requests.log");
+            let Ok(mut file) = std::fs::File::open(&path) else {
+                continue;
+            };
+            let read = self.read.entry(agent.name.clone()).or_default();
+            file.seek(SeekFrom::Start(*read))?;
+            let mut new = Vec::new();
+            file.read_to_end(&mut new)?;
+            // A line being written is read whole next time.
+            let Some(end) = new.iter().rposition(|b| *b == b'\n') else {
+                continue;
+            };
+            for id in String::from_utf8_lossy(&new[..end]).lines() {
+                *self.seen.entry(id.to_string()).or_insert(0) += 1;
+            }
+            *read += end as u64 + 1;
         }
+        Ok(&self.seen)
     }
-    seen
 }
 
 /// Requests whose runs at the agent overlapped in time (from `/slow`'s start and end log).
@@ -364,6 +387,7 @@ pub async fn run() -> anyhow::Result<()> {
     // One row per round: what a long run does to etcd and the gateways over time.
     let mut rows = Vec::new();
     let mut failed = Vec::new();
+    let mut arrivals = Arrivals::default();
     for round in 0..rounds {
         let last = round + 1 == rounds;
         for agent in &agents {
@@ -507,7 +531,7 @@ pub async fn run() -> anyhow::Result<()> {
         let mut last_progress = Instant::now();
         let mut most = None;
         let drained = loop {
-            let seen = arrivals(&agents);
+            let seen = arrivals.update(&agents)?;
             let delivered = seen
                 .keys()
                 .filter(|id| wanted.contains(id.as_str()))
@@ -595,7 +619,7 @@ pub async fn run() -> anyhow::Result<()> {
         let most = most.unwrap_or(drained);
         let most_rate = (total * 99 / 100) as f64 / most.as_secs_f64();
         let peak = size(&mut status).await?;
-        let seen = arrivals(&agents);
+        let seen = arrivals.update(&agents)?.clone();
         let mut dead_set = dead_seen.clone();
         dead_set.extend(this_round(dead(&cp)?));
         let delivered = sent.iter().filter(|id| seen.contains_key(*id)).count();
