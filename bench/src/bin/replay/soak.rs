@@ -25,6 +25,9 @@
 //! queues N small requests instead of 100,000 (only a full run writes BENCHMARKS.md).
 
 use berth_bench::Conn;
+use berth_proto::v1::{Request, RequestState};
+use berth_store::requests::new_seq;
+use berth_store::{EtcdTls, Store};
 use berth_tests::docker::{data_volume, wait_agent, DockerRun, NodeAgent};
 use berth_tests::wire::send;
 use berth_tests::{eventually, unique_name, ControlPlane, Etcd, Gateway};
@@ -67,6 +70,20 @@ const GATEWAY_PAUSE: Duration = Duration::from_secs(15);
 struct Agent {
     name: String,
     data: TempDir,
+}
+
+/// The version of the first `etcd` on PATH (the one the soak starts), as it prints it.
+fn etcd_version() -> String {
+    std::process::Command::new("etcd")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find_map(|l| l.strip_prefix("etcd Version: ").map(str::to_string))
+        })
+        .unwrap_or_else(|| "(version unknown)".into())
 }
 
 /// The number in environment variable `name`, or `default` when it is not set.
@@ -178,6 +195,67 @@ async fn raw_puts(etcd: &Etcd) -> anyhow::Result<(f64, usize)> {
     Ok(rate)
 }
 
+/// The queue's own write path without the gateways' HTTP hop: RAW requests of SMALL_SIZE stored
+/// by `Store::enqueue_request` (every other one with an `Idempotency-Key` when `keyed`, taken
+/// in the same commit, as a gateway does for an agent with no ready replica) through two
+/// stores, as two gateways would, CONCURRENCY at a time; under a prefix of their own, deleted
+/// after as the raw puts are: (per second, failures).
+async fn store_enqueue(etcd: &Etcd, keyed: bool) -> anyhow::Result<(f64, usize)> {
+    const PREFIX: &str = "/bench/store";
+    let mut stores = Vec::new();
+    for _ in 0..2 {
+        stores.push(Store::connect(&[etcd.url()], PREFIX, &EtcdTls::default()).await?);
+    }
+    let stores = Arc::new(stores);
+    let rate = timed(RAW, CONCURRENCY, move |_, i| {
+        let store = stores[i % 2].clone();
+        async move {
+            let agent = format!("agent-{}", i % AGENTS);
+            let mut request = Request {
+                id: berth_proto::request::positional_id(&agent, new_seq()),
+                agent,
+                state: RequestState::Queued as i32,
+                method: "POST".into(),
+                path: "/slow".into(),
+                body: vec![b's'; SMALL_SIZE],
+                ..Default::default()
+            };
+            let ttl = Duration::from_secs(3600);
+            if keyed && i % 2 == 0 {
+                let key = berth_store::requests::key_digest(&format!("store-{i}"));
+                matches!(
+                    store
+                        .enqueue_keyed_request(&mut request, ttl, &key, "p")
+                        .await,
+                    Ok(None)
+                )
+            } else {
+                store.enqueue_request(&mut request, ttl).await.is_ok()
+            }
+        }
+    })
+    .await;
+    let mut client = etcd.client().await?;
+    let keys = client
+        .get(
+            PREFIX,
+            Some(
+                etcd_client::GetOptions::new()
+                    .with_prefix()
+                    .with_keys_only(),
+            ),
+        )
+        .await?;
+    let keys: Vec<Vec<u8>> = keys.kvs().iter().map(|kv| kv.key().to_vec()).collect();
+    for chunk in keys.chunks(DELETE_CHUNK) {
+        let mut end = chunk[chunk.len() - 1].clone();
+        end.push(0);
+        let options = etcd_client::DeleteOptions::new().with_range(end);
+        client.delete(chunk[0].clone(), Some(options)).await?;
+    }
+    Ok(rate)
+}
+
 /// Connections to `addrs`, `n` in all, spread over them.
 async fn connections(
     addrs: &[String],
@@ -267,6 +345,27 @@ fn metric(page: &str, name: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// The gateways' 202s so far, summed over them and their agents: (count, seconds from each
+/// request's arrival to its response headers), from `berth_gateway_request_duration_seconds`.
+async fn accepted(gateways: &[Gateway]) -> anyhow::Result<(f64, f64)> {
+    let mut total = (0.0, 0.0);
+    for gateway in gateways {
+        let admin = &gateway.admin_addr;
+        let (_, page) = berth_tests::docker::http(admin, "GET", "/metrics")
+            .await
+            .ok_or_else(|| anyhow::anyhow!("no /metrics from {admin}"))?;
+        let sum_of = |what: &str| -> f64 {
+            let name = format!("berth_gateway_request_duration_seconds_{what}{{");
+            page.lines()
+                .filter(|l| l.starts_with(&name) && l.contains("code=\"202\""))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        total = (total.0 + sum_of("count"), total.1 + sum_of("sum"));
+    }
+    Ok(total)
 }
 
 /// Mean time of each step of the replayed deliveries one gateway has made (its
@@ -379,8 +478,19 @@ pub async fn run() -> anyhow::Result<()> {
         .await
     };
 
-    // Reference: raw etcd puts of the same size, CONCURRENCY at a time.
+    // Reference: raw etcd puts of the same size, CONCURRENCY at a time; and the queue's
+    // writes through the store alone, to tell its own cost from the HTTP hop's.
+    // A first pass unmeasured: etcd's file grows to hold the first few MiB (and is reused
+    // after), which would otherwise slow whichever measure came first.
+    raw_puts(&etcd).await?;
     let raw = raw_puts(&etcd).await?;
+    let store = store_enqueue(&etcd, keyed_share != 0).await?;
+    println!(
+        "raw put {:.0}/s; through the store alone {:.0}/s: {:.2} of raw",
+        raw.0,
+        store.0,
+        store.0 / raw.0
+    );
     let mut status = etcd.client().await?;
 
     let rounds = setting("BERTH_SOAK_ROUNDS", 1)?.max(1);
@@ -419,6 +529,7 @@ pub async fn run() -> anyhow::Result<()> {
                 "half keyed"
             }
         );
+        let accepted_before = accepted(&gateways).await?;
         let small = Bytes::from(vec![b's'; SMALL_SIZE]);
         let enqueue = {
             let (conns, names, sent, keyed) =
@@ -457,6 +568,18 @@ pub async fn run() -> anyhow::Result<()> {
             })
             .await
         };
+        // Where a request's time goes: inside the gateways (arrival to 202), against what the
+        // clients saw (CONCURRENCY at a time, so CONCURRENCY / rate each).
+        let accepted_after = accepted(&gateways).await?;
+        let inside = (
+            accepted_after.0 - accepted_before.0,
+            accepted_after.1 - accepted_before.1,
+        );
+        println!(
+            "a request's time: {:.2} ms at the client, {:.2} ms inside the gateway",
+            CONCURRENCY as f64 / enqueue.0 * 1000.0,
+            inside.1 / inside.0.max(1.0) * 1000.0
+        );
         let large = Bytes::from(vec![b'L'; LARGE_SIZE]);
         let large_failures = {
             let (conns, names, sent) = (conns.clone(), names.clone(), sent.clone());
@@ -696,7 +819,7 @@ pub async fn run() -> anyhow::Result<()> {
         };
         let report = format!(
             "{AGENTS} agents (one example-agent replica each, {WORK_MS} ms of work per request, replay \
-             concurrency {PER_AGENT}, request timeout {REQUEST_TIMEOUT}), two gateways, one local etcd member, one control plane \
+             concurrency {PER_AGENT}, request timeout {REQUEST_TIMEOUT}), two gateways, one local etcd {} member, one control plane \
              (compaction 15 s behind, {KEPT_PER_AGENT} finished records kept per agent), {} cores \
              for everything. {small_count} requests of {SMALL_SIZE} B (half with an `Idempotency-Key`) \
              and {LARGE} of {} KiB queued while the agents were stopped, then drained{faults}.\n\n\
@@ -710,6 +833,7 @@ pub async fn run() -> anyhow::Result<()> {
              | delivered twice (at least once, after the SIGKILL) | {duplicates} |\n\
              | overlapping duplicates (two runs at once at the agent) | **{overlaps}** |\n\
              | raw etcd put, {CONCURRENCY} at a time (reference) | {:.0}/s |\n\
+             | the same requests through the store alone (two stores, no HTTP), {CONCURRENCY} at a time | {:.0}/s ({:.2} of raw) |\n\
              | enqueue through the gateways, {CONCURRENCY} at a time | {:.0}/s |\n\
              | **enqueue / raw put** | **{:.2}** |\n\
              | raw etcd put again, with the queue in etcd | {:.0}/s |\n\
@@ -723,6 +847,7 @@ pub async fn run() -> anyhow::Result<()> {
              | etcd in use after retention ({compacted:.0} records dropped) and compaction | {:.1} MiB (file {:.1} MiB) |\n\
              | etcd file after `etcdctl defrag` | {:.1} MiB |\n\
              | whole soak | {:.0?} |\n",
+            etcd_version(),
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             LARGE_SIZE / 1024,
             sent.len(),
@@ -731,6 +856,8 @@ pub async fn run() -> anyhow::Result<()> {
             if pauses { " or the pause" } else { "" },
             dead_set.len(),
             raw.0,
+            store.0,
+            store.0 / raw.0,
             enqueue.0,
             enqueue.0 / raw.0,
             raw_full.0,
