@@ -163,11 +163,13 @@ where
     )
 }
 
-/// Keys deleted by one request when the raw puts are cleaned up.
+/// Keys deleted by one request when a measurement's keys are cleaned up.
 const DELETE_CHUNK: usize = 500;
 
+const RAW_PREFIX: &str = "/bench/raw/";
+
 fn raw_key(i: usize) -> String {
-    format!("/bench/raw/{i:08}")
+    format!("{RAW_PREFIX}{i:08}")
 }
 
 /// RAW puts of SMALL_SIZE bytes, CONCURRENCY at a time, then deleted: (per second, failures).
@@ -183,16 +185,30 @@ async fn raw_puts(etcd: &Etcd) -> anyhow::Result<(f64, usize)> {
         }
     })
     .await;
-    // Deleted a few hundred at a time, as Berth deletes: etcd 3.4 keeps the write buffer's
-    // largest size for good, and copies all of it for every later transaction, so one delete
-    // of 20,000 keys would slow every transaction after it (the queue's among them).
-    let mut client = etcd.client().await?;
-    for chunk in (0..RAW).collect::<Vec<_>>().chunks(DELETE_CHUNK) {
-        let (first, last) = (chunk[0], chunk[chunk.len() - 1]);
-        let options = etcd_client::DeleteOptions::new().with_range(raw_key(last + 1));
-        client.delete(raw_key(first), Some(options)).await?;
-    }
+    delete_prefix(etcd, RAW_PREFIX).await?;
     Ok(rate)
+}
+
+/// Deletes every key under `prefix` a few hundred at a time, as Berth deletes: etcd 3.4 keeps
+/// the write buffer's largest size for good, and copies all of it for every later
+/// transaction, so one delete of 20,000 keys would slow every transaction after it (the
+/// queue's among them).
+async fn delete_prefix(etcd: &Etcd, prefix: &str) -> anyhow::Result<()> {
+    let mut client = etcd.client().await?;
+    let page = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_keys_only()
+        .with_limit(DELETE_CHUNK as i64);
+    loop {
+        let keys = client.get(prefix, Some(page.clone())).await?;
+        let (Some(first), Some(last)) = (keys.kvs().first(), keys.kvs().last()) else {
+            return Ok(());
+        };
+        let mut end = last.key().to_vec();
+        end.push(0);
+        let options = etcd_client::DeleteOptions::new().with_range(end);
+        client.delete(first.key(), Some(options)).await?;
+    }
 }
 
 /// The queue's own write path without the gateways' HTTP hop: RAW requests of SMALL_SIZE stored
@@ -235,24 +251,7 @@ async fn store_enqueue(etcd: &Etcd, keyed: bool) -> anyhow::Result<(f64, usize)>
         }
     })
     .await;
-    let mut client = etcd.client().await?;
-    let keys = client
-        .get(
-            PREFIX,
-            Some(
-                etcd_client::GetOptions::new()
-                    .with_prefix()
-                    .with_keys_only(),
-            ),
-        )
-        .await?;
-    let keys: Vec<Vec<u8>> = keys.kvs().iter().map(|kv| kv.key().to_vec()).collect();
-    for chunk in keys.chunks(DELETE_CHUNK) {
-        let mut end = chunk[chunk.len() - 1].clone();
-        end.push(0);
-        let options = etcd_client::DeleteOptions::new().with_range(end);
-        client.delete(chunk[0].clone(), Some(options)).await?;
-    }
+    delete_prefix(etcd, PREFIX).await?;
     Ok(rate)
 }
 
