@@ -72,7 +72,7 @@ impl Conn {
 }
 
 /// Replaces the section `name` of BENCHMARKS.md (between `<!-- name:start -->` and
-/// `<!-- name:end -->`) with `report`, stamped with the time and the binary that measured it;
+/// `<!-- name:end -->`) with `report`, stamped with the time and the command that measured it;
 /// a missing section is appended under `heading`.
 pub fn write_report(name: &str, heading: &str, report: &str) -> anyhow::Result<()> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../BENCHMARKS.md");
@@ -82,8 +82,9 @@ pub fn write_report(name: &str, heading: &str, report: &str) -> anyhow::Result<(
     );
     let text = std::fs::read_to_string(&path).unwrap_or_default();
     let section = format!(
-        "{start}\n_Measured {} with `target/release/{name}`._\n\n{report}{end}",
-        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+        "{start}\n_Measured {} with `{}`._\n\n{report}{end}",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+        this_command()
     );
     let text = match (text.find(&start), text.find(&end)) {
         (Some(a), Some(b)) => format!("{}{section}{}", &text[..a], &text[b + end.len()..]),
@@ -92,6 +93,20 @@ pub fn write_report(name: &str, heading: &str, report: &str) -> anyhow::Result<(
     std::fs::write(&path, text)?;
     println!("written to {}", path.display());
     Ok(())
+}
+
+/// How this benchmark was started, as it is run from the repository: its binary under
+/// `target/release/`, then its arguments (`target/release/replay --soak`).
+fn this_command() -> String {
+    let mut args = std::env::args();
+    let binary = args.next().unwrap_or_default();
+    let name = Path::new(&binary)
+        .file_name()
+        .map_or_else(|| binary.clone(), |n| n.to_string_lossy().into_owned());
+    std::iter::once(format!("target/release/{name}"))
+        .chain(args)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// `runs` times [`docker_run_to_healthy`], once the node agent of `run` has made its network.

@@ -22,7 +22,9 @@
 //! To take the enqueue apart: `--enqueue-only` stops after the enqueue and its ratio;
 //! `BERTH_SOAK_GATEWAYS=1` sends every request to one gateway (the other still runs);
 //! `BERTH_SOAK_KEYED=0` sends none with an `Idempotency-Key`; `BERTH_SOAK_REQUESTS=N`
-//! queues N small requests instead of 100,000 (only a full run writes BENCHMARKS.md).
+//! queues N small requests instead of 100,000 (only a full run writes BENCHMARKS.md);
+//! `BERTH_SOAK_CONCURRENCY=N` sends with N clients at once instead of 32 (raw puts, the store
+//! alone and the enqueue alike).
 
 use berth_bench::Conn;
 use berth_proto::v1::{Request, RequestState};
@@ -45,8 +47,13 @@ const SMALL: usize = 100_000;
 const SMALL_SIZE: usize = 1024;
 const LARGE: usize = 50;
 const LARGE_SIZE: usize = 900 * 1024;
-/// Clients at once, for enqueueing and for raw puts alike.
-const CONCURRENCY: usize = 32;
+/// Clients at once, for enqueueing and for raw puts alike, unless `BERTH_SOAK_CONCURRENCY`
+/// says otherwise.
+static CONCURRENCY: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
+    setting("BERTH_SOAK_CONCURRENCY", 32)
+        .expect("BERTH_SOAK_CONCURRENCY")
+        .max(1)
+});
 /// Work each request asks of the agent.
 const WORK_MS: u64 = 20;
 /// Replay concurrency per agent (the default), and direct clients per agent for the reference.
@@ -175,7 +182,7 @@ fn raw_key(i: usize) -> String {
 /// RAW puts of SMALL_SIZE bytes, CONCURRENCY at a time, then deleted: (per second, failures).
 async fn raw_puts(etcd: &Etcd) -> anyhow::Result<(f64, usize)> {
     let client = etcd.client().await?;
-    let rate = timed(RAW, CONCURRENCY, move |_, i| {
+    let rate = timed(RAW, *CONCURRENCY, move |_, i| {
         let mut client = client.clone();
         async move {
             client
@@ -223,7 +230,7 @@ async fn store_enqueue(etcd: &Etcd, keyed: bool) -> anyhow::Result<(f64, usize)>
         stores.push(Store::connect(&[etcd.url()], PREFIX, &EtcdTls::default()).await?);
     }
     let stores = Arc::new(stores);
-    let rate = timed(RAW, CONCURRENCY, move |_, i| {
+    let rate = timed(RAW, *CONCURRENCY, move |_, i| {
         let store = stores[i % 2].clone();
         async move {
             let agent = format!("agent-{}", i % AGENTS);
@@ -518,10 +525,11 @@ pub async fn run() -> anyhow::Result<()> {
         // Enqueue: 100,000 small requests over both gateways, half with an Idempotency-Key.
         let sent: Arc<Mutex<Vec<String>>> = Arc::default();
         let keyed: Arc<Mutex<HashSet<String>>> = Arc::default();
-        let conns = connections(&addrs[..enqueue_gateways.clamp(1, 2)], CONCURRENCY).await?;
+        let conns = connections(&addrs[..enqueue_gateways.clamp(1, 2)], *CONCURRENCY).await?;
         println!(
-            "enqueueing {small_count} requests through {} gateway(s), {}",
+            "enqueueing {small_count} requests through {} gateway(s), {} at a time, {}",
             enqueue_gateways.clamp(1, 2),
+            *CONCURRENCY,
             if keyed_share == 0 {
                 "none keyed"
             } else {
@@ -533,7 +541,7 @@ pub async fn run() -> anyhow::Result<()> {
         let enqueue = {
             let (conns, names, sent, keyed) =
                 (conns.clone(), names.clone(), sent.clone(), keyed.clone());
-            timed(small_count, CONCURRENCY, move |w, i| {
+            timed(small_count, *CONCURRENCY, move |w, i| {
                 let (conn, names, sent, body) =
                     (conns[w].clone(), names.clone(), sent.clone(), small.clone());
                 let keyed = keyed.clone();
@@ -576,7 +584,7 @@ pub async fn run() -> anyhow::Result<()> {
         );
         println!(
             "a request's time: {:.2} ms at the client, {:.2} ms inside the gateway",
-            CONCURRENCY as f64 / enqueue.0 * 1000.0,
+            *CONCURRENCY as f64 / enqueue.0 * 1000.0,
             inside.1 / inside.0.max(1.0) * 1000.0
         );
         let large = Bytes::from(vec![b'L'; LARGE_SIZE]);
@@ -615,7 +623,7 @@ pub async fn run() -> anyhow::Result<()> {
         // at this size.
         let raw_full = raw_puts(&etcd).await?;
         println!(
-            "queued {} in {:?} (enqueue {:.0}/s, raw put {:.0}/s, again {:.0}/s); etcd {:.1} MiB",
+            "queued {} by {:?} into the soak (enqueue {:.0}/s, raw put {:.0}/s, again {:.0}/s); etcd {:.1} MiB",
             sent.len(),
             started.elapsed(),
             enqueue.0,
@@ -831,9 +839,9 @@ pub async fn run() -> anyhow::Result<()> {
              | dead-lettered with a key | {dead_keyed} |\n\
              | delivered twice (at least once, after the SIGKILL) | {duplicates} |\n\
              | overlapping duplicates (two runs at once at the agent) | **{overlaps}** |\n\
-             | raw etcd put, {CONCURRENCY} at a time (reference) | {:.0}/s |\n\
-             | the same requests through the store alone (two stores, no HTTP), {CONCURRENCY} at a time | {:.0}/s ({:.2} of raw) |\n\
-             | enqueue through the gateways, {CONCURRENCY} at a time | {:.0}/s |\n\
+             | raw etcd put, {} at a time (reference) | {:.0}/s |\n\
+             | the same requests through the store alone (two stores, no HTTP), {} at a time | {:.0}/s ({:.2} of raw) |\n\
+             | enqueue through the gateways, {} at a time | {:.0}/s |\n\
              | **enqueue / raw put** | **{:.2}** |\n\
              | raw etcd put again, with the queue in etcd | {:.0}/s |\n\
              | enqueue / raw put with the queue in etcd | {:.2} |\n\
@@ -854,9 +862,12 @@ pub async fn run() -> anyhow::Result<()> {
             large_failures,
             if pauses { " or the pause" } else { "" },
             dead_set.len(),
+            *CONCURRENCY,
             raw.0,
+            *CONCURRENCY,
             store.0,
             store.0 / raw.0,
+            *CONCURRENCY,
             enqueue.0,
             enqueue.0 / raw.0,
             raw_full.0,
