@@ -5,6 +5,7 @@
 pub mod docker;
 pub mod process;
 pub mod replay;
+pub mod stall;
 pub mod wire;
 
 use anyhow::{bail, Context};

@@ -1,12 +1,14 @@
 //! The replay queue at the sizes and faults users reach: a queue of many MiB across a gateway
-//! restart, a gateway paused (SIGSTOP) past its claim lease mid-delivery, a keyed answer over
-//! the stored-answer limit, a dropped request's key, and a SIGTERMed gateway during replay.
+//! restart, a gateway paused (SIGSTOP) past its claim lease mid-delivery, a gateway cut off
+//! from etcd mid-delivery (a stalled path, not a closed one), a keyed answer over the
+//! stored-answer limit, a dropped request's key, and a SIGTERMed gateway during replay.
 //! Real etcd, control plane, node agent, gateways and example-agent containers.
 
 use berth_tests::docker::{ready, wait_agent};
 use berth_tests::replay::{
     arrivals, counts, list_request_ids, post, setup, setup_with, wait_delivered, wait_down,
 };
+use berth_tests::stall::StallProxy;
 use berth_tests::wire::send;
 use berth_tests::{eventually, unique_name, Gateway};
 use std::path::Path;
@@ -140,6 +142,71 @@ async fn a_gateway_paused_past_its_lease_mid_delivery_causes_no_second_run_at_on
             "two runs of one request at once: {runs:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_gateway_cut_off_from_etcd_mid_delivery_gives_it_up_and_none_runs_twice_at_once() {
+    let mut s = setup_with("cut", &["--request-timeout", "20s"]).await;
+    // The gateway that delivers reaches etcd over a path the test stalls: silence, no error.
+    let path = StallProxy::start(s.etcd.url().trim_start_matches("http://")).unwrap();
+    let cut = Gateway::start_named(&path.url(), "gateway-cut")
+        .await
+        .unwrap();
+    stop_agent(&s).await;
+    // Only the gateway behind that path runs while the request is queued and delivered.
+    assert!(
+        s.gw.terminate(Duration::from_secs(40)).await,
+        "{}",
+        s.gw.log()
+    );
+    let base = format!("/agents/{}", s.name);
+    wait_down(&cut, &base).await;
+    let key = format!("\r\nIdempotency-Key: {}", unique_name("k"));
+    let id = queued_id(&post(&cut, &format!("{base}/slow?ms=12000"), "x", &key).await);
+    assert!(s.cp.cli(&["start", &s.name]).status.success());
+    eventually(Duration::from_secs(60), "the slow delivery starts", || {
+        let started = !slow_runs(s.data.path(), &id).is_empty();
+        async move { started.then_some(()) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cut.log()));
+    // Mid-delivery, the gateway loses etcd but goes on running and reaching the agent; the
+    // other gateway comes back and takes the request over once the claim lease (10 s) ends.
+    path.stall();
+    let stalled = Instant::now();
+    s.gw.resume().await.unwrap();
+    let delivered = wait_delivered(&s.gw, std::slice::from_ref(&id), Duration::from_secs(90)).await;
+    let held = stalled.elapsed();
+    // The path heals: whatever the cut-off gateway still had to write arrives late.
+    path.heal();
+    delivered.unwrap_or_else(|e| panic!("{e}\n{}\n{}", cut.log(), s.gw.log()));
+    let runs = slow_runs(s.data.path(), &id);
+    eprintln!("gateway cut off from etcd ({held:?} until delivered elsewhere): runs {runs:?}");
+    assert!(held > Duration::from_secs(10), "delivered within the lease");
+    for pair in runs.windows(2) {
+        let ended = pair[0].1.expect("the earlier run ended");
+        assert!(
+            pair[1].0 >= ended,
+            "two runs of one request at once: {runs:?}"
+        );
+    }
+    // The cut-off gateway gave the delivery up itself, not waiting for the agent's 12 s: it
+    // could no longer keep its claims alive.
+    let (start, end) = (runs[0].0, runs[0].1.expect("the first run ended"));
+    assert!(
+        end - start < 12_000,
+        "the first run went on for {} ms: {runs:?}\n{}",
+        end - start,
+        cut.log()
+    );
+    // Once it hears from etcd again, its late writes change nothing: the request stays
+    // delivered, read through the gateway that was cut off too.
+    wait_delivered(&cut, std::slice::from_ref(&id), Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cut.log()));
+    wait_delivered(&s.gw, &[id], Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", cut.log(), s.gw.log()));
 }
 
 #[tokio::test]
