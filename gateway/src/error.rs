@@ -61,6 +61,15 @@ pub enum GatewayError {
         #[source]
         source: berth_store::StoreError,
     },
+    /// Queueing the request was not confirmed (etcd did not answer): it is not queued, or a
+    /// write that etcd holds is applied late and it is. Its id tells which, once etcd answers.
+    #[error("agent {agent} cannot take the request now, and etcd did not confirm queueing it for replay ({source}): it is not queued, or etcd applies the write late and it is; GET /requests/{request_id} tells once etcd answers, and a retry with the same Idempotency-Key cannot run it twice")]
+    QueueUnconfirmed {
+        agent: String,
+        request_id: String,
+        #[source]
+        source: berth_store::StoreError,
+    },
     /// The `Idempotency-Key` was used before with a different request.
     #[error("agent {agent}: this Idempotency-Key was used with a different request")]
     KeyReused { agent: String },
@@ -99,6 +108,14 @@ impl GatewayError {
         matches!(self, Self::Upstream { source, .. } if source.is_connect())
     }
 
+    /// The id of the request the failure concerns, when the client may look it up.
+    fn request_id(&self) -> Option<&str> {
+        match self {
+            Self::QueueUnconfirmed { request_id, .. } => Some(request_id),
+            _ => None,
+        }
+    }
+
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::UnknownAgent { .. } => (StatusCode::NOT_FOUND, "agent_not_found"),
@@ -115,7 +132,9 @@ impl GatewayError {
             ),
             Self::BodyTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             Self::QueueFull { .. } => (StatusCode::SERVICE_UNAVAILABLE, "queue_full"),
-            Self::NotPersisted { .. } => (StatusCode::SERVICE_UNAVAILABLE, "queue_unavailable"),
+            Self::NotPersisted { .. } | Self::QueueUnconfirmed { .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, "queue_unavailable")
+            }
             Self::UnknownRequest { .. } => (StatusCode::NOT_FOUND, "request_not_found"),
             Self::KeyReused { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
             Self::KeyInFlight { .. } => (StatusCode::CONFLICT, "idempotency_key_in_flight"),
@@ -126,7 +145,10 @@ impl GatewayError {
 /// The HTTP response for `err`.
 pub fn to_response(err: &GatewayError) -> Response {
     let (status, code) = err.status_and_code();
-    let body = serde_json::json!({"error": {"code": code, "message": err.to_string()}});
+    let mut body = serde_json::json!({"error": {"code": code, "message": err.to_string()}});
+    if let Some(id) = err.request_id() {
+        body["error"]["request_id"] = id.into();
+    }
     let mut response = Response::new(Body::from(body.to_string()));
     *response.status_mut() = status;
     let headers = response.headers_mut();

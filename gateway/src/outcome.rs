@@ -91,6 +91,7 @@ impl Ending {
             | GatewayError::BodyTimeout { .. }
             | GatewayError::QueueFull { .. }
             | GatewayError::NotPersisted { .. }
+            | GatewayError::QueueUnconfirmed { .. }
             | GatewayError::UnknownRequest { .. }
             | GatewayError::KeyReused { .. }
             | GatewayError::KeyInFlight { .. } => Self::Refused,

@@ -401,6 +401,10 @@ async fn without_etcd_nothing_is_promised_and_live_agents_still_answer() {
     let r = post(&s.gw, &format!("{base}/echo"), "cannot keep", "").await;
     assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
     assert_eq!(r.json()["error"]["code"], "queue_unavailable");
+    let refused = r.json()["error"]["request_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     for _ in 0..20 {
         let r = post(&s.gw, &live_path, "still forwarded", "").await;
         assert_eq!(r.status, 200, "a ready agent does not need etcd");
@@ -413,6 +417,9 @@ async fn without_etcd_nothing_is_promised_and_live_agents_still_answer() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", s.gw.log()));
+    // etcd was down, not slow: the request its answer names was never stored.
+    let fate = get(&s.gw.addr, &format!("/requests/{refused}")).await;
+    assert_eq!(fate.status, 404, "{}", String::from_utf8_lossy(&fate.body));
     assert!(s.cp.cli(&["start", &s.name]).status.success());
     wait_delivered(&s.gw, &[queued], Duration::from_secs(60))
         .await

@@ -210,6 +210,64 @@ async fn a_gateway_cut_off_from_etcd_mid_delivery_gives_it_up_and_none_runs_twic
 }
 
 #[tokio::test]
+async fn a_request_etcd_did_not_confirm_is_answered_with_an_id_that_tells_its_fate() {
+    let s = setup("unconfirmed").await;
+    let path = StallProxy::start(s.etcd.url().trim_start_matches("http://")).unwrap();
+    let cut = Gateway::start_named(&path.url(), "gateway-cut")
+        .await
+        .unwrap();
+    stop_agent(&s).await;
+    let base = format!("/agents/{}", s.name);
+    wait_down(&cut, &base).await;
+    // One queued first, so that the gateway holds the lease the next one is written under.
+    let first = queued_id(&post(&cut, &format!("{base}/echo"), "first", "").await);
+    // etcd goes silent while the next is written: the write may still be applied when the
+    // path heals, so the gateway cannot say it was not queued.
+    path.stall();
+    let r = post(&cut, &format!("{base}/echo"), "unconfirmed", "").await;
+    path.heal();
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    let error = &r.json()["error"];
+    assert_eq!(error["code"], "queue_unavailable");
+    let id = error["request_id"]
+        .as_str()
+        .expect("the request's id")
+        .to_string();
+    let message = error["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("GET /requests/{id}")),
+        "{message}"
+    );
+    // Once etcd answers, the id tells: queued (the write applied late) or unknown.
+    let fate = eventually(Duration::from_secs(30), "the request's fate", || {
+        let (addr, id) = (cut.addr.clone(), id.clone());
+        async move {
+            let status = berth_tests::wire::get(&addr, &format!("/requests/{id}"))
+                .await
+                .status;
+            matches!(status, 200 | 404).then_some(status)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", cut.log()));
+    eprintln!("unconfirmed request {id}: {fate} once etcd answered");
+    assert!(s.cp.cli(&["start", &s.name]).status.success());
+    let mut ids = vec![first];
+    if fate == 200 {
+        ids.push(id.clone());
+    }
+    wait_delivered(&s.gw, &ids, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.gw.log()));
+    if fate == 404 {
+        assert!(
+            !counts(s.data.path()).contains_key(&id),
+            "a request etcd does not know reached the agent"
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_keyed_answer_over_the_limit_is_its_recorded_outcome_never_409() {
     let s = setup("bigans").await;
     let path = format!("/agents/{}/bytes/2000000", s.name);

@@ -161,20 +161,25 @@ pub async fn enqueue(
     }
     let wait = prefer_wait(&kept.headers);
     let mut request = to_request(&kept, why);
-    let not_persisted = |source| GatewayError::NotPersisted {
+    let unconfirmed = |request: &Request, source| GatewayError::QueueUnconfirmed {
         agent: agent.clone(),
+        request_id: request.id.clone(),
         source,
     };
     match take_key {
-        None => store
-            .enqueue_request(&mut request, route.replay.ttl)
-            .await
-            .map_err(not_persisted)?,
+        None => {
+            if let Err(e) = store.enqueue_request(&mut request, route.replay.ttl).await {
+                return Err(unconfirmed(&request, e));
+            }
+        }
         Some(keyed) => {
-            let held = store
+            let held = match store
                 .enqueue_keyed_request(&mut request, route.replay.ttl, &keyed.key, &keyed.payload)
                 .await
-                .map_err(not_persisted)?;
+            {
+                Ok(held) => held,
+                Err(e) => return Err(unconfirmed(&request, e)),
+            };
             if held.is_some() {
                 return Ok(None);
             }
