@@ -3,7 +3,6 @@
 //! every packet does. Nothing is refused, reset or closed, so the peers see silence, not an
 //! error: the fault that only timeouts and leases can detect.
 
-use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -15,7 +14,7 @@ use tokio::task::JoinSet;
 pub struct StallProxy {
     /// `127.0.0.1:PORT` to connect to instead of the target.
     pub addr: String,
-    stalled: Arc<watch::Sender<bool>>,
+    stalled: watch::Sender<bool>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -26,8 +25,8 @@ impl StallProxy {
         let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?.to_string();
-        let stalled = Arc::new(watch::channel(false).0);
-        let (target, flag) = (target.to_string(), stalled.clone());
+        let (stalled, flag) = watch::channel(false);
+        let target = target.to_string();
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -40,7 +39,7 @@ impl StallProxy {
                 let mut connections = JoinSet::new();
                 let accepting = async {
                     while let Ok((client, _)) = listener.accept().await {
-                        let (target, stalled) = (target.clone(), flag.subscribe());
+                        let (target, stalled) = (target.clone(), flag.clone());
                         connections.spawn(relay(client, target, stalled));
                     }
                 };

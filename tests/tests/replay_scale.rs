@@ -53,6 +53,29 @@ fn slow_runs(data: &Path, id: &str) -> Vec<(u64, Option<u64>)> {
     runs
 }
 
+/// Asserts that no run of `/slow` started before the one before it ended.
+fn assert_one_run_at_a_time(runs: &[(u64, Option<u64>)]) {
+    for pair in runs.windows(2) {
+        let ended = pair[0].1.expect("the earlier run ended");
+        assert!(
+            pair[1].0 >= ended,
+            "two runs of one request at once: {runs:?}"
+        );
+    }
+}
+
+/// A second gateway that reaches etcd only over a path the test can stall, and the agent
+/// stopped (both gateways see it down), so that requests are queued.
+async fn behind_a_stallable_path(s: &berth_tests::replay::Setup) -> (StallProxy, Gateway) {
+    let path = StallProxy::start(s.etcd.url().trim_start_matches("http://")).unwrap();
+    let cut = Gateway::start_named(&path.url(), "gateway-cut")
+        .await
+        .unwrap();
+    stop_agent(s).await;
+    wait_down(&cut, &format!("/agents/{}", s.name)).await;
+    (path, cut)
+}
+
 #[tokio::test]
 async fn a_queue_of_many_mib_survives_a_gateway_restart_and_drains() {
     let mut s = setup("bigq").await;
@@ -135,24 +158,14 @@ async fn a_gateway_paused_past_its_lease_mid_delivery_causes_no_second_run_at_on
         held > Duration::from_secs(10),
         "paused for less than the lease"
     );
-    for pair in runs.windows(2) {
-        let ended = pair[0].1.expect("the earlier run ended");
-        assert!(
-            pair[1].0 >= ended,
-            "two runs of one request at once: {runs:?}"
-        );
-    }
+    assert_one_run_at_a_time(&runs);
 }
 
 #[tokio::test]
 async fn a_gateway_cut_off_from_etcd_mid_delivery_gives_it_up_and_none_runs_twice_at_once() {
     let mut s = setup_with("cut", &["--request-timeout", "20s"]).await;
     // The gateway that delivers reaches etcd over a path the test stalls: silence, no error.
-    let path = StallProxy::start(s.etcd.url().trim_start_matches("http://")).unwrap();
-    let cut = Gateway::start_named(&path.url(), "gateway-cut")
-        .await
-        .unwrap();
-    stop_agent(&s).await;
+    let (path, cut) = behind_a_stallable_path(&s).await;
     // Only the gateway behind that path runs while the request is queued and delivered.
     assert!(
         s.gw.terminate(Duration::from_secs(40)).await,
@@ -160,7 +173,6 @@ async fn a_gateway_cut_off_from_etcd_mid_delivery_gives_it_up_and_none_runs_twic
         s.gw.log()
     );
     let base = format!("/agents/{}", s.name);
-    wait_down(&cut, &base).await;
     let key = format!("\r\nIdempotency-Key: {}", unique_name("k"));
     let id = queued_id(&post(&cut, &format!("{base}/slow?ms=12000"), "x", &key).await);
     assert!(s.cp.cli(&["start", &s.name]).status.success());
@@ -183,13 +195,7 @@ async fn a_gateway_cut_off_from_etcd_mid_delivery_gives_it_up_and_none_runs_twic
     let runs = slow_runs(s.data.path(), &id);
     eprintln!("gateway cut off from etcd ({held:?} until delivered elsewhere): runs {runs:?}");
     assert!(held > Duration::from_secs(10), "delivered within the lease");
-    for pair in runs.windows(2) {
-        let ended = pair[0].1.expect("the earlier run ended");
-        assert!(
-            pair[1].0 >= ended,
-            "two runs of one request at once: {runs:?}"
-        );
-    }
+    assert_one_run_at_a_time(&runs);
     // The cut-off gateway gave the delivery up itself, not waiting for the agent's 12 s: it
     // could no longer keep its claims alive.
     let (start, end) = (runs[0].0, runs[0].1.expect("the first run ended"));
@@ -212,13 +218,8 @@ async fn a_gateway_cut_off_from_etcd_mid_delivery_gives_it_up_and_none_runs_twic
 #[tokio::test]
 async fn a_request_etcd_did_not_confirm_is_answered_with_an_id_that_tells_its_fate() {
     let s = setup("unconfirmed").await;
-    let path = StallProxy::start(s.etcd.url().trim_start_matches("http://")).unwrap();
-    let cut = Gateway::start_named(&path.url(), "gateway-cut")
-        .await
-        .unwrap();
-    stop_agent(&s).await;
+    let (path, cut) = behind_a_stallable_path(&s).await;
     let base = format!("/agents/{}", s.name);
-    wait_down(&cut, &base).await;
     // One queued first, so that the gateway holds the lease the next one is written under.
     let first = queued_id(&post(&cut, &format!("{base}/echo"), "first", "").await);
     // etcd goes silent while the next is written: the write may still be applied when the

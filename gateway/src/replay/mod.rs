@@ -161,29 +161,24 @@ pub async fn enqueue(
     }
     let wait = prefer_wait(&kept.headers);
     let mut request = to_request(&kept, why);
-    let unconfirmed = |request: &Request, source| GatewayError::QueueUnconfirmed {
+    let stored = match take_key {
+        None => store
+            .enqueue_request(&mut request, route.replay.ttl)
+            .await
+            .map(|()| None),
+        Some(keyed) => {
+            store
+                .enqueue_keyed_request(&mut request, route.replay.ttl, &keyed.key, &keyed.payload)
+                .await
+        }
+    };
+    let held = stored.map_err(|source| GatewayError::QueueUnconfirmed {
         agent: agent.clone(),
         request_id: request.id.clone(),
         source,
-    };
-    match take_key {
-        None => {
-            if let Err(e) = store.enqueue_request(&mut request, route.replay.ttl).await {
-                return Err(unconfirmed(&request, e));
-            }
-        }
-        Some(keyed) => {
-            let held = match store
-                .enqueue_keyed_request(&mut request, route.replay.ttl, &keyed.key, &keyed.payload)
-                .await
-            {
-                Ok(held) => held,
-                Err(e) => return Err(unconfirmed(&request, e)),
-            };
-            if held.is_some() {
-                return Ok(None);
-            }
-        }
+    })?;
+    if held.is_some() {
+        return Ok(None);
     }
     tracing::info!(agent = %agent, request_id = %request.id, why = ?why, "queued for replay");
     // An autoscaled agent with no replica ready (idle, or all its replicas starting): the
