@@ -78,17 +78,67 @@ pub const TRANSIENT_RETRIES: usize = 4;
 /// The wait before the first resend; each next one waits this much longer.
 pub const TRANSIENT_BACKOFF: Duration = Duration::from_millis(250);
 
-/// Whether an etcd error may pass on a resend: the member could not be reached or is not
-/// serving now (another member may be). Not errors that etcd decided (a failed compare, a
-/// lease not found, a request too large).
+/// How long after an operation's first attempt it may still be sent again after a transient
+/// failure. A member that is down fails at once, and the operation is resent up to
+/// [`TRANSIENT_RETRIES`] times; one that is silent (stalled, cut off) takes
+/// [`ETCD_REQUEST_TIMEOUT`] to fail, and the operation gets one more attempt (on another member,
+/// once the endpoint check has let the silent one go) instead of holding its caller for every
+/// retry.
+pub const RESEND_WITHIN: Duration = Duration::from_secs(10);
+
+/// Whether an etcd error may pass on a resend: the member could not be reached, is not serving
+/// now, or did not answer in time (tonic reports its own timeout as `CANCELLED`); another
+/// member may do better. Not errors that etcd decided (a failed compare, a lease not found, a
+/// request too large).
 pub fn transient(error: &etcd_client::Error) -> bool {
     match error {
         etcd_client::Error::GRpcStatus(status) => matches!(
             status.code(),
-            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+            tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled
+                | tonic::Code::Unknown
         ),
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         _ => false,
+    }
+}
+
+/// The resends one operation has left after transient failures: [`TRANSIENT_RETRIES`], within
+/// [`RESEND_WITHIN`] of its first attempt, each after a longer pause.
+pub(crate) struct Resends {
+    failures: u32,
+    started: tokio::time::Instant,
+}
+
+impl Resends {
+    pub(crate) fn new() -> Self {
+        Self {
+            failures: 0,
+            started: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Whether `error` may pass on a resend and one is left (then it counts).
+    pub(crate) fn allow(&mut self, error: &etcd_client::Error) -> bool {
+        let left =
+            (self.failures as usize) < TRANSIENT_RETRIES && self.started.elapsed() < RESEND_WITHIN;
+        if left && transient(error) {
+            self.failures += 1;
+            tracing::debug!(%error, "etcd call failed; sending it again");
+            return true;
+        }
+        false
+    }
+
+    /// The pause before the resend just allowed.
+    pub(crate) async fn pause(&self) {
+        tokio::time::sleep(TRANSIENT_BACKOFF * self.failures).await;
+    }
+
+    /// Whether any attempt failed transiently.
+    pub(crate) fn any(&self) -> bool {
+        self.failures > 0
     }
 }
 
@@ -229,14 +279,10 @@ impl Store {
         F: FnMut(Client) -> Fut,
         Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        let mut failures = 0;
+        let mut resends = Resends::new();
         loop {
             match op(self.client()).await {
-                Err(e) if transient(&e) && failures < TRANSIENT_RETRIES => {
-                    failures += 1;
-                    tracing::debug!(error = %e, "etcd call failed; sending it again");
-                    tokio::time::sleep(TRANSIENT_BACKOFF * failures as u32).await;
-                }
+                Err(e) if resends.allow(&e) => resends.pause().await,
                 result => return result.map_err(|e| self.unavailable(e)),
             }
         }
@@ -300,5 +346,50 @@ impl Store {
             Err(e) if watch::compacted(&e) => Ok(()),
             Err(e) => Err(self.unavailable(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(status: tonic::Status) -> etcd_client::Error {
+        etcd_client::Error::GRpcStatus(status)
+    }
+
+    #[test]
+    fn a_member_that_is_down_or_silent_is_worth_a_resend_and_what_etcd_decided_is_not() {
+        // tonic's own request timeout (a silent member) comes as CANCELLED.
+        assert!(transient(&status(tonic::Status::cancelled(
+            "Timeout expired"
+        ))));
+        assert!(transient(&status(tonic::Status::unavailable("refused"))));
+        assert!(!transient(&status(tonic::Status::failed_precondition(
+            "etcdserver: requested lease not found"
+        ))));
+        assert!(!transient(&status(tonic::Status::invalid_argument(
+            "etcdserver: request is too large"
+        ))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn resends_stop_after_their_count_or_their_time() {
+        let refused = status(tonic::Status::unavailable("refused"));
+        let mut fast = Resends::new();
+        for _ in 0..TRANSIENT_RETRIES {
+            assert!(fast.allow(&refused));
+            fast.pause().await;
+        }
+        assert!(!fast.allow(&refused), "no more than TRANSIENT_RETRIES");
+        // A silent member: each attempt takes the request timeout.
+        let mut slow = Resends::new();
+        tokio::time::advance(ETCD_REQUEST_TIMEOUT).await;
+        assert!(slow.allow(&refused), "one more attempt");
+        slow.pause().await;
+        tokio::time::advance(ETCD_REQUEST_TIMEOUT).await;
+        assert!(!slow.allow(&refused), "not past RESEND_WITHIN");
+        let mut decided = Resends::new();
+        assert!(!decided.allow(&status(tonic::Status::invalid_argument("too large"))));
+        assert!(!decided.any());
     }
 }

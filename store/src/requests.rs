@@ -16,7 +16,7 @@
 //! A finish is conditioned on still holding the claim, so a gateway that lost it (paused past
 //! its lease) cannot overwrite what the next holder did.
 
-use super::{decode, transient, Store, StoreError, TRANSIENT_BACKOFF, TRANSIENT_RETRIES};
+use super::{decode, Resends, Store, StoreError, TRANSIENT_RETRIES};
 use berth_proto::v1::{Request, RequestState, StoredResponse};
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 use prost::Message;
@@ -258,7 +258,7 @@ impl Store {
         key: Option<(&str, &str)>,
     ) -> Result<Option<HeldKey>, StoreError> {
         let mut uncertain = false;
-        let mut transient_failures = 0;
+        let mut resends = Resends::new();
         let idempotency = key.map(|(digest, _)| self.keys.idempotency(&request.agent, digest));
         // A positional id fixes the place; any other id gets a new one (drawn again when taken).
         let positional = berth_proto::request::parse_positional_id(&request.id)
@@ -316,11 +316,9 @@ impl Store {
                     uncertain = false;
                 }
                 Err(e) if e.to_string().contains("lease not found") => uncertain = false,
-                Err(e) if transient(&e) && transient_failures < TRANSIENT_RETRIES => {
-                    transient_failures += 1;
+                Err(e) if resends.allow(&e) => {
                     uncertain = true;
-                    tracing::debug!(error = %e, "etcd write failed; sending it again");
-                    tokio::time::sleep(TRANSIENT_BACKOFF * transient_failures as u32).await;
+                    resends.pause().await;
                 }
                 Err(e) => return Err(self.unavailable(e)),
             }
@@ -343,10 +341,10 @@ impl Store {
         ttl: Duration,
     ) -> Result<Option<HeldKey>, StoreError> {
         let key = self.keys.idempotency(agent, key_sha256);
-        let mut transient_failures = 0;
+        let mut resends = Resends::new();
         for attempt in 0..2 + TRANSIENT_RETRIES {
             let lease = self
-                .request_lease(ttl, attempt > 0 && transient_failures == 0)
+                .request_lease(ttl, attempt > 0 && !resends.any())
                 .await?;
             let txn = Txn::new()
                 .when([Compare::create_revision(key.as_str(), CompareOp::Equal, 0)])
@@ -355,9 +353,8 @@ impl Store {
             let resp = match self.commit(txn, 0).await {
                 Ok(resp) => resp,
                 Err(e) if e.to_string().contains("lease not found") => continue,
-                Err(e) if transient(&e) && transient_failures < TRANSIENT_RETRIES => {
-                    transient_failures += 1;
-                    tokio::time::sleep(TRANSIENT_BACKOFF * transient_failures as u32).await;
+                Err(e) if resends.allow(&e) => {
+                    resends.pause().await;
                     continue;
                 }
                 Err(e) => return Err(self.unavailable(e)),

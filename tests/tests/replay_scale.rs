@@ -269,6 +269,52 @@ async fn a_request_etcd_did_not_confirm_is_answered_with_an_id_that_tells_its_fa
 }
 
 #[tokio::test]
+async fn with_one_etcd_endpoint_silent_requests_are_still_queued_through_the_other() {
+    let s = setup("silent").await;
+    // A gateway with two endpoints: one over a path the test stalls, one direct (the same
+    // member behind both, as two members of a cluster would be to the gateway).
+    let path = StallProxy::start(s.etcd.url().trim_start_matches("http://")).unwrap();
+    let endpoints = format!("{},{}", path.url(), s.etcd.url());
+    let two = Gateway::start_named(&endpoints, "gateway-two")
+        .await
+        .unwrap();
+    stop_agent(&s).await;
+    let base = format!("/agents/{}", s.name);
+    wait_down(&two, &base).await;
+    let mut ids = vec![queued_id(
+        &post(&two, &format!("{base}/echo"), "before", "").await,
+    )];
+    path.stall();
+    // Until one of them met the silent endpoint (its first attempt timed out after 5 s),
+    // requests go on; each is queued all the same.
+    let mut met_silence = false;
+    for i in 0..20 {
+        let sent = Instant::now();
+        let r = post(&two, &format!("{base}/echo?n={i}"), "during", "").await;
+        let took = sent.elapsed();
+        assert_eq!(
+            r.status,
+            202,
+            "after {took:?}: {}\n{}",
+            String::from_utf8_lossy(&r.body),
+            two.log()
+        );
+        ids.push(queued_id(&r));
+        if took > Duration::from_secs(4) {
+            eprintln!("request {i} met the silent endpoint and was queued after {took:?}");
+            met_silence = true;
+            break;
+        }
+    }
+    assert!(met_silence, "no request was sent to the silent endpoint");
+    path.heal();
+    assert!(s.cp.cli(&["start", &s.name]).status.success());
+    wait_delivered(&s.gw, &ids, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.gw.log()));
+}
+
+#[tokio::test]
 async fn a_keyed_answer_over_the_limit_is_its_recorded_outcome_never_409() {
     let s = setup("bigans").await;
     let path = format!("/agents/{}/bytes/2000000", s.name);
