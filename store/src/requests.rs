@@ -80,9 +80,14 @@ pub struct Claim {
 pub enum ClaimOutcome {
     /// Ours now.
     Claimed(Box<Claim>),
-    /// Another holder has it (`holder`, the gateway's name), as seen at store revision
-    /// `revision`: a replayer that has not heard of it yet from its watch knows it now.
-    Held { holder: String, revision: i64 },
+    /// Another holder has it (`holder`, the gateway's name, under its claim lease `lease`), as
+    /// seen at store revision `revision`: a replayer that has not heard of it yet from its
+    /// watch knows it now.
+    Held {
+        holder: String,
+        lease: i64,
+        revision: i64,
+    },
     /// The request changed since it was read: read it again.
     Changed,
     /// The request no longer waits (finished or dropped), as seen at store revision `revision`.
@@ -731,10 +736,17 @@ impl Store {
                 TxnOpResponse::Get(get) => Some(get),
                 _ => None,
             });
-            let holder = gets.next().and_then(|get| crate::first_value(get.kvs()));
+            let holder = gets.next().and_then(|get| {
+                let kv = get.kvs().first()?;
+                Some((String::from_utf8_lossy(kv.value()).into_owned(), kv.lease()))
+            });
             let waiting = gets.next().is_some_and(|get| get.count() > 0);
             return Ok(match holder {
-                Some(holder) => ClaimOutcome::Held { holder, revision },
+                Some((holder, lease)) => ClaimOutcome::Held {
+                    holder,
+                    lease,
+                    revision,
+                },
                 None if !waiting => ClaimOutcome::Gone { revision },
                 None => ClaimOutcome::Changed,
             });

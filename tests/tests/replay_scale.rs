@@ -1,5 +1,6 @@
 //! The replay queue at the sizes and faults users reach: a queue of many MiB across a gateway
-//! restart, a gateway paused (SIGSTOP) past its claim lease mid-delivery, a gateway cut off
+//! restart, a gateway paused (SIGSTOP) past its claim lease mid-delivery (and one replaced by a
+//! process of the same name meanwhile), a gateway cut off
 //! from etcd mid-delivery (a stalled path, not a closed one), a keyed answer over the
 //! stored-answer limit, a dropped request's key, and a SIGTERMed gateway during replay.
 //! Real etcd, control plane, node agent, gateways and example-agent containers.
@@ -159,6 +160,67 @@ async fn a_gateway_paused_past_its_lease_mid_delivery_causes_no_second_run_at_on
         "paused for less than the lease"
     );
     assert_one_run_at_a_time(&runs);
+}
+
+/// The most runs of `/slow` (of `ids`) at the agent at once, with the runs.
+fn most_at_once(data: &Path, ids: &[String]) -> (usize, Vec<(u64, Option<u64>)>) {
+    let runs: Vec<_> = ids.iter().flat_map(|id| slow_runs(data, id)).collect();
+    let most = runs
+        .iter()
+        .map(|(start, _)| {
+            runs.iter()
+                .filter(|(s, end)| s <= start && end.is_none_or(|end| end > *start))
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    (most, runs)
+}
+
+#[tokio::test]
+async fn a_gateway_replacing_a_paused_one_of_the_same_name_keeps_the_agents_replay_concurrency() {
+    let s = setup_with(
+        "life",
+        &["--request-timeout", "20s", "--replay-concurrency", "2"],
+    )
+    .await;
+    stop_agent(&s).await;
+    let base = format!("/agents/{}", s.name);
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        let key = format!("\r\nIdempotency-Key: {}", unique_name("k"));
+        let r = post(&s.gw, &format!("{base}/slow?ms=6000"), "x", &key).await;
+        ids.push(queued_id(&r));
+    }
+    assert!(s.cp.cli(&["start", &s.name]).status.success());
+    eventually(
+        Duration::from_secs(60),
+        "two slow deliveries under way",
+        || {
+            let (under_way, _) = most_at_once(s.data.path(), &ids);
+            async move { (under_way == 2).then_some(()) }
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.gw.log()));
+    // The gateway freezes with both deliveries running at the agent, and a new process takes
+    // its place under the same name (as a supervisor would): the claims it finds under that
+    // name are its previous life's, whose deliveries still run, not its own to let go.
+    s.gw.signal("STOP");
+    let same_name = Gateway::start_named(&s.etcd.url(), "test-gateway")
+        .await
+        .unwrap();
+    let delivered = wait_delivered(&same_name, &ids, Duration::from_secs(90)).await;
+    s.gw.signal("CONT");
+    delivered.unwrap_or_else(|e| panic!("{e}\n{}\n{}", s.gw.log(), same_name.log()));
+    let (most, runs) = most_at_once(s.data.path(), &ids);
+    eprintln!(
+        "replay concurrency 2 across a gateway's two lives: at most {most} at once, runs {runs:?}"
+    );
+    assert_eq!(
+        most, 2,
+        "more runs at the agent at once than its replay concurrency"
+    );
 }
 
 #[tokio::test]

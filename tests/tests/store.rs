@@ -292,7 +292,9 @@ async fn a_finish_is_written_only_under_the_claim_it_was_made_with() {
         .await
         .unwrap()
     {
-        ClaimOutcome::Held { holder, revision } => {
+        ClaimOutcome::Held {
+            holder, revision, ..
+        } => {
             assert_eq!(holder, "gw-1");
             assert!(revision >= first.revision);
         }

@@ -64,7 +64,7 @@ enum After {
     Defer(Duration),
     /// Another gateway claimed it first, as seen at this store revision: until the watch says
     /// the claim is gone, it is that gateway's (not tried again and again meanwhile).
-    HeldBy(String, i64),
+    HeldBy(Holder, i64),
     /// It no longer waits (finished, perhaps by another gateway), as read at this store
     /// revision: out of the index now, not tried again until the watch catches up.
     Gone(i64),
@@ -79,6 +79,24 @@ enum After {
 /// How a delivery task ended: the agent, the request, whether its claim is surely gone, and
 /// what next.
 type Done = (String, u64, bool, After);
+
+/// Who holds a claim: a gateway's name and the claim lease it is under. A gateway restarted
+/// under the same name has a new lease: the claims of its previous life are not its own to
+/// let go (their deliveries may still run at the agent), and they expire with their lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Holder {
+    name: String,
+    lease: i64,
+}
+
+impl Holder {
+    fn of(kv: &etcd_client::KeyValue) -> Self {
+        Self {
+            name: String::from_utf8_lossy(kv.value()).into_owned(),
+            lease: kv.lease(),
+        }
+    }
+}
 
 /// The waiting requests, per agent, oldest first.
 type Index = HashMap<String, BTreeMap<u64, Waiting>>;
@@ -149,7 +167,7 @@ async fn replay(
     let mut index: Index = HashMap::new();
     let mut deferred: HashMap<(String, u64), Instant> = HashMap::new();
     // Claims by position, with the gateway that holds each.
-    let mut claims: HashMap<(String, u64), String> = HashMap::new();
+    let mut claims: HashMap<(String, u64), Holder> = HashMap::new();
     // The store revision the claims' watch has reached: what it says up to there is known.
     let mut claims_seen: i64 = 0;
     let mut requests = list_watch(store, store.keys().queue());
@@ -253,7 +271,7 @@ async fn replay(
                 Change::InitApply(kv) | Change::Put(kv) => {
                     claims_seen = claims_seen.max(kv.mod_revision());
                     if let Some(at) = position(&String::from_utf8_lossy(kv.key())) {
-                        claims.insert(at, String::from_utf8_lossy(kv.value()).into_owned());
+                        claims.insert(at, Holder::of(&kv));
                     }
                 }
                 Change::InitDone { revision } => {
@@ -324,7 +342,7 @@ async fn replay(
                     busy.remove(&(agent.clone(), seq));
                     answered.remove(&(agent.clone(), seq));
                     // Our claim is gone by now; the watch may say so only later.
-                    if released && claims.get(&(agent.clone(), seq)).is_some_and(|h| h == name) {
+                    if released && claims.get(&(agent.clone(), seq)).is_some_and(|h| h.lease == lease) {
                         claims.remove(&(agent.clone(), seq));
                     }
                     match after {
@@ -601,7 +619,7 @@ fn start_deliveries(
     lease: i64,
     owners: &HashMap<String, String>,
     index: &Index,
-    claims: &HashMap<(String, u64), String>,
+    claims: &HashMap<(String, u64), Holder>,
     busy: &mut HashSet<(String, u64)>,
     answered: &HashSet<(String, u64)>,
     not_before: &HashMap<String, Instant>,
@@ -616,7 +634,7 @@ fn start_deliveries(
     // so they would never expire, and they count against their agent's concurrency: at its
     // full concurrency, they would stop its queue for good. Let go first, whoever replays the
     // agent now.
-    for at in left_behind(claims, busy, name) {
+    for at in left_behind(claims, busy, lease) {
         busy.insert(at.clone());
         let (store, (agent, seq)) = (gateway.store.clone(), at);
         deliveries.spawn(async move {
@@ -702,15 +720,17 @@ fn start_deliveries(
     }
 }
 
-/// The claims `name` holds that none of its deliveries (`busy`) stands behind.
+/// The claims under this life's claim `lease` that none of its deliveries (`busy`) stands
+/// behind. Not those of an earlier life under the same name: their deliveries may still run at
+/// the agent, so they keep counting against its concurrency until their lease ends.
 fn left_behind(
-    claims: &HashMap<(String, u64), String>,
+    claims: &HashMap<(String, u64), Holder>,
     busy: &HashSet<(String, u64)>,
-    name: &str,
+    lease: i64,
 ) -> Vec<(String, u64)> {
     claims
         .iter()
-        .filter(|(at, holder)| *holder == name && !busy.contains(*at))
+        .filter(|(at, holder)| holder.lease == lease && !busy.contains(*at))
         .map(|(at, _)| at.clone())
         .collect()
 }
@@ -787,7 +807,17 @@ async fn deliver(
     step(&gateway.metrics.replay_steps.claim, claiming);
     let mut claim = match claimed {
         ClaimOutcome::Claimed(claim) => *claim,
-        ClaimOutcome::Held { holder, revision } => return Ok(After::HeldBy(holder, revision)),
+        ClaimOutcome::Held {
+            holder,
+            lease,
+            revision,
+        } => {
+            let holder = Holder {
+                name: holder,
+                lease,
+            };
+            return Ok(After::HeldBy(holder, revision));
+        }
         // The record kept was not the latest: read it next time (the watch will tell).
         ClaimOutcome::Changed => return Ok(After::Stale(stored.revision)),
         ClaimOutcome::Gone { revision } => return Ok(After::Gone(revision)),
@@ -943,21 +973,27 @@ mod tests {
     #[test]
     fn claims_of_ours_that_no_delivery_stands_behind_are_left_behind() {
         let at = |agent: &str, seq: u64| (agent.to_string(), seq);
+        let held = |name: &str, lease: i64| Holder {
+            name: name.to_string(),
+            lease,
+        };
         let claims: HashMap<_, _> = [
-            (at("a", 1), "ga".to_string()),
-            (at("a", 2), "ga".to_string()),
-            (at("a", 3), "gb".to_string()),
-            (at("b", 1), "ga".to_string()),
+            (at("a", 1), held("ga", 7)),
+            (at("a", 2), held("ga", 7)),
+            (at("a", 3), held("gb", 8)),
+            (at("b", 1), held("ga", 7)),
+            // The same name's previous life (killed and restarted): not ours to let go.
+            (at("b", 2), held("ga", 5)),
         ]
         .into();
         // Every claim of the agent's concurrency is ours and stale: all are let go (before,
         // a full concurrency stopped the queue for good, since only free slots were looked at).
-        let mut stale = left_behind(&claims, &HashSet::new(), "ga");
+        let mut stale = left_behind(&claims, &HashSet::new(), 7);
         stale.sort();
         assert_eq!(stale, [at("a", 1), at("a", 2), at("b", 1)]);
         // A delivery of ours under way keeps its claim; another gateway's is never ours to go.
         let busy: HashSet<_> = [at("a", 2), at("a", 3)].into();
-        let mut stale = left_behind(&claims, &busy, "ga");
+        let mut stale = left_behind(&claims, &busy, 7);
         stale.sort();
         assert_eq!(stale, [at("a", 1), at("b", 1)]);
     }
