@@ -189,7 +189,8 @@ async fn a_gateway_replacing_a_paused_one_of_the_same_name_keeps_the_agents_repl
     let mut ids = Vec::new();
     for _ in 0..4 {
         let key = format!("\r\nIdempotency-Key: {}", unique_name("k"));
-        let r = post(&s.gw, &format!("{base}/slow?ms=6000"), "x", &key).await;
+        // 4 s: over before the frozen gateway's claim lease (10 s, renewed every 3 s) can end.
+        let r = post(&s.gw, &format!("{base}/slow?ms=4000"), "x", &key).await;
         ids.push(queued_id(&r));
     }
     assert!(s.cp.cli(&["start", &s.name]).status.success());
