@@ -174,6 +174,17 @@ impl Keys {
         format!("{}/replayers/", self.prefix)
     }
 
+    /// `{prefix}/gateways/{gateway}`: a gateway whose replayer runs, under its claim lease, so
+    /// that the gateways share the agents' replay evenly.
+    pub fn gateway(&self, gateway: &str) -> String {
+        format!("{}/gateways/{gateway}", self.prefix)
+    }
+
+    /// `{prefix}/gateways/`: every gateway whose replayer runs.
+    pub fn gateways(&self) -> String {
+        format!("{}/gateways/", self.prefix)
+    }
+
     /// `{prefix}/idempotency/{agent}/{key_sha256}`: the request an `Idempotency-Key` belongs to.
     pub fn idempotency(&self, agent: &str, key_sha256: &str) -> String {
         format!("{}/idempotency/{agent}/{key_sha256}", self.prefix)

@@ -855,14 +855,15 @@ impl Store {
         Ok((holder.filter(|h| h != gateway), resp.revision))
     }
 
-    /// Gives back the replay of `agent`'s queue if `gateway` has it.
-    pub async fn release_replay(&self, agent: &str, gateway: &str) -> Result<(), StoreError> {
+    /// Gives back the replay of `agent`'s queue if `gateway` has it; the store revision it was
+    /// given back (or found another's) at.
+    pub async fn release_replay(&self, agent: &str, gateway: &str) -> Result<i64, StoreError> {
         let key = self.keys.replayer(agent);
         let txn = Txn::new()
             .when([Compare::value(key.as_str(), CompareOp::Equal, gateway)])
             .and_then([TxnOp::delete(key.as_str(), None)]);
-        self.commit(txn, 0).await.map_err(|e| self.unavailable(e))?;
-        Ok(())
+        let resp = self.commit(txn, 0).await.map_err(|e| self.unavailable(e))?;
+        Ok(resp.revision)
     }
 
     /// Deletes the claim on a request if it is still under `lease` (a claim its own gateway
@@ -1017,6 +1018,20 @@ impl Store {
     /// Grants a lease of `ttl` seconds for a gateway's claims.
     pub async fn grant_claim_lease(&self, ttl: i64) -> Result<i64, StoreError> {
         self.grant_lease(ttl).await
+    }
+
+    /// Says that `gateway`'s replayer runs, for as long as its claim `lease` lives (a gateway
+    /// restarted under the same name takes the key over with its new lease).
+    pub async fn announce_replayer(&self, gateway: &str, lease: i64) -> Result<(), StoreError> {
+        self.client()
+            .put(
+                self.keys.gateway(gateway),
+                gateway,
+                Some(PutOptions::new().with_lease(lease)),
+            )
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(())
     }
 }
 

@@ -2,7 +2,8 @@
 //! restart, a gateway paused (SIGSTOP) past its claim lease mid-delivery (and one replaced by a
 //! process of the same name meanwhile), a gateway cut off
 //! from etcd mid-delivery (a stalled path, not a closed one), a keyed answer over the
-//! stored-answer limit, a dropped request's key, and a SIGTERMed gateway during replay.
+//! stored-answer limit, a dropped request's key, a SIGTERMed gateway during replay, and a
+//! gateway that starts taking its share of the agents' replay from one that has them all.
 //! Real etcd, control plane, node agent, gateways and example-agent containers.
 
 use berth_tests::docker::{ready, wait_agent};
@@ -462,4 +463,102 @@ async fn a_gateway_stopped_with_sigterm_during_replay_leaves_nothing_dead() {
         ids.len()
     );
     assert_eq!(once, ids.len());
+}
+
+/// Which gateway replays each agent's queue (`replayers/`), by agent.
+async fn replayed_by(s: &berth_tests::replay::Setup) -> std::collections::HashMap<String, String> {
+    let mut etcd = s.etcd.client().await.unwrap();
+    let options = etcd_client::GetOptions::new().with_prefix();
+    let got = etcd.get("/berth/replayers/", Some(options)).await.unwrap();
+    got.kvs()
+        .iter()
+        .map(|kv| {
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let agent = key.rsplit('/').next().unwrap_or_default().to_string();
+            (agent, String::from_utf8_lossy(kv.value()).into_owned())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_gateway_that_starts_gets_its_share_of_the_agents_replay_at_once() {
+    let s = setup_with("share", &["--replay-concurrency", "1"]).await;
+    let other = unique_name("share");
+    let (other_data, volume) = berth_tests::docker::data_volume().unwrap();
+    let out =
+        s.cp.deploy_echo(&other, &["-v", &volume, "--replay-concurrency", "1"]);
+    assert!(out.status.success(), "{out:?}");
+    let api = s.cp.agents().await.unwrap();
+    wait_agent(&api, &other, "ready", |a| ready(a) == 1)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(20), "the gateway routes", || async {
+        let path = format!("/agents/{other}/health");
+        (send(&s.gw.addr, &format!("GET {path} HTTP/1.1"), b"")
+            .await
+            .status
+            == 200)
+            .then_some(())
+    })
+    .await
+    .unwrap();
+    stop_agent(&s).await;
+    assert!(s.cp.cli(&["stop", &other]).status.success());
+    wait_agent(&api, &other, "stopped", |a| ready(a) == 0)
+        .await
+        .unwrap();
+    wait_down(&s.gw, &format!("/agents/{other}")).await;
+    // 16 requests of 500 ms each, one at a time: each queue takes 8 s to drain.
+    let mut ids = Vec::new();
+    for agent in [&s.name, &other] {
+        for i in 0..16 {
+            let path = format!("/agents/{agent}/slow?ms=500&n={i}");
+            ids.push(queued_id(&post(&s.gw, &path, "x", "").await));
+        }
+    }
+    for agent in [&s.name, &other] {
+        assert!(s.cp.cli(&["start", agent]).status.success());
+    }
+    // Alone, the gateway replays both.
+    eventually(Duration::from_secs(60), "both agents replayed", || async {
+        let by = replayed_by(&s).await;
+        (by.len() == 2 && by.values().all(|g| g == "test-gateway")).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.gw.log()));
+    // A second gateway starts: it gets one of them while both queues still wait, not when
+    // they have drained.
+    let second = Gateway::start_named(&s.etcd.url(), "gateway-second")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let shared = eventually(Duration::from_secs(5), "one agent each", || async {
+        let by = replayed_by(&s).await;
+        let mut holders: Vec<&String> = by.values().collect();
+        holders.sort();
+        (holders == ["gateway-second", "test-gateway"]).then_some(())
+    })
+    .await;
+    if let Err(e) = shared {
+        let by = replayed_by(&s).await;
+        panic!("{e}: {by:?}\n{}\n{}", s.gw.log(), second.log());
+    }
+    eprintln!(
+        "shared {:?} after the second gateway started",
+        started.elapsed()
+    );
+    wait_delivered(&s.gw, &ids, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", s.gw.log(), second.log()));
+    // None run twice, and each agent's requests one at a time (its replay concurrency) across
+    // the hand-over.
+    let mut seen = counts(s.data.path());
+    seen.extend(counts(other_data.path()));
+    for id in &ids {
+        assert_eq!(seen.get(id), Some(&1), "{id} delivered once");
+    }
+    for (data, ids) in [(s.data.path(), &ids[..16]), (other_data.path(), &ids[16..])] {
+        let (most, runs) = most_at_once(data, ids);
+        assert_eq!(most, 1, "one at a time: {runs:?}");
+    }
 }

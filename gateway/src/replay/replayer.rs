@@ -117,6 +117,10 @@ type Fetched = Vec<StoredRequest>;
 /// How long an agent waits with nobody replaying it before a gateway that has its fair share
 /// of agents takes it too.
 pub const TAKE_PATIENCE: Duration = Duration::from_secs(1);
+/// How long an agent given back for balance is not given back for balance again: a gateway
+/// that others count but that takes nothing (it sees no replica ready, say) costs each agent
+/// at most one [`TAKE_PATIENCE`] without replay per this long.
+pub const BALANCE_HOLD: Duration = Duration::from_secs(30);
 
 /// Which gateway replays each agent's queue, as the `replayers/` list-watch says, and this
 /// gateway's takes and gives under way.
@@ -130,13 +134,36 @@ struct Owners {
     pending: HashSet<String>,
     /// Agents seen waiting with a replica ready and nobody replaying them, since when.
     unowned_since: HashMap<String, Instant>,
+    /// The gateways whose replayer has listed the queue and runs (`gateways/`), this one among
+    /// them once it has.
+    members: HashSet<String>,
+    members_listed: bool,
+    /// Agents this gateway gave back for balance, and until when it does not do so again.
+    balanced_until: HashMap<String, Instant>,
+}
+
+impl Owners {
+    /// The gateways that share the agents: those whose replayer runs, those seen replaying,
+    /// and `name`.
+    fn gateways<'a>(&'a self, name: &'a str) -> HashSet<&'a str> {
+        let mut gateways: HashSet<&str> = self.by_agent.values().map(String::as_str).collect();
+        gateways.extend(self.members.iter().map(String::as_str));
+        gateways.insert(name);
+        gateways
+    }
+
+    /// The agents `name` replays.
+    fn mine(&self, name: &str) -> usize {
+        self.by_agent.values().filter(|h| *h == name).count()
+    }
 }
 
 /// A take or give-back of an agent's replay, done: the agent, and on a take who has it now
-/// (`None`: this gateway) at which store revision.
+/// (`None`: this gateway) at which store revision; on a give-back, the store revision it was
+/// given back at (`None`: it failed).
 enum Owned {
     Taken(String, Result<(Option<String>, i64), StoreError>),
-    Given(String),
+    Given(String, Option<i64>),
 }
 
 /// Runs until `stop` is cancelled. Then it claims nothing more, lets deliveries in flight
@@ -164,6 +191,10 @@ async fn replay(
     let store = &gateway.store;
     let lease = store.grant_claim_lease(CLAIM_TTL.as_secs() as i64).await?;
     let mut renewer = store.lease_renewer(lease);
+    // Announced once its lists are complete (a restarted gateway may list a queue of many
+    // thousands first): other gateways give it a share only once it can take it.
+    let mut announced = false;
+    let listing = Instant::now();
     let mut index: Index = HashMap::new();
     let mut deferred: HashMap<(String, u64), Instant> = HashMap::new();
     // Claims by position, with the gateway that holds each.
@@ -176,6 +207,7 @@ async fn replay(
     let mut claim_changes = list_watch(store, store.keys().claims());
     let mut owners = Owners::default();
     let mut owner_changes = list_watch(store, store.keys().replayers());
+    let mut member_changes = list_watch(store, store.keys().gateways());
     let (owned_tx, mut owned_rx) = tokio::sync::mpsc::unbounded_channel::<Owned>();
     // Nothing starts before both lists are complete: a claim not yet listed looks free.
     let (mut requests_listed, mut claims_listed) = (false, false);
@@ -218,7 +250,16 @@ async fn replay(
                 return Ok(());
             }
             Some(_) => {}
-            None if requests_listed && claims_listed && owners.listed => {
+            None if requests_listed && claims_listed && owners.listed && owners.members_listed => {
+                if !announced {
+                    store.announce_replayer(name, lease).await?;
+                    announced = true;
+                    tracing::info!(
+                        waiting = index.values().map(BTreeMap::len).sum::<usize>(),
+                        took = ?listing.elapsed(),
+                        "replayer listed the queue"
+                    );
+                }
                 arrange_owners(
                     gateway,
                     name,
@@ -233,7 +274,7 @@ async fn replay(
                     gateway,
                     name,
                     lease,
-                    &owners.by_agent,
+                    &owners,
                     &index,
                     &claims,
                     &mut busy,
@@ -304,6 +345,19 @@ async fn replay(
                     owners.by_agent.remove(&Keys::last_segment(kv.key()));
                 }
             },
+            change = member_changes.next() => match change {
+                Change::Init => {
+                    owners.members_listed = false;
+                    owners.members.clear();
+                }
+                Change::InitApply(kv) | Change::Put(kv) => {
+                    owners.members.insert(Keys::last_segment(kv.key()));
+                }
+                Change::InitDone { .. } => owners.members_listed = true,
+                Change::Delete(kv) => {
+                    owners.members.remove(&Keys::last_segment(kv.key()));
+                }
+            },
             Some(owned) = owned_rx.recv() => match owned {
                 Owned::Taken(agent, result) => {
                     owners.pending.remove(&agent);
@@ -317,9 +371,15 @@ async fn replay(
                         Err(e) => tracing::warn!(agent = %agent, error = %e, "cannot take an agent's replay"),
                     }
                 }
-                // The watch tells the delete.
-                Owned::Given(agent) => {
+                Owned::Given(agent, given) => {
                     owners.pending.remove(&agent);
+                    // Given back past what the watch has told: it will tell the delete, later;
+                    // until then the agent is not counted as this gateway's.
+                    if given.is_some_and(|revision| revision > owners.seen)
+                        && owners.by_agent.get(&agent).is_some_and(|h| h == name)
+                    {
+                        owners.by_agent.remove(&agent);
+                    }
                 }
             },
             changed = routes.changed(), if routes_open => {
@@ -546,8 +606,7 @@ fn arrange_owners(
             .cloned()
             .collect()
     };
-    let take = to_take(owners, name, deliverable, now);
-    let give: Vec<String> = owners
+    let mut give: Vec<String> = owners
         .by_agent
         .iter()
         .filter(|(agent, holder)| {
@@ -558,6 +617,8 @@ fn arrange_owners(
         })
         .map(|(agent, _)| agent.clone())
         .collect();
+    give.extend(to_balance(owners, name, &deliverable, busy, now));
+    let take = to_take(owners, name, deliverable, now);
     for agent in take {
         owners.pending.insert(agent.clone());
         let (store, name, done) = (gateway.store.clone(), name.to_string(), done.clone());
@@ -570,10 +631,14 @@ fn arrange_owners(
         owners.pending.insert(agent.clone());
         let (store, name, done) = (gateway.store.clone(), name.to_string(), done.clone());
         tokio::spawn(async move {
-            if let Err(e) = store.release_replay(&agent, &name).await {
-                tracing::warn!(agent = %agent, error = %e, "cannot give back an agent's replay");
-            }
-            let _ = done.send(Owned::Given(agent));
+            let given = match store.release_replay(&agent, &name).await {
+                Ok(revision) => Some(revision),
+                Err(e) => {
+                    tracing::warn!(agent = %agent, error = %e, "cannot give back an agent's replay");
+                    None
+                }
+            };
+            let _ = done.send(Owned::Given(agent, given));
         });
     }
 }
@@ -582,16 +647,14 @@ fn arrange_owners(
 /// nobody replays or is taking, at once up to its fair share (the agents over the gateways seen
 /// replaying, itself among them), beyond it once they have waited [`TAKE_PATIENCE`].
 fn to_take(owners: &mut Owners, name: &str, deliverable: Vec<String>, now: Instant) -> Vec<String> {
+    let fair = deliverable.len().div_ceil(owners.gateways(name).len());
+    let mut mine = owners.mine(name);
     let Owners {
         by_agent,
         pending,
         unowned_since,
         ..
     } = owners;
-    let mut gateways: HashSet<&str> = by_agent.values().map(String::as_str).collect();
-    gateways.insert(name);
-    let fair = deliverable.len().div_ceil(gateways.len());
-    let mut mine = by_agent.values().filter(|h| *h == name).count();
     unowned_since.retain(|agent, _| deliverable.contains(agent) && !by_agent.contains_key(agent));
     let mut take = Vec::new();
     for agent in deliverable {
@@ -608,6 +671,55 @@ fn to_take(owners: &mut Owners, name: &str, deliverable: Vec<String>, now: Insta
     take
 }
 
+/// The agents `name` gives back for balance: beyond its fair share of `deliverable` (over the
+/// gateways whose replayer runs), those with the fewest deliveries under way here, so that a
+/// gateway that starts (or restarts) gets its share at once instead of when queues empty, and
+/// a gateway that dies stops half the agents' replay for its lease, not all of them. Its
+/// deliveries under way finish; their claims hold the agent's concurrency meanwhile. Not one
+/// given back for balance within [`BALANCE_HOLD`].
+fn to_balance(
+    owners: &mut Owners,
+    name: &str,
+    deliverable: &[String],
+    busy: &HashSet<(String, u64)>,
+    now: Instant,
+) -> Vec<String> {
+    owners.balanced_until.retain(|_, until| *until > now);
+    let fair = deliverable.len().div_ceil(owners.gateways(name).len());
+    // Less those being given back already.
+    let mine = owners
+        .by_agent
+        .iter()
+        .filter(|(agent, holder)| *holder == name && !owners.pending.contains(*agent))
+        .count();
+    if mine <= fair {
+        return Vec::new();
+    }
+    let mut candidates: Vec<(usize, &String)> = owners
+        .by_agent
+        .iter()
+        .filter(|(agent, holder)| {
+            *holder == name
+                && deliverable.contains(*agent)
+                && !owners.pending.contains(*agent)
+                && !owners.balanced_until.contains_key(*agent)
+        })
+        .map(|(agent, _)| (busy.iter().filter(|(a, _)| a == agent).count(), agent))
+        .collect();
+    candidates.sort();
+    let give: Vec<String> = candidates
+        .into_iter()
+        .take(mine - fair)
+        .map(|(_, agent)| agent.clone())
+        .collect();
+    for agent in &give {
+        owners
+            .balanced_until
+            .insert(agent.clone(), now + BALANCE_HOLD);
+    }
+    give
+}
+
 /// For each agent with a ready replica that is not backing off: deliver its oldest waiting
 /// requests, as many at once as its replay concurrency allows, started oldest first. At a
 /// concurrency of 1 the order is strict: a request another gateway holds, or one waiting out
@@ -617,7 +729,7 @@ fn start_deliveries(
     gateway: &Arc<Gateway>,
     name: &str,
     lease: i64,
-    owners: &HashMap<String, String>,
+    owners: &Owners,
     index: &Index,
     claims: &HashMap<(String, u64), Holder>,
     busy: &mut HashSet<(String, u64)>,
@@ -657,7 +769,10 @@ fn start_deliveries(
         let Some(route) = routes.get(agent) else {
             continue;
         };
-        if owners.get(agent).map(String::as_str) != Some(name) {
+        // Not one being given back (nor taken: not ours yet).
+        if owners.by_agent.get(agent).map(String::as_str) != Some(name)
+            || owners.pending.contains(agent)
+        {
             continue;
         }
         if route.replicas.is_empty() || not_before.get(agent).is_some_and(|t| *t > now) {
@@ -1068,6 +1183,54 @@ mod tests {
         // One being taken is not taken twice.
         owners.pending.insert("e".into());
         assert!(to_take(&mut owners, "ga", waiting, later).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_gateway_with_more_than_its_share_gives_the_least_busy_back_once() {
+        let agents = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let waiting = agents(&["a", "b", "c", "d", "e", "f"]);
+        let mut owners = Owners::default();
+        for agent in &waiting {
+            owners.by_agent.insert(agent.clone(), "gb".into());
+        }
+        let busy: HashSet<(String, u64)> = [("a", 1), ("a", 2), ("b", 3), ("c", 4), ("d", 5)]
+            .into_iter()
+            .map(|(a, s)| (a.to_string(), s))
+            .collect();
+        let now = Instant::now();
+        // Alone, it keeps them all.
+        owners.members.insert("gb".into());
+        assert!(to_balance(&mut owners, "gb", &waiting, &busy, now).is_empty());
+        // Another gateway's replayer runs: three each is fair, and it gives back the three
+        // with the fewest deliveries under way here (the idle e and f, then one of b, c, d).
+        owners.members.insert("ga".into());
+        let mut given = to_balance(&mut owners, "gb", &waiting, &busy, now);
+        given.sort();
+        assert_eq!(given.len(), 3);
+        assert!(given.contains(&"e".to_string()) && given.contains(&"f".to_string()));
+        assert!(!given.contains(&"a".to_string()), "{given:?}");
+        // While they are being given back it gives no more.
+        owners.pending.extend(given.iter().cloned());
+        assert!(to_balance(&mut owners, "gb", &waiting, &busy, now).is_empty());
+        // Given back, nobody took them, and it took them again after the patience: those are
+        // not given back for balance again until the hold has passed (the other three are,
+        // once), so each agent goes without replay for at most the patience per hold.
+        owners.pending.clear();
+        let later = now + TAKE_PATIENCE;
+        let others = to_balance(&mut owners, "gb", &waiting, &busy, later);
+        assert!(others.iter().all(|a| !given.contains(a)), "{others:?}");
+        assert!(to_balance(&mut owners, "gb", &waiting, &busy, later).is_empty());
+        let again = to_balance(&mut owners, "gb", &waiting, &busy, now + BALANCE_HOLD);
+        assert_eq!(again.len(), 3);
+        // The other gateway counts it as a member and takes what is free at once.
+        for agent in &given {
+            owners.by_agent.remove(agent);
+        }
+        owners.pending.clear();
+        assert_eq!(
+            to_take(&mut owners, "ga", waiting.clone(), now + BALANCE_HOLD).len(),
+            3
+        );
     }
 
     #[test]

@@ -344,6 +344,25 @@ fn dead(cp: &ControlPlane) -> anyhow::Result<HashSet<String>> {
         .collect())
 }
 
+/// How many agents each gateway replays (`replayers/`), for the progress log.
+async fn replayers(client: &mut etcd_client::Client) -> String {
+    let options = etcd_client::GetOptions::new().with_prefix();
+    let Ok(got) = client.get("/berth/replayers/", Some(options)).await else {
+        return "(unknown)".into();
+    };
+    let mut by: std::collections::BTreeMap<String, usize> = Default::default();
+    for kv in got.kvs() {
+        *by.entry(String::from_utf8_lossy(kv.value()).into_owned())
+            .or_default() += 1;
+    }
+    let each: Vec<String> = by.iter().map(|(g, n)| format!("{g} {n}")).collect();
+    if each.is_empty() {
+        "none".into()
+    } else {
+        each.join(", ")
+    }
+}
+
 /// A metric's value from a Prometheus text page.
 fn metric(page: &str, name: &str) -> f64 {
     page.lines()
@@ -738,8 +757,9 @@ pub async fn run() -> anyhow::Result<()> {
             );
             if last_progress.elapsed() >= Duration::from_secs(5) {
                 println!(
-                    "{:>5.0?} delivered {delivered} of {total}",
-                    drain_started.elapsed()
+                    "{:>5.0?} delivered {delivered} of {total}; agents replayed by {}",
+                    drain_started.elapsed(),
+                    replayers(&mut status).await
                 );
                 last_progress = Instant::now();
             }
@@ -764,6 +784,16 @@ pub async fn run() -> anyhow::Result<()> {
         let overlaps: usize = agents.iter().map(|a| overlapping(a.data.path())).sum();
         let dead_keyed = dead_set.intersection(&keyed.lock().unwrap()).count();
         println!("drained in {drained:?}; delivered {delivered}, dead {}, lost {lost}, duplicates {duplicates}, overlapping {overlaps}", dead_set.len());
+        // How long each replayer took to list the queue when it (re)started.
+        for (gateway, label) in gateways.iter().zip(["a", "b"]) {
+            for line in gateway
+                .log()
+                .lines()
+                .filter(|l| l.contains("replayer listed"))
+            {
+                println!("gateway {label}: {line}");
+            }
+        }
 
         // Retention and compaction by the leader's housekeeping.
         let revision = status.status().await?.header().map_or(0, |h| h.revision());
