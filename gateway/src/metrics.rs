@@ -77,6 +77,8 @@ pub struct GatewayMetrics {
     pub queue_depth: Family<AgentLabels, Gauge>,
     /// Body bytes waiting in each agent's queue, as this gateway sees it.
     pub queue_bytes: Family<AgentLabels, Gauge>,
+    /// Agents whose queue this gateway replays (`replayers/`).
+    pub replaying_agents: Gauge,
     /// Requests held while their agent wakes.
     pub held: Family<AgentLabels, Gauge>,
     /// Time from holding a request for an agent with no replica ready to its answer.
@@ -155,6 +157,13 @@ impl GatewayMetrics {
             "Body bytes of the requests waiting for replay per agent",
             queue_bytes.clone(),
         );
+        let replaying_agents = Gauge::default();
+        registry.register(
+            "replaying_agents",
+            "Agents whose queue this gateway replays (one gateway at a time per agent, shared \
+             evenly among the gateways)",
+            replaying_agents.clone(),
+        );
         let held = Family::<AgentLabels, Gauge>::default();
         registry.register(
             "held_requests",
@@ -191,6 +200,7 @@ impl GatewayMetrics {
         Arc::new(Self {
             registry,
             replay_steps,
+            replaying_agents,
             held,
             wake_seconds,
             queued,

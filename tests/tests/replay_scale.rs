@@ -547,6 +547,19 @@ async fn a_gateway_that_starts_gets_its_share_of_the_agents_replay_at_once() {
         "shared {:?} after the second gateway started",
         started.elapsed()
     );
+    // Each says so on its /metrics.
+    for gateway in [&s.gw, &second] {
+        eventually(Duration::from_secs(5), "replaying_agents 1", || async {
+            let (_, page) = berth_tests::docker::http(&gateway.admin_addr, "GET", "/metrics")
+                .await
+                .unwrap_or_default();
+            page.lines()
+                .any(|l| l == "berth_gateway_replaying_agents 1")
+                .then_some(())
+        })
+        .await
+        .unwrap();
+    }
     wait_delivered(&s.gw, &ids, Duration::from_secs(60))
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}\n{}", s.gw.log(), second.log()));

@@ -461,6 +461,10 @@ async fn replay(
         // a second.
         if published.elapsed() >= TICK {
             published = Instant::now();
+            gateway
+                .metrics
+                .replaying_agents
+                .set(owners.mine(name) as i64);
             for (agent, depth, bytes) in gateway.stats.snapshot() {
                 let labels = AgentLabels { agent };
                 let metrics = &gateway.metrics;
@@ -695,12 +699,13 @@ fn to_balance(
     if mine <= fair {
         return Vec::new();
     }
+    let deliverable: HashSet<&str> = deliverable.iter().map(String::as_str).collect();
     let mut candidates: Vec<(usize, &String)> = owners
         .by_agent
         .iter()
         .filter(|(agent, holder)| {
             *holder == name
-                && deliverable.contains(*agent)
+                && deliverable.contains(agent.as_str())
                 && !owners.pending.contains(*agent)
                 && !owners.balanced_until.contains_key(*agent)
         })
