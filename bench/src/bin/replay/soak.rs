@@ -674,6 +674,9 @@ pub async fn run() -> anyhow::Result<()> {
         };
         let (mut termed, mut killed) = (None, None);
         let (mut etcd_paused, mut gateway_paused) = (!pauses, !pauses);
+        // When the stopped etcd or gateway a is to be continued: the loop goes on meanwhile, so
+        // that the progress and the drain's end are seen while a process is stopped.
+        let (mut etcd_until, mut gateway_until): (Option<Instant>, Option<Instant>) = (None, None);
         let mut killed_at = None;
         let mut dead_seen: HashSet<String> = HashSet::new();
         let mut last_dead_check = Instant::now();
@@ -691,7 +694,8 @@ pub async fn run() -> anyhow::Result<()> {
             let after_kill =
                 killed_at.is_some_and(|t: Instant| t.elapsed() < Duration::from_secs(20));
             let every = if after_kill { 1 } else { 10 };
-            if last_dead_check.elapsed() > Duration::from_secs(every) {
+            // Not while etcd is stopped: the listing would wait for it.
+            if etcd_until.is_none() && last_dead_check.elapsed() > Duration::from_secs(every) {
                 // A union: retention drops old finished records (every 30 s), dead ones included.
                 // Not more often otherwise: listing by state reads every finished record, which at
                 // this size is etcd work that slows the drain being measured.
@@ -704,7 +708,15 @@ pub async fn run() -> anyhow::Result<()> {
                     .filter(|id| !seen.contains_key(*id))
                     .count();
             if done >= total {
-                break drain_started.elapsed();
+                let drained = drain_started.elapsed();
+                // Drained while a process was stopped: continued now, before what follows.
+                if etcd_until.take().is_some() {
+                    etcd.signal("CONT");
+                }
+                if gateway_until.take().is_some() {
+                    gateways[0].signal("CONT");
+                }
+                break drained;
             }
             if most.is_none() && done >= total * 99 / 100 {
                 most = Some(drain_started.elapsed());
@@ -736,30 +748,38 @@ pub async fn run() -> anyhow::Result<()> {
             if !etcd_paused && done >= total * 45 / 100 {
                 etcd_paused = true;
                 etcd.signal("STOP");
-                tokio::time::sleep(ETCD_PAUSE).await;
+                etcd_until = Some(Instant::now() + ETCD_PAUSE);
+                println!("etcd paused (SIGSTOP) for {ETCD_PAUSE:?} at {done} of {total}");
+            }
+            if etcd_until.is_some_and(|t| Instant::now() >= t) {
+                etcd_until = None;
                 etcd.signal("CONT");
-                println!(
-                    "etcd paused (SIGSTOP) for {ETCD_PAUSE:?} at {done} of {total}; continued"
-                );
+                println!("etcd continued at {done} of {total}");
             }
             if !gateway_paused && done >= total * 8 / 10 {
                 gateway_paused = true;
                 gateways[0].signal("STOP");
-                tokio::time::sleep(GATEWAY_PAUSE).await;
+                gateway_until = Some(Instant::now() + GATEWAY_PAUSE);
+                println!("gateway a paused (SIGSTOP) for {GATEWAY_PAUSE:?} at {done} of {total}");
+            }
+            if gateway_until.is_some_and(|t| Instant::now() >= t) {
+                gateway_until = None;
                 gateways[0].signal("CONT");
-                println!(
-                    "gateway a paused (SIGSTOP) for {GATEWAY_PAUSE:?} at {done} of {total}; continued"
-                );
+                println!("gateway a continued at {done} of {total}");
             }
             anyhow::ensure!(
                 drain_started.elapsed() < Duration::from_secs(1800),
                 "not drained after 30 minutes: {done} of {total}"
             );
             if last_progress.elapsed() >= Duration::from_secs(5) {
-                println!(
-                    "{:>5.0?} delivered {delivered} of {total}; agents replayed by {}",
-                    drain_started.elapsed(),
+                let by = if etcd_until.is_some() {
+                    "(etcd stopped)".to_string()
+                } else {
                     replayers(&mut status).await
+                };
+                println!(
+                    "{:>5.0?} delivered {delivered} of {total}; agents replayed by {by}",
+                    drain_started.elapsed(),
                 );
                 last_progress = Instant::now();
             }
