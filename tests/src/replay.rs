@@ -18,6 +18,23 @@ pub fn arrivals(data: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Which gateway replays each agent's queue (`replayers/`, under the default prefix), by agent.
+pub async fn replayed_by(
+    etcd: &mut etcd_client::Client,
+) -> anyhow::Result<HashMap<String, String>> {
+    let keys = berth_store::Keys::new("/berth");
+    let options = etcd_client::GetOptions::new().with_prefix();
+    let got = etcd.get(keys.replayers(), Some(options)).await?;
+    Ok(got
+        .kvs()
+        .iter()
+        .map(|kv| {
+            let holder = String::from_utf8_lossy(kv.value()).into_owned();
+            (berth_store::Keys::last_segment(kv.key()), holder)
+        })
+        .collect())
+}
+
 pub async fn post(gw: &Gateway, path: &str, body: &str, extra: &str) -> Raw {
     let head = format!("POST {path} HTTP/1.1{extra}");
     send(&gw.addr, &head, body.as_bytes()).await

@@ -465,19 +465,10 @@ async fn a_gateway_stopped_with_sigterm_during_replay_leaves_nothing_dead() {
     assert_eq!(once, ids.len());
 }
 
-/// Which gateway replays each agent's queue (`replayers/`), by agent.
+/// Which gateway replays each agent's queue, by agent.
 async fn replayed_by(s: &berth_tests::replay::Setup) -> std::collections::HashMap<String, String> {
     let mut etcd = s.etcd.client().await.unwrap();
-    let options = etcd_client::GetOptions::new().with_prefix();
-    let got = etcd.get("/berth/replayers/", Some(options)).await.unwrap();
-    got.kvs()
-        .iter()
-        .map(|kv| {
-            let key = String::from_utf8_lossy(kv.key()).into_owned();
-            let agent = key.rsplit('/').next().unwrap_or_default().to_string();
-            (agent, String::from_utf8_lossy(kv.value()).into_owned())
-        })
-        .collect()
+    berth_tests::replay::replayed_by(&mut etcd).await.unwrap()
 }
 
 #[tokio::test]

@@ -156,6 +156,12 @@ impl Owners {
     fn mine(&self, name: &str) -> usize {
         self.by_agent.values().filter(|h| *h == name).count()
     }
+
+    /// How many of `deliverable` agents each gateway replays when they are shared evenly over
+    /// [`Owners::gateways`]; worked out once per pass, for taking and giving back alike.
+    fn fair_share(&self, name: &str, deliverable: usize) -> usize {
+        deliverable.div_ceil(self.gateways(name).len())
+    }
 }
 
 /// A take or give-back of an agent's replay, done: the agent, and on a take who has it now
@@ -621,8 +627,9 @@ fn arrange_owners(
         })
         .map(|(agent, _)| agent.clone())
         .collect();
-    give.extend(to_balance(owners, name, &deliverable, busy, now));
-    let take = to_take(owners, name, deliverable, now);
+    let fair = owners.fair_share(name, deliverable.len());
+    give.extend(to_balance(owners, name, fair, &deliverable, busy, now));
+    let take = to_take(owners, name, fair, deliverable, now);
     for agent in take {
         owners.pending.insert(agent.clone());
         let (store, name, done) = (gateway.store.clone(), name.to_string(), done.clone());
@@ -648,10 +655,15 @@ fn arrange_owners(
 }
 
 /// The agents of `deliverable` (waiting, with a replica ready) that `name` takes now: those
-/// nobody replays or is taking, at once up to its fair share (the agents over the gateways seen
-/// replaying, itself among them), beyond it once they have waited [`TAKE_PATIENCE`].
-fn to_take(owners: &mut Owners, name: &str, deliverable: Vec<String>, now: Instant) -> Vec<String> {
-    let fair = deliverable.len().div_ceil(owners.gateways(name).len());
+/// nobody replays or is taking, at once up to its `fair` share ([`Owners::fair_share`]), beyond
+/// it once they have waited [`TAKE_PATIENCE`].
+fn to_take(
+    owners: &mut Owners,
+    name: &str,
+    fair: usize,
+    deliverable: Vec<String>,
+    now: Instant,
+) -> Vec<String> {
     let mut mine = owners.mine(name);
     let Owners {
         by_agent,
@@ -675,8 +687,8 @@ fn to_take(owners: &mut Owners, name: &str, deliverable: Vec<String>, now: Insta
     take
 }
 
-/// The agents `name` gives back for balance: beyond its fair share of `deliverable` (over the
-/// gateways whose replayer runs), those with the fewest deliveries under way here, so that a
+/// The agents `name` gives back for balance: beyond its `fair` share of `deliverable`
+/// ([`Owners::fair_share`]), those with the fewest deliveries under way here, so that a
 /// gateway that starts (or restarts) gets its share at once instead of when queues empty, and
 /// a gateway that dies stops half the agents' replay for its lease, not all of them. Its
 /// deliveries under way finish; their claims hold the agent's concurrency meanwhile. Not one
@@ -684,12 +696,12 @@ fn to_take(owners: &mut Owners, name: &str, deliverable: Vec<String>, now: Insta
 fn to_balance(
     owners: &mut Owners,
     name: &str,
+    fair: usize,
     deliverable: &[String],
     busy: &HashSet<(String, u64)>,
     now: Instant,
 ) -> Vec<String> {
     owners.balanced_until.retain(|_, until| *until > now);
-    let fair = deliverable.len().div_ceil(owners.gateways(name).len());
     // Less those being given back already.
     let mine = owners
         .by_agent
@@ -1157,6 +1169,24 @@ mod tests {
         assert_eq!(stats.of("a"), (total as u32, bytes));
     }
 
+    /// [`to_take`] with the fair share the replayer works out.
+    fn take(owners: &mut Owners, name: &str, waiting: Vec<String>, now: Instant) -> Vec<String> {
+        let fair = owners.fair_share(name, waiting.len());
+        to_take(owners, name, fair, waiting, now)
+    }
+
+    /// [`to_balance`] with the fair share the replayer works out.
+    fn balance(
+        owners: &mut Owners,
+        name: &str,
+        waiting: &[String],
+        busy: &HashSet<(String, u64)>,
+        now: Instant,
+    ) -> Vec<String> {
+        let fair = owners.fair_share(name, waiting.len());
+        to_balance(owners, name, fair, waiting, busy, now)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_gateway_takes_its_fair_share_of_waiting_agents_and_the_rest_after_a_while() {
         let agents = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
@@ -1164,7 +1194,7 @@ mod tests {
         // Alone: it takes every waiting agent at once.
         let now = Instant::now();
         assert_eq!(
-            to_take(&mut owners, "ga", agents(&["a", "b"]), now),
+            take(&mut owners, "ga", agents(&["a", "b"]), now),
             agents(&["a", "b"])
         );
         // Of six waiting agents, another gateway replays two and this one two: three each is
@@ -1175,19 +1205,19 @@ mod tests {
         }
         let waiting = agents(&["a", "b", "c", "d", "e", "f"]);
         assert_eq!(
-            to_take(&mut owners, "ga", waiting.clone(), now),
+            take(&mut owners, "ga", waiting.clone(), now),
             agents(&["d"])
         );
         owners.by_agent.insert("d".into(), "ga".into());
-        assert!(to_take(&mut owners, "ga", waiting.clone(), now).is_empty());
+        assert!(take(&mut owners, "ga", waiting.clone(), now).is_empty());
         let later = now + TAKE_PATIENCE;
         assert_eq!(
-            to_take(&mut owners, "ga", waiting.clone(), later),
+            take(&mut owners, "ga", waiting.clone(), later),
             agents(&["e"])
         );
         // One being taken is not taken twice.
         owners.pending.insert("e".into());
-        assert!(to_take(&mut owners, "ga", waiting, later).is_empty());
+        assert!(take(&mut owners, "ga", waiting, later).is_empty());
     }
 
     #[tokio::test(start_paused = true)]
@@ -1205,27 +1235,27 @@ mod tests {
         let now = Instant::now();
         // Alone, it keeps them all.
         owners.members.insert("gb".into());
-        assert!(to_balance(&mut owners, "gb", &waiting, &busy, now).is_empty());
+        assert!(balance(&mut owners, "gb", &waiting, &busy, now).is_empty());
         // Another gateway's replayer runs: three each is fair, and it gives back the three
         // with the fewest deliveries under way here (the idle e and f, then one of b, c, d).
         owners.members.insert("ga".into());
-        let mut given = to_balance(&mut owners, "gb", &waiting, &busy, now);
+        let mut given = balance(&mut owners, "gb", &waiting, &busy, now);
         given.sort();
         assert_eq!(given.len(), 3);
         assert!(given.contains(&"e".to_string()) && given.contains(&"f".to_string()));
         assert!(!given.contains(&"a".to_string()), "{given:?}");
         // While they are being given back it gives no more.
         owners.pending.extend(given.iter().cloned());
-        assert!(to_balance(&mut owners, "gb", &waiting, &busy, now).is_empty());
+        assert!(balance(&mut owners, "gb", &waiting, &busy, now).is_empty());
         // Given back, nobody took them, and it took them again after the patience: those are
         // not given back for balance again until the hold has passed (the other three are,
         // once), so each agent goes without replay for at most the patience per hold.
         owners.pending.clear();
         let later = now + TAKE_PATIENCE;
-        let others = to_balance(&mut owners, "gb", &waiting, &busy, later);
+        let others = balance(&mut owners, "gb", &waiting, &busy, later);
         assert!(others.iter().all(|a| !given.contains(a)), "{others:?}");
-        assert!(to_balance(&mut owners, "gb", &waiting, &busy, later).is_empty());
-        let again = to_balance(&mut owners, "gb", &waiting, &busy, now + BALANCE_HOLD);
+        assert!(balance(&mut owners, "gb", &waiting, &busy, later).is_empty());
+        let again = balance(&mut owners, "gb", &waiting, &busy, now + BALANCE_HOLD);
         assert_eq!(again.len(), 3);
         // The other gateway counts it as a member and takes what is free at once.
         for agent in &given {
@@ -1233,7 +1263,7 @@ mod tests {
         }
         owners.pending.clear();
         assert_eq!(
-            to_take(&mut owners, "ga", waiting.clone(), now + BALANCE_HOLD).len(),
+            take(&mut owners, "ga", waiting.clone(), now + BALANCE_HOLD).len(),
             3
         );
     }

@@ -346,14 +346,12 @@ fn dead(cp: &ControlPlane) -> anyhow::Result<HashSet<String>> {
 
 /// How many agents each gateway replays (`replayers/`), for the progress log.
 async fn replayers(client: &mut etcd_client::Client) -> String {
-    let options = etcd_client::GetOptions::new().with_prefix();
-    let Ok(got) = client.get("/berth/replayers/", Some(options)).await else {
+    let Ok(by_agent) = berth_tests::replay::replayed_by(client).await else {
         return "(unknown)".into();
     };
     let mut by: std::collections::BTreeMap<String, usize> = Default::default();
-    for kv in got.kvs() {
-        *by.entry(String::from_utf8_lossy(kv.value()).into_owned())
-            .or_default() += 1;
+    for gateway in by_agent.into_values() {
+        *by.entry(gateway).or_default() += 1;
     }
     let each: Vec<String> = by.iter().map(|(g, n)| format!("{g} {n}")).collect();
     if each.is_empty() {
