@@ -367,9 +367,9 @@ async fn two_gateways_share_the_queue_and_survive_kill_9() {
     );
     assert_eq!(lost, 0);
     // At least once, not more: a delivery whose gateway is SIGKILLed before it wrote the
-    // outcome is sent again (keyed). One gateway at a time delivers an agent's queue (it gives
-    // the agent back only once its deliveries have ended): at the kill during replay, at most
-    // the agent's replay concurrency at the agent, and those answered whose outcome was still
+    // outcome is sent again (keyed). The agent's replay concurrency holds across gateways (a
+    // claim counts wherever it is held): at the kill during replay, at most that many at the
+    // agent, and those answered whose outcome was still
     // being written (a few milliseconds' worth; 0 to 4 repeats in 48 runs). The kill while
     // queued had none in flight.
     let concurrency = berth_proto::defaults::REPLAY_CONCURRENCY as usize;
