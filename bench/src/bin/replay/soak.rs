@@ -47,6 +47,8 @@ const SMALL: usize = 100_000;
 const SMALL_SIZE: usize = 1024;
 const LARGE: usize = 50;
 const LARGE_SIZE: usize = 900 * 1024;
+/// Clients at once for the large requests.
+const LARGE_CLIENTS: usize = 8;
 /// Clients at once, for enqueueing and for raw puts alike, unless `BERTH_SOAK_CONCURRENCY`
 /// says otherwise.
 static CONCURRENCY: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
@@ -506,7 +508,16 @@ pub async fn run() -> anyhow::Result<()> {
     // A first pass unmeasured: etcd's file grows to hold the first few MiB (and is reused
     // after), which would otherwise slow whichever measure came first.
     raw_puts(&etcd).await?;
+    // The phases are marked for bench/cpu-share/run.sh.
+    println!(
+        "raw puts: {RAW} of {SMALL_SIZE} bytes, {} at a time",
+        *CONCURRENCY
+    );
     let raw = raw_puts(&etcd).await?;
+    println!(
+        "the store alone: {RAW} requests, {} at a time",
+        *CONCURRENCY
+    );
     let store = store_enqueue(&etcd, keyed_share != 0).await?;
     println!(
         "raw put {:.0}/s; through the store alone {:.0}/s: {:.2} of raw",
@@ -607,7 +618,8 @@ pub async fn run() -> anyhow::Result<()> {
         let large = Bytes::from(vec![b'L'; LARGE_SIZE]);
         let large_failures = {
             let (conns, names, sent) = (conns.clone(), names.clone(), sent.clone());
-            timed(LARGE, 8, move |w, i| {
+            // At most one client per connection (fewer than 8 with `BERTH_SOAK_CONCURRENCY`).
+            timed(LARGE, LARGE_CLIENTS.min(conns.len()), move |w, i| {
                 let (conn, names, sent, body) =
                     (conns[w].clone(), names.clone(), sent.clone(), large.clone());
                 async move {
