@@ -4,7 +4,7 @@
 
 use super::{Store, StoreError};
 use berth_proto::v1::BreakerState;
-use etcd_client::{GetOptions, PutOptions};
+use etcd_client::GetOptions;
 use std::collections::HashMap;
 
 impl Store {
@@ -17,12 +17,9 @@ impl Store {
         state: BreakerState,
         lease: i64,
     ) -> Result<(), StoreError> {
+        let key = self.keys.breaker(agent, replica, gateway);
         self.client()
-            .put(
-                self.keys.breaker(agent, replica, gateway),
-                state.as_str_name(),
-                Some(PutOptions::new().with_lease(lease)),
-            )
+            .txn(crate::put_under_lease(key, state.as_str_name(), lease))
             .await
             .map_err(|e| self.unavailable(e))?;
         Ok(())

@@ -1023,12 +1023,9 @@ impl Store {
     /// Says that `gateway`'s replayer runs, for as long as its claim `lease` lives (a gateway
     /// restarted under the same name takes the key over with its new lease).
     pub async fn announce_replayer(&self, gateway: &str, lease: i64) -> Result<(), StoreError> {
+        let key = self.keys.gateway(gateway);
         self.client()
-            .put(
-                self.keys.gateway(gateway),
-                gateway,
-                Some(PutOptions::new().with_lease(lease)),
-            )
+            .txn(crate::put_under_lease(key, gateway, lease))
             .await
             .map_err(|e| self.unavailable(e))?;
         Ok(())
