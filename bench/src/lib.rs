@@ -11,6 +11,20 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
+/// A new request for `agent`'s queue, as a gateway stores one (`POST /slow` with `body`), with a
+/// positional id: what the benchmarks write through `Store::enqueue_request` without a gateway.
+pub fn queued_request(agent: String, body: Vec<u8>) -> berth_proto::v1::Request {
+    berth_proto::v1::Request {
+        id: berth_proto::request::positional_id(&agent, berth_store::requests::new_seq()),
+        agent,
+        state: berth_proto::v1::RequestState::Queued as i32,
+        method: "POST".into(),
+        path: "/slow".into(),
+        body,
+        ..Default::default()
+    }
+}
+
 /// One kept-alive HTTP/1.1 connection.
 pub struct Conn {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,

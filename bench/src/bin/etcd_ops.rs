@@ -9,8 +9,7 @@
 //! watches (each on a connection of its own, read as it comes, as each gateway's replayer
 //! watches the queue).
 
-use berth_proto::v1::{Request, RequestState};
-use berth_store::requests::new_seq;
+use berth_bench::queued_request;
 use berth_store::{EtcdTls, Store};
 use berth_tests::Etcd;
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
@@ -119,16 +118,7 @@ async fn run(
                             client.txn(txn).await.is_ok_and(|r| r.succeeded())
                         }
                         Op::Store => {
-                            let agent = format!("agent-{}", i % 10);
-                            let mut request = Request {
-                                id: berth_proto::request::positional_id(&agent, new_seq()),
-                                agent,
-                                state: RequestState::Queued as i32,
-                                method: "POST".into(),
-                                path: "/slow".into(),
-                                body: value,
-                                ..Default::default()
-                            };
+                            let mut request = queued_request(format!("agent-{}", i % 10), value);
                             let ttl = Duration::from_secs(3600);
                             store.enqueue_request(&mut request, ttl).await.is_ok()
                         }

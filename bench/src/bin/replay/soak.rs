@@ -26,9 +26,7 @@
 //! `BERTH_SOAK_CONCURRENCY=N` sends with N clients at once instead of 32 (raw puts, the store
 //! alone and the enqueue alike).
 
-use berth_bench::Conn;
-use berth_proto::v1::{Request, RequestState};
-use berth_store::requests::new_seq;
+use berth_bench::{queued_request, Conn};
 use berth_store::{EtcdTls, Store};
 use berth_tests::docker::{data_volume, wait_agent, DockerRun, NodeAgent};
 use berth_tests::wire::send;
@@ -236,15 +234,7 @@ async fn store_enqueue(etcd: &Etcd, keyed: bool) -> anyhow::Result<(f64, usize)>
         let store = stores[i % 2].clone();
         async move {
             let agent = format!("agent-{}", i % AGENTS);
-            let mut request = Request {
-                id: berth_proto::request::positional_id(&agent, new_seq()),
-                agent,
-                state: RequestState::Queued as i32,
-                method: "POST".into(),
-                path: "/slow".into(),
-                body: vec![b's'; SMALL_SIZE],
-                ..Default::default()
-            };
+            let mut request = queued_request(agent, vec![b's'; SMALL_SIZE]);
             let ttl = Duration::from_secs(3600);
             if keyed && i % 2 == 0 {
                 let key = berth_store::requests::key_digest(&format!("store-{i}"));
