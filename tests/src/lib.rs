@@ -263,6 +263,11 @@ impl Etcd {
         format!("http://127.0.0.1:{}", self.peer_port)
     }
 
+    /// etcd's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Sends `signal` (`STOP`, `CONT`, ...) to etcd.
     pub fn signal(&self, signal: &str) {
         if let Some(child) = &self.child {

@@ -7,7 +7,7 @@
 //! `BERTH_OPS=N` writes N of each (default 10,000); `BERTH_OPS_CONCURRENCY=1,32` the
 //! concurrencies to measure at; `BERTH_OPS_WATCHERS=N` watches everything written with N
 //! watches (each on a connection of its own, read as it comes, as each gateway's replayer
-//! watches the queue).
+//! watches the queue). Beside each rate, the CPU etcd spent per write (from `/proc`).
 
 use berth_bench::queued_request;
 use berth_store::{EtcdTls, Store};
@@ -66,8 +66,11 @@ async fn main() -> anyhow::Result<()> {
             let mut line = format!("{concurrency:>3} at a time, pass {pass}:");
             for op in [Op::Put, Op::PutLease, Op::Txn, Op::Store] {
                 let r = round.fetch_add(1, Ordering::Relaxed);
+                let before = cpu_seconds(etcd.pid());
                 let rate = run(op, count, concurrency, r, &client, lease, &store).await;
-                line.push_str(&format!(" {op:?} {rate:.0}/s"));
+                let spent = cpu_seconds(etcd.pid()) - before;
+                let per_write = spent / count as f64 * 1e6;
+                line.push_str(&format!(" {op:?} {rate:.0}/s ({per_write:.0} µs)"));
             }
             if watchers > 0 {
                 line.push_str(&format!(
@@ -132,4 +135,24 @@ async fn run(
         task.await.expect("a writer");
     }
     count as f64 / started.elapsed().as_secs_f64()
+}
+
+/// CPU time (user and system) process `pid` has used, in seconds (0 when it cannot be read).
+fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let Some(stat) = pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+    else {
+        return 0.0;
+    };
+    // The fields after the command name (which may hold spaces, within parentheses).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum();
+    // Linux reports these in clock ticks of 1/100 s (USER_HZ).
+    ticks / 100.0
 }
