@@ -5,7 +5,8 @@
 //! etcd's growth and the machine's noise show; rates are requests a second.
 //!
 //! `BERTH_OPS=N` writes N of each (default 10,000); `BERTH_OPS_CONCURRENCY=1,32` the
-//! concurrencies to measure at; `BERTH_OPS_WATCHERS=N` watches everything written with N
+//! concurrencies to measure at; `BERTH_OPS_WRITES=put,lease,txn,store` which writes (a put
+//! under a lease slows as keys pile up on it, to minutes at low concurrencies); `BERTH_OPS_WATCHERS=N` watches everything written with N
 //! watches (each on a connection of its own, read as it comes, as each gateway's replayer
 //! watches the queue). Beside each rate, the CPU etcd spent per write (from `/proc`).
 
@@ -43,6 +44,19 @@ async fn main() -> anyhow::Result<()> {
     let client = etcd.client().await?;
     let lease = client.clone().lease_grant(3600, None).await?.id();
     let store = Store::connect(&[etcd.url()], "/ops", &EtcdTls::default()).await?;
+    let writes: Vec<Op> = std::env::var("BERTH_OPS_WRITES")
+        .unwrap_or_else(|_| "put,lease,txn,store".into())
+        .split(',')
+        .map(|w| match w.trim() {
+            "put" => Ok(Op::Put),
+            "lease" => Ok(Op::PutLease),
+            "txn" => Ok(Op::Txn),
+            "store" => Ok(Op::Store),
+            other => Err(anyhow::anyhow!(
+                "BERTH_OPS_WRITES: {other:?} is not one of put, lease, txn, store"
+            )),
+        })
+        .collect::<Result<_, _>>()?;
     let watchers: usize = std::env::var("BERTH_OPS_WATCHERS")
         .ok()
         .map(|n| n.parse())
@@ -64,7 +78,7 @@ async fn main() -> anyhow::Result<()> {
     for &concurrency in &concurrencies {
         for pass in 1..=2 {
             let mut line = format!("{concurrency:>3} at a time, pass {pass}:");
-            for op in [Op::Put, Op::PutLease, Op::Txn, Op::Store] {
+            for &op in &writes {
                 let r = round.fetch_add(1, Ordering::Relaxed);
                 let before = cpu_seconds(etcd.pid());
                 let rate = run(op, count, concurrency, r, &client, lease, &store).await;
