@@ -38,6 +38,9 @@ pub const MAX_WRITE_PAYLOAD: usize = 1_280 * 1024;
 /// Bodies up to this size ride in the request's record (one key fewer per request; a claim
 /// rewrites at most this much besides the metadata); larger ones are kept apart.
 pub const INLINE_BODY_BYTES: usize = 4096;
+/// What the index of a positional id holds once a reader has settled that no request has it
+/// ([`Store::get_request_settled`]).
+pub const NEVER_STORED: &str = "never-stored";
 /// Most requests a page of `list_requests` holds.
 pub const MAX_PAGE: usize = 1000;
 /// Keys read per etcd call when scanning for a page with a state filter.
@@ -213,14 +216,20 @@ impl Store {
         } else {
             self.keys.queued(agent, seq)
         };
-        let compares = vec![
+        // The id's index is checked for a positional id too: a reader that found no request
+        // under an id settles its fate there ([`Store::get_request_settled`]), so that a write
+        // etcd applies late cannot store it afterwards.
+        let mut compares = vec![
             Compare::create_revision(key.as_str(), CompareOp::Equal, 0),
-            if indexed {
-                Compare::create_revision(index.as_str(), CompareOp::Equal, 0)
-            } else {
-                Compare::create_revision(other.as_str(), CompareOp::Equal, 0)
-            },
+            Compare::create_revision(index.as_str(), CompareOp::Equal, 0),
         ];
+        if !indexed {
+            compares.push(Compare::create_revision(
+                other.as_str(),
+                CompareOp::Equal,
+                0,
+            ));
+        }
         (compares, ops)
     }
 
@@ -308,6 +317,10 @@ impl Store {
                     }
                     if let Some(held) = held.filter(|h| h.holder != request.id) {
                         return Ok(Some(held));
+                    }
+                    if stored_at.as_deref() == Some(NEVER_STORED.as_bytes()) {
+                        // A reader settled that no request has this id: it is not stored.
+                        break;
                     }
                     if positional.is_some() {
                         // Its place is taken: by the write sent before a transient failure,
@@ -471,6 +484,44 @@ impl Store {
                 _ => None,
             })
             .collect())
+    }
+
+    /// The whole request with id `id`, for a caller asking what became of it (`GET
+    /// /requests/{id}`, `GetRequest`): as [`Store::get_request`], except that an id of a
+    /// request's place (a positional id) with no request there is settled first. The id's
+    /// index is set to [`NEVER_STORED`] (under a request lease), which the write of a new request
+    /// checks, so that `NotFound` is final: a write that etcd did not confirm (its gateway
+    /// answered 503 with the id) and applies late cannot store the request afterwards.
+    pub async fn get_request_settled(&self, id: &str) -> Result<StoredRequest, StoreError> {
+        match self.get_request(id).await {
+            Err(StoreError::NotFound { .. }) => {}
+            found => return found,
+        }
+        let Some((agent, seq)) = berth_proto::request::parse_positional_id(id) else {
+            return Err(StoreError::NotFound {
+                kind: "request",
+                name: id.to_string(),
+            });
+        };
+        let index = self.keys.request_id(id);
+        let lease = self.request_lease(REQUEST_TTL, false).await?;
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(index.as_str(), CompareOp::Equal, 0),
+                Compare::create_revision(self.keys.queued(agent, seq), CompareOp::Equal, 0),
+                Compare::create_revision(self.keys.request(agent, seq), CompareOp::Equal, 0),
+            ])
+            .and_then([TxnOp::put(
+                index.as_str(),
+                NEVER_STORED,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        self.client()
+            .txn(txn)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        // Settled now, one way or the other: stored before the mark, or never.
+        self.get_request(id).await
     }
 
     /// The whole request with id `id`: its record, body and stored answer.

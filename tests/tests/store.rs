@@ -606,3 +606,44 @@ async fn one_gateway_replays_an_agent_until_it_gives_it_back_or_its_lease_ends()
     assert_eq!(store.take_replay("x", "ga", a).await.unwrap().0, None);
     assert_eq!(store.take_replay("y", "ga", a).await.unwrap().0, None);
 }
+
+#[tokio::test]
+async fn an_id_a_reader_found_no_request_under_is_never_stored_afterwards() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = store(&etcd).await;
+    let ttl = Duration::from_secs(600);
+    // Asked about before its write is applied (a gateway answered 503 with the id): settled.
+    let seq = berth_store::requests::new_seq();
+    let id = berth_proto::request::positional_id("a", seq);
+    let asked = store.get_request_settled(&id).await;
+    assert!(
+        matches!(asked, Err(berth_store::StoreError::NotFound { .. })),
+        "{asked:?}"
+    );
+    // The write etcd applies late: refused, so the answer above stays true.
+    let mut late = request("a", &id);
+    let stored = store.enqueue_request(&mut late, ttl).await;
+    assert!(stored.is_err(), "a settled id was stored: {stored:?}");
+    assert!(store.get_request_record("a", seq).await.unwrap().is_none());
+    assert!(matches!(
+        store.get_request_settled(&id).await,
+        Err(berth_store::StoreError::NotFound { .. })
+    ));
+    // A request stored under its own positional id is found by the same read, and a settled
+    // read of it changes nothing.
+    let next = berth_store::requests::new_seq();
+    let id = berth_proto::request::positional_id("a", next);
+    let mut r = request("a", &id);
+    store.enqueue_request(&mut r, ttl).await.unwrap();
+    assert_eq!(store.get_request_settled(&id).await.unwrap().request.id, id);
+    // Without a settled read, a request not yet written is still stored when it comes.
+    let later = berth_store::requests::new_seq();
+    let id = berth_proto::request::positional_id("a", later);
+    assert!(matches!(
+        store.get_request(&id).await,
+        Err(berth_store::StoreError::NotFound { .. })
+    ));
+    let mut r = request("a", &id);
+    store.enqueue_request(&mut r, ttl).await.unwrap();
+    assert_eq!(store.get_request(&id).await.unwrap().request.id, id);
+}

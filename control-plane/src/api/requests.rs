@@ -75,7 +75,7 @@ impl RequestService for RequestApi {
         check_id(&id)?;
         let stored = self
             .store
-            .get_request(&id)
+            .get_request_settled(&id)
             .await
             .map_err(|e| to_status(e.into()))?;
         Ok(Response::new(stored.request))

@@ -94,7 +94,7 @@ async fn describe(
     headers: &HeaderMap,
 ) -> Result<Response, GatewayError> {
     let unknown = || GatewayError::UnknownRequest { id: id.to_string() };
-    let stored = match gateway.store.get_request(id).await {
+    let stored = match gateway.store.get_request_settled(id).await {
         Ok(stored) => stored,
         Err(StoreError::NotFound { .. }) => return Err(unknown()),
         Err(source) => {
