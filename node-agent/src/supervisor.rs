@@ -266,6 +266,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
                     state,
                     ReplicaState::Running | ReplicaState::Paused | ReplicaState::Restarting
                 ) {
+                    tracing::info!(replica = %id, from = ?state, "stopping");
                     let r = self.replicas.get_mut(&id).expect("inserted");
                     r.stop_probe();
                     r.restart_at = None;
@@ -280,6 +281,8 @@ impl<R: ContainerRuntime> Supervisor<R> {
                     } else {
                         self.set_state(&id, ReplicaState::Stopped, "");
                     }
+                } else if state != ReplicaState::Stopped {
+                    tracing::debug!(replica = %id, state = ?state, "asked to stop; nothing running to stop");
                 }
             }
             DesiredState::Paused => {
