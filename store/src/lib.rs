@@ -292,14 +292,23 @@ impl Store {
 /// A transaction that puts `value` at `key` under `lease` only while the key does not exist:
 /// the leader's key, an agent's replayer.
 fn create_under_lease(key: &str, value: &str, lease: i64) -> etcd_client::Txn {
-    use etcd_client::{Compare, CompareOp, PutOptions, TxnOp};
+    use etcd_client::{Compare, CompareOp};
     etcd_client::Txn::new()
         .when([Compare::create_revision(key, CompareOp::Equal, 0)])
-        .and_then([TxnOp::put(
-            key,
-            value,
-            Some(PutOptions::new().with_lease(lease)),
-        )])
+        .and_then([leased_put(key, value, lease)])
+}
+
+/// The operation that puts `value` at `key` under `lease`.
+fn leased_put(
+    key: impl Into<Vec<u8>>,
+    value: impl Into<Vec<u8>>,
+    lease: i64,
+) -> etcd_client::TxnOp {
+    etcd_client::TxnOp::put(
+        key,
+        value,
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
 }
 
 /// A transaction that puts `value` at `key` under `lease`, for a lease that holds many keys
@@ -309,12 +318,7 @@ fn create_under_lease(key: &str, value: &str, lease: i64) -> etcd_client::Txn {
 /// by `bench`'s `etcd_ops`: 1,464 puts a second with 3,000 keys on the lease, 136–294 with
 /// 15,000 or more); within a transaction it does not.
 fn put_under_lease(key: String, value: impl Into<Vec<u8>>, lease: i64) -> etcd_client::Txn {
-    use etcd_client::{PutOptions, TxnOp};
-    etcd_client::Txn::new().and_then([TxnOp::put(
-        key,
-        value,
-        Some(PutOptions::new().with_lease(lease)),
-    )])
+    etcd_client::Txn::new().and_then([leased_put(key, value, lease)])
 }
 
 /// The first value a read found, as text (who holds a key).

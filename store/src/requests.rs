@@ -511,11 +511,7 @@ impl Store {
                 Compare::create_revision(self.keys.queued(agent, seq), CompareOp::Equal, 0),
                 Compare::create_revision(self.keys.request(agent, seq), CompareOp::Equal, 0),
             ])
-            .and_then([TxnOp::put(
-                index.as_str(),
-                NEVER_STORED,
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
+            .and_then([crate::leased_put(index.as_str(), NEVER_STORED, lease)]);
         self.client()
             .txn(txn)
             .await

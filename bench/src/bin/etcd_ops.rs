@@ -10,7 +10,7 @@
 //! watches (each on a connection of its own, read as it comes, as each gateway's replayer
 //! watches the queue). Beside each rate, the CPU etcd spent per write (from `/proc`).
 
-use berth_bench::queued_request;
+use berth_bench::{cpu_time, queued_request};
 use berth_store::{EtcdTls, Store};
 use berth_tests::Etcd;
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
@@ -80,10 +80,13 @@ async fn main() -> anyhow::Result<()> {
             let mut line = format!("{concurrency:>3} at a time, pass {pass}:");
             for &op in &writes {
                 let r = round.fetch_add(1, Ordering::Relaxed);
-                let before = cpu_seconds(etcd.pid());
+                let pid = etcd
+                    .pid()
+                    .ok_or_else(|| anyhow::anyhow!("etcd is not running"))?;
+                let before = cpu_time(pid)?;
                 let rate = run(op, count, concurrency, r, &client, lease, &store).await;
-                let spent = cpu_seconds(etcd.pid()) - before;
-                let per_write = spent / count as f64 * 1e6;
+                let spent = cpu_time(pid)? - before;
+                let per_write = spent.as_secs_f64() / count as f64 * 1e6;
                 line.push_str(&format!(" {op:?} {rate:.0}/s ({per_write:.0} µs)"));
             }
             if watchers > 0 {
@@ -149,24 +152,4 @@ async fn run(
         task.await.expect("a writer");
     }
     count as f64 / started.elapsed().as_secs_f64()
-}
-
-/// CPU time (user and system) process `pid` has used, in seconds (0 when it cannot be read).
-fn cpu_seconds(pid: Option<u32>) -> f64 {
-    let Some(stat) = pid.and_then(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
-    else {
-        return 0.0;
-    };
-    // The fields after the command name (which may hold spaces, within parentheses).
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or("", |(_, rest)| rest)
-        .split_whitespace()
-        .collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
-        .sum();
-    // Linux reports these in clock ticks of 1/100 s (USER_HZ).
-    ticks / 100.0
 }

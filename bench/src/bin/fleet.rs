@@ -11,6 +11,7 @@
 //! (`--nodes N --agents N --replicas N` change the size; the default is 1,000 nodes and
 //! 1,000 agents of 10 replicas).
 
+use berth_bench::cpu_time;
 use berth_proto::v1::agent_service_client::AgentServiceClient;
 use berth_proto::v1::node_agent_service_client::NodeAgentServiceClient;
 use berth_proto::v1::{
@@ -157,16 +158,6 @@ async fn hollow_node(url: String, name: String, counters: Arc<Counters>) -> anyh
         }
     }
     Ok(())
-}
-
-/// The control plane's CPU time so far (user + system), from /proc.
-fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = &stat[stat.rfind(')').ok_or_else(|| anyhow::anyhow!("bad stat"))? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    Ok(Duration::from_millis(ticks * 10)) // USER_HZ is 100 on Linux
 }
 
 /// The control plane's peak resident set, from /proc.
