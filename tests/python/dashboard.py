@@ -54,7 +54,18 @@ def wait(browser, what, check, timeout=90):
         return WebDriverWait(browser, timeout, poll_frequency=0.2).until(lambda b: check(b))
     except Exception as e:
         shot(browser, "failed")
-        raise AssertionError(f"waited {timeout}s for {what}; page: {browser.current_url}") from e
+        raise AssertionError(f"waited {timeout}s for {what}; page: {browser.current_url}\n"
+                             f"{seen(browser)}") from e
+
+
+def seen(browser):
+    """What the page and the CLI showed when a wait gave up, to tell the page from the cluster."""
+    page = {s: text_of(browser, s) for s in ["#state", "#ready", "table#replicas", "#request-state"]}
+    try:
+        cli = berth("get", AGENT)
+    except Exception as e:  # the cluster itself may be what failed
+        cli = f"berth get {AGENT} failed: {e}"
+    return f"the page showed: {page}\nberth get {AGENT}:\n{cli}"
 
 
 def text_of(browser, selector):
