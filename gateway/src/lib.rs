@@ -267,6 +267,16 @@ pub async fn run(
         stop.child_token(),
     ));
     let metrics = GatewayMetrics::new();
+    {
+        let (seconds, sizes) = (
+            metrics.commit_seconds.clone(),
+            metrics.commit_transactions.clone(),
+        );
+        store.observe_commits(move |transactions, took| {
+            sizes.observe(transactions as f64);
+            seconds.observe(took.as_secs_f64());
+        });
+    }
     let (changes_tx, changes_rx) = mpsc::unbounded_channel();
     tasks.spawn(breakers::publish(
         store.clone(),

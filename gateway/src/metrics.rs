@@ -85,6 +85,10 @@ pub struct GatewayMetrics {
     pub wake_seconds: Family<AgentLabels, Histogram>,
     /// Time of each step of a replayed delivery, resolved once (no label lookup per step).
     pub replay_steps: ReplaySteps,
+    /// Time etcd took to answer each group commit of the queue's writes.
+    pub commit_seconds: Histogram,
+    /// Transactions (a new request, a claim, an outcome) in each group commit.
+    pub commit_transactions: Histogram,
 }
 
 /// The histograms of `berth_gateway_replay_step_seconds`, one per step.
@@ -187,6 +191,19 @@ impl GatewayMetrics {
              (to the agent's answer)",
             replay_step_seconds.clone(),
         );
+        let commit_seconds = Histogram::new(exponential_buckets(0.0002, 2.0, 16));
+        registry.register(
+            "store_commit_seconds",
+            "Time etcd took to answer each group commit of the replay queue's writes (new \
+             requests, claims, outcomes), which a queued request's 202 waits for",
+            commit_seconds.clone(),
+        );
+        let commit_transactions = Histogram::new(exponential_buckets(1.0, 2.0, 7));
+        registry.register(
+            "store_commit_transactions",
+            "Transactions committed together in each group commit of the replay queue's writes",
+            commit_transactions.clone(),
+        );
         let step = |step| {
             replay_step_seconds
                 .get_or_create(&StepLabels { step })
@@ -200,6 +217,8 @@ impl GatewayMetrics {
         Arc::new(Self {
             registry,
             replay_steps,
+            commit_seconds,
+            commit_transactions,
             replaying_agents,
             held,
             wake_seconds,

@@ -6,6 +6,7 @@ use crate::Store;
 use etcd_client::{Txn, TxnOp, TxnOpResponse};
 use std::future::Future;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Batches being committed at once; what arrives meanwhile forms the next batch. One: under
@@ -124,10 +125,28 @@ pub(crate) struct Committed {
     pub revision: i64,
 }
 
+/// Told of each group commit: the transactions it held and how long etcd took to answer it
+/// (a batch etcd refused as a whole is told as such, before its transactions go alone).
+pub type CommitObserver = Box<dyn Fn(usize, Duration) + Send + Sync>;
+
 /// The batcher of [`Store::commit`].
 pub(crate) type TxnBatcher = Batcher<(Txn, usize), Result<Committed, etcd_client::Error>>;
 
 impl Store {
+    /// Tells `observer` of every group commit from now on, this store's clones' included (the
+    /// first observer set stays).
+    pub fn observe_commits(&self, observer: impl Fn(usize, Duration) + Send + Sync + 'static) {
+        let _ = self.commits.set(Box::new(observer));
+    }
+
+    /// Tells the observer, if any, of a commit of `transactions` that etcd answered after
+    /// `took`.
+    fn committed(&self, transactions: usize, took: Duration) {
+        if let Some(observe) = self.commits.get() {
+            observe(transactions, took);
+        }
+    }
+
     /// Commits `txn` (carrying about `bytes` of values) together with the transactions submitted
     /// meanwhile: one etcd transaction holds each as a nested transaction with its own compares,
     /// so each succeeds or fails on its own while the batch pays etcd's cost per transaction
@@ -174,7 +193,10 @@ impl Store {
                 .iter()
                 .map(|job| TxnOp::txn(job.item.0.clone()))
                 .collect();
-            match self.client().txn(Txn::new().and_then(nested)).await {
+            let started = Instant::now();
+            let answered = self.client().txn(Txn::new().and_then(nested)).await;
+            self.committed(batch.len(), started.elapsed());
+            match answered {
                 Ok(resp) => {
                     let revision = resp.header().map_or(0, |h| h.revision());
                     for (job, op) in batch.into_iter().zip(resp.op_responses()) {
@@ -211,7 +233,10 @@ impl Store {
     }
 
     async fn commit_alone(&self, txn: Txn) -> Result<Committed, etcd_client::Error> {
-        let resp = self.client().txn(txn).await?;
+        let started = Instant::now();
+        let answered = self.client().txn(txn).await;
+        self.committed(1, started.elapsed());
+        let resp = answered?;
         Ok(Committed {
             succeeded: resp.succeeded(),
             revision: resp.header().map_or(0, |h| h.revision()),

@@ -206,6 +206,8 @@ pub struct Store {
     /// The batcher that commits the replay queue's transactions together (started on first
     /// use).
     txns: Arc<tokio::sync::OnceCell<batch::TxnBatcher>>,
+    /// Told of each group commit, once set ([`Store::observe_commits`]).
+    commits: Arc<std::sync::OnceLock<batch::CommitObserver>>,
     /// The runtime the store was connected on: its background tasks run there, so that they
     /// outlive the runtimes of its callers (a gateway's serving threads stop before it does).
     runtime: tokio::runtime::Handle,
@@ -244,6 +246,7 @@ impl Store {
             event_lease: Arc::default(),
             request_leases: Arc::default(),
             txns: Arc::default(),
+            commits: Arc::default(),
             runtime: tokio::runtime::Handle::current(),
         })
     }

@@ -55,6 +55,19 @@ async fn a_stopped_agent_gets_its_requests_in_order_once_started() {
     }
     let state = get(&s.gw.addr, &format!("/requests/{}", ids[0])).await;
     assert_eq!(state.json()["status"], "queued");
+    // Each 202 waited for its group commit, which the gateway's metrics count and time.
+    let (_, metrics) = berth_tests::docker::http(&s.gw.admin_addr, "GET", "/metrics")
+        .await
+        .unwrap();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} on /metrics:\n{metrics}"))
+    };
+    assert!(value("berth_gateway_store_commit_transactions_sum") >= 20.0);
+    assert!(value("berth_gateway_store_commit_seconds_count") >= 1.0);
+    assert!(value("berth_gateway_store_commit_seconds_sum") > 0.0);
     // Too large to keep: 413 naming the limit.
     let big = "x".repeat(1024 * 1024 + 1);
     let r = post(&s.gw, &format!("{base}/echo"), &big, "").await;

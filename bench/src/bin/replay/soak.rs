@@ -362,10 +362,35 @@ fn metric(page: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The gateways' 202s so far, summed over them and their agents: (count, seconds from each
-/// request's arrival to its response headers), from `berth_gateway_request_duration_seconds`.
-async fn accepted(gateways: &[Gateway]) -> anyhow::Result<(f64, f64)> {
-    let mut total = (0.0, 0.0);
+/// What the gateways' metrics say so far, summed over them: their 202s and their group commits.
+#[derive(Clone, Copy, Default)]
+struct Accepted {
+    /// 202s sent, and their seconds from each request's arrival to its response headers
+    /// (`berth_gateway_request_duration_seconds`).
+    count: f64,
+    seconds: f64,
+    /// Group commits, the seconds etcd took to answer them, and the transactions they held
+    /// (`berth_gateway_store_commit_seconds`, `berth_gateway_store_commit_transactions`).
+    commits: f64,
+    commit_seconds: f64,
+    transactions: f64,
+}
+
+impl Accepted {
+    /// What happened between `before` and `self`.
+    fn since(self, before: Self) -> Self {
+        Self {
+            count: self.count - before.count,
+            seconds: self.seconds - before.seconds,
+            commits: self.commits - before.commits,
+            commit_seconds: self.commit_seconds - before.commit_seconds,
+            transactions: self.transactions - before.transactions,
+        }
+    }
+}
+
+async fn accepted(gateways: &[Gateway]) -> anyhow::Result<Accepted> {
+    let mut total = Accepted::default();
     for gateway in gateways {
         let admin = &gateway.admin_addr;
         let (_, page) = berth_tests::docker::http(admin, "GET", "/metrics")
@@ -378,7 +403,11 @@ async fn accepted(gateways: &[Gateway]) -> anyhow::Result<(f64, f64)> {
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum()
         };
-        total = (total.0 + sum_of("count"), total.1 + sum_of("sum"));
+        total.count += sum_of("count");
+        total.seconds += sum_of("sum");
+        total.commits += metric(&page, "berth_gateway_store_commit_seconds_count");
+        total.commit_seconds += metric(&page, "berth_gateway_store_commit_seconds_sum");
+        total.transactions += metric(&page, "berth_gateway_store_commit_transactions_sum");
     }
     Ok(total)
 }
@@ -595,15 +624,14 @@ pub async fn run() -> anyhow::Result<()> {
         };
         // Where a request's time goes: inside the gateways (arrival to 202), against what the
         // clients saw (CONCURRENCY at a time, so CONCURRENCY / rate each).
-        let accepted_after = accepted(&gateways).await?;
-        let inside = (
-            accepted_after.0 - accepted_before.0,
-            accepted_after.1 - accepted_before.1,
-        );
+        let inside = accepted(&gateways).await?.since(accepted_before);
         println!(
-            "a request's time: {:.2} ms at the client, {:.2} ms inside the gateway",
+            "a request's time: {:.2} ms at the client, {:.2} ms inside the gateway; group \
+             commits: {:.1} transactions each, answered by etcd in {:.2} ms",
             *CONCURRENCY as f64 / enqueue.0 * 1000.0,
-            inside.1 / inside.0.max(1.0) * 1000.0
+            inside.seconds / inside.count.max(1.0) * 1000.0,
+            inside.transactions / inside.commits.max(1.0),
+            inside.commit_seconds / inside.commits.max(1.0) * 1000.0,
         );
         let large = Bytes::from(vec![b'L'; LARGE_SIZE]);
         let large_failures = {
