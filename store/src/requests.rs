@@ -38,6 +38,10 @@ pub const MAX_WRITE_PAYLOAD: usize = 1_280 * 1024;
 /// Bodies up to this size ride in the request's record (one key fewer per request; a claim
 /// rewrites at most this much besides the metadata); larger ones are kept apart.
 pub const INLINE_BODY_BYTES: usize = 4096;
+/// The first pause before a delivery's outcome is sent again to an etcd that did not answer.
+pub const FINISH_PAUSE_MIN: Duration = Duration::from_millis(100);
+/// The longest pause between attempts to write a delivery's outcome.
+pub const FINISH_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// What the index of a positional id holds once a reader has settled that no request has it
 /// ([`Store::get_request_settled`]).
 pub const NEVER_STORED: &str = "never-stored";
@@ -811,6 +815,13 @@ impl Store {
     /// Writes the outcome of a delivery (`claim.stored.request` as it should now stand, and
     /// the agent's answer if it was delivered) and releases the claim, only while the claim
     /// is still ours. A request that no longer waits moves from the queue to the finished.
+    ///
+    /// An outcome is known only here, once the agent has answered: while etcd cannot be reached
+    /// (down, restarting, no leader) it is sent again, after a pause that grows to
+    /// [`FINISH_PAUSE_MAX`], until etcd answers. The caller bounds the wait: a replayer drops
+    /// its deliveries once its claim lease may have ended. After an attempt whose fate is
+    /// unknown, a compare that fails may be that attempt's own success: the record is read,
+    /// and found as this outcome wrote it, it is [`Finished::Done`].
     pub async fn finish_request(
         &self,
         claim: &Claim,
@@ -823,21 +834,22 @@ impl Store {
         let with_lease = || Some(PutOptions::new().with_lease(claim.stored.lease));
         let mut record = r.clone();
         record.response = None;
+        // Where the record goes, and what it holds: read back after an uncertain attempt.
+        let written = (
+            if is_waiting(r.state) {
+                queued.clone()
+            } else {
+                self.keys.request(agent, seq)
+            },
+            record.encode_to_vec(),
+        );
         let ops = if is_waiting(r.state) {
-            vec![TxnOp::put(
-                queued.as_str(),
-                record.encode_to_vec(),
-                with_lease(),
-            )]
+            vec![TxnOp::put(queued.as_str(), written.1.clone(), with_lease())]
         } else {
             let bytes = r.body_bytes + answer.map_or(0, |a| a.body.len() as u64);
             let mut ops = vec![
                 TxnOp::delete(queued.as_str(), None),
-                TxnOp::put(
-                    self.keys.request(agent, seq),
-                    record.encode_to_vec(),
-                    with_lease(),
-                ),
+                TxnOp::put(written.0.as_str(), written.1.clone(), with_lease()),
                 TxnOp::put(
                     self.keys.finished(agent, seq),
                     bytes.to_string(),
@@ -865,15 +877,35 @@ impl Store {
                     .collect::<Vec<_>>(),
             );
         let bytes = r.body.len() + answer.map_or(0, |a| a.body.len());
-        let resp = self
-            .commit(txn, bytes)
-            .await
-            .map_err(|e| self.unavailable(e))?;
-        Ok(if resp.succeeded {
-            Finished::Done
-        } else {
-            Finished::LostClaim
-        })
+        let mut pause = FINISH_PAUSE_MIN;
+        let mut uncertain = false;
+        loop {
+            match self.commit(txn.clone(), bytes).await {
+                Ok(resp) if resp.succeeded => return Ok(Finished::Done),
+                Ok(_) if uncertain => {
+                    let (key, value) = &written;
+                    let found = self
+                        .again_if_transient(|mut c| async move { c.get(key.as_str(), None).await })
+                        .await?;
+                    let ours = found.kvs().first().is_some_and(|kv| kv.value() == value);
+                    return Ok(if ours {
+                        Finished::Done
+                    } else {
+                        Finished::LostClaim
+                    });
+                }
+                Ok(_) => return Ok(Finished::LostClaim),
+                Err(e) if crate::transient(&e) => {
+                    if !uncertain {
+                        tracing::warn!(agent = %agent, request_id = %r.id, error = %e, "cannot write a delivery's outcome yet; trying again until etcd answers");
+                    }
+                    uncertain = true;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(FINISH_PAUSE_MAX);
+                }
+                Err(e) => return Err(self.unavailable(e)),
+            }
+        }
     }
 
     /// Takes the replay of `agent`'s queue for `gateway` under its claim `lease`: `None` when

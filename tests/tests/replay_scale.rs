@@ -2,8 +2,8 @@
 //! restart, a gateway paused (SIGSTOP) past its claim lease mid-delivery (and one replaced by a
 //! process of the same name meanwhile), a gateway cut off
 //! from etcd mid-delivery (a stalled path, not a closed one), a keyed answer over the
-//! stored-answer limit, a dropped request's key, a SIGTERMed gateway during replay, and a
-//! gateway that starts taking its share of the agents' replay from one that has them all.
+//! stored-answer limit, a dropped request's key, a SIGTERMed gateway during replay, etcd
+//! killed while deliveries run, and a gateway that starts taking its share of the agents' replay from one that has them all.
 //! Real etcd, control plane, node agent, gateways and example-agent containers.
 
 use berth_tests::docker::{ready, wait_agent};
@@ -463,6 +463,57 @@ async fn a_gateway_stopped_with_sigterm_during_replay_leaves_nothing_dead() {
         ids.len()
     );
     assert_eq!(once, ids.len());
+}
+
+#[tokio::test]
+async fn etcd_killed_while_deliveries_run_loses_none_of_their_outcomes() {
+    let mut s = setup("etcdkill").await;
+    stop_agent(&s).await;
+    let base = format!("/agents/{}", s.name);
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        // Not safe to send twice: an outcome that was not written could only be dead-lettered.
+        ids.push(queued_id(
+            &post(&s.gw, &format!("{base}/slow?ms=1500&n={i}"), "x", "").await,
+        ));
+    }
+    assert!(s.cp.cli(&["start", &s.name]).status.success());
+    let running = |data: &Path| -> Vec<String> {
+        ids.iter()
+            .filter(|id| slow_runs(data, id).iter().any(|run| run.1.is_none()))
+            .cloned()
+            .collect()
+    };
+    let under_way = eventually(Duration::from_secs(60), "deliveries under way", || {
+        let now = running(s.data.path());
+        async move { (!now.is_empty()).then_some(now) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.gw.log()));
+    s.etcd.stop();
+    // etcd stays down until the agent has answered every delivery that was under way: their
+    // outcomes are known only to the gateway, which cannot write them meanwhile.
+    eventually(Duration::from_secs(30), "the deliveries answered", || {
+        let data = s.data.path();
+        let answered = under_way
+            .iter()
+            .all(|id| slow_runs(data, id).iter().all(|run| run.1.is_some()));
+        async move { answered.then_some(()) }
+    })
+    .await
+    .unwrap();
+    s.etcd.resume().await.unwrap();
+    wait_delivered(&s.gw, &ids, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.gw.log()));
+    let seen = counts(s.data.path());
+    let once = ids.iter().filter(|id| seen.get(*id) == Some(&1)).count();
+    eprintln!(
+        "etcd killed with {} deliveries under way: {} queued, {once} delivered once, 0 dead",
+        under_way.len(),
+        ids.len()
+    );
+    assert_eq!(once, ids.len(), "{seen:?}\n{}", s.gw.log());
 }
 
 /// Which gateway replays each agent's queue, by agent.

@@ -12,6 +12,10 @@
 //! [`ETCD_PAUSE`] at 45 %, and gateway a SIGSTOPped at 80 % for longer than its claim lease
 //! ([`GATEWAY_PAUSE`]), each then SIGCONTed. The drain rate then includes the stalls.
 //!
+//! With `--etcd-kill`, etcd is killed (SIGKILL) at 50 % of the drain and started again on its
+//! data [`ETCD_DOWN`] later: every write of the queue fails meanwhile (new requests, claims,
+//! outcomes), and the leases live on through the restart.
+//!
 //! Over time: `BERTH_SOAK_ROUNDS=N` queues and drains N times in one cluster (restarts and
 //! pauses each round), printing per round what etcd keeps after compaction and the gateways'
 //! memory, so that growth from round to round shows.
@@ -70,6 +74,8 @@ const REQUEST_TIMEOUT: &str = "5s";
 
 /// How long `--pauses` stops etcd (less than the leases, so none ends for it).
 const ETCD_PAUSE: Duration = Duration::from_secs(5);
+/// How long `--etcd-kill` keeps etcd down before starting it again.
+const ETCD_DOWN: Duration = Duration::from_secs(3);
 /// How long `--pauses` stops gateway a: past its claim lease (10 s), so that its claims and
 /// agents pass to gateway b while its deliveries may still be under way.
 const GATEWAY_PAUSE: Duration = Duration::from_secs(15);
@@ -444,9 +450,10 @@ pub async fn run() -> anyhow::Result<()> {
     let keyed_share = setting("BERTH_SOAK_KEYED", 1)?;
     let enqueue_only = std::env::args().any(|a| a == "--enqueue-only");
     let pauses = std::env::args().any(|a| a == "--pauses");
+    let etcd_kill = std::env::args().any(|a| a == "--etcd-kill");
     let restarts = !std::env::args().any(|a| a == "--no-restarts");
     let run = DockerRun::new()?;
-    let etcd = Etcd::start().await?;
+    let mut etcd = Etcd::start().await?;
     let cp = ControlPlane::start_with(
         &etcd.url(),
         &[
@@ -705,6 +712,8 @@ pub async fn run() -> anyhow::Result<()> {
         // When the stopped etcd or gateway a is to be continued: the loop goes on meanwhile, so
         // that the progress and the drain's end are seen while a process is stopped.
         let (mut etcd_until, mut gateway_until): (Option<Instant>, Option<Instant>) = (None, None);
+        // When the killed etcd is to be started again (`--etcd-kill`).
+        let (mut etcd_killed, mut etcd_down_until) = (!etcd_kill, None::<Instant>);
         let mut killed_at = None;
         let mut dead_seen: HashSet<String> = HashSet::new();
         let mut last_dead_check = Instant::now();
@@ -722,8 +731,11 @@ pub async fn run() -> anyhow::Result<()> {
             let after_kill =
                 killed_at.is_some_and(|t: Instant| t.elapsed() < Duration::from_secs(20));
             let every = if after_kill { 1 } else { 10 };
-            // Not while etcd is stopped: the listing would wait for it.
-            if etcd_until.is_none() && last_dead_check.elapsed() > Duration::from_secs(every) {
+            // Not while etcd is stopped or down: the listing would wait for it.
+            if etcd_until.is_none()
+                && etcd_down_until.is_none()
+                && last_dead_check.elapsed() > Duration::from_secs(every)
+            {
                 // A union: retention drops old finished records (every 30 s), dead ones included.
                 // Not more often otherwise: listing by state reads every finished record, which at
                 // this size is etcd work that slows the drain being measured.
@@ -740,6 +752,9 @@ pub async fn run() -> anyhow::Result<()> {
                 // Drained while a process was stopped: continued now, before what follows.
                 if etcd_until.take().is_some() {
                     etcd.signal("CONT");
+                }
+                if etcd_down_until.take().is_some() {
+                    etcd.resume().await?;
                 }
                 if gateway_until.take().is_some() {
                     gateways[0].signal("CONT");
@@ -784,6 +799,21 @@ pub async fn run() -> anyhow::Result<()> {
                 etcd.signal("CONT");
                 println!("etcd continued at {done} of {total}");
             }
+            if !etcd_killed && done >= total / 2 {
+                etcd_killed = true;
+                etcd.stop();
+                etcd_down_until = Some(Instant::now() + ETCD_DOWN);
+                println!("etcd killed (SIGKILL) at {done} of {total}");
+            }
+            if etcd_down_until.is_some_and(|t| Instant::now() >= t) {
+                etcd_down_until = None;
+                let t = Instant::now();
+                etcd.resume().await?;
+                println!(
+                    "etcd started again at {done} of {total}, answering in {:?}",
+                    t.elapsed()
+                );
+            }
             if !gateway_paused && done >= total * 8 / 10 {
                 gateway_paused = true;
                 gateways[0].signal("STOP");
@@ -800,7 +830,7 @@ pub async fn run() -> anyhow::Result<()> {
                 "not drained after 30 minutes: {done} of {total}"
             );
             if last_progress.elapsed() >= Duration::from_secs(5) {
-                let by = if etcd_until.is_some() {
+                let by = if etcd_until.is_some() || etcd_down_until.is_some() {
                     "(etcd stopped)".to_string()
                 } else {
                     replayers(&mut status).await
@@ -897,6 +927,12 @@ pub async fn run() -> anyhow::Result<()> {
                  {GATEWAY_PAUSE:?} at 80 %, past its claim lease"
             ));
         }
+        if etcd_kill {
+            happened.push(format!(
+                "etcd was killed (SIGKILL) at 50 % and started again on its data {ETCD_DOWN:?} \
+                 later"
+            ));
+        }
         let faults = if happened.is_empty() {
             String::new()
         } else {
@@ -938,7 +974,11 @@ pub async fn run() -> anyhow::Result<()> {
             sent.len(),
             enqueue.1,
             large_failures,
-            if pauses { " or the pause" } else { "" },
+            if pauses || etcd_kill {
+                " or another fault"
+            } else {
+                ""
+            },
             dead_set.len(),
             *CONCURRENCY,
             raw.0,
@@ -1001,6 +1041,7 @@ pub async fn run() -> anyhow::Result<()> {
             && enqueue_gateways == 2
             && keyed_share != 0
             && !pauses
+            && !etcd_kill
             && restarts
             && rounds == 1
         {
