@@ -85,15 +85,11 @@ where
             _ = tick.tick() => {}
             _ = stop.cancelled() => break Ok(()),
         }
-        match tokio::time::timeout(RENEW_EVERY, renewer.renew()).await {
-            Ok(Ok(())) => renewed = Instant::now(),
-            Ok(Err(StoreError::NotFound { .. })) => break Ok(()),
-            Ok(Err(e)) if renewed.elapsed() + RENEW_EVERY >= LEADER_TTL => break Err(e),
-            Ok(Err(_)) | Err(_) => {
-                if renewed.elapsed() + RENEW_EVERY >= LEADER_TTL {
-                    break Ok(());
-                }
-            }
+        match renewer.renew_within(RENEW_EVERY).await {
+            Ok(()) => renewed = Instant::now(),
+            Err(StoreError::NotFound { .. }) => break Ok(()),
+            Err(e) if renewed.elapsed() + RENEW_EVERY >= LEADER_TTL => break Err(e),
+            Err(_) => {}
         }
     };
     term.cancel();

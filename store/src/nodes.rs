@@ -61,6 +61,27 @@ impl LeaseRenewer {
         result
     }
 
+    /// Renews the lease once, giving up after `within`. The keep-alive stream is opened again
+    /// at the next renewal after a failure or a renewal that did not finish in time (a stream
+    /// to an etcd that was stopped or restarted may never answer).
+    pub async fn renew_within(&mut self, within: std::time::Duration) -> Result<(), StoreError> {
+        match tokio::time::timeout(within, self.try_renew()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                self.stream = None;
+                Err(e)
+            }
+            Err(_) => {
+                self.stream = None;
+                Err(self
+                    .store
+                    .unavailable(etcd_client::Error::LeaseKeepAliveError(format!(
+                        "no answer to a renewal within {within:?}"
+                    ))))
+            }
+        }
+    }
+
     async fn try_renew(&mut self) -> Result<(), StoreError> {
         if self.stream.is_none() {
             let opened = self

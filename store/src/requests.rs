@@ -17,6 +17,7 @@
 //! its lease) cannot overwrite what the next holder did.
 
 use super::{decode, Resends, Store, StoreError, TRANSIENT_RETRIES};
+use crate::batch::Committed;
 use berth_proto::v1::{Request, RequestState, StoredResponse};
 use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse};
 use prost::Message;
@@ -38,10 +39,11 @@ pub const MAX_WRITE_PAYLOAD: usize = 1_280 * 1024;
 /// Bodies up to this size ride in the request's record (one key fewer per request; a claim
 /// rewrites at most this much besides the metadata); larger ones are kept apart.
 pub const INLINE_BODY_BYTES: usize = 4096;
-/// The first pause before a delivery's outcome is sent again to an etcd that did not answer.
-pub const FINISH_PAUSE_MIN: Duration = Duration::from_millis(100);
-/// The longest pause between attempts to write a delivery's outcome.
-pub const FINISH_PAUSE_MAX: Duration = Duration::from_secs(1);
+/// The first pause before a claim or a delivery's outcome is sent again to an etcd that did not
+/// answer ([`Store::claim_request`], [`Store::finish_request`]).
+pub const RESEND_PAUSE_MIN: Duration = Duration::from_millis(100);
+/// The longest pause between attempts to write a claim or a delivery's outcome.
+pub const RESEND_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// What the index of a positional id holds once a reader has settled that no request has it
 /// ([`Store::get_request_settled`]).
 pub const NEVER_STORED: &str = "never-stored";
@@ -741,7 +743,10 @@ impl Store {
 
     /// Claims `stored` for delivery by `gateway` under `claim_lease`, marking it delivering
     /// with one more attempt that ends by `deadline`; otherwise who holds it, or that it
-    /// changed meanwhile.
+    /// changed meanwhile. Sent again while etcd cannot be reached, until it answers; after an
+    /// attempt whose fate is unknown, a claim that etcd applied is found and returned as
+    /// claimed, so that a claim never stands for a delivery that was not sent (its request
+    /// would look interrupted and, unless safe to send twice, be dead-lettered).
     pub async fn claim_request(
         &self,
         stored: &StoredRequest,
@@ -777,11 +782,18 @@ impl Store {
                 TxnOp::get(claim.as_str(), None),
                 TxnOp::get(key.as_str(), Some(GetOptions::new().with_count_only())),
             ]);
-        let resp = self
-            .commit(txn, r.body.len())
-            .await
-            .map_err(|e| self.unavailable(e))?;
+        let (resp, uncertain) = self
+            .commit_until_answered(txn, r.body.len(), || {
+                format!("the claim of request {}", r.id)
+            })
+            .await?;
         let revision = resp.revision;
+        if !resp.succeeded && uncertain {
+            // An earlier attempt's fate was unknown: its claim, if etcd applied it, is ours.
+            if let Some(claim) = self.own_claim(&claimed, claim_lease, stored.lease).await? {
+                return Ok(ClaimOutcome::Claimed(Box::new(claim)));
+            }
+        }
         if !resp.succeeded {
             let mut gets = resp.responses.into_iter().filter_map(|op| match op {
                 TxnOpResponse::Get(get) => Some(get),
@@ -812,13 +824,57 @@ impl Store {
         })))
     }
 
+    /// The claim of `claimed` (the record as a claim under `claim_lease` writes it), if etcd
+    /// holds it: the claim key under that lease, and the record as the same transaction wrote
+    /// it (its attempt and deadline).
+    async fn own_claim(
+        &self,
+        claimed: &Request,
+        claim_lease: i64,
+        record_lease: i64,
+    ) -> Result<Option<Claim>, StoreError> {
+        let claim_key = self.keys.claim(&claimed.agent, claimed.seq);
+        let record_key = self.keys.queued(&claimed.agent, claimed.seq);
+        let (claim_key, record_key) = (claim_key.as_str(), record_key.as_str());
+        let read = self
+            .again_if_transient(|mut c| async move {
+                c.txn(
+                    Txn::new()
+                        .and_then([TxnOp::get(claim_key, None), TxnOp::get(record_key, None)]),
+                )
+                .await
+            })
+            .await?;
+        let mut kvs = read.op_responses().into_iter().map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().cloned(),
+            _ => None,
+        });
+        let (Some(Some(claim)), Some(Some(record))) = (kvs.next(), kvs.next()) else {
+            return Ok(None);
+        };
+        let stands = decode::<Request>(record.key(), record.value()).ok();
+        let ours = claim.lease() == claim_lease
+            && record.mod_revision() == claim.mod_revision()
+            && stands.is_some_and(|r| {
+                r.attempts == claimed.attempts && r.attempt_deadline == claimed.attempt_deadline
+            });
+        Ok(ours.then(|| Claim {
+            stored: StoredRequest {
+                request: claimed.clone(),
+                revision: record.mod_revision(),
+                lease: record_lease,
+            },
+            revision: claim.mod_revision(),
+        }))
+    }
+
     /// Writes the outcome of a delivery (`claim.stored.request` as it should now stand, and
     /// the agent's answer if it was delivered) and releases the claim, only while the claim
     /// is still ours. A request that no longer waits moves from the queue to the finished.
     ///
     /// An outcome is known only here, once the agent has answered: while etcd cannot be reached
     /// (down, restarting, no leader) it is sent again, after a pause that grows to
-    /// [`FINISH_PAUSE_MAX`], until etcd answers. The caller bounds the wait: a replayer drops
+    /// [`RESEND_PAUSE_MAX`], until etcd answers. The caller bounds the wait: a replayer drops
     /// its deliveries once its claim lease may have ended. After an attempt whose fate is
     /// unknown, a compare that fails may be that attempt's own success: the record is read,
     /// and found as this outcome wrote it, it is [`Finished::Done`].
@@ -877,31 +933,48 @@ impl Store {
                     .collect::<Vec<_>>(),
             );
         let bytes = r.body.len() + answer.map_or(0, |a| a.body.len());
-        let mut pause = FINISH_PAUSE_MIN;
+        let (resp, uncertain) = self
+            .commit_until_answered(txn, bytes, || format!("the outcome of request {}", r.id))
+            .await?;
+        if resp.succeeded {
+            return Ok(Finished::Done);
+        }
+        if uncertain {
+            let (key, value) = &written;
+            let found = self
+                .again_if_transient(|mut c| async move { c.get(key.as_str(), None).await })
+                .await?;
+            if found.kvs().first().is_some_and(|kv| kv.value() == value) {
+                return Ok(Finished::Done);
+            }
+        }
+        Ok(Finished::LostClaim)
+    }
+
+    /// Commits `txn`, a transaction guarded by its compares, sending it again while etcd
+    /// cannot be reached (after a pause growing from [`RESEND_PAUSE_MIN`] to
+    /// [`RESEND_PAUSE_MAX`]) until etcd answers; with whether an earlier attempt's fate is
+    /// unknown (etcd may have applied it, so that a compare failing now may be its doing).
+    /// `what` names the write in the log. The caller bounds the wait (a replayer drops its
+    /// deliveries once its claim lease may have ended).
+    async fn commit_until_answered(
+        &self,
+        txn: Txn,
+        bytes: usize,
+        what: impl Fn() -> String,
+    ) -> Result<(Committed, bool), StoreError> {
+        let mut pause = RESEND_PAUSE_MIN;
         let mut uncertain = false;
         loop {
             match self.commit(txn.clone(), bytes).await {
-                Ok(resp) if resp.succeeded => return Ok(Finished::Done),
-                Ok(_) if uncertain => {
-                    let (key, value) = &written;
-                    let found = self
-                        .again_if_transient(|mut c| async move { c.get(key.as_str(), None).await })
-                        .await?;
-                    let ours = found.kvs().first().is_some_and(|kv| kv.value() == value);
-                    return Ok(if ours {
-                        Finished::Done
-                    } else {
-                        Finished::LostClaim
-                    });
-                }
-                Ok(_) => return Ok(Finished::LostClaim),
+                Ok(resp) => return Ok((resp, uncertain)),
                 Err(e) if crate::transient(&e) => {
                     if !uncertain {
-                        tracing::warn!(agent = %agent, request_id = %r.id, error = %e, "cannot write a delivery's outcome yet; trying again until etcd answers");
+                        tracing::warn!(error = %e, "cannot write {} yet; trying again until etcd answers", what());
                     }
                     uncertain = true;
                     tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(FINISH_PAUSE_MAX);
+                    pause = (pause * 2).min(RESEND_PAUSE_MAX);
                 }
                 Err(e) => return Err(self.unavailable(e)),
             }

@@ -37,6 +37,8 @@ pub const CLAIM_TTL: Duration = Duration::from_secs(10);
 pub const CLAIM_RENEW: Duration = Duration::from_secs(3);
 /// Time between passes when nothing changes (a backstop; changes wake the loop at once).
 pub const TICK: Duration = Duration::from_millis(500);
+/// How soon a claim lease renewal that failed is tried again.
+pub const RENEW_RETRY: Duration = Duration::from_millis(500);
 /// First wait after a failed delivery; it doubles per attempt.
 pub const BACKOFF_MIN: Duration = Duration::from_millis(500);
 /// Longest wait after a failed delivery.
@@ -455,10 +457,12 @@ async fn replay(
                 if renewed.elapsed() + CLAIM_RENEW >= CLAIM_TTL {
                     return Err(lost());
                 }
-                match tokio::time::timeout(CLAIM_RENEW, renewer.renew()).await {
-                    Ok(Ok(())) => renewed = Instant::now(),
-                    Ok(Err(StoreError::NotFound { .. })) => return Err(lost()),
-                    Ok(Err(_)) | Err(_) => {}
+                match renewer.renew_within(CLAIM_RENEW).await {
+                    Ok(()) => renewed = Instant::now(),
+                    Err(StoreError::NotFound { .. }) => return Err(lost()),
+                    // etcd down or restarting: tried again soon, not a whole interval later,
+                    // so that an outage shorter than the lease costs no delivery.
+                    Err(_) => renew.reset_after(RENEW_RETRY),
                 }
             }
             _ = tokio::time::sleep(TICK) => {}
