@@ -65,12 +65,8 @@ impl LeaseRenewer {
     /// at the next renewal after a failure or a renewal that did not finish in time (a stream
     /// to an etcd that was stopped or restarted may never answer).
     pub async fn renew_within(&mut self, within: std::time::Duration) -> Result<(), StoreError> {
-        match tokio::time::timeout(within, self.try_renew()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
-                self.stream = None;
-                Err(e)
-            }
+        match tokio::time::timeout(within, self.renew()).await {
+            Ok(renewed) => renewed,
             Err(_) => {
                 self.stream = None;
                 Err(self

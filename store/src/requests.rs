@@ -891,21 +891,23 @@ impl Store {
         let mut record = r.clone();
         record.response = None;
         // Where the record goes, and what it holds: read back after an uncertain attempt.
-        let written = (
-            if is_waiting(r.state) {
-                queued.clone()
-            } else {
-                self.keys.request(agent, seq)
-            },
-            record.encode_to_vec(),
-        );
+        let record_key = if is_waiting(r.state) {
+            queued.clone()
+        } else {
+            self.keys.request(agent, seq)
+        };
+        let record_bytes = record.encode_to_vec();
         let ops = if is_waiting(r.state) {
-            vec![TxnOp::put(queued.as_str(), written.1.clone(), with_lease())]
+            vec![TxnOp::put(
+                record_key.as_str(),
+                record_bytes.clone(),
+                with_lease(),
+            )]
         } else {
             let bytes = r.body_bytes + answer.map_or(0, |a| a.body.len() as u64);
             let mut ops = vec![
                 TxnOp::delete(queued.as_str(), None),
-                TxnOp::put(written.0.as_str(), written.1.clone(), with_lease()),
+                TxnOp::put(record_key.as_str(), record_bytes.clone(), with_lease()),
                 TxnOp::put(
                     self.keys.finished(agent, seq),
                     bytes.to_string(),
@@ -940,11 +942,15 @@ impl Store {
             return Ok(Finished::Done);
         }
         if uncertain {
-            let (key, value) = &written;
+            let key = record_key.as_str();
             let found = self
-                .again_if_transient(|mut c| async move { c.get(key.as_str(), None).await })
+                .again_if_transient(|mut c| async move { c.get(key, None).await })
                 .await?;
-            if found.kvs().first().is_some_and(|kv| kv.value() == value) {
+            if found
+                .kvs()
+                .first()
+                .is_some_and(|kv| kv.value() == record_bytes)
+            {
                 return Ok(Finished::Done);
             }
         }

@@ -3,7 +3,8 @@
 //! process of the same name meanwhile), a gateway cut off
 //! from etcd mid-delivery (a stalled path, not a closed one), a keyed answer over the
 //! stored-answer limit, a dropped request's key, a SIGTERMed gateway during replay, etcd
-//! killed while deliveries run, and a gateway that starts taking its share of the agents' replay from one that has them all.
+//! killed while deliveries run, and a gateway that starts taking its share of the agents'
+//! replay from one that has them all.
 //! Real etcd, control plane, node agent, gateways and example-agent containers.
 
 use berth_tests::docker::{ready, wait_agent};
