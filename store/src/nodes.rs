@@ -78,14 +78,25 @@ impl LeaseRenewer {
         }
     }
 
+    /// The lease has expired (or was revoked).
+    fn gone(&self) -> StoreError {
+        StoreError::NotFound {
+            kind: "lease",
+            name: format!("{:x}", self.lease),
+        }
+    }
+
     async fn try_renew(&mut self) -> Result<(), StoreError> {
         if self.stream.is_none() {
-            let opened = self
-                .store
-                .client()
-                .lease_keep_alive(self.lease)
-                .await
-                .map_err(|e| self.store.unavailable(e))?;
+            // Opening the stream for a lease that is gone fails (the client reads etcd's first
+            // answer, TTL 0, as an error): the lease has expired, as below, and no retry can
+            // bring it back, so it is not told as etcd out of reach (after etcd stood still
+            // past a node's lease, the node session would renew in vain and its node stay down).
+            let opened = match self.store.client().lease_keep_alive(self.lease).await {
+                Ok(opened) => opened,
+                Err(e) if lease_gone(&e) => return Err(self.gone()),
+                Err(e) => return Err(self.store.unavailable(e)),
+            };
             self.stream = Some(opened);
         }
         let (keeper, responses) = self.stream.as_mut().expect("opened above");
@@ -99,16 +110,22 @@ impl LeaseRenewer {
             .map_err(|e| self.store.unavailable(e))?;
         match response {
             Some(r) if r.ttl() > 0 => Ok(()),
-            Some(_) => Err(StoreError::NotFound {
-                kind: "lease",
-                name: format!("{:x}", self.lease),
-            }),
+            Some(_) => Err(self.gone()),
             None => Err(self
                 .store
                 .unavailable(etcd_client::Error::LeaseKeepAliveError(
                     "the keep-alive stream closed".into(),
                 ))),
         }
+    }
+}
+
+/// Whether opening a keep-alive stream failed because the lease no longer exists.
+fn lease_gone(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::LeaseKeepAliveError(message) => message.contains("lease not found"),
+        etcd_client::Error::GRpcStatus(status) => status.code() == tonic::Code::NotFound,
+        _ => false,
     }
 }
 

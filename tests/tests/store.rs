@@ -647,3 +647,34 @@ async fn an_id_a_reader_found_no_request_under_is_never_stored_afterwards() {
     store.enqueue_request(&mut r, ttl).await.unwrap();
     assert_eq!(store.get_request(&id).await.unwrap().request.id, id);
 }
+
+/// A lease that ended while no keep-alive stream was open (etcd stood still or restarted past
+/// its TTL, and the stream broke meanwhile) is told as gone, not as etcd out of reach: its
+/// holder must take a new lease, for no renewal of this one can succeed.
+#[tokio::test]
+async fn a_renewal_of_a_lease_that_ended_while_its_stream_was_closed_says_it_is_gone() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = store(&etcd).await;
+    let lease = store.grant_lease(30).await.unwrap();
+    let mut renewer = store.lease_renewer(lease);
+    renewer.renew().await.unwrap();
+    // On an open stream, etcd answers the renewal of a revoked lease with TTL 0.
+    store.revoke_lease(lease).await;
+    assert!(matches!(
+        renewer.renew().await,
+        Err(berth_store::StoreError::NotFound { .. })
+    ));
+    // On a stream opened after it ended, the opening itself fails; again and again alike.
+    for _ in 0..2 {
+        let mut reopened = store.lease_renewer(lease);
+        assert!(matches!(
+            reopened.renew_within(Duration::from_secs(5)).await,
+            Err(berth_store::StoreError::NotFound { .. })
+        ));
+    }
+    // A live lease still renews on a stream opened anew.
+    let live = store.grant_lease(30).await.unwrap();
+    let mut renewer = store.lease_renewer(live);
+    renewer.renew().await.unwrap();
+    renewer.renew().await.unwrap();
+}

@@ -9,7 +9,8 @@
 //! this run; writes them to BENCHMARKS.md.
 //!
 //! With `--pauses`, the drain also goes through two stalls: etcd SIGSTOPped for
-//! [`ETCD_PAUSE`] at 45 %, and gateway a SIGSTOPped at 80 % for longer than its claim lease
+//! [`ETCD_PAUSE`] at 45 % (`BERTH_SOAK_ETCD_PAUSE=S` for S seconds instead: past the claim
+//! lease, 10 s, every claim ends while etcd stands still), and gateway a SIGSTOPped at 80 % for longer than its claim lease
 //! ([`GATEWAY_PAUSE`]), each then SIGCONTed. The drain rate then includes the stalls.
 //!
 //! With `--etcd-kill`, etcd is killed (SIGKILL) at 50 % of the drain and started again on its
@@ -72,7 +73,8 @@ const KEPT_PER_AGENT: &str = "1000";
 /// dead-lettered) only once its attempt's deadline, this plus 2 s, has passed.
 const REQUEST_TIMEOUT: &str = "5s";
 
-/// How long `--pauses` stops etcd (less than the leases, so none ends for it).
+/// How long `--pauses` stops etcd, unless `BERTH_SOAK_ETCD_PAUSE` says otherwise (less than
+/// the leases, so none ends for it).
 const ETCD_PAUSE: Duration = Duration::from_secs(5);
 /// How long `--etcd-kill` keeps etcd down before starting it again.
 const ETCD_DOWN: Duration = Duration::from_secs(3);
@@ -450,6 +452,10 @@ pub async fn run() -> anyhow::Result<()> {
     let keyed_share = setting("BERTH_SOAK_KEYED", 1)?;
     let enqueue_only = std::env::args().any(|a| a == "--enqueue-only");
     let pauses = std::env::args().any(|a| a == "--pauses");
+    let etcd_pause = match std::env::var_os("BERTH_SOAK_ETCD_PAUSE") {
+        Some(_) => Duration::from_secs(setting("BERTH_SOAK_ETCD_PAUSE", 0)? as u64),
+        None => ETCD_PAUSE,
+    };
     let etcd_kill = std::env::args().any(|a| a == "--etcd-kill");
     let restarts = !std::env::args().any(|a| a == "--no-restarts");
     let run = DockerRun::new()?;
@@ -791,8 +797,8 @@ pub async fn run() -> anyhow::Result<()> {
             if !etcd_paused && done >= total * 45 / 100 {
                 etcd_paused = true;
                 etcd.signal("STOP");
-                etcd_until = Some(Instant::now() + ETCD_PAUSE);
-                println!("etcd paused (SIGSTOP) for {ETCD_PAUSE:?} at {done} of {total}");
+                etcd_until = Some(Instant::now() + etcd_pause);
+                println!("etcd paused (SIGSTOP) for {etcd_pause:?} at {done} of {total}");
             }
             if etcd_until.is_some_and(|t| Instant::now() >= t) {
                 etcd_until = None;
@@ -923,7 +929,7 @@ pub async fn run() -> anyhow::Result<()> {
         }
         if pauses {
             happened.push(format!(
-                "etcd was paused (SIGSTOP) for {ETCD_PAUSE:?} at 45 % and gateway a for \
+                "etcd was paused (SIGSTOP) for {etcd_pause:?} at 45 % and gateway a for \
                  {GATEWAY_PAUSE:?} at 80 %, past its claim lease"
             ));
         }
