@@ -1,6 +1,7 @@
 //! The node agent against the real Docker engine: deploy to ready, crash and restart, a failing
 //! health check, kill -9 of the node agent (adoption), removal; stop, start, pause and resume;
-//! logs; host volumes; crashes restarted while the control plane is down.
+//! logs; host volumes; crashes restarted while the control plane is down; etcd standing still
+//! past the node lease.
 
 use berth_proto::v1::{
     Agent, AgentSpec, CreateAgentRequest, DeleteAgentRequest, DesiredState, HealthCheck,
@@ -478,4 +479,64 @@ async fn a_node_agent_whose_network_was_replaced_settles_again_and_runs_its_repl
         "{{range $k, $v := .NetworkSettings.Networks}}{{$v.NetworkID}}{{end}}",
     );
     assert_eq!(networks.trim(), replaced);
+}
+
+/// etcd standing still for longer than a node's lease (20 s) ends that lease when it goes on:
+/// the node record is gone, and the node must come back under a new lease by itself (its
+/// session renewed the ended lease in vain before, and the node stayed down for good). Its
+/// replicas stay where they run.
+#[tokio::test]
+async fn a_node_comes_back_after_etcd_stood_still_past_its_lease() {
+    let run = DockerRun::new().unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
+    let node_name = unique_name("node");
+    let node = NodeAgent::start(&cp.url(), &node_name, &run).unwrap();
+    let api = cp.agents().await.unwrap();
+    let name = unique_name("echo");
+    let out = cp.deploy_echo(&name, &[]);
+    assert!(out.status.success(), "{out:?}");
+    let agent = wait_agent(&api, &name, "1 ready", |a| ready(a) == 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", cp.log(), node.log()));
+    let container = replica(&agent, &format!("{name}-0"))
+        .unwrap()
+        .container_id
+        .clone();
+
+    // The fault lasts past the node's lease: this wait is the fault, not a readiness poll.
+    etcd.signal("STOP");
+    tokio::time::sleep(Duration::from_secs(23)).await;
+    etcd.signal("CONT");
+
+    let node_ready = |nodes: &str| {
+        nodes.lines().any(|l| {
+            l.split_whitespace()
+                .take(2)
+                .eq([node_name.as_str(), "Ready"])
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let nodes = stdout(&cp.cli(&["nodes"]));
+        if node_ready(&nodes) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the node did not come back within 30 s of etcd going on:\n{nodes}\n{}",
+            cp.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let agent = wait_agent(&api, &name, "1 ready", |a| ready(a) == 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", cp.log(), node.log()));
+    let now = replica(&agent, &format!("{name}-0")).map(|r| r.container_id.clone());
+    assert_eq!(
+        now.as_deref(),
+        Some(container.as_str()),
+        "the replica was replaced\n{}",
+        cp.log()
+    );
 }
