@@ -1,6 +1,6 @@
 //! The fleet on real Docker: three node agents (their own names, one engine), a partition made
-//! by stopping a node agent with SIGSTOP, a short blip, a drain, rolling updates, and leader
-//! failover between two control planes.
+//! by stopping a node agent with SIGSTOP, a short blip, etcd standing still past the node
+//! lease, a drain, rolling updates, and leader failover between two control planes.
 
 use berth_proto::v1::{Agent, Node, NodeStatus};
 use berth_tests::docker::{ready, wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
@@ -219,6 +219,55 @@ async fn a_partitioned_node_loses_its_replicas_and_a_blip_restarts_nothing() {
         .await
         .unwrap();
     assert!(nodes_of(&agent).values().all(|n| *n != lost.name));
+}
+
+/// etcd standing still past the node lease (20 s) ends every node's lease at once when it goes
+/// on: each node comes back under a new lease, and no replica moves or restarts for it.
+#[tokio::test]
+async fn etcd_standing_still_past_the_node_lease_moves_nothing() {
+    let Fleet {
+        run,
+        etcd,
+        cp,
+        nodes,
+        api,
+    } = Fleet::start("s").await;
+    let name = unique_name("still");
+    let out = cp.cli(&["deploy", "-n", &name, "-i", ECHO_IMAGE, "--replicas", "3"]);
+    assert!(out.status.success(), "{out:?}");
+    let agent = wait_agent(&api, &name, "3 ready", |a| ready(a) == 3)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cp.log()));
+    let placed = nodes_of(&agent);
+    let containers = run.containers();
+    assert_eq!(containers.len(), 3);
+    let started: Vec<String> = containers
+        .iter()
+        .map(|c| run.inspect(c, "{{.State.StartedAt}}"))
+        .collect();
+
+    etcd.signal("STOP");
+    tokio::time::sleep(Duration::from_secs(23)).await; // the fault itself
+    etcd.signal("CONT");
+    for node in &nodes {
+        eventually(Duration::from_secs(30), "the node back", || async {
+            let record = node_record(&etcd, &node.name).await?;
+            (record.status == NodeStatus::Ready as i32).then_some(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {}\n{}", node.name, cp.log()));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await; // room for a wrongful reaction
+    let agent = wait_agent(&api, &name, "3 ready", |a| ready(a) == 3)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cp.log()));
+    assert_eq!(nodes_of(&agent), placed, "nothing moved\n{}", cp.log());
+    assert_eq!(run.containers(), containers, "nothing replaced");
+    let after: Vec<String> = containers
+        .iter()
+        .map(|c| run.inspect(c, "{{.State.StartedAt}}"))
+        .collect();
+    assert_eq!(after, started, "nothing restarted");
 }
 
 #[tokio::test]

@@ -21,6 +21,13 @@ pub const PASS_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time between reconciles when nothing changes.
 pub const REQUEUE: Duration = Duration::from_secs(5);
 
+/// How long a term leaves the replicas of nodes without a record where they are. etcd standing
+/// still past the node lease ends every node's lease at once, and the leader's term with them;
+/// each node's session takes a new lease at its next heartbeat (2 s), and a leader that has
+/// just started cannot tell those nodes from nodes that are gone. A node still without a record
+/// after this has its replicas moved as usual.
+pub const DOWN_GRACE: Duration = super::NODE_LEASE_TTL;
+
 /// The assignment `agent`'s replica `replica` should carry.
 pub fn assignment_for(agent: &Agent, replica: &str) -> Assignment {
     let meta = agent.meta.clone().unwrap_or_default();
@@ -480,6 +487,7 @@ fn replica_index(replica: &str) -> u64 {
 
 /// Runs placement until `stop` is cancelled; a pass under way finishes first.
 pub async fn run(store: Store, stop: CancellationToken) {
+    let term = tokio::time::Instant::now();
     // Changes to agents, statuses (rollouts wait on readiness), cordons and node liveness wake
     // the loop; a heartbeat that changes only `last_seen` does not. Otherwise it requeues.
     let watch = |prefix: String| list_watch(&store, prefix);
@@ -496,7 +504,8 @@ pub async fn run(store: Store, stop: CancellationToken) {
     loop {
         if dirty {
             // Bounded: a pass stuck on etcd must not stop placement for good.
-            match tokio::time::timeout(PASS_TIMEOUT, reconcile(&store)).await {
+            let hold_moves = term.elapsed() < DOWN_GRACE;
+            match tokio::time::timeout(PASS_TIMEOUT, reconcile(&store, hold_moves)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "placement failed; retrying"),
                 Err(_) => tracing::warn!("placement pass took over {PASS_TIMEOUT:?}; retrying"),
@@ -523,6 +532,16 @@ pub async fn run(store: Store, stop: CancellationToken) {
     }
 }
 
+/// The nodes placement takes as alive: those with a record, and with `hold_moves` also every
+/// node a placement names (see [`DOWN_GRACE`]).
+fn known_nodes(records: &[Node], placements: &[Placement], hold_moves: bool) -> HashSet<String> {
+    let mut known: HashSet<String> = records.iter().map(|n| n.name.clone()).collect();
+    if hold_moves {
+        known.extend(placements.iter().map(|p| p.node.clone()));
+    }
+    known
+}
+
 /// Whether a change under the nodes prefix changes a node's liveness (a heartbeat that only
 /// moves `last_seen` does not), keeping `liveness` current.
 fn node_changed(liveness: &mut HashMap<String, i32>, change: Change) -> bool {
@@ -542,7 +561,8 @@ fn node_changed(liveness: &mut HashMap<String, i32>, change: Change) -> bool {
     }
 }
 
-async fn reconcile(store: &Store) -> Result<(), StoreError> {
+/// One pass; with `hold_moves`, no replica moves off a node for want of its record.
+async fn reconcile(store: &Store, hold_moves: bool) -> Result<(), StoreError> {
     let (mut agents, _) = store.list_agents().await?;
     // Assignments carry the secret values (their nodes give them to the containers, and a
     // changed secret changes the container digest); the agents' specs only say `<redacted>`.
@@ -564,7 +584,8 @@ async fn reconcile(store: &Store) -> Result<(), StoreError> {
     }
     let records = store.list_nodes().await?;
     let cordoned = store.cordoned().await?;
-    let known = records.iter().map(|n| n.name.clone()).collect();
+    let (placements, _) = store.list_placements(None).await?;
+    let known = known_nodes(&records, &placements, hold_moves);
     // New replicas go to ready nodes that are not cordoned.
     let schedulable: Vec<Node> = records
         .into_iter()
@@ -579,7 +600,6 @@ async fn reconcile(store: &Store) -> Result<(), StoreError> {
             .filter_map(|(name, draining)| draining.then_some(name))
             .collect(),
     };
-    let (placements, _) = store.list_placements(None).await?;
     let Plan {
         puts,
         deletes,
@@ -798,6 +818,47 @@ mod tests {
             (puts[0].node.as_str(), puts[0].assignment.replica.as_str()),
             ("n2", "a-0")
         );
+    }
+
+    #[test]
+    fn a_new_term_moves_nothing_off_nodes_without_a_record_until_the_grace_ends() {
+        let a = agent("a", 2, 1);
+        let placements = vec![
+            Placement {
+                node: "n1".into(),
+                assignment: assignment_for(&a, "a-0"),
+            },
+            Placement {
+                node: "n2".into(),
+                assignment: assignment_for(&a, "a-1"),
+            },
+        ];
+        // Every lease ended at once (etcd stood still); n2 is back, n1 not yet.
+        let alive = vec![node("n2")];
+        let held = known_nodes(&alive, &placements, true);
+        let (puts, deletes) = run(
+            std::slice::from_ref(&a),
+            &alive,
+            &held.into_iter().collect::<Vec<_>>(),
+            &placements,
+        );
+        assert!(
+            puts.is_empty() && deletes.is_empty(),
+            "{puts:?} {deletes:?}"
+        );
+        // After the grace, n1 without a record is down: its replica moves.
+        let known = known_nodes(&alive, &placements, false);
+        assert_eq!(known, HashSet::from(["n2".to_string()]));
+        let (puts, deletes) = run(
+            &[a],
+            &alive,
+            &known.into_iter().collect::<Vec<_>>(),
+            &placements,
+        );
+        assert_eq!(deletes.len(), 1);
+        assert_eq!(deletes[0].node, "n1");
+        assert_eq!(puts.len(), 1);
+        assert_eq!(puts[0].node, "n2");
     }
 
     #[test]
