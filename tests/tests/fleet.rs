@@ -72,26 +72,43 @@ impl Fleet {
             api,
         }
     }
+
+    /// Deploys an agent of three replicas (named from `prefix`) and waits until all are ready.
+    async fn deploy_three(&self, prefix: &str) -> (String, Agent) {
+        let name = unique_name(prefix);
+        let out = self
+            .cp
+            .cli(&["deploy", "-n", &name, "-i", ECHO_IMAGE, "--replicas", "3"]);
+        assert!(out.status.success(), "{out:?}");
+        let agent = wait_agent(&self.api, &name, "3 ready", |a| ready(a) == 3)
+            .await
+            .unwrap_or_else(|e| {
+                let logs: Vec<String> = self.nodes.iter().map(NodeAgent::log).collect();
+                panic!("{e}\n{}\n{}", self.cp.log(), logs.join("\n"))
+            });
+        (name, agent)
+    }
+}
+
+/// When each of `containers` started.
+fn started_at(run: &DockerRun, containers: &[String]) -> Vec<String> {
+    containers
+        .iter()
+        .map(|c| run.inspect(c, "{{.State.StartedAt}}"))
+        .collect()
 }
 
 #[tokio::test]
 async fn a_partitioned_node_loses_its_replicas_and_a_blip_restarts_nothing() {
+    let fleet = Fleet::start("n").await;
+    let (name, agent) = fleet.deploy_three("spread").await;
     let Fleet {
         run,
         etcd,
         cp,
         nodes,
         api,
-    } = Fleet::start("n").await;
-    let name = unique_name("spread");
-    let out = cp.cli(&["deploy", "-n", &name, "-i", ECHO_IMAGE, "--replicas", "3"]);
-    assert!(out.status.success(), "{out:?}");
-    let agent = wait_agent(&api, &name, "3 ready", |a| ready(a) == 3)
-        .await
-        .unwrap_or_else(|e| {
-            let logs: Vec<String> = nodes.iter().map(NodeAgent::log).collect();
-            panic!("{e}\n{}\n{}", cp.log(), logs.join("\n"))
-        });
+    } = fleet;
     let placed = nodes_of(&agent);
     let mut used: Vec<&String> = placed.values().collect();
     used.sort();
@@ -140,10 +157,7 @@ async fn a_partitioned_node_loses_its_replicas_and_a_blip_restarts_nothing() {
 
     // A 5 s blip: nothing restarts or moves.
     let containers = run.containers();
-    let started: Vec<String> = containers
-        .iter()
-        .map(|c| run.inspect(c, "{{.State.StartedAt}}"))
-        .collect();
+    let started = started_at(&run, &containers);
     nodes[0].signal("STOP");
     tokio::time::sleep(Duration::from_secs(5)).await; // the blip itself
     nodes[0].signal("CONT");
@@ -153,10 +167,7 @@ async fn a_partitioned_node_loses_its_replicas_and_a_blip_restarts_nothing() {
         .unwrap();
     assert_eq!(nodes_of(&agent), placed, "nothing moved");
     assert_eq!(run.containers(), containers, "nothing replaced");
-    let after: Vec<String> = containers
-        .iter()
-        .map(|c| run.inspect(c, "{{.State.StartedAt}}"))
-        .collect();
+    let after = started_at(&run, &containers);
     assert_eq!(after, started, "nothing restarted");
 
     // A partition: unknown after 10 s, down after 20 s, its replica ready elsewhere.
@@ -225,26 +236,19 @@ async fn a_partitioned_node_loses_its_replicas_and_a_blip_restarts_nothing() {
 /// on: each node comes back under a new lease, and no replica moves or restarts for it.
 #[tokio::test]
 async fn etcd_standing_still_past_the_node_lease_moves_nothing() {
+    let fleet = Fleet::start("s").await;
+    let (name, agent) = fleet.deploy_three("still").await;
     let Fleet {
         run,
         etcd,
         cp,
         nodes,
         api,
-    } = Fleet::start("s").await;
-    let name = unique_name("still");
-    let out = cp.cli(&["deploy", "-n", &name, "-i", ECHO_IMAGE, "--replicas", "3"]);
-    assert!(out.status.success(), "{out:?}");
-    let agent = wait_agent(&api, &name, "3 ready", |a| ready(a) == 3)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", cp.log()));
+    } = fleet;
     let placed = nodes_of(&agent);
     let containers = run.containers();
     assert_eq!(containers.len(), 3);
-    let started: Vec<String> = containers
-        .iter()
-        .map(|c| run.inspect(c, "{{.State.StartedAt}}"))
-        .collect();
+    let started = started_at(&run, &containers);
 
     etcd.signal("STOP");
     tokio::time::sleep(Duration::from_secs(23)).await; // the fault itself
@@ -263,10 +267,7 @@ async fn etcd_standing_still_past_the_node_lease_moves_nothing() {
         .unwrap_or_else(|e| panic!("{e}\n{}", cp.log()));
     assert_eq!(nodes_of(&agent), placed, "nothing moved\n{}", cp.log());
     assert_eq!(run.containers(), containers, "nothing replaced");
-    let after: Vec<String> = containers
-        .iter()
-        .map(|c| run.inspect(c, "{{.State.StartedAt}}"))
-        .collect();
+    let after = started_at(&run, &containers);
     assert_eq!(after, started, "nothing restarted");
 }
 
