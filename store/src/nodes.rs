@@ -122,11 +122,7 @@ impl LeaseRenewer {
 
 /// Whether opening a keep-alive stream failed because the lease no longer exists.
 fn lease_gone(e: &etcd_client::Error) -> bool {
-    match e {
-        etcd_client::Error::LeaseKeepAliveError(message) => message.contains("lease not found"),
-        etcd_client::Error::GRpcStatus(status) => status.code() == tonic::Code::NotFound,
-        _ => false,
-    }
+    matches!(e, etcd_client::Error::LeaseKeepAliveError(m) if m.contains("lease not found"))
 }
 
 impl Store {

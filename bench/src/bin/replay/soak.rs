@@ -10,8 +10,9 @@
 //!
 //! With `--pauses`, the drain also goes through two stalls: etcd SIGSTOPped for
 //! [`ETCD_PAUSE`] at 45 % (`BERTH_SOAK_ETCD_PAUSE=S` for S seconds instead: past the claim
-//! lease, 10 s, every claim ends while etcd stands still), and gateway a SIGSTOPped at 80 % for longer than its claim lease
-//! ([`GATEWAY_PAUSE`]), each then SIGCONTed. The drain rate then includes the stalls.
+//! lease, 10 s, every claim ends while etcd stands still), and gateway a SIGSTOPped at 80 % for
+//! longer than its claim lease ([`GATEWAY_PAUSE`]), each then SIGCONTed. The drain rate then
+//! includes the stalls.
 //!
 //! With `--etcd-kill`, etcd is killed (SIGKILL) at 50 % of the drain and started again on its
 //! data [`ETCD_DOWN`] later: every write of the queue fails meanwhile (new requests, claims,
@@ -452,10 +453,10 @@ pub async fn run() -> anyhow::Result<()> {
     let keyed_share = setting("BERTH_SOAK_KEYED", 1)?;
     let enqueue_only = std::env::args().any(|a| a == "--enqueue-only");
     let pauses = std::env::args().any(|a| a == "--pauses");
-    let etcd_pause = match std::env::var_os("BERTH_SOAK_ETCD_PAUSE") {
-        Some(_) => Duration::from_secs(setting("BERTH_SOAK_ETCD_PAUSE", 0)? as u64),
-        None => ETCD_PAUSE,
-    };
+    let etcd_pause = Duration::from_secs(setting(
+        "BERTH_SOAK_ETCD_PAUSE",
+        ETCD_PAUSE.as_secs() as usize,
+    )? as u64);
     let etcd_kill = std::env::args().any(|a| a == "--etcd-kill");
     let restarts = !std::env::args().any(|a| a == "--no-restarts");
     let run = DockerRun::new()?;
