@@ -1,7 +1,7 @@
 //! Keeps etcd bounded (run by the leader): finished replay records within their retention
 //! bounds (oldest dropped first), etcd's history compacted behind what watchers need, and a
 //! warning event when the database nears its space quota (docs/architecture.md, "The replay
-//! queue").
+//! queue"). Its first pass also indexes the dead letters that an earlier version stored.
 
 use crate::metrics::Metrics;
 use berth_proto::v1::{Event, EventSeverity};
@@ -73,11 +73,23 @@ impl Compactor {
 pub async fn run(store: Store, settings: Settings, metrics: Arc<Metrics>, stop: CancellationToken) {
     let mut compactor = Compactor::new(settings.compaction_retention);
     let mut warned: Option<Instant> = None;
+    let mut dead_indexed = false;
     let mut tick = tokio::time::interval(EVERY);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
+        }
+        if !dead_indexed {
+            match store.index_dead_letters().await {
+                Ok(indexed) => {
+                    dead_indexed = true;
+                    if indexed > 0 {
+                        tracing::info!(indexed, "dead letters stored before their index indexed");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot index the dead letters"),
+            }
         }
         match store.trim_finished(&settings.retention).await {
             Ok(0) => {}

@@ -148,6 +148,17 @@ impl Keys {
         format!("{}/finished/", self.prefix)
     }
 
+    /// `{prefix}/dead/{agent}/{seq}`: there while a request is dead-lettered (under its
+    /// record's lease), so that dead letters are listed without reading every finished record.
+    pub fn dead(&self, agent: &str, seq: u64) -> String {
+        format!("{}/dead/{agent}/{seq:020}", self.prefix)
+    }
+
+    /// `{prefix}/dead/`: every dead-lettered request.
+    pub fn all_dead(&self) -> String {
+        format!("{}/dead/", self.prefix)
+    }
+
     /// `{prefix}/request-ids/{id}`: the request key of a request id.
     pub fn request_id(&self, id: &str) -> String {
         format!("{}/request-ids/{id}", self.prefix)
@@ -230,6 +241,12 @@ impl Keys {
     /// `{prefix}/autoscale/`: every agent's autoscaler status.
     pub fn autoscales(&self) -> String {
         format!("{}/autoscale/", self.prefix)
+    }
+
+    /// `{prefix}/migrations/{name}`: there once the change of the stored layout `name` has
+    /// been applied to what an earlier version stored.
+    pub fn migration(&self, name: &str) -> String {
+        format!("{}/migrations/{name}", self.prefix)
     }
 
     /// `{prefix}/leader`: the control plane that runs the scheduler, under its lease.

@@ -209,6 +209,9 @@ impl Store {
                 with_lease(),
             ));
         }
+        if request.state == RequestState::Dead as i32 {
+            ops.push(TxnOp::put(self.keys.dead(agent, seq), "", with_lease()));
+        }
         if let Some(answer) = answer {
             ops.push(TxnOp::put(
                 self.keys.request_answer(agent, seq),
@@ -638,7 +641,8 @@ impl Store {
     /// then finished ones, each oldest first per agent; in `state` when it is not 0; at most
     /// `limit` (at most [`MAX_PAGE`]). The token continues after the last one returned; empty
     /// when nothing is left. Reads at most [`SCAN_PAGE`] keys per etcd call, never a whole
-    /// prefix.
+    /// prefix; dead letters are found from their index (`dead/`), so listing them costs what
+    /// it returns, not a read of every finished record.
     pub async fn list_requests(
         &self,
         agent: Option<&str>,
@@ -653,9 +657,11 @@ impl Store {
         // The ranges that can hold `state`, tagged for the token.
         let waiting = (b'w', self.keys.queue(), within(self.keys.queue()));
         let finished = (b'f', self.keys.requests(), within(self.keys.requests()));
+        let dead = (b'd', self.keys.all_dead(), within(self.keys.all_dead()));
         let ranges = match RequestState::try_from(state) {
             Ok(RequestState::Queued | RequestState::Delivering) => vec![waiting],
-            Ok(RequestState::Delivered | RequestState::Dead) => vec![finished],
+            Ok(RequestState::Delivered) => vec![finished],
+            Ok(RequestState::Dead) => vec![dead],
             _ => vec![waiting, finished],
         };
         let bad_token = || StoreError::Invalid("page_token does not belong to this listing".into());
@@ -678,6 +684,8 @@ impl Store {
         };
         let limit = limit.clamp(1, MAX_PAGE);
         let mut out = Vec::new();
+        // Dead letters found in their index, whose records are read at the end.
+        let mut dead_at = Vec::new();
         let mut token = String::new();
         while current < ranges.len() {
             let (tag, root, prefix) = &ranges[current];
@@ -686,12 +694,19 @@ impl Store {
             let last_range = current + 1 == ranges.len();
             let stopped = self
                 .scan(start, &end, |kv, more| {
-                    let request: Request = decode(kv.key(), kv.value())?;
-                    if state != 0 && request.state != state {
-                        return Ok(ControlFlow::Continue(()));
+                    if *tag == b'd' {
+                        match position(&String::from_utf8_lossy(kv.key())) {
+                            Some(at) => dead_at.push(at),
+                            None => return Ok(ControlFlow::Continue(())),
+                        }
+                    } else {
+                        let request: Request = decode(kv.key(), kv.value())?;
+                        if state != 0 && request.state != state {
+                            return Ok(ControlFlow::Continue(()));
+                        }
+                        out.push(request);
                     }
-                    out.push(request);
-                    if out.len() < limit {
+                    if out.len() + dead_at.len() < limit {
                         return Ok(ControlFlow::Continue(()));
                     }
                     if more || !last_range {
@@ -703,11 +718,91 @@ impl Store {
                 })
                 .await?;
             if stopped.is_break() {
-                return Ok((out, token));
+                break;
             }
             current += 1;
         }
-        Ok((out, String::new()))
+        out.extend(self.dead_records(&dead_at).await?);
+        Ok((out, token))
+    }
+
+    /// The records of dead letters found in their index, in its order; one dropped or retried
+    /// since is left out.
+    async fn dead_records(&self, at: &[(String, u64)]) -> Result<Vec<Request>, StoreError> {
+        let mut records = Vec::new();
+        for chunk in at.chunks(64) {
+            let keys = chunk
+                .iter()
+                .map(|(agent, seq)| self.keys.request(agent, *seq))
+                .collect();
+            for kv in self.get_all(keys).await?.into_iter().flatten() {
+                let request: Request = decode(kv.key(), kv.value())?;
+                if request.state == RequestState::Dead as i32 {
+                    records.push(request);
+                }
+            }
+        }
+        Ok(records)
+    }
+
+    /// Indexes the dead letters that a version before the `dead/` index stored, once per
+    /// store: reads every finished record a page at a time, and marks itself done
+    /// (`migrations/dead-index`) at the end. Returns how many it indexed.
+    pub async fn index_dead_letters(&self) -> Result<u64, StoreError> {
+        let done = self.keys.migration("dead-index");
+        let found = self
+            .client()
+            .get(done.as_str(), Some(GetOptions::new().with_count_only()))
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        if found.count() > 0 {
+            return Ok(0);
+        }
+        let mut dead = Vec::new();
+        let prefix = self.keys.requests();
+        let end = crate::watch::prefix_end(prefix.as_bytes());
+        let _ = self
+            .scan(prefix.into_bytes(), &end, |kv, _| {
+                let request: Request = decode(kv.key(), kv.value())?;
+                if request.state == RequestState::Dead as i32 {
+                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    dead.push((
+                        key,
+                        request.agent,
+                        request.seq,
+                        kv.mod_revision(),
+                        kv.lease(),
+                    ));
+                }
+                Ok(ControlFlow::Continue(()))
+            })
+            .await?;
+        let mut indexed = 0;
+        for (key, agent, seq, revision, lease) in dead {
+            // Only while the record is still the dead one read, and under its lease.
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.as_str(),
+                    CompareOp::Equal,
+                    revision,
+                )])
+                .and_then([TxnOp::put(
+                    self.keys.dead(&agent, seq),
+                    "",
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            match self.client().txn(txn).await {
+                Ok(resp) => indexed += u64::from(resp.succeeded()),
+                // Its lease ended meanwhile: the record went with it.
+                Err(e) if e.to_string().contains("lease not found") => {}
+                Err(e) => return Err(self.unavailable(e)),
+            }
+        }
+        self.client()
+            .put(done, "", None)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(indexed)
     }
 
     /// Visits the keys from `start` up to `end` in key order, [`SCAN_PAGE`] per etcd call,
@@ -921,6 +1016,9 @@ impl Store {
                     with_lease(),
                 ));
             }
+            if r.state == RequestState::Dead as i32 {
+                ops.push(TxnOp::put(self.keys.dead(agent, seq), "", with_lease()));
+            }
             ops
         };
         let txn = Txn::new()
@@ -1067,6 +1165,7 @@ impl Store {
                 .and_then([
                     TxnOp::delete(finished.as_str(), None),
                     TxnOp::delete(self.keys.finished(&agent, seq), None),
+                    TxnOp::delete(self.keys.dead(&agent, seq), None),
                     TxnOp::put(
                         self.keys.queued(&agent, seq),
                         next.encode_to_vec(),
@@ -1103,6 +1202,7 @@ impl Store {
                     TxnOp::delete(self.keys.request_answer(agent, seq), None),
                     TxnOp::delete(self.keys.queued(agent, seq), None),
                     TxnOp::delete(self.keys.finished(agent, seq), None),
+                    TxnOp::delete(self.keys.dead(agent, seq), None),
                     TxnOp::delete(self.keys.claim(agent, seq), None),
                 ]);
                 if berth_proto::request::parse_positional_id(&r.id) != Some((agent, seq)) {

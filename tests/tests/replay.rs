@@ -4,7 +4,9 @@
 //! often.
 
 use berth_tests::docker::{ready, wait_agent, ECHO_IMAGE};
-use berth_tests::replay::{arrivals, counts, post, setup, setup_with, wait_delivered, wait_down};
+use berth_tests::replay::{
+    arrivals, counts, list_request_ids, post, setup, setup_with, wait_delivered, wait_down,
+};
 use berth_tests::wire::{get, send};
 use berth_tests::{eventually, unique_name, Gateway};
 use std::collections::HashMap;
@@ -253,6 +255,12 @@ async fn no_request_is_lost_while_the_agent_is_killed_three_times() {
         "dead only when not safe to resend: {settled:?}"
     );
     let dead: Vec<&String> = settled.iter().map(|(id, _)| id).collect();
+    // The dead letters' listing (from their index, paged) holds exactly these.
+    let (mut listed, _) = list_request_ids(&s.cp, &[&s.name, "--state", "dead"], 2).unwrap();
+    listed.sort();
+    let mut expected: Vec<String> = dead.iter().map(|id| id.to_string()).collect();
+    expected.sort();
+    assert_eq!(listed, expected, "berth requests --state dead");
     let arrived = arrivals(s.data.path());
     let mut seen: HashMap<&str, usize> = HashMap::new();
     for id in &arrived {

@@ -473,6 +473,109 @@ async fn listing_pages_and_retention_drops_the_oldest_with_their_keys() {
     assert_eq!(store.trim_finished(&bounds).await.unwrap(), 0);
 }
 
+/// Claims `id`'s record (queued for agent `agent`) and finishes it in `state`.
+async fn finish_as(store: &Store, agent: &str, id: &str, state: RequestState) {
+    let mut r = request(agent, id);
+    store
+        .enqueue_request(&mut r, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let record = store
+        .get_request_record(agent, r.seq)
+        .await
+        .unwrap()
+        .unwrap();
+    let lease = store.grant_claim_lease(10).await.unwrap();
+    let deadline = SystemTime::now() + Duration::from_secs(30);
+    let ClaimOutcome::Claimed(mut claim) = store
+        .claim_request(&record, "gw", lease, deadline)
+        .await
+        .unwrap()
+    else {
+        panic!("{id} not claimed");
+    };
+    claim.stored.request.state = state as i32;
+    assert_eq!(
+        store.finish_request(&claim, None).await.unwrap(),
+        Finished::Done
+    );
+}
+
+async fn dead_ids(store: &Store, agent: Option<&str>, limit: usize) -> Vec<String> {
+    let (mut ids, mut token) = (Vec::new(), String::new());
+    loop {
+        let (page, next) = store
+            .list_requests(agent, RequestState::Dead as i32, limit, &token)
+            .await
+            .unwrap();
+        assert!(page.len() <= limit);
+        assert!(page.iter().all(|r| r.state == RequestState::Dead as i32));
+        ids.extend(page.into_iter().map(|r| r.id));
+        if next.is_empty() {
+            return ids;
+        }
+        token = next;
+    }
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_from_their_index_which_follows_their_records() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = store(&etcd).await;
+    for (agent, id, state) in [
+        ("a", "d0", RequestState::Dead),
+        ("a", "ok0", RequestState::Delivered),
+        ("a", "d1", RequestState::Dead),
+        ("a", "d2", RequestState::Dead),
+        ("b", "d3", RequestState::Dead),
+    ] {
+        finish_as(&store, agent, id, state).await;
+    }
+    let mut waiting = request("a", "waiting");
+    store
+        .enqueue_request(&mut waiting, Duration::from_secs(600))
+        .await
+        .unwrap();
+    // Paged, oldest first per agent; the delivered and the waiting ones are not dead.
+    assert_eq!(dead_ids(&store, Some("a"), 2).await, ["d0", "d1", "d2"]);
+    assert_eq!(dead_ids(&store, None, 1).await, ["d0", "d1", "d2", "d3"]);
+    assert!(store
+        .list_requests(None, RequestState::Dead as i32, 1, "f:a/1")
+        .await
+        .is_err());
+    // Retried, it waits again; dropped, it is gone: neither is dead any more.
+    store.retry_request("d1").await.unwrap();
+    store.drop_request("d2").await.unwrap();
+    assert_eq!(dead_ids(&store, None, 10).await, ["d0", "d3"]);
+    let mut raw = etcd.client().await.unwrap();
+    let left = raw
+        .get(
+            "/t/dead/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(left.kvs().len(), 2, "the index holds only what is dead");
+
+    // A dead letter stored before the index (by an earlier version) is indexed once.
+    raw.delete(
+        "/t/dead/",
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    )
+    .await
+    .unwrap();
+    assert!(dead_ids(&store, None, 10).await.is_empty());
+    assert_eq!(store.index_dead_letters().await.unwrap(), 2);
+    assert_eq!(dead_ids(&store, None, 10).await, ["d0", "d3"]);
+    finish_as(&store, "a", "d4", RequestState::Dead).await;
+    assert_eq!(
+        store.index_dead_letters().await.unwrap(),
+        0,
+        "once per store"
+    );
+    assert_eq!(dead_ids(&store, None, 10).await, ["d0", "d4", "d3"]);
+}
+
 #[tokio::test]
 async fn an_orphaned_key_is_let_go_only_as_it_was_seen() {
     let etcd = Etcd::start().await.unwrap();
