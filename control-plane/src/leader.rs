@@ -22,13 +22,15 @@ pub const RETRY_EVERY: Duration = Duration::from_secs(2);
 /// its lease left, so the work has stopped before another control plane can lead.
 pub const WORK_STOP_GRACE: Duration = RENEW_EVERY;
 
-/// Campaigns as `identity` until `stop` is cancelled; while leading, runs `work(term)` (a
-/// fresh run each term). `term` is cancelled when leadership ends, and the work is let
-/// finish what it is writing (up to [`WORK_STOP_GRACE`]) rather than aborted. A stopping
-/// leader gives its lease back, so another control plane leads at once.
+/// Campaigns as `identity` until `stop` is cancelled; while leading, runs `work(term, lease)`
+/// (a fresh run each term). `term` is cancelled when leadership ends, and the work is let
+/// finish what it is writing (up to [`WORK_STOP_GRACE`]) rather than aborted. `lease` is the
+/// term's: the work fences its writes with it ([`Store::fenced`]), since a leader that stood
+/// still (SIGSTOP, a stalled VM) resumes its work before it learns that its term has ended. A
+/// stopping leader gives its lease back, so another control plane leads at once.
 pub async fn run<F, Fut>(store: Store, identity: String, stop: CancellationToken, work: F)
 where
-    F: Fn(CancellationToken) -> Fut,
+    F: Fn(CancellationToken, i64) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     while !stop.is_cancelled() {
@@ -66,7 +68,7 @@ async fn term<F, Fut>(
     work: &F,
 ) -> Result<(), StoreError>
 where
-    F: Fn(CancellationToken) -> Fut,
+    F: Fn(CancellationToken, i64) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
     let lease = store.grant_lease(LEADER_TTL.as_secs() as i64).await?;
@@ -76,7 +78,7 @@ where
     }
     tracing::info!(identity, "leading");
     let term = stop.child_token();
-    let mut task = tokio::spawn(work(term.clone()));
+    let mut task = tokio::spawn(work(term.clone(), lease));
     let mut renewer = store.lease_renewer(lease);
     let mut renewed = Instant::now();
     let mut tick = tokio::time::interval(RENEW_EVERY);

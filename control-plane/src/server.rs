@@ -123,8 +123,9 @@ pub async fn run(
         store.clone(),
         identity,
         stop.child_token(),
-        move |term| {
-            let (store, metrics) = (leading_store.clone(), leading_metrics.clone());
+        move |term, lease| {
+            // Every write of the term is fenced by its lease.
+            let (store, metrics) = (leading_store.fenced(lease), leading_metrics.clone());
             async move {
                 // All end when the term does.
                 tokio::join!(

@@ -49,16 +49,15 @@ impl Store {
         Some((agent.to_string(), gateway.to_string()))
     }
 
-    /// Records the autoscaler's `status` of `agent`.
+    /// Records the autoscaler's `status` of `agent`. A leader's write: fenced
+    /// ([`Store::fenced`]).
     pub async fn put_autoscale_status(
         &self,
         agent: &str,
         status: &AutoscaleStatus,
     ) -> Result<(), StoreError> {
-        self.client()
-            .put(self.keys.autoscale(agent), status.encode_to_vec(), None)
-            .await
-            .map_err(|e| self.unavailable(e))?;
+        let put = TxnOp::put(self.keys.autoscale(agent), status.encode_to_vec(), None);
+        self.leader_txn(Vec::new(), vec![put]).await?;
         Ok(())
     }
 }

@@ -24,7 +24,7 @@ pub use requests::{Claim, ClaimOutcome, Finished, HeldKey, Retention, StoredRequ
 pub use tls::EtcdTls;
 pub use token_mirror::{IssuedTokens, Principal, TokenSet};
 
-use etcd_client::{Client, ConnectOptions, TlsOptions};
+use etcd_client::{Client, ConnectOptions, TlsOptions, Txn};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -63,6 +63,10 @@ pub enum StoreError {
     /// A request to the store is malformed (a bad page token, say).
     #[error("{0}")]
     Invalid(String),
+    /// A write of the leader's work not applied: the leadership it was made under has ended
+    /// (another control plane may lead now).
+    #[error("no longer the leader (term under lease {lease:x} ended): the write was not applied")]
+    NotLeader { lease: i64 },
     /// A stored value could not be decoded.
     #[error("stored value at {key} is corrupt: {source}")]
     Corrupt {
@@ -211,6 +215,8 @@ pub struct Store {
     /// The runtime the store was connected on: its background tasks run there, so that they
     /// outlive the runtimes of its callers (a gateway's serving threads stop before it does).
     runtime: tokio::runtime::Handle,
+    /// The leader lease that the leader's writes are conditioned on ([`Store::fenced`]).
+    fence: Option<i64>,
 }
 
 impl Store {
@@ -248,7 +254,58 @@ impl Store {
             txns: Arc::default(),
             commits: Arc::default(),
             runtime: tokio::runtime::Handle::current(),
+            fence: None,
         })
+    }
+
+    /// This store with the leader's writes (placements, node liveness, autoscale status)
+    /// fenced by the term's `lease`: each is applied only while `{prefix}/leader` is held under
+    /// that lease, and fails with [`StoreError::NotLeader`] otherwise. A leader that stood
+    /// still past its term (SIGSTOP, a stalled VM) and resumes in the middle of a pass thus
+    /// writes nothing over what the next leader decided.
+    pub fn fenced(&self, lease: i64) -> Store {
+        Store {
+            fence: Some(lease),
+            ..self.clone()
+        }
+    }
+
+    /// The compare that fences a leader's write, if this store is fenced.
+    pub(crate) fn fence(&self) -> Option<etcd_client::Compare> {
+        self.fence.map(|lease| {
+            etcd_client::Compare::lease(self.keys.leader(), etcd_client::CompareOp::Equal, lease)
+        })
+    }
+
+    /// Commits a leader's write `ops` (with `compares`, which must hold too), fenced when this
+    /// store is: `Ok(false)` when one of `compares` failed, [`StoreError::NotLeader`] when the
+    /// fence did.
+    pub(crate) async fn leader_txn(
+        &self,
+        compares: Vec<etcd_client::Compare>,
+        ops: Vec<etcd_client::TxnOp>,
+    ) -> Result<bool, StoreError> {
+        let mut client = self.client();
+        let Some(fence) = self.fence() else {
+            let txn = Txn::new().when(compares).and_then(ops);
+            let resp = client.txn(txn).await.map_err(|e| self.unavailable(e))?;
+            return Ok(resp.succeeded());
+        };
+        // The fence outside, the caller's compares inside: which one failed is told apart.
+        let inner = Txn::new().when(compares).and_then(ops);
+        let txn = Txn::new()
+            .when([fence])
+            .and_then([etcd_client::TxnOp::txn(inner)]);
+        let resp = client.txn(txn).await.map_err(|e| self.unavailable(e))?;
+        if !resp.succeeded() {
+            return Err(StoreError::NotLeader {
+                lease: self.fence.unwrap_or_default(),
+            });
+        }
+        Ok(resp
+            .op_responses()
+            .into_iter()
+            .any(|op| matches!(op, etcd_client::TxnOpResponse::Txn(inner) if inner.succeeded())))
     }
 
     /// The key layout in use.

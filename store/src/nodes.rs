@@ -272,6 +272,7 @@ impl Store {
     }
 
     /// Marks `node` unknown (silent too long), unless it wrote since `revision`; its lease stays.
+    /// A leader's write: fenced ([`Store::fenced`]).
     pub async fn mark_node_unknown(
         &self,
         node: &Node,
@@ -281,23 +282,17 @@ impl Store {
         let key = self.keys.node(&node.name);
         let mut marked = node.clone();
         marked.status = berth_proto::v1::NodeStatus::Unknown as i32;
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                key.as_str(),
-                CompareOp::Equal,
-                revision,
-            )])
-            .and_then([TxnOp::put(
-                key.as_str(),
-                marked.encode_to_vec(),
-                Some(PutOptions::new().with_lease(lease)),
-            )]);
-        let resp = self
-            .client()
-            .txn(txn)
-            .await
-            .map_err(|e| self.unavailable(e))?;
-        Ok(resp.succeeded())
+        let compares = vec![Compare::mod_revision(
+            key.as_str(),
+            CompareOp::Equal,
+            revision,
+        )];
+        let ops = vec![TxnOp::put(
+            key.as_str(),
+            marked.encode_to_vec(),
+            Some(PutOptions::new().with_lease(lease)),
+        )];
+        self.leader_txn(compares, ops).await
     }
 
     /// Every live node with its key's revision and lease.
@@ -348,7 +343,7 @@ impl Store {
     }
 
     /// Writes placements in transactions of up to [`MAX_TXN_OPS`] puts: one round trip per
-    /// batch instead of one per placement.
+    /// batch instead of one per placement. A leader's write: fenced ([`Store::fenced`]).
     pub async fn put_placements(&self, placements: &[Placement]) -> Result<(), StoreError> {
         for batch in placements.chunks(MAX_TXN_OPS) {
             let ops: Vec<TxnOp> = batch
@@ -360,25 +355,21 @@ impl Store {
                     TxnOp::put(key, a.encode_to_vec(), None)
                 })
                 .collect();
-            self.client()
-                .txn(Txn::new().and_then(ops))
-                .await
-                .map_err(|e| self.unavailable(e))?;
+            self.leader_txn(Vec::new(), ops).await?;
         }
         Ok(())
     }
 
-    /// Removes a placement.
+    /// Removes a placement. A leader's write: fenced ([`Store::fenced`]).
     pub async fn delete_placement(
         &self,
         node: &str,
         agent: &str,
         replica: &str,
     ) -> Result<(), StoreError> {
-        self.client()
-            .delete(self.keys.assignment(node, agent, replica), None)
-            .await
-            .map_err(|e| self.unavailable(e))?;
+        let key = self.keys.assignment(node, agent, replica);
+        self.leader_txn(Vec::new(), vec![TxnOp::delete(key, None)])
+            .await?;
         Ok(())
     }
 

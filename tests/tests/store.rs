@@ -3,7 +3,9 @@
 
 use berth_proto::v1::{Request, RequestState, StoredResponse};
 use berth_store::watch::{list_watch, Change, LIST_KEYS_PAGE, LIST_PAGE};
-use berth_store::{ClaimOutcome, EtcdTls, Finished, Retention, Store, StoredRequest};
+use berth_store::{
+    ClaimOutcome, EtcdTls, Finished, Placement, Retention, Store, StoreError, StoredRequest,
+};
 use berth_tests::Etcd;
 use std::time::{Duration, SystemTime};
 
@@ -780,4 +782,97 @@ async fn a_renewal_of_a_lease_that_ended_while_its_stream_was_closed_says_it_is_
     let mut renewer = store.lease_renewer(live);
     renewer.renew().await.unwrap();
     renewer.renew().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_leader_whose_term_ended_writes_nothing_over_the_next_one() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = store(&etcd).await;
+    let placement = |node: &str| Placement {
+        node: node.into(),
+        assignment: berth_proto::v1::Assignment {
+            replica: "r-0".into(),
+            spec: Some(berth_proto::v1::AgentSpec {
+                name: "r".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    };
+    let placed = |node: &str| {
+        let (store, node) = (store.clone(), node.to_string());
+        async move {
+            let (placements, _) = store.list_placements(Some(&node)).await.unwrap();
+            placements.len()
+        }
+    };
+    let first_lease = store.grant_lease(5).await.unwrap();
+    assert!(store.try_lead("first", first_lease).await.unwrap());
+    let first = store.fenced(first_lease);
+    first.put_placements(&[placement("n1")]).await.unwrap();
+    assert_eq!(placed("n1").await, 1);
+
+    // The first leader stands still past its lease; a second one leads.
+    store.revoke_lease(first_lease).await;
+    let second_lease = store.grant_lease(5).await.unwrap();
+    assert!(store.try_lead("second", second_lease).await.unwrap());
+    let second = store.fenced(second_lease);
+    second.put_placements(&[placement("n2")]).await.unwrap();
+
+    // The first resumes in the middle of its pass: none of its writes is applied.
+    let not_leader = |r: Result<(), StoreError>| {
+        assert!(
+            matches!(r, Err(StoreError::NotLeader { lease }) if lease == first_lease),
+            "{r:?}"
+        )
+    };
+    not_leader(first.put_placements(&[placement("n3")]).await);
+    not_leader(first.delete_placement("n2", "r", "r-0").await);
+    let status = berth_proto::v1::AutoscaleStatus {
+        desired_replicas: 7,
+        ..Default::default()
+    };
+    not_leader(first.put_autoscale_status("r", &status).await);
+    let node = berth_proto::v1::Node {
+        name: "n2".into(),
+        ..Default::default()
+    };
+    let node_lease = store.grant_lease(30).await.unwrap();
+    store.put_node(&node, node_lease).await.unwrap();
+    let (_, revision, _) = store
+        .list_node_records()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|(n, _, _)| n.name == "n2")
+        .unwrap();
+    assert!(matches!(
+        first.mark_node_unknown(&node, revision, node_lease).await,
+        Err(StoreError::NotLeader { .. })
+    ));
+    assert_eq!(placed("n3").await, 0);
+    assert_eq!(placed("n2").await, 1);
+    let mut raw = etcd.client().await.unwrap();
+    assert!(raw
+        .get("/t/autoscale/r", None)
+        .await
+        .unwrap()
+        .kvs()
+        .is_empty());
+
+    // The second's writes go; its own compares are told apart from the fence.
+    second.delete_placement("n2", "r", "r-0").await.unwrap();
+    assert_eq!(placed("n2").await, 0);
+    second.put_autoscale_status("r", &status).await.unwrap();
+    assert!(!second
+        .mark_node_unknown(&node, revision - 1, node_lease)
+        .await
+        .unwrap());
+    assert!(second
+        .mark_node_unknown(&node, revision, node_lease)
+        .await
+        .unwrap());
+    // An unfenced store (the API, the node sessions) writes as before.
+    store.put_placements(&[placement("n4")]).await.unwrap();
+    assert_eq!(placed("n4").await, 1);
 }

@@ -36,7 +36,9 @@ pub fn to_status(err: ApiError) -> Status {
         ApiError::Store(e) => match e {
             StoreError::NotFound { .. } => Status::not_found(e.to_string()),
             StoreError::AlreadyExists { .. } => Status::already_exists(e.to_string()),
-            StoreError::Conflict { .. } => Status::aborted(e.to_string()),
+            StoreError::Conflict { .. } | StoreError::NotLeader { .. } => {
+                Status::aborted(e.to_string())
+            }
             StoreError::Unavailable { .. } => {
                 tracing::warn!(error = %e, "store unavailable");
                 Status::unavailable(e.to_string())
