@@ -27,6 +27,14 @@ pub const HEARTBEAT: Duration = Duration::from_secs(2);
 pub const RECONNECT_MIN: Duration = Duration::from_millis(200);
 /// Longest wait before reconnecting.
 pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
+/// Time between HTTP/2 pings to the control plane, and how long one may go unanswered before
+/// the session is given up: a control plane that stands still (SIGSTOP, a stalled VM) or a
+/// path that drops packets keeps the connection open for minutes, and its nodes would go
+/// silent, then down, with their replicas moved, while another control plane is there to
+/// take them. Found well within the control planes' [`HEARTBEAT`]-based silence (10 s).
+pub const PING_EVERY: Duration = Duration::from_secs(2);
+/// See [`PING_EVERY`].
+pub const PING_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Who this node is.
 #[derive(Clone, Debug)]
@@ -86,7 +94,11 @@ async fn session(
     } else {
         format!("http://{addr}")
     };
-    let mut endpoint = Endpoint::from_shared(url)?.connect_timeout(Duration::from_secs(3));
+    let mut endpoint = Endpoint::from_shared(url)?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(PING_EVERY)
+        .keep_alive_timeout(PING_TIMEOUT)
+        .keep_alive_while_idle(true);
     if let Some(tls) = &identity.tls {
         endpoint = endpoint.tls_config(tls.clone())?;
     }

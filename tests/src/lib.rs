@@ -459,6 +459,13 @@ impl ControlPlane {
         })
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, ...) to the process.
+    pub fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            child.signal(signal);
+        }
+    }
+
     /// Kills the process (SIGKILL).
     pub fn kill(&mut self) {
         self.child.take();

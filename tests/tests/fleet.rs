@@ -1,6 +1,7 @@
 //! The fleet on real Docker: three node agents (their own names, one engine), a partition made
 //! by stopping a node agent with SIGSTOP, a short blip, etcd standing still past the node
-//! lease, a drain, rolling updates, and leader failover between two control planes.
+//! lease, a drain, rolling updates, and leader failover between two control planes (the leader
+//! killed, or standing still past its term).
 
 use berth_proto::v1::{Agent, Node, NodeStatus};
 use berth_tests::docker::{ready, wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
@@ -326,6 +327,88 @@ async fn another_control_plane_leads_when_the_leader_dies() {
     assert!(shown.contains("Unschedulable"), "{shown}");
     assert_eq!(ready(&agent), 0);
     assert!(took < Duration::from_secs(20), "{took:?}");
+}
+
+/// The leader's key and every placement key, as etcd holds them.
+async fn leader_and_placements(etcd: &Etcd) -> (String, Vec<String>) {
+    let mut client = etcd.client().await.unwrap();
+    let leader = client.get("/berth/leader", None).await.unwrap();
+    let leader = leader
+        .kvs()
+        .first()
+        .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())
+        .unwrap_or_default();
+    let options = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_keys_only();
+    let placed = client
+        .get("/berth/assignments/", Some(options))
+        .await
+        .unwrap();
+    let keys = placed
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .collect();
+    (leader, keys)
+}
+
+#[tokio::test]
+async fn a_leader_paused_past_its_term_steps_down_and_the_next_ones_placements_stand() {
+    let run = DockerRun::new().unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let first = ControlPlane::start(&etcd.url()).await.unwrap();
+    let second = ControlPlane::start(&etcd.url()).await.unwrap();
+    let both = format!("{},{}", first.url(), second.url());
+    let _node = NodeAgent::start(&both, &unique_name("n"), &run).unwrap();
+    let api = second.agents().await.unwrap();
+    let (leader, _) = leader_and_placements(&etcd).await;
+    assert!(leader.ends_with(&first.addr), "the first leads: {leader}");
+    let name = unique_name("paused");
+    let out = second.cli(&["deploy", "-n", &name, "-i", ECHO_IMAGE]);
+    assert!(out.status.success(), "{out:?}");
+    wait_agent(&api, &name, "1 ready", |a| ready(a) == 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", first.log()));
+
+    let before = run.containers();
+    let started = started_at(&run, &before);
+    // The leader stands still past its lease (5 s); the second leads and places meanwhile. The
+    // node, whose stream went to the first, finds it standing still and goes to the second.
+    first.signal("STOP");
+    eventually(Duration::from_secs(30), "the second to lead", || async {
+        let (leader, _) = leader_and_placements(&etcd).await;
+        leader.ends_with(&second.addr).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", second.log()));
+    assert!(second.cli(&["scale", &name, "2"]).status.success());
+    wait_agent(&api, &name, "2 ready", |a| ready(a) == 2)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", second.log()));
+    let (_, placed) = leader_and_placements(&etcd).await;
+
+    // Resumed, the first learns that its term ended and leads no more; what the second
+    // placed stands.
+    first.signal("CONT");
+    eventually(
+        Duration::from_secs(30),
+        "the first to step down",
+        || async { first.log().contains("no longer leading").then_some(()) },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", first.log()));
+    tokio::time::sleep(Duration::from_secs(3)).await; // room for a wrongful write
+    let (leader, after) = leader_and_placements(&etcd).await;
+    assert!(leader.ends_with(&second.addr), "{leader}");
+    assert_eq!(after, placed, "placements as the second left them");
+    let agent = wait_agent(&api, &name, "2 ready", |a| ready(a) == 2)
+        .await
+        .unwrap();
+    assert_eq!(nodes_of(&agent).len(), 2);
+    let running = |c: &String| run.inspect(c, "{{.State.Running}}") == "true";
+    assert!(before.iter().all(running), "the first replica runs on");
+    assert_eq!(started_at(&run, &before), started, "and was not restarted");
 }
 
 #[tokio::test]
