@@ -11,6 +11,16 @@ use tonic::{Code, Request, Status};
 
 /// How long connecting to the control plane may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a control plane that took the connection has to answer a first call (its health)
+/// before the next address is tried: one that stands still (SIGSTOP, a stalled VM) has its
+/// connections accepted by its kernel and never answers them.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
+/// HTTP/2 pings on the connection, and how long one may go unanswered: a control plane that
+/// stands still during a long call (`logs -f`, `events --watch`) ends it with an error instead
+/// of leaving it hanging.
+pub const PING_EVERY: Duration = Duration::from_secs(5);
+/// See [`PING_EVERY`].
+pub const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Adds `authorization: Bearer <token>` to every call.
 #[derive(Clone)]
@@ -24,6 +34,22 @@ impl tonic::service::Interceptor for BearerToken {
                 .insert("authorization", token.clone());
         }
         Ok(request)
+    }
+}
+
+/// Whether the control plane on `channel` answers a call (its gRPC health; any answer, an
+/// error status included, says it is there) within [`ANSWER_TIMEOUT`].
+async fn answers(channel: &Channel) -> Result<(), String> {
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let check = health.check(tonic_health::pb::HealthCheckRequest::default());
+    match tokio::time::timeout(ANSWER_TIMEOUT, check).await {
+        Err(_) => Err(format!(
+            "connected, but no answer within {ANSWER_TIMEOUT:?} (is it stopped or overloaded?)"
+        )),
+        Ok(Err(status)) if status.code() == Code::Unavailable => {
+            Err(format!("unavailable: {}", status.message()))
+        }
+        Ok(_) => Ok(()),
     }
 }
 
@@ -55,7 +81,10 @@ impl Client {
                 .map_err(|e| {
                     anyhow!("BERTH_ADDR {addr:?} is not a URL like http://127.0.0.1:7070: {e}")
                 })?
-                .connect_timeout(CONNECT_TIMEOUT);
+                .connect_timeout(CONNECT_TIMEOUT)
+                .http2_keep_alive_interval(PING_EVERY)
+                .keep_alive_timeout(PING_TIMEOUT)
+                .keep_alive_while_idle(true);
             let endpoint = match (url.starts_with("https://"), tls) {
                 (true, Some(tls)) => endpoint.tls_config(tls.clone())?,
                 (true, None) => {
@@ -66,12 +95,19 @@ impl Client {
                 }
                 (false, _) => endpoint,
             };
-            match endpoint.connect().await {
-                Ok(channel) => {
-                    reached = Some((addr.to_string(), channel));
-                    break;
+            let connected = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await;
+            match connected {
+                Ok(Ok(channel)) => match answers(&channel).await {
+                    Ok(()) => {
+                        reached = Some((addr.to_string(), channel));
+                        break;
+                    }
+                    Err(why) => failures.push(format!("{addr}: {why}")),
+                },
+                Ok(Err(e)) => failures.push(format!("{addr}: {}", source_chain(&e))),
+                Err(_) => {
+                    failures.push(format!("{addr}: no connection within {CONNECT_TIMEOUT:?}"))
                 }
-                Err(e) => failures.push(format!("{addr}: {}", source_chain(&e))),
             }
         }
         let Some((addr, channel)) = reached else {

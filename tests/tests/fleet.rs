@@ -382,7 +382,24 @@ async fn a_leader_paused_past_its_term_steps_down_and_the_next_ones_placements_s
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", second.log()));
-    assert!(second.cli(&["scale", &name, "2"]).status.success());
+    // The CLI given both addresses, the stopped one first, goes on to the second.
+    let mut cli = first
+        .cli_command(&["scale", &name, "2"])
+        .env("BERTH_ADDR", &both)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = eventually(Duration::from_secs(30), "the CLI to finish", || {
+        let status = cli.try_wait().unwrap();
+        async move { status }
+    })
+    .await;
+    if status.is_err() {
+        cli.kill().unwrap();
+    }
+    let out = cli.wait_with_output().unwrap();
+    assert!(status.unwrap().success(), "{out:?}");
     wait_agent(&api, &name, "2 ready", |a| ready(a) == 2)
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", second.log()));
