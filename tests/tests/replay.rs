@@ -303,6 +303,76 @@ async fn no_request_is_lost_while_the_agent_is_killed_three_times() {
 }
 
 #[tokio::test]
+async fn an_agent_that_stands_still_is_restarted_and_gets_what_it_could_not_take() {
+    let s = setup_with("frozen", &["--request-timeout", "3s"]).await;
+    let base = format!("/agents/{}", s.name);
+    let containers = s.run.containers();
+    assert_eq!(containers.len(), 1);
+    let pid = s.run.inspect(&containers[0], "{{.State.Pid}}");
+    // The agent's process stands still: its kernel takes connections, nothing answers.
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let started = Instant::now();
+    let mut sends = Vec::new();
+    for i in 0..12 {
+        let gw = s.gw.addr.clone();
+        let path = format!("{base}/echo?n={i}");
+        sends.push(tokio::spawn(async move {
+            let head = format!(
+                "POST {path} HTTP/1.1\r\nIdempotency-Key: frozen-{i}\r\nX-Berth-Request-Id: frozen-{i}"
+            );
+            send(&gw, &head, format!("frozen-{i}").as_bytes()).await
+        }));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let mut queued = Vec::new();
+    for sent in sends {
+        let r = sent.await.unwrap();
+        match r.status {
+            // Answered by the agent after its restart, or kept for it.
+            200 => {}
+            202 => queued.push(r.json()["request_id"].as_str().unwrap().to_string()),
+            other => panic!(
+                "a keyed request that the agent could not take got {other}: {}\n{}",
+                String::from_utf8_lossy(&r.body),
+                s.gw.log()
+            ),
+        }
+    }
+    assert!(
+        !queued.is_empty(),
+        "the stalled agent made the gateway queue"
+    );
+    wait_delivered(&s.gw, &queued, Duration::from_secs(90))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", s.gw.log(), s.node.log()));
+    // Its health check failed, and it was restarted: another process answers now.
+    let now = s.run.containers();
+    let running: Vec<&String> = now
+        .iter()
+        .filter(|c| s.run.inspect(c, "{{.State.Running}}") == "true")
+        .collect();
+    assert_eq!(running.len(), 1, "{now:?}");
+    assert_ne!(s.run.inspect(running[0], "{{.State.Pid}}"), pid);
+    let arrived = arrivals(s.data.path());
+    for i in 0..12 {
+        let n = arrived
+            .iter()
+            .filter(|id| **id == format!("frozen-{i}"))
+            .count();
+        assert!(n >= 1, "frozen-{i} reached the agent: {arrived:?}");
+    }
+    eprintln!(
+        "agent stopped: {} queued of 12, all delivered {:.1?} after the stop",
+        queued.len(),
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn two_gateways_share_the_queue_and_survive_kill_9() {
     // A delivery cut by the kill is sent again after its attempt's deadline (the request
     // timeout and a margin): 10 s instead of the default 30 s keeps the wait short.
