@@ -154,9 +154,14 @@ pub async fn report(
             }
             _ = renew.tick() => {
                 if let Some(r) = renewer.as_mut() {
-                    if let Err(e) = r.renew().await {
-                        tracing::warn!(error = %e, "cannot renew the load reports' lease");
-                        renewer = None;
+                    // Bounded: a stream on a silent etcd member never answers, and the lease
+                    // would lapse (the autoscaler losing this gateway's load) while it waits.
+                    match r.renew_within(RENEW_EVERY).await {
+                        Ok(()) => {}
+                        // Ended: the reports go under a new lease.
+                        Err(berth_store::StoreError::NotFound { .. }) => renewer = None,
+                        // Renewed again next time, over a new stream.
+                        Err(e) => tracing::warn!(error = %e, "cannot renew the load reports' lease"),
                     }
                 }
                 continue;

@@ -33,6 +33,14 @@ use tokio::sync::Mutex;
 pub const ETCD_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long connecting to an etcd endpoint may take.
 pub const ETCD_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// HTTP/2 pings to each etcd member, and how long one may go unanswered before the connection
+/// is given up: the watches and keep-alive streams on a member that went silent (stopped,
+/// cut off without a reset) then end within 9 s and resume on another, instead of waiting for
+/// TCP to give up. Not more often: etcd's `--grpc-keepalive-min-time` (5 s by default) answers
+/// pings that come faster by closing the connection.
+pub const ETCD_PING_EVERY: Duration = Duration::from_secs(6);
+/// See [`ETCD_PING_EVERY`].
+pub const ETCD_PING_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// What can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -232,7 +240,7 @@ impl Store {
         let mut options = ConnectOptions::new()
             .with_timeout(ETCD_REQUEST_TIMEOUT)
             .with_connect_timeout(ETCD_CONNECT_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+            .with_keep_alive(ETCD_PING_EVERY, ETCD_PING_TIMEOUT);
         if let Some(tls) = &tls {
             options = options.with_tls(tls.clone());
         }

@@ -429,6 +429,59 @@ async fn a_leader_paused_past_its_term_steps_down_and_the_next_ones_placements_s
 }
 
 #[tokio::test]
+async fn with_one_etcd_endpoint_silent_the_control_plane_keeps_its_nodes_and_leads() {
+    let run = DockerRun::new().unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    // Two endpoints, the first over a path the test stalls (the same member behind both, as
+    // two members of a cluster would be).
+    let path =
+        berth_tests::stall::StallProxy::start(etcd.url().trim_start_matches("http://")).unwrap();
+    let cp = ControlPlane::start(&format!("{},{}", path.url(), etcd.url()))
+        .await
+        .unwrap();
+    let node = NodeAgent::start(&cp.url(), &unique_name("n"), &run).unwrap();
+    let api = cp.agents().await.unwrap();
+    let name = unique_name("silent");
+    let out = cp.cli(&["deploy", "-n", &name, "-i", ECHO_IMAGE]);
+    assert!(out.status.success(), "{out:?}");
+    wait_agent(&api, &name, "1 ready", |a| ready(a) == 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cp.log()));
+    let containers = run.containers();
+    let started = started_at(&run, &containers);
+
+    // Silent past the node lease (20 s) and the leader's (5 s).
+    path.stall();
+    let stalled = Instant::now();
+    let mut worst = NodeStatus::Ready;
+    while stalled.elapsed() < Duration::from_secs(30) {
+        let status = node_record(&etcd, &node.name)
+            .await
+            .map_or(NodeStatus::Down, |n| n.status());
+        if status != NodeStatus::Ready {
+            worst = status;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(worst, NodeStatus::Ready, "the node stayed up\n{}", cp.log());
+    let (leader, _) = leader_and_placements(&etcd).await;
+    assert!(
+        leader.ends_with(&cp.addr),
+        "it still leads: {leader}\n{}",
+        cp.log()
+    );
+    // It still serves: a new agent is placed and started.
+    let second = unique_name("during");
+    let out = cp.cli(&["deploy", "-n", &second, "-i", ECHO_IMAGE]);
+    assert!(out.status.success(), "{out:?}");
+    wait_agent(&api, &second, "1 ready", |a| ready(a) == 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cp.log()));
+    assert_eq!(started_at(&run, &containers), started, "nothing restarted");
+    path.heal();
+}
+
+#[tokio::test]
 async fn a_new_spec_rolls_out_with_a_surge_replica_and_a_broken_one_halts() {
     let run = DockerRun::new().unwrap();
     let etcd = Etcd::start().await.unwrap();

@@ -31,6 +31,11 @@ use tonic::{Request, Response, Status, Streaming};
 pub const NODE_LEASE_TTL: Duration = Duration::from_secs(20);
 /// A node silent this long is unknown: its replicas leave the gateways' pools.
 pub const NODE_UNKNOWN_AFTER: Duration = Duration::from_secs(10);
+/// How long one renewal of a node's lease may take before it is given up and the next
+/// heartbeat renews over a new stream: a stream on an etcd member that went silent never
+/// answers, and waiting for it (until the connection's keep-alive ends it) left every node of
+/// this control plane silent long enough to be marked unknown.
+pub const RENEW_WITHIN: Duration = Duration::from_secs(2);
 
 /// Serves `NodeAgentService`.
 #[derive(Clone)]
@@ -208,7 +213,7 @@ async fn heartbeat(
     renewer: &mut berth_store::LeaseRenewer,
     record: &Node,
 ) -> Result<(), berth_store::StoreError> {
-    match renewer.renew().await {
+    match renewer.renew_within(RENEW_WITHIN).await {
         Ok(()) => {}
         Err(berth_store::StoreError::NotFound { .. }) => {
             let lease = store.grant_lease(NODE_LEASE_TTL.as_secs() as i64).await?;
