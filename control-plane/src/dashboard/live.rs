@@ -26,13 +26,20 @@ pub(super) struct LiveQuery {
     since: i64,
 }
 
-/// A `status` message for every change under `prefix` after its first listing.
+/// A `status` message for every change under `prefix` after its first listing, and one when
+/// each listing is done: a change made after the page read its parts (on the stream's opening)
+/// but before the watch listed comes within the listing, not as a change, and the page would
+/// go on showing what it read before.
 fn changes(d: &Dashboard, prefix: String) -> BoxStream<'static, Result<Event, Infallible>> {
     let watch = list_watch(&d.store, prefix);
     stream::unfold((watch, false), |(mut watch, mut listed)| async move {
         loop {
             match watch.next().await {
-                Change::InitDone { .. } => listed = true,
+                Change::InitDone { .. } => {
+                    listed = true;
+                    let message = Event::default().event("status").data("listed");
+                    return Some((Ok(message), (watch, listed)));
+                }
                 Change::Put(_) | Change::Delete(_) if listed => {
                     while watch.try_next().is_some() {}
                     let message = Event::default().event("status").data("changed");
