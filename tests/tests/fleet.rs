@@ -329,6 +329,18 @@ async fn another_control_plane_leads_when_the_leader_dies() {
     assert!(took < Duration::from_secs(20), "{took:?}");
 }
 
+/// Deploys one replica of the example agent named `{prefix}-…` through `cp`; its name, once
+/// ready.
+async fn deploy_one(cp: &ControlPlane, api: &berth_tests::AgentClient, prefix: &str) -> String {
+    let name = unique_name(prefix);
+    let out = cp.cli(&["deploy", "-n", &name, "-i", ECHO_IMAGE]);
+    assert!(out.status.success(), "{out:?}");
+    wait_agent(api, &name, "1 ready", |a| ready(a) == 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cp.log()));
+    name
+}
+
 /// The leader's key and every placement key, as etcd holds them.
 async fn leader_and_placements(etcd: &Etcd) -> (String, Vec<String>) {
     let mut client = etcd.client().await.unwrap();
@@ -364,12 +376,7 @@ async fn a_leader_paused_past_its_term_steps_down_and_the_next_ones_placements_s
     let api = second.agents().await.unwrap();
     let (leader, _) = leader_and_placements(&etcd).await;
     assert!(leader.ends_with(&first.addr), "the first leads: {leader}");
-    let name = unique_name("paused");
-    let out = second.cli(&["deploy", "-n", &name, "-i", ECHO_IMAGE]);
-    assert!(out.status.success(), "{out:?}");
-    wait_agent(&api, &name, "1 ready", |a| ready(a) == 1)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", first.log()));
+    let name = deploy_one(&second, &api, "paused").await;
 
     let before = run.containers();
     let started = started_at(&run, &before);
@@ -441,12 +448,7 @@ async fn with_one_etcd_endpoint_silent_the_control_plane_keeps_its_nodes_and_lea
         .unwrap();
     let node = NodeAgent::start(&cp.url(), &unique_name("n"), &run).unwrap();
     let api = cp.agents().await.unwrap();
-    let name = unique_name("silent");
-    let out = cp.cli(&["deploy", "-n", &name, "-i", ECHO_IMAGE]);
-    assert!(out.status.success(), "{out:?}");
-    wait_agent(&api, &name, "1 ready", |a| ready(a) == 1)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", cp.log()));
+    deploy_one(&cp, &api, "silent").await;
     let containers = run.containers();
     let started = started_at(&run, &containers);
 
@@ -471,12 +473,7 @@ async fn with_one_etcd_endpoint_silent_the_control_plane_keeps_its_nodes_and_lea
         cp.log()
     );
     // It still serves: a new agent is placed and started.
-    let second = unique_name("during");
-    let out = cp.cli(&["deploy", "-n", &second, "-i", ECHO_IMAGE]);
-    assert!(out.status.success(), "{out:?}");
-    wait_agent(&api, &second, "1 ready", |a| ready(a) == 1)
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", cp.log()));
+    deploy_one(&cp, &api, "during").await;
     assert_eq!(started_at(&run, &containers), started, "nothing restarted");
     path.heal();
 }
