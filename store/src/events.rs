@@ -60,7 +60,7 @@ impl Store {
             );
             match self.client().txn(build(op)).await {
                 Ok(resp) => return Ok(resp),
-                Err(e) if attempt == 0 && e.to_string().contains("lease not found") => continue,
+                Err(e) if attempt == 0 && crate::lease_not_found(&e) => continue,
                 Err(e) => return Err(self.unavailable(e)),
             }
         }

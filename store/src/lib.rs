@@ -207,6 +207,12 @@ async fn track_endpoints(client: Client, endpoints: Vec<String>, tls: Option<Tls
     }
 }
 
+/// Whether etcd refused a write because the lease it names no longer exists (expired or
+/// revoked).
+pub(crate) fn lease_not_found(e: &etcd_client::Error) -> bool {
+    e.to_string().contains("lease not found")
+}
+
 /// Handle on the store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -278,13 +284,6 @@ impl Store {
         }
     }
 
-    /// The compare that fences a leader's write, if this store is fenced.
-    pub(crate) fn fence(&self) -> Option<etcd_client::Compare> {
-        self.fence.map(|lease| {
-            etcd_client::Compare::lease(self.keys.leader(), etcd_client::CompareOp::Equal, lease)
-        })
-    }
-
     /// Commits a leader's write `ops` (with `compares`, which must hold too), fenced when this
     /// store is: `Ok(false)` when one of `compares` failed, [`StoreError::NotLeader`] when the
     /// fence did.
@@ -294,21 +293,21 @@ impl Store {
         ops: Vec<etcd_client::TxnOp>,
     ) -> Result<bool, StoreError> {
         let mut client = self.client();
-        let Some(fence) = self.fence() else {
+        let Some(lease) = self.fence else {
             let txn = Txn::new().when(compares).and_then(ops);
             let resp = client.txn(txn).await.map_err(|e| self.unavailable(e))?;
             return Ok(resp.succeeded());
         };
         // The fence outside, the caller's compares inside: which one failed is told apart.
+        let fence =
+            etcd_client::Compare::lease(self.keys.leader(), etcd_client::CompareOp::Equal, lease);
         let inner = Txn::new().when(compares).and_then(ops);
         let txn = Txn::new()
             .when([fence])
             .and_then([etcd_client::TxnOp::txn(inner)]);
         let resp = client.txn(txn).await.map_err(|e| self.unavailable(e))?;
         if !resp.succeeded() {
-            return Err(StoreError::NotLeader {
-                lease: self.fence.unwrap_or_default(),
-            });
+            return Err(StoreError::NotLeader { lease });
         }
         Ok(resp
             .op_responses()

@@ -342,7 +342,7 @@ impl Store {
                     // A sequence number taken in the same microsecond: draw again.
                     uncertain = false;
                 }
-                Err(e) if e.to_string().contains("lease not found") => uncertain = false,
+                Err(e) if crate::lease_not_found(&e) => uncertain = false,
                 Err(e) if resends.allow(&e) => {
                     uncertain = true;
                     resends.pause().await;
@@ -379,7 +379,7 @@ impl Store {
                 .or_else([TxnOp::get(key.as_str(), None)]);
             let resp = match self.commit(txn, 0).await {
                 Ok(resp) => resp,
-                Err(e) if e.to_string().contains("lease not found") => continue,
+                Err(e) if crate::lease_not_found(&e) => continue,
                 Err(e) if resends.allow(&e) => {
                     resends.pause().await;
                     continue;
@@ -794,7 +794,7 @@ impl Store {
             match self.client().txn(txn).await {
                 Ok(resp) => indexed += u64::from(resp.succeeded()),
                 // Its lease ended meanwhile: the record went with it.
-                Err(e) if e.to_string().contains("lease not found") => {}
+                Err(e) if crate::lease_not_found(&e) => {}
                 Err(e) => return Err(self.unavailable(e)),
             }
         }
