@@ -49,49 +49,73 @@ impl Drop for Up {
 
 #[tokio::test]
 async fn berth_up_runs_everything_and_the_plain_cli_works() {
-    let data = tempfile::Builder::new()
-        .prefix("berth-up-")
-        .tempdir()
+    // A port picked free can be taken before `berth up` binds it (by another test's server,
+    // or as the local port of an outgoing connection): a start that fails so is tried again
+    // on fresh ports, up to three times.
+    let mut attempt = 1;
+    let (up, printed, config, cp, dashboard, gateway, gateway_admin) = loop {
+        let data = tempfile::Builder::new()
+            .prefix("berth-up-")
+            .tempdir()
+            .unwrap();
+        let config = data.path().join("cli.yaml");
+        let (cp, gateway, gateway_admin) = (free_port(), free_port(), free_port());
+        let dashboard = free_port();
+        let node = unique_name("up");
+        let network = unique_name("berth-up");
+        let log = data.path().join("up.out");
+        let errors = data.path().join("up.err");
+        let child = Command::new(berth_bin())
+            .arg("up")
+            .arg("--data-dir")
+            .arg(data.path().join("data"))
+            .args(["--etcd-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--etcd-peer-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--listen", &format!("127.0.0.1:{cp}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--dashboard-listen", &format!("127.0.0.1:{dashboard}")])
+            .args(["--gateway-listen", &format!("127.0.0.1:{gateway}")])
+            .args([
+                "--gateway-admin-listen",
+                &format!("127.0.0.1:{gateway_admin}"),
+            ])
+            .args(["--node-name", &node, "--network", &network])
+            .env("BERTH_CLI_CONFIG", &config)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(&errors).unwrap())
+            .spawn()
+            .unwrap();
+        let mut up = Up {
+            child,
+            data,
+            node,
+            network,
+        };
+        let started = eventually(Duration::from_secs(90), "berth up to be up", || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let exited = matches!(up.child.try_wait(), Ok(Some(_)));
+            async move {
+                match (text.contains("Berth is up"), exited) {
+                    (true, _) => Some(Some(text)),
+                    (false, true) => Some(None),
+                    (false, false) => None,
+                }
+            }
+        })
+        .await
         .unwrap();
-    let config = data.path().join("cli.yaml");
-    let (cp, gateway, gateway_admin) = (free_port(), free_port(), free_port());
-    let dashboard = free_port();
-    let node = unique_name("up");
-    let network = unique_name("berth-up");
-    let log = data.path().join("up.out");
-    let child = Command::new(berth_bin())
-        .arg("up")
-        .arg("--data-dir")
-        .arg(data.path().join("data"))
-        .args(["--etcd-listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--etcd-peer-listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--listen", &format!("127.0.0.1:{cp}")])
-        .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--dashboard-listen", &format!("127.0.0.1:{dashboard}")])
-        .args(["--gateway-listen", &format!("127.0.0.1:{gateway}")])
-        .args([
-            "--gateway-admin-listen",
-            &format!("127.0.0.1:{gateway_admin}"),
-        ])
-        .args(["--node-name", &node, "--network", &network])
-        .env("BERTH_CLI_CONFIG", &config)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&log).unwrap())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut up = Up {
-        child,
-        data,
-        node,
-        network,
+        let said = std::fs::read_to_string(&errors).unwrap_or_default();
+        match started {
+            Some(printed) => break (up, printed, config, cp, dashboard, gateway, gateway_admin),
+            None if attempt < 3 && said.contains("Address already in use") => {
+                eprintln!("berth up did not start (attempt {attempt}), trying fresh ports: {said}");
+                attempt += 1;
+            }
+            None => panic!("berth up exited: {said}"),
+        }
     };
-    let printed = eventually(Duration::from_secs(90), "berth up to be up", || {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        async move { text.contains("Berth is up").then_some(text) }
-    })
-    .await
-    .unwrap();
+    let mut up = up;
     // TLS by default: the control plane at https, its CA in the CLI's config.
     assert!(
         printed.contains(&format!("https://127.0.0.1:{cp} (TLS")),
