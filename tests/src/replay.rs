@@ -2,7 +2,7 @@
 //! host volume, and what tells where its requests stand.
 
 use crate::docker::{data_volume, ready, wait_agent, DockerRun, NodeAgent};
-use crate::wire::{get, send, Raw};
+use crate::wire::{get, send, wait_routed, Raw};
 use crate::{eventually, unique_name, ControlPlane, Etcd, Gateway};
 use std::collections::HashMap;
 use std::path::Path;
@@ -86,17 +86,9 @@ pub async fn setup_cluster(prefix: &str, cp_flags: &[&str], flags: &[&str]) -> S
     wait_agent(&api, &name, "ready", |a| ready(a) == 1)
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}\n{}", cp.log(), node.log()));
-    let path = format!("/agents/{name}/health");
-    eventually(
-        Duration::from_secs(20),
-        "the gateway routes to the agent",
-        || {
-            let (addr, path) = (gw.addr.clone(), path.clone());
-            async move { (get(&addr, &path).await.status == 200).then_some(()) }
-        },
-    )
-    .await
-    .unwrap();
+    wait_routed(&gw.addr, &format!("/agents/{name}/health"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", gw.log()));
     Setup {
         run,
         etcd,

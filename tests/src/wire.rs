@@ -157,3 +157,18 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
 pub async fn get(addr: &str, path: &str) -> Raw {
     send(addr, &format!("GET {path} HTTP/1.1"), b"").await
 }
+
+/// Polls `GET path` through the gateway at `addr` until the agent answers 200. The probes opt
+/// out of replay: a gateway that has yet to learn of the replica answers 503 instead of
+/// queueing a probe, which would then show in the agent's queue and its request log.
+pub async fn wait_routed(addr: &str, path: &str) -> anyhow::Result<()> {
+    crate::eventually(
+        Duration::from_secs(20),
+        &format!("the gateway at {addr} to route GET {path} to the agent"),
+        || async {
+            let head = format!("GET {path} HTTP/1.1\r\nX-Berth-Replay: off");
+            (send(addr, &head, b"").await.status == 200).then_some(())
+        },
+    )
+    .await
+}

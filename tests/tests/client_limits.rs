@@ -5,7 +5,7 @@
 //! 503. Every refusal the gateway words names its limit.
 
 use berth_tests::docker::{ready, wait_agent, DockerRun, NodeAgent};
-use berth_tests::wire::{get, read_response, send, send_tls};
+use berth_tests::wire::{get, read_response, send, send_tls, wait_routed};
 use berth_tests::{eventually, make_certs, unique_name, ControlPlane, Etcd, Gateway};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -92,16 +92,9 @@ async fn slow_and_greedy_clients_are_cut_off_or_refused_and_others_are_served() 
         .unwrap_or_else(|e| panic!("{e}\n{}\n{}", cp.log(), node.log()));
     let health = format!("/agents/{name}/health");
     for gateway in [&gw, &narrow] {
-        eventually(
-            Duration::from_secs(20),
-            "the gateway routes to the agent",
-            || {
-                let (addr, path) = (gateway.addr.clone(), health.clone());
-                async move { (get(&addr, &path).await.status == 200).then_some(()) }
-            },
-        )
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log()));
+        wait_routed(&gateway.addr, &health)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", gateway.log()));
     }
 
     // Slowloris: eight clients trickle their headers a byte at a time, one sends nothing, and

@@ -5,7 +5,7 @@
 
 use berth_proto::v1::{Agent, BreakerState, GetAgentRequest};
 use berth_tests::docker::{http, ready, wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
-use berth_tests::wire::{get, send};
+use berth_tests::wire::{get, send, wait_routed};
 use berth_tests::{eventually, unique_name, AgentClient, ControlPlane, Etcd, Gateway};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -68,17 +68,9 @@ async fn the_gateway_forwards_faithfully_hides_failures_and_cuts_off_bad_replica
         .await
         .unwrap();
     let base = format!("/agents/{name}");
-    eventually(
-        Duration::from_secs(20),
-        "the gateway routes to the agent",
-        || {
-            let path = format!("{base}/health");
-            let addr = gw.addr.clone();
-            async move { (get(&addr, &path).await.status == 200).then_some(()) }
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", gw.log()));
+    wait_routed(&gw.addr, &format!("{base}/health"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", gw.log()));
 
     // Fidelity: method, path, query, every header value, a binary body; the gateway adds a
     // request id and the client's address, and drops hop-by-hop headers.

@@ -7,7 +7,7 @@ use berth_tests::docker::{ready, wait_agent, ECHO_IMAGE};
 use berth_tests::replay::{
     arrivals, counts, list_request_ids, post, setup, setup_with, wait_delivered, wait_down,
 };
-use berth_tests::wire::{get, send};
+use berth_tests::wire::{get, send, wait_routed};
 use berth_tests::{eventually, unique_name, Gateway};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -481,13 +481,7 @@ async fn without_etcd_nothing_is_promised_and_live_agents_still_answer() {
         .await
         .unwrap();
     let live_path = format!("/agents/{live}/echo");
-    eventually(
-        Duration::from_secs(20),
-        "the gateway routes to the live agent",
-        || async { (get(&s.gw.addr, &live_path).await.status == 200).then_some(()) },
-    )
-    .await
-    .unwrap();
+    wait_routed(&s.gw.addr, &live_path).await.unwrap();
     let base = format!("/agents/{}", s.name);
     assert!(s.cp.cli(&["stop", &s.name]).status.success());
     wait_agent(&api, &s.name, "stopped", |a| ready(a) == 0)

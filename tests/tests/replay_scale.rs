@@ -12,7 +12,7 @@ use berth_tests::replay::{
     arrivals, counts, list_request_ids, post, setup, setup_with, wait_delivered, wait_down,
 };
 use berth_tests::stall::StallProxy;
-use berth_tests::wire::send;
+use berth_tests::wire::{send, wait_routed};
 use berth_tests::{eventually, unique_name, Gateway};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -537,16 +537,9 @@ async fn a_gateway_that_starts_gets_its_share_of_the_agents_replay_at_once() {
     wait_agent(&api, &other, "ready", |a| ready(a) == 1)
         .await
         .unwrap();
-    eventually(Duration::from_secs(20), "the gateway routes", || async {
-        let path = format!("/agents/{other}/health");
-        (send(&s.gw.addr, &format!("GET {path} HTTP/1.1"), b"")
-            .await
-            .status
-            == 200)
-            .then_some(())
-    })
-    .await
-    .unwrap();
+    wait_routed(&s.gw.addr, &format!("/agents/{other}/health"))
+        .await
+        .unwrap();
     stop_agent(&s).await;
     assert!(s.cp.cli(&["stop", &other]).status.success());
     wait_agent(&api, &other, "stopped", |a| ready(a) == 0)
