@@ -95,6 +95,8 @@ pub struct GatewayMetrics {
 pub struct ReplaySteps {
     /// The etcd write that claims a request.
     pub claim: Histogram,
+    /// From the claim to sending: the wait at the agent's gate of a request claimed ahead.
+    pub wait: Histogram,
     /// From sending to the agent to its answer.
     pub forward: Histogram,
     /// The etcd write of the outcome.
@@ -211,6 +213,7 @@ impl GatewayMetrics {
         };
         let replay_steps = ReplaySteps {
             claim: step("claim"),
+            wait: step("wait"),
             forward: step("forward"),
             finish: step("finish"),
         };

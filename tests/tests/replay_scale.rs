@@ -3,8 +3,8 @@
 //! process of the same name meanwhile), a gateway cut off
 //! from etcd mid-delivery (a stalled path, not a closed one), a keyed answer over the
 //! stored-answer limit, a dropped request's key, a SIGTERMed gateway during replay, etcd
-//! killed while deliveries run, and a gateway that starts taking its share of the agents'
-//! replay from one that has them all.
+//! killed while deliveries run, a gateway that starts taking its share of the agents'
+//! replay from one that has them all, and short deliveries claimed ahead.
 //! Real etcd, control plane, node agent, gateways and example-agent containers.
 
 use berth_tests::docker::{ready, wait_agent};
@@ -223,6 +223,49 @@ async fn a_gateway_replacing_a_paused_one_of_the_same_name_keeps_the_agents_repl
     assert_eq!(
         most, 2,
         "more runs at the agent at once than its replay concurrency"
+    );
+}
+
+#[tokio::test]
+async fn short_deliveries_claimed_ahead_reach_the_agent_at_its_concurrency_oldest_first() {
+    // Deliveries of 40 ms: the replayer claims the next ones while these run at the agent.
+    let s = setup_with("ahead", &["--replay-concurrency", "3"]).await;
+    let ids = queue_slow_then_start(&s, 90, 40).await;
+    assert_eq!(delivered_once(&s, &ids).await, ids.len());
+    let (most, runs) = most_at_once(s.data.path(), &ids);
+    assert_eq!(
+        most, 3,
+        "runs at the agent at once against its replay concurrency of 3: {runs:?}"
+    );
+    // First in, first started. The gate sends them strictly in order; what reaches the agent
+    // may swap two sent at nearly the same time, never one that waited rounds behind another:
+    // no request began before one queued three rounds (nine places) before it.
+    let starts: Vec<u64> = ids
+        .iter()
+        .map(|id| slow_runs(s.data.path(), id)[0].0)
+        .collect();
+    for (i, later) in starts.iter().enumerate().skip(9) {
+        assert!(
+            starts[i - 9] <= *later,
+            "request {i} started before request {}: {starts:?}",
+            i - 9
+        );
+    }
+    // Every delivery went through the agent's gate; those claimed ahead waited there.
+    let (_, metrics) = berth_tests::docker::http(&s.gw.admin_addr, "GET", "/metrics")
+        .await
+        .unwrap();
+    let waited = |what: &str| -> f64 {
+        let name = format!("berth_gateway_replay_step_seconds_{what}{{step=\"wait\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&name)?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} on /metrics:\n{metrics}"))
+    };
+    assert_eq!(waited("count") as usize, ids.len());
+    eprintln!(
+        "90 deliveries of 40 ms at concurrency 3: waited at the gate {:.2} s in all",
+        waited("sum")
     );
 }
 

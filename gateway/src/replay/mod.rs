@@ -2,6 +2,7 @@
 //! once committed) and delivered later, in order, by whichever gateway claims them.
 
 pub mod answer;
+pub mod gate;
 pub mod idempotency;
 pub mod replayer;
 pub mod results;

@@ -13,6 +13,7 @@
 use super::super::forward::{Forward, ForwardBody};
 use super::super::metrics::AgentLabels;
 use super::super::Gateway;
+use super::gate::{Gate, Ticket, HOLD};
 use super::{QueueStats, REPLAY_ATTEMPT};
 use crate::outcome::{Ending, Verdict};
 use berth_proto::v1::{Request, RequestState, StoredResponse};
@@ -224,6 +225,8 @@ async fn replay(
     let mut routes_open = true;
     let mut deliveries: JoinSet<Done> = JoinSet::new();
     let mut busy: HashSet<(String, u64)> = HashSet::new();
+    // Each agent's gate: its deliveries reach it at most at its concurrency, oldest first.
+    let mut gates: HashMap<String, Arc<Gate>> = HashMap::new();
     // Deliveries the agent has answered whose outcome is still being written: they no longer
     // take one of the agent's replay slots (the next request starts meanwhile).
     let (answered_tx, mut answered_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -286,6 +289,7 @@ async fn replay(
                     &index,
                     &claims,
                     &mut busy,
+                    &mut gates,
                     &answered,
                     &not_before,
                     &deferred,
@@ -397,6 +401,7 @@ async fn replay(
                 }
                 // A replica became ready (or left): deliver at once, whatever backoff was due.
                 not_before.clear();
+                gates.values().for_each(|gate| gate.reopen());
             }
             Some(records) = fetched_rx.recv() => keep_records(&mut index, records),
             Some(at) = answered_rx.recv() => {
@@ -409,6 +414,11 @@ async fn replay(
                 if let Ok((agent, seq, released, after)) = done {
                     busy.remove(&(agent.clone(), seq));
                     answered.remove(&(agent.clone(), seq));
+                    // An agent whose queue is empty here keeps no gate (nor the mean time of
+                    // its deliveries: it is timed again when its queue fills).
+                    if !index.contains_key(&agent) && gates.get(&agent).is_some_and(|g| g.idle()) {
+                        gates.remove(&agent);
+                    }
                     // Our claim is gone by now; the watch may say so only later.
                     if released && claims.get(&(agent.clone(), seq)).is_some_and(|h| h.lease == lease) {
                         claims.remove(&(agent.clone(), seq));
@@ -754,6 +764,7 @@ fn start_deliveries(
     index: &Index,
     claims: &HashMap<(String, u64), Holder>,
     busy: &mut HashSet<(String, u64)>,
+    gates: &mut HashMap<String, Arc<Gate>>,
     answered: &HashSet<(String, u64)>,
     not_before: &HashMap<String, Instant>,
     deferred: &HashMap<(String, u64), Instant>,
@@ -799,8 +810,30 @@ fn start_deliveries(
         if route.replicas.is_empty() || not_before.get(agent).is_some_and(|t| *t > now) {
             continue;
         }
-        // The agent's replay concurrency holds across gateways.
+        // The agent's replay concurrency holds across gateways: what others hold (another
+        // gateway, or an earlier life of this one) may run at the agent.
         let concurrency = route.replay.concurrency.max(1) as usize;
+        let others = claims
+            .iter()
+            .filter(|(at, holder)| at.0 == *agent && holder.lease != lease)
+            .count();
+        let gate = gates
+            .entry(agent.clone())
+            .or_insert_with(|| Arc::new(Gate::new(concurrency)))
+            .clone();
+        gate.set_limit(concurrency.saturating_sub(others));
+        if gate.closed() {
+            continue;
+        }
+        // As many again claimed ahead, while its deliveries are short: each starts as soon
+        // as a slot frees, its claim written meanwhile. Not one at a time, where the next
+        // request must wait for the outcome of the one before (which may be tried again), nor
+        // while another gateway holds claims on the agent.
+        let ahead = if concurrency > 1 && others == 0 && gate.ahead() {
+            concurrency
+        } else {
+            0
+        };
         // Deliveries under way: claims, and ours not yet claimed; less ours that the agent has
         // answered (each counted once above, as a claim or as unclaimed).
         let unclaimed = busy
@@ -810,7 +843,7 @@ fn start_deliveries(
         let done_at_agent = answered.iter().filter(|at| at.0 == *agent).count();
         let under_way = (claimed.get(agent.as_str()).copied().unwrap_or(0) + unclaimed)
             .saturating_sub(done_at_agent);
-        let mut free = concurrency.saturating_sub(under_way);
+        let mut free = (concurrency + ahead).saturating_sub(under_way);
         for (&seq, waiting) in queue {
             if free == 0 {
                 break;
@@ -841,9 +874,11 @@ fn start_deliveries(
             };
             let (gateway, name) = (gateway.clone(), name.to_string());
             let (answered, fetched) = (answered_tx.clone(), fetched_tx.clone());
+            // In line from now, before its claim: the gate lets requests through oldest first.
+            let ticket = gate.line_up(seq);
             deliveries.spawn(async move {
                 let reports = Reports { answered, fetched };
-                match deliver(&gateway, &name, lease, &agent, seq, record, &reports).await {
+                match deliver(&gateway, &name, lease, &agent, record, ticket, &reports).await {
                     Ok(after) => (agent, seq, true, after),
                     Err(e) => {
                         // The claim may still stand; the next pass releases it if it is ours.
@@ -879,19 +914,21 @@ struct Reports {
     fetched: tokio::sync::mpsc::UnboundedSender<Fetched>,
 }
 
-/// Claims and delivers the request at `(agent, seq)`, whose record the index holds, or which
-/// is read with the next ones up to the position given; the wait before the agent's next
+/// Claims and delivers the request at `(agent, ticket.seq())`, whose record the index holds,
+/// or which is read with the next ones up to the position given; it reaches the agent when
+/// the agent's gate lets its `ticket` through. Returns the wait before the agent's next
 /// delivery when this one failed (or must wait for an interrupted attempt's deadline).
 async fn deliver(
     gateway: &Gateway,
     name: &str,
     lease: i64,
     agent: &str,
-    seq: u64,
     record: Result<Arc<StoredRequest>, u64>,
+    ticket: Ticket,
     reports: &Reports,
 ) -> Result<After, StoreError> {
     let store = &gateway.store;
+    let seq = ticket.seq();
     let stored = match record {
         Ok(record) => record,
         Err(last) => {
@@ -937,7 +974,9 @@ async fn deliver(
     let timeout = route
         .as_ref()
         .map_or(berth_proto::defaults::REQUEST_TIMEOUT, |r| r.timeout);
-    let deadline = SystemTime::now() + timeout + DEADLINE_MARGIN;
+    // It may wait at the gate until `sent_by` (HOLD from now) before it is sent.
+    let deadline = SystemTime::now() + HOLD + timeout + DEADLINE_MARGIN;
+    let sent_by = Instant::now() + HOLD;
     let claiming = Instant::now();
     let claimed = store.claim_request(&stored, name, lease, deadline).await?;
     step(&gateway.metrics.replay_steps.claim, claiming);
@@ -980,6 +1019,24 @@ async fn deliver(
         count(gateway, agent, "dead");
         return Ok(After::Next);
     }
+    let waiting = Instant::now();
+    let running = match ticket.pass(sent_by).await {
+        Ok(running) => {
+            step(&gateway.metrics.replay_steps.wait, waiting);
+            running
+        }
+        Err(refused) => {
+            // Not sent: the claim is given back with its attempt, and the request waits as
+            // it did (the next pass starts it again, unless the agent backs off).
+            tracing::debug!(agent = %agent, request_id = %claim.stored.request.id, ?refused, "claimed ahead, not sent");
+            let r = &mut claim.stored.request;
+            r.state = RequestState::Queued as i32;
+            r.attempts = r.attempts.saturating_sub(1);
+            r.attempt_deadline = None;
+            finish(gateway, &claim, None).await?;
+            return Ok(After::Released);
+        }
+    };
     let stack = gateway.stack(&route);
     let service = stack.service.lock().expect("stack lock").clone();
     let forwarding = Instant::now();
@@ -995,6 +1052,7 @@ async fn deliver(
         Verdict::TryLater => Some(described),
         // The agent may have seen it and a second delivery could do harm: stop here.
         Verdict::Dead => {
+            running.end(None);
             claim.stored.request.state = RequestState::Dead as i32;
             claim.stored.request.last_error = format!("{described} (not safe to deliver again)");
             finish(gateway, &claim, None).await?;
@@ -1014,7 +1072,6 @@ async fn deliver(
             r.state = RequestState::Delivered as i32;
             r.last_error.clear();
             let (answer, _) = super::answer::keep(response, MAX_STORED_RESPONSE).await;
-            let _ = reports.answered.send((agent.to_string(), seq));
             count(gateway, agent, "delivered");
             tracing::info!(agent = %agent, request_id = %r.id, attempts = r.attempts, truncated = answer.truncated, "replayed");
             (After::Next, Some(answer))
@@ -1036,6 +1093,16 @@ async fn deliver(
         }
         (None, Err(_)) => unreachable!("no failure means an answer"),
     };
+    // Over at the agent: its slot goes to the next in line while the outcome is written; after
+    // a failure, what waits at the gate waits for the backoff.
+    let backoff = match after {
+        After::Backoff(wait) => Some(wait),
+        _ => None,
+    };
+    running.end(backoff);
+    if answer.is_some() {
+        let _ = reports.answered.send((agent.to_string(), seq));
+    }
     finish(gateway, &claim, answer.as_ref()).await?;
     Ok(after)
 }

@@ -428,7 +428,7 @@ async fn steps(admin: &str) -> anyhow::Result<String> {
         .await
         .ok_or_else(|| anyhow::anyhow!("no /metrics from {admin}"))?;
     let mut line = format!("gateway {admin}: mean");
-    for step in ["claim", "forward", "finish"] {
+    for step in ["claim", "wait", "forward", "finish"] {
         let at = |what: &str| {
             metric(
                 &page,
