@@ -843,6 +843,8 @@ fn start_deliveries(
         let done_at_agent = answered.iter().filter(|at| at.0 == *agent).count();
         let under_way = (claimed.get(agent.as_str()).copied().unwrap_or(0) + unclaimed)
             .saturating_sub(done_at_agent);
+        // Slots free at the agent, then those claimed ahead.
+        let mut at_agent = concurrency.saturating_sub(under_way);
         let mut free = (concurrency + ahead).saturating_sub(under_way);
         for (&seq, waiting) in queue {
             if free == 0 {
@@ -859,6 +861,18 @@ fn start_deliveries(
                     break;
                 }
                 continue;
+            }
+            if at_agent > 0 {
+                at_agent -= 1;
+            } else if !waiting
+                .record
+                .as_ref()
+                .is_some_and(|r| safe_to_resend(&r.request))
+            {
+                // Claimed ahead only when safe to send twice: a gateway that crashes before
+                // sending it leaves it marked delivering, and one that is not safe would be
+                // dead-lettered for a send that never happened. Nor past it: oldest first.
+                break;
             }
             free -= 1;
             busy.insert(at);
@@ -1143,6 +1157,16 @@ fn count(gateway: &Gateway, agent: &str, outcome: &str) {
 
 /// The stored request as it goes to the agent again: the same headers (the request id among
 /// them) and the replay attempt.
+/// Whether a stored request is safe to deliver twice: an idempotent method, or an
+/// `Idempotency-Key` (as [`Forward::is_safe`] tells of the request it becomes).
+fn safe_to_resend(request: &Request) -> bool {
+    Method::from_bytes(request.method.as_bytes()).is_ok_and(|m| m.is_idempotent())
+        || request.headers.iter().any(|h| {
+            h.name
+                .eq_ignore_ascii_case(berth_proto::request::IDEMPOTENCY_KEY.as_str())
+        })
+}
+
 fn to_forward(request: &Request) -> Forward {
     let mut headers = HeaderMap::new();
     for h in &request.headers {
@@ -1199,6 +1223,36 @@ mod tests {
         let mut stale = left_behind(&claims, &busy, 7);
         stale.sort();
         assert_eq!(stale, [at("a", 1), at("b", 1)]);
+    }
+
+    #[test]
+    fn only_requests_safe_to_send_twice_count_as_safe_to_resend() {
+        let request = |method: &str, header: Option<&str>| Request {
+            method: method.into(),
+            headers: header
+                .map(|name| berth_proto::v1::Header {
+                    name: name.into(),
+                    value: b"k-1".to_vec(),
+                })
+                .into_iter()
+                .collect(),
+            ..Default::default()
+        };
+        for (method, header, safe) in [
+            ("GET", None, true),
+            ("PUT", None, true),
+            ("DELETE", None, true),
+            ("POST", None, false),
+            ("PATCH", None, false),
+            ("POST", Some("Idempotency-Key"), true),
+            ("POST", Some("idempotency-key"), true),
+            ("POST", Some("x-idempotency"), false),
+            ("", None, false),
+        ] {
+            let r = request(method, header);
+            assert_eq!(safe_to_resend(&r), safe, "{method} {header:?}");
+            assert_eq!(to_forward(&r).is_safe(), safe, "{method} {header:?}");
+        }
     }
 
     #[test]

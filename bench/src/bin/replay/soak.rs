@@ -27,7 +27,8 @@
 //!
 //! To take the enqueue apart: `--enqueue-only` stops after the enqueue and its ratio;
 //! `BERTH_SOAK_GATEWAYS=1` sends every request to one gateway (the other still runs);
-//! `BERTH_SOAK_KEYED=0` sends none with an `Idempotency-Key`; `BERTH_SOAK_REQUESTS=N`
+//! `BERTH_SOAK_KEYED=0` sends none with an `Idempotency-Key`, `BERTH_SOAK_KEYED=2` sends every
+//! one with a key (safe to send twice, so claimed ahead while short); `BERTH_SOAK_REQUESTS=N`
 //! queues N small requests instead of 100,000 (only a full run writes BENCHMARKS.md);
 //! `BERTH_SOAK_CONCURRENCY=N` sends with N clients at once instead of 32 (raw puts, the store
 //! alone and the enqueue alike).
@@ -450,7 +451,14 @@ pub async fn run() -> anyhow::Result<()> {
     let started = Instant::now();
     let small_count: usize = setting("BERTH_SOAK_REQUESTS", SMALL)?;
     let enqueue_gateways: usize = setting("BERTH_SOAK_GATEWAYS", 2)?;
+    // 0: no request with an Idempotency-Key; 1: every other one; 2: all of them.
     let keyed_share = setting("BERTH_SOAK_KEYED", 1)?;
+    let is_keyed = move |i: usize| keyed_share >= 2 || (keyed_share == 1 && i.is_multiple_of(2));
+    let keyed_words = match keyed_share {
+        0 => "none with an `Idempotency-Key`",
+        1 => "half with an `Idempotency-Key`",
+        _ => "each with an `Idempotency-Key`",
+    };
     let enqueue_only = std::env::args().any(|a| a == "--enqueue-only");
     let pauses = std::env::args().any(|a| a == "--pauses");
     let etcd_pause = Duration::from_secs(setting(
@@ -591,11 +599,7 @@ pub async fn run() -> anyhow::Result<()> {
             "enqueueing {small_count} requests through {} gateway(s), {} at a time, {}",
             enqueue_gateways.clamp(1, 2),
             *CONCURRENCY,
-            if keyed_share == 0 {
-                "none keyed"
-            } else {
-                "half keyed"
-            }
+            keyed_words
         );
         let accepted_before = accepted(&gateways).await?;
         let small = Bytes::from(vec![b's'; SMALL_SIZE]);
@@ -609,7 +613,7 @@ pub async fn run() -> anyhow::Result<()> {
                 async move {
                     let path = format!("/agents/{}/slow?ms={WORK_MS}&n={i}", names[i % AGENTS]);
                     let key = format!("soak-{round}-{i}");
-                    let headers: &[(&str, &str)] = if keyed_share != 0 && i % 2 == 0 {
+                    let headers: &[(&str, &str)] = if is_keyed(i) {
                         &[("idempotency-key", key.as_str())]
                     } else {
                         &[]
@@ -624,7 +628,7 @@ pub async fn run() -> anyhow::Result<()> {
                             let json: serde_json::Value =
                                 serde_json::from_slice(&body).unwrap_or_default();
                             let id = json["request_id"].as_str().unwrap_or_default().to_string();
-                            if keyed_share != 0 && i % 2 == 0 {
+                            if is_keyed(i) {
                                 keyed.lock().unwrap().insert(id.clone());
                             }
                             sent.lock().unwrap().push(id);
@@ -949,7 +953,7 @@ pub async fn run() -> anyhow::Result<()> {
             "{AGENTS} agents (one example-agent replica each, {WORK_MS} ms of work per request, replay \
              concurrency {PER_AGENT}, request timeout {REQUEST_TIMEOUT}), two gateways, one local etcd {} member, one control plane \
              (compaction 15 s behind, {KEPT_PER_AGENT} finished records kept per agent), {} cores \
-             for everything. {small_count} requests of {SMALL_SIZE} B (half with an `Idempotency-Key`) \
+             for everything. {small_count} requests of {SMALL_SIZE} B ({keyed_words}) \
              and {LARGE} of {} KiB queued while the agents were stopped, then drained{faults}.\n\n\
              | measure | value |\n|---|---:|\n\
              | sent (202 after commit) | {} |\n\
@@ -1046,7 +1050,7 @@ pub async fn run() -> anyhow::Result<()> {
         println!("{report}");
         if small_count == SMALL
             && enqueue_gateways == 2
-            && keyed_share != 0
+            && keyed_share == 1
             && !pauses
             && !etcd_kill
             && restarts
