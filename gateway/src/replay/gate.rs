@@ -12,8 +12,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 /// How long a request claimed ahead may wait at the gate. Its attempt's deadline counts this
-/// wait, so that a takeover after a crash waits for it too; one not let through in time gives
-/// its claim back unsent.
+/// wait, so that a takeover after a crash waits for it too; one not let through in time (the
+/// caller's `until`: this and the claim's own time) gives its claim back unsent.
 pub const HOLD: Duration = Duration::from_secs(1);
 /// An agent's requests are claimed ahead only while its deliveries take less than this on
 /// average: then a claim's wait on etcd is a large share of a delivery slot's time, and a
@@ -131,7 +131,7 @@ impl Ticket {
 
     /// Waits, until `until` at the latest, for this request to be the oldest waiting with
     /// fewer than the gate's limit at the agent; then it is at the agent until the returned
-    /// [`Running`] ends. `until` is at most [`HOLD`] after the claim was begun.
+    /// [`Running`] ends. Past `until` (a paused process resumed, say), never.
     pub async fn pass(mut self, until: Instant) -> Result<Running, Refused> {
         loop {
             let changed = self.gate.changed.notified();
@@ -139,6 +139,12 @@ impl Ticket {
             // Registered before the state is read: a change made after the read wakes it.
             changed.as_mut().enable();
             {
+                // Checked before all else: a gateway paused (SIGSTOP) while this request waited
+                // finds its time over when it resumes, and sends nothing that another gateway
+                // may have taken over meanwhile.
+                if Instant::now() >= until {
+                    return Err(Refused::TimedOut);
+                }
                 let mut state = self.gate.state.lock().expect("gate lock");
                 if state.closed_until.is_some_and(|t| t > Instant::now()) {
                     return Err(Refused::Closed);
@@ -274,6 +280,17 @@ mod tests {
         );
         assert_eq!(started.elapsed(), HOLD);
         drop(running);
+        assert!(gate.idle());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_whose_time_passed_before_it_asked_is_refused_though_a_slot_is_free() {
+        let gate = Arc::new(Gate::new(1));
+        let ticket = gate.line_up(1);
+        let until = soon();
+        // The process stood still (SIGSTOP) between the claim and the gate.
+        tokio::time::advance(HOLD).await;
+        assert_eq!(ticket.pass(until).await.unwrap_err(), Refused::TimedOut);
         assert!(gate.idle());
     }
 

@@ -988,9 +988,11 @@ async fn deliver(
     let timeout = route
         .as_ref()
         .map_or(berth_proto::defaults::REQUEST_TIMEOUT, |r| r.timeout);
-    // It may wait at the gate until `sent_by` (HOLD from now) before it is sent.
+    // The attempt ends by its deadline, which a takeover waits for: it is sent by `sent_by`
+    // (its claim's time and up to HOLD at the gate, within HOLD and half the margin) or not
+    // at all, so that it ends at least half the margin (clock skew) before the deadline.
     let deadline = SystemTime::now() + HOLD + timeout + DEADLINE_MARGIN;
-    let sent_by = Instant::now() + HOLD;
+    let sent_by = Instant::now() + HOLD + DEADLINE_MARGIN / 2;
     let claiming = Instant::now();
     let claimed = store.claim_request(&stored, name, lease, deadline).await?;
     step(&gateway.metrics.replay_steps.claim, claiming);
