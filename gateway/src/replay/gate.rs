@@ -43,6 +43,13 @@ struct State {
     mean: Option<Duration>,
 }
 
+impl State {
+    /// Whether the gate is closed now after a failure of the agent.
+    fn closed(&self) -> bool {
+        self.closed_until.is_some_and(|t| t > Instant::now())
+    }
+}
+
 /// Why a request did not go through the gate.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Refused {
@@ -99,8 +106,7 @@ impl Gate {
 
     /// Whether the gate is closed after a failure of the agent.
     pub fn closed(&self) -> bool {
-        let state = self.state.lock().expect("gate lock");
-        state.closed_until.is_some_and(|t| t > Instant::now())
+        self.state.lock().expect("gate lock").closed()
     }
 
     /// Opens the gate closed after a failure (a replica became ready, or left).
@@ -146,7 +152,7 @@ impl Ticket {
                     return Err(Refused::TimedOut);
                 }
                 let mut state = self.gate.state.lock().expect("gate lock");
-                if state.closed_until.is_some_and(|t| t > Instant::now()) {
+                if state.closed() {
                     return Err(Refused::Closed);
                 }
                 let first = state.waiting.first() == Some(&self.seq);

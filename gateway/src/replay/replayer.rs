@@ -792,10 +792,12 @@ fn start_deliveries(
         });
     }
     let routes = gateway.routes.borrow();
-    // Claims of each agent, by any gateway.
-    let mut claimed: HashMap<&str, usize> = HashMap::new();
-    for (agent, _) in claims.keys() {
-        *claimed.entry(agent.as_str()).or_default() += 1;
+    // Claims of each agent: by any gateway, and by others than this life of this one.
+    let mut claimed: HashMap<&str, (usize, usize)> = HashMap::new();
+    for ((agent, _), holder) in claims {
+        let counts = claimed.entry(agent.as_str()).or_default();
+        counts.0 += 1;
+        counts.1 += usize::from(holder.lease != lease);
     }
     for (agent, queue) in index {
         let Some(route) = routes.get(agent) else {
@@ -813,10 +815,7 @@ fn start_deliveries(
         // The agent's replay concurrency holds across gateways: what others hold (another
         // gateway, or an earlier life of this one) may run at the agent.
         let concurrency = route.replay.concurrency.max(1) as usize;
-        let others = claims
-            .iter()
-            .filter(|(at, holder)| at.0 == *agent && holder.lease != lease)
-            .count();
+        let (all_claims, others) = claimed.get(agent.as_str()).copied().unwrap_or_default();
         let gate = gates
             .entry(agent.clone())
             .or_insert_with(|| Arc::new(Gate::new(concurrency)))
@@ -841,8 +840,7 @@ fn start_deliveries(
             .filter(|at| at.0 == *agent && !claims.contains_key(*at))
             .count();
         let done_at_agent = answered.iter().filter(|at| at.0 == *agent).count();
-        let under_way = (claimed.get(agent.as_str()).copied().unwrap_or(0) + unclaimed)
-            .saturating_sub(done_at_agent);
+        let under_way = (all_claims + unclaimed).saturating_sub(done_at_agent);
         // Slots free at the agent, then those claimed ahead.
         let mut at_agent = concurrency.saturating_sub(under_way);
         let mut free = (concurrency + ahead).saturating_sub(under_way);
