@@ -7,7 +7,8 @@
 //!   changes rewrite only this;
 //! - `requests/{agent}/{seq}`: the record once delivered or dead (it moves on finish);
 //! - `request-bodies/{agent}/{seq}`: a larger body, written once;
-//! - `request-answers/{agent}/{seq}`: the agent's stored answer, written once;
+//! - `request-answers/{agent}/{seq}`: the agent's stored answer, written once, when it is too
+//!   large to ride in the finished record ([`INLINE_BODY_BYTES`] for body and answer together);
 //! - `finished/{agent}/{seq}`: there once delivered or dead, holding its bytes: what
 //!   retention counts;
 //! - `request-ids/{id}`: its id, pointing at its position `{agent}/{seq}`;
@@ -119,6 +120,19 @@ pub(super) struct RequestLease {
     granted: Instant,
 }
 
+/// Puts `answer` into the finished `record` when the two stay small (its body, inline or
+/// kept apart, and the answer's within [`INLINE_BODY_BYTES`]): one key fewer per delivery, and a
+/// page of records no larger than one of inline bodies. Otherwise the answer, to be kept apart.
+fn keep_inline(record: &mut Request, answer: Option<StoredResponse>) -> Option<StoredResponse> {
+    match answer {
+        Some(answer) if record.body.len() + answer.body.len() <= INLINE_BODY_BYTES => {
+            record.response = Some(answer);
+            None
+        }
+        apart => apart,
+    }
+}
+
 fn is_waiting(state: i32) -> bool {
     matches!(
         RequestState::try_from(state),
@@ -182,6 +196,7 @@ impl Store {
         if body.len() <= INLINE_BODY_BYTES {
             record.body = std::mem::take(&mut body);
         }
+        let answer = keep_inline(&mut record, answer);
         let mut ops = vec![TxnOp::put(
             key.as_str(),
             record.encode_to_vec(),
@@ -202,7 +217,8 @@ impl Store {
             ));
         }
         if !waiting {
-            let answer_bytes = answer.as_ref().map_or(0, |a| a.body.len() as u64);
+            let answered = record.response.as_ref().or(answer.as_ref());
+            let answer_bytes = answered.map_or(0, |a| a.body.len() as u64);
             ops.push(TxnOp::put(
                 self.keys.finished(agent, seq),
                 (record.body_bytes + answer_bytes).to_string(),
@@ -558,8 +574,8 @@ impl Store {
         Ok(stored)
     }
 
-    /// The record of the request at `(agent, seq)` (a small body inline, no answer), waiting
-    /// or finished, if it is there.
+    /// The record of the request at `(agent, seq)` (a small body inline, and a small answer
+    /// once finished; larger ones are kept apart), waiting or finished, if it is there.
     pub async fn get_request_record(
         &self,
         agent: &str,
@@ -620,7 +636,8 @@ impl Store {
         Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
-    /// The stored answer of the request at `(agent, seq)`, if delivered.
+    /// The stored answer of the request at `(agent, seq)`, if delivered with an answer too large
+    /// to ride in its record (a smaller one is the record's `response`).
     pub async fn get_request_answer(
         &self,
         agent: &str,
@@ -985,6 +1002,11 @@ impl Store {
         let with_lease = || Some(PutOptions::new().with_lease(claim.stored.lease));
         let mut record = r.clone();
         record.response = None;
+        let answer = if is_waiting(r.state) {
+            None
+        } else {
+            keep_inline(&mut record, answer.cloned())
+        };
         // Where the record goes, and what it holds: read back after an uncertain attempt.
         let record_key = if is_waiting(r.state) {
             queued.clone()
@@ -999,7 +1021,8 @@ impl Store {
                 with_lease(),
             )]
         } else {
-            let bytes = r.body_bytes + answer.map_or(0, |a| a.body.len() as u64);
+            let answered = record.response.as_ref().or(answer.as_ref());
+            let bytes = r.body_bytes + answered.map_or(0, |a| a.body.len() as u64);
             let mut ops = vec![
                 TxnOp::delete(queued.as_str(), None),
                 TxnOp::put(record_key.as_str(), record_bytes.clone(), with_lease()),
@@ -1009,7 +1032,7 @@ impl Store {
                     with_lease(),
                 ),
             ];
-            if let Some(answer) = answer {
+            if let Some(answer) = &answer {
                 ops.push(TxnOp::put(
                     self.keys.request_answer(agent, seq),
                     answer.encode_to_vec(),
@@ -1032,7 +1055,9 @@ impl Store {
                     .chain([TxnOp::delete(claim_key.as_str(), None)])
                     .collect::<Vec<_>>(),
             );
-        let bytes = r.body.len() + answer.map_or(0, |a| a.body.len());
+        let bytes = record.body.len()
+            + record.response.as_ref().map_or(0, |a| a.body.len())
+            + answer.as_ref().map_or(0, |a| a.body.len());
         let (resp, uncertain) = self
             .commit_until_answered(txn, bytes, || format!("the outcome of request {}", r.id))
             .await?;
@@ -1152,6 +1177,7 @@ impl Store {
                 });
             }
             next.state = RequestState::Queued as i32;
+            next.response = None;
             next.attempts = 0;
             next.attempt_deadline = None;
             let finished = self.keys.request(&agent, seq);

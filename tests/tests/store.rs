@@ -356,6 +356,57 @@ async fn a_finish_is_written_only_under_the_claim_it_was_made_with() {
 }
 
 #[tokio::test]
+async fn a_small_answer_rides_in_the_finished_record_and_a_large_one_is_kept_apart() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = store(&etcd).await;
+    let mut etcd_client = etcd.client().await.unwrap();
+    let lease = store.grant_claim_lease(10).await.unwrap();
+    let deadline = SystemTime::now() + Duration::from_secs(30);
+    let inline = berth_store::requests::INLINE_BODY_BYTES;
+    // The body is its id (a few bytes): an answer of the rest of the inline size rides along,
+    // one byte more is kept apart.
+    for (id, size, apart) in [("small", inline - 5, false), ("large", inline - 4, true)] {
+        let (seq, record) = queued(&store, id).await;
+        let ClaimOutcome::Claimed(mut claim) = store
+            .claim_request(&record, "gw", lease, deadline)
+            .await
+            .unwrap()
+        else {
+            panic!("{id} not claimed");
+        };
+        claim.stored.request.state = RequestState::Delivered as i32;
+        let answer = StoredResponse {
+            status: 201,
+            body: vec![b'x'; size],
+            ..Default::default()
+        };
+        assert_eq!(
+            store.finish_request(&claim, Some(&answer)).await.unwrap(),
+            Finished::Done
+        );
+        let kept = etcd_client
+            .get(store.keys().request_answer("a", seq), None)
+            .await
+            .unwrap();
+        assert_eq!(kept.kvs().len(), usize::from(apart), "{id}: kept apart?");
+        // Read back whole either way, and counted whole by retention.
+        let stored = store.get_request(id).await.unwrap().request;
+        assert_eq!(stored.response.as_ref(), Some(&answer), "{id}");
+        assert_eq!(
+            store.get_request_answer("a", seq).await.unwrap().is_some(),
+            apart,
+            "{id}: only a large answer has a key of its own"
+        );
+        let marker = etcd_client
+            .get(store.keys().finished("a", seq), None)
+            .await
+            .unwrap();
+        let bytes = String::from_utf8_lossy(marker.kvs()[0].value()).into_owned();
+        assert_eq!(bytes, (id.len() + size).to_string(), "{id}");
+    }
+}
+
+#[tokio::test]
 async fn a_claim_left_behind_is_let_go_only_under_the_lease_it_was_made_with() {
     let etcd = Etcd::start().await.unwrap();
     let store = store(&etcd).await;

@@ -34,10 +34,13 @@ pub async fn wait_for_response(
                     if request.state != RequestState::Delivered as i32 {
                         return None; // dead: no answer will come
                     }
-                    request.response = store
-                        .get_request_answer(&request.agent, request.seq)
-                        .await
-                        .ok()?;
+                    // A small answer rides in the record; a larger one is kept apart.
+                    if request.response.is_none() {
+                        request.response = store
+                            .get_request_answer(&request.agent, request.seq)
+                            .await
+                            .ok()?;
+                    }
                     return delivered(&request);
                 }
                 // Dropped or expired: nothing will come.
