@@ -316,28 +316,9 @@ async fn replay(
                     next = if taken < CHANGES_PER_PASS { requests.try_next() } else { None };
                 }
             }
-            change = claim_changes.next() => match change {
-                Change::Init => {
-                    claims_listed = false;
-                    claims.clear();
-                }
-                Change::InitApply(kv) | Change::Put(kv) => {
-                    claims_seen = claims_seen.max(kv.mod_revision());
-                    if let Some(at) = position(&String::from_utf8_lossy(kv.key())) {
-                        claims.insert(at, Holder::of(&kv));
-                    }
-                }
-                Change::InitDone { revision } => {
-                    claims_seen = claims_seen.max(revision);
-                    claims_listed = true;
-                }
-                Change::Delete(kv) => {
-                    claims_seen = claims_seen.max(kv.mod_revision());
-                    if let Some(at) = position(&String::from_utf8_lossy(kv.key())) {
-                        claims.remove(&at);
-                    }
-                }
-            },
+            change = claim_changes.next() => {
+                claim_change(change, &mut claims, &mut claims_seen, &mut claims_listed);
+            }
             change = owner_changes.next() => match change {
                 Change::Init => {
                     owners.listed = false;
@@ -411,52 +392,8 @@ async fn replay(
                 }
             }
             Some(done) = deliveries.join_next(), if !deliveries.is_empty() => {
-                if let Ok((agent, seq, released, after)) = done {
-                    busy.remove(&(agent.clone(), seq));
-                    answered.remove(&(agent.clone(), seq));
-                    // An agent whose queue is empty here keeps no gate (nor the mean time of
-                    // its deliveries: it is timed again when its queue fills).
-                    if !index.contains_key(&agent) && gates.get(&agent).is_some_and(|g| g.idle()) {
-                        gates.remove(&agent);
-                    }
-                    // Our claim is gone by now; the watch may say so only later.
-                    if released && claims.get(&(agent.clone(), seq)).is_some_and(|h| h.lease == lease) {
-                        claims.remove(&(agent.clone(), seq));
-                    }
-                    match after {
-                        After::Next => {
-                            not_before.remove(&agent);
-                        }
-                        After::Backoff(wait) => {
-                            not_before.insert(agent, Instant::now() + wait);
-                        }
-                        After::Defer(wait) => {
-                            deferred.insert((agent, seq), Instant::now() + wait);
-                        }
-                        // Past that revision the watch has told all there is (the claim's
-                        // end included); before it, the watch will tell of its end.
-                        After::HeldBy(holder, revision) if revision > claims_seen => {
-                            claims.insert((agent, seq), holder);
-                        }
-                        After::HeldBy(..) => {}
-                        // Read past what the watch has told: the delete is on its way (a
-                        // request put back later comes with a later revision).
-                        After::Gone(revision) if revision > requests_seen => {
-                            untrack(&mut index, &gateway.stats, &agent, seq);
-                            deferred.remove(&(agent, seq));
-                        }
-                        After::Gone(_) => {}
-                        After::Released => {}
-                        After::Stale(revision) => {
-                            let kept = index.get_mut(&agent).and_then(|q| q.get_mut(&seq));
-                            if let Some(waiting) = kept {
-                                if waiting.record.as_ref().is_some_and(|r| r.revision == revision) {
-                                    waiting.record = None;
-                                }
-                            }
-                        }
-                    }
-                }
+                let ended = Ended { index: &mut index, busy: &mut busy, answered: &mut answered, gates: &mut gates, claims: &mut claims, deferred: &mut deferred, not_before: &mut not_before };
+                ended.take(done, &gateway.stats, lease, claims_seen, requests_seen);
             }
             _ = renew.tick() => {
                 // Kept alive apart from delivery progress. A lease that may have expired (the
@@ -477,6 +414,54 @@ async fn replay(
             }
             _ = tokio::time::sleep(TICK) => {}
         }
+        // What else is ready already joins the next pass, rather than a pass each: a busy
+        // queue brings thousands of changes, claims and ends of deliveries a second (both
+        // gateways' claims come to each), and a pass looks at every agent replayed.
+        for _ in 0..READY_PER_PASS {
+            let mut took = false;
+            if let Some(change) = claim_changes.try_next() {
+                claim_change(change, &mut claims, &mut claims_seen, &mut claims_listed);
+                took = true;
+            }
+            if let Some(change) = requests.try_next() {
+                let (seen, listed) = (&mut requests_seen, &mut requests_listed);
+                apply_change(
+                    change,
+                    &mut index,
+                    &gateway.stats,
+                    &mut deferred,
+                    seen,
+                    listed,
+                );
+                took = true;
+            }
+            if let Ok(at) = answered_rx.try_recv() {
+                if busy.contains(&at) {
+                    answered.insert(at);
+                }
+                took = true;
+            }
+            if let Ok(records) = fetched_rx.try_recv() {
+                keep_records(&mut index, records);
+                took = true;
+            }
+            if let Some(done) = deliveries.try_join_next() {
+                let ended = Ended {
+                    index: &mut index,
+                    busy: &mut busy,
+                    answered: &mut answered,
+                    gates: &mut gates,
+                    claims: &mut claims,
+                    deferred: &mut deferred,
+                    not_before: &mut not_before,
+                };
+                ended.take(done, &gateway.stats, lease, claims_seen, requests_seen);
+                took = true;
+            }
+            if !took {
+                break;
+            }
+        }
         // At most once a tick, not once per change: a busy queue changes thousands of times
         // a second.
         if published.elapsed() >= TICK {
@@ -490,6 +475,121 @@ async fn replay(
                 let metrics = &gateway.metrics;
                 metrics.queue_depth.get_or_create(&labels).set(depth as i64);
                 metrics.queue_bytes.get_or_create(&labels).set(bytes as i64);
+            }
+        }
+    }
+}
+
+/// Events already waiting taken at most before each pass (each of up to five kinds).
+const READY_PER_PASS: usize = 256;
+
+/// One change of the claims' list-watch, into `claims`.
+fn claim_change(
+    change: Change,
+    claims: &mut HashMap<(String, u64), Holder>,
+    seen: &mut i64,
+    listed: &mut bool,
+) {
+    match change {
+        Change::Init => {
+            *listed = false;
+            claims.clear();
+        }
+        Change::InitApply(kv) | Change::Put(kv) => {
+            *seen = (*seen).max(kv.mod_revision());
+            if let Some(at) = position(&String::from_utf8_lossy(kv.key())) {
+                claims.insert(at, Holder::of(&kv));
+            }
+        }
+        Change::InitDone { revision } => {
+            *seen = (*seen).max(revision);
+            *listed = true;
+        }
+        Change::Delete(kv) => {
+            *seen = (*seen).max(kv.mod_revision());
+            if let Some(at) = position(&String::from_utf8_lossy(kv.key())) {
+                claims.remove(&at);
+            }
+        }
+    }
+}
+
+/// What the end of a delivery task changes in the replayer's state.
+struct Ended<'a> {
+    index: &'a mut Index,
+    busy: &'a mut HashSet<(String, u64)>,
+    answered: &'a mut HashSet<(String, u64)>,
+    gates: &'a mut HashMap<String, Arc<Gate>>,
+    claims: &'a mut HashMap<(String, u64), Holder>,
+    deferred: &'a mut HashMap<(String, u64), Instant>,
+    not_before: &'a mut HashMap<String, Instant>,
+}
+
+impl Ended<'_> {
+    /// Takes in how a delivery task ended (`done`), under this life's claim `lease`, with the
+    /// store revisions the claims' and the queue's watches have reached.
+    fn take(
+        self,
+        done: Result<Done, tokio::task::JoinError>,
+        stats: &QueueStats,
+        lease: i64,
+        claims_seen: i64,
+        requests_seen: i64,
+    ) {
+        if let Ok((agent, seq, released, after)) = done {
+            self.busy.remove(&(agent.clone(), seq));
+            self.answered.remove(&(agent.clone(), seq));
+            // An agent whose queue is empty here keeps no gate (nor the mean time of
+            // its deliveries: it is timed again when its queue fills).
+            if !self.index.contains_key(&agent) && self.gates.get(&agent).is_some_and(|g| g.idle())
+            {
+                self.gates.remove(&agent);
+            }
+            // Our claim is gone by now; the watch may say so only later.
+            if released
+                && self
+                    .claims
+                    .get(&(agent.clone(), seq))
+                    .is_some_and(|h| h.lease == lease)
+            {
+                self.claims.remove(&(agent.clone(), seq));
+            }
+            match after {
+                After::Next => {
+                    self.not_before.remove(&agent);
+                }
+                After::Backoff(wait) => {
+                    self.not_before.insert(agent, Instant::now() + wait);
+                }
+                After::Defer(wait) => {
+                    self.deferred.insert((agent, seq), Instant::now() + wait);
+                }
+                // Past that revision the watch has told all there is (the claim's
+                // end included); before it, the watch will tell of its end.
+                After::HeldBy(holder, revision) if revision > claims_seen => {
+                    self.claims.insert((agent, seq), holder);
+                }
+                After::HeldBy(..) => {}
+                // Read past what the watch has told: the delete is on its way (a
+                // request put back later comes with a later revision).
+                After::Gone(revision) if revision > requests_seen => {
+                    untrack(self.index, stats, &agent, seq);
+                    self.deferred.remove(&(agent, seq));
+                }
+                After::Gone(_) => {}
+                After::Released => {}
+                After::Stale(revision) => {
+                    let kept = self.index.get_mut(&agent).and_then(|q| q.get_mut(&seq));
+                    if let Some(waiting) = kept {
+                        if waiting
+                            .record
+                            .as_ref()
+                            .is_some_and(|r| r.revision == revision)
+                        {
+                            waiting.record = None;
+                        }
+                    }
+                }
             }
         }
     }
@@ -799,6 +899,18 @@ fn start_deliveries(
         counts.0 += 1;
         counts.1 += usize::from(holder.lease != lease);
     }
+    // Deliveries of ours per agent: not yet claimed, and answered by the agent.
+    let mut ours: HashMap<&str, (usize, usize)> = HashMap::new();
+    for at in busy.iter().filter(|at| !claims.contains_key(*at)) {
+        if let Some((agent, _)) = index.get_key_value(at.0.as_str()) {
+            ours.entry(agent.as_str()).or_default().0 += 1;
+        }
+    }
+    for at in answered {
+        if let Some((agent, _)) = index.get_key_value(at.0.as_str()) {
+            ours.entry(agent.as_str()).or_default().1 += 1;
+        }
+    }
     for (agent, queue) in index {
         let Some(route) = routes.get(agent) else {
             continue;
@@ -835,11 +947,7 @@ fn start_deliveries(
         };
         // Deliveries under way: claims, and ours not yet claimed; less ours that the agent has
         // answered (each counted once above, as a claim or as unclaimed).
-        let unclaimed = busy
-            .iter()
-            .filter(|at| at.0 == *agent && !claims.contains_key(*at))
-            .count();
-        let done_at_agent = answered.iter().filter(|at| at.0 == *agent).count();
+        let (unclaimed, done_at_agent) = ours.get(agent.as_str()).copied().unwrap_or_default();
         let under_way = (all_claims + unclaimed).saturating_sub(done_at_agent);
         // Slots free at the agent, then those claimed ahead.
         let mut at_agent = concurrency.saturating_sub(under_way);
