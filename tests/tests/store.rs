@@ -4,7 +4,7 @@
 use berth_proto::v1::{Request, RequestState, StoredResponse};
 use berth_store::watch::{list_watch, Change, LIST_KEYS_PAGE, LIST_PAGE};
 use berth_store::{
-    ClaimOutcome, EtcdTls, Finished, Placement, Retention, Store, StoreError, StoredRequest,
+    Claim, ClaimOutcome, EtcdTls, Finished, Placement, Retention, Store, StoreError, StoredRequest,
 };
 use berth_tests::Etcd;
 use std::time::{Duration, SystemTime};
@@ -36,6 +36,19 @@ async fn queued(store: &Store, id: &str) -> (u64, StoredRequest) {
         .unwrap();
     let record = store.get_request_record("a", r.seq).await.unwrap().unwrap();
     (r.seq, record)
+}
+
+/// Claims `record` for gateway `gateway` under `lease`, for 30 s; panics if it is not claimed.
+async fn claim(store: &Store, record: &StoredRequest, gateway: &str, lease: i64) -> Claim {
+    let deadline = SystemTime::now() + Duration::from_secs(30);
+    match store
+        .claim_request(record, gateway, lease, deadline)
+        .await
+        .unwrap()
+    {
+        ClaimOutcome::Claimed(claim) => *claim,
+        other => panic!("{} not claimed: {other:?}", record.request.id),
+    }
 }
 
 async fn next(watch: &mut berth_store::watch::ListWatch) -> Change {
@@ -317,13 +330,7 @@ async fn a_finish_is_written_only_under_the_claim_it_was_made_with() {
             .unwrap(),
         ClaimOutcome::Changed
     ));
-    let ClaimOutcome::Claimed(mut second) = store
-        .claim_request(&record, "gw-2", second_lease, deadline)
-        .await
-        .unwrap()
-    else {
-        panic!("not taken over");
-    };
+    let mut second = claim(&store, &record, "gw-2", second_lease).await;
     // The first one's late finish changes nothing.
     first.stored.request.state = RequestState::Dead as i32;
     assert_eq!(
@@ -361,19 +368,12 @@ async fn a_small_answer_rides_in_the_finished_record_and_a_large_one_is_kept_apa
     let store = store(&etcd).await;
     let mut etcd_client = etcd.client().await.unwrap();
     let lease = store.grant_claim_lease(10).await.unwrap();
-    let deadline = SystemTime::now() + Duration::from_secs(30);
     let inline = berth_store::requests::INLINE_BODY_BYTES;
     // The body is its id (a few bytes): an answer of the rest of the inline size rides along,
     // one byte more is kept apart.
     for (id, size, apart) in [("small", inline - 5, false), ("large", inline - 4, true)] {
         let (seq, record) = queued(&store, id).await;
-        let ClaimOutcome::Claimed(mut claim) = store
-            .claim_request(&record, "gw", lease, deadline)
-            .await
-            .unwrap()
-        else {
-            panic!("{id} not claimed");
-        };
+        let mut claim = claim(&store, &record, "gw", lease).await;
         claim.stored.request.state = RequestState::Delivered as i32;
         let answer = StoredResponse {
             status: 201,
@@ -539,14 +539,7 @@ async fn finish_as(store: &Store, agent: &str, id: &str, state: RequestState) {
         .unwrap()
         .unwrap();
     let lease = store.grant_claim_lease(10).await.unwrap();
-    let deadline = SystemTime::now() + Duration::from_secs(30);
-    let ClaimOutcome::Claimed(mut claim) = store
-        .claim_request(&record, "gw", lease, deadline)
-        .await
-        .unwrap()
-    else {
-        panic!("{id} not claimed");
-    };
+    let mut claim = claim(store, &record, "gw", lease).await;
     claim.stored.request.state = state as i32;
     assert_eq!(
         store.finish_request(&claim, None).await.unwrap(),
