@@ -122,11 +122,15 @@ pub(super) struct RequestLease {
 
 /// Puts `answer` into the finished `record` when the two stay small (its body, inline or
 /// kept apart, and the answer's within [`INLINE_BODY_BYTES`]): one key fewer per delivery, and a
-/// page of records no larger than one of inline bodies. Otherwise the answer, to be kept apart.
-fn keep_inline(record: &mut Request, answer: Option<StoredResponse>) -> Option<StoredResponse> {
+/// page of records no larger than one of inline bodies. Otherwise the answer, to be kept apart
+/// (not copied: it may be up to the answer limit).
+fn keep_inline<'a>(
+    record: &mut Request,
+    answer: Option<&'a StoredResponse>,
+) -> Option<&'a StoredResponse> {
     match answer {
         Some(answer) if record.body.len() + answer.body.len() <= INLINE_BODY_BYTES => {
-            record.response = Some(answer);
+            record.response = Some(answer.clone());
             None
         }
         apart => apart,
@@ -196,7 +200,7 @@ impl Store {
         if body.len() <= INLINE_BODY_BYTES {
             record.body = std::mem::take(&mut body);
         }
-        let answer = keep_inline(&mut record, answer);
+        let apart = keep_inline(&mut record, answer.as_ref());
         let mut ops = vec![TxnOp::put(
             key.as_str(),
             record.encode_to_vec(),
@@ -217,8 +221,7 @@ impl Store {
             ));
         }
         if !waiting {
-            let answered = record.response.as_ref().or(answer.as_ref());
-            let answer_bytes = answered.map_or(0, |a| a.body.len() as u64);
+            let answer_bytes = answer.as_ref().map_or(0, |a| a.body.len() as u64);
             ops.push(TxnOp::put(
                 self.keys.finished(agent, seq),
                 (record.body_bytes + answer_bytes).to_string(),
@@ -228,7 +231,7 @@ impl Store {
         if request.state == RequestState::Dead as i32 {
             ops.push(TxnOp::put(self.keys.dead(agent, seq), "", with_lease()));
         }
-        if let Some(answer) = answer {
+        if let Some(answer) = apart {
             ops.push(TxnOp::put(
                 self.keys.request_answer(agent, seq),
                 answer.encode_to_vec(),
@@ -1002,10 +1005,10 @@ impl Store {
         let with_lease = || Some(PutOptions::new().with_lease(claim.stored.lease));
         let mut record = r.clone();
         record.response = None;
-        let answer = if is_waiting(r.state) {
+        let apart = if is_waiting(r.state) {
             None
         } else {
-            keep_inline(&mut record, answer.cloned())
+            keep_inline(&mut record, answer)
         };
         // Where the record goes, and what it holds: read back after an uncertain attempt.
         let record_key = if is_waiting(r.state) {
@@ -1021,8 +1024,7 @@ impl Store {
                 with_lease(),
             )]
         } else {
-            let answered = record.response.as_ref().or(answer.as_ref());
-            let bytes = r.body_bytes + answered.map_or(0, |a| a.body.len() as u64);
+            let bytes = r.body_bytes + answer.map_or(0, |a| a.body.len() as u64);
             let mut ops = vec![
                 TxnOp::delete(queued.as_str(), None),
                 TxnOp::put(record_key.as_str(), record_bytes.clone(), with_lease()),
@@ -1032,7 +1034,7 @@ impl Store {
                     with_lease(),
                 ),
             ];
-            if let Some(answer) = &answer {
+            if let Some(answer) = apart {
                 ops.push(TxnOp::put(
                     self.keys.request_answer(agent, seq),
                     answer.encode_to_vec(),
@@ -1055,9 +1057,7 @@ impl Store {
                     .chain([TxnOp::delete(claim_key.as_str(), None)])
                     .collect::<Vec<_>>(),
             );
-        let bytes = record.body.len()
-            + record.response.as_ref().map_or(0, |a| a.body.len())
-            + answer.as_ref().map_or(0, |a| a.body.len());
+        let bytes = r.body.len() + answer.map_or(0, |a| a.body.len());
         let (resp, uncertain) = self
             .commit_until_answered(txn, bytes, || format!("the outcome of request {}", r.id))
             .await?;

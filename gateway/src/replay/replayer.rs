@@ -18,7 +18,7 @@ use super::{QueueStats, REPLAY_ATTEMPT};
 use crate::outcome::{Ending, Verdict};
 use berth_proto::v1::{Request, RequestState, StoredResponse};
 use berth_store::requests::position;
-use berth_store::watch::{list_watch, Change};
+use berth_store::watch::{list_watch, Change, ListWatch};
 use berth_store::{Claim, ClaimOutcome, Finished, StoredRequest};
 use berth_store::{Keys, StoreError};
 use bytes::Bytes;
@@ -300,25 +300,12 @@ async fn replay(
             }
             None => {}
         }
+        // The event that wakes the loop, if it is one for the replayer's state.
+        let mut first = None;
         tokio::select! {
             _ = stop.cancelled(), if stopping.is_none() => {}
-            change = requests.next() => {
-                // With whatever else is waiting (up to a bound), before the next pass: a busy
-                // queue changes thousands of times a second, and a replayer that falls behind
-                // its watch makes etcd hold the changes for it.
-                let mut next = Some(change);
-                let mut taken = 0;
-                while let Some(change) = next {
-                    let seen = &mut requests_seen;
-                    let listed = &mut requests_listed;
-                    apply_change(change, &mut index, &gateway.stats, &mut deferred, seen, listed);
-                    taken += 1;
-                    next = if taken < CHANGES_PER_PASS { requests.try_next() } else { None };
-                }
-            }
-            change = claim_changes.next() => {
-                claim_change(change, &mut claims, &mut claims_seen, &mut claims_listed);
-            }
+            change = requests.next() => first = Some(Ready::Queue(change)),
+            change = claim_changes.next() => first = Some(Ready::Claim(change)),
             change = owner_changes.next() => match change {
                 Change::Init => {
                     owners.listed = false;
@@ -384,16 +371,10 @@ async fn replay(
                 not_before.clear();
                 gates.values().for_each(|gate| gate.reopen());
             }
-            Some(records) = fetched_rx.recv() => keep_records(&mut index, records),
-            Some(at) = answered_rx.recv() => {
-                // Only while its task runs: one that ended already is out of `busy`.
-                if busy.contains(&at) {
-                    answered.insert(at);
-                }
-            }
+            Some(records) = fetched_rx.recv() => first = Some(Ready::Fetched(records)),
+            Some(at) = answered_rx.recv() => first = Some(Ready::Answered(at)),
             Some(done) = deliveries.join_next(), if !deliveries.is_empty() => {
-                let ended = Ended { index: &mut index, busy: &mut busy, answered: &mut answered, gates: &mut gates, claims: &mut claims, deferred: &mut deferred, not_before: &mut not_before };
-                ended.take(done, &gateway.stats, lease, claims_seen, requests_seen);
+                first = Some(Ready::Ended(done));
             }
             _ = renew.tick() => {
                 // Kept alive apart from delivery progress. A lease that may have expired (the
@@ -416,50 +397,58 @@ async fn replay(
         }
         // What else is ready already joins the next pass, rather than a pass each: a busy
         // queue brings thousands of changes, claims and ends of deliveries a second (both
-        // gateways' claims come to each), and a pass looks at every agent replayed.
-        for _ in 0..READY_PER_PASS {
-            let mut took = false;
-            if let Some(change) = claim_changes.try_next() {
-                claim_change(change, &mut claims, &mut claims_seen, &mut claims_listed);
-                took = true;
-            }
-            if let Some(change) = requests.try_next() {
-                let (seen, listed) = (&mut requests_seen, &mut requests_listed);
-                apply_change(
-                    change,
-                    &mut index,
-                    &gateway.stats,
-                    &mut deferred,
-                    seen,
-                    listed,
-                );
-                took = true;
-            }
-            if let Ok(at) = answered_rx.try_recv() {
-                if busy.contains(&at) {
-                    answered.insert(at);
+        // gateways' claims come to each), a pass looks at every agent replayed, and a replayer
+        // that falls behind its watch makes etcd hold the changes for it.
+        let mut taken = 0;
+        while let Some(ready) = first.take().or_else(|| {
+            (taken < READY_PER_PASS)
+                .then(|| {
+                    try_ready(
+                        &mut requests,
+                        &mut claim_changes,
+                        &mut answered_rx,
+                        &mut fetched_rx,
+                        &mut deliveries,
+                        taken,
+                    )
+                })
+                .flatten()
+        }) {
+            taken += 1;
+            match ready {
+                Ready::Queue(change) => {
+                    let (seen, listed) = (&mut requests_seen, &mut requests_listed);
+                    apply_change(
+                        change,
+                        &mut index,
+                        &gateway.stats,
+                        &mut deferred,
+                        seen,
+                        listed,
+                    );
                 }
-                took = true;
-            }
-            if let Ok(records) = fetched_rx.try_recv() {
-                keep_records(&mut index, records);
-                took = true;
-            }
-            if let Some(done) = deliveries.try_join_next() {
-                let ended = Ended {
-                    index: &mut index,
-                    busy: &mut busy,
-                    answered: &mut answered,
-                    gates: &mut gates,
-                    claims: &mut claims,
-                    deferred: &mut deferred,
-                    not_before: &mut not_before,
-                };
-                ended.take(done, &gateway.stats, lease, claims_seen, requests_seen);
-                took = true;
-            }
-            if !took {
-                break;
+                Ready::Claim(change) => {
+                    claim_change(change, &mut claims, &mut claims_seen, &mut claims_listed);
+                }
+                Ready::Answered(at) => {
+                    // Only while its task runs: one that ended already is out of `busy`.
+                    if busy.contains(&at) {
+                        answered.insert(at);
+                    }
+                }
+                Ready::Fetched(records) => keep_records(&mut index, records),
+                Ready::Ended(done) => {
+                    let ended = Ended {
+                        index: &mut index,
+                        busy: &mut busy,
+                        answered: &mut answered,
+                        gates: &mut gates,
+                        claims: &mut claims,
+                        deferred: &mut deferred,
+                        not_before: &mut not_before,
+                    };
+                    ended.take(done, &gateway.stats, lease, claims_seen, requests_seen);
+                }
             }
         }
         // At most once a tick, not once per change: a busy queue changes thousands of times
@@ -480,8 +469,41 @@ async fn replay(
     }
 }
 
-/// Events already waiting taken at most before each pass (each of up to five kinds).
-const READY_PER_PASS: usize = 256;
+/// Events taken at most before each pass (the one that woke the loop and those already waiting).
+const READY_PER_PASS: usize = 1024;
+
+/// An event for the replayer's state: what woke its loop, or one already waiting.
+enum Ready {
+    /// A change of the queue's list-watch.
+    Queue(Change),
+    /// A change of the claims' list-watch.
+    Claim(Change),
+    /// The agent has answered this delivery; its outcome is still to be written.
+    Answered((String, u64)),
+    /// Records a delivery read ahead.
+    Fetched(Fetched),
+    /// A delivery task ended.
+    Ended(Result<Done, tokio::task::JoinError>),
+}
+
+/// An event already waiting, if any, without waiting; the sources are tried in turn from the
+/// one `turn` names, so that none waits behind a busy other.
+fn try_ready(
+    requests: &mut ListWatch,
+    claims: &mut ListWatch,
+    answered: &mut tokio::sync::mpsc::UnboundedReceiver<(String, u64)>,
+    fetched: &mut tokio::sync::mpsc::UnboundedReceiver<Fetched>,
+    deliveries: &mut JoinSet<Done>,
+    turn: usize,
+) -> Option<Ready> {
+    (0..5).find_map(|i| match (turn + i) % 5 {
+        0 => requests.try_next().map(Ready::Queue),
+        1 => claims.try_next().map(Ready::Claim),
+        2 => answered.try_recv().ok().map(Ready::Answered),
+        3 => fetched.try_recv().ok().map(Ready::Fetched),
+        _ => deliveries.try_join_next().map(Ready::Ended),
+    })
+}
 
 /// One change of the claims' list-watch, into `claims`.
 fn claim_change(
@@ -594,9 +616,6 @@ impl Ended<'_> {
         }
     }
 }
-
-/// Changes of the queue taken from its watch at most before each pass.
-const CHANGES_PER_PASS: usize = 1024;
 
 /// One change of the queue's list-watch, into the index.
 fn apply_change(
