@@ -181,7 +181,7 @@ pub async fn enqueue(
     if held.is_some() {
         return Ok(None);
     }
-    tracing::info!(agent = %agent, request_id = %request.id, why = ?why, "queued for replay");
+    tracing::debug!(agent = %agent, request_id = %request.id, why = ?why, "queued for replay");
     // An autoscaled agent with no replica ready (idle, or all its replicas starting): the
     // autoscaler is told at once, and the caller is held for the answer up to the agent's
     // request timeout, unless it asked not to be (`Prefer: respond-async`). The request is

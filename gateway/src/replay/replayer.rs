@@ -1214,7 +1214,7 @@ async fn deliver(
             r.last_error.clear();
             let (answer, _) = super::answer::keep(response, MAX_STORED_RESPONSE).await;
             count(gateway, agent, "delivered");
-            tracing::info!(agent = %agent, request_id = %r.id, attempts = r.attempts, truncated = answer.truncated, "replayed");
+            tracing::debug!(agent = %agent, request_id = %r.id, attempts = r.attempts, truncated = answer.truncated, "replayed");
             (After::Next, Some(answer))
         }
         (Some(error), _) if r.attempts >= route.replay.max_attempts => {
