@@ -58,7 +58,10 @@ async fn enqueue_and_drain() -> anyhow::Result<()> {
     let gateway = Gateway::start(&etcd.url()).await?;
     let name = unique_name("replay");
     let (data, volume) = data_volume()?;
-    let out = cp.deploy_echo(&name, &["-v", &volume]);
+    // Room for every request: past the queue's bound (10,000 by default) a gateway answers
+    // 503, and a rate with refusals in it would not be the queue's.
+    let room = COUNT.to_string();
+    let out = cp.deploy_echo(&name, &["-v", &volume, "--replay-max-queued", &room]);
     anyhow::ensure!(out.status.success(), "deploy: {out:?}");
     let api = cp.agents().await?;
     let ready = |n: u32| {
@@ -115,6 +118,12 @@ async fn enqueue_and_drain() -> anyhow::Result<()> {
         enqueue.0,
         raw.0,
         enqueue.0 / raw.0
+    );
+    anyhow::ensure!(
+        raw.1 == 0 && enqueue.1 == 0,
+        "failures: raw puts {}, enqueue {} (not 202): the rates are not comparable",
+        raw.1,
+        enqueue.1
     );
     // Draining once the agent is back.
     let started = Instant::now();
