@@ -872,7 +872,7 @@ pub async fn run() -> anyhow::Result<()> {
             .count();
         let overlaps: usize = agents.iter().map(|a| overlapping(a.data.path())).sum();
         let dead_keyed = dead_set.intersection(&keyed.lock().unwrap()).count();
-        println!("drained in {drained:?}; delivered {delivered}, dead {}, lost {lost}, duplicates {duplicates}, overlapping {overlaps}", dead_set.len());
+        println!("drained in {drained:?}; delivered {delivered}, dead {} ({dead_keyed} with a key), lost {lost}, duplicates {duplicates}, overlapping {overlaps}", dead_set.len());
         // How long each replayer took to list the queue when it (re)started.
         for (gateway, label) in gateways.iter().zip(["a", "b"]) {
             for line in gateway
