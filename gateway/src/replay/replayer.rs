@@ -399,21 +399,8 @@ async fn replay(
         // queue brings thousands of changes, claims and ends of deliveries a second (both
         // gateways' claims come to each), a pass looks at every agent replayed, and a replayer
         // that falls behind its watch makes etcd hold the changes for it.
-        let mut taken = 0;
-        while let Some(ready) = first.take().or_else(|| {
-            (taken < READY_PER_PASS)
-                .then(|| {
-                    try_ready(
-                        &mut requests,
-                        &mut claim_changes,
-                        &mut answered_rx,
-                        &mut fetched_rx,
-                        &mut deliveries,
-                        taken,
-                    )
-                })
-                .flatten()
-        }) {
+        let (mut next, mut taken) = (first, 0);
+        while let Some(ready) = next {
             taken += 1;
             match ready {
                 Ready::Queue(change) => {
@@ -450,6 +437,13 @@ async fn replay(
                     ended.take(done, &gateway.stats, lease, claims_seen, requests_seen);
                 }
             }
+            next = if taken < READY_PER_PASS {
+                let (answered, fetched) = (&mut answered_rx, &mut fetched_rx);
+                let (queue, claims) = (&mut requests, &mut claim_changes);
+                try_ready(queue, claims, answered, fetched, &mut deliveries, taken)
+            } else {
+                None
+            };
         }
         // At most once a tick, not once per change: a busy queue changes thousands of times
         // a second.
