@@ -8,13 +8,99 @@ use berth_tests::{berth_bin, eventually, free_port, unique_name};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// The flags and files of one `berth up`: it can be started again on the same ports and data.
+struct Launch {
+    data: tempfile::TempDir,
+    config: std::path::PathBuf,
+    node: String,
+    network: String,
+    flags: Vec<String>,
+}
+
+impl Launch {
+    /// Fresh ports, a fresh data directory.
+    fn new() -> Self {
+        let data = tempfile::Builder::new()
+            .prefix("berth-up-")
+            .tempdir()
+            .unwrap();
+        let config = data.path().join("cli.yaml");
+        let node = unique_name("up");
+        let network = unique_name("berth-up");
+        let mut flags = vec!["up".to_string(), "--data-dir".into()];
+        flags.push(data.path().join("data").display().to_string());
+        for flag in [
+            "--etcd-listen",
+            "--etcd-peer-listen",
+            "--listen",
+            "--admin-listen",
+            "--dashboard-listen",
+            "--gateway-listen",
+            "--gateway-admin-listen",
+        ] {
+            flags.push(flag.into());
+            flags.push(format!("127.0.0.1:{}", free_port()));
+        }
+        flags.extend(["--node-name".into(), node.clone()]);
+        flags.extend(["--network".into(), network.clone()]);
+        Self {
+            data,
+            config,
+            node,
+            network,
+            flags,
+        }
+    }
+
+    /// The address `flag` was given.
+    fn addr(&self, flag: &str) -> String {
+        let at = self.flags.iter().position(|f| f == flag).unwrap();
+        self.flags[at + 1].clone()
+    }
+
+    fn command(&self) -> Command {
+        let mut command = Command::new(berth_bin());
+        command
+            .args(&self.flags)
+            .env("BERTH_CLI_CONFIG", &self.config)
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// Starts it (its `n`th start: output in `up-{n}.out` and `.err`) and waits until it is
+    /// up: what it printed, or `Err` with what it said if it exited.
+    async fn start(&self, n: usize) -> (Child, Result<String, String>) {
+        let log = self.data.path().join(format!("up-{n}.out"));
+        let errors = self.data.path().join(format!("up-{n}.err"));
+        let mut child = self
+            .command()
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(&errors).unwrap())
+            .spawn()
+            .unwrap();
+        let printed = eventually(Duration::from_secs(90), "berth up to be up", || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let exited = matches!(child.try_wait(), Ok(Some(_)));
+            async move {
+                match (text.contains("Berth is up"), exited) {
+                    (true, _) => Some(Some(text)),
+                    (false, true) => Some(None),
+                    (false, false) => None,
+                }
+            }
+        })
+        .await
+        .unwrap();
+        let said = std::fs::read_to_string(&errors).unwrap_or_default();
+        (child, printed.ok_or(said))
+    }
+}
+
 /// A running `berth up`: on drop, SIGTERM and a wait (so that it stops what it started), then
 /// whatever is left (its processes by data directory, its node's containers, its network).
 struct Up {
     child: Child,
-    data: tempfile::TempDir,
-    node: String,
-    network: String,
+    launch: Launch,
 }
 
 impl Up {
@@ -38,11 +124,11 @@ impl Drop for Up {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
-        let data = self.data.path().display().to_string();
+        let data = self.launch.data.path().display().to_string();
         let _ = Command::new("pkill").args(["-KILL", "-f", &data]).status();
-        berth_tests::docker::remove_labelled(&format!("berth.node={}", self.node));
+        berth_tests::docker::remove_labelled(&format!("berth.node={}", self.launch.node));
         let _ = Command::new("docker")
-            .args(["network", "rm", &self.network])
+            .args(["network", "rm", &self.launch.network])
             .output();
     }
 }
@@ -53,69 +139,23 @@ async fn berth_up_runs_everything_and_the_plain_cli_works() {
     // or as the local port of an outgoing connection): a start that fails so is tried again
     // on fresh ports, up to three times.
     let mut attempt = 1;
-    let (up, printed, config, cp, dashboard, gateway, gateway_admin) = loop {
-        let data = tempfile::Builder::new()
-            .prefix("berth-up-")
-            .tempdir()
-            .unwrap();
-        let config = data.path().join("cli.yaml");
-        let (cp, gateway, gateway_admin) = (free_port(), free_port(), free_port());
-        let dashboard = free_port();
-        let node = unique_name("up");
-        let network = unique_name("berth-up");
-        let log = data.path().join("up.out");
-        let errors = data.path().join("up.err");
-        let child = Command::new(berth_bin())
-            .arg("up")
-            .arg("--data-dir")
-            .arg(data.path().join("data"))
-            .args(["--etcd-listen", &format!("127.0.0.1:{}", free_port())])
-            .args(["--etcd-peer-listen", &format!("127.0.0.1:{}", free_port())])
-            .args(["--listen", &format!("127.0.0.1:{cp}")])
-            .args(["--admin-listen", &format!("127.0.0.1:{}", free_port())])
-            .args(["--dashboard-listen", &format!("127.0.0.1:{dashboard}")])
-            .args(["--gateway-listen", &format!("127.0.0.1:{gateway}")])
-            .args([
-                "--gateway-admin-listen",
-                &format!("127.0.0.1:{gateway_admin}"),
-            ])
-            .args(["--node-name", &node, "--network", &network])
-            .env("BERTH_CLI_CONFIG", &config)
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::File::create(&errors).unwrap())
-            .spawn()
-            .unwrap();
-        let mut up = Up {
-            child,
-            data,
-            node,
-            network,
-        };
-        let started = eventually(Duration::from_secs(90), "berth up to be up", || {
-            let text = std::fs::read_to_string(&log).unwrap_or_default();
-            let exited = matches!(up.child.try_wait(), Ok(Some(_)));
-            async move {
-                match (text.contains("Berth is up"), exited) {
-                    (true, _) => Some(Some(text)),
-                    (false, true) => Some(None),
-                    (false, false) => None,
-                }
-            }
-        })
-        .await
-        .unwrap();
-        let said = std::fs::read_to_string(&errors).unwrap_or_default();
+    let (mut up, printed) = loop {
+        let launch = Launch::new();
+        let (child, started) = launch.start(1).await;
+        let up = Up { child, launch };
         match started {
-            Some(printed) => break (up, printed, config, cp, dashboard, gateway, gateway_admin),
-            None if attempt < 3 && said.contains("Address already in use") => {
+            Ok(printed) => break (up, printed),
+            Err(said) if attempt < 3 && said.contains("Address already in use") => {
                 eprintln!("berth up did not start (attempt {attempt}), trying fresh ports: {said}");
                 attempt += 1;
             }
-            None => panic!("berth up exited: {said}"),
+            Err(said) => panic!("berth up exited: {said}"),
         }
     };
-    let mut up = up;
+    let config = up.launch.config.clone();
+    let port = |flag: &str| up.launch.addr(flag).rsplit(':').next().unwrap().to_string();
+    let (cp, dashboard) = (port("--listen"), port("--dashboard-listen"));
+    let (gateway, gateway_admin) = (port("--gateway-listen"), port("--gateway-admin-listen"));
     // TLS by default: the control plane at https, its CA in the CLI's config.
     assert!(
         printed.contains(&format!("https://127.0.0.1:{cp} (TLS")),
@@ -160,7 +200,7 @@ async fn berth_up_runs_everything_and_the_plain_cli_works() {
     .unwrap();
     // The gateway serves HTTPS with a certificate from the same CA, and no plain HTTP.
     let addr = format!("127.0.0.1:{gateway}");
-    let ca = up.data.path().join("data/tls/ca.pem");
+    let ca = up.launch.data.path().join("data/tls/ca.pem");
     let answer = eventually(
         Duration::from_secs(20),
         "an answer through the gateway",
@@ -188,7 +228,7 @@ async fn berth_up_runs_everything_and_the_plain_cli_works() {
     assert!(plain.is_none(), "a plain HTTP answer: {plain:?}");
     // Its admin listener too is HTTPS, and /metrics takes the admin token, not none.
     let admin = format!("127.0.0.1:{gateway_admin}");
-    let admin_token = std::fs::read_to_string(up.data.path().join("data/tokens")).unwrap();
+    let admin_token = std::fs::read_to_string(up.launch.data.path().join("data/tokens")).unwrap();
     let metrics = |token| get_with_token(&admin, Some(&ca), "/metrics", token);
     assert_eq!(metrics(None).await.map(|r| r.status), Some(401));
     assert_eq!(
@@ -208,10 +248,51 @@ async fn berth_up_runs_everything_and_the_plain_cli_works() {
     let login = send_tls(&dashboard, &ca, "GET /login HTTP/1.1", b"").await;
     assert_eq!(login.status, 200);
 
+    // Killed (SIGKILL), `berth up` cannot stop its parts: they keep serving, on its ports.
+    up.child.kill().unwrap();
+    up.child.wait().unwrap();
+    let through_gateway = || async {
+        let (addr, ca) = (addr.clone(), ca.clone());
+        eventually(
+            Duration::from_secs(30),
+            "an answer through the gateway",
+            || {
+                let (addr, ca) = (addr.clone(), ca.clone());
+                async move {
+                    let r = send_tls(&addr, &ca, "POST /agents/echo/echo HTTP/1.1", b"again").await;
+                    (r.status == 200).then_some(())
+                }
+            },
+        )
+        .await
+    };
+    through_gateway().await.unwrap();
+    // The next `berth up` on the same data directory stops them, comes up on the same ports,
+    // and adopts the agent's container.
+    let (child, started) = up.launch.start(2).await;
+    up.child = child;
+    started.unwrap_or_else(|said| panic!("berth up after one was killed: {said}"));
+    let said = std::fs::read_to_string(up.launch.data.path().join("up-2.err")).unwrap();
+    for part in ["etcd", "control-plane", "gateway", "node-agent"] {
+        assert!(
+            said.contains(&format!("stopping {part} (pid")) && said.contains("left running"),
+            "{part}: {said}"
+        );
+    }
+    through_gateway().await.unwrap();
+    // One `berth up` per data directory: another is refused, and stops nothing.
+    let another = up.launch.command().output().unwrap();
+    let refused = String::from_utf8_lossy(&another.stderr);
+    assert!(
+        !another.status.success() && refused.contains("already running"),
+        "{refused}"
+    );
+    through_gateway().await.unwrap();
+
     // Ctrl-C (SIGTERM): it stops everything it started, and exits cleanly.
     let status = up.terminate().expect("berth up exits after SIGTERM");
     assert!(status.success(), "{status:?}");
-    let data = up.data.path().display().to_string();
+    let data = up.launch.data.path().display().to_string();
     let left = Command::new("pgrep").args(["-f", &data]).output().unwrap();
     assert!(
         left.stdout.is_empty(),

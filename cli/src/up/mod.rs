@@ -2,7 +2,8 @@
 //! control plane, a gateway and a node agent as child processes of this binary, writes the
 //! CLI's config so that plain `berth ls` works, prints the addresses, and on Ctrl-C or SIGTERM
 //! stops everything it started. Agents' containers keep running (as when a node agent
-//! restarts) and are adopted by the next `berth up`.
+//! restarts) and are adopted by the next `berth up`, which also stops any part that a killed
+//! `berth up` left running (`parts`).
 
 use crate::client::Client;
 use crate::config::CliConfig;
@@ -11,15 +12,11 @@ use berth_proto::v1::{GetNodeRequest, NodeStatus};
 use clap::Args;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-/// How long each part may take to become ready.
-const READY_TIMEOUT: Duration = Duration::from_secs(60);
-/// Time between readiness checks.
-const POLL: Duration = Duration::from_millis(200);
-/// How long a part may take to stop after SIGTERM before it is killed.
-const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+mod parts;
+use parts::{Lock, Parts};
 
 /// Flags of `berth up`.
 #[derive(Args, Debug)]
@@ -137,106 +134,6 @@ pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A started part: its name, its process, its log.
-struct Part {
-    name: &'static str,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Part {
-    fn spawn(name: &'static str, mut command: Command, logs: &Path) -> anyhow::Result<Self> {
-        let log = logs.join(format!("{name}.log"));
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("start {name}"))?;
-        Ok(Self { name, child, log })
-    }
-
-    /// The last lines of its log.
-    fn tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(15)..].join("\n")
-    }
-
-    /// An error if it has exited.
-    fn check(&mut self) -> anyhow::Result<()> {
-        if let Some(status) = self.child.try_wait()? {
-            bail!(
-                "{} exited ({status}); the end of {}:\n{}",
-                self.name,
-                self.log.display(),
-                self.tail()
-            );
-        }
-        Ok(())
-    }
-
-    /// SIGTERM, then SIGKILL after `STOP_TIMEOUT`.
-    fn stop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_some() {
-            return;
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        while Instant::now() < deadline {
-            if self.child.try_wait().ok().flatten().is_some() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Everything started, stopped in reverse order when dropped.
-#[derive(Default)]
-struct Parts(Vec<Part>);
-
-impl Drop for Parts {
-    fn drop(&mut self) {
-        for part in self.0.iter_mut().rev() {
-            eprintln!("stopping {}", part.name);
-            part.stop();
-        }
-    }
-}
-
-impl Parts {
-    /// Polls `ready` until it holds, failing at once if `part` exits.
-    async fn wait_ready<F, Fut>(&mut self, what: &str, mut ready: F) -> anyhow::Result<()>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = bool>,
-    {
-        let deadline = Instant::now() + READY_TIMEOUT;
-        loop {
-            if ready().await {
-                return Ok(());
-            }
-            for part in &mut self.0 {
-                part.check()?;
-            }
-            if Instant::now() > deadline {
-                let last = self.0.last().map(Part::tail).unwrap_or_default();
-                bail!("{what} was not ready after {READY_TIMEOUT:?}; the end of its log:\n{last}");
-            }
-            tokio::time::sleep(POLL).await;
-        }
-    }
-}
-
 /// Whether `GET path` on `addr` answers 200; over TLS verified with the CA `ca` when given.
 async fn http_ok(addr: SocketAddr, path: &str, ca: Option<&Path>) -> bool {
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -296,6 +193,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     ] {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
+    // One `berth up` per data directory; the parts of one that was killed are stopped first.
+    let _lock = Lock::take(&data)?;
+    let run = data.join("run");
+    parts::stop_leftovers(&run)?;
     // Refuse early, saying what to do, when Docker or etcd is missing.
     let docker_version = berth_node_agent::docker::engine_version(&args.docker)
         .await
@@ -318,7 +219,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("find the berth binary")?;
     let admin_token = token_file(&data.join("tokens"))?;
     token_file(&data.join("join"))?;
-    let mut parts = Parts::default();
+    let mut parts = Parts::new(logs.clone(), run);
 
     let etcd_url = match &args.etcd {
         Some(url) => url.clone(),
@@ -339,7 +240,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
                 .arg(format!("--listen-peer-urls={peer}"))
                 .arg(format!("--initial-advertise-peer-urls={peer}"))
                 .arg(format!("--initial-cluster=berth-up={peer}"));
-            parts.0.push(Part::spawn("etcd", command, &logs)?);
+            parts.start("etcd", command)?;
             let probe = url.clone();
             parts.wait_ready("etcd", || etcd_answers(&probe)).await?;
             url
@@ -392,7 +293,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             .arg(data.join("tokens"));
     }
     let ca = certs.as_ref().map(|c| c.ca.as_path());
-    parts.0.push(Part::spawn("control-plane", command, &logs)?);
+    parts.start("control-plane", command)?;
     parts
         .wait_ready("the control plane", || {
             http_ok(args.admin_listen, "/readyz", ca)
@@ -417,7 +318,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             .arg("--admin-token-file")
             .arg(data.join("tokens"));
     }
-    parts.0.push(Part::spawn("gateway", command, &logs)?);
+    parts.start("gateway", command)?;
     parts
         .wait_ready("the gateway", || {
             http_ok(args.gateway_admin_listen, "/readyz", ca)
@@ -449,7 +350,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             .arg("--tls-key")
             .arg(key);
     }
-    parts.0.push(Part::spawn("node-agent", command, &logs)?);
+    parts.start("node-agent", command)?;
     let tls = crate::servers::client_tls(certs.as_ref().map(|c| c.ca.as_path()), None)?;
     let client = Client::connect(&address, Some(&admin_token), tls.as_ref()).await?;
     parts
@@ -527,9 +428,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                for part in &mut parts.0 {
-                    part.check()?;
-                }
+                parts.check()?;
             }
         }
     }
