@@ -3,7 +3,7 @@
 //! (SIGTERM here) stopping all of it; and the messages when etcd or Docker is missing.
 
 use berth_tests::docker::ECHO_IMAGE;
-use berth_tests::wire::{get_with_token, send_tls};
+use berth_tests::wire::{get_with_token, send_tls, Raw};
 use berth_tests::{berth_bin, eventually, free_port, unique_name};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -133,6 +133,21 @@ impl Drop for Up {
     }
 }
 
+/// The example agent's answer to `body`, through the gateway at `addr` over HTTPS (CA `ca`),
+/// within 30 s.
+async fn through_gateway(addr: &str, ca: &std::path::Path, body: &'static [u8]) -> Raw {
+    eventually(
+        Duration::from_secs(30),
+        "an answer through the gateway",
+        || async move {
+            let r = send_tls(addr, ca, "POST /agents/echo/echo HTTP/1.1", body).await;
+            (r.status == 200).then_some(r)
+        },
+    )
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn berth_up_runs_everything_and_the_plain_cli_works() {
     // A port picked free can be taken before `berth up` binds it (by another test's server,
@@ -201,19 +216,7 @@ async fn berth_up_runs_everything_and_the_plain_cli_works() {
     // The gateway serves HTTPS with a certificate from the same CA, and no plain HTTP.
     let addr = format!("127.0.0.1:{gateway}");
     let ca = up.launch.data.path().join("data/tls/ca.pem");
-    let answer = eventually(
-        Duration::from_secs(20),
-        "an answer through the gateway",
-        || {
-            let (addr, ca) = (addr.clone(), ca.clone());
-            async move {
-                let r = send_tls(&addr, &ca, "POST /agents/echo/echo HTTP/1.1", b"hello").await;
-                (r.status == 200).then_some(r)
-            }
-        },
-    )
-    .await
-    .unwrap();
+    let answer = through_gateway(&addr, &ca, b"hello").await;
     assert_eq!(answer.json()["body"], "hello");
     let forwarded = answer.json()["headers"]
         .as_array()
@@ -251,22 +254,7 @@ async fn berth_up_runs_everything_and_the_plain_cli_works() {
     // Killed (SIGKILL), `berth up` cannot stop its parts: they keep serving, on its ports.
     up.child.kill().unwrap();
     up.child.wait().unwrap();
-    let through_gateway = || async {
-        let (addr, ca) = (addr.clone(), ca.clone());
-        eventually(
-            Duration::from_secs(30),
-            "an answer through the gateway",
-            || {
-                let (addr, ca) = (addr.clone(), ca.clone());
-                async move {
-                    let r = send_tls(&addr, &ca, "POST /agents/echo/echo HTTP/1.1", b"again").await;
-                    (r.status == 200).then_some(())
-                }
-            },
-        )
-        .await
-    };
-    through_gateway().await.unwrap();
+    through_gateway(&addr, &ca, b"again").await;
     // The next `berth up` on the same data directory stops them, comes up on the same ports,
     // and adopts the agent's container.
     let (child, started) = up.launch.start(2).await;
@@ -279,7 +267,7 @@ async fn berth_up_runs_everything_and_the_plain_cli_works() {
             "{part}: {said}"
         );
     }
-    through_gateway().await.unwrap();
+    through_gateway(&addr, &ca, b"again").await;
     // One `berth up` per data directory: another is refused, and stops nothing.
     let another = up.launch.command().output().unwrap();
     let refused = String::from_utf8_lossy(&another.stderr);
@@ -287,7 +275,7 @@ async fn berth_up_runs_everything_and_the_plain_cli_works() {
         !another.status.success() && refused.contains("already running"),
         "{refused}"
     );
-    through_gateway().await.unwrap();
+    through_gateway(&addr, &ca, b"again").await;
 
     // Ctrl-C (SIGTERM): it stops everything it started, and exits cleanly.
     let status = up.terminate().expect("berth up exits after SIGTERM");

@@ -134,6 +134,19 @@ pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Flags of a server (control plane, gateway) serving TLS with `certs`' server certificate, its
+/// admin listener too: HTTPS, and /metrics for the admin or read-only tokens in `tokens`.
+fn serve_tls(command: &mut Command, certs: &crate::certs::CertFiles, tokens: &Path) {
+    command
+        .arg("--tls-cert")
+        .arg(&certs.server_cert)
+        .arg("--tls-key")
+        .arg(&certs.server_key)
+        .arg("--admin-tls")
+        .arg("--admin-token-file")
+        .arg(tokens);
+}
+
 /// Whether `GET path` on `addr` answers 200; over TLS verified with the CA `ca` when given.
 async fn http_ok(addr: SocketAddr, path: &str, ca: Option<&Path>) -> bool {
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -279,18 +292,11 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .arg("--volume-root")
         .arg(data.join("volumes"));
     if let Some(certs) = &certs {
+        serve_tls(&mut command, certs, &data.join("tokens"));
         command
-            .arg("--tls-cert")
-            .arg(&certs.server_cert)
-            .arg("--tls-key")
-            .arg(&certs.server_key)
             .arg("--tls-ca")
             .arg(&certs.ca)
-            .arg("--require-node-cert")
-            // The admin listener too: HTTPS, and /metrics for admin or read-only tokens.
-            .arg("--admin-tls")
-            .arg("--admin-token-file")
-            .arg(data.join("tokens"));
+            .arg("--require-node-cert");
     }
     let ca = certs.as_ref().map(|c| c.ca.as_path());
     parts.start("control-plane", command)?;
@@ -309,14 +315,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         .arg("--token-file")
         .arg(data.join("tokens"));
     if let Some(certs) = &certs {
-        command
-            .arg("--tls-cert")
-            .arg(&certs.server_cert)
-            .arg("--tls-key")
-            .arg(&certs.server_key)
-            .arg("--admin-tls")
-            .arg("--admin-token-file")
-            .arg(data.join("tokens"));
+        serve_tls(&mut command, certs, &data.join("tokens"));
     }
     parts.start("gateway", command)?;
     parts
