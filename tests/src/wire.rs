@@ -46,6 +46,18 @@ pub async fn send_tls(addr: &str, ca: &std::path::Path, head: &str, body: &[u8])
     exchange(stream, addr, head, body).await
 }
 
+/// [`send_tls`], or `None` when no connection is taken or it breaks before a whole response
+/// head (a server restarting, say).
+pub async fn try_send_tls(
+    addr: &str,
+    ca: &std::path::Path,
+    head: &str,
+    body: &[u8],
+) -> Option<Raw> {
+    let stream = connect_tls(addr, ca).await.ok()?;
+    try_exchange(stream, addr, head, body).await
+}
+
 /// A TLS connection to `addr` (an IP address and port), verified with the PEM CA in `ca`.
 pub async fn connect_tls(
     addr: &str,

@@ -3,7 +3,7 @@
 //! (SIGTERM here) stopping all of it; and the messages when etcd or Docker is missing.
 
 use berth_tests::docker::ECHO_IMAGE;
-use berth_tests::wire::{get_with_token, send_tls, Raw};
+use berth_tests::wire::{get_with_token, send_tls, try_send_tls, Raw};
 use berth_tests::{berth_bin, eventually, free_port, unique_name};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -140,7 +140,7 @@ async fn through_gateway(addr: &str, ca: &std::path::Path, body: &'static [u8]) 
         Duration::from_secs(30),
         "an answer through the gateway",
         || async move {
-            let r = send_tls(addr, ca, "POST /agents/echo/echo HTTP/1.1", body).await;
+            let r = try_send_tls(addr, ca, "POST /agents/echo/echo HTTP/1.1", body).await?;
             (r.status == 200).then_some(r)
         },
     )
@@ -276,6 +276,22 @@ async fn berth_up_runs_everything_and_the_plain_cli_works() {
         "{refused}"
     );
     through_gateway(&addr, &ca, b"again").await;
+    // A part that dies is started again, as a supervisor would: the gateway, killed.
+    let record = up.launch.data.path().join("data/run/2-gateway.pid");
+    let text = std::fs::read_to_string(&record).unwrap();
+    let gateway_pid = text.split_whitespace().next().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-KILL", &gateway_pid])
+        .status()
+        .unwrap()
+        .success());
+    through_gateway(&addr, &ca, b"again").await;
+    let said = std::fs::read_to_string(up.launch.data.path().join("up-2.err")).unwrap();
+    assert!(
+        said.contains("gateway exited") && said.contains("starting it again"),
+        "{said}"
+    );
+    assert!(matches!(up.child.try_wait(), Ok(None)), "berth up runs on");
 
     // Ctrl-C (SIGTERM): it stops everything it started, and exits cleanly.
     let status = up.terminate().expect("berth up exits after SIGTERM");

@@ -3,7 +3,7 @@
 //! CLI's config so that plain `berth ls` works, prints the addresses, and on Ctrl-C or SIGTERM
 //! stops everything it started. Agents' containers keep running (as when a node agent
 //! restarts) and are adopted by the next `berth up`, which also stops any part that a killed
-//! `berth up` left running (`parts`).
+//! `berth up` left running (`parts`). A part that exits once Berth is up is started again.
 
 use crate::client::Client;
 use crate::config::CliConfig;
@@ -420,14 +420,15 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     );
     println!("Ctrl-C stops Berth (the agents' containers keep running and are adopted next time).");
 
-    // Run until a signal, or until a part dies (then stop the rest and say why).
+    // Run until a signal; a part that exits is started again, unless it crash-loops (then
+    // stop the rest and say why).
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = terminate.recv() => break,
             _ = tokio::time::sleep(Duration::from_secs(1)) => {
-                parts.check()?;
+                parts.keep_running()?;
             }
         }
     }

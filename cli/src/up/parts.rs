@@ -19,6 +19,11 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(200);
 /// How long a part may take to stop after SIGTERM before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
+/// A part that exits once Berth is up is started again, unless it has exited this many times
+/// within [`RESTART_WINDOW`]: then it crash-loops, and `berth up` stops with its log.
+const MAX_RESTARTS: usize = 5;
+/// See [`MAX_RESTARTS`].
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
 
 /// Holds `{data}/up.lock` for this process's life: a second `berth up` on the same data
 /// directory is refused. The kernel releases the lock when this process ends, however it ends.
@@ -143,12 +148,40 @@ pub fn stop_leftovers(run: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A started part: its name, its process, its log, and its record under `{data}/run/`.
+/// Starts `command`, its output appended to `log`, and records its identity in `record`.
+fn launch(name: &str, command: &mut Command, log: &Path, record: &Path) -> anyhow::Result<Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("open {}", log.display()))?;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("start {name}"))?;
+    // Not recorded (no /proc): a killed `berth up` leaves it for its user to stop.
+    if let Some(id) = Identity::of(child.id()) {
+        if let Err(e) = std::fs::write(record, format!("{} {}\n", id.pid, id.started)) {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("record {name} in {}: {e}", record.display());
+        }
+    }
+    Ok(child)
+}
+
+/// A started part: its name, its command, its process, its log, and its record under
+/// `{data}/run/`.
 pub struct Part {
     pub name: &'static str,
+    command: Command,
     child: Child,
     log: PathBuf,
     record: PathBuf,
+    /// When it was started again after exiting, within the last [`RESTART_WINDOW`].
+    restarts: Vec<Instant>,
 }
 
 impl Part {
@@ -161,34 +194,40 @@ impl Part {
         logs: &Path,
         run: &Path,
     ) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(run).with_context(|| format!("create {}", run.display()))?;
         let log = logs.join(format!("{name}.log"));
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("start {name}"))?;
         let record = run.join(format!("{n}-{name}.pid"));
-        let mut part = Self {
+        let child = launch(name, &mut command, &log, &record)?;
+        Ok(Self {
             name,
+            command,
             child,
             log,
             record,
+            restarts: Vec::new(),
+        })
+    }
+
+    /// Starts it again if it has exited; an error when it cannot be, or has exited more than
+    /// [`MAX_RESTARTS`] times within [`RESTART_WINDOW`].
+    fn restart_if_exited(&mut self) -> anyhow::Result<()> {
+        let Some(status) = self.child.try_wait()? else {
+            return Ok(());
         };
-        // Not recorded (no /proc): a killed `berth up` leaves it for its user to stop.
-        if let Some(id) = Identity::of(part.child.id()) {
-            if let Err(e) = std::fs::create_dir_all(run)
-                .and_then(|()| std::fs::write(&part.record, format!("{} {}\n", id.pid, id.started)))
-            {
-                part.stop();
-                bail!("record {} in {}: {e}", name, run.display());
-            }
+        self.restarts.retain(|t| t.elapsed() < RESTART_WINDOW);
+        if self.restarts.len() >= MAX_RESTARTS {
+            bail!(
+                "{} exited ({status}), {} times within {RESTART_WINDOW:?}; the end of {}:\n{}",
+                self.name,
+                self.restarts.len() + 1,
+                self.log.display(),
+                self.tail()
+            );
         }
-        Ok(part)
+        eprintln!("{} exited ({status}); starting it again", self.name);
+        self.restarts.push(Instant::now());
+        self.child = launch(self.name, &mut self.command, &self.log, &self.record)?;
+        Ok(())
     }
 
     /// The last lines of its log.
@@ -264,9 +303,17 @@ impl Parts {
         Ok(())
     }
 
-    /// An error if any part has exited.
+    /// An error if any part has exited (while Berth comes up).
     pub fn check(&mut self) -> anyhow::Result<()> {
         self.started.iter_mut().try_for_each(Part::check)
+    }
+
+    /// Starts again each part that has exited (once Berth is up), as a supervisor would; an
+    /// error when one cannot be, or crash-loops.
+    pub fn keep_running(&mut self) -> anyhow::Result<()> {
+        self.started
+            .iter_mut()
+            .try_for_each(Part::restart_if_exited)
     }
 
     /// Polls `ready` until it holds, failing at once if a part exits.
@@ -306,9 +353,36 @@ mod tests {
     }
 
     #[test]
+    fn a_part_that_exits_is_started_again_until_it_crash_loops() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        let mut running = Part::spawn(0, "sleep", sleep(), dir.path(), &run).unwrap();
+        running.restart_if_exited().unwrap();
+        assert!(running.restarts.is_empty(), "a running part is left alone");
+        running.stop();
+        let mut part = Part::spawn(1, "true", Command::new("true"), dir.path(), &run).unwrap();
+        for n in 1..=MAX_RESTARTS {
+            let before = part.child.id();
+            part.child.wait().unwrap();
+            part.restart_if_exited().unwrap();
+            assert_eq!(part.restarts.len(), n);
+            assert_ne!(part.child.id(), before, "started again");
+        }
+        part.child.wait().unwrap();
+        let looping = part.restart_if_exited().unwrap_err().to_string();
+        assert!(looping.contains("6 times within 60s"), "{looping}");
+    }
+
+    fn sleep() -> Command {
+        let mut command = Command::new("sleep");
+        command.arg("600");
+        command
+    }
+
+    #[test]
     fn leftovers_are_stopped_latest_first_and_their_records_removed() {
         let run = tempfile::tempdir().unwrap();
-        let mut sleeper = Command::new("sleep").arg("600").spawn().unwrap();
+        let mut sleeper = sleep().spawn().unwrap();
         let id = Identity::of(sleeper.id()).unwrap();
         let record = run.path().join("0-sleep.pid");
         std::fs::write(&record, format!("{} {}\n", id.pid, id.started)).unwrap();
