@@ -90,6 +90,8 @@ pub mod memory {
         unhealthy: HashSet<String>,
         created: u32,
         starts: u32,
+        /// How long each start takes, as on a busy Docker engine.
+        start_time: Duration,
     }
 
     /// See the module's doc.
@@ -113,6 +115,11 @@ pub mod memory {
         pub fn existing(&self, info: ContainerInfo) {
             let mut state = self.state.lock().unwrap();
             state.containers.insert(info.id.clone(), info);
+        }
+
+        /// Each container start takes `time` from now on.
+        pub fn slow_starts(&self, time: Duration) {
+            self.state.lock().unwrap().start_time = time;
         }
 
         /// The container exits with `code`, as a crash.
@@ -189,6 +196,8 @@ pub mod memory {
             Ok(id)
         }
         async fn start(&self, id: &str) -> Result<(), DockerError> {
+            let time = self.state.lock().unwrap().start_time;
+            tokio::time::sleep(time).await;
             self.state.lock().unwrap().starts += 1;
             self.with(id, |c| {
                 c.running = true;

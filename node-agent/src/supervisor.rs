@@ -223,6 +223,12 @@ impl<R: ContainerRuntime> Supervisor<R> {
         }
         for a in desired.replicas {
             self.ensure(&a).await;
+            // A pass over many replicas waits on Docker for each (a start, a stop's grace):
+            // what the probes found meanwhile is acted on between them, so that the replica
+            // started first is ready first, not once the last one has started.
+            while let Ok(result) = self.probe_rx.try_recv() {
+                self.on_probe(result).await;
+            }
         }
     }
 
@@ -737,6 +743,27 @@ mod tests {
 
     fn running(s: &ReplicaStatus) -> bool {
         s.state == ReplicaState::Running as i32
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_is_ready_once_probed_while_the_others_still_start() {
+        let runtime = MemoryRuntime::default();
+        // Ten replicas started in one pass, each start a second on a busy Docker engine.
+        runtime.slow_starts(Duration::from_secs(1));
+        let replicas = (0..10)
+            .map(|i| assignment(&format!("a-{i}"), true))
+            .collect();
+        let node = Node::start(runtime, replicas).await;
+        let since = Instant::now();
+        node.until("a-0", |s| running(s) && s.ready).await;
+        let first = since.elapsed();
+        node.until("a-9", running).await;
+        let last = since.elapsed();
+        assert!(
+            first < Duration::from_secs(3) && last >= Duration::from_secs(9),
+            "the first ready after {first:?}, the last started after {last:?}"
+        );
+        node.stop().await;
     }
 
     #[tokio::test(start_paused = true)]
