@@ -327,7 +327,16 @@ impl Etcd {
                 etcd_client::Client::connect([url.clone()], Some(options.clone())).await
             {
                 if client.status().await.is_ok() {
-                    return Ok(());
+                    // The etcd that answers may be another test's, on a port ours could not
+                    // bind (picked free, taken since): ours is the member with our peer URL.
+                    let ours = client.member_list().await.is_ok_and(|list| {
+                        list.members().iter().any(|m| m.peer_urls().contains(&peer))
+                    });
+                    if ours {
+                        return Ok(());
+                    }
+                    self.stop();
+                    bail!("another etcd answers on {url}: its port was taken");
                 }
             }
             let exited = !self.child.as_mut().is_some_and(Child::is_running);
