@@ -216,6 +216,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A client command's output piped into `head` ends quietly, as a Unix tool's does, not in
+    // a panic on the closed pipe. The servers keep ignoring SIGPIPE: a peer that hangs up must
+    // not end them.
+    if !matches!(
+        cli.command,
+        Command::ControlPlane(_) | Command::NodeAgent(_) | Command::Gateway(_) | Command::Up(_)
+    ) {
+        sigpipe::reset();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

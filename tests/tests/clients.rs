@@ -245,3 +245,30 @@ async fn python_client_and_reflection() {
         stdout(&out)
     );
 }
+
+#[test]
+fn output_piped_into_a_reader_that_stops_early_ends_quietly() {
+    use std::io::BufRead;
+    // As `berth completion bash | head -1`: the reader takes a line and closes the pipe while
+    // the CLI still writes (the script is larger than a pipe's buffer).
+    let mut child = Command::new(berth_tests::berth_bin())
+        .args(["completion", "bash"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(!first.is_empty());
+    let out = child.wait_with_output().unwrap();
+    let said = stderr(&out);
+    assert!(!said.contains("panicked"), "{said}");
+    use std::os::unix::process::ExitStatusExt;
+    assert!(
+        out.status.success() || out.status.signal() == Some(13),
+        "{:?}: {said}",
+        out.status
+    );
+}
