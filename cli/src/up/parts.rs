@@ -252,19 +252,17 @@ impl Part {
 
     /// SIGTERM, then SIGKILL after `STOP_TIMEOUT`; then its record goes.
     fn stop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .status();
-            let deadline = Instant::now() + STOP_TIMEOUT;
-            while Instant::now() < deadline && self.child.try_wait().ok().flatten().is_none() {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            if self.child.try_wait().ok().flatten().is_none() {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
+        // Not yet reaped, so its pid is still its own; then the same stop as a left-over's (a
+        // child that has exited meanwhile is a zombie: not running).
+        if matches!(self.child.try_wait(), Ok(None)) {
+            match Identity::of(self.child.id()) {
+                Some(id) => id.stop(),
+                None => {
+                    let _ = self.child.kill();
+                }
             }
         }
+        let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.record);
     }
 }
