@@ -265,23 +265,23 @@ pub fn run(args: CertsArgs) -> anyhow::Result<()> {
             leaf.write(files.leaf("clients", name), &ca, &ca_key)?;
         }
     }
-    println!("CA           {}", files.ca.display());
-    println!(
+    outln!("CA           {}", files.ca.display());
+    outln!(
         "server       {} (key {})",
         files.server_cert.display(),
         files.server_key.display()
     );
     for node in &args.nodes {
         let (cert, key) = files.node(node);
-        println!("node {node:<7} {} (key {})", cert.display(), key.display());
+        outln!("node {node:<7} {} (key {})", cert.display(), key.display());
     }
     for (name, _) in &args.services {
         let (cert, key) = files.leaf("services", name);
-        println!("service {name} {} (key {})", cert.display(), key.display());
+        outln!("service {name} {} (key {})", cert.display(), key.display());
     }
     for name in &args.clients {
         let (cert, key) = files.leaf("clients", name);
-        println!("client {name} {} (key {})", cert.display(), key.display());
+        outln!("client {name} {} (key {})", cert.display(), key.display());
     }
     Ok(())
 }

@@ -1,6 +1,23 @@
 //! `berth`: the client commands, and Berth's servers as subcommands.
 #![forbid(unsafe_code)]
 
+/// `print!` to standard output through [`output::write_out`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::output::write_out(format!($($arg)*).as_bytes())
+    };
+}
+
+/// `println!` to standard output through [`output::write_out`].
+macro_rules! outln {
+    () => {
+        $crate::output::write_out(b"\n")
+    };
+    ($($arg:tt)*) => {
+        $crate::output::write_out(format!("{}\n", format_args!($($arg)*)).as_bytes())
+    };
+}
+
 mod certs;
 mod client;
 mod commands;
@@ -216,15 +233,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // A client command's output piped into `head` ends quietly, as a Unix tool's does, not in
-    // a panic on the closed pipe. The servers keep ignoring SIGPIPE: a peer that hangs up must
-    // not end them.
-    if !matches!(
-        cli.command,
-        Command::ControlPlane(_) | Command::NodeAgent(_) | Command::Gateway(_) | Command::Up(_)
-    ) {
-        sigpipe::reset();
-    }
+    // SIGPIPE stays ignored (Rust's default): a command's output piped into `head` ends
+    // quietly through `output::write_out`, and a peer that hangs up is an error, not a death.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -250,7 +260,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Up(args) => return up::up(*args).await,
         Command::Certs(args) => return certs::run(args),
         Command::Completion { shell } => {
-            completion(shell, &mut std::io::stdout());
+            let mut script = Vec::new();
+            completion(shell, &mut script);
+            output::write_out(&script);
             return Ok(());
         }
         command => command,

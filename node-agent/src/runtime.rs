@@ -92,6 +92,8 @@ pub mod memory {
         starts: u32,
         /// How long each start takes, as on a busy Docker engine.
         start_time: Duration,
+        /// How long a process takes to end on SIGTERM (at most the grace, then SIGKILL).
+        stop_time: Duration,
     }
 
     /// See the module's doc.
@@ -120,6 +122,12 @@ pub mod memory {
         /// Each container start takes `time` from now on.
         pub fn slow_starts(&self, time: Duration) {
             self.state.lock().unwrap().start_time = time;
+        }
+
+        /// Each process takes `time` to end on SIGTERM from now on, as one that finishes its
+        /// requests in flight first (or ignores SIGTERM until killed at the end of the grace).
+        pub fn slow_stops(&self, time: Duration) {
+            self.state.lock().unwrap().stop_time = time;
         }
 
         /// The container exits with `code`, as a crash.
@@ -204,7 +212,11 @@ pub mod memory {
                 c.exit_code = None;
             })
         }
-        async fn stop(&self, id: &str, _grace: Duration) -> Result<(), DockerError> {
+        async fn stop(&self, id: &str, grace: Duration) -> Result<(), DockerError> {
+            let time = self.state.lock().unwrap().stop_time;
+            if self.with(id, |c| c.running)? {
+                tokio::time::sleep(time.min(grace)).await;
+            }
             let was_running = self.with(id, |c| std::mem::replace(&mut c.running, false))?;
             if was_running {
                 let _ = self.deaths.send(id.to_string());

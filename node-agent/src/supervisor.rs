@@ -13,7 +13,8 @@ use berth_proto::v1::{
     Assignment, Assignments, DesiredState, HealthState, ReplicaReport, ReplicaState, ReplicaStatus,
     RestartPolicy,
 };
-use futures::StreamExt;
+use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -48,6 +49,25 @@ struct Replica {
     started_wall: Option<SystemTime>,
     probe: Option<JoinHandle<()>>,
     failures: u32,
+    /// Its container is being stopped (in a task of its own); what follows once it has.
+    stopping: Option<AfterStop>,
+}
+
+/// What becomes of a replica once its container has stopped.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum AfterStop {
+    /// Stopped on request: it stays, stopped.
+    Rest,
+    /// Started again: a restart was asked for, or its health checks failed.
+    Start,
+    /// Removed: unassigned (then forgotten), or made of another spec (then made again).
+    Remove,
+}
+
+/// A stop begun by [`Supervisor::begin_stop`] has finished.
+struct Stopped {
+    replica: String,
+    container: String,
 }
 
 impl Replica {
@@ -68,6 +88,8 @@ pub struct Supervisor<R: ContainerRuntime> {
     restarts: RestartCounts,
     probe_tx: mpsc::Sender<ProbeResult>,
     probe_rx: mpsc::Receiver<ProbeResult>,
+    stopped_tx: mpsc::UnboundedSender<Stopped>,
+    stopped_rx: mpsc::UnboundedReceiver<Stopped>,
 }
 
 impl<R: ContainerRuntime> Supervisor<R> {
@@ -75,6 +97,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
     /// Restart counts carry over from `restarts`.
     pub fn new(runtime: R, node: &str, reports: Arc<Reports>, restarts: RestartCounts) -> Self {
         let (probe_tx, probe_rx) = mpsc::channel(64);
+        let (stopped_tx, stopped_rx) = mpsc::unbounded_channel();
         Self {
             runtime,
             node: node.to_string(),
@@ -84,6 +107,8 @@ impl<R: ContainerRuntime> Supervisor<R> {
             restarts,
             probe_tx,
             probe_rx,
+            stopped_tx,
+            stopped_rx,
         }
     }
 
@@ -178,17 +203,56 @@ impl<R: ContainerRuntime> Supervisor<R> {
                     }
                     None => deaths = self.runtime.deaths().boxed(),
                 },
-                Some(result) = self.probe_rx.recv() => self.on_probe(result).await,
+                Some(result) = self.probe_rx.recv() => self.on_probe(result),
+                Some(done) = self.stopped_rx.recv() => self.on_stopped(done),
                 // A restart is due before the next tick: on time, not up to a tick late.
                 _ = tokio::time::sleep_until(next_restart.unwrap_or_else(Instant::now)),
                     if next_restart.is_some() => {}
                 _ = tick.tick() => {}
             }
-            self.reconcile().await;
+            self.reconcile(&mut deaths).await;
         }
     }
 
-    async fn reconcile(&mut self) {
+    /// Acts on what happened while a pass waited on Docker (a start takes a while on a busy
+    /// engine): a crash, a probe's result, a stop that finished, a restart come due. The
+    /// replica started first is then ready first, and a crash is restarted on time, not once
+    /// the pass is over.
+    async fn meanwhile(&mut self, deaths: &mut BoxStream<'static, Result<String, DockerError>>) {
+        loop {
+            if let Ok(result) = self.probe_rx.try_recv() {
+                self.on_probe(result);
+            } else if let Ok(done) = self.stopped_rx.try_recv() {
+                self.on_stopped(done);
+            } else {
+                match deaths.next().now_or_never() {
+                    Some(Some(Ok(id))) => self.on_death(&id).await,
+                    Some(Some(Err(e))) => {
+                        tracing::warn!(error = %e, "docker events interrupted; resubscribing");
+                        *deaths = self.runtime.deaths();
+                        return;
+                    }
+                    Some(None) => {
+                        *deaths = self.runtime.deaths();
+                        return;
+                    }
+                    None => break,
+                }
+            }
+        }
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .replicas
+            .iter()
+            .filter(|(_, r)| r.restart_at.is_some_and(|t| t <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            self.restart_if_due(&id).await;
+        }
+    }
+
+    async fn reconcile(&mut self, deaths: &mut BoxStream<'static, Result<String, DockerError>>) {
         let Some(desired) = self.desired.clone() else {
             // Nothing heard from the control plane yet: keep what runs, restart what crashed.
             let ids: Vec<String> = self.replicas.keys().cloned().collect();
@@ -209,25 +273,92 @@ impl<R: ContainerRuntime> Supervisor<R> {
             .cloned()
             .collect();
         for id in gone {
-            if let Some(mut r) = self.replicas.remove(&id) {
-                r.stop_probe();
-                if let Some(c) = &r.container {
-                    let _ = self.runtime.stop(c, defaults::STOP_GRACE).await;
-                    if let Err(e) = self.runtime.remove(c).await {
-                        tracing::warn!(replica = %id, error = %e, "cannot remove container");
-                    }
-                }
-                self.reports.remove(&id);
-                tracing::info!(replica = %id, "removed unassigned replica");
+            let r = &self.replicas[&id];
+            if r.stopping.is_some() {
+                // Once stopped, it is still unassigned: the next pass removes it.
+                continue;
+            }
+            if r.container.is_some() {
+                self.begin_stop(&id, defaults::STOP_GRACE, AfterStop::Remove, "unassigned");
+            } else {
+                self.forget(&id);
             }
         }
         for a in desired.replicas {
             self.ensure(&a).await;
-            // A pass over many replicas waits on Docker for each (a start, a stop's grace):
-            // what the probes found meanwhile is acted on between them, so that the replica
-            // started first is ready first, not once the last one has started.
-            while let Ok(result) = self.probe_rx.try_recv() {
-                self.on_probe(result).await;
+            self.meanwhile(deaths).await;
+        }
+    }
+
+    fn forget(&mut self, id: &str) {
+        if let Some(mut r) = self.replicas.remove(id) {
+            r.stop_probe();
+        }
+        self.reports.remove(id);
+        tracing::info!(replica = %id, "removed unassigned replica");
+    }
+
+    /// Stops the replica's container in a task of its own, as a stop waits out the grace
+    /// period when the process takes it all, and the other replicas' crashes, probes and
+    /// starts must not wait with it. The replica is not ready from now on; `after` follows
+    /// once the container has stopped ([`Self::on_stopped`]).
+    fn begin_stop(&mut self, id: &str, grace: Duration, after: AfterStop, why: &str) {
+        let r = self.replicas.get_mut(id).expect("present");
+        let Some(container) = r.container.clone() else {
+            return;
+        };
+        r.stop_probe();
+        r.restart_at = None;
+        r.stopping = Some(after);
+        r.status.ready = false;
+        r.status.message = format!("{why}; stopping (grace {grace:?})");
+        let paused = r.status.state == ReplicaState::Paused as i32;
+        tracing::info!(replica = %id, ?after, ?grace, "{why}; stopping");
+        let runtime = self.runtime.clone();
+        let stopped = self.stopped_tx.clone();
+        let replica = id.to_string();
+        tokio::spawn(async move {
+            if paused {
+                // A frozen process cannot act on SIGTERM.
+                let _ = runtime.unpause(&container).await;
+            }
+            if let Err(e) = runtime.stop(&container, grace).await {
+                tracing::warn!(%replica, error = %e, "stop failed");
+            }
+            if after == AfterStop::Remove {
+                if let Err(e) = runtime.remove(&container).await {
+                    tracing::warn!(%replica, error = %e, "cannot remove container");
+                }
+            }
+            let _ = stopped.send(Stopped { replica, container });
+        });
+        let r = &self.replicas[id];
+        self.publish(r);
+    }
+
+    fn on_stopped(&mut self, done: Stopped) {
+        let Some(r) = self.replicas.get_mut(&done.replica) else {
+            return;
+        };
+        if r.container.as_deref() != Some(done.container.as_str()) {
+            return;
+        }
+        let Some(after) = r.stopping.take() else {
+            return;
+        };
+        let id = done.replica;
+        match after {
+            AfterStop::Rest => self.set_state(&id, ReplicaState::Stopped, ""),
+            // The next pass starts it (if still wanted running).
+            AfterStop::Start => self.set_state(&id, ReplicaState::Pending, ""),
+            AfterStop::Remove => {
+                r.container = None;
+                r.status.container_id.clear();
+                if self.assignment_of(&id).is_some() {
+                    self.set_state(&id, ReplicaState::Pending, "");
+                } else {
+                    self.forget(&id);
+                }
             }
         }
     }
@@ -247,43 +378,36 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 },
                 ..Default::default()
             });
+        if r.stopping.is_some() {
+            // What it should be is looked at again once its container has stopped.
+            return;
+        }
         r.status.node = self.node.clone();
         let digest = container_digest(&spec);
-        if r.container.is_some() && r.digest != digest {
-            // What the container is made of changed: replace it (rolling updates come with
-            // the fleet issue). Run-state changes keep it.
-            r.stop_probe();
-            let id = r.container.take().expect("checked");
-            let grace = grace_of(a);
-            let _ = self.runtime.stop(&id, grace).await;
-            let _ = self.runtime.remove(&id).await;
-            r.status.state = ReplicaState::Pending as i32;
-            r.status.ready = false;
-        }
+        let replace = r.container.is_some() && r.digest != digest;
         r.generation = a.generation;
         r.digest = digest;
         r.status.generation = a.generation;
+        let id = a.replica.clone();
+        if replace {
+            // What the container is made of changed: replace it (rolling updates come with
+            // the fleet issue). Run-state changes keep it.
+            self.begin_stop(&id, grace_of(a), AfterStop::Remove, "spec changed");
+            return;
+        }
         let desired = DesiredState::try_from(a.desired_state).unwrap_or(DesiredState::Running);
         let state = ReplicaState::try_from(r.status.state).unwrap_or(ReplicaState::Pending);
-        let id = a.replica.clone();
         match desired {
             DesiredState::Stopped => {
                 if matches!(
                     state,
                     ReplicaState::Running | ReplicaState::Paused | ReplicaState::Restarting
                 ) {
-                    tracing::info!(replica = %id, from = ?state, "stopping");
                     let r = self.replicas.get_mut(&id).expect("inserted");
                     r.stop_probe();
                     r.restart_at = None;
-                    if let Some(c) = r.container.clone() {
-                        if state == ReplicaState::Paused {
-                            let _ = self.runtime.unpause(&c).await;
-                        }
-                        if let Err(e) = self.runtime.stop(&c, grace_of(a)).await {
-                            tracing::warn!(replica = %id, error = %e, "stop failed");
-                        }
-                        self.set_state(&id, ReplicaState::Stopped, "");
+                    if r.container.is_some() {
+                        self.begin_stop(&id, grace_of(a), AfterStop::Rest, "asked to stop");
                     } else {
                         self.set_state(&id, ReplicaState::Stopped, "");
                     }
@@ -319,10 +443,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
                         }
                     }
                     ReplicaState::Running if restart_requested => {
-                        let c = r.container.clone().expect("running has a container");
-                        r.stop_probe();
-                        let _ = self.runtime.stop(&c, grace_of(a)).await;
-                        self.start_container(&id, a).await;
+                        self.begin_stop(&id, grace_of(a), AfterStop::Start, "restart asked for");
                     }
                     ReplicaState::Running => {
                         if r.probe.is_none() {
@@ -504,12 +625,13 @@ impl<R: ContainerRuntime> Supervisor<R> {
         )));
     }
 
-    async fn on_probe(&mut self, result: ProbeResult) {
+    fn on_probe(&mut self, result: ProbeResult) {
         let Some(r) = self.replicas.get_mut(&result.replica) else {
             return;
         };
         if r.container.as_deref() != Some(result.container.as_str())
             || r.status.state != ReplicaState::Running as i32
+            || r.stopping.is_some()
         {
             return;
         }
@@ -529,17 +651,13 @@ impl<R: ContainerRuntime> Supervisor<R> {
             if r.failures >= retries.max(1) {
                 r.status.health = HealthState::Unhealthy as i32;
                 r.status.ready = false;
-                r.status.message = format!(
-                    "health check failed {} times in a row; restarting",
-                    r.failures
-                );
+                let why = format!("health check failed {} times in a row", r.failures);
+                r.status.message = format!("{why}; restarting");
                 r.stop_probe();
                 tracing::warn!(replica = %result.replica, failures = r.failures, "unhealthy; restarting");
                 self.count_restart(&result.replica);
-                let c = result.container.clone();
                 if let Some(a) = self.assignment_of(&result.replica) {
-                    let _ = self.runtime.stop(&c, grace_of(&a)).await;
-                    self.start_container(&result.replica, &a).await;
+                    self.begin_stop(&result.replica, grace_of(&a), AfterStop::Start, &why);
                 }
             }
         }
@@ -557,7 +675,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
         };
         let id = id.clone();
         // Deaths Berth caused (stop, pause paths, restarts) are not crashes.
-        if r.status.state != ReplicaState::Running as i32 {
+        if r.status.state != ReplicaState::Running as i32 || r.stopping.is_some() {
             return;
         }
         let info = match self.runtime.inspect(container).await {
@@ -676,7 +794,7 @@ mod tests {
     struct Node {
         runtime: MemoryRuntime,
         reports: Arc<Reports>,
-        _assignments: watch::Sender<Option<Assignments>>,
+        assignments: watch::Sender<Option<Assignments>>,
         stop: CancellationToken,
         task: JoinHandle<()>,
         _dir: tempfile::TempDir,
@@ -705,11 +823,19 @@ mod tests {
             Node {
                 runtime,
                 reports,
-                _assignments: tx,
+                assignments: tx,
                 stop,
                 task,
                 _dir: dir,
             }
+        }
+
+        /// New assignments, as the control plane sends them.
+        fn assign(&self, replicas: Vec<Assignment>) {
+            self.assignments.send_modify(|current| {
+                let version = current.as_ref().map_or(1, |a| a.version + 1);
+                *current = Some(Assignments { version, replicas });
+            });
         }
 
         fn status(&self, replica: &str) -> Option<ReplicaStatus> {
@@ -763,6 +889,115 @@ mod tests {
             first < Duration::from_secs(3) && last >= Duration::from_secs(9),
             "the first ready after {first:?}, the last started after {last:?}"
         );
+        node.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crash_while_the_others_still_start_is_restarted_before_they_all_have() {
+        let runtime = MemoryRuntime::default();
+        runtime.slow_starts(Duration::from_secs(1));
+        let replicas = (0..10)
+            .map(|i| assignment(&format!("a-{i}"), false))
+            .collect();
+        let node = Node::start(runtime, replicas).await;
+        let since = Instant::now();
+        node.until("a-0", running).await;
+        let container = node.status("a-0").unwrap().container_id;
+        node.runtime.crash(&container, 1);
+        node.until("a-0", |s| running(s) && s.restarts == 1).await;
+        let restarted = since.elapsed();
+        let all = node.until("a-9", running).await + restarted;
+        assert!(
+            // Seen after the next start (2 s), due 100 ms later, restarted after the one
+            // after (3 s), which takes a second too; the pass ends at 11 s.
+            restarted <= Duration::from_millis(4100) && all >= Duration::from_secs(10),
+            "a-0 restarted after {restarted:?}, a-9 started after {all:?}"
+        );
+        node.stop().await;
+    }
+
+    fn with_grace(replica: &str, grace: Duration) -> Assignment {
+        let mut a = assignment(replica, false);
+        a.spec.as_mut().unwrap().stop_grace = Some(pb_duration(grace));
+        a
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_crash_is_restarted_on_time_while_another_replica_takes_its_stop_grace() {
+        let runtime = MemoryRuntime::default();
+        // Each process finishes its requests in flight before it ends, longer than any grace.
+        runtime.slow_stops(Duration::from_secs(3600));
+        let grace = Duration::from_secs(30);
+        let (a, b) = (with_grace("a-0", grace), assignment("b-0", false));
+        let node = Node::start(runtime, vec![a.clone(), b.clone()]).await;
+        node.until("a-0", |s| running(s) && s.ready).await;
+        node.until("b-0", |s| running(s) && s.ready).await;
+        let asked = Instant::now();
+        let stop = Assignment {
+            desired_state: DesiredState::Stopped as i32,
+            ..a
+        };
+        node.assign(vec![stop, b]);
+        // Out of the gateway's rotation at once, while its process still finishes.
+        node.until("a-0", |s| !s.ready && s.message.contains("stopping"))
+            .await;
+        let b_container = node.status("b-0").unwrap().container_id;
+        node.runtime.crash(&b_container, 1);
+        let restarted = node.until("b-0", |s| running(s) && s.restarts == 1).await;
+        assert!(
+            restarted < Duration::from_secs(1),
+            "b-0 restarted {restarted:?} after its crash, waiting for a-0's stop"
+        );
+        node.until("a-0", |s| s.state == ReplicaState::Stopped as i32)
+            .await;
+        let stopped = asked.elapsed();
+        assert!(
+            stopped >= grace && stopped < grace + Duration::from_secs(1),
+            "a-0 stopped {stopped:?} after asked, grace {grace:?}"
+        );
+        node.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_changed_spec_replaces_the_container_once_the_old_one_has_stopped() {
+        let runtime = MemoryRuntime::default();
+        runtime.slow_stops(Duration::from_secs(3600));
+        let grace = Duration::from_secs(20);
+        let (a, b) = (with_grace("a-0", grace), assignment("b-0", false));
+        let node = Node::start(runtime.clone(), vec![a.clone(), b]).await;
+        node.until("a-0", running).await;
+        node.until("b-0", running).await;
+        let old = node.status("a-0").unwrap().container_id;
+        let mut changed = a;
+        changed.generation = 2;
+        changed.spec.as_mut().unwrap().image = "img:2".into();
+        // a-0 made of another image, b-0 unassigned.
+        node.assign(vec![changed]);
+        node.until("a-0", |s| !s.ready && s.message.contains("spec changed"))
+            .await;
+        let replaced = node
+            .until("a-0", |s| running(s) && s.container_id != old)
+            .await;
+        assert!(
+            replaced >= grace && replaced < grace + Duration::from_secs(1),
+            "replaced after {replaced:?}, grace {grace:?}"
+        );
+        // b-0 is stopped with the default grace, then forgotten.
+        let since = Instant::now();
+        while node.status("b-0").is_some() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(since.elapsed() <= defaults::STOP_GRACE);
+        let left: Vec<String> = runtime
+            .list()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(left, [node.status("a-0").unwrap().container_id]);
+        assert_eq!(runtime.counts(), (3, 3));
+        assert_eq!(node.status("a-0").unwrap().generation, 2);
         node.stop().await;
     }
 
@@ -838,8 +1073,11 @@ mod tests {
         let node = Node::start(MemoryRuntime::default(), vec![assignment("a-0", true)]).await;
         node.until("a-0", |s| s.ready).await;
         let container = node.status("a-0").unwrap().container_id;
+        let started = node.status("a-0").unwrap().started_at;
         node.runtime.set_healthy(&container, false);
-        let waited = node.until("a-0", |s| s.restarts == 1).await;
+        let waited = node
+            .until("a-0", |s| s.restarts == 1 && s.started_at != started)
+            .await;
         // Three failures in a row, one probe interval (10 s) apart.
         assert!(
             waited > Duration::from_secs(20) && waited <= Duration::from_secs(31),

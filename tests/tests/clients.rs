@@ -265,10 +265,7 @@ fn output_piped_into_a_reader_that_stops_early_ends_quietly() {
     let out = child.wait_with_output().unwrap();
     let said = stderr(&out);
     assert!(!said.contains("panicked"), "{said}");
-    use std::os::unix::process::ExitStatusExt;
-    assert!(
-        out.status.success() || out.status.signal() == Some(13),
-        "{:?}: {said}",
-        out.status
-    );
+    // Ended by its own check of the write, with success; not by SIGPIPE, which stays ignored
+    // so that a socket the control plane resets is an error the command can report.
+    assert!(out.status.success(), "{:?}: {said}", out.status);
 }

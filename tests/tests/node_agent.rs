@@ -540,3 +540,96 @@ async fn a_node_comes_back_after_etcd_stood_still_past_its_lease() {
         cp.log()
     );
 }
+
+/// A replica that takes all of its stop grace (a request in flight outlasting it) holds up
+/// nothing else on its node: another agent's crash is restarted meanwhile, and the stopping
+/// replica is out of rotation from the moment it is asked to stop.
+#[tokio::test]
+async fn a_crash_is_restarted_while_another_agent_takes_its_stop_grace() {
+    let run = DockerRun::new().unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
+    let node = NodeAgent::start(&cp.url(), &unique_name("node"), &run).unwrap();
+    let api = cp.agents().await.unwrap();
+    let (slow, crashy) = (unique_name("slowstop"), unique_name("crashy"));
+    let (data, volume) = data_volume().unwrap();
+    let grace = Duration::from_secs(20);
+    for out in [
+        cp.deploy_echo(&slow, &["--stop-grace", "20s", "-v", &volume]),
+        cp.deploy_echo(&crashy, &[]),
+    ] {
+        assert!(out.status.success(), "{out:?}");
+    }
+    let mut address = Vec::new();
+    for name in [&slow, &crashy] {
+        let agent = wait_agent(&api, name, "ready", |a| ready(a) == 1)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}\n{}", cp.log(), node.log()));
+        address.push(
+            replica(&agent, &format!("{name}-0"))
+                .unwrap()
+                .address
+                .clone(),
+        );
+    }
+    let slow_id = format!("{slow}-0");
+    let container = replica(
+        &wait_agent(&api, &slow, "listed", |_| true).await.unwrap(),
+        &slow_id,
+    )
+    .unwrap()
+    .container_id
+    .clone();
+
+    // A request for a minute, kept open: the echo agent finishes it before it ends on SIGTERM.
+    use tokio::io::AsyncWriteExt;
+    let mut in_flight = tokio::net::TcpStream::connect(&address[0]).await.unwrap();
+    in_flight
+        .write_all(b"GET /slow?ms=60000 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let log = data.path().join("slow.log");
+    berth_tests::eventually(Duration::from_secs(10), "the slow request started", || {
+        let started = std::fs::read_to_string(&log).is_ok_and(|l| l.contains("start"));
+        async move { started.then_some(()) }
+    })
+    .await
+    .unwrap();
+
+    let asked = Instant::now();
+    assert!(cp.cli(&["stop", &slow]).status.success());
+    wait_agent(&api, &slow, "out of rotation while stopping", |a| {
+        replica(a, &slow_id).is_some_and(|r| !r.ready && r.message.contains("stopping"))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.log()));
+    http(&address[1], "POST", "/crash").await.unwrap();
+    wait_agent(&api, &crashy, "the crash restarted and ready", |a| {
+        replica(a, &format!("{crashy}-0")).is_some_and(|r| r.restarts == 1 && r.ready)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.log()));
+    let restarted = asked.elapsed();
+    let agent = wait_agent(&api, &slow, "listed", |_| true).await.unwrap();
+    assert_ne!(
+        state(&agent, &slow_id),
+        Some(ReplicaState::Stopped),
+        "the crash was restarted only after the other stop ended ({restarted:?})\n{}",
+        node.log()
+    );
+    assert!(restarted < grace, "restarted after {restarted:?}");
+
+    // The stop itself took its whole grace, then SIGKILL.
+    wait_agent(&api, &slow, "stopped", |a| {
+        state(a, &slow_id) == Some(ReplicaState::Stopped)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.log()));
+    let stopped = asked.elapsed();
+    assert!(
+        stopped >= grace - Duration::from_secs(1),
+        "stopped after {stopped:?}"
+    );
+    assert_eq!(run.inspect(&container, "{{.State.ExitCode}}"), "137");
+    drop(in_flight);
+}

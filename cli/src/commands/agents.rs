@@ -22,7 +22,7 @@ pub async fn create(client: &Client, spec: AgentSpec, format: Format) -> anyhow:
         .map_err(|s| client.explain(s))?
         .into_inner();
     match format {
-        Format::Table => println!("agent/{} created (generation 1)", name_of(&agent)),
+        Format::Table => outln!("agent/{} created (generation 1)", name_of(&agent)),
         _ => print_object(format, &agent)?,
     }
     Ok(())
@@ -69,7 +69,7 @@ pub async fn apply(client: &Client, specs: Vec<AgentSpec>, format: Format) -> an
             }
         };
         match format {
-            Format::Table => println!("agent/{name} {verb} (generation {})", generation(&agent)),
+            Format::Table => outln!("agent/{name} {verb} (generation {})", generation(&agent)),
             _ => print_object(format, &agent)?,
         }
     }
@@ -100,7 +100,7 @@ pub async fn list(client: &Client, format: Format) -> anyhow::Result<()> {
             age(agent.meta.as_ref().and_then(|m| m.create_time.as_ref())),
         ]);
     }
-    println!("{out}");
+    outln!("{out}");
     Ok(())
 }
 
@@ -121,17 +121,18 @@ pub async fn get(client: &Client, name: String, format: Format) -> anyhow::Resul
     let spec = agent.spec.clone().unwrap_or_default();
     let meta = agent.meta.clone().unwrap_or_default();
     let status = agent.status.clone().unwrap_or_default();
-    println!("Name:        {}", spec.name);
-    println!("Image:       {}", spec.image);
-    println!("State:       {}", desired_word(&agent));
-    println!(
+    outln!("Name:        {}", spec.name);
+    outln!("Image:       {}", spec.image);
+    outln!("State:       {}", desired_word(&agent));
+    outln!(
         "Replicas:    {} ready of {}",
         status.ready_replicas,
         spec.replicas()
     );
-    println!(
+    outln!(
         "Generation:  {} (observed {})",
-        meta.generation, status.observed_generation
+        meta.generation,
+        status.observed_generation
     );
     if let Some(autoscale) = &spec.autoscale {
         let after = autoscale
@@ -139,7 +140,7 @@ pub async fn get(client: &Client, name: String, format: Format) -> anyhow::Resul
             .as_ref()
             .and_then(berth_proto::time::std_duration)
             .unwrap_or_default();
-        println!(
+        outln!(
             "Autoscale:   {}-{} replicas, target concurrency {}{}",
             autoscale.fewest(),
             autoscale.max,
@@ -151,7 +152,7 @@ pub async fn get(client: &Client, name: String, format: Format) -> anyhow::Resul
             }
         );
         if let Some(view) = &status.autoscale {
-            println!(
+            outln!(
                 "Autoscaler:  {} desired{}: {}",
                 view.desired_replicas,
                 if view.panic { " (panic)" } else { "" },
@@ -159,7 +160,7 @@ pub async fn get(client: &Client, name: String, format: Format) -> anyhow::Resul
             );
             if let Some(since) = &view.idle_since {
                 let at = UNIX_EPOCH + Duration::from_secs(since.seconds.max(0) as u64);
-                println!(
+                outln!(
                     "Idle:        for {} (since {})",
                     age(Some(since)),
                     humantime::format_rfc3339_seconds(at)
@@ -167,18 +168,18 @@ pub async fn get(client: &Client, name: String, format: Format) -> anyhow::Resul
             }
         }
     }
-    println!("Port:        {}", spec.port);
+    outln!("Port:        {}", spec.port);
     if let Some((queued, dead)) = queue_depth(client, &spec.name).await {
-        println!("Requests:    {queued} queued for replay, {dead} dead-lettered");
+        outln!("Requests:    {queued} queued for replay, {dead} dead-lettered");
     }
     if let Some(health) = &spec.health {
-        println!("Health:      GET {}", health.path);
+        outln!("Health:      GET {}", health.path);
     }
     // Secret values never reach the CLI: the control plane sends `<redacted>`.
     let mut env: Vec<_> = spec.env.iter().chain(&spec.secret_env).collect();
     env.sort();
     for (i, (key, value)) in env.iter().enumerate() {
-        println!(
+        outln!(
             "{}{key}={value}",
             if i == 0 {
                 "Env:         "
@@ -188,9 +189,9 @@ pub async fn get(client: &Client, name: String, format: Format) -> anyhow::Resul
         );
     }
     if !spec.gateway_token_sha256.is_empty() {
-        println!("Gateway:     token required");
+        outln!("Gateway:     token required");
     }
-    println!("Age:         {}", age(meta.create_time.as_ref()));
+    outln!("Age:         {}", age(meta.create_time.as_ref()));
     if !status.replicas.is_empty() {
         let mut replicas = table(&[
             "REPLICA",
@@ -221,7 +222,7 @@ pub async fn get(client: &Client, name: String, format: Format) -> anyhow::Resul
                 breaker_word(r.breaker).to_string(),
             ]);
         }
-        println!("\n{replicas}");
+        outln!("\n{replicas}");
     }
     if !status.conditions.is_empty() {
         let mut conditions = table(&["CONDITION", "STATUS", "REASON", "MESSAGE"]);
@@ -238,7 +239,7 @@ pub async fn get(client: &Client, name: String, format: Format) -> anyhow::Resul
                 c.message.clone(),
             ]);
         }
-        println!("\n{conditions}");
+        outln!("\n{conditions}");
     }
     Ok(())
 }
@@ -253,7 +254,7 @@ pub async fn remove(client: &Client, names: Vec<String>) -> anyhow::Result<()> {
         })
         .await
         .map_err(|s| client.explain(s))?;
-        println!("agent/{name} deleted");
+        outln!("agent/{name} deleted");
     }
     Ok(())
 }
@@ -294,7 +295,7 @@ pub async fn lifecycle(
             Verb::Restart => "restarting",
         };
         match format {
-            Format::Table => println!("agent/{name} {done} (generation {})", generation(&agent)),
+            Format::Table => outln!("agent/{name} {done} (generation {})", generation(&agent)),
             _ => print_object(format, &agent)?,
         }
     }
@@ -318,7 +319,7 @@ pub async fn scale(
         .map_err(|s| client.explain(s))?
         .into_inner();
     match format {
-        Format::Table => println!(
+        Format::Table => outln!(
             "agent/{name} scaled to {replicas} (generation {})",
             generation(&agent)
         ),

@@ -25,9 +25,13 @@ pub async fn watch(
         .map_err(|s| client.explain(s))?
         .into_inner();
     if format == Format::Table {
-        println!(
+        outln!(
             "{:<10} {:<24} {:<16} {:<8} {:<24} MESSAGE",
-            "REVISION", "TIME", "AGENT", "TYPE", "REASON"
+            "REVISION",
+            "TIME",
+            "AGENT",
+            "TYPE",
+            "REASON"
         );
     }
     while let Some(event) = stream.next().await {
@@ -49,9 +53,14 @@ pub async fn watch(
             Ok(EventSeverity::Warning) => "Warning",
             _ => "Normal",
         };
-        println!(
+        outln!(
             "{:<10} {:<24} {:<16} {:<8} {:<24} {}",
-            event.revision, time, event.agent, kind, event.reason, event.message
+            event.revision,
+            time,
+            event.agent,
+            kind,
+            event.reason,
+            event.message
         );
     }
     Ok(())

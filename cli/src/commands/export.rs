@@ -56,7 +56,7 @@ pub async fn run(client: &Client, args: ExportArgs) -> anyhow::Result<()> {
             crate::up::write_private(path, &text)?;
             eprintln!("{} agent(s) written to {}", specs.len(), path.display());
         }
-        None => print!("{text}"),
+        None => out!("{text}"),
     }
     Ok(())
 }

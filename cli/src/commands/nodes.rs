@@ -67,7 +67,7 @@ pub async fn list(client: &Client, format: Format) -> anyhow::Result<()> {
             seen,
         ]);
     }
-    println!("{out}");
+    outln!("{out}");
     Ok(())
 }
 
@@ -98,7 +98,7 @@ pub async fn list_denied(client: &Client, format: Format) -> anyhow::Result<()> 
             n.reason.clone(),
         ]);
     }
-    println!("{out}");
+    outln!("{out}");
     Ok(())
 }
 
@@ -112,7 +112,7 @@ pub async fn deny(client: &Client, name: String, reason: String) -> anyhow::Resu
         })
         .await
         .map_err(|s| client.explain(s))?;
-    println!("node/{name} denied: its stream is refused and its replicas move elsewhere");
+    outln!("node/{name} denied: its stream is refused and its replicas move elsewhere");
     Ok(())
 }
 
@@ -123,7 +123,7 @@ pub async fn allow(client: &Client, name: String) -> anyhow::Result<()> {
         .allow_node(NodeActionRequest { name: name.clone() })
         .await
         .map_err(|s| client.explain(s))?;
-    println!("node/{name} allowed");
+    outln!("node/{name} allowed");
     Ok(())
 }
 
@@ -139,7 +139,7 @@ pub async fn cordon(client: &Client, names: Vec<String>, cordoned: bool) -> anyh
         }
         .map_err(|s| client.explain(s))?;
         let word = if cordoned { "cordoned" } else { "uncordoned" };
-        println!("node/{name} {word}");
+        outln!("node/{name} {word}");
     }
     Ok(())
 }
@@ -155,7 +155,7 @@ pub async fn drain(client: &Client, names: Vec<String>, timeout: Duration) -> an
             .await
             .map_err(|s| client.explain(s))?
             .into_inner();
-        println!("node/{name} cordoned, draining {} replicas", node.replicas);
+        outln!("node/{name} cordoned, draining {} replicas", node.replicas);
     }
     let deadline = Instant::now() + timeout;
     for name in names {
@@ -171,7 +171,7 @@ pub async fn drain(client: &Client, names: Vec<String>, timeout: Duration) -> an
                     0 => String::new(),
                     n => format!(" ({n} replicas pinned by host volumes stay)"),
                 };
-                println!(
+                outln!(
                     "node/{name} drained in {:.1}s{kept}",
                     started.elapsed().as_secs_f64()
                 );

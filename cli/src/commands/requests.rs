@@ -90,9 +90,9 @@ pub async fn list(
     for r in &listed.requests {
         out.add_row(row(r));
     }
-    println!("{out}");
+    outln!("{out}");
     if !listed.next_page_token.is_empty() {
-        println!(
+        outln!(
             "more: berth requests {}--page-token {}",
             agent.map(|a| format!("{a} ")).unwrap_or_default(),
             listed.next_page_token
@@ -148,13 +148,13 @@ pub async fn act(client: &Client, action: RequestAction, format: Format) -> anyh
                 "ID", "AGENT", "STATE", "METHOD", "PATH", "ATTEMPTS", "RESULT",
             ]);
             out.add_row(row(&r));
-            println!("{out}");
+            outln!("{out}");
             if let Some(response) = &r.response {
-                println!("\nresponse {}:", response.status);
+                outln!("\nresponse {}:", response.status);
                 for h in &response.headers {
-                    println!("{}: {}", h.name, String::from_utf8_lossy(&h.value));
+                    outln!("{}: {}", h.name, String::from_utf8_lossy(&h.value));
                 }
-                println!("\n{}", String::from_utf8_lossy(&response.body));
+                outln!("\n{}", String::from_utf8_lossy(&response.body));
             }
         }
         RequestAction::Retry { id } => {
@@ -162,14 +162,14 @@ pub async fn act(client: &Client, action: RequestAction, format: Format) -> anyh
                 .retry_request(RetryRequestRequest { id: id.clone() })
                 .await
                 .map_err(|s| client.explain(s))?;
-            println!("request/{id} queued again");
+            outln!("request/{id} queued again");
         }
         RequestAction::Drop { id } => {
             service
                 .drop_request(DropRequestRequest { id: id.clone() })
                 .await
                 .map_err(|s| client.explain(s))?;
-            println!("request/{id} dropped");
+            outln!("request/{id} dropped");
         }
     }
     Ok(())

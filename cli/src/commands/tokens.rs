@@ -86,7 +86,7 @@ pub async fn run(client: &Client, action: TokenAction, format: Format) -> anyhow
                 token.id,
                 scope_word(token.scope)
             );
-            println!("{}", created.secret);
+            outln!("{}", created.secret);
         }
         TokenAction::Ls => {
             let listed = tokens
@@ -122,7 +122,7 @@ pub async fn run(client: &Client, action: TokenAction, format: Format) -> anyhow
                     t.description.clone(),
                 ]);
             }
-            println!("{out}");
+            outln!("{out}");
         }
         TokenAction::Revoke { id } => {
             let revoked = tokens
@@ -130,7 +130,7 @@ pub async fn run(client: &Client, action: TokenAction, format: Format) -> anyhow
                 .await
                 .map_err(|s| client.explain(s))?
                 .into_inner();
-            println!("token/{} revoked", revoked.id);
+            outln!("token/{} revoked", revoked.id);
         }
     }
     Ok(())

@@ -137,7 +137,7 @@ pub async fn until_available(client: &Client, name: &str, timeout: Duration) -> 
             Progress::Done(line) => match available {
                 Some((since, before)) if before == restarts => {
                     if since.elapsed() >= STABLE_FOR {
-                        println!("agent/{name}: {line}: available");
+                        outln!("agent/{name}: {line}: available");
                         return Ok(());
                     }
                 }
@@ -154,7 +154,7 @@ pub async fn until_available(client: &Client, name: &str, timeout: Duration) -> 
             Progress::Waiting(line) => {
                 available = None;
                 if line != last {
-                    println!("agent/{name}: {line}");
+                    outln!("agent/{name}: {line}");
                     last = line;
                 }
             }
