@@ -149,6 +149,17 @@ pub mod memory {
             }
         }
 
+        /// The ids of the containers there are, running or not, sorted.
+        pub fn ids(&self) -> Vec<String> {
+            self.state
+                .lock()
+                .unwrap()
+                .containers
+                .keys()
+                .cloned()
+                .collect()
+        }
+
         /// Containers created and starts made so far.
         pub fn counts(&self) -> (u32, u32) {
             let state = self.state.lock().unwrap();

@@ -871,15 +871,20 @@ mod tests {
         s.state == ReplicaState::Running as i32
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_replica_is_ready_once_probed_while_the_others_still_start() {
+    /// Ten replicas `a-0`..`a-9` started in one pass, each start a second on a busy Docker
+    /// engine.
+    async fn ten_started_together(health: bool) -> Node {
         let runtime = MemoryRuntime::default();
-        // Ten replicas started in one pass, each start a second on a busy Docker engine.
         runtime.slow_starts(Duration::from_secs(1));
         let replicas = (0..10)
-            .map(|i| assignment(&format!("a-{i}"), true))
+            .map(|i| assignment(&format!("a-{i}"), health))
             .collect();
-        let node = Node::start(runtime, replicas).await;
+        Node::start(runtime, replicas).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replica_is_ready_once_probed_while_the_others_still_start() {
+        let node = ten_started_together(true).await;
         let since = Instant::now();
         node.until("a-0", |s| running(s) && s.ready).await;
         let first = since.elapsed();
@@ -894,12 +899,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_crash_while_the_others_still_start_is_restarted_before_they_all_have() {
-        let runtime = MemoryRuntime::default();
-        runtime.slow_starts(Duration::from_secs(1));
-        let replicas = (0..10)
-            .map(|i| assignment(&format!("a-{i}"), false))
-            .collect();
-        let node = Node::start(runtime, replicas).await;
+        let node = ten_started_together(false).await;
         let since = Instant::now();
         node.until("a-0", running).await;
         let container = node.status("a-0").unwrap().container_id;
@@ -916,22 +916,24 @@ mod tests {
         node.stop().await;
     }
 
-    fn with_grace(replica: &str, grace: Duration) -> Assignment {
-        let mut a = assignment(replica, false);
+    /// `a-0` (stop grace `grace`) and `b-0` running and ready, on an engine where each process
+    /// finishes its requests in flight before it ends, longer than any grace.
+    async fn slow_to_stop(grace: Duration) -> (Node, Assignment, Assignment) {
+        let runtime = MemoryRuntime::default();
+        runtime.slow_stops(Duration::from_secs(3600));
+        let mut a = assignment("a-0", false);
         a.spec.as_mut().unwrap().stop_grace = Some(pb_duration(grace));
-        a
+        let b = assignment("b-0", false);
+        let node = Node::start(runtime, vec![a.clone(), b.clone()]).await;
+        node.until("a-0", |s| running(s) && s.ready).await;
+        node.until("b-0", |s| running(s) && s.ready).await;
+        (node, a, b)
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_crash_is_restarted_on_time_while_another_replica_takes_its_stop_grace() {
-        let runtime = MemoryRuntime::default();
-        // Each process finishes its requests in flight before it ends, longer than any grace.
-        runtime.slow_stops(Duration::from_secs(3600));
         let grace = Duration::from_secs(30);
-        let (a, b) = (with_grace("a-0", grace), assignment("b-0", false));
-        let node = Node::start(runtime, vec![a.clone(), b.clone()]).await;
-        node.until("a-0", |s| running(s) && s.ready).await;
-        node.until("b-0", |s| running(s) && s.ready).await;
+        let (node, a, b) = slow_to_stop(grace).await;
         let asked = Instant::now();
         let stop = Assignment {
             desired_state: DesiredState::Stopped as i32,
@@ -960,13 +962,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_changed_spec_replaces_the_container_once_the_old_one_has_stopped() {
-        let runtime = MemoryRuntime::default();
-        runtime.slow_stops(Duration::from_secs(3600));
         let grace = Duration::from_secs(20);
-        let (a, b) = (with_grace("a-0", grace), assignment("b-0", false));
-        let node = Node::start(runtime.clone(), vec![a.clone(), b]).await;
-        node.until("a-0", running).await;
-        node.until("b-0", running).await;
+        let (node, a, _) = slow_to_stop(grace).await;
+        let runtime = node.runtime.clone();
         let old = node.status("a-0").unwrap().container_id;
         let mut changed = a;
         changed.generation = 2;
@@ -988,13 +986,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(since.elapsed() <= defaults::STOP_GRACE);
-        let left: Vec<String> = runtime
-            .list()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|c| c.id)
-            .collect();
+        let left = runtime.ids();
         assert_eq!(left, [node.status("a-0").unwrap().container_id]);
         assert_eq!(runtime.counts(), (3, 3));
         assert_eq!(node.status("a-0").unwrap().generation, 2);
@@ -1116,13 +1108,7 @@ mod tests {
         assert_eq!(status.address, "10.0.0.9:8080");
         // Nothing created or started: the running container was adopted as it is.
         assert_eq!(runtime.counts(), (0, 0));
-        let left: Vec<String> = runtime
-            .list()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|c| c.id)
-            .collect();
+        let left = runtime.ids();
         assert_eq!(left, ["kept"]);
         node.stop().await;
         // Stopping the supervisor leaves the container running.
