@@ -51,6 +51,8 @@ struct Replica {
     failures: u32,
     /// Its container is being stopped (in a task of its own); what follows once it has.
     stopping: Option<AfterStop>,
+    /// The stop grace of its last assignment: kept for its stop once it is unassigned.
+    grace: Option<Duration>,
 }
 
 /// What becomes of a replica once its container has stopped.
@@ -279,7 +281,8 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 continue;
             }
             if r.container.is_some() {
-                self.begin_stop(&id, defaults::STOP_GRACE, AfterStop::Remove, "unassigned");
+                let grace = r.grace.unwrap_or(defaults::STOP_GRACE);
+                self.begin_stop(&id, grace, AfterStop::Remove, "unassigned");
             } else {
                 self.forget(&id);
             }
@@ -383,6 +386,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
             return;
         }
         r.status.node = self.node.clone();
+        r.grace = Some(grace_of(a));
         let digest = container_digest(&spec);
         let replace = r.container.is_some() && r.digest != digest;
         r.generation = a.generation;
@@ -916,14 +920,15 @@ mod tests {
         node.stop().await;
     }
 
-    /// `a-0` (stop grace `grace`) and `b-0` running and ready, on an engine where each process
+    /// `a-0` and `b-0` (stop grace `grace`, longer than the default) running and ready, on an engine where each process
     /// finishes its requests in flight before it ends, longer than any grace.
     async fn slow_to_stop(grace: Duration) -> (Node, Assignment, Assignment) {
         let runtime = MemoryRuntime::default();
         runtime.slow_stops(Duration::from_secs(3600));
-        let mut a = assignment("a-0", false);
-        a.spec.as_mut().unwrap().stop_grace = Some(pb_duration(grace));
-        let b = assignment("b-0", false);
+        let (mut a, mut b) = (assignment("a-0", false), assignment("b-0", false));
+        for x in [&mut a, &mut b] {
+            x.spec.as_mut().unwrap().stop_grace = Some(pb_duration(grace));
+        }
         let node = Node::start(runtime, vec![a.clone(), b.clone()]).await;
         node.until("a-0", |s| running(s) && s.ready).await;
         node.until("b-0", |s| running(s) && s.ready).await;
@@ -970,6 +975,7 @@ mod tests {
         changed.generation = 2;
         changed.spec.as_mut().unwrap().image = "img:2".into();
         // a-0 made of another image, b-0 unassigned.
+        let asked = Instant::now();
         node.assign(vec![changed]);
         node.until("a-0", |s| !s.ready && s.message.contains("spec changed"))
             .await;
@@ -980,12 +986,15 @@ mod tests {
             replaced >= grace && replaced < grace + Duration::from_secs(1),
             "replaced after {replaced:?}, grace {grace:?}"
         );
-        // b-0 is stopped with the default grace, then forgotten.
-        let since = Instant::now();
+        // b-0 is stopped with the grace of its last assignment, then forgotten.
         while node.status("b-0").is_some() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert!(since.elapsed() <= defaults::STOP_GRACE);
+        let removed = asked.elapsed();
+        assert!(
+            removed >= grace && removed < grace + Duration::from_secs(1),
+            "b-0 removed after {removed:?}, grace {grace:?}"
+        );
         let left = runtime.ids();
         assert_eq!(left, [node.status("a-0").unwrap().container_id]);
         assert_eq!(runtime.counts(), (3, 3));
