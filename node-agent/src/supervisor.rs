@@ -310,12 +310,13 @@ impl<R: ContainerRuntime> Supervisor<R> {
         let Some(container) = r.container.clone() else {
             return;
         };
+        let paused = r.status.state == ReplicaState::Paused as i32;
         r.stop_probe();
         r.restart_at = None;
         r.stopping = Some(after);
+        r.status.state = ReplicaState::Stopping as i32;
         r.status.ready = false;
-        r.status.message = format!("{why}; stopping (grace {grace:?})");
-        let paused = r.status.state == ReplicaState::Paused as i32;
+        r.status.message = format!("{why}; SIGTERM sent, SIGKILL after {grace:?}");
         tracing::info!(replica = %id, ?after, ?grace, "{why}; stopping");
         let runtime = self.runtime.clone();
         let stopped = self.stopped_tx.clone();
@@ -463,7 +464,8 @@ impl<R: ContainerRuntime> Supervisor<R> {
                     ReplicaState::Pending | ReplicaState::Stopped | ReplicaState::Unspecified => {
                         self.start_container(&id, a).await
                     }
-                    ReplicaState::Failed => {}
+                    // Not while stopping: looked at again once stopped.
+                    ReplicaState::Failed | ReplicaState::Stopping => {}
                 }
             }
         }
@@ -946,8 +948,10 @@ mod tests {
         };
         node.assign(vec![stop, b]);
         // Out of the gateway's rotation at once, while its process still finishes.
-        node.until("a-0", |s| !s.ready && s.message.contains("stopping"))
-            .await;
+        node.until("a-0", |s| {
+            !s.ready && s.state == ReplicaState::Stopping as i32
+        })
+        .await;
         let b_container = node.status("b-0").unwrap().container_id;
         node.runtime.crash(&b_container, 1);
         let restarted = node.until("b-0", |s| running(s) && s.restarts == 1).await;
@@ -977,8 +981,12 @@ mod tests {
         // a-0 made of another image, b-0 unassigned.
         let asked = Instant::now();
         node.assign(vec![changed]);
-        node.until("a-0", |s| !s.ready && s.message.contains("spec changed"))
-            .await;
+        node.until("a-0", |s| {
+            !s.ready
+                && s.state == ReplicaState::Stopping as i32
+                && s.message.contains("spec changed")
+        })
+        .await;
         let replaced = node
             .until("a-0", |s| running(s) && s.container_id != old)
             .await;

@@ -599,7 +599,7 @@ async fn a_crash_is_restarted_while_another_agent_takes_its_stop_grace() {
     let asked = Instant::now();
     assert!(cp.cli(&["stop", &slow]).status.success());
     wait_agent(&api, &slow, "out of rotation while stopping", |a| {
-        replica(a, &slow_id).is_some_and(|r| !r.ready && r.message.contains("stopping"))
+        replica(a, &slow_id).is_some_and(|r| r.state == ReplicaState::Stopping as i32 && !r.ready)
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", node.log()));
