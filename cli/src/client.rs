@@ -177,6 +177,15 @@ impl Client {
     pub fn explain(&self, status: Status) -> anyhow::Error {
         let message = status.message();
         let addr = &self.addr;
+        // A status the connection made (reset, closed mid-call), not one the server sent.
+        if let (Code::Unknown | Code::Cancelled, Some(cause)) =
+            (status.code(), std::error::Error::source(&status))
+        {
+            return anyhow!(
+                "the control plane at {addr} is unavailable: the connection failed: {}",
+                source_chain(cause)
+            );
+        }
         match status.code() {
             Code::Unauthenticated => anyhow!(
                 "the control plane at {addr} refused the credentials: {message}.\n\

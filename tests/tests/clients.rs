@@ -269,3 +269,37 @@ fn output_piped_into_a_reader_that_stops_early_ends_quietly() {
     // so that a socket the control plane resets is an error the command can report.
     assert!(out.status.success(), "{:?}: {said}", out.status);
 }
+
+#[tokio::test]
+async fn a_control_plane_that_resets_the_connection_is_reported_not_a_silent_exit() {
+    // Every connection reset (RST) as soon as the CLI's first bytes arrive, as when the control
+    // plane is killed mid-call.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let resets = tokio::spawn(async move {
+        use tokio::io::AsyncReadExt;
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let _ = stream.read(&mut [0; 16]).await;
+            stream.set_zero_linger().unwrap();
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..3 {
+        let out = tokio::process::Command::new(berth_tests::berth_bin())
+            .args(["--addr", &format!("http://{addr}"), "ls"])
+            .env("BERTH_CLI_CONFIG", dir.path().join("none.yaml"))
+            .output()
+            .await
+            .unwrap();
+        let said = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{:?}: {said}", out.status);
+        assert!(
+            said.contains(&format!(
+                "the control plane at http://{addr} is unavailable: the connection failed"
+            )),
+            "{said}"
+        );
+    }
+    resets.abort();
+}
