@@ -603,6 +603,14 @@ async fn a_crash_is_restarted_while_another_agent_takes_its_stop_grace() {
     })
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", node.log()));
+    let shown = stdout(&cp.cli(&["get", &slow]));
+    assert!(
+        shown.contains(" stopping ")
+            && shown.contains(&format!(
+                "{slow_id}: asked to stop; SIGTERM sent, SIGKILL after 20s"
+            )),
+        "{shown}"
+    );
     http(&address[1], "POST", "/crash").await.unwrap();
     wait_agent(&api, &crashy, "the crash restarted and ready", |a| {
         replica(a, &format!("{crashy}-0")).is_some_and(|r| r.restarts == 1 && r.ready)

@@ -223,6 +223,10 @@ pub async fn get(client: &Client, name: String, format: Format) -> anyhow::Resul
             ]);
         }
         outln!("\n{replicas}");
+        // Why a replica is as it is (stopping, restarting, failed), one line each.
+        for r in status.replicas.iter().filter(|r| !r.message.is_empty()) {
+            outln!(" {}: {}", r.replica, r.message);
+        }
     }
     if !status.conditions.is_empty() {
         let mut conditions = table(&["CONDITION", "STATUS", "REASON", "MESSAGE"]);
