@@ -376,11 +376,11 @@ impl<R: ContainerRuntime> Supervisor<R> {
                     ReplicaState::Running | ReplicaState::Paused | ReplicaState::Restarting
                 ) {
                     let r = self.replicas.get_mut(&id).expect("inserted");
-                    r.stop_probe();
-                    r.restart_at = None;
                     if r.container.is_some() {
                         self.begin_stop(&id, grace_of(a), AfterStop::Rest, "asked to stop");
                     } else {
+                        r.stop_probe();
+                        r.restart_at = None;
                         self.set_state(&id, ReplicaState::Stopped, "");
                     }
                 } else if state != ReplicaState::Stopped {
