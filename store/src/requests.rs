@@ -6,7 +6,9 @@
 //!   replayers list and watch, so they never read finished requests; claims and state
 //!   changes rewrite only this;
 //! - `requests/{agent}/{seq}`: the record once delivered or dead (it moves on finish);
-//! - `request-bodies/{agent}/{seq}`: a larger body, written once;
+//! - `request-bodies/{agent}/{seq}`: a larger body, written once; one over what a write
+//!   carries ([`MAX_WRITE_PAYLOAD`]) in pieces of [`BODY_PIECE`], the first there and the rest
+//!   at `request-bodies/{agent}/{seq}/{n}`, written before the record;
 //! - `request-answers/{agent}/{seq}`: the agent's stored answer, written once, when it is too
 //!   large to ride in the finished record ([`INLINE_BODY_BYTES`] for body and answer together);
 //! - `finished/{agent}/{seq}`: there once delivered or dead, holding its bytes: what
@@ -37,6 +39,12 @@ pub const REQUEST_LEASE_BUCKET: Duration = Duration::from_secs(60);
 /// Most body and answer bytes one request's write carries (etcd takes 1.5 MiB by default, and
 /// headers and records come on top).
 pub const MAX_WRITE_PAYLOAD: usize = 1_280 * 1024;
+/// Bodies over [`MAX_WRITE_PAYLOAD`] are kept in pieces of this size (the body limit may be set
+/// up to 16 MiB; etcd takes 1.5 MiB per request): the first with the record, each other one in a
+/// write of its own before it.
+pub const BODY_PIECE: usize = 1024 * 1024;
+/// Pieces of a body read per etcd call (the client takes answers up to 4 MiB).
+const PIECES_PER_READ: i64 = 3;
 /// Bodies up to this size ride in the request's record (one key fewer per request; a claim
 /// rewrites at most this much besides the metadata); larger ones are kept apart.
 pub const INLINE_BODY_BYTES: usize = 4096;
@@ -200,6 +208,8 @@ impl Store {
         if body.len() <= INLINE_BODY_BYTES {
             record.body = std::mem::take(&mut body);
         }
+        // The rest of a body in pieces is written before this ([`Store::put_body_pieces`]).
+        body.truncate(first_piece(request));
         let apart = keep_inline(&mut record, answer.as_ref());
         let mut ops = vec![TxnOp::put(
             key.as_str(),
@@ -261,6 +271,25 @@ impl Store {
         (compares, ops)
     }
 
+    /// Writes the pieces of `request`'s body past its first (none unless it has more than
+    /// [`MAX_WRITE_PAYLOAD`]) under `lease`, one write each; the record that refers to them is
+    /// written after, so a reader of the record finds them all.
+    async fn put_body_pieces(
+        &self,
+        request: &Request,
+        lease: i64,
+    ) -> Result<(), etcd_client::Error> {
+        let key = self.keys.request_body(&request.agent, request.seq);
+        let first = first_piece(request);
+        for (n, piece) in request.body[first..].chunks(BODY_PIECE).enumerate() {
+            let options = PutOptions::new().with_lease(lease);
+            self.client()
+                .put(piece_key(&key, n + 1), piece.to_vec(), Some(options))
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Stores a new request (queued at the tail of its agent's queue, or already delivered
     /// when it records a direct answer to a request with an `Idempotency-Key`); `seq` and
     /// `expire_time` are set here. Returns only once etcd has committed it. Requests arriving
@@ -306,11 +335,34 @@ impl Store {
         let positional = berth_proto::request::parse_positional_id(&request.id)
             .filter(|(agent, _)| *agent == request.agent)
             .map(|(_, seq)| seq);
+        // Where and under which lease the pieces of a large body were written.
+        let mut pieces_at: Option<(u64, i64)> = None;
+        let in_record = first_piece(request);
         for attempt in 0..3 + TRANSIENT_RETRIES {
             let lease = self.request_lease(ttl, attempt > 0 && !uncertain).await?;
             if !uncertain {
                 request.seq = positional.unwrap_or_else(new_seq);
                 request.expire_time = Some(berth_proto::timestamp(SystemTime::now() + ttl));
+            }
+            if in_record < request.body.len() && pieces_at != Some((request.seq, lease)) {
+                if let Some((seq, _)) = pieces_at.filter(|(seq, _)| *seq != request.seq) {
+                    // Written for a place given up: they would wait for their lease.
+                    let key = self.keys.request_body(&request.agent, seq);
+                    let all = etcd_client::DeleteOptions::new().with_prefix();
+                    let _ = self.client().delete(key, Some(all)).await;
+                }
+                match self.put_body_pieces(request, lease).await {
+                    Ok(()) => pieces_at = Some((request.seq, lease)),
+                    Err(e) if crate::lease_not_found(&e) => {
+                        uncertain = false;
+                        continue;
+                    }
+                    Err(e) if resends.allow(&e) => {
+                        resends.pause().await;
+                        continue;
+                    }
+                    Err(e) => return Err(self.unavailable(e)),
+                }
             }
             let position = format!("{}/{:020}", request.agent, request.seq);
             let index = self.keys.request_id(&request.id);
@@ -322,7 +374,7 @@ impl Store {
                 otherwise.push(TxnOp::get(at.as_str(), None));
             }
             let txn = Txn::new().when(compares).and_then(ops).or_else(otherwise);
-            match self.commit(txn, request.body.len()).await {
+            match self.commit(txn, in_record).await {
                 Ok(done) if done.succeeded => return Ok(None),
                 Ok(done) => {
                     let mut stored_at = None;
@@ -548,7 +600,8 @@ impl Store {
         self.get_request(id).await
     }
 
-    /// The whole request with id `id`: its record, body and stored answer.
+    /// The whole request with id `id`: its record, body and stored answer; of a body kept in
+    /// pieces only the first ([`BODY_PIECE`]), `body_bytes` telling its size.
     pub async fn get_request(&self, id: &str) -> Result<StoredRequest, StoreError> {
         let (agent, seq) = self.locate(id).await?;
         let values = self
@@ -625,18 +678,43 @@ impl Store {
     }
 
     /// The body of the request at `(agent, seq)` when it is kept apart from its record (larger
-    /// than [`INLINE_BODY_BYTES`]).
+    /// than [`INLINE_BODY_BYTES`]), `bytes` long (the record's `body_bytes`): all its pieces,
+    /// read a few at a time. `None` when it is gone, or any piece is.
     pub async fn get_request_body(
         &self,
         agent: &str,
         seq: u64,
+        bytes: u64,
     ) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = self.keys.request_body(agent, seq);
         let resp = self
             .client()
-            .get(self.keys.request_body(agent, seq), None)
+            .get(key.as_str(), None)
             .await
             .map_err(|e| self.unavailable(e))?;
-        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
+        let Some(mut body) = resp.kvs().first().map(|kv| kv.value().to_vec()) else {
+            return Ok(None);
+        };
+        let mut from = piece_key(&key, 1).into_bytes();
+        let mut end = format!("{key}/").into_bytes();
+        end.push(0xff);
+        while (body.len() as u64) < bytes {
+            let options = crate::watch::page(end.clone(), PIECES_PER_READ);
+            let resp = self
+                .client()
+                .get(from.clone(), Some(options))
+                .await
+                .map_err(|e| self.unavailable(e))?;
+            let Some(last) = resp.kvs().last() else {
+                break;
+            };
+            for kv in resp.kvs() {
+                body.extend_from_slice(kv.value());
+            }
+            from = last.key().to_vec();
+            from.push(0);
+        }
+        Ok((body.len() as u64 == bytes).then_some(body))
     }
 
     /// The stored answer of the request at `(agent, seq)`, if delivered with an answer too large
@@ -1212,7 +1290,14 @@ impl Store {
     /// Removes a request with everything it holds (body, answer, claim, index, and its
     /// `Idempotency-Key`, so that a repeat is sent again); it will not be delivered.
     pub async fn drop_request(&self, id: &str) -> Result<(), StoreError> {
-        let stored = self.get_request(id).await?;
+        let (agent, seq) = self.locate(id).await?;
+        let stored =
+            self.get_request_record(&agent, seq)
+                .await?
+                .ok_or_else(|| StoreError::NotFound {
+                    kind: "request",
+                    name: id.to_string(),
+                })?;
         self.delete_requests(&[stored.request]).await
     }
 
@@ -1224,7 +1309,11 @@ impl Store {
                 let (agent, seq) = (r.agent.as_str(), r.seq);
                 ops.extend([
                     TxnOp::delete(self.keys.request(agent, seq), None),
-                    TxnOp::delete(self.keys.request_body(agent, seq), None),
+                    // With its pieces, if any.
+                    TxnOp::delete(
+                        self.keys.request_body(agent, seq),
+                        Some(etcd_client::DeleteOptions::new().with_prefix()),
+                    ),
                     TxnOp::delete(self.keys.request_answer(agent, seq), None),
                     TxnOp::delete(self.keys.queued(agent, seq), None),
                     TxnOp::delete(self.keys.finished(agent, seq), None),
@@ -1383,6 +1472,22 @@ pub fn over_retention(finished: &[(String, u64, u64)], bounds: &Retention) -> Ve
 
 /// The put that takes an `Idempotency-Key` at `at` for request `id`: who holds it, the
 /// payload's digest and when it was taken (so an orphan can be told by its age).
+/// How much of `request`'s body its record's write carries (in the record or beside it): all
+/// of it, unless it is waiting with a body over [`MAX_WRITE_PAYLOAD`], whose first
+/// [`BODY_PIECE`] only.
+fn first_piece(request: &Request) -> usize {
+    if request.response.is_none() && request.body.len() > MAX_WRITE_PAYLOAD {
+        BODY_PIECE
+    } else {
+        request.body.len()
+    }
+}
+
+/// The key of piece `n` (from 1) of the body at `body_key`.
+fn piece_key(body_key: &str, n: usize) -> String {
+    format!("{body_key}/{n:06}")
+}
+
 fn take_key_op(at: &str, id: &str, payload: &str, lease: i64) -> TxnOp {
     let now = unix_millis(SystemTime::now());
     TxnOp::put(

@@ -5,10 +5,11 @@
 
 use berth_proto::v1::{
     Agent, AgentSpec, CreateAgentRequest, DeleteAgentRequest, DesiredState, HealthCheck,
-    ReplicaState, ReplicaStatus,
+    ReplicaState, ReplicaStatus, UpdateAgentRequest,
 };
 use berth_tests::docker::{
-    data_volume, http, http_body, ready, wait_agent, DockerRun, NodeAgent, ECHO_IMAGE,
+    containers_labelled, data_volume, http, http_body, ready, wait_agent, DockerRun, NodeAgent,
+    ECHO_IMAGE,
 };
 use berth_tests::{unique_name, ControlPlane, Etcd};
 use std::time::{Duration, Instant};
@@ -639,5 +640,104 @@ async fn a_crash_is_restarted_while_another_agent_takes_its_stop_grace() {
         "stopped after {stopped:?}"
     );
     assert_eq!(run.inspect(&container, "{{.State.ExitCode}}"), "137");
+    drop(in_flight);
+}
+
+/// A node agent killed while a replica takes its stop grace (its spec replaced, a request in
+/// flight outlasting the grace) leaves that stop to Docker; the node agent started again
+/// replaces the old container with one of the new spec, and the two never run at once.
+#[tokio::test]
+async fn a_node_agent_killed_mid_stop_finishes_the_replacement_when_it_is_back() {
+    let run = DockerRun::new().unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
+    let mut node = NodeAgent::start(&cp.url(), &unique_name("node"), &run).unwrap();
+    let mut api = cp.agents().await.unwrap();
+    let name = unique_name("slowstop");
+    let id = format!("{name}-0");
+    let (data, volume) = data_volume().unwrap();
+    let out = cp.deploy_echo(&name, &["--stop-grace", "8s", "-v", &volume]);
+    assert!(out.status.success(), "{out:?}");
+    let agent = wait_agent(&api, &name, "ready", |a| ready(a) == 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", cp.log(), node.log()));
+    let old = replica(&agent, &id).unwrap().clone();
+
+    use tokio::io::AsyncWriteExt;
+    let mut in_flight = tokio::net::TcpStream::connect(&old.address).await.unwrap();
+    in_flight
+        .write_all(b"GET /slow?ms=60000 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let log = data.path().join("slow.log");
+    berth_tests::eventually(Duration::from_secs(10), "the slow request started", || {
+        let started = std::fs::read_to_string(&log).is_ok_and(|l| l.contains("start"));
+        async move { started.then_some(()) }
+    })
+    .await
+    .unwrap();
+
+    // A new spec: the old container is asked to stop (SIGTERM, SIGKILL after 8 s) ...
+    let mut spec = agent.spec.clone().unwrap();
+    spec.env.insert("GENERATION".into(), "2".into());
+    api.update_agent(UpdateAgentRequest {
+        spec: Some(spec),
+        resource_version: String::new(),
+    })
+    .await
+    .unwrap();
+    wait_agent(&api, &name, "the old container stopping", |a| {
+        state(a, &id) == Some(ReplicaState::Stopping)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", node.log()));
+    // ... and the node agent is killed during that stop, then started again.
+    node.kill();
+    let killed = Instant::now();
+    node.resume().unwrap();
+
+    let label = format!("berth.agent={name}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let new = loop {
+        let running = containers_labelled(&label, false);
+        assert!(
+            running.len() <= 1,
+            "old and new containers running at once: {running:?}\n{}",
+            node.log()
+        );
+        let agent = wait_agent(&api, &name, "listed", |_| true).await.unwrap();
+        if let Some(r) = replica(&agent, &id)
+            .filter(|r| r.ready && r.container_id != old.container_id && !r.container_id.is_empty())
+        {
+            break r.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no new container ready within 60 s: {agent:?}\n{}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let replaced = killed.elapsed();
+    assert!(
+        replaced >= Duration::from_secs(5),
+        "the new container ran {replaced:?} after the kill, before the old one's grace ended"
+    );
+    assert_eq!(
+        run.inspect(
+            &new.container_id,
+            "{{range .Config.Env}}{{println .}}{{end}}"
+        )
+        .lines()
+        .filter(|l| *l == "GENERATION=2")
+        .count(),
+        1,
+        "the new container has the new spec"
+    );
+    assert_eq!(
+        run.containers(),
+        vec![new.container_id.clone()],
+        "the old container is removed"
+    );
     drop(in_flight);
 }

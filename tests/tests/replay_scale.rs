@@ -464,6 +464,72 @@ async fn a_keyed_answer_over_the_limit_is_its_recorded_outcome_never_409() {
     }
 }
 
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Keys under the agent's `request-bodies/` in etcd (a body kept apart, and its pieces).
+async fn body_keys(s: &berth_tests::replay::Setup) -> usize {
+    let mut etcd = s.etcd.client().await.unwrap();
+    let options = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_keys_only();
+    let prefix = format!("/berth/request-bodies/{}/", s.name);
+    etcd.get(prefix, Some(options)).await.unwrap().kvs().len()
+}
+
+/// With the body limit raised past what one etcd request takes (8 MiB against 1.5 MiB), a
+/// body of 5 MiB is queued (in pieces), replayed whole and in order, shown by its first MiB,
+/// and dropped with all its pieces; one over the limit gets 413.
+#[tokio::test]
+async fn a_body_larger_than_an_etcd_write_is_queued_and_replayed_whole() {
+    let s = setup_with("bigbody", &["--replay-max-body", "8MiB"]).await;
+    stop_agent(&s).await;
+    let head = format!("POST /agents/{}/digest HTTP/1.1", s.name);
+    // Not one byte repeated: pieces out of order or cut would show in the digest.
+    let body: Vec<u8> = (0..5 * 1024 * 1024 + 7).map(|i| (i % 251) as u8).collect();
+    let id = queued_id(&send(&s.gw.addr, &head, &body).await);
+    assert_eq!(body_keys(&s).await, 6, "the first MiB and five pieces");
+    let dropped = queued_id(&send(&s.gw.addr, &head, &body).await);
+    let over = send(&s.gw.addr, &head, &vec![b'x'; 8 * 1024 * 1024 + 1]).await;
+    assert_eq!(over.status, 413, "{}", String::from_utf8_lossy(&over.body));
+
+    // Shown (by the API, whose clients take answers of up to 4 MiB) with its first MiB.
+    let shown = s.cp.cli(&["requests", "show", &dropped, "-o", "json"]);
+    assert!(shown.status.success(), "{shown:?}");
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(
+        shown["bodyBytes"],
+        (5 * 1024 * 1024 + 7).to_string(),
+        "{shown}"
+    );
+    let out = s.cp.cli(&["requests", "drop", &dropped]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        body_keys(&s).await,
+        6,
+        "the dropped one's pieces went with it"
+    );
+
+    assert!(s.cp.cli(&["start", &s.name]).status.success());
+    wait_delivered(&s.gw, std::slice::from_ref(&id), Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.gw.log()));
+    let result = berth_tests::wire::get(&s.gw.addr, &format!("/requests/{id}")).await;
+    let answer: serde_json::Value =
+        serde_json::from_str(result.json()["response"]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(answer["bytes"], body.len(), "{answer}");
+    assert_eq!(
+        answer["sha256"],
+        sha256_hex(&body),
+        "the body arrived whole and in order"
+    );
+}
+
 #[tokio::test]
 async fn dropping_a_request_releases_its_idempotency_key() {
     let s = setup("dropkey").await;

@@ -90,6 +90,10 @@ pub struct DeployArgs {
     /// Most requests kept in the agent's replay queue (default 10000); one more gets 503.
     #[arg(long)]
     pub replay_max_queued: Option<u32>,
+    /// Largest request body kept for replay, e.g. 4MiB (default 1MiB, at most 16MiB); a larger
+    /// one that would need queueing gets 413.
+    #[arg(long)]
+    pub replay_max_body: Option<String>,
     /// Override the image's entrypoint (repeatable, one word each).
     #[arg(long = "command")]
     pub command: Vec<String>,
@@ -145,13 +149,15 @@ impl DeployArgs {
             labels: this.labels.into_iter().collect::<HashMap<_, _>>(),
             node_selector: this.node_selector.into_iter().collect(),
             token: this.token,
-            replay: (this.replay_concurrency.is_some() || this.replay_max_queued.is_some()).then(
-                || Replay {
-                    concurrency: this.replay_concurrency,
-                    max_queued: this.replay_max_queued,
-                    ..Default::default()
-                },
-            ),
+            replay: (this.replay_concurrency.is_some()
+                || this.replay_max_queued.is_some()
+                || this.replay_max_body.is_some())
+            .then(|| Replay {
+                concurrency: this.replay_concurrency,
+                max_queued: this.replay_max_queued,
+                max_body: this.replay_max_body,
+                ..Default::default()
+            }),
             autoscale,
             ..Default::default()
         }

@@ -7,6 +7,7 @@
 //! - `ANY /slow?ms=N`: answers after N milliseconds; with a `/data` volume, its start and end
 //!   (request id, time) are appended to `/data/slow.log`
 //! - `ANY /bytes/{n}`: an answer of n bytes
+//! - `ANY /digest`: the request body's size and SHA-256, as JSON (a body of any size)
 //! - `GET /stream?n=N&ms=M`: N server-sent events, one every M milliseconds
 //! - `GET|POST /state`: a counter, kept in `/data/counter` when `/data` exists; POST adds one
 //! - `POST /errors/on`, `POST /errors/off`: while on, every other route but `/health` answers 500
@@ -58,6 +59,10 @@ async fn main() {
         .route("/alloc/{mib}", post(alloc))
         .route("/slow", any(slow))
         .route("/bytes/{n}", any(bytes_of))
+        .route(
+            "/digest",
+            any(digest).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/stream", get(stream))
         .route("/state", get(state).post(state))
         .route("/log", post(log))
@@ -220,6 +225,16 @@ async fn slow(uri: Uri, headers: HeaderMap) -> String {
     let _end = RunEnd(id);
     tokio::time::sleep(Duration::from_millis(ms)).await;
     format!("slept {ms} ms\n")
+}
+
+/// `ANY /digest`: `{"bytes": N, "sha256": HEX}` of the request body.
+async fn digest(body: Bytes) -> String {
+    use sha2::Digest;
+    let hex: String = sha2::Sha256::digest(&body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    serde_json::json!({"bytes": body.len(), "sha256": hex}).to_string()
 }
 
 /// Logs the end of a `/slow` run when dropped.
