@@ -48,9 +48,14 @@ pub enum GatewayError {
     /// The client did not send the body within the gateway's limit.
     #[error("the request body did not arrive within {timeout:?} (--body-timeout)")]
     BodyTimeout { timeout: Duration },
-    /// The request would have to be queued, but its body is over the agent's replay limit.
-    #[error("agent {agent} cannot take the request now, and its body is over the {limit}-byte limit for queueing it (replay.maxBodyBytes)")]
-    TooLarge { agent: String, limit: u64 },
+    /// The request would have to be queued, but its body is over the agent's replay limit (or,
+    /// streamed without a length, did not end within it and the gateway's gathering window).
+    #[error("agent {agent} cannot take the request now, and its body is over the {limit}-byte limit for queueing it (replay.maxBody, `berth deploy --replay-max-body`){}", if *.streamed { " or, streamed without a Content-Length, did not end within 1 s" } else { "" })]
+    TooLarge {
+        agent: String,
+        limit: u64,
+        streamed: bool,
+    },
     /// The agent's queue is at its bound.
     #[error("agent {agent} cannot take the request now and its replay queue is full; retry later")]
     QueueFull { agent: String },

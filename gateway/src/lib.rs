@@ -506,7 +506,15 @@ async fn forward(
             gateway.loads.wake();
         }
     }
-    let body = read_body(class.body, body, gateway.limits.body_timeout).await?;
+    // A streamed body is gathered only when it may have to be kept.
+    let keep = !opted_out || parts.headers.contains_key(forward::IDEMPOTENCY_KEY);
+    let body = read_body(
+        class.body,
+        body,
+        gateway.limits.body_timeout,
+        keep.then_some(route.replay.max_body_bytes),
+    )
+    .await?;
     let forward = Forward {
         agent: agent.to_string(),
         method: parts.method,
@@ -621,11 +629,17 @@ async fn forward(
     }
 }
 
-/// Takes the body as `plan` says: a buffered one must arrive within `timeout`.
+/// How long a streamed body (chunked, no `Content-Length`) is gathered before it is sent on as
+/// it comes ([`gather`]).
+pub const GATHER_WINDOW: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Takes the body as `plan` says: a buffered one must arrive within `timeout`; a streamed one is
+/// gathered whole when it ends within `gather_limit` bytes (if any) and [`GATHER_WINDOW`].
 async fn read_body(
     plan: berth_proto::request::BodyPlan,
     body: Body,
     timeout: std::time::Duration,
+    gather_limit: Option<u64>,
 ) -> Result<ForwardBody, GatewayError> {
     match plan {
         berth_proto::request::BodyPlan::Buffer(_) => {
@@ -637,8 +651,59 @@ async fn read_body(
             Ok(ForwardBody::Buffered(bytes))
         }
         berth_proto::request::BodyPlan::Empty => Ok(ForwardBody::Buffered(Bytes::new())),
-        berth_proto::request::BodyPlan::Stream => Ok(ForwardBody::Streaming(body)),
+        berth_proto::request::BodyPlan::Stream => match gather_limit {
+            Some(limit) => gather(body, limit, GATHER_WINDOW).await,
+            None => Ok(ForwardBody::Streaming(body)),
+        },
     }
+}
+
+/// A streamed body, whole when it ends within `limit` bytes and `window`: like one sent with
+/// its length, it can then be queued, replayed and kept with its `Idempotency-Key` (many
+/// clients stream a body whose length they do not know beforehand, though it is small and
+/// ready). A larger or slower one goes on to the agent as it comes, what was gathered first.
+async fn gather(
+    mut body: Body,
+    limit: u64,
+    window: std::time::Duration,
+) -> Result<ForwardBody, GatewayError> {
+    let until = tokio::time::Instant::now() + window;
+    let mut gathered = bytes::BytesMut::new();
+    let mut first: Vec<Result<http_body::Frame<Bytes>, axum::Error>> = Vec::new();
+    loop {
+        let frame = match tokio::time::timeout_at(until, body.frame()).await {
+            Err(_) => break,
+            Ok(None) => return Ok(ForwardBody::Buffered(gathered.freeze())),
+            Ok(Some(Err(e))) => {
+                return Err(GatewayError::BadRequest(format!(
+                    "reading the request body: {e}"
+                )))
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                gathered.extend_from_slice(&data);
+                if gathered.len() as u64 > limit {
+                    break;
+                }
+            }
+            // Trailers: sent on as they came.
+            Err(other) => {
+                first.push(Ok(http_body::Frame::data(gathered.split().freeze())));
+                first.push(Ok(other));
+                break;
+            }
+        }
+    }
+    if !gathered.is_empty() {
+        first.insert(0, Ok(http_body::Frame::data(gathered.freeze())));
+    }
+    let rest = http_body_util::BodyStream::new(body);
+    let stream = futures::StreamExt::chain(futures::stream::iter(first), rest);
+    Ok(ForwardBody::Streaming(Body::new(
+        http_body_util::StreamBody::new(stream),
+    )))
 }
 
 /// The bearer token of a request, if any.
@@ -667,6 +732,64 @@ pub(crate) fn token_matches(headers: &HeaderMap, sha256_hex: &str) -> bool {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    /// A streamed body whose chunks the test sends, and the sender.
+    fn streamed() -> (mpsc::Sender<Bytes>, Body) {
+        let (tx, rx) = mpsc::channel::<Bytes>(16);
+        let frames =
+            futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), |b| {
+                Ok::<_, std::convert::Infallible>(http_body::Frame::data(b))
+            });
+        (tx, Body::new(http_body_util::StreamBody::new(frames)))
+    }
+
+    async fn all_of(body: ForwardBody) -> Vec<u8> {
+        match body {
+            ForwardBody::Buffered(b) => b.to_vec(),
+            ForwardBody::Streaming(b) => b.collect().await.unwrap().to_bytes().to_vec(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_streamed_body_that_ends_within_the_limit_and_window_is_gathered_whole() {
+        let (tx, body) = streamed();
+        tokio::spawn(async move {
+            for chunk in ["ab", "cd", "ef"] {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                tx.send(Bytes::from(chunk)).await.unwrap();
+            }
+        });
+        let gathered = gather(body, 6, GATHER_WINDOW).await.unwrap();
+        assert!(matches!(&gathered, ForwardBody::Buffered(b) if b == "abcdef"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_streamed_body_over_the_limit_or_slower_than_the_window_streams_on_whole() {
+        // Over the limit: streams on at once, nothing lost or reordered.
+        let (tx, body) = streamed();
+        for chunk in ["abc", "def", "ghi"] {
+            tx.send(Bytes::from(chunk)).await.unwrap();
+        }
+        let started = tokio::time::Instant::now();
+        let over = gather(body, 5, GATHER_WINDOW).await.unwrap();
+        assert!(started.elapsed() < GATHER_WINDOW);
+        assert!(matches!(over, ForwardBody::Streaming(_)));
+        drop(tx);
+        assert_eq!(all_of(over).await, b"abcdefghi");
+
+        // Within the limit but still coming after the window: streams on after it.
+        let (tx, body) = streamed();
+        tx.send(Bytes::from("ab")).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let slow = gather(body, 1024, GATHER_WINDOW).await.unwrap();
+        assert_eq!(started.elapsed(), GATHER_WINDOW);
+        assert!(matches!(slow, ForwardBody::Streaming(_)));
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            tx.send(Bytes::from("cd")).await.unwrap();
+        });
+        assert_eq!(all_of(slow).await, b"abcd");
+    }
 
     fn forward_get(path: &str) -> Forward {
         Forward {

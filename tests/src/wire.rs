@@ -94,6 +94,26 @@ pub async fn get_with_token(
     }
 }
 
+/// `head` with `body` in chunks of `chunk` bytes (`Transfer-Encoding: chunked`, no
+/// `Content-Length`), as a client streaming a body of a length it does not know sends it.
+pub async fn send_chunked(addr: &str, head: &str, body: &[u8], chunk: usize) -> Raw {
+    let mut stream = TcpStream::connect(addr)
+        .await
+        .expect("connect to the gateway");
+    let mut request = format!(
+        "{head}\r\nHost: {addr}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for piece in body.chunks(chunk) {
+        request.extend_from_slice(format!("{:x}\r\n", piece.len()).as_bytes());
+        request.extend_from_slice(piece);
+        request.extend_from_slice(b"\r\n");
+    }
+    request.extend_from_slice(b"0\r\n\r\n");
+    let _ = stream.write_all(&request).await;
+    read_response(&mut stream).await
+}
+
 async fn exchange<S>(stream: S, addr: &str, head: &str, body: &[u8]) -> Raw
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,

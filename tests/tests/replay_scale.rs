@@ -12,7 +12,7 @@ use berth_tests::replay::{
     arrivals, counts, list_request_ids, post, setup, setup_with, wait_delivered, wait_down,
 };
 use berth_tests::stall::StallProxy;
-use berth_tests::wire::{send, wait_routed};
+use berth_tests::wire::{send, send_chunked, wait_routed};
 use berth_tests::{eventually, unique_name, Gateway};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -484,9 +484,10 @@ async fn body_keys(s: &berth_tests::replay::Setup) -> usize {
 
 /// With the body limit raised past what one etcd request takes (8 MiB against 1.5 MiB), a
 /// body of 5 MiB is queued (in pieces), replayed whole and in order, shown by its first MiB,
-/// and dropped with all its pieces; one over the limit gets 413.
+/// and dropped with all its pieces; one over the limit gets 413. A body streamed without a
+/// length (chunked) is queued and replayed whole as well.
 #[tokio::test]
-async fn a_body_larger_than_an_etcd_write_is_queued_and_replayed_whole() {
+async fn bodies_larger_than_an_etcd_write_or_streamed_are_queued_and_replayed_whole() {
     let s = setup_with("bigbody", &["--replay-max-body", "8MiB"]).await;
     stop_agent(&s).await;
     let head = format!("POST /agents/{}/digest HTTP/1.1", s.name);
@@ -497,6 +498,9 @@ async fn a_body_larger_than_an_etcd_write_is_queued_and_replayed_whole() {
     let dropped = queued_id(&send(&s.gw.addr, &head, &body).await);
     let over = send(&s.gw.addr, &head, &vec![b'x'; 8 * 1024 * 1024 + 1]).await;
     assert_eq!(over.status, 413, "{}", String::from_utf8_lossy(&over.body));
+    let streamed: Vec<u8> = body.iter().rev().take(2 * 1024 * 1024).copied().collect();
+    let chunked = send_chunked(&s.gw.addr, &head, &streamed, 16 * 1024).await;
+    let streamed_id = queued_id(&chunked);
 
     // Shown (by the API, whose clients take answers of up to 4 MiB) with its first MiB.
     let shown = s.cp.cli(&["requests", "show", &dropped, "-o", "json"]);
@@ -511,23 +515,29 @@ async fn a_body_larger_than_an_etcd_write_is_queued_and_replayed_whole() {
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         body_keys(&s).await,
-        6,
+        6 + 2,
         "the dropped one's pieces went with it"
     );
 
     assert!(s.cp.cli(&["start", &s.name]).status.success());
-    wait_delivered(&s.gw, std::slice::from_ref(&id), Duration::from_secs(60))
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", s.gw.log()));
-    let result = berth_tests::wire::get(&s.gw.addr, &format!("/requests/{id}")).await;
-    let answer: serde_json::Value =
-        serde_json::from_str(result.json()["response"]["body"].as_str().unwrap()).unwrap();
-    assert_eq!(answer["bytes"], body.len(), "{answer}");
-    assert_eq!(
-        answer["sha256"],
-        sha256_hex(&body),
-        "the body arrived whole and in order"
-    );
+    wait_delivered(
+        &s.gw,
+        &[id.clone(), streamed_id.clone()],
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.gw.log()));
+    for (id, sent) in [(&id, &body), (&streamed_id, &streamed)] {
+        let result = berth_tests::wire::get(&s.gw.addr, &format!("/requests/{id}")).await;
+        let answer: serde_json::Value =
+            serde_json::from_str(result.json()["response"]["body"].as_str().unwrap()).unwrap();
+        assert_eq!(answer["bytes"], sent.len(), "{answer}");
+        assert_eq!(
+            answer["sha256"],
+            sha256_hex(sent),
+            "arrived whole and in order"
+        );
+    }
 }
 
 #[tokio::test]

@@ -154,6 +154,7 @@ pub async fn enqueue(
         return Err(GatewayError::TooLarge {
             agent,
             limit: route.replay.max_body_bytes,
+            streamed: size == u64::MAX,
         });
     }
     let (count, bytes) = stats.of(&agent);
