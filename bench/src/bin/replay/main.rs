@@ -2,7 +2,13 @@
 //! into the queue (each answered 202 only once committed) against the rate of raw etcd puts
 //! of the same size with the same concurrency (kept-alive connections for both), measured in
 //! the same run; then the rate at
-//! which a queue drains once the agent is back. Writes its table into BENCHMARKS.md.
+//! which a queue drains once the agent is back, beside the rate at which the same agent serves
+//! the same requests directly through the gateway at the replay concurrency. Writes its table
+//! into BENCHMARKS.md.
+//!
+//! `BERTH_REPLAY_WORK_MS=N` asks the agent for N ms of work per request (`/slow?ms=N`; by
+//! default none, `/echo`); `BERTH_REPLAY_KEYED=1` sends each request with an `Idempotency-Key`
+//! (safe to send twice, so claimed ahead in the drain).
 //!
 //! Run: `deploy/build-images.sh echo-agent && cargo build --release -p berth-cli -p berth-bench
 //! && target/release/replay`. With `--soak`, the soak at 100,000 requests instead (soak.rs).
@@ -29,6 +35,15 @@ static COUNT: std::sync::LazyLock<usize> = std::sync::LazyLock::new(|| {
 const CONCURRENCY: usize = 32;
 /// Body (and value) size.
 const SIZE: usize = 1024;
+/// The agent's replay concurrency (the default), and the direct reference's clients.
+const REPLAY_CONCURRENCY: usize = berth_proto::defaults::REPLAY_CONCURRENCY as usize;
+
+fn env_number(name: &str) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -70,7 +85,13 @@ async fn enqueue_and_drain() -> anyhow::Result<()> {
     wait_agent(&api, &name, "ready", ready(1)).await?;
     anyhow::ensure!(cp.cli(&["stop", &name]).status.success());
     wait_agent(&api, &name, "stopped", ready(0)).await?;
-    let path = format!("/agents/{name}/echo");
+    let work_ms = env_number("BERTH_REPLAY_WORK_MS");
+    let keyed = env_number("BERTH_REPLAY_KEYED") > 0;
+    let path = if work_ms == 0 {
+        format!("/agents/{name}/echo")
+    } else {
+        format!("/agents/{name}/slow?ms={work_ms}")
+    };
     eventually(Duration::from_secs(30), "the gateway to queue", || async {
         (send(
             &gateway.addr,
@@ -87,7 +108,7 @@ async fn enqueue_and_drain() -> anyhow::Result<()> {
     // Raw etcd puts: the floor under any durable write.
     let client = etcd.client().await?;
     let value = vec![b'v'; SIZE];
-    let raw = timed(move |i| {
+    let raw = timed(CONCURRENCY, move |i| {
         let (mut client, value) = (client.clone(), value.clone());
         async move {
             client
@@ -106,10 +127,11 @@ async fn enqueue_and_drain() -> anyhow::Result<()> {
         conns.push(Arc::new(tokio::sync::Mutex::new(conn)));
     }
     let enqueue_path = path.clone();
-    let enqueue = timed(move |i| {
+    let enqueue_body = body.clone();
+    let enqueue = timed(CONCURRENCY, move |i| {
         let conn = conns[i % CONCURRENCY].clone();
-        let (path, body) = (enqueue_path.clone(), body.clone());
-        async move { matches!(conn.lock().await.post(&path, body).await, Ok(202)) }
+        let (path, body) = (enqueue_path.clone(), enqueue_body.clone());
+        async move { matches!(send_one(&conn, &path, body, keyed, "q", i).await, Ok(202)) }
     })
     .await;
 
@@ -129,27 +151,75 @@ async fn enqueue_and_drain() -> anyhow::Result<()> {
     let started = Instant::now();
     anyhow::ensure!(cp.cli(&["start", &name]).status.success());
     let log = data.path().join("requests.log");
+    eventually(Duration::from_secs(60), "the first delivery", || {
+        let n = lines(&log);
+        async move { (n >= 1).then_some(()) }
+    })
+    .await?;
+    let first = started.elapsed();
     eventually(Duration::from_secs(600), "the queue drained", || {
         let n = lines(&log);
         async move { (n >= *COUNT).then_some(()) }
     })
     .await?;
-    let drain = *COUNT as f64 / started.elapsed().as_secs_f64();
+    let drained = started.elapsed();
+    let drain = *COUNT as f64 / drained.as_secs_f64();
+    let steady = (*COUNT - 1) as f64 / (drained - first).as_secs_f64();
+    println!("{}", soak::steps(&gateway.admin_addr).await?);
+
+    // Reference: the same requests served directly through the gateway, as many at a time as
+    // the drain delivers (the replay concurrency), over kept-alive connections.
+    let mut conns = Vec::new();
+    for _ in 0..REPLAY_CONCURRENCY {
+        let conn = Conn::open(&gateway.addr).await?;
+        conns.push(Arc::new(tokio::sync::Mutex::new(conn)));
+    }
+    let direct_path = path.clone();
+    let direct = timed(REPLAY_CONCURRENCY, move |i| {
+        let conn = conns[i % REPLAY_CONCURRENCY].clone();
+        let (path, body) = (direct_path.clone(), body.clone());
+        async move { matches!(send_one(&conn, &path, body, keyed, "d", i).await, Ok(200)) }
+    })
+    .await;
+    anyhow::ensure!(
+        direct.1 == 0,
+        "{} direct requests not answered 200",
+        direct.1
+    );
+    let work = if work_ms == 0 {
+        "no work per request (`/echo`)".to_string()
+    } else {
+        format!("{work_ms} ms of work per request (`/slow?ms={work_ms}`)")
+    };
+    let keys = if keyed {
+        "each with an `Idempotency-Key`"
+    } else {
+        "none with an `Idempotency-Key`"
+    };
 
     let report = format!(
-        "{} requests of {SIZE} bytes, {CONCURRENCY} at a time, one example-agent replica \
-         (stopped while queueing); etcd is a single local member ({} cores, all on this machine).\n\n\
+        "{} POSTs of {SIZE} bytes ({keys}), {CONCURRENCY} at a time, one example-agent replica \
+         (stopped while queueing) doing {work}; etcd is a single local member ({} cores, all on \
+         this machine).\n\n\
          | measure | per second |\n|---|---:|\n\
          | raw etcd put (reference) | {:.0} |\n\
          | requests queued through the gateway (202 after commit) | {:.0} |\n\
-         | queue drained once the agent is back (oldest first, replay concurrency 4), from `berth start` | {:.0} |\n\n\
-         Enqueue / raw put: **{:.2}**. Failures: raw {}, enqueue {}.\n",
+         | queue drained once the agent is back (oldest first, replay concurrency {REPLAY_CONCURRENCY}), from `berth start` | {:.0} |\n\
+         | the same, from the first delivery ({:.2} s after `berth start`) | {:.0} |\n\
+         | the same requests direct through the gateway, {REPLAY_CONCURRENCY} at a time (reference) | {:.0} |\n\n\
+         Enqueue / raw put: **{:.2}**. Drain / direct: **{:.2}** (from the first delivery {:.2}). \
+         Failures: raw {}, enqueue {}.\n",
         *COUNT,
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         raw.0,
         enqueue.0,
         drain,
+        first.as_secs_f64(),
+        steady,
+        direct.0,
         enqueue.0 / raw.0,
+        drain / direct.0,
+        steady / direct.0,
         raw.1,
         enqueue.1,
     );
@@ -158,14 +228,36 @@ async fn enqueue_and_drain() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// POSTs `body` to `path` on `conn`, with a key unique to `(kind, i)` when `keyed`.
+async fn send_one(
+    conn: &tokio::sync::Mutex<Conn>,
+    path: &str,
+    body: bytes::Bytes,
+    keyed: bool,
+    kind: &str,
+    i: usize,
+) -> anyhow::Result<u16> {
+    let key = format!("bench-{kind}-{i}");
+    let headers: &[(&str, &str)] = if keyed {
+        &[("Idempotency-Key", key.as_str())]
+    } else {
+        &[]
+    };
+    let mut conn = conn.lock().await;
+    Ok(conn
+        .request(http::Method::POST, path, headers, body)
+        .await?
+        .0)
+}
+
 fn lines(path: &Path) -> usize {
     std::fs::read_to_string(path)
         .map(|t| t.lines().count())
         .unwrap_or(0)
 }
 
-/// Runs `op(i)` for i in 0..COUNT, CONCURRENCY at a time: (operations per second, failures).
-async fn timed<F, Fut>(op: F) -> (f64, usize)
+/// Runs `op(i)` for i in 0..COUNT, `workers` at a time: (operations per second, failures).
+async fn timed<F, Fut>(workers: usize, op: F) -> (f64, usize)
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send + 'static,
@@ -174,7 +266,7 @@ where
     let next = Arc::new(AtomicUsize::new(0));
     let failures = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
-    let workers: Vec<_> = (0..CONCURRENCY)
+    let workers: Vec<_> = (0..workers)
         .map(|_| {
             let (op, next, failures) = (op.clone(), next.clone(), failures.clone());
             tokio::spawn(async move {

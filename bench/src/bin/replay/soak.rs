@@ -424,7 +424,7 @@ async fn accepted(gateways: &[Gateway]) -> anyhow::Result<Accepted> {
 
 /// Mean time of each step of the replayed deliveries one gateway has made (its
 /// `berth_gateway_replay_step_seconds`), for the progress log.
-async fn steps(admin: &str) -> anyhow::Result<String> {
+pub async fn steps(admin: &str) -> anyhow::Result<String> {
     let (_, page) = berth_tests::docker::http(admin, "GET", "/metrics")
         .await
         .ok_or_else(|| anyhow::anyhow!("no /metrics from {admin}"))?;
