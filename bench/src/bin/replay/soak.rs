@@ -1,6 +1,6 @@
 //! The soak (`target/release/replay --soak`): the replay queue at the size users reach. About
-//! 100,000 requests of 1 KiB over 10 agents and 50 of 900 KiB are queued while the agents are
-//! stopped (half of the small ones with an `Idempotency-Key`, half without), then replayed
+//! 100,000 requests of 1 KiB over 10 agents and 50 large ones (45 of 900 KiB, 5 of 3 MiB, which
+//! etcd keeps in pieces) are queued while the agents are stopped (half of the small ones with an `Idempotency-Key`, half without), then replayed
 //! while the gateways are restarted, one with SIGTERM and one with SIGKILL. Every request
 //! asks the agent for 20 ms of work (`/slow?ms=20`), which the agent logs with its start and
 //! end. Prints sent / delivered / lost / overlapping duplicates / dead, etcd's database size
@@ -52,6 +52,10 @@ const SMALL: usize = 100_000;
 const SMALL_SIZE: usize = 1024;
 const LARGE: usize = 50;
 const LARGE_SIZE: usize = 900 * 1024;
+/// Every tenth large request is this large instead: over what one etcd write carries, so kept
+/// in pieces (the agents' body limit is raised to 4 MiB for them).
+const HUGE_SIZE: usize = 3 * 1024 * 1024;
+const HUGE_EVERY: usize = 10;
 /// Clients at once for the large requests.
 const LARGE_CLIENTS: usize = 8;
 /// Clients at once, for enqueueing and for raw puts alike, unless `BERTH_SOAK_CONCURRENCY`
@@ -496,6 +500,8 @@ pub async fn run() -> anyhow::Result<()> {
                 &volume,
                 "--replay-max-queued",
                 "20000",
+                "--replay-max-body",
+                "4MiB",
                 "--request-timeout",
                 REQUEST_TIMEOUT,
             ],
@@ -652,12 +658,14 @@ pub async fn run() -> anyhow::Result<()> {
             inside.commit_seconds / inside.commits.max(1.0) * 1000.0,
         );
         let large = Bytes::from(vec![b'L'; LARGE_SIZE]);
+        let huge = Bytes::from(vec![b'H'; HUGE_SIZE]);
         let large_failures = {
             let (conns, names, sent) = (conns.clone(), names.clone(), sent.clone());
             // At most one client per connection (fewer than 8 with `BERTH_SOAK_CONCURRENCY`).
             timed(LARGE, LARGE_CLIENTS.min(conns.len()), move |w, i| {
+                let body = if i % HUGE_EVERY == 0 { &huge } else { &large };
                 let (conn, names, sent, body) =
-                    (conns[w].clone(), names.clone(), sent.clone(), large.clone());
+                    (conns[w].clone(), names.clone(), sent.clone(), body.clone());
                 async move {
                     let path = format!("/agents/{}/slow?ms={WORK_MS}&large={i}", names[i % AGENTS]);
                     match conn
@@ -964,7 +972,7 @@ pub async fn run() -> anyhow::Result<()> {
              concurrency {PER_AGENT}, request timeout {REQUEST_TIMEOUT}), two gateways, one local etcd {} member, one control plane \
              (compaction 15 s behind, {KEPT_PER_AGENT} finished records kept per agent), {} cores \
              for everything. {small_count} requests of {SMALL_SIZE} B ({keyed_words}) \
-             and {LARGE} of {} KiB queued while the agents were stopped, then drained{faults}.\n\n\
+             and {LARGE} large ones ({} of {} KiB, {} of {} MiB kept in pieces) queued while the agents were stopped, then drained{faults}.\n\n\
              | measure | value |\n|---|---:|\n\
              | sent (202 after commit) | {} |\n\
              | enqueue failures (small, large) | {}, {} |\n\
@@ -991,7 +999,10 @@ pub async fn run() -> anyhow::Result<()> {
              | whole soak | {:.0?} |\n",
             etcd_version(),
             std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            LARGE - LARGE.div_ceil(HUGE_EVERY),
             LARGE_SIZE / 1024,
+            LARGE.div_ceil(HUGE_EVERY),
+            HUGE_SIZE >> 20,
             sent.len(),
             enqueue.1,
             large_failures,
