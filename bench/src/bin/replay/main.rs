@@ -108,7 +108,7 @@ async fn enqueue_and_drain() -> anyhow::Result<()> {
     // Raw etcd puts: the floor under any durable write.
     let client = etcd.client().await?;
     let value = vec![b'v'; SIZE];
-    let raw = timed(CONCURRENCY, move |i| {
+    let raw_op = Arc::new(move |i: usize| {
         let (mut client, value) = (client.clone(), value.clone());
         async move {
             client
@@ -116,9 +116,7 @@ async fn enqueue_and_drain() -> anyhow::Result<()> {
                 .await
                 .is_ok()
         }
-    })
-    .await;
-
+    });
     // The gateway taking requests into the queue, over one kept-alive connection per worker.
     let body = bytes::Bytes::from("b".repeat(SIZE));
     let mut conns = Vec::new();
@@ -128,12 +126,22 @@ async fn enqueue_and_drain() -> anyhow::Result<()> {
     }
     let enqueue_path = path.clone();
     let enqueue_body = body.clone();
-    let enqueue = timed(CONCURRENCY, move |i| {
+    let enqueue_op = Arc::new(move |i: usize| {
         let conn = conns[i % CONCURRENCY].clone();
         let (path, body) = (enqueue_path.clone(), enqueue_body.clone());
         async move { matches!(send_one(&conn, &path, body, keyed, "q", i).await, Ok(202)) }
-    })
-    .await;
+    });
+    // A first pass of raw puts unmeasured: etcd's file grows to hold the first MiB, which would
+    // slow whichever measure came first. Then raw puts and the enqueue alternate, a third of
+    // the requests each time, so that a drift of the machine weighs on both alike.
+    timed(CONCURRENCY, *COUNT..2 * *COUNT, raw_op.clone()).await;
+    let (mut raw, mut enqueue) = (Timed::default(), Timed::default());
+    for round in 0..ROUNDS {
+        let span = round * *COUNT / ROUNDS..(round + 1) * *COUNT / ROUNDS;
+        raw.add(timed(CONCURRENCY, span.clone(), raw_op.clone()).await);
+        enqueue.add(timed(CONCURRENCY, span, enqueue_op.clone()).await);
+    }
+    let (raw, enqueue) = (raw.result(), enqueue.result());
 
     println!(
         "enqueue {:.0}/s raw {:.0}/s: {:.2}",
@@ -175,12 +183,14 @@ async fn enqueue_and_drain() -> anyhow::Result<()> {
         conns.push(Arc::new(tokio::sync::Mutex::new(conn)));
     }
     let direct_path = path.clone();
-    let direct = timed(REPLAY_CONCURRENCY, move |i| {
+    let direct_op = Arc::new(move |i: usize| {
         let conn = conns[i % REPLAY_CONCURRENCY].clone();
         let (path, body) = (direct_path.clone(), body.clone());
         async move { matches!(send_one(&conn, &path, body, keyed, "d", i).await, Ok(200)) }
-    })
-    .await;
+    });
+    let direct = timed(REPLAY_CONCURRENCY, 0..*COUNT, direct_op)
+        .await
+        .result();
     anyhow::ensure!(
         direct.1 == 0,
         "{} direct requests not answered 200",
@@ -202,7 +212,7 @@ async fn enqueue_and_drain() -> anyhow::Result<()> {
          (stopped while queueing) doing {work}; etcd is a single local member ({} cores, all on \
          this machine).\n\n\
          | measure | per second |\n|---|---:|\n\
-         | raw etcd put (reference) | {:.0} |\n\
+         | raw etcd put (reference; after a first pass unmeasured, alternated with the enqueue in {ROUNDS} rounds) | {:.0} |\n\
          | requests queued through the gateway (202 after commit) | {:.0} |\n\
          | queue drained once the agent is back (oldest first, replay concurrency {REPLAY_CONCURRENCY}), from `berth start` | {:.0} |\n\
          | the same, from the first delivery ({:.2} s after `berth start`) | {:.0} |\n\
@@ -256,14 +266,42 @@ fn lines(path: &Path) -> usize {
         .unwrap_or(0)
 }
 
-/// Runs `op(i)` for i in 0..COUNT, `workers` at a time: (operations per second, failures).
-async fn timed<F, Fut>(workers: usize, op: F) -> (f64, usize)
+/// Rounds of raw puts and of the enqueue, alternated.
+const ROUNDS: usize = 3;
+
+/// Operations run, the time they took, and how many failed.
+#[derive(Default)]
+struct Timed {
+    count: usize,
+    elapsed: Duration,
+    failures: usize,
+}
+
+impl Timed {
+    fn add(&mut self, other: Timed) {
+        self.count += other.count;
+        self.elapsed += other.elapsed;
+        self.failures += other.failures;
+    }
+
+    /// (operations per second, failures).
+    fn result(&self) -> (f64, usize) {
+        (
+            self.count as f64 / self.elapsed.as_secs_f64(),
+            self.failures,
+        )
+    }
+}
+
+/// Runs `op(i)` for each i of `span`, `workers` at a time.
+async fn timed<F, Fut>(workers: usize, span: std::ops::Range<usize>, op: Arc<F>) -> Timed
 where
     F: Fn(usize) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send + 'static,
 {
-    let op = Arc::new(op);
-    let next = Arc::new(AtomicUsize::new(0));
+    let count = span.len();
+    let end = span.end;
+    let next = Arc::new(AtomicUsize::new(span.start));
     let failures = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let workers: Vec<_> = (0..workers)
@@ -272,7 +310,7 @@ where
             tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= *COUNT {
+                    if i >= end {
                         break;
                     }
                     if !op(i).await {
@@ -285,8 +323,9 @@ where
     for w in workers {
         let _ = w.await;
     }
-    (
-        *COUNT as f64 / started.elapsed().as_secs_f64(),
-        failures.load(Ordering::Relaxed),
-    )
+    Timed {
+        count,
+        elapsed: started.elapsed(),
+        failures: failures.load(Ordering::Relaxed),
+    }
 }
