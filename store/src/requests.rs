@@ -695,24 +695,17 @@ impl Store {
         let Some(mut body) = resp.kvs().first().map(|kv| kv.value().to_vec()) else {
             return Ok(None);
         };
-        let mut from = piece_key(&key, 1).into_bytes();
-        let mut end = format!("{key}/").into_bytes();
-        end.push(0xff);
-        while (body.len() as u64) < bytes {
-            let options = crate::watch::page(end.clone(), PIECES_PER_READ);
-            let resp = self
-                .client()
-                .get(from.clone(), Some(options))
-                .await
-                .map_err(|e| self.unavailable(e))?;
-            let Some(last) = resp.kvs().last() else {
-                break;
-            };
-            for kv in resp.kvs() {
-                body.extend_from_slice(kv.value());
-            }
-            from = last.key().to_vec();
-            from.push(0);
+        if (body.len() as u64) < bytes {
+            let mut end = format!("{key}/").into_bytes();
+            end.push(0xff);
+            let first = piece_key(&key, 1).into_bytes();
+            // Never broken off: every piece is read.
+            let _read_all = self
+                .scan(first, &end, PIECES_PER_READ, |kv, _| {
+                    body.extend_from_slice(kv.value());
+                    Ok(ControlFlow::Continue(()))
+                })
+                .await?;
         }
         Ok((body.len() as u64 == bytes).then_some(body))
     }
@@ -791,7 +784,7 @@ impl Store {
             let start = from.take().unwrap_or_else(|| prefix.as_bytes().to_vec());
             let last_range = current + 1 == ranges.len();
             let stopped = self
-                .scan(start, &end, |kv, more| {
+                .scan(start, &end, SCAN_PAGE, |kv, more| {
                     if *tag == b'd' {
                         match position(&String::from_utf8_lossy(kv.key())) {
                             Some(at) => dead_at.push(at),
@@ -860,7 +853,7 @@ impl Store {
         let prefix = self.keys.requests();
         let end = crate::watch::prefix_end(prefix.as_bytes());
         let _ = self
-            .scan(prefix.into_bytes(), &end, |kv, _| {
+            .scan(prefix.into_bytes(), &end, SCAN_PAGE, |kv, _| {
                 let request: Request = decode(kv.key(), kv.value())?;
                 if request.state == RequestState::Dead as i32 {
                     let key = String::from_utf8_lossy(kv.key()).into_owned();
@@ -903,16 +896,17 @@ impl Store {
         Ok(indexed)
     }
 
-    /// Visits the keys from `start` up to `end` in key order, [`SCAN_PAGE`] per etcd call,
-    /// until `visit` breaks; `visit` also learns whether any key follows the one it sees.
+    /// Visits the keys from `start` up to `end` in key order, `page` per etcd call, until
+    /// `visit` breaks; `visit` also learns whether any key follows the one it sees.
     async fn scan(
         &self,
         mut start: Vec<u8>,
         end: &[u8],
+        page: i64,
         mut visit: impl FnMut(&etcd_client::KeyValue, bool) -> Result<ControlFlow<()>, StoreError>,
     ) -> Result<ControlFlow<()>, StoreError> {
         loop {
-            let options = crate::watch::page(end.to_vec(), SCAN_PAGE);
+            let options = crate::watch::page(end.to_vec(), page);
             let resp = self
                 .client()
                 .get(start.clone(), Some(options))
@@ -1348,7 +1342,7 @@ impl Store {
         let prefix = self.keys.all_finished();
         let end = crate::watch::prefix_end(prefix.as_bytes());
         let _ = self
-            .scan(prefix.into_bytes(), &end, |kv, _| {
+            .scan(prefix.into_bytes(), &end, SCAN_PAGE, |kv, _| {
                 if let Some((agent, seq)) = position(&String::from_utf8_lossy(kv.key())) {
                     let bytes = String::from_utf8_lossy(kv.value()).parse().unwrap_or(0);
                     finished.push((agent, seq, bytes));

@@ -542,6 +542,25 @@ async fn a_node_comes_back_after_etcd_stood_still_past_its_lease() {
     );
 }
 
+/// A request of a minute to the example agent at `address`, once the agent has started it (its
+/// `/data` volume at `data`); the connection is kept open until dropped.
+async fn a_minute_long_request(address: &str, data: &std::path::Path) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut in_flight = tokio::net::TcpStream::connect(address).await.unwrap();
+    in_flight
+        .write_all(b"GET /slow?ms=60000 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let log = data.join("slow.log");
+    berth_tests::eventually(Duration::from_secs(10), "the slow request started", || {
+        let started = std::fs::read_to_string(&log).is_ok_and(|l| l.contains("start"));
+        async move { started.then_some(()) }
+    })
+    .await
+    .unwrap();
+    in_flight
+}
+
 /// A replica that takes all of its stop grace (a request in flight outlasting it) holds up
 /// nothing else on its node: another agent's crash is restarted meanwhile, and the stopping
 /// replica is out of rotation from the moment it is asked to stop.
@@ -583,19 +602,7 @@ async fn a_crash_is_restarted_while_another_agent_takes_its_stop_grace() {
     .clone();
 
     // A request for a minute, kept open: the echo agent finishes it before it ends on SIGTERM.
-    use tokio::io::AsyncWriteExt;
-    let mut in_flight = tokio::net::TcpStream::connect(&address[0]).await.unwrap();
-    in_flight
-        .write_all(b"GET /slow?ms=60000 HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
-    let log = data.path().join("slow.log");
-    berth_tests::eventually(Duration::from_secs(10), "the slow request started", || {
-        let started = std::fs::read_to_string(&log).is_ok_and(|l| l.contains("start"));
-        async move { started.then_some(()) }
-    })
-    .await
-    .unwrap();
+    let in_flight = a_minute_long_request(&address[0], data.path()).await;
 
     let asked = Instant::now();
     assert!(cp.cli(&["stop", &slow]).status.success());
@@ -663,19 +670,7 @@ async fn a_node_agent_killed_mid_stop_finishes_the_replacement_when_it_is_back()
         .unwrap_or_else(|e| panic!("{e}\n{}\n{}", cp.log(), node.log()));
     let old = replica(&agent, &id).unwrap().clone();
 
-    use tokio::io::AsyncWriteExt;
-    let mut in_flight = tokio::net::TcpStream::connect(&old.address).await.unwrap();
-    in_flight
-        .write_all(b"GET /slow?ms=60000 HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
-    let log = data.path().join("slow.log");
-    berth_tests::eventually(Duration::from_secs(10), "the slow request started", || {
-        let started = std::fs::read_to_string(&log).is_ok_and(|l| l.contains("start"));
-        async move { started.then_some(()) }
-    })
-    .await
-    .unwrap();
+    let in_flight = a_minute_long_request(&old.address, data.path()).await;
 
     // A new spec: the old container is asked to stop (SIGTERM, SIGKILL after 8 s) ...
     let mut spec = agent.spec.clone().unwrap();
