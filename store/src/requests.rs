@@ -8,7 +8,8 @@
 //! - `requests/{agent}/{seq}`: the record once delivered or dead (it moves on finish);
 //! - `request-bodies/{agent}/{seq}`: a larger body, written once; one over what a write
 //!   carries ([`MAX_WRITE_PAYLOAD`]) in pieces of [`BODY_PIECE`], the first there and the rest
-//!   at `request-bodies/{agent}/{seq}/{n}`, written before the record;
+//!   at `request-bodies/{agent}/{seq}/{token}/{n}` (the record's `body_pieces`, unique to the
+//!   write), written before the record;
 //! - `request-answers/{agent}/{seq}`: the agent's stored answer, written once, when it is too
 //!   large to ride in the finished record ([`INLINE_BODY_BYTES`] for body and answer together);
 //! - `finished/{agent}/{seq}`: there once delivered or dead, holding its bytes: what
@@ -279,15 +280,32 @@ impl Store {
         request: &Request,
         lease: i64,
     ) -> Result<(), etcd_client::Error> {
-        let key = self.keys.request_body(&request.agent, request.seq);
+        let pieces = self.pieces(request, request.seq);
         let first = first_piece(request);
         for (n, piece) in request.body[first..].chunks(BODY_PIECE).enumerate() {
             let options = PutOptions::new().with_lease(lease);
             self.client()
-                .put(piece_key(&key, n + 1), piece.to_vec(), Some(options))
+                .put(piece_key(&pieces, n + 1), piece.to_vec(), Some(options))
                 .await?;
         }
         Ok(())
+    }
+
+    /// Deletes the pieces that `request`'s write put at place `seq` (given up, or not stored),
+    /// theirs alone whatever else is there; left to their lease if etcd does not answer.
+    async fn delete_body_pieces(&self, request: &Request, seq: u64) {
+        let all = etcd_client::DeleteOptions::new().with_prefix();
+        let pieces = self.pieces(request, seq);
+        if let Err(e) = self.client().delete(pieces, Some(all)).await {
+            tracing::debug!(agent = %request.agent, error = %e, "pieces of a body not stored are left to their lease");
+        }
+    }
+
+    /// Where the pieces of `request`'s body are (at place `seq`): `request-bodies/{agent}/
+    /// {seq}/{body_pieces}/`.
+    fn pieces(&self, request: &Request, seq: u64) -> String {
+        let body = self.keys.request_body(&request.agent, seq);
+        format!("{body}/{}/", request.body_pieces)
     }
 
     /// Stores a new request (queued at the tail of its agent's queue, or already delivered
@@ -328,6 +346,33 @@ impl Store {
         ttl: Duration,
         key: Option<(&str, &str)>,
     ) -> Result<Option<HeldKey>, StoreError> {
+        // Where and under which lease the pieces of a large body were written, under a token
+        // of this write's own: a write that loses the place to another touches none of its keys.
+        let mut pieces_at: Option<(u64, i64)> = None;
+        let in_record = first_piece(request);
+        if in_record < request.body.len() {
+            request.body_pieces = format!("{:016x}", rand::random::<u64>());
+        }
+        let stored = self
+            .store_request_at(request, ttl, key, &mut pieces_at, in_record)
+            .await;
+        if let (Some((seq, _)), Ok(Some(_)) | Err(StoreError::AlreadyExists { .. })) =
+            (pieces_at, &stored)
+        {
+            // Not stored (its key held, or its place or id taken): its pieces go now.
+            self.delete_body_pieces(request, seq).await;
+        }
+        stored
+    }
+
+    async fn store_request_at(
+        &self,
+        request: &mut Request,
+        ttl: Duration,
+        key: Option<(&str, &str)>,
+        pieces_at: &mut Option<(u64, i64)>,
+        in_record: usize,
+    ) -> Result<Option<HeldKey>, StoreError> {
         let mut uncertain = false;
         let mut resends = Resends::new();
         let idempotency = key.map(|(digest, _)| self.keys.idempotency(&request.agent, digest));
@@ -335,24 +380,19 @@ impl Store {
         let positional = berth_proto::request::parse_positional_id(&request.id)
             .filter(|(agent, _)| *agent == request.agent)
             .map(|(_, seq)| seq);
-        // Where and under which lease the pieces of a large body were written.
-        let mut pieces_at: Option<(u64, i64)> = None;
-        let in_record = first_piece(request);
         for attempt in 0..3 + TRANSIENT_RETRIES {
             let lease = self.request_lease(ttl, attempt > 0 && !uncertain).await?;
             if !uncertain {
                 request.seq = positional.unwrap_or_else(new_seq);
                 request.expire_time = Some(berth_proto::timestamp(SystemTime::now() + ttl));
             }
-            if in_record < request.body.len() && pieces_at != Some((request.seq, lease)) {
+            if in_record < request.body.len() && *pieces_at != Some((request.seq, lease)) {
                 if let Some((seq, _)) = pieces_at.filter(|(seq, _)| *seq != request.seq) {
                     // Written for a place given up: they would wait for their lease.
-                    let key = self.keys.request_body(&request.agent, seq);
-                    let all = etcd_client::DeleteOptions::new().with_prefix();
-                    let _ = self.client().delete(key, Some(all)).await;
+                    self.delete_body_pieces(request, seq).await;
                 }
                 match self.put_body_pieces(request, lease).await {
-                    Ok(()) => pieces_at = Some((request.seq, lease)),
+                    Ok(()) => *pieces_at = Some((request.seq, lease)),
                     Err(e) if crate::lease_not_found(&e) => {
                         uncertain = false;
                         continue;
@@ -677,34 +717,35 @@ impl Store {
         Ok((records, revision))
     }
 
-    /// The body of the request at `(agent, seq)` when it is kept apart from its record (larger
-    /// than [`INLINE_BODY_BYTES`]), `bytes` long (the record's `body_bytes`): all its pieces,
-    /// read a few at a time. `None` when it is gone, or any piece is.
-    pub async fn get_request_body(
-        &self,
-        agent: &str,
-        seq: u64,
-        bytes: u64,
-    ) -> Result<Option<Vec<u8>>, StoreError> {
-        let key = self.keys.request_body(agent, seq);
+    /// The body of `request` (a record) when it is kept apart from the record (larger than
+    /// [`INLINE_BODY_BYTES`]): all its pieces, read a few at a time. `None` when it is gone, or
+    /// any piece is.
+    pub async fn get_request_body(&self, request: &Request) -> Result<Option<Vec<u8>>, StoreError> {
+        let (agent, seq) = (request.agent.as_str(), request.seq);
         let resp = self
             .client()
-            .get(key.as_str(), None)
+            .get(self.keys.request_body(agent, seq), None)
             .await
             .map_err(|e| self.unavailable(e))?;
         let Some(mut body) = resp.kvs().first().map(|kv| kv.value().to_vec()) else {
             return Ok(None);
         };
-        if (body.len() as u64) < bytes {
-            let mut end = format!("{key}/").into_bytes();
+        let bytes = request.body_bytes;
+        if (body.len() as u64) < bytes && !request.body_pieces.is_empty() {
+            let pieces = self.pieces(request, seq);
+            let mut end = pieces.clone().into_bytes();
             end.push(0xff);
-            let first = piece_key(&key, 1).into_bytes();
             // Never broken off: every piece is read.
             let _read_all = self
-                .scan(first, &end, PIECES_PER_READ, |kv, _| {
-                    body.extend_from_slice(kv.value());
-                    Ok(ControlFlow::Continue(()))
-                })
+                .scan(
+                    piece_key(&pieces, 1).into_bytes(),
+                    &end,
+                    PIECES_PER_READ,
+                    |kv, _| {
+                        body.extend_from_slice(kv.value());
+                        Ok(ControlFlow::Continue(()))
+                    },
+                )
                 .await?;
         }
         Ok((body.len() as u64 == bytes).then_some(body))
@@ -1477,9 +1518,9 @@ fn first_piece(request: &Request) -> usize {
     }
 }
 
-/// The key of piece `n` (from 1) of the body at `body_key`.
-fn piece_key(body_key: &str, n: usize) -> String {
-    format!("{body_key}/{n:06}")
+/// The key of piece `n` (from 1) of the body whose pieces are under `pieces`.
+fn piece_key(pieces: &str, n: usize) -> String {
+    format!("{pieces}{n:06}")
 }
 
 fn take_key_op(at: &str, id: &str, payload: &str, lease: i64) -> TxnOp {

@@ -920,3 +920,80 @@ async fn a_leader_whose_term_ended_writes_nothing_over_the_next_one() {
     store.put_placements(&[placement("n4")]).await.unwrap();
     assert_eq!(placed("n4").await, 1);
 }
+
+/// Keys under `prefix`, in order.
+async fn keys_under(etcd: &Etcd, prefix: &str) -> Vec<String> {
+    let mut client = etcd.client().await.unwrap();
+    let options = etcd_client::GetOptions::new()
+        .with_prefix()
+        .with_keys_only();
+    client
+        .get(prefix, Some(options))
+        .await
+        .unwrap()
+        .kvs()
+        .iter()
+        .map(|kv| String::from_utf8_lossy(kv.key()).into_owned())
+        .collect()
+}
+
+/// A body over one etcd write is kept in pieces written before its record, under a token of
+/// its own write: two writes racing for one place (the same positional id) never mix their
+/// pieces, the loser's and those of a keyed write whose key is held are deleted, and the body
+/// read back is the winner's, whole and in order.
+#[tokio::test]
+async fn bodies_in_pieces_are_their_own_writes_alone() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = store(&etcd).await;
+    let ttl = Duration::from_secs(600);
+    let seq = berth_store::requests::new_seq();
+    let id = berth_proto::request::positional_id("a", seq);
+    let body = |fill: u8| -> Vec<u8> {
+        (0..3 * 1024 * 1024 + 5)
+            .map(|i| fill.wrapping_add((i % 249) as u8))
+            .collect()
+    };
+    let (mut x, mut y) = (request("a", &id), request("a", &id));
+    (x.body, y.body) = (body(1), body(2));
+    let (rx, ry) = tokio::join!(
+        store.enqueue_request(&mut x, ttl),
+        store.enqueue_request(&mut y, ttl)
+    );
+    let winner = match (&rx, &ry) {
+        (Ok(()), Err(StoreError::AlreadyExists { .. })) => &x,
+        (Err(StoreError::AlreadyExists { .. }), Ok(())) => &y,
+        other => panic!("one write stores the request, the other is refused: {other:?}"),
+    };
+    let record = store.get_request_record("a", seq).await.unwrap().unwrap();
+    assert_eq!(record.request.body_bytes, winner.body.len() as u64);
+    let read = store.get_request_body(&record.request).await.unwrap();
+    assert!(
+        read.as_ref() == Some(&winner.body),
+        "the winner's body, whole"
+    );
+    // The first MiB and three pieces (1 MiB, 1 MiB, 5 bytes), the loser's gone.
+    assert_eq!(keys_under(&etcd, "/t/request-bodies/").await.len(), 4);
+
+    // A keyed request whose key is held stores nothing, and leaves no pieces behind.
+    let digest = berth_store::requests::key_digest("k");
+    let mut first = request("a", "keyed-1");
+    first.body = body(3);
+    assert!(store
+        .enqueue_keyed_request(&mut first, ttl, &digest, "p")
+        .await
+        .unwrap()
+        .is_none());
+    let mut second = request("a", "keyed-2");
+    second.body = body(4);
+    let held = store
+        .enqueue_keyed_request(&mut second, ttl, &digest, "p")
+        .await
+        .unwrap();
+    assert_eq!(held.map(|h| h.holder).as_deref(), Some("keyed-1"));
+    assert_eq!(keys_under(&etcd, "/t/request-bodies/").await.len(), 8);
+
+    // Dropped, a request's pieces go with it.
+    store.drop_request(&id).await.unwrap();
+    store.drop_request("keyed-1").await.unwrap();
+    assert!(keys_under(&etcd, "/t/request-bodies/").await.is_empty());
+}

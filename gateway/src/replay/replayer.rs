@@ -1076,10 +1076,7 @@ async fn deliver(
     };
     // A body too large to be kept in the record is read apart.
     let apart = if stored.request.body.is_empty() && stored.request.body_bytes > 0 {
-        match store
-            .get_request_body(agent, seq, stored.request.body_bytes)
-            .await?
-        {
+        match store.get_request_body(&stored.request).await? {
             Some(body) => Some(body),
             None => return Ok(After::Next), // gone meanwhile; the watch will tell
         }
