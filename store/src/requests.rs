@@ -1505,8 +1505,6 @@ pub fn over_retention(finished: &[(String, u64, u64)], bounds: &Retention) -> Ve
     doomed
 }
 
-/// The put that takes an `Idempotency-Key` at `at` for request `id`: who holds it, the
-/// payload's digest and when it was taken (so an orphan can be told by its age).
 /// How much of `request`'s body its record's write carries (in the record or beside it): all
 /// of it, unless it is waiting with a body over [`MAX_WRITE_PAYLOAD`], whose first
 /// [`BODY_PIECE`] only.
@@ -1523,6 +1521,8 @@ fn piece_key(pieces: &str, n: usize) -> String {
     format!("{pieces}{n:06}")
 }
 
+/// The put that takes an `Idempotency-Key` at `at` for request `id`: who holds it, the
+/// payload's digest and when it was taken (so an orphan can be told by its age).
 fn take_key_op(at: &str, id: &str, payload: &str, lease: i64) -> TxnOp {
     let now = unix_millis(SystemTime::now());
     TxnOp::put(
