@@ -67,6 +67,8 @@ async fn the_dashboard_shows_and_acts_live_in_a_browser_and_read_only_tokens_onl
         .env("BERTH_TLS_CA", &ca)
         .env("BERTH_TOKEN", ADMIN_TOKEN)
         .env("BERTH_CLI_CONFIG", dir.path().join("cli.yaml"))
+        // The browser's own temporary directories go with the test's.
+        .env("TMPDIR", dir.path())
         .output()
         .expect("run python (set BERTH_PYTHON, or run ./scripts/test which makes .venv)");
     let said = format!(
