@@ -669,7 +669,7 @@ async fn gather(
 ) -> Result<ForwardBody, GatewayError> {
     let until = tokio::time::Instant::now() + window;
     let mut gathered = bytes::BytesMut::new();
-    let mut first: Vec<Result<http_body::Frame<Bytes>, axum::Error>> = Vec::new();
+    let mut trailers = None;
     loop {
         let frame = match tokio::time::timeout_at(until, body.frame()).await {
             Err(_) => break,
@@ -688,17 +688,15 @@ async fn gather(
                     break;
                 }
             }
-            // Trailers: sent on as they came.
+            // Trailers: sent on as they came, after the data.
             Err(other) => {
-                first.push(Ok(http_body::Frame::data(gathered.split().freeze())));
-                first.push(Ok(other));
+                trailers = Some(other);
                 break;
             }
         }
     }
-    if !gathered.is_empty() {
-        first.insert(0, Ok(http_body::Frame::data(gathered.freeze())));
-    }
+    let data = (!gathered.is_empty()).then(|| http_body::Frame::data(gathered.freeze()));
+    let first = data.into_iter().chain(trailers).map(Ok::<_, axum::Error>);
     let rest = http_body_util::BodyStream::new(body);
     let stream = futures::StreamExt::chain(futures::stream::iter(first), rest);
     Ok(ForwardBody::Streaming(Body::new(

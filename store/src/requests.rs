@@ -349,12 +349,11 @@ impl Store {
         // Where and under which lease the pieces of a large body were written, under a token
         // of this write's own: a write that loses the place to another touches none of its keys.
         let mut pieces_at: Option<(u64, i64)> = None;
-        let in_record = first_piece(request);
-        if in_record < request.body.len() {
+        if first_piece(request) < request.body.len() {
             request.body_pieces = format!("{:016x}", rand::random::<u64>());
         }
         let stored = self
-            .store_request_at(request, ttl, key, &mut pieces_at, in_record)
+            .store_request_at(request, ttl, key, &mut pieces_at)
             .await;
         if let (Some((seq, _)), Ok(Some(_)) | Err(StoreError::AlreadyExists { .. })) =
             (pieces_at, &stored)
@@ -371,8 +370,8 @@ impl Store {
         ttl: Duration,
         key: Option<(&str, &str)>,
         pieces_at: &mut Option<(u64, i64)>,
-        in_record: usize,
     ) -> Result<Option<HeldKey>, StoreError> {
+        let in_record = first_piece(request);
         let mut uncertain = false;
         let mut resends = Resends::new();
         let idempotency = key.map(|(digest, _)| self.keys.idempotency(&request.agent, digest));
@@ -643,15 +642,26 @@ impl Store {
     /// The whole request with id `id`: its record, body and stored answer; of a body kept in
     /// pieces only the first ([`BODY_PIECE`]), `body_bytes` telling its size.
     pub async fn get_request(&self, id: &str) -> Result<StoredRequest, StoreError> {
+        self.get_request_with(id, true).await
+    }
+
+    /// What became of the request with id `id`: its record and stored answer, without a body
+    /// kept apart from the record (up to a MiB not read for nothing).
+    pub async fn get_request_outcome(&self, id: &str) -> Result<StoredRequest, StoreError> {
+        self.get_request_with(id, false).await
+    }
+
+    async fn get_request_with(&self, id: &str, body: bool) -> Result<StoredRequest, StoreError> {
         let (agent, seq) = self.locate(id).await?;
-        let values = self
-            .get_all(vec![
-                self.keys.queued(&agent, seq),
-                self.keys.request(&agent, seq),
-                self.keys.request_body(&agent, seq),
-                self.keys.request_answer(&agent, seq),
-            ])
-            .await?;
+        let mut keys = vec![
+            self.keys.queued(&agent, seq),
+            self.keys.request(&agent, seq),
+            self.keys.request_answer(&agent, seq),
+        ];
+        if body {
+            keys.push(self.keys.request_body(&agent, seq));
+        }
+        let values = self.get_all(keys).await?;
         let record =
             values[0]
                 .as_ref()
@@ -661,11 +671,11 @@ impl Store {
                     name: id.to_string(),
                 })?;
         let mut stored = StoredRequest::from_kv(record)?;
-        if let Some(body) = &values[2] {
-            stored.request.body = body.value().to_vec();
-        }
-        if let Some(answer) = &values[3] {
+        if let Some(answer) = &values[2] {
             stored.request.response = Some(decode(answer.key(), answer.value())?);
+        }
+        if let Some(Some(body)) = values.get(3) {
+            stored.request.body = body.value().to_vec();
         }
         Ok(stored)
     }

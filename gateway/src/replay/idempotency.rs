@@ -85,7 +85,7 @@ pub async fn begin(
                 agent: agent.to_string(),
             });
         }
-        let stored = match store.get_request(&held.holder).await {
+        let stored = match store.get_request_outcome(&held.holder).await {
             Ok(stored) => stored.request,
             // Taken, but no request stored: the first one is still on its way, unless it has
             // been longer than any attempt can take (its gateway died between taking the

@@ -38,13 +38,6 @@ const SIZE: usize = 1024;
 /// The agent's replay concurrency (the default), and the direct reference's clients.
 const REPLAY_CONCURRENCY: usize = berth_proto::defaults::REPLAY_CONCURRENCY as usize;
 
-fn env_number(name: &str) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let run = async {
@@ -85,8 +78,8 @@ async fn enqueue_and_drain() -> anyhow::Result<()> {
     wait_agent(&api, &name, "ready", ready(1)).await?;
     anyhow::ensure!(cp.cli(&["stop", &name]).status.success());
     wait_agent(&api, &name, "stopped", ready(0)).await?;
-    let work_ms = env_number("BERTH_REPLAY_WORK_MS");
-    let keyed = env_number("BERTH_REPLAY_KEYED") > 0;
+    let work_ms = soak::setting("BERTH_REPLAY_WORK_MS", 0)?;
+    let keyed = soak::setting("BERTH_REPLAY_KEYED", 0)? > 0;
     let path = if work_ms == 0 {
         format!("/agents/{name}/echo")
     } else {

@@ -108,7 +108,7 @@ fn etcd_version() -> String {
 }
 
 /// The number in environment variable `name`, or `default` when it is not set.
-fn setting(name: &str, default: usize) -> anyhow::Result<usize> {
+pub fn setting(name: &str, default: usize) -> anyhow::Result<usize> {
     match std::env::var(name) {
         Ok(n) => n
             .parse()
