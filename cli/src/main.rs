@@ -99,6 +99,8 @@ enum Command {
     Start {
         #[arg(required = true)]
         names: Vec<String>,
+        #[command(flatten)]
+        wait: commands::wait::WaitArgs,
     },
     /// Stop agents (SIGTERM, then SIGKILL after the stop grace).
     Stop {
@@ -114,11 +116,15 @@ enum Command {
     Resume {
         #[arg(required = true)]
         names: Vec<String>,
+        #[command(flatten)]
+        wait: commands::wait::WaitArgs,
     },
     /// Restart every replica of agents.
     Restart {
         #[arg(required = true)]
         names: Vec<String>,
+        #[command(flatten)]
+        wait: commands::wait::WaitArgs,
     },
     /// Set an agent's number of replicas.
     Scale {
@@ -126,6 +132,8 @@ enum Command {
         name: String,
         /// The new number of replicas.
         replicas: u32,
+        #[command(flatten)]
+        wait: commands::wait::WaitArgs,
     },
     /// Show events, oldest first.
     Events {
@@ -297,34 +305,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let spec = specs.and_then(|mut s| s.pop()).expect("parsed above");
             let name = spec.name.clone();
             agents::create(&client, spec, format).await?;
-            if args.wait.wait {
-                commands::wait::until_available(&client, &name, args.wait.timeout).await?;
-            }
-            Ok(())
+            args.wait.each(&client, &[name]).await
         }
         Command::Apply { wait, .. } => {
             let specs = specs.expect("parsed above");
             let names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
             agents::apply(&client, specs, format).await?;
-            if wait.wait {
-                for name in names {
-                    commands::wait::until_available(&client, &name, wait.timeout).await?;
-                }
-            }
-            Ok(())
+            wait.each(&client, &names).await
         }
         Command::Export(args) => commands::export::run(&client, args).await,
         Command::Ls => agents::list(&client, format).await,
         Command::Get { name } => agents::get(&client, name, format).await,
         Command::Rm { names } => agents::remove(&client, names).await,
-        Command::Start { names } => agents::lifecycle(&client, Verb::Start, names, format).await,
-        Command::Stop { names } => agents::lifecycle(&client, Verb::Stop, names, format).await,
-        Command::Pause { names } => agents::lifecycle(&client, Verb::Pause, names, format).await,
-        Command::Resume { names } => agents::lifecycle(&client, Verb::Resume, names, format).await,
-        Command::Restart { names } => {
-            agents::lifecycle(&client, Verb::Restart, names, format).await
+        Command::Start { names, wait } => {
+            agents::lifecycle(&client, Verb::Start, &names, format).await?;
+            wait.each(&client, &names).await
         }
-        Command::Scale { name, replicas } => agents::scale(&client, name, replicas, format).await,
+        Command::Stop { names } => agents::lifecycle(&client, Verb::Stop, &names, format).await,
+        Command::Pause { names } => agents::lifecycle(&client, Verb::Pause, &names, format).await,
+        Command::Resume { names, wait } => {
+            agents::lifecycle(&client, Verb::Resume, &names, format).await?;
+            wait.each(&client, &names).await
+        }
+        Command::Restart { names, wait } => {
+            agents::lifecycle(&client, Verb::Restart, &names, format).await?;
+            wait.each(&client, &names).await
+        }
+        Command::Scale {
+            name,
+            replicas,
+            wait,
+        } => {
+            agents::scale(&client, name.clone(), replicas, format).await?;
+            wait.each(&client, &[name]).await
+        }
         Command::Events {
             name,
             follow,

@@ -1,7 +1,9 @@
-//! `berth deploy --wait` and `berth apply --wait` against a real control plane and node agent:
-//! success once every replica is ready, and each reason it cannot get there with its own exit
-//! code (ImageMissing 3, CrashLoop 4, Unschedulable 5, RolloutHalted 6, timeout 7).
+//! `--wait` (`berth deploy`, `apply`, `start`, `resume`, `restart`, `scale`) against a real
+//! control plane and node agent: success once every replica is ready, and each reason it cannot
+//! get there with its own exit code (ImageMissing 3, CrashLoop 4, Unschedulable 5,
+//! RolloutHalted 6, timeout 7).
 
+use berth_proto::v1::GetAgentRequest;
 use berth_tests::docker::{DockerRun, NodeAgent, ECHO_IMAGE};
 use berth_tests::{output_text as text, unique_name, ControlPlane, Etcd};
 
@@ -99,4 +101,85 @@ async fn wait_succeeds_once_available_and_names_each_reason_it_cannot_get_there(
     ]);
     assert_eq!(out.status.code(), Some(7), "{}", text(&out));
     assert!(text(&out).contains("Timeout"), "{}", text(&out));
+}
+
+/// Right after `--wait` returns: every replica the agent should have is of its current
+/// generation and ready, and none of an older one is left.
+async fn assert_available(cp: &ControlPlane, name: &str, replicas: usize, after: &str) {
+    let agent = cp
+        .agents()
+        .await
+        .unwrap()
+        .get_agent(GetAgentRequest {
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let generation = agent.meta.unwrap_or_default().generation;
+    let status = agent.status.unwrap_or_default();
+    let shown: Vec<_> = status
+        .replicas
+        .iter()
+        .map(|r| (r.generation, r.ready))
+        .collect();
+    assert_eq!(
+        shown,
+        vec![(generation, true); replicas],
+        "after {after}: every replica of generation {generation} ready"
+    );
+}
+
+#[tokio::test]
+async fn start_resume_restart_and_scale_wait_until_available_too() {
+    let etcd = Etcd::start().await.unwrap();
+    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
+    let run = DockerRun::new().unwrap();
+    let _node = NodeAgent::start(&cp.url(), &unique_name("wait"), &run).unwrap();
+    let name = unique_name("verbs");
+    let out = cp.deploy_echo(&name, &["--wait", "--timeout", "90s"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_available(&cp, &name, 1, "deploy --wait").await;
+
+    let stop = cp.cli(&["stop", &name]);
+    assert!(stop.status.success(), "{}", text(&stop));
+    for (args, replicas) in [
+        (vec!["start", name.as_str()], 1),
+        (vec!["scale", name.as_str(), "2"], 2),
+        (vec!["restart", name.as_str()], 2),
+    ] {
+        let mut args = args.clone();
+        args.extend(["--wait", "--timeout", "90s"]);
+        let out = cp.cli(&args);
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains(": available"),
+            "{}",
+            text(&out)
+        );
+        assert_available(&cp, &name, replicas, &args.join(" ")).await;
+    }
+    let pause = cp.cli(&["pause", &name]);
+    assert!(pause.status.success(), "{}", text(&pause));
+    let out = cp.cli(&["resume", &name, "--wait", "--timeout", "90s"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_available(&cp, &name, 2, "resume --wait").await;
+
+    // A start that cannot get there ends with its reason's exit code, as a deploy does.
+    let nofit = unique_name("nofit");
+    let out = cp.deploy_echo(&nofit, &["--node-selector", "gpu=yes"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = cp.cli(&["stop", &nofit]);
+    assert!(out.status.success(), "{}", text(&out));
+    let out = cp.cli(&["start", &nofit, "--wait", "--timeout", "90s"]);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    assert!(text(&out).contains("Unschedulable"), "{}", text(&out));
+    let out = cp.cli(&["scale", &name, "1", "--timeout", "1s"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "--timeout needs --wait: {}",
+        text(&out)
+    );
 }

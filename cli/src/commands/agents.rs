@@ -277,7 +277,7 @@ pub enum Verb {
 pub async fn lifecycle(
     client: &Client,
     verb: Verb,
-    names: Vec<String>,
+    names: &[String],
     format: Format,
 ) -> anyhow::Result<()> {
     let mut api = client.agents();

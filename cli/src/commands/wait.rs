@@ -1,4 +1,4 @@
-//! `--wait` of `berth deploy` and `berth apply`: follows an agent until every replica of its
+//! `--wait` of `berth deploy`, `apply`, `start`, `resume`, `restart` and `scale`: follows an agent until every replica of its
 //! current generation is ready (Available), printing progress as it changes, and gives up
 //! with the reason (and an exit code per reason) when Berth says it cannot get there.
 
@@ -25,7 +25,7 @@ const FAILURES: &[(&str, u8)] = &[
 /// The exit code when `--timeout` passes first.
 pub const TIMEOUT_EXIT: u8 = 7;
 
-/// `--wait [--timeout]` of `berth deploy` and `berth apply`.
+/// `--wait [--timeout]` of the commands that change what runs.
 #[derive(clap::Args, Clone, Debug)]
 pub struct WaitArgs {
     /// Wait until the agent is available (every replica of this generation ready), showing
@@ -35,6 +35,18 @@ pub struct WaitArgs {
     /// How long --wait waits (e.g. 90s, 5m).
     #[arg(long, requires = "wait", default_value = "5m", value_parser = crate::quantity::parse_duration)]
     pub timeout: Duration,
+}
+
+impl WaitArgs {
+    /// With `--wait`, waits for each agent in turn (each within `--timeout`); else nothing.
+    pub async fn each(&self, client: &Client, names: &[String]) -> anyhow::Result<()> {
+        if self.wait {
+            for name in names {
+                until_available(client, name, self.timeout).await?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Why `--wait` gave up.
@@ -98,7 +110,7 @@ fn progress(agent: &Agent) -> Progress {
         .count() as u32;
     let mut line = format!("{ready}/{desired} ready (generation {})", meta.generation);
     if old > 0 {
-        line.push_str(&format!(", {old} of an older generation still running"));
+        line.push_str(&format!(", {old} of an older generation not yet replaced"));
     }
     if let Some(rolling) = holds("Progressing") {
         line.push_str(&format!(": {}", rolling.message));
@@ -241,7 +253,7 @@ mod tests {
         assert_eq!(
             rolling,
             Progress::Waiting(
-                "2/2 ready (generation 2), 1 of an older generation still running: Progressing says why"
+                "2/2 ready (generation 2), 1 of an older generation not yet replaced: Progressing says why"
                     .into()
             )
         );
