@@ -98,6 +98,35 @@ impl Drop for DockerRun {
     }
 }
 
+/// etcd, a control plane, and one node agent on this host's Docker engine: what an
+/// end-to-end test of an agent's containers starts. Dropped node agent first, etcd last.
+pub struct OneNode {
+    /// The node agent.
+    pub node: NodeAgent,
+    /// The test's Docker network and containers.
+    pub run: DockerRun,
+    /// The control plane.
+    pub cp: crate::ControlPlane,
+    /// Its etcd.
+    pub etcd: crate::Etcd,
+}
+
+impl OneNode {
+    /// Starts them, the node named `{node}-{unique suffix}`.
+    pub async fn start(node: &str) -> anyhow::Result<Self> {
+        let etcd = crate::Etcd::start().await?;
+        let cp = crate::ControlPlane::start(&etcd.url()).await?;
+        let run = DockerRun::new()?;
+        let node = NodeAgent::start(&cp.url(), &crate::unique_name(node), &run)?;
+        Ok(Self {
+            node,
+            run,
+            cp,
+            etcd,
+        })
+    }
+}
+
 /// A real `berth node-agent` process.
 pub struct NodeAgent {
     child: Option<Child>,

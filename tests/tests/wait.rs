@@ -4,8 +4,8 @@
 //! RolloutHalted 6, timeout 7).
 
 use berth_proto::v1::GetAgentRequest;
-use berth_tests::docker::{DockerRun, NodeAgent, ECHO_IMAGE};
-use berth_tests::{output_text as text, unique_name, ControlPlane, Etcd};
+use berth_tests::docker::{OneNode, ECHO_IMAGE};
+use berth_tests::{output_text as text, unique_name, ControlPlane};
 
 /// busybox from Debian's busybox-static (`deploy/build-images.sh busybox`).
 const BUSYBOX_IMAGE: &str = "berth/busybox:local";
@@ -19,10 +19,8 @@ fn busybox(name: &str, script: &str) -> String {
 
 #[tokio::test]
 async fn wait_succeeds_once_available_and_names_each_reason_it_cannot_get_there() {
-    let etcd = Etcd::start().await.unwrap();
-    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
-    let run = DockerRun::new().unwrap();
-    let _node = NodeAgent::start(&cp.url(), &unique_name("wait"), &run).unwrap();
+    let one = OneNode::start("wait").await.unwrap();
+    let cp = &one.cp;
     let dir = tempfile::tempdir().unwrap();
     let apply = |manifest: &str, extra: &[&str]| {
         let file = dir.path().join(format!("{}.yaml", unique_name("m")));
@@ -133,14 +131,12 @@ async fn assert_available(cp: &ControlPlane, name: &str, replicas: usize, after:
 
 #[tokio::test]
 async fn start_resume_restart_and_scale_wait_until_available_too() {
-    let etcd = Etcd::start().await.unwrap();
-    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
-    let run = DockerRun::new().unwrap();
-    let _node = NodeAgent::start(&cp.url(), &unique_name("wait"), &run).unwrap();
+    let one = OneNode::start("wait").await.unwrap();
+    let cp = &one.cp;
     let name = unique_name("verbs");
     let out = cp.deploy_echo(&name, &["--wait", "--timeout", "90s"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_available(&cp, &name, 1, "deploy --wait").await;
+    assert_available(cp, &name, 1, "deploy --wait").await;
 
     let stop = cp.cli(&["stop", &name]);
     assert!(stop.status.success(), "{}", text(&stop));
@@ -158,13 +154,13 @@ async fn start_resume_restart_and_scale_wait_until_available_too() {
             "{}",
             text(&out)
         );
-        assert_available(&cp, &name, replicas, &args.join(" ")).await;
+        assert_available(cp, &name, replicas, &args.join(" ")).await;
     }
     let pause = cp.cli(&["pause", &name]);
     assert!(pause.status.success(), "{}", text(&pause));
     let out = cp.cli(&["resume", &name, "--wait", "--timeout", "90s"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_available(&cp, &name, 2, "resume --wait").await;
+    assert_available(cp, &name, 2, "resume --wait").await;
 
     // A start that cannot get there ends with its reason's exit code, as a deploy does.
     let nofit = unique_name("nofit");
