@@ -515,7 +515,7 @@ async fn forward(
         keep.then_some(route.replay.max_body_bytes),
     )
     .await?;
-    let forward = Forward {
+    let mut forward = Forward {
         agent: agent.to_string(),
         method: parts.method,
         path_and_query: class.upstream,
@@ -528,7 +528,7 @@ async fn forward(
         tried: Vec::new(),
     };
     let safe = class.safe;
-    let keyed = replay::idempotency::keyed(&forward);
+    let mut keyed = replay::idempotency::keyed(&forward);
     // A copy for the queue (or for keeping a keyed answer): bodies are reference-counted.
     let kept = if opted_out && keyed.is_none() {
         None
@@ -564,23 +564,42 @@ async fn forward(
             }
         }
     }
-    if let Some(keyed) = &keyed {
+    // The digest of a streamed keyed body's whole payload, once it has passed.
+    let mut streamed = None;
+    if let Some(keyed) = &mut keyed {
         let id = forward
             .headers
             .get(forward::REQUEST_ID)
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        if let replay::idempotency::Begin::Answer(answer) = Box::pin(replay::idempotency::begin(
-            &gateway.store,
-            route,
-            keyed,
-            &id,
-        ))
-        .await?
-        {
-            return Ok(answer);
+        use replay::idempotency::Begin;
+        let begin = |keyed: replay::idempotency::Keyed| {
+            let (store, id) = (&gateway.store, &id);
+            async move { Box::pin(replay::idempotency::begin(store, route, &keyed, id)).await }
+        };
+        match begin(keyed.clone()).await? {
+            Begin::Fresh => {}
+            Begin::Answer(answer) => return Ok(answer),
+            // A repeat whose body streams: compared body and all, it is answered from the
+            // first, or refused; it is never sent (its body is read through).
+            Begin::NeedsBody => {
+                let whole = replay::idempotency::digest_whole(&mut forward, route.timeout).await?;
+                keyed.whole = Some(whole);
+                match begin(keyed.clone()).await? {
+                    Begin::Answer(answer) => return Ok(answer),
+                    // Let go meanwhile (dropped, expired): this one took it, but its body
+                    // is gone; the client sends it again.
+                    Begin::Fresh | Begin::NeedsBody => {
+                        Box::pin(replay::idempotency::release(&gateway.store, agent, keyed)).await;
+                        return Err(GatewayError::KeyInFlight {
+                            agent: agent.to_string(),
+                        });
+                    }
+                }
+            }
         }
+        streamed = replay::idempotency::digest_as_it_passes(&mut forward);
     }
     let service = stack.service.lock().expect("stack lock").clone();
     let result = match &load {
@@ -621,6 +640,7 @@ async fn forward(
                 route,
                 kept,
                 &keyed,
+                streamed,
                 result,
             ))
             .await

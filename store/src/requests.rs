@@ -533,6 +533,50 @@ impl Store {
         Ok(())
     }
 
+    /// Records `payload` as the payload digest of `Idempotency-Key` `key_sha256` of `agent`,
+    /// if request `id` still holds it (a body streamed to the agent is digested only once it
+    /// has passed). The key keeps its lease and the time it was taken. Returns whether it did.
+    pub async fn complete_idempotency_key(
+        &self,
+        agent: &str,
+        key_sha256: &str,
+        id: &str,
+        payload: &str,
+    ) -> Result<bool, StoreError> {
+        let key = self.keys.idempotency(agent, key_sha256);
+        let got = self
+            .client()
+            .get(key.as_str(), None)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let Some(kv) = got.kvs().first() else {
+            return Ok(false);
+        };
+        let held = held_key(kv);
+        if held.holder != id {
+            return Ok(false);
+        }
+        let value = String::from_utf8_lossy(kv.value());
+        let taken = value.splitn(3, '\n').nth(2).unwrap_or_default();
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                key.as_str(),
+                CompareOp::Equal,
+                held.revision,
+            )])
+            .and_then([TxnOp::put(
+                key.as_str(),
+                format!("{id}\n{payload}\n{taken}"),
+                Some(PutOptions::new().with_ignore_lease()),
+            )]);
+        let resp = self
+            .client()
+            .txn(txn)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(resp.succeeded())
+    }
+
     /// Lets a key go only if it is still as `held` saw it (an orphan: taken by a gateway that
     /// died before it stored anything).
     pub async fn release_orphan_key(

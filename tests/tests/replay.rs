@@ -7,7 +7,7 @@ use berth_tests::docker::{ready, wait_agent, ECHO_IMAGE};
 use berth_tests::replay::{
     arrivals, counts, list_request_ids, post, setup, setup_with, wait_delivered, wait_down,
 };
-use berth_tests::wire::{get, send, wait_routed};
+use berth_tests::wire::{get, send, send_chunked, wait_routed};
 use berth_tests::{eventually, unique_name, Gateway};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -541,6 +541,46 @@ async fn an_idempotency_key_gets_one_result() {
     .await;
     assert_eq!(other.status, 422);
     assert_eq!(other.json()["error"]["code"], "idempotency_key_reused");
+
+    // A body too large to keep (2 MiB, the limit 1 MiB) streams on to the agent and is
+    // digested as it passes: a repeat with the same body gets the stored answer, streamed with
+    // a length or chunked; one with another body of the same size, or a small one, gets 422.
+    let large = |fill: u8| vec![fill; 2 << 20];
+    let head = format!("POST {base}/digest HTTP/1.1\r\nIdempotency-Key: k-large");
+    let large_first = send(&s.gw.addr, &head, &large(b'a')).await;
+    assert_eq!(
+        large_first.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&large_first.body)
+    );
+    assert_eq!(large_first.json()["bytes"], 2 << 20);
+    for again in [
+        send(&s.gw.addr, &head, &large(b'a')).await,
+        send_chunked(&s.gw.addr, &head, &large(b'a'), 64 << 10).await,
+    ] {
+        assert_eq!(
+            again.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&again.body)
+        );
+        assert_eq!(again.header("x-berth-replayed").as_deref(), Some("1"));
+        assert_eq!(again.body, large_first.body);
+    }
+    for other in [
+        send(&s.gw.addr, &head, &large(b'b')).await,
+        send_chunked(&s.gw.addr, &head, &large(b'b'), 64 << 10).await,
+        post(&s.gw, &format!("{base}/digest"), "small", &key("k-large")).await,
+    ] {
+        assert_eq!(
+            other.status,
+            422,
+            "{}",
+            String::from_utf8_lossy(&other.body)
+        );
+        assert_eq!(other.json()["error"]["code"], "idempotency_key_reused");
+    }
 
     // While the first is in flight (it has reached the agent, which takes 2 s): 409.
     let slow_id = unique_name("slow");

@@ -662,6 +662,56 @@ async fn an_orphaned_key_is_let_go_only_as_it_was_seen() {
 }
 
 #[tokio::test]
+async fn a_key_is_completed_with_its_payload_by_its_holder_alone_and_keeps_its_lease() {
+    let etcd = Etcd::start().await.unwrap();
+    let store = store(&etcd).await;
+    let mut client = etcd.client().await.unwrap();
+    let ttl = Duration::from_secs(600);
+    let digest = berth_store::requests::key_digest("k");
+    let at = format!("/t/idempotency/a/{digest}");
+    let lease_of = |client: &mut etcd_client::Client| {
+        let (mut client, at) = (client.clone(), at.clone());
+        async move { client.get(at, None).await.unwrap().kvs()[0].lease() }
+    };
+    // Taken while its body streams: the payload without the body.
+    assert!(store
+        .take_idempotency_key("a", &digest, "first", "p:head", ttl)
+        .await
+        .unwrap()
+        .is_none());
+    let lease = lease_of(&mut client).await;
+    assert_ne!(lease, 0);
+    assert!(!store
+        .complete_idempotency_key("a", &digest, "other", "whole")
+        .await
+        .unwrap());
+    assert!(store
+        .complete_idempotency_key("a", &digest, "first", "whole")
+        .await
+        .unwrap());
+    let held = store
+        .take_idempotency_key("a", &digest, "next", "x", ttl)
+        .await
+        .unwrap()
+        .expect("held by first");
+    assert_eq!(
+        (held.holder.as_str(), held.payload.as_str()),
+        ("first", "whole")
+    );
+    assert!(
+        held.age < Duration::from_secs(60),
+        "the time it was taken kept"
+    );
+    assert_eq!(lease_of(&mut client).await, lease, "under the same lease");
+    // Let go meanwhile: nothing to complete.
+    store.release_idempotency_key("a", &digest).await.unwrap();
+    assert!(!store
+        .complete_idempotency_key("a", &digest, "first", "whole")
+        .await
+        .unwrap());
+}
+
+#[tokio::test]
 async fn a_positional_id_is_its_place_with_no_index_and_a_chosen_id_is_indexed() {
     let etcd = Etcd::start().await.unwrap();
     let store = store(&etcd).await;

@@ -170,7 +170,7 @@ pub async fn enqueue(
             .map(|()| None),
         Some(keyed) => {
             store
-                .enqueue_keyed_request(&mut request, route.replay.ttl, &keyed.key, &keyed.payload)
+                .enqueue_keyed_request(&mut request, route.replay.ttl, &keyed.key, &keyed.payload())
                 .await
         }
     };
