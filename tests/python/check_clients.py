@@ -1,7 +1,8 @@
 """Checks Berth's API from Python, as a client in another language would use it.
 
 1. Generates a client from proto/ with grpcio-tools and uses it against a live control plane
-   to create, get and list an agent.
+   to create, get and list an agent, and (with --queue-agent) to page through a replay queue
+   and read a request whose body is larger than a gRPC message.
 2. With a reflection client (grpcio-reflection), checks that every berth.v1 service and
    grpc.health.v1.Health is listed and described, as `grpcurl list` / `describe` would.
 
@@ -97,6 +98,34 @@ def check_generated_client(channel, name):
     print(f"generated client: created, got and listed agent {name}")
 
 
+def check_requests(channel, agent, queued, large_id):
+    """Pages through an agent's replay queue, and reads a request whose body is kept in pieces,
+    with a channel's default limits (4 MiB a message)."""
+    request_pb2 = importlib.import_module("berth.v1.request_pb2")
+    request_grpc = importlib.import_module("berth.v1.request_pb2_grpc")
+    stub = request_grpc.RequestServiceStub(channel)
+    seen, token, pages = [], "", 0
+    while True:
+        page = stub.ListRequests(request_pb2.ListRequestsRequest(agent=agent, limit=1000, page_token=token))
+        seen += [r.id for r in page.requests]
+        pages += 1
+        token = page.next_page_token
+        if not token:
+            break
+    assert len(seen) == queued, f"{len(seen)} listed of {queued}"
+    assert len(set(seen)) == queued, "a request listed twice"
+    assert pages >= 2, pages
+    try:
+        stub.ListRequests(request_pb2.ListRequestsRequest(agent=agent, page_token="w:../../agents/x"))
+        raise AssertionError("a page token of another listing was taken")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
+    large = stub.GetRequest(request_pb2.GetRequestRequest(id=large_id))
+    assert large.body_bytes > len(large.body) > 0, (large.body_bytes, len(large.body))
+    print(f"requests: {len(seen)} of {agent} in {pages} pages; {large_id}: "
+          f"{large.body_bytes} bytes, the first {len(large.body)} shown")
+
+
 def check_reflection(channel):
     database = ProtoReflectionDescriptorDatabase(channel)
     services = set(database.get_services())
@@ -121,11 +150,16 @@ def main():
     parser.add_argument("--token", required=True)
     parser.add_argument("--proto-dir", required=True, type=pathlib.Path)
     parser.add_argument("--name", default="from-python")
+    parser.add_argument("--queue-agent", help="an agent whose replay queue to page through")
+    parser.add_argument("--queued", type=int, default=0, help="how many requests it holds")
+    parser.add_argument("--large-id", help="one of them whose body is larger than a message")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="berth-py-") as out:
         generate(args.proto_dir.resolve(), pathlib.Path(out))
         channel = grpc.intercept_channel(grpc.insecure_channel(args.addr), BearerToken(args.token))
         check_generated_client(channel, args.name)
+        if args.queue_agent:
+            check_requests(channel, args.queue_agent, args.queued, args.large_id)
         check_reflection(channel)
         # Without a token, reflection is refused like every other call.
         bare = grpc.insecure_channel(args.addr)

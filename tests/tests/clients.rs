@@ -204,10 +204,42 @@ async fn cli_errors_say_what_to_do() {
     );
 }
 
+/// Queues `small` requests of 100 bytes for `agent`, and one of 3 MiB (kept in pieces) whose
+/// id it returns, as a gateway would have stored them.
+async fn fill_queue(etcd: &Etcd, agent: &str, small: usize) -> String {
+    use berth_proto::v1::{Request, RequestState};
+    let store = berth_store::Store::connect(&[etcd.url()], "/berth", &Default::default())
+        .await
+        .unwrap();
+    let ttl = std::time::Duration::from_secs(600);
+    let request = |id: String, body: Vec<u8>| Request {
+        id,
+        agent: agent.into(),
+        state: RequestState::Queued as i32,
+        method: "POST".into(),
+        path: "/echo".into(),
+        body,
+        ..Default::default()
+    };
+    let ids: Vec<usize> = (0..small).collect();
+    for chunk in ids.chunks(64) {
+        let writes = chunk.iter().map(|i| {
+            let (store, mut r) = (&store, request(format!("py-{i}"), vec![b'x'; 100]));
+            async move { store.enqueue_request(&mut r, ttl).await.unwrap() }
+        });
+        futures::future::join_all(writes).await;
+    }
+    let mut large = request("py-large".into(), vec![b'y'; 3 << 20]);
+    store.enqueue_request(&mut large, ttl).await.unwrap();
+    large.id
+}
+
 #[tokio::test]
 async fn python_client_and_reflection() {
     let etcd = Etcd::start().await.unwrap();
     let cp = ControlPlane::start(&etcd.url()).await.unwrap();
+    let queue_agent = unique_name("pyq");
+    let large_id = fill_queue(&etcd, &queue_agent, 2500).await;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap();
@@ -228,6 +260,12 @@ async fn python_client_and_reflection() {
             berth_tests::ADMIN_TOKEN,
             "--name",
             &unique_name("py"),
+            "--queue-agent",
+            &queue_agent,
+            "--queued",
+            "2501",
+            "--large-id",
+            &large_id,
         ])
         .arg("--proto-dir")
         .arg(root.join("proto"))
@@ -241,6 +279,15 @@ async fn python_client_and_reflection() {
     );
     assert!(
         stdout(&out).contains("reflection: berth.v1.NodeAgentService"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains(&format!(
+            "requests: 2501 of {queue_agent} in 3 pages; py-large: {} bytes, the first {} shown",
+            3 << 20,
+            1 << 20
+        )),
         "{}",
         stdout(&out)
     );
