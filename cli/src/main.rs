@@ -213,7 +213,7 @@ enum Command {
         #[arg(long, value_enum)]
         state: Option<commands::requests::StateArg>,
         /// Most requests shown (a page; at most 1000).
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = commands::requests::DEFAULT_LIMIT)]
         limit: u32,
         /// Go on from where a previous page ended (the token it printed).
         #[arg(long, default_value = "")]

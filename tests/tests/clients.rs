@@ -291,6 +291,40 @@ async fn python_client_and_reflection() {
         "{}",
         stdout(&out)
     );
+
+    // The CLI pages through the same queue, each page's last line the command for the next.
+    let mut args: Vec<String> = [
+        "requests",
+        &queue_agent,
+        "--state",
+        "queued",
+        "--limit",
+        "1000",
+    ]
+    .map(String::from)
+    .to_vec();
+    let (mut listed, mut pages) = (std::collections::HashSet::new(), 0);
+    loop {
+        let out = cp.cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(out.status.success(), "{}", stderr(&out));
+        pages += 1;
+        let shown = stdout(&out);
+        listed.extend(
+            shown
+                .lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .filter(|id| id.starts_with("py-"))
+                .map(String::from),
+        );
+        match shown.lines().find_map(|l| l.strip_prefix("more: berth ")) {
+            Some(next) => {
+                assert!(next.contains("--state queued --limit 1000"), "{next}");
+                args = next.split_whitespace().map(String::from).collect();
+            }
+            None => break,
+        }
+    }
+    assert_eq!((listed.len(), pages), (2501, 3));
 }
 
 #[test]

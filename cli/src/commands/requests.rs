@@ -73,7 +73,7 @@ pub async fn list(
         agent: agent.clone().unwrap_or_default(),
         state: state.map(|s| RequestState::from(s) as i32).unwrap_or(0),
         limit: page.limit,
-        page_token: page.page_token,
+        page_token: page.page_token.clone(),
     };
     let listed = client
         .requests()
@@ -92,14 +92,33 @@ pub async fn list(
     }
     outln!("{out}");
     if !listed.next_page_token.is_empty() {
-        outln!(
-            "more: berth requests {}--page-token {}",
-            agent.map(|a| format!("{a} ")).unwrap_or_default(),
-            listed.next_page_token
-        );
+        let next = Page {
+            page_token: listed.next_page_token,
+            ..page
+        };
+        outln!("more: {}", next_page(agent.as_deref(), state, &next));
     }
     Ok(())
 }
+
+/// The command that lists `page` of the same listing: the token belongs to its agent and state.
+fn next_page(agent: Option<&str>, state: Option<StateArg>, page: &Page) -> String {
+    let mut command = String::from("berth requests");
+    if let Some(agent) = agent {
+        command.push_str(&format!(" {agent}"));
+    }
+    if let Some(state) = state.and_then(|s| s.to_possible_value()) {
+        command.push_str(&format!(" --state {}", state.get_name()));
+    }
+    if page.limit != DEFAULT_LIMIT {
+        command.push_str(&format!(" --limit {}", page.limit));
+    }
+    command.push_str(&format!(" --page-token {}", page.page_token));
+    command
+}
+
+/// Requests a page shows unless `--limit` says otherwise.
+pub const DEFAULT_LIMIT: u32 = 100;
 
 fn state_word(state: i32) -> &'static str {
     match RequestState::try_from(state) {
@@ -173,4 +192,25 @@ pub async fn act(client: &Client, action: RequestAction, format: Format) -> anyh
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_next_page_is_asked_for_with_the_same_agent_state_and_limit() {
+        let page = |limit: u32| Page {
+            limit,
+            page_token: "d:echo/00000000000000000042".into(),
+        };
+        assert_eq!(
+            next_page(Some("echo"), Some(StateArg::Dead), &page(20)),
+            "berth requests echo --state dead --limit 20 --page-token d:echo/00000000000000000042"
+        );
+        assert_eq!(
+            next_page(None, None, &page(DEFAULT_LIMIT)),
+            "berth requests --page-token d:echo/00000000000000000042"
+        );
+    }
 }
