@@ -338,6 +338,16 @@ impl Store {
         self.client.clone()
     }
 
+    /// Commits `txn` on its own (not batched); whether its compares held.
+    async fn txn_succeeded(&self, txn: etcd_client::Txn) -> Result<bool, StoreError> {
+        let resp = self
+            .client()
+            .txn(txn)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        Ok(resp.succeeded())
+    }
+
     /// `op` again after a transient failure (a member down until the client stops using it,
     /// about a second), up to [`TRANSIENT_RETRIES`] times with a growing pause. Only for
     /// operations that are safe to send twice (reads, and writes checked by a compare).

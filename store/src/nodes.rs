@@ -180,12 +180,7 @@ impl Store {
     pub async fn try_lead(&self, identity: &str, lease: i64) -> Result<bool, StoreError> {
         let key = self.keys.leader();
         let txn = crate::create_under_lease(&key, identity, lease);
-        let resp = self
-            .client()
-            .txn(txn)
-            .await
-            .map_err(|e| self.unavailable(e))?;
-        Ok(resp.succeeded())
+        self.txn_succeeded(txn).await
     }
 
     /// Who leads now, if anyone.

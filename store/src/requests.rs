@@ -569,12 +569,7 @@ impl Store {
                 format!("{id}\n{payload}\n{taken}"),
                 Some(PutOptions::new().with_ignore_lease()),
             )]);
-        let resp = self
-            .client()
-            .txn(txn)
-            .await
-            .map_err(|e| self.unavailable(e))?;
-        Ok(resp.succeeded())
+        self.txn_succeeded(txn).await
     }
 
     /// Lets a key go only if it is still as `held` saw it (an orphan: taken by a gateway that
@@ -593,12 +588,7 @@ impl Store {
                 held.revision,
             )])
             .and_then([TxnOp::delete(key.as_str(), None)]);
-        let resp = self
-            .client()
-            .txn(txn)
-            .await
-            .map_err(|e| self.unavailable(e))?;
-        Ok(resp.succeeded())
+        self.txn_succeeded(txn).await
     }
 
     /// The position `(agent, seq)` of request `id`.
