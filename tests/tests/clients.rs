@@ -172,11 +172,15 @@ async fn cli_errors_say_what_to_do() {
     let etcd = Etcd::start().await.unwrap();
     let cp = ControlPlane::start(&etcd.url()).await.unwrap();
     let bin = berth_tests::berth_bin();
+    // Not the user's own CLI config (which `berth up` writes): none at all.
+    let dir = tempfile::tempdir().unwrap();
+    let no_config = dir.path().join("none.yaml");
 
     let out = Command::new(&bin)
         .args(["ls"])
         .env("BERTH_ADDR", cp.url())
         .env_remove("BERTH_TOKEN")
+        .env("BERTH_CLI_CONFIG", &no_config)
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -187,6 +191,7 @@ async fn cli_errors_say_what_to_do() {
         .args(["ls"])
         .env("BERTH_ADDR", &closed)
         .env("BERTH_TOKEN", "x")
+        .env("BERTH_CLI_CONFIG", &no_config)
         .output()
         .unwrap();
     assert!(!out.status.success());
