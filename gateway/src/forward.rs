@@ -67,6 +67,14 @@ pub struct Forward {
 }
 
 impl Forward {
+    /// The request's id (`X-Berth-Request-Id`, set on every request the gateway takes).
+    pub fn request_id(&self) -> &str {
+        self.headers
+            .get(REQUEST_ID)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+    }
+
     /// Whether sending the request twice is harmless: an idempotent method (RFC 9110 §9.2.2)
     /// or an `Idempotency-Key`.
     pub fn is_safe(&self) -> bool {

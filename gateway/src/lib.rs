@@ -567,18 +567,9 @@ async fn forward(
     // The digest of a streamed keyed body's whole payload, once it has passed.
     let mut streamed = None;
     if let Some(keyed) = &mut keyed {
-        let id = forward
-            .headers
-            .get(forward::REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        use replay::idempotency::Begin;
-        let begin = |keyed: replay::idempotency::Keyed| {
-            let (store, id) = (&gateway.store, &id);
-            async move { Box::pin(replay::idempotency::begin(store, route, &keyed, id)).await }
-        };
-        match begin(keyed.clone()).await? {
+        use replay::idempotency::{begin, Begin};
+        let id = forward.request_id().to_string();
+        match Box::pin(begin(&gateway.store, route, keyed, &id)).await? {
             Begin::Fresh => {}
             Begin::Answer(answer) => return Ok(answer),
             // A repeat whose body streams: compared body and all, it is answered from the
@@ -586,7 +577,7 @@ async fn forward(
             Begin::NeedsBody => {
                 let whole = replay::idempotency::digest_whole(&mut forward, route.timeout).await?;
                 keyed.whole = Some(whole);
-                match begin(keyed.clone()).await? {
+                match Box::pin(begin(&gateway.store, route, keyed, &id)).await? {
                     Begin::Answer(answer) => return Ok(answer),
                     // Let go meanwhile (dropped, expired): this one took it, but its body
                     // is gone; the client sends it again.

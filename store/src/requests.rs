@@ -552,21 +552,19 @@ impl Store {
         let Some(kv) = got.kvs().first() else {
             return Ok(false);
         };
-        let held = held_key(kv);
-        if held.holder != id {
+        let (holder, _, taken) = key_fields(kv);
+        if holder != id {
             return Ok(false);
         }
-        let value = String::from_utf8_lossy(kv.value());
-        let taken = value.splitn(3, '\n').nth(2).unwrap_or_default();
         let txn = Txn::new()
             .when([Compare::mod_revision(
                 key.as_str(),
                 CompareOp::Equal,
-                held.revision,
+                kv.mod_revision(),
             )])
             .and_then([TxnOp::put(
                 key.as_str(),
-                format!("{id}\n{payload}\n{taken}"),
+                key_value(id, payload, taken),
                 Some(PutOptions::new().with_ignore_lease()),
             )]);
         self.txn_succeeded(txn).await
@@ -1571,21 +1569,29 @@ fn take_key_op(at: &str, id: &str, payload: &str, lease: i64) -> TxnOp {
     let now = unix_millis(SystemTime::now());
     TxnOp::put(
         at,
-        format!("{id}\n{payload}\n{now}"),
+        key_value(id, payload, now),
         Some(PutOptions::new().with_lease(lease)),
     )
 }
 
-/// Who holds a taken key, read from its value (as [`take_key_op`] wrote it).
-fn held_key(kv: &etcd_client::KeyValue) -> HeldKey {
+/// A taken key's value: its holder, the payload's digest, and when it was taken (Unix ms).
+fn key_value(holder: &str, payload: &str, taken: u64) -> String {
+    format!("{holder}\n{payload}\n{taken}")
+}
+
+/// The fields of a taken key's value (as [`key_value`] writes it).
+fn key_fields(kv: &etcd_client::KeyValue) -> (String, String, u64) {
     let value = String::from_utf8_lossy(kv.value());
     let mut parts = value.splitn(3, '\n');
     let holder = parts.next().unwrap_or_default().to_string();
     let payload = parts.next().unwrap_or_default().to_string();
-    let taken = parts
-        .next()
-        .and_then(|t| t.parse::<u64>().ok())
-        .unwrap_or(0);
+    let taken = parts.next().and_then(|t| t.parse().ok()).unwrap_or(0);
+    (holder, payload, taken)
+}
+
+/// Who holds a taken key, read from its value.
+fn held_key(kv: &etcd_client::KeyValue) -> HeldKey {
+    let (holder, payload, taken) = key_fields(kv);
     HeldKey {
         holder,
         payload,

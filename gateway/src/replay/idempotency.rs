@@ -150,8 +150,8 @@ pub async fn digest_whole(
         unreachable!("digested only when it streams");
     };
     let read = async {
-        let mut body = std::pin::pin!(body);
-        while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        let mut body = body;
+        while let Some(frame) = http_body_util::BodyExt::frame(&mut body).await {
             frame
                 .map_err(|e| GatewayError::BadRequest(format!("reading the request body: {e}")))?;
         }
@@ -329,13 +329,8 @@ pub async fn finish(
         None => None,
     };
     if let Some(payload) = payload {
-        let id = kept
-            .headers
-            .get(super::super::forward::REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default();
         if let Err(e) = store
-            .complete_idempotency_key(&kept.agent, &keyed.key, id, &payload)
+            .complete_idempotency_key(&kept.agent, &keyed.key, kept.request_id(), &payload)
             .await
         {
             tracing::warn!(agent = %kept.agent, error = %e, "cannot complete an idempotency key with its body's digest");

@@ -8,7 +8,7 @@ pub mod replayer;
 pub mod results;
 
 use super::error::GatewayError;
-use super::forward::{Forward, ForwardBody, REQUEST_ID};
+use super::forward::{Forward, ForwardBody};
 use super::load::Loads;
 use super::routes::Route;
 use crate::outcome::Ending;
@@ -100,12 +100,7 @@ pub fn to_request(forward: &Forward, why: Ending) -> Request {
         ForwardBody::Streaming(_) => Vec::new(),
     };
     Request {
-        id: forward
-            .headers
-            .get(REQUEST_ID)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string(),
+        id: forward.request_id().to_string(),
         agent: forward.agent.clone(),
         state: RequestState::Queued as i32,
         method: forward.method.to_string(),
