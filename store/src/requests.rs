@@ -132,11 +132,13 @@ pub(super) struct RequestLease {
 /// Puts `answer` into the finished `record` when the two stay small (its body, inline or
 /// kept apart, and the answer's within [`INLINE_BODY_BYTES`]): one key fewer per delivery, and a
 /// page of records no larger than one of inline bodies. Otherwise the answer, to be kept apart
-/// (not copied: it may be up to the answer limit).
+/// (not copied: it may be up to the answer limit). The record keeps the answer's status either
+/// way, for listings, which read records alone.
 fn keep_inline<'a>(
     record: &mut Request,
     answer: Option<&'a StoredResponse>,
 ) -> Option<&'a StoredResponse> {
+    record.response_status = answer.map_or(0, |a| a.status);
     match answer {
         Some(answer) if record.body.len() + answer.body.len() <= INLINE_BODY_BYTES => {
             record.response = Some(answer.clone());
@@ -1333,6 +1335,7 @@ impl Store {
             }
             next.state = RequestState::Queued as i32;
             next.response = None;
+            next.response_status = 0;
             next.attempts = 0;
             next.attempt_deadline = None;
             let finished = self.keys.request(&agent, seq);

@@ -156,6 +156,16 @@ async fn a_stopped_agent_gets_its_requests_in_order_once_started() {
         .find(|h| h[0] == "x-berth-replay-attempt")
         .map(|h| h[1].clone());
     assert_eq!(replay_header, Some(serde_json::json!("1")));
+    // The operator's view of how each was answered, from records alone.
+    let out = s.cp.cli(&["requests", &s.name, "--state", "delivered"]);
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    for id in &ids {
+        let row = table.lines().find(|l| l.contains(id.as_str()));
+        assert!(
+            row.is_some_and(|r| r.split_whitespace().last() == Some("200")),
+            "{id} listed as answered with 200:\n{table}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -363,7 +363,8 @@ async fn a_finish_is_written_only_under_the_claim_it_was_made_with() {
 }
 
 #[tokio::test]
-async fn a_small_answer_rides_in_the_finished_record_and_a_large_one_is_kept_apart() {
+async fn a_small_answer_rides_in_the_finished_record_and_a_large_one_is_kept_apart_its_status_in_the_record_either_way(
+) {
     let etcd = Etcd::start().await.unwrap();
     let store = store(&etcd).await;
     let mut etcd_client = etcd.client().await.unwrap();
@@ -403,6 +404,10 @@ async fn a_small_answer_rides_in_the_finished_record_and_a_large_one_is_kept_apa
             .unwrap();
         let bytes = String::from_utf8_lossy(marker.kvs()[0].value()).into_owned();
         assert_eq!(bytes, (id.len() + size).to_string(), "{id}");
+        // A listing reads records alone: the status is there, whichever way the answer went.
+        let (listed, _) = store.list_requests(Some("a"), 0, 10, "").await.unwrap();
+        let listed = listed.iter().find(|r| r.id == id).expect("listed");
+        assert_eq!(listed.response_status, 201, "{id}");
     }
 }
 

@@ -131,9 +131,11 @@ fn state_word(state: i32) -> &'static str {
 }
 
 fn row(r: &Request) -> Vec<String> {
-    let result = match &r.response {
-        Some(response) => response.status.to_string(),
-        None => r.last_error.clone(),
+    // A listing leaves the answer out; its status is in the record.
+    let result = match (&r.response, r.response_status) {
+        (Some(response), _) => response.status.to_string(),
+        (None, 0) => r.last_error.clone(),
+        (None, status) => status.to_string(),
     };
     let mut path = r.path.clone();
     if !r.query.is_empty() {

@@ -83,7 +83,7 @@ pub(super) async fn requests(
                 button type="submit" { "Show" }
             }
             table #requests {
-                tr { th { "Request" } th { "Agent" } th { "State" } th { "Method and path" } th { "Attempts" } th { "Last error" } th { "Received" } }
+                tr { th { "Request" } th { "Agent" } th { "State" } th { "Method and path" } th { "Attempts" } th { "Result" } th { "Received" } }
                 @if listed.requests.is_empty() { tr { td colspan="7" .muted { "No requests" } } }
                 @for r in &listed.requests {
                     @let state = RequestState::try_from(r.state).map(|s| word(s.as_str_name())).unwrap_or_default();
@@ -93,7 +93,7 @@ pub(super) async fn requests(
                         td { (state) }
                         td { (r.method) " " (r.path) @if !r.query.is_empty() { "?" (r.query) } }
                         td.num { (r.attempts) }
-                        td { (r.last_error) }
+                        td { @if r.response_status > 0 { (r.response_status) } @else { (r.last_error) } }
                         td { (time(r.receive_time.as_ref())) }
                     }
                 }
