@@ -31,6 +31,7 @@ mod up;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+use berth_proto::v1::ReplicaState;
 use berth_proto::{manifest, quantity};
 use clap::{Parser, Subcommand};
 use client::Client;
@@ -106,11 +107,15 @@ enum Command {
     Stop {
         #[arg(required = true)]
         names: Vec<String>,
+        #[command(flatten)]
+        wait: commands::wait::HaltWaitArgs,
     },
     /// Pause agents (freeze their processes).
     Pause {
         #[arg(required = true)]
         names: Vec<String>,
+        #[command(flatten)]
+        wait: commands::wait::HaltWaitArgs,
     },
     /// Resume paused agents.
     Resume {
@@ -321,8 +326,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             agents::lifecycle(&client, Verb::Start, &names, format).await?;
             wait.each(&client, &names).await
         }
-        Command::Stop { names } => agents::lifecycle(&client, Verb::Stop, &names, format).await,
-        Command::Pause { names } => agents::lifecycle(&client, Verb::Pause, &names, format).await,
+        Command::Stop { names, wait } => {
+            agents::lifecycle(&client, Verb::Stop, &names, format).await?;
+            wait.each(&client, &names, ReplicaState::Stopped).await
+        }
+        Command::Pause { names, wait } => {
+            agents::lifecycle(&client, Verb::Pause, &names, format).await?;
+            wait.each(&client, &names, ReplicaState::Paused).await
+        }
         Command::Resume { names, wait } => {
             agents::lifecycle(&client, Verb::Resume, &names, format).await?;
             wait.each(&client, &names).await

@@ -1,9 +1,9 @@
 //! `--wait` (`berth deploy`, `apply`, `start`, `resume`, `restart`, `scale`) against a real
 //! control plane and node agent: success once every replica is ready, and each reason it cannot
 //! get there with its own exit code (ImageMissing 3, CrashLoop 4, Unschedulable 5,
-//! RolloutHalted 6, timeout 7).
+//! RolloutHalted 6, timeout 7); of `stop` and `pause`, once every replica is stopped (paused).
 
-use berth_proto::v1::GetAgentRequest;
+use berth_proto::v1::{GetAgentRequest, ReplicaState};
 use berth_tests::docker::{OneNode, ECHO_IMAGE};
 use berth_tests::{output_text as text, unique_name, ControlPlane};
 
@@ -129,8 +129,32 @@ async fn assert_available(cp: &ControlPlane, name: &str, replicas: usize, after:
     );
 }
 
+/// Right after `--wait` returns: the agent's replicas are in these states.
+async fn assert_replicas(cp: &ControlPlane, name: &str, states: &[ReplicaState], after: &str) {
+    let agent = cp
+        .agents()
+        .await
+        .unwrap()
+        .get_agent(GetAgentRequest {
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let shown: Vec<i32> = agent
+        .status
+        .unwrap_or_default()
+        .replicas
+        .iter()
+        .map(|r| r.state)
+        .collect();
+    let want: Vec<i32> = states.iter().map(|s| *s as i32).collect();
+    assert_eq!(shown, want, "after {after}");
+}
+
 #[tokio::test]
-async fn start_resume_restart_and_scale_wait_until_available_too() {
+async fn start_resume_restart_scale_stop_and_pause_wait_too() {
     let one = OneNode::start("wait").await.unwrap();
     let cp = &one.cp;
     let name = unique_name("verbs");
@@ -156,11 +180,18 @@ async fn start_resume_restart_and_scale_wait_until_available_too() {
         );
         assert_available(cp, &name, replicas, &args.join(" ")).await;
     }
-    let pause = cp.cli(&["pause", &name]);
+    let pause = cp.cli(&["pause", &name, "--wait", "--timeout", "90s"]);
     assert!(pause.status.success(), "{}", text(&pause));
+    assert!(text(&pause).contains(": paused"), "{}", text(&pause));
+    assert_replicas(cp, &name, &[ReplicaState::Paused; 2], "pause --wait").await;
     let out = cp.cli(&["resume", &name, "--wait", "--timeout", "90s"]);
     assert!(out.status.success(), "{}", text(&out));
     assert_available(cp, &name, 2, "resume --wait").await;
+    // Stopping waits out each replica's stop grace: SIGTERM, then its process's end.
+    let stop = cp.cli(&["stop", &name, "--wait", "--timeout", "90s"]);
+    assert!(stop.status.success(), "{}", text(&stop));
+    assert!(text(&stop).contains(": stopped"), "{}", text(&stop));
+    assert_replicas(cp, &name, &[ReplicaState::Stopped; 2], "stop --wait").await;
 
     // A start that cannot get there ends with its reason's exit code, as a deploy does.
     let nofit = unique_name("nofit");

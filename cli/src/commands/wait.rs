@@ -1,9 +1,10 @@
 //! `--wait` of `berth deploy`, `apply`, `start`, `resume`, `restart` and `scale`: follows an agent until every replica of its
 //! current generation is ready (Available), printing progress as it changes, and gives up
 //! with the reason (and an exit code per reason) when Berth says it cannot get there.
+//! `--wait` of `berth stop` and `pause` follows it until every replica has stopped (paused).
 
 use crate::client::Client;
-use berth_proto::v1::{Agent, GetAgentRequest};
+use berth_proto::v1::{Agent, GetAgentRequest, ReplicaState};
 use std::time::{Duration, Instant};
 
 /// How often the agent is read while waiting.
@@ -43,6 +44,39 @@ impl WaitArgs {
         if self.wait {
             for name in names {
                 until_available(client, name, self.timeout).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `--wait [--timeout]` of `berth stop` and `pause`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct HaltWaitArgs {
+    /// Wait until every replica has stopped (of `pause`: is paused), showing progress; exit 7
+    /// on timeout.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits (e.g. 90s, 5m).
+    #[arg(long, requires = "wait", default_value = "5m", value_parser = crate::quantity::parse_duration)]
+    pub timeout: Duration,
+}
+
+impl HaltWaitArgs {
+    /// With `--wait`, waits for each agent in turn until every replica is in `state` (each
+    /// within `--timeout`); else nothing.
+    pub async fn each(
+        &self,
+        client: &Client,
+        names: &[String],
+        state: ReplicaState,
+    ) -> anyhow::Result<()> {
+        if self.wait {
+            for name in names {
+                follow(client, name, self.timeout, |agent| {
+                    Some(halted(agent, state))
+                })
+                .await?;
             }
         }
         Ok(())
@@ -122,14 +156,63 @@ fn progress(agent: &Agent) -> Progress {
     }
 }
 
+/// Where the replicas of a stopping (pausing) agent stand: done once every replica is in
+/// `state`.
+fn halted(agent: &Agent, state: ReplicaState) -> Progress {
+    let replicas = agent.status.as_ref().map_or(&[][..], |s| &s.replicas[..]);
+    let word = match state {
+        ReplicaState::Paused => "paused",
+        _ => "stopped",
+    };
+    let there = replicas.iter().filter(|r| r.state == state as i32).count();
+    if there == replicas.len() {
+        Progress::Done(word.into())
+    } else {
+        Progress::Waiting(format!("{there}/{} {word}", replicas.len()))
+    }
+}
+
 /// Waits until agent `name` is available and stays so for [`STABLE_FOR`], up to `timeout`,
 /// printing each change of progress.
 pub async fn until_available(client: &Client, name: &str, timeout: Duration) -> anyhow::Result<()> {
+    // Since when it has been available, and with how many restarts in all.
+    let mut available: Option<(Instant, u32)> = None;
+    follow(client, name, timeout, |agent| {
+        let restarts: u32 = agent
+            .status
+            .iter()
+            .flat_map(|s| &s.replicas)
+            .map(|r| r.restarts)
+            .sum();
+        match progress(agent) {
+            Progress::Done(line) => match available {
+                Some((since, before)) if before == restarts => (since.elapsed() >= STABLE_FOR)
+                    .then(|| Progress::Done(format!("{line}: available"))),
+                _ => {
+                    available = Some((Instant::now(), restarts));
+                    None
+                }
+            },
+            other => {
+                available = None;
+                Some(other)
+            }
+        }
+    })
+    .await
+}
+
+/// Reads agent `name` every [`POLL`] and asks `judge` where it stands (`None`: nothing to say
+/// yet), printing each change, until it is done or failed, or `timeout` passes.
+async fn follow(
+    client: &Client,
+    name: &str,
+    timeout: Duration,
+    mut judge: impl FnMut(&Agent) -> Option<Progress>,
+) -> anyhow::Result<()> {
     let mut api = client.agents();
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
-    // Since when it has been available, and with how many restarts in all.
-    let mut available: Option<(Instant, u32)> = None;
     loop {
         let agent = api
             .get_agent(GetAgentRequest {
@@ -139,23 +222,12 @@ pub async fn until_available(client: &Client, name: &str, timeout: Duration) -> 
             .await
             .map_err(|s| client.explain(s))?
             .into_inner();
-        let restarts: u32 = agent
-            .status
-            .iter()
-            .flat_map(|s| &s.replicas)
-            .map(|r| r.restarts)
-            .sum();
-        match progress(&agent) {
-            Progress::Done(line) => match available {
-                Some((since, before)) if before == restarts => {
-                    if since.elapsed() >= STABLE_FOR {
-                        outln!("agent/{name}: {line}: available");
-                        return Ok(());
-                    }
-                }
-                _ => available = Some((Instant::now(), restarts)),
-            },
-            Progress::Failed(reason, message) => {
+        match judge(&agent) {
+            Some(Progress::Done(line)) => {
+                outln!("agent/{name}: {line}");
+                return Ok(());
+            }
+            Some(Progress::Failed(reason, message)) => {
                 return Err(WaitFailed {
                     agent: name.into(),
                     reason,
@@ -163,13 +235,11 @@ pub async fn until_available(client: &Client, name: &str, timeout: Duration) -> 
                 }
                 .into())
             }
-            Progress::Waiting(line) => {
-                available = None;
-                if line != last {
-                    outln!("agent/{name}: {line}");
-                    last = line;
-                }
+            Some(Progress::Waiting(line)) if line != last => {
+                outln!("agent/{name}: {line}");
+                last = line;
             }
+            _ => {}
         }
         if Instant::now() >= deadline {
             return Err(WaitFailed {
@@ -261,6 +331,42 @@ mod tests {
             progress(&agent(1, 2, &[(1, true)], &[])),
             Progress::Waiting(_)
         ));
+    }
+
+    #[test]
+    fn a_stop_is_done_once_every_replica_is_stopped_and_a_pause_once_every_one_is_paused() {
+        let with = |states: &[ReplicaState]| {
+            let mut a = agent(states.len() as u32, 1, &[], &[]);
+            a.status.as_mut().unwrap().replicas = states
+                .iter()
+                .map(|s| ReplicaStatus {
+                    state: *s as i32,
+                    ..Default::default()
+                })
+                .collect();
+            a
+        };
+        use ReplicaState::{Paused, Running, Stopped, Stopping};
+        assert_eq!(
+            halted(&with(&[Stopped, Stopping]), Stopped),
+            Progress::Waiting("1/2 stopped".into())
+        );
+        assert_eq!(
+            halted(&with(&[Stopped, Stopped]), Stopped),
+            Progress::Done("stopped".into())
+        );
+        assert_eq!(
+            halted(&with(&[]), Stopped),
+            Progress::Done("stopped".into())
+        );
+        assert_eq!(
+            halted(&with(&[Paused, Running]), Paused),
+            Progress::Waiting("1/2 paused".into())
+        );
+        assert_eq!(
+            halted(&with(&[Paused, Paused]), Paused),
+            Progress::Done("paused".into())
+        );
     }
 
     #[test]
