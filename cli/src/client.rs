@@ -61,6 +61,11 @@ pub struct Client {
     token: BearerToken,
 }
 
+/// A client of the request (replay queue) service.
+pub type RequestService = berth_proto::v1::request_service_client::RequestServiceClient<
+    InterceptedService<Channel, BearerToken>,
+>;
+
 impl Client {
     /// Connects to the first control plane of `addrs` that answers (a comma-separated list,
     /// e.g. `http://10.0.0.1:7070,http://10.0.0.2:7070`: any of them serves the whole API).
@@ -150,11 +155,7 @@ impl Client {
     }
 
     /// The request (replay queue) service.
-    pub fn requests(
-        &self,
-    ) -> berth_proto::v1::request_service_client::RequestServiceClient<
-        InterceptedService<Channel, BearerToken>,
-    > {
+    pub fn requests(&self) -> RequestService {
         berth_proto::v1::request_service_client::RequestServiceClient::with_interceptor(
             self.channel.clone(),
             self.token.clone(),

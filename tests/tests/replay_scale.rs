@@ -4,7 +4,8 @@
 //! from etcd mid-delivery (a stalled path, not a closed one), a keyed answer over the
 //! stored-answer limit, a dropped request's key, a SIGTERMed gateway during replay, etcd
 //! killed while deliveries run, a gateway that starts taking its share of the agents'
-//! replay from one that has them all, and short deliveries claimed ahead.
+//! replay from one that has them all, short deliveries claimed ahead, and dead letters retried
+//! and dropped all at once.
 //! Real etcd, control plane, node agent, gateways and example-agent containers.
 
 use berth_tests::docker::{ready, wait_agent};
@@ -553,6 +554,89 @@ async fn dropping_a_request_releases_its_idempotency_key() {
     assert!(out.status.success(), "{out:?}");
     let after = queued_id(&post(&s.gw, &path, "d", &key).await);
     assert_ne!(after, first, "after a drop the key is free: a new request");
+}
+
+/// Polls `GET /requests/{id}` until each of `ids` stands as `state` (a 404 as "gone").
+async fn wait_state(s: &berth_tests::replay::Setup, ids: &[String], state: &str) {
+    eventually(Duration::from_secs(60), state, || async {
+        for id in ids {
+            let r = berth_tests::wire::get(&s.gw.addr, &format!("/requests/{id}")).await;
+            let stands = match r.status {
+                404 => "gone".to_string(),
+                _ => r.json()["status"].as_str().unwrap_or_default().to_string(),
+            };
+            if stands != state {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", s.gw.log()));
+}
+
+#[tokio::test]
+async fn dead_letters_are_retried_and_dropped_by_id_or_all_of_an_agent_at_once() {
+    // Each POST outlasts the request timeout: cut off after the agent saw it, it is dead at
+    // its first attempt (not safe to send twice).
+    let s = setup_with("redrive", &["--request-timeout", "1s"]).await;
+    let ids = queue_slow_then_start(&s, 6, 3000).await;
+    wait_state(&s, &ids, "dead").await;
+    stop_agent(&s).await;
+
+    // Two by id, then the rest of the agent's dead letters.
+    let out = s.cp.cli(&["requests", "retry", &ids[0], &ids[1]]);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(said.matches("queued again").count(), 2, "{said}");
+    wait_state(&s, &ids[..2], "queued").await;
+    let out = s.cp.cli(&["requests", "retry", "--all-dead", &s.name]);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        said.contains(&format!(
+            "4 dead-lettered requests of agent/{} queued again",
+            s.name
+        )),
+        "{said}"
+    );
+    wait_state(&s, &ids, "queued").await;
+    let (dead, _) = list_request_ids(&s.cp, &[&s.name, "--state", "dead"], 100).unwrap();
+    assert!(dead.is_empty(), "{dead:?}");
+
+    // Started, they are sent again (the log shows each twice now) and die again; then every
+    // dead letter of the agent is dropped at once.
+    assert!(s.cp.cli(&["start", &s.name]).status.success());
+    wait_state(&s, &ids, "dead").await;
+    let seen = counts(s.data.path());
+    for id in &ids {
+        assert_eq!(
+            seen.get(id),
+            Some(&2),
+            "{id} sent again once retried: {seen:?}"
+        );
+    }
+    let out = s.cp.cli(&["requests", "drop", "--all-dead", &s.name]);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        said.contains(&format!(
+            "6 dead-lettered requests of agent/{} dropped",
+            s.name
+        )),
+        "{said}"
+    );
+    wait_state(&s, &ids, "gone").await;
+    // Nothing left to act on: none, said so, and no error.
+    let out = s.cp.cli(&["requests", "retry", "--all-dead", &s.name]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 dead-lettered"));
+    // An id, or --all-dead, is needed; not both.
+    let out = s.cp.cli(&["requests", "drop"]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let out =
+        s.cp.cli(&["requests", "drop", &ids[0], "--all-dead", &s.name]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
 
 /// Stops the agent, queues `count` POSTs to `/slow?ms={ms}` (not safe to send twice: one cut

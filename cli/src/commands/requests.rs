@@ -1,13 +1,14 @@
-//! `berth requests`: the replay queue — list an agent's requests, show one, retry a
-//! dead-lettered one, drop one.
+//! `berth requests`: the replay queue — list an agent's requests, show one, retry
+//! dead-lettered ones (one by one or all of an agent's), drop them.
 
-use crate::client::Client;
+use crate::client::{Client, RequestService};
 use crate::output::{print_object, table, Format};
 use berth_proto::v1::{
     DropRequestRequest, GetRequestRequest, ListRequestsRequest, Request, RequestState,
     RetryRequestRequest,
 };
 use clap::{Subcommand, ValueEnum};
+use futures::StreamExt;
 
 /// A request state, as typed on the command line.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -41,17 +42,33 @@ pub enum RequestAction {
         /// The request id.
         id: String,
     },
-    /// Put a dead-lettered request back in its agent's queue.
+    /// Put dead-lettered requests back in their agent's queue (attempts reset; each keeps its
+    /// place, so the queue's order holds).
     Retry {
-        /// The request id.
-        id: String,
+        #[command(flatten)]
+        which: Which,
     },
-    /// Remove a request from the queue; it will not be delivered.
+    /// Remove requests from the queue; they will not be delivered.
     Drop {
-        /// The request id.
-        id: String,
+        #[command(flatten)]
+        which: Which,
     },
 }
+
+/// The requests `retry` and `drop` act on: the ones named, or every dead-lettered one of an
+/// agent.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Which {
+    /// Request ids.
+    #[arg(required_unless_present = "all_dead")]
+    pub ids: Vec<String>,
+    /// Every dead-lettered request of this agent, as many as there are (read a page at a time).
+    #[arg(long, value_name = "AGENT", conflicts_with = "ids")]
+    pub all_dead: Option<String>,
+}
+
+/// Requests retried or dropped at once by `--all-dead`.
+const AT_ONCE: usize = 16;
 
 /// Which page of a listing.
 pub struct Page {
@@ -119,6 +136,8 @@ fn next_page(agent: Option<&str>, state: Option<StateArg>, page: &Page) -> Strin
 
 /// Requests a page shows unless `--limit` says otherwise.
 pub const DEFAULT_LIMIT: u32 = 100;
+/// Most requests a page holds (`ListRequests` returns no more).
+const MAX_LIMIT: u32 = 1000;
 
 fn state_word(state: i32) -> &'static str {
     match RequestState::try_from(state) {
@@ -178,20 +197,88 @@ pub async fn act(client: &Client, action: RequestAction, format: Format) -> anyh
                 outln!("\n{}", String::from_utf8_lossy(&response.body));
             }
         }
-        RequestAction::Retry { id } => {
-            service
-                .retry_request(RetryRequestRequest { id: id.clone() })
+        RequestAction::Retry { which } => {
+            each(
+                client,
+                which,
+                "queued again",
+                |mut service, id| async move {
+                    service
+                        .retry_request(RetryRequestRequest { id })
+                        .await
+                        .map(drop)
+                },
+            )
+            .await?;
+        }
+        RequestAction::Drop { which } => {
+            each(client, which, "dropped", |mut service, id| async move {
+                service
+                    .drop_request(DropRequestRequest { id })
+                    .await
+                    .map(drop)
+            })
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Does `act` to each request `which` names: the ids given, in turn, stopping at the first
+/// error; or every dead-lettered request of an agent, page after page of its dead letters,
+/// [`AT_ONCE`] at a time, reporting each that fails and going on (a request that another
+/// client retried or dropped meanwhile is no longer there to act on).
+async fn each<F, Fut>(client: &Client, which: Which, done: &str, act: F) -> anyhow::Result<()>
+where
+    F: Fn(RequestService, String) -> Fut,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>>,
+{
+    let Some(agent) = which.all_dead else {
+        for id in which.ids {
+            act(client.requests(), id.clone())
                 .await
                 .map_err(|s| client.explain(s))?;
-            outln!("request/{id} queued again");
+            outln!("request/{id} {done}");
         }
-        RequestAction::Drop { id } => {
-            service
-                .drop_request(DropRequestRequest { id: id.clone() })
-                .await
-                .map_err(|s| client.explain(s))?;
-            outln!("request/{id} dropped");
+        return Ok(());
+    };
+    let (mut acted, mut failed) = (0usize, 0usize);
+    let mut page_token = String::new();
+    loop {
+        let listed = client
+            .requests()
+            .list_requests(ListRequestsRequest {
+                agent: agent.clone(),
+                state: RequestState::Dead as i32,
+                limit: MAX_LIMIT,
+                page_token,
+            })
+            .await
+            .map_err(|s| client.explain(s))?
+            .into_inner();
+        let mut results = futures::stream::iter(listed.requests)
+            .map(|r| {
+                let ended = act(client.requests(), r.id.clone());
+                async move { (r.id, ended.await) }
+            })
+            .buffer_unordered(AT_ONCE);
+        while let Some((id, ended)) = results.next().await {
+            match ended {
+                Ok(()) => acted += 1,
+                Err(status) => {
+                    failed += 1;
+                    eprintln!("request/{id}: {}", client.explain(status));
+                }
+            }
         }
+        if listed.next_page_token.is_empty() {
+            break;
+        }
+        page_token = listed.next_page_token;
+    }
+    outln!("{acted} dead-lettered requests of agent/{agent} {done}");
+    if failed > 0 {
+        anyhow::bail!("{failed} dead-lettered requests of agent/{agent} were not {done}");
     }
     Ok(())
 }
