@@ -1,5 +1,6 @@
 //! The `berth` CLI and a Python client generated from `proto/`, against a live control plane.
 
+use berth_proto::v1::{Request, RequestState};
 use berth_tests::{unique_name, ControlPlane, Etcd};
 use std::process::{Command, Output};
 
@@ -211,8 +212,9 @@ async fn cli_errors_say_what_to_do() {
 
 /// Queues `small` requests of 100 bytes for `agent`, and one of 3 MiB (kept in pieces) whose
 /// id it returns, as a gateway would have stored them.
-async fn fill_queue(etcd: &Etcd, agent: &str, small: usize) -> String {
-    use berth_proto::v1::{Request, RequestState};
+/// Stores `small` requests of 100 bytes for `agent` in `state`, then one of 3 MiB (kept in
+/// pieces); the large one's id.
+async fn fill_queue(etcd: &Etcd, agent: &str, small: usize, state: RequestState) -> String {
     let store = berth_store::Store::connect(&[etcd.url()], "/berth", &Default::default())
         .await
         .unwrap();
@@ -220,7 +222,7 @@ async fn fill_queue(etcd: &Etcd, agent: &str, small: usize) -> String {
     let request = |id: String, body: Vec<u8>| Request {
         id,
         agent: agent.into(),
-        state: RequestState::Queued as i32,
+        state: state as i32,
         method: "POST".into(),
         path: "/echo".into(),
         body,
@@ -229,14 +231,63 @@ async fn fill_queue(etcd: &Etcd, agent: &str, small: usize) -> String {
     let ids: Vec<usize> = (0..small).collect();
     for chunk in ids.chunks(64) {
         let writes = chunk.iter().map(|i| {
-            let (store, mut r) = (&store, request(format!("py-{i}"), vec![b'x'; 100]));
+            let (store, mut r) = (&store, request(format!("{agent}-{i}"), vec![b'x'; 100]));
             async move { store.enqueue_request(&mut r, ttl).await.unwrap() }
         });
         futures::future::join_all(writes).await;
     }
-    let mut large = request("py-large".into(), vec![b'y'; 3 << 20]);
+    let mut large = request(format!("{agent}-large"), vec![b'y'; 3 << 20]);
     store.enqueue_request(&mut large, ttl).await.unwrap();
     large.id
+}
+
+/// The ids `berth requests AGENT --state STATE` lists, every page followed.
+fn listed(cp: &ControlPlane, agent: &str, state: &str) -> Vec<String> {
+    let (ids, _) =
+        berth_tests::replay::list_request_ids(cp, &[agent, "--state", state], 1000).unwrap();
+    ids
+}
+
+#[tokio::test]
+async fn thousands_of_dead_letters_are_retried_or_dropped_at_once_in_order() {
+    let etcd = Etcd::start().await.unwrap();
+    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
+    // More than two pages of ListRequests (1,000 each), a body in pieces among them.
+    let (redriven, purged) = (unique_name("redrive"), unique_name("purge"));
+    fill_queue(&etcd, &redriven, 2500, RequestState::Dead).await;
+    fill_queue(&etcd, &purged, 1200, RequestState::Dead).await;
+    let dead = listed(&cp, &redriven, "dead");
+    assert_eq!(dead.len(), 2501);
+
+    let out = cp.cli(&["requests", "retry", "--all-dead", &redriven]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!(
+            "2501 dead-lettered requests of agent/{redriven} queued again"
+        )),
+        "{}",
+        stdout(&out)
+    );
+    assert!(listed(&cp, &redriven, "dead").is_empty());
+    assert_eq!(
+        listed(&cp, &redriven, "queued"),
+        dead,
+        "every one queued again, in its place"
+    );
+    // The other agent's dead letters are its own: untouched, then dropped.
+    assert_eq!(listed(&cp, &purged, "dead").len(), 1201);
+    let out = cp.cli(&["requests", "drop", "--all-dead", &purged]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!(
+            "1201 dead-lettered requests of agent/{purged} dropped"
+        )),
+        "{}",
+        stdout(&out)
+    );
+    let (left, _) = berth_tests::replay::list_request_ids(&cp, &[&purged], 1000).unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!(listed(&cp, &redriven, "queued").len(), 2501);
 }
 
 #[tokio::test]
@@ -244,7 +295,7 @@ async fn python_client_and_reflection() {
     let etcd = Etcd::start().await.unwrap();
     let cp = ControlPlane::start(&etcd.url()).await.unwrap();
     let queue_agent = unique_name("pyq");
-    let large_id = fill_queue(&etcd, &queue_agent, 2500).await;
+    let large_id = fill_queue(&etcd, &queue_agent, 2500, RequestState::Queued).await;
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap();
@@ -289,7 +340,7 @@ async fn python_client_and_reflection() {
     );
     assert!(
         stdout(&out).contains(&format!(
-            "requests: 2501 of {queue_agent} in 3 pages; py-large: {} bytes, the first {} shown",
+            "requests: 2501 of {queue_agent} in 3 pages; {large_id}: {} bytes, the first {} shown",
             3 << 20,
             1 << 20
         )),
@@ -318,7 +369,7 @@ async fn python_client_and_reflection() {
             shown
                 .lines()
                 .filter_map(|l| l.split_whitespace().next())
-                .filter(|id| id.starts_with("py-"))
+                .filter(|id| id.starts_with(&format!("{queue_agent}-")))
                 .map(String::from),
         );
         match shown.lines().find_map(|l| l.strip_prefix("more: berth ")) {
