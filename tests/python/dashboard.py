@@ -2,7 +2,8 @@
 Selenium's WebDriver client), against a cluster that tests/tests/dashboard.rs started.
 
 Signs in, watches an agent become ready and a crashed replica's restart appear without a
-reload, stops and starts the agent, queues requests, drops one, retries a dead one, and checks
+reload, stops and starts the agent, queues requests, drops one, retries a dead one (and then
+every dead letter of the agent at once), and checks
 that a read-only token is shown no action and is refused one anyway. Saves a screenshot of
 each page in $SCREENSHOTS. Exits non-zero (with the failed check) on any failure.
 """
@@ -169,10 +170,13 @@ def run(browser):
     status, body = gateway_post(f"/agents/{AGENT}/slow?ms=5000", b"too slow")
     assert status == 202, f"queued: {status} {body!r}"
     to_die = json.loads(body)["request_id"]
+    status, body = gateway_post(f"/agents/{AGENT}/slow?ms=5000", b"too slow as well")
+    assert status == 202, f"queued: {status} {body!r}"
+    also_dies = json.loads(body)["request_id"]
 
     # The queue's page is read when opened (it is not live): reloaded until both show queued.
     browser.get(f"{URL}/requests?agent={AGENT}")
-    wait(browser, "both queued", lambda b: b.refresh() or len(b.find_elements(By.CSS_SELECTOR, "tr[data-state='queued']")) == 2)
+    wait(browser, "all three queued", lambda b: b.refresh() or len(b.find_elements(By.CSS_SELECTOR, "tr[data-state='queued']")) == 3)
     shot(browser, "queue")
 
     # Drop one from its page.
@@ -182,13 +186,13 @@ def run(browser):
     wait(browser, "back on the queue", lambda b: b.current_url == f"{URL}/requests")
     assert to_drop not in browser.page_source, "the dropped request is gone"
 
-    # Start it: the slow request times out (requestTimeout 1s, maxAttempts 1) and is dead.
+    # Start it: the slow requests time out (requestTimeout 1s, maxAttempts 1) and are dead.
     browser.get(f"{URL}/agents/{AGENT}")
     browser.find_element(By.ID, "start").click()
     wait(browser, "started", lambda b: text_of(b, "#state") in ("starting", "available"))
     deadline = time.time() + 90
-    while request_state(to_die) != "REQUEST_STATE_DEAD":
-        assert time.time() < deadline, "the slow request was never dead-lettered"
+    while request_state(to_die) != "REQUEST_STATE_DEAD" or request_state(also_dies) != "REQUEST_STATE_DEAD":
+        assert time.time() < deadline, "the slow requests were never dead-lettered"
         time.sleep(0.5)
     # Stopped again, a retried request stays queued where the page can show it.
     browser.get(f"{URL}/agents/{AGENT}")
@@ -199,6 +203,14 @@ def run(browser):
     assert text_of(browser, "#request-state") == "dead"
     browser.find_element(By.ID, "retry").click()
     wait(browser, "queued again", lambda b: text_of(b, "#request-state") == "queued")
+    # The other from the agent's queue, with every dead letter it has: none left dead.
+    browser.get(f"{URL}/requests?agent={AGENT}&state=dead")
+    assert browser.find_elements(By.CSS_SELECTOR, f"tr[data-request='{also_dies}']"), seen(browser)
+    shot(browser, "dead-letters")
+    browser.find_element(By.ID, "retry-dead").click()
+    wait(browser, "no dead letter left", lambda b: "state=dead" in b.current_url
+         and not b.find_elements(By.CSS_SELECTOR, "tr[data-request]"))
+    assert request_state(also_dies) == "REQUEST_STATE_QUEUED", request_state(also_dies)
 
     # Read-only: everything visible, no action shown, and none taken if sent anyway.
     browser.find_element(By.ID, "logout").click()

@@ -166,6 +166,7 @@ pub fn router(dashboard: Arc<Dashboard>) -> Router {
         .route("/requests", get(queue::requests))
         .route("/requests/{id}", get(queue::request))
         .route("/requests/{id}/{action}", post(queue::request_action))
+        .route("/queues/{agent}/{action}", post(queue::dead_letters_action))
         .route("/live", get(live::stream))
         .with_state(dashboard)
 }

@@ -1,8 +1,9 @@
 //! The replay queue's pages (per agent and state, paged; one request with its headers and
-//! stored answer) and their actions (retry, drop).
+//! stored answer) and their actions (retry, drop; of an agent's queue, retry or drop every
+//! dead letter).
 
 use super::layout::{html_page, page, time, urlencode, word};
-use super::{Dashboard, PageResult};
+use super::{Caller, Dashboard, PageResult};
 use axum::extract::{Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Redirect};
@@ -21,6 +22,10 @@ const QUEUE_PAGE: u32 = 50;
 const ANSWER_SHOWN: usize = 4096;
 
 const LIST_REQUESTS: &str = "/berth.v1.RequestService/ListRequests";
+const RETRY_REQUEST: &str = "/berth.v1.RequestService/RetryRequest";
+const DROP_REQUEST: &str = "/berth.v1.RequestService/DropRequest";
+/// Dead letters read per page by the actions on all of them.
+const DEAD_PAGE: u32 = 1000;
 
 #[derive(serde::Deserialize, Default)]
 pub(super) struct QueueQuery {
@@ -81,6 +86,13 @@ pub(super) async fn requests(
                     }
                 }
                 button type="submit" { "Show" }
+            }
+            // An agent's dead letters: every one of them (not just this page) retried or dropped.
+            @if caller.admin() && !q.agent.is_empty() && q.state == "dead" && !listed.requests.is_empty() {
+                div.actions #actions {
+                    form method="post" action={ "/queues/" (q.agent) "/retry-dead" } { button.primary #retry-dead type="submit" { "Retry every dead letter of " (q.agent) } }
+                    form method="post" action={ "/queues/" (q.agent) "/drop-dead" } { button.danger #drop-dead type="submit" { "Drop every dead letter of " (q.agent) } }
+                }
             }
             table #requests {
                 tr { th { "Request" } th { "Agent" } th { "State" } th { "Method and path" } th { "Attempts" } th { "Result" } th { "Received" } }
@@ -183,21 +195,84 @@ pub(super) async fn request_action(
     let caller = d.caller(&headers, LIST_REQUESTS)?;
     match action.as_str() {
         "retry" => {
-            let path = "/berth.v1.RequestService/RetryRequest";
-            let request = d.request(&caller, path, RetryRequestRequest { id: id.clone() })?;
-            d.requests.retry_request(request).await?;
+            retry(&d, &caller, id.clone()).await?;
             tracing::info!(request_id = %id, "dashboard: request back in the queue");
             Ok(Redirect::to(&format!("/requests/{id}")).into_response())
         }
         "drop" => {
-            let path = "/berth.v1.RequestService/DropRequest";
-            let request = d.request(&caller, path, DropRequestRequest { id: id.clone() })?;
-            d.requests.drop_request(request).await?;
+            drop_one(&d, &caller, id.clone()).await?;
             tracing::info!(request_id = %id, "dashboard: request dropped");
             Ok(Redirect::to("/requests").into_response())
         }
         _ => Err(tonic::Status::not_found(format!("no action {action}")).into()),
     }
+}
+
+async fn retry(d: &Dashboard, caller: &Caller, id: String) -> Result<(), tonic::Status> {
+    let request = d.request(caller, RETRY_REQUEST, RetryRequestRequest { id })?;
+    d.requests.retry_request(request).await.map(drop)
+}
+
+async fn drop_one(d: &Dashboard, caller: &Caller, id: String) -> Result<(), tonic::Status> {
+    let request = d.request(caller, DROP_REQUEST, DropRequestRequest { id })?;
+    d.requests.drop_request(request).await.map(drop)
+}
+
+/// Retries (`retry-dead`) or drops (`drop-dead`) every dead letter of `agent`, a page at a
+/// time; one that another caller retried or dropped meanwhile is passed over. Then shows the
+/// agent's dead letters (none, unless some died meanwhile).
+pub(super) async fn dead_letters_action(
+    State(d): D,
+    headers: HeaderMap,
+    Path((agent, action)): Path<(String, String)>,
+) -> PageResult {
+    let caller = d.caller(&headers, LIST_REQUESTS)?;
+    let retrying = match action.as_str() {
+        "retry-dead" => true,
+        "drop-dead" => false,
+        _ => return Err(tonic::Status::not_found(format!("no action {action}")).into()),
+    };
+    let (mut done, mut passed, mut page_token) = (0usize, 0usize, String::new());
+    loop {
+        let message = ListRequestsRequest {
+            agent: agent.clone(),
+            state: RequestState::Dead as i32,
+            limit: DEAD_PAGE,
+            page_token,
+        };
+        let listed = d
+            .requests
+            .list_requests(d.request(&caller, LIST_REQUESTS, message)?)
+            .await?
+            .into_inner();
+        for r in listed.requests {
+            let acted = if retrying {
+                retry(&d, &caller, r.id).await
+            } else {
+                drop_one(&d, &caller, r.id).await
+            };
+            match acted {
+                Ok(()) => done += 1,
+                Err(s) if passable(&s) => passed += 1,
+                Err(s) => return Err(s.into()),
+            }
+        }
+        if listed.next_page_token.is_empty() {
+            break;
+        }
+        page_token = listed.next_page_token;
+    }
+    tracing::info!(%agent, action = %action, done, passed, "dashboard: every dead letter of an agent");
+    Ok(Redirect::to(&format!("/requests?agent={}&state=dead", urlencode(&agent))).into_response())
+}
+
+/// A dead letter that changed between its listing and the action on it (retried, dropped or
+/// expired meanwhile): nothing left to do.
+fn passable(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::NotFound | tonic::Code::FailedPrecondition | tonic::Code::Aborted
+    )
 }
 
 #[cfg(test)]
