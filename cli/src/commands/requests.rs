@@ -58,12 +58,12 @@ pub enum RequestAction {
 /// The requests `retry` and `drop` act on: the ones named, or every dead-lettered one of an
 /// agent.
 #[derive(Clone, Debug, clap::Args)]
+#[group(required = true, multiple = false)]
 pub struct Which {
     /// Request ids.
-    #[arg(required_unless_present = "all_dead")]
     pub ids: Vec<String>,
     /// Every dead-lettered request of this agent, as many as there are (read a page at a time).
-    #[arg(long, value_name = "AGENT", conflicts_with = "ids")]
+    #[arg(long, value_name = "AGENT")]
     pub all_dead: Option<String>,
 }
 
@@ -132,6 +132,12 @@ fn next_page(agent: Option<&str>, state: Option<StateArg>, page: &Page) -> Strin
     }
     command.push_str(&format!(" --page-token {}", page.page_token));
     command
+}
+
+/// "1 dead-lettered request", "2 dead-lettered requests".
+fn dead_letters(n: usize) -> String {
+    let s = if n == 1 { "" } else { "s" };
+    format!("{n} dead-lettered request{s}")
 }
 
 /// Requests a page shows unless `--limit` says otherwise.
@@ -276,9 +282,9 @@ where
         }
         page_token = listed.next_page_token;
     }
-    outln!("{acted} dead-lettered requests of agent/{agent} {done}");
+    outln!("{} of agent/{agent} {done}", dead_letters(acted));
     if failed > 0 {
-        anyhow::bail!("{failed} dead-lettered requests of agent/{agent} were not {done}");
+        anyhow::bail!("{} of agent/{agent} not {done}", dead_letters(failed));
     }
     Ok(())
 }
