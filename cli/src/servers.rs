@@ -285,6 +285,13 @@ pub struct NodeAgentArgs {
     /// Extra label K=V on every container this node starts (repeatable).
     #[arg(long = "container-label", value_parser = crate::commands::deploy::parse_key_value)]
     container_labels: Vec<(String, String)>,
+    /// Size at which a container's log file is rotated (Docker's json-file and local logging
+    /// drivers), e.g. 10MiB; 0 leaves the containers' logs to the engine's own settings.
+    #[arg(long, env = "BERTH_CONTAINER_LOG_MAX_SIZE", default_value = "10MiB", value_parser = berth_proto::quantity::parse_memory)]
+    container_log_max_size: u64,
+    /// Log files kept per container, the current one among them (at least 1).
+    #[arg(long, env = "BERTH_CONTAINER_LOG_MAX_FILES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    container_log_max_files: u32,
     /// PEM CA to verify `https://` control planes with.
     #[arg(long, env = "BERTH_TLS_CA")]
     tls_ca: Option<PathBuf>,
@@ -329,6 +336,12 @@ pub async fn node_agent(args: NodeAgentArgs) -> anyhow::Result<()> {
             args.tls_ca.as_deref(),
             args.tls_cert.as_deref().zip(args.tls_key.as_deref()),
         )?,
+        container_logs: (args.container_log_max_size > 0).then_some(
+            berth_node_agent::docker::LogRotation {
+                max_bytes: args.container_log_max_size,
+                max_files: args.container_log_max_files,
+            },
+        ),
     };
     berth_node_agent::run(config, shutdown_signal()).await?;
     Ok(())

@@ -2,7 +2,7 @@
 
 use berth_proto::v1::{Assignment, LogStream};
 use bollard::container::LogOutput;
-use bollard::models::{ContainerCreateBody, HostConfig, NetworkCreateRequest};
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig, NetworkCreateRequest};
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, EventsOptions, InspectContainerOptions,
     ListContainersOptions, ListNetworksOptions, LogsOptions, RemoveContainerOptions,
@@ -77,6 +77,33 @@ pub struct ContainerInfo {
     pub oom_killed: bool,
 }
 
+/// How the output of the containers a node starts is kept, as Kubernetes' kubelet and Nomad
+/// do: a file rotated at `max_bytes`, `max_files` of them kept. Docker's own default keeps
+/// every line forever, so an agent that logs fills its host's disk over weeks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogRotation {
+    /// Bytes of a log file before it is rotated.
+    pub max_bytes: u64,
+    /// Log files kept, the current one among them.
+    pub max_files: u32,
+}
+
+impl LogRotation {
+    /// Each container's log settings under the engine's logging driver `driver`: rotation
+    /// for the drivers that write files on the host (`json-file`, Docker's default, and
+    /// `local`); nothing for the others (journald, syslog, fluentd, ...), which keep and
+    /// bound logs by their own settings.
+    fn under(self, driver: &str) -> Option<HostConfigLogConfig> {
+        matches!(driver, "json-file" | "local").then(|| HostConfigLogConfig {
+            typ: Some(driver.to_string()),
+            config: Some(HashMap::from([
+                ("max-size".to_string(), self.max_bytes.to_string()),
+                ("max-file".to_string(), self.max_files.to_string()),
+            ])),
+        })
+    }
+}
+
 /// Berth's view of the engine for one node.
 #[derive(Clone)]
 pub struct Runtime {
@@ -87,6 +114,10 @@ pub struct Runtime {
     network_id: Arc<Mutex<String>>,
     volume_root: PathBuf,
     extra_labels: HashMap<String, String>,
+    /// The rotation asked for, and the log settings of each container once the engine's
+    /// logging driver is known ([`Runtime::settle_logs`]).
+    logs: Option<LogRotation>,
+    log_config: Arc<Mutex<Option<HostConfigLogConfig>>>,
     /// Image pulls in flight or failed, by image; a failure is reported once, then retried.
     pulls: Arc<Mutex<HashMap<String, Pull>>>,
 }
@@ -109,13 +140,15 @@ pub async fn engine_version(url: &str) -> Result<String, DockerError> {
 
 impl Runtime {
     /// Connects to `url` (`unix:///var/run/docker.sock`) for `node`, with containers on `network`.
-    /// Host paths of volumes must lie under `volume_root`.
+    /// Host paths of volumes must lie under `volume_root`. Containers' logs are rotated by
+    /// `logs` (`None`: as the engine's own settings say).
     pub fn connect(
         url: &str,
         node: &str,
         network: &str,
         volume_root: &Path,
         extra_labels: HashMap<String, String>,
+        logs: Option<LogRotation>,
     ) -> Result<Self, DockerError> {
         let docker = match url.strip_prefix("unix://") {
             Some(path) => Docker::connect_with_unix(path, 120, bollard::API_DEFAULT_VERSION)?,
@@ -128,8 +161,19 @@ impl Runtime {
             network_id: Arc::default(),
             volume_root: volume_root.to_path_buf(),
             extra_labels,
+            logs,
+            log_config: Arc::default(),
             pulls: Arc::default(),
         })
+    }
+
+    /// Reads the engine's logging driver, for the log settings of the containers created
+    /// from now on; the driver in use if there is no rotation to set.
+    pub async fn settle_logs(&self) -> Result<String, DockerError> {
+        let driver = self.docker.info().await?.logging_driver.unwrap_or_default();
+        *self.log_config.lock().expect("log config lock") =
+            self.logs.and_then(|logs| logs.under(&driver));
+        Ok(driver)
     }
 
     /// Creates the network if it does not exist, and settles on one network of that name.
@@ -308,6 +352,7 @@ impl Runtime {
             nano_cpus: (resources.cpu_millis > 0)
                 .then_some(resources.cpu_millis as i64 * 1_000_000),
             network_mode: Some(self.network_mode()),
+            log_config: self.log_config.lock().expect("log config lock").clone(),
             ..Default::default()
         };
         let stop_timeout = spec.stop_grace.map(|d| d.seconds).unwrap_or(10);
@@ -561,9 +606,27 @@ fn resolves_under(root: &Path, path: &Path) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{container_digest, resolves_under, under};
+    use super::{container_digest, resolves_under, under, LogRotation};
     use berth_proto::v1::AgentSpec;
     use std::path::Path;
+
+    #[test]
+    fn logs_are_rotated_under_the_drivers_that_write_files_and_left_to_the_others() {
+        let logs = LogRotation {
+            max_bytes: 10 << 20,
+            max_files: 5,
+        };
+        for driver in ["json-file", "local"] {
+            let config = logs.under(driver).expect(driver);
+            assert_eq!(config.typ.as_deref(), Some(driver));
+            let options = config.config.unwrap();
+            assert_eq!(options["max-size"], "10485760");
+            assert_eq!(options["max-file"], "5");
+        }
+        for driver in ["journald", "syslog", "fluentd", "none", ""] {
+            assert_eq!(logs.under(driver), None, "{driver}");
+        }
+    }
 
     #[test]
     fn a_symbolic_link_out_of_the_volume_root_is_refused() {

@@ -44,6 +44,8 @@ pub struct Config {
     pub container_labels: HashMap<String, String>,
     /// TLS towards `https://` control planes.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
+    /// How the containers' logs are rotated (`None`: as the engine's own settings say).
+    pub container_logs: Option<docker::LogRotation>,
 }
 
 /// Why the node agent could not start.
@@ -72,8 +74,19 @@ pub async fn run(
         &config.network,
         &config.volume_root,
         config.container_labels.clone(),
+        config.container_logs,
     )?;
     runtime.ensure_network().await?;
+    let driver = runtime.settle_logs().await?;
+    match config.container_logs {
+        Some(logs) if matches!(driver.as_str(), "json-file" | "local") => {
+            tracing::info!(driver = %driver, max_bytes = logs.max_bytes, max_files = logs.max_files, "containers' logs rotated")
+        }
+        Some(_) => {
+            tracing::info!(driver = %driver, "containers' logs kept by the engine's logging driver, which rotates them by its own settings")
+        }
+        None => {}
+    }
     let (cpu_millis, memory_bytes) = runtime.capacity().await?;
     let reports = Arc::new(reports::Reports::default());
     let restarts = restarts::RestartCounts::open(&config.state_dir).map_err(|source| {

@@ -1,7 +1,7 @@
 //! The node agent against the real Docker engine: deploy to ready, crash and restart, a failing
 //! health check, kill -9 of the node agent (adoption), removal; stop, start, pause and resume;
-//! logs; host volumes; crashes restarted while the control plane is down; etcd standing still
-//! past the node lease.
+//! logs, and their rotation; host volumes; crashes restarted while the control plane is down;
+//! etcd standing still past the node lease.
 
 use berth_proto::v1::{
     Agent, AgentSpec, CreateAgentRequest, DeleteAgentRequest, DesiredState, HealthCheck,
@@ -735,4 +735,83 @@ async fn a_node_agent_killed_mid_stop_finishes_the_replacement_when_it_is_back()
         "the old container is removed"
     );
     drop(in_flight);
+}
+
+#[tokio::test]
+async fn a_containers_log_is_rotated_and_its_files_stay_bounded() {
+    let run = DockerRun::new().unwrap();
+    let etcd = Etcd::start().await.unwrap();
+    let cp = ControlPlane::start(&etcd.url()).await.unwrap();
+    let node = NodeAgent::start_with(
+        &cp.url(),
+        &unique_name("node"),
+        &run,
+        &[
+            "--container-log-max-size",
+            "256KiB",
+            "--container-log-max-files",
+            "2",
+        ],
+    )
+    .unwrap();
+    let api = cp.agents().await.unwrap();
+    let name = unique_name("logs");
+    let out = cp.deploy_echo(&name, &[]);
+    assert!(out.status.success(), "{out:?}");
+    let agent = wait_agent(&api, &name, "ready", |a| ready(a) == 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", cp.log(), node.log()));
+    let address = replica(&agent, &format!("{name}-0"))
+        .unwrap()
+        .address
+        .clone();
+    let container = run.containers().pop().expect("the replica's container");
+    let driver = std::process::Command::new("docker")
+        .args(["info", "-f", "{{.LoggingDriver}}"])
+        .output()
+        .unwrap();
+    let driver = String::from_utf8_lossy(&driver.stdout).trim().to_string();
+    let config: serde_json::Value =
+        serde_json::from_str(&run.inspect(&container, "{{json .HostConfig.LogConfig}}")).unwrap();
+    if !matches!(driver.as_str(), "json-file" | "local") {
+        // An engine whose driver keeps logs elsewhere rotates them by its own settings.
+        assert_eq!(config["Config"], serde_json::json!({}), "{config}");
+        return;
+    }
+    assert_eq!(config["Type"], driver.as_str(), "{config}");
+    assert_eq!(
+        config["Config"],
+        serde_json::json!({"max-size": "262144", "max-file": "2"}),
+        "{config}"
+    );
+
+    // 2.5 MiB of output: ten times what one file holds.
+    let line = "x".repeat(64 << 10);
+    for _ in 0..40 {
+        http_body(&address, "POST", "/log", &line).await.unwrap();
+    }
+    let marker = unique_name("last-line");
+    http_body(&address, "POST", "/log", &marker).await.unwrap();
+    if driver == "json-file" {
+        let path = std::path::PathBuf::from(run.inspect(&container, "{{.LogPath}}"));
+        let dir = path.parent().unwrap();
+        let stem = path.file_name().unwrap().to_string_lossy().into_owned();
+        let files: Vec<u64> = std::fs::read_dir(dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&stem))
+            .map(|e| e.metadata().unwrap().len())
+            .collect();
+        assert!(files.len() <= 2, "at most two files: {files:?}");
+        // A file is rotated once past the size: by at most one log message (16 KiB of
+        // output, JSON-encoded) over it.
+        assert!(
+            files.iter().all(|&bytes| bytes <= (256 << 10) + (20 << 10)),
+            "{files:?}"
+        );
+    }
+    // What was logged last is still there to read.
+    let out = cp.cli(&["logs", &name, "--tail", "1"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout(&out).contains(&marker), "{out:?}");
 }
