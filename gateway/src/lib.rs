@@ -630,7 +630,7 @@ async fn forward(
                 &gateway.store,
                 route,
                 kept,
-                &keyed,
+                keyed,
                 streamed,
                 result,
             ))

@@ -114,30 +114,58 @@ async fn the_gateway_forwards_faithfully_hides_failures_and_cuts_off_bad_replica
         "named in Connection: hop-by-hop"
     );
 
-    // Server-sent events arrive one by one, not when the stream ends.
-    let mut stream = TcpStream::connect(&gw.addr).await.unwrap();
-    let request =
-        format!("GET {base}/stream?n=4&ms=500 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let sent = Instant::now();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    let mut first_event = None;
-    loop {
-        let n = stream.read(&mut buf).await.unwrap();
-        if n == 0 {
-            break;
+    // Server-sent events arrive one by one, not when the stream ends; with an
+    // Idempotency-Key too (the answer is kept as it passes), and a repeat then gets it whole.
+    let key = format!("Idempotency-Key: {}\r\n", unique_name("sse"));
+    for extra in ["", key.as_str()] {
+        let mut stream = TcpStream::connect(&gw.addr).await.unwrap();
+        let request = format!(
+            "GET {base}/stream?n=4&ms=500 HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let sent = Instant::now();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        let mut first_event = None;
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            seen.extend_from_slice(&buf[..n]);
+            if first_event.is_none() && String::from_utf8_lossy(&seen).contains("data:") {
+                first_event = Some(sent.elapsed());
+            }
         }
-        seen.extend_from_slice(&buf[..n]);
-        if first_event.is_none() && String::from_utf8_lossy(&seen).contains("data:") {
-            first_event = Some(sent.elapsed());
-        }
+        let total = sent.elapsed();
+        let first_event = first_event.expect("an event");
+        assert!(
+            total - first_event >= Duration::from_millis(1000),
+            "{extra}: first event after {first_event:?}, stream ended after {total:?}"
+        );
+        assert!(String::from_utf8_lossy(&seen).contains("data: event 3"));
     }
-    let total = sent.elapsed();
-    let first_event = first_event.expect("an event");
+    let repeat = send(
+        &gw.addr,
+        &format!(
+            "GET {base}/stream?n=4&ms=500 HTTP/1.1\r\n{}",
+            key.trim_end()
+        ),
+        b"",
+    )
+    .await;
+    assert_eq!(repeat.status, 200);
+    assert_eq!(
+        repeat.header("x-berth-replayed").as_deref(),
+        Some("1"),
+        "{}",
+        repeat.head
+    );
+    assert_eq!(repeat.header("x-berth-truncated"), None, "{}", repeat.head);
+    let events = String::from_utf8_lossy(&repeat.body).into_owned();
     assert!(
-        total - first_event >= Duration::from_millis(1000),
-        "first event after {first_event:?}, stream ended after {total:?}"
+        (0..4).all(|i| events.contains(&format!("data: event {i}\n"))),
+        "the stored stream, whole: {events}"
     );
 
     // Errors: unknown agent, missing or wrong token.

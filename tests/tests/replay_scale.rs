@@ -639,6 +639,38 @@ async fn dead_letters_are_retried_and_dropped_by_id_or_all_of_an_agent_at_once()
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 }
 
+#[tokio::test]
+async fn a_replayed_answer_that_does_not_end_is_kept_cut_and_the_queue_goes_on() {
+    // One at a time: the stream would hold the agent's only replay slot for a minute.
+    let s = setup_with(
+        "endless",
+        &["--request-timeout", "2s", "--replay-concurrency", "1"],
+    )
+    .await;
+    stop_agent(&s).await;
+    let base = format!("/agents/{}", s.name);
+    let head = format!("GET {base}/stream?n=600&ms=100 HTTP/1.1");
+    let streamed = queued_id(&send(&s.gw.addr, &head, b"").await);
+    let after = queued_id(&post(&s.gw, &format!("{base}/echo"), "next", "").await);
+    let started = Instant::now();
+    assert!(s.cp.cli(&["start", &s.name]).status.success());
+    wait_delivered(&s.gw, &[streamed.clone(), after], Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", s.gw.log()));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "the next request waited {took:?} behind a minute-long answer"
+    );
+    let done = berth_tests::wire::get(&s.gw.addr, &format!("/requests/{streamed}")).await;
+    let done = done.json();
+    assert_eq!(done["response"]["status"], 200, "{done}");
+    assert_eq!(done["response"]["truncated"], true, "{done}");
+    let body = done["response"]["body"].as_str().unwrap();
+    assert!(body.starts_with("id: 0\ndata: event 0\n"), "{body}");
+    assert!(!body.contains("event 599"), "cut before its end: {body}");
+}
+
 /// Stops the agent, queues `count` POSTs to `/slow?ms={ms}` (not safe to send twice: one cut
 /// off mid-delivery, or whose outcome was not written, could only be dead-lettered), and starts
 /// the agent again; their ids.

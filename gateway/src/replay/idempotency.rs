@@ -16,7 +16,7 @@ use super::super::routes::Route;
 use super::results::delivered;
 use crate::outcome::Ending;
 use axum::response::Response;
-use berth_proto::v1::RequestState;
+use berth_proto::v1::{RequestState, StoredResponse};
 use berth_store::{Store, StoreError};
 use bytes::Bytes;
 use http_body::{Body as _, Frame, SizeHint};
@@ -46,6 +46,8 @@ pub struct Keyed {
     /// Hex SHA-256 of method, path, query and body, once the body is known: at once for a
     /// buffered body, at its end for a streamed one.
     pub whole: Option<String>,
+    /// When the request came: its key is taken after this.
+    pub since: tokio::time::Instant,
 }
 
 impl Keyed {
@@ -109,6 +111,7 @@ pub fn keyed(forward: &Forward) -> Option<Keyed> {
         key: hex(&Sha256::digest(key)),
         head: hex(&head.finalize()),
         whole,
+        since: tokio::time::Instant::now(),
     })
 }
 
@@ -298,54 +301,107 @@ pub async fn begin(
 }
 
 /// Keeps a direct answer to a keyed request so that a repeat gets it; failures release the
-/// key instead. Returns the answer to send (rebuilt when its body was read to keep it).
-/// `streamed` gives the digest of a streamed body's whole payload once the body has ended: the
-/// key is completed with it, so that a repeat is compared body and all.
+/// key instead. Returns the answer to send. `streamed` gives the digest of a streamed body's
+/// whole payload once the body has ended: the key is completed with it, so that a repeat is
+/// compared body and all.
+///
+/// An answer of a known length within [`MAX_KEPT_ANSWER`] is read and stored before it is
+/// sent. Any other (a stream such as server-sent events, or a long answer) goes to the client
+/// as it comes and is recorded on the way, stored in the background; its end reaches the
+/// client once it is stored. Either way the answer is recorded until the request's timeout
+/// and half of [`ORPHAN_GRACE`] have passed since it came (cut and marked if it is still
+/// coming then): its key completes before it could count as orphaned.
 pub async fn finish(
     store: &Store,
     route: &Route,
     kept: Forward,
-    keyed: &Keyed,
+    keyed: Keyed,
     streamed: Option<oneshot::Receiver<String>>,
     result: Result<Response, GatewayError>,
 ) -> Result<Response, GatewayError> {
     let final_answer = matches!(&result, Ok(r) if Ending::of_status(r.status()) == Ending::Answered && !r.status().is_server_error());
     if !final_answer {
-        release(store, &kept.agent, keyed).await;
+        release(store, &kept.agent, &keyed).await;
         return result;
     }
     let response = result.expect("checked above");
-    // Kept whole up to the limit, cut and marked beyond it: either way the key completes,
-    // and a repeat gets this outcome, never 409.
-    let (answer, whole) = super::answer::keep(response, MAX_KEPT_ANSWER).await;
-    // The digest comes once the body has passed whole, or never (the sender goes with the
-    // body): cut short, or left unread by an agent that answered without it. Then the key
-    // keeps the digest without the body, and a repeat is compared without it.
-    let payload = match streamed {
-        Some(digest) => tokio::time::timeout(route.timeout, digest)
-            .await
-            .ok()
-            .and_then(Result::ok),
-        None => None,
+    let until = keyed.since + route.timeout + ORPHAN_GRACE / 2;
+    let known = response
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let answered = Answered {
+        store: store.clone(),
+        timeout: route.timeout,
+        ttl: route.replay.ttl,
+        kept,
+        keyed,
+        streamed,
     };
-    if let Some(payload) = payload {
-        if let Err(e) = store
-            .complete_idempotency_key(&kept.agent, &keyed.key, kept.request_id(), &payload)
-            .await
-        {
-            tracing::warn!(agent = %kept.agent, error = %e, "cannot complete an idempotency key with its body's digest");
+    if known.is_some_and(|bytes| bytes <= MAX_KEPT_ANSWER) {
+        let (answer, whole) = super::answer::keep(response, MAX_KEPT_ANSWER, until).await;
+        answered.store(answer).await;
+        return Ok(whole);
+    }
+    let (response, mut recorded) = super::answer::record(response, MAX_KEPT_ANSWER, until);
+    tokio::spawn(async move {
+        let answer = recorded.answer().await;
+        answered.store(answer).await;
+        recorded.stored();
+    });
+    Ok(response)
+}
+
+/// A keyed request the agent answered, for its answer to be kept.
+struct Answered {
+    store: Store,
+    timeout: std::time::Duration,
+    ttl: std::time::Duration,
+    kept: Forward,
+    keyed: Keyed,
+    streamed: Option<oneshot::Receiver<String>>,
+}
+
+impl Answered {
+    /// Completes the key with `answer`, whole up to the limit or cut and marked beyond it:
+    /// either way a repeat gets this outcome, never 409. If it cannot be kept, the key goes,
+    /// so that a repeat is sent again.
+    async fn store(self, answer: StoredResponse) {
+        let Self {
+            store,
+            timeout,
+            ttl,
+            kept,
+            keyed,
+            streamed,
+        } = self;
+        // The digest comes once the body has passed whole, or never (the sender goes with the
+        // body): cut short, or left unread by an agent that answered without it. Then the key
+        // keeps the digest without the body, and a repeat is compared without it.
+        let payload = match streamed {
+            Some(digest) => tokio::time::timeout(timeout, digest)
+                .await
+                .ok()
+                .and_then(Result::ok),
+            None => None,
+        };
+        if let Some(payload) = payload {
+            if let Err(e) = store
+                .complete_idempotency_key(&kept.agent, &keyed.key, kept.request_id(), &payload)
+                .await
+            {
+                tracing::warn!(agent = %kept.agent, error = %e, "cannot complete an idempotency key with its body's digest");
+            }
+        }
+        let mut request = super::to_request(&kept, Ending::Answered);
+        request.state = RequestState::Delivered as i32;
+        request.last_error.clear();
+        request.response = Some(answer);
+        if let Err(e) = store.enqueue_request(&mut request, ttl).await {
+            tracing::warn!(agent = %kept.agent, error = %e, "cannot keep the answer of a keyed request");
+            release(&store, &kept.agent, &keyed).await;
         }
     }
-    let mut request = super::to_request(&kept, Ending::Answered);
-    request.state = RequestState::Delivered as i32;
-    request.last_error.clear();
-    request.response = Some(answer);
-    if let Err(e) = store.enqueue_request(&mut request, route.replay.ttl).await {
-        // The client still gets its answer; the key goes, so a repeat is sent again.
-        tracing::warn!(agent = %kept.agent, error = %e, "cannot keep the answer of a keyed request");
-        release(store, &kept.agent, keyed).await;
-    }
-    Ok(whole)
 }
 
 /// Lets a key go, so that a repeat of the request is sent again.

@@ -1206,7 +1206,10 @@ async fn deliver(
         (None, Ok(response)) => {
             r.state = RequestState::Delivered as i32;
             r.last_error.clear();
-            let (answer, _) = super::answer::keep(response, MAX_STORED_RESPONSE).await;
+            // Read by the attempt's end, as sent by `sent_by`: an answer that stalls is kept
+            // cut, and the attempt ends before the deadline a takeover waits for.
+            let until = sent_by + timeout;
+            let (answer, _) = super::answer::keep(response, MAX_STORED_RESPONSE, until).await;
             count(gateway, agent, "delivered");
             tracing::debug!(agent = %agent, request_id = %r.id, attempts = r.attempts, truncated = answer.truncated, "replayed");
             (After::Next, Some(answer))
