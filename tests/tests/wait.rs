@@ -101,11 +101,8 @@ async fn wait_succeeds_once_available_and_names_each_reason_it_cannot_get_there(
     assert!(text(&out).contains("Timeout"), "{}", text(&out));
 }
 
-/// Right after `--wait` returns: every replica the agent should have is of its current
-/// generation and ready, and none of an older one is left.
-async fn assert_available(cp: &ControlPlane, name: &str, replicas: usize, after: &str) {
-    let agent = cp
-        .agents()
+async fn read_agent(cp: &ControlPlane, name: &str) -> berth_proto::v1::Agent {
+    cp.agents()
         .await
         .unwrap()
         .get_agent(GetAgentRequest {
@@ -114,7 +111,13 @@ async fn assert_available(cp: &ControlPlane, name: &str, replicas: usize, after:
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+}
+
+/// Right after `--wait` returns: every replica the agent should have is of its current
+/// generation and ready, and none of an older one is left.
+async fn assert_available(cp: &ControlPlane, name: &str, replicas: usize, after: &str) {
+    let agent = read_agent(cp, name).await;
     let generation = agent.meta.unwrap_or_default().generation;
     let status = agent.status.unwrap_or_default();
     let shown: Vec<_> = status
@@ -131,17 +134,7 @@ async fn assert_available(cp: &ControlPlane, name: &str, replicas: usize, after:
 
 /// Right after `--wait` returns: the agent's replicas are in these states.
 async fn assert_replicas(cp: &ControlPlane, name: &str, states: &[ReplicaState], after: &str) {
-    let agent = cp
-        .agents()
-        .await
-        .unwrap()
-        .get_agent(GetAgentRequest {
-            name: name.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let agent = read_agent(cp, name).await;
     let shown: Vec<i32> = agent
         .status
         .unwrap_or_default()

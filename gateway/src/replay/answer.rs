@@ -108,27 +108,25 @@ struct Tape {
 
 impl Tape {
     /// Keeps `data`, up to `limit` in all; sealed (cut, marked) past it.
-    fn keep(&mut self, data: &[u8], limit: usize) -> bool {
+    fn keep(&mut self, data: &[u8], limit: usize) {
         if self.sealed {
-            return false;
+            return;
         }
         let room = limit - self.kept.len();
         if data.len() > room {
             self.kept.extend_from_slice(&data[..room]);
-            return self.seal(true);
+            self.seal(true);
+        } else {
+            self.kept.extend_from_slice(data);
         }
-        self.kept.extend_from_slice(data);
-        false
     }
 
-    /// Keeps nothing more; whether it was open until now.
-    fn seal(&mut self, truncated: bool) -> bool {
-        if self.sealed {
-            return false;
+    /// Keeps nothing more (`truncated`: what was kept is not the whole answer).
+    fn seal(&mut self, truncated: bool) {
+        if !self.sealed {
+            self.sealed = true;
+            self.truncated |= truncated;
         }
-        self.sealed = true;
-        self.truncated |= truncated;
-        true
     }
 }
 
@@ -218,16 +216,17 @@ fn tape_frame(
     frame: Option<&Result<Frame<Bytes>, axum::Error>>,
 ) {
     let mut tape = tape.lock().expect("tape lock");
-    let closed = match frame {
-        Some(Ok(frame)) => match frame.data_ref() {
-            Some(data) => tape.keep(data, limit),
-            None => false,
-        },
+    match frame {
+        Some(Ok(frame)) => {
+            if let Some(data) = frame.data_ref() {
+                tape.keep(data, limit);
+            }
+        }
         // Broke off: what came, cut.
         Some(Err(_)) => tape.seal(true),
         None => tape.seal(false),
-    };
-    if closed || tape.sealed {
+    }
+    if tape.sealed {
         if let Some(sealed) = sealed.take() {
             let _ = sealed.send(());
         }
