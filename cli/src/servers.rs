@@ -407,6 +407,10 @@ pub struct GatewayArgs {
     /// Open client connections; one more is answered 503 and closed.
     #[arg(long, env = "BERTH_GATEWAY_MAX_CONNECTIONS", default_value_t = ClientLimits::default().max_connections)]
     max_connections: usize,
+    /// Time an agent's answer may go without a byte (a stream between events, say) before the
+    /// gateway cuts it; 0 never does.
+    #[arg(long, env = "BERTH_GATEWAY_STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = crate::quantity::parse_duration)]
+    stream_idle_timeout: std::time::Duration,
     /// Log format; the level comes from RUST_LOG (default info).
     #[arg(long, env = "BERTH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -439,6 +443,7 @@ pub async fn gateway(args: GatewayArgs) -> anyhow::Result<()> {
             max_header_bytes: args.max_header_bytes,
             max_connections: args.max_connections,
         },
+        stream_idle_timeout: Some(args.stream_idle_timeout).filter(|t| !t.is_zero()),
         etcd_tls: berth_store::EtcdTls {
             ca: args.etcd_tls.etcd_ca,
             cert: args.etcd_tls.etcd_cert,

@@ -226,7 +226,7 @@ impl tower::Service<Forward> for Balancer {
 
     fn call(&mut self, request: Forward) -> Self::Future {
         let pool = self.pool.clone();
-        let upstream = self.upstream.clone();
+        let upstream = self.upstream;
         Box::pin(async move {
             let (replica, admission) =
                 pool.pick(&request.tried)

@@ -9,8 +9,11 @@ use http::{Method, Request, Response};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 /// The request id header, added when the client did not send one.
@@ -134,11 +137,27 @@ pub fn upstream_headers(mut headers: HeaderMap, agent: &str, client: Option<IpAd
     headers
 }
 
+/// How long an answer's body may go without a byte before the gateway cuts it, as Envoy's
+/// `stream_idle_timeout` does: an agent stuck mid-answer whose health check still passes would
+/// otherwise hold its client's connection, and the replica's, for good.
+pub const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// The HTTP/1.1 client to replicas, with a pool of kept-alive connections per replica. Each
 /// thread has its own client and pool, so that a connection's task runs on the thread that
 /// uses it (the serving threads are single-threaded runtimes; see `gateway::run`).
-#[derive(Clone, Default)]
-pub struct Upstream;
+#[derive(Clone, Copy, Debug)]
+pub struct Upstream {
+    /// An answer's body is cut after this long without a byte (`None`: never).
+    pub stream_idle: Option<Duration>,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Self {
+            stream_idle: Some(STREAM_IDLE_TIMEOUT),
+        }
+    }
+}
 
 thread_local! {
     static CLIENT: Client<HttpConnector, Body> = new_client();
@@ -184,7 +203,79 @@ impl Upstream {
             })?;
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        Ok(Response::from_parts(parts, Body::new(body)))
+        let body = match self.stream_idle {
+            Some(idle) => Body::new(Idle::new(body, idle)),
+            None => Body::new(body),
+        };
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+/// A body cut (with an error) once it goes `idle` without a frame. The timer is armed only
+/// while the body waits, so an answer that is there at once costs none.
+pub struct Idle<B> {
+    inner: B,
+    idle: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> Idle<B> {
+    /// `inner`, cut after `idle` without a frame.
+    pub fn new(inner: B, idle: Duration) -> Self {
+        Self {
+            inner,
+            idle,
+            timer: None,
+        }
+    }
+}
+
+/// An answer's body went too long without a byte.
+#[derive(Debug, thiserror::Error)]
+#[error("the agent sent nothing of its answer for {0:?}; cut")]
+pub struct StreamIdle(Duration);
+
+impl<B> http_body::Body for Idle<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                // Came in time: the next wait starts afresh.
+                this.timer = None;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let idle = this.idle;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        this.timer = None;
+                        Poll::Ready(Some(Err(StreamIdle(idle).into())))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -246,5 +337,30 @@ mod tests {
             ..request(Method::GET, false)
         };
         assert!(streaming.try_clone().is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_idle_past_its_limit_is_cut_and_one_that_keeps_coming_is_not() {
+        use http_body_util::BodyExt;
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Bytes, std::io::Error>>();
+        let idle = Duration::from_secs(300);
+        let mut body = Body::new(Idle::new(Body::from_stream(rx), idle));
+        let start = tokio::time::Instant::now();
+        // Events 4 minutes apart keep it going.
+        for i in 0..3u8 {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(240)).await;
+                tx.unbounded_send(Ok(Bytes::from(vec![b'0' + i]))).unwrap();
+            });
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap(), Bytes::from(vec![b'0' + i]));
+        }
+        assert_eq!(start.elapsed(), Duration::from_secs(720));
+        // Then nothing: cut once the limit has passed.
+        let cut = body.frame().await.unwrap();
+        assert!(cut.unwrap_err().to_string().contains("sent nothing"), "cut");
+        assert_eq!(start.elapsed(), Duration::from_secs(1020));
+        drop(tx);
     }
 }

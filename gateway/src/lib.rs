@@ -76,6 +76,8 @@ pub struct GatewayConfig {
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
     /// What each client may hold of the gateway, and for how long.
     pub limits: ClientLimits,
+    /// How long an answer's body may go without a byte before it is cut (`None`: never).
+    pub stream_idle_timeout: Option<std::time::Duration>,
     /// TLS files for `https://` etcd endpoints.
     pub etcd_tls: berth_store::EtcdTls,
 }
@@ -157,7 +159,7 @@ impl Gateway {
             let service = build_stack(
                 &route.agent,
                 pool.clone(),
-                self.upstream.clone(),
+                self.upstream,
                 self.metrics.clone(),
                 self.max_concurrency,
             );
@@ -302,7 +304,9 @@ pub async fn run(
         stats,
         admin_tokens: admin_tokens.clone(),
         stacks: Mutex::default(),
-        upstream: Upstream,
+        upstream: Upstream {
+            stream_idle: config.stream_idle_timeout,
+        },
         unknown: metrics::AgentMetrics::new(metrics::UNKNOWN_AGENT, metrics.clone()),
         metrics: metrics.clone(),
         changes: changes_tx,
@@ -829,7 +833,7 @@ mod tests {
         let route = Arc::new(route);
         let pool = Arc::new(Pool::new(route, mpsc::unbounded_channel().0));
         let metrics = GatewayMetrics::new();
-        let stack = build_stack("a", pool.clone(), Upstream, metrics, 1);
+        let stack = build_stack("a", pool.clone(), Upstream::default(), metrics, 1);
         let hung = tokio::spawn(stack.clone().oneshot(forward_get("/hang")));
         let a0 = pool.replicas()[0].clone();
         let deadline = Instant::now() + Duration::from_secs(5);

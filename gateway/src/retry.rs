@@ -181,7 +181,7 @@ mod tests {
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let address = closed.local_addr().unwrap().to_string();
         drop(closed);
-        crate::forward::Upstream
+        crate::forward::Upstream::default()
             .send(replica, &address, request(Method::POST))
             .await
     }

@@ -2,7 +2,8 @@
 //! example agent: clients that trickle their headers or send nothing (slowloris), over HTTP and
 //! before a TLS handshake, are cut off while other clients are served; a body that does not
 //! arrive in time gets 408; headers over the limit get 431; a connection beyond the limit gets
-//! 503. Every refusal the gateway words names its limit.
+//! 503; an answer that goes quiet past the stream idle timeout is cut. Every refusal the
+//! gateway words names its limit.
 
 use berth_tests::docker::{ready, wait_agent, DockerRun, NodeAgent};
 use berth_tests::wire::{get, read_response, send, send_tls, wait_routed};
@@ -61,6 +62,8 @@ async fn slow_and_greedy_clients_are_cut_off_or_refused_and_others_are_served() 
         "1s",
         "--max-header-bytes",
         "4096",
+        "--stream-idle-timeout",
+        "1s",
     ];
     let gw = Gateway::start_with(&etcd.url(), "strict", &strict)
         .await
@@ -210,4 +213,32 @@ async fn slow_and_greedy_clients_are_cut_off_or_refused_and_others_are_served() 
     .await
     .unwrap_or_else(|e| panic!("{e}\n{}", narrow.log()));
     drop(held);
+
+    // An answer that goes quiet past the stream idle timeout (1 s here) is cut; one whose
+    // pauses stay within it (the default, 5 minutes) comes whole.
+    let stream = format!("/agents/{name}/stream?n=2&ms=2500");
+    let (seen, took) = read_until_closed(&gw.addr, &stream).await;
+    assert!(seen.contains("data: event 0"), "{seen}");
+    assert!(
+        !seen.contains("data: event 1"),
+        "cut before the second event: {seen}"
+    );
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2400),
+        "cut after {took:?}"
+    );
+    let (seen, _) = read_until_closed(&narrow.addr, &stream).await;
+    assert!(seen.contains("data: event 1"), "{seen}");
+}
+
+/// Sends `GET path` and reads until the gateway closes the connection: what came, and when.
+async fn read_until_closed(addr: &str, path: &str) -> (String, Duration) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let sent = Instant::now();
+    let mut seen = Vec::new();
+    // A cut connection may end with a reset rather than a close: either way it is over.
+    let _ = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut seen)).await;
+    (String::from_utf8_lossy(&seen).into_owned(), sent.elapsed())
 }
