@@ -168,12 +168,21 @@ impl Runtime {
     }
 
     /// Reads the engine's logging driver, for the log settings of the containers created
-    /// from now on; the driver in use if there is no rotation to set.
-    pub async fn settle_logs(&self) -> Result<String, DockerError> {
+    /// from now on.
+    pub async fn settle_logs(&self) -> Result<(), DockerError> {
         let driver = self.docker.info().await?.logging_driver.unwrap_or_default();
-        *self.log_config.lock().expect("log config lock") =
-            self.logs.and_then(|logs| logs.under(&driver));
-        Ok(driver)
+        let config = self.logs.and_then(|logs| logs.under(&driver));
+        match (self.logs, &config) {
+            (Some(logs), Some(_)) => {
+                tracing::info!(driver = %driver, max_bytes = logs.max_bytes, max_files = logs.max_files, "containers' logs rotated")
+            }
+            (Some(_), None) => {
+                tracing::info!(driver = %driver, "containers' logs kept by the engine's logging driver, which bounds them by its own settings")
+            }
+            (None, _) => {}
+        }
+        *self.log_config.lock().expect("log config lock") = config;
+        Ok(())
     }
 
     /// Creates the network if it does not exist, and settles on one network of that name.

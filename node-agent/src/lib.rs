@@ -77,16 +77,7 @@ pub async fn run(
         config.container_logs,
     )?;
     runtime.ensure_network().await?;
-    let driver = runtime.settle_logs().await?;
-    match config.container_logs {
-        Some(logs) if matches!(driver.as_str(), "json-file" | "local") => {
-            tracing::info!(driver = %driver, max_bytes = logs.max_bytes, max_files = logs.max_files, "containers' logs rotated")
-        }
-        Some(_) => {
-            tracing::info!(driver = %driver, "containers' logs kept by the engine's logging driver, which rotates them by its own settings")
-        }
-        None => {}
-    }
+    runtime.settle_logs().await?;
     let (cpu_millis, memory_bytes) = runtime.capacity().await?;
     let reports = Arc::new(reports::Reports::default());
     let restarts = restarts::RestartCounts::open(&config.state_dir).map_err(|source| {

@@ -266,6 +266,18 @@ pub fn ready(agent: &berth_proto::v1::Agent) -> u32 {
     agent.status.as_ref().map_or(0, |s| s.ready_replicas)
 }
 
+/// The agent `name` as the API shows it now.
+pub async fn get_agent(api: &crate::AgentClient, name: &str) -> berth_proto::v1::Agent {
+    api.clone()
+        .get_agent(berth_proto::v1::GetAgentRequest {
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// Polls until `check` holds for the agent, within the ready timeout.
 pub async fn wait_agent<F>(
     api: &crate::AgentClient,

@@ -3,10 +3,10 @@
 //! streaming, tokens, errors, a crash hidden by retries, and a replica answering 500s cut off by
 //! its breaker and let back in by a probe.
 
-use berth_proto::v1::{Agent, BreakerState, GetAgentRequest};
-use berth_tests::docker::{http, ready, wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
+use berth_proto::v1::{Agent, BreakerState};
+use berth_tests::docker::{get_agent, http, ready, wait_agent, DockerRun, NodeAgent, ECHO_IMAGE};
 use berth_tests::wire::{get, send, wait_routed};
-use berth_tests::{eventually, unique_name, AgentClient, ControlPlane, Etcd, Gateway};
+use berth_tests::{eventually, unique_name, ControlPlane, Etcd, Gateway};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -19,17 +19,6 @@ fn breaker(agent: &Agent, replica: &str) -> BreakerState {
         .find(|r| r.replica == replica)
         .and_then(|r| BreakerState::try_from(r.breaker).ok())
         .unwrap_or(BreakerState::Unspecified)
-}
-
-async fn get_agent(api: &AgentClient, name: &str) -> Agent {
-    api.clone()
-        .get_agent(GetAgentRequest {
-            name: name.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
 }
 
 #[tokio::test]

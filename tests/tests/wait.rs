@@ -3,8 +3,8 @@
 //! get there with its own exit code (ImageMissing 3, CrashLoop 4, Unschedulable 5,
 //! RolloutHalted 6, timeout 7); of `stop` and `pause`, once every replica is stopped (paused).
 
-use berth_proto::v1::{GetAgentRequest, ReplicaState};
-use berth_tests::docker::{OneNode, ECHO_IMAGE};
+use berth_proto::v1::ReplicaState;
+use berth_tests::docker::{get_agent, OneNode, ECHO_IMAGE};
 use berth_tests::{output_text as text, unique_name, ControlPlane};
 
 /// busybox from Debian's busybox-static (`deploy/build-images.sh busybox`).
@@ -102,16 +102,7 @@ async fn wait_succeeds_once_available_and_names_each_reason_it_cannot_get_there(
 }
 
 async fn read_agent(cp: &ControlPlane, name: &str) -> berth_proto::v1::Agent {
-    cp.agents()
-        .await
-        .unwrap()
-        .get_agent(GetAgentRequest {
-            name: name.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
+    get_agent(&cp.agents().await.unwrap(), name).await
 }
 
 /// Right after `--wait` returns: every replica the agent should have is of its current

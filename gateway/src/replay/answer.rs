@@ -148,7 +148,7 @@ pub fn record(
     let (sealed_tx, sealed_rx) = oneshot::channel();
     let (stored_tx, stored_rx) = oneshot::channel();
     let taping = Taping {
-        inner: Some(body),
+        inner: body,
         tape: tape.clone(),
         limit,
         until,
@@ -156,9 +156,8 @@ pub fn record(
         stored: Some(stored_rx),
         ended: false,
     };
-    let head = http::Response::from_parts(parts.clone(), ()).into_parts().0;
     let recorded = Recorded {
-        head,
+        head: parts.clone(),
         tape,
         until,
         sealed: sealed_rx,
@@ -197,8 +196,7 @@ impl Recorded {
 
 /// A body passed on while it is recorded ([`record`]).
 struct Taping {
-    /// `None` once handed to the background read of a client that went away.
-    inner: Option<Body>,
+    inner: Body,
     tape: Shared,
     limit: usize,
     until: Instant,
@@ -243,10 +241,7 @@ impl http_body::Body for Taping {
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         let this = &mut *self;
         if !this.ended {
-            let Some(inner) = this.inner.as_mut() else {
-                return Poll::Ready(None);
-            };
-            let polled = std::task::ready!(Pin::new(inner).poll_frame(cx));
+            let polled = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
             tape_frame(&this.tape, this.limit, &mut this.sealed, polled.as_ref());
             match polled {
                 Some(frame) => return Poll::Ready(Some(frame)),
@@ -266,9 +261,7 @@ impl http_body::Body for Taping {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or_else(SizeHint::default, |inner| inner.size_hint())
+        self.inner.size_hint()
     }
 }
 
@@ -276,15 +269,14 @@ impl Drop for Taping {
     fn drop(&mut self) {
         // The client went away before the end: the rest is read for the record, in the
         // background, until it ends, is sealed or the time to record it passes.
-        let (Some(mut inner), Some(sealed)) = (self.inner.take(), self.sealed.take()) else {
+        // Once sealed, its sender is gone: nothing more to read.
+        let Some(sealed) = self.sealed.take() else {
             return;
         };
-        if self.ended || self.tape.lock().expect("tape lock").sealed {
-            return;
-        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        let mut inner = std::mem::replace(&mut self.inner, Body::empty());
         let (tape, limit, until) = (self.tape.clone(), self.limit, self.until);
         runtime.spawn(async move {
             let mut sealed = Some(sealed);
